@@ -1,0 +1,55 @@
+"""The one error family: every user mistake is a FeatcacheError with a message that says
+what was expected, what was given and what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "FeatcacheError",
+    "DataError",
+    "UnknownBackbone",
+    "UnknownLayer",
+    "WeightsError",
+    "StoreError",
+    "SetNotFound",
+    "AmbiguousSet",
+    "RunError",
+]
+
+
+class FeatcacheError(Exception):
+    """Base of every error featcache raises for a user's mistake or a bad input."""
+
+
+class DataError(FeatcacheError, ValueError):
+    """The image folder is missing, empty, inconsistent or holds unreadable files."""
+
+
+class UnknownBackbone(FeatcacheError, ValueError):
+    """A backbone name that is neither in the registry nor an importable factory."""
+
+
+class UnknownLayer(FeatcacheError, ValueError):
+    """A layer name that the backbone does not have."""
+
+
+class WeightsError(FeatcacheError, ValueError):
+    """Weights that cannot be resolved, downloaded or loaded."""
+
+
+class StoreError(FeatcacheError, OSError):
+    """The store is missing, unreadable or of an unknown format."""
+
+
+class SetNotFound(StoreError, KeyError):
+    """No feature set matches the requested key."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AmbiguousSet(StoreError, LookupError):
+    """Several feature sets match and the user must choose one."""
+
+
+class RunError(FeatcacheError, OSError):
+    """A run directory is missing or incomplete."""

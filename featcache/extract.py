@@ -1,0 +1,403 @@
+"""The extract pipeline: reader (DataLoader workers decode) → backbone → writer (background).
+
+Only images whose bytes are not yet in the feature space go through the network; the
+rest are reused. Whatever was computed is committed even when the run stops early
+(a bad file under ``strict``, Ctrl-C), so a re-run resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import queue
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .backbones import POOLS, Backbone, create_backbone
+from .data import SPLIT_NAMES, Item, Manifest, Skip, load_rgb, parse_split, scan
+from .errors import DataError, FeatcacheError
+from .store import Store, created_by, digest_key, now_iso, open_store
+
+__all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "Interrupted", "extract", "default_store_url"]
+
+DTYPES = ("float16", "float32")
+
+
+def default_store_url() -> str:
+    return os.environ.get("FEATCACHE_STORE") or "featcache.zarr"
+
+
+class Interrupted(FeatcacheError, KeyboardInterrupt):
+    """Ctrl-C during extract; what was computed is committed."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that decides what ``extract`` does; stored with the set it makes."""
+
+    backbone: str
+    data: str = "data"
+    store: str = field(default_factory=default_store_url)
+    layer: str | None = None
+    weights: str = "DEFAULT"
+    pool: str | None = None
+    dtype: str = "float16"
+    split: tuple[float, ...] | None = None
+    seed: int = 0
+    batch_size: int = 64
+    workers: int | None = None
+    device: str = "auto"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.pool is not None and self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {self.pool!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0; got {self.workers}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+        object.__setattr__(self, "split", parse_split(self.split))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["split"] = list(self.split) if self.split else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExtractConfig":
+        return cls(**d)
+
+
+@dataclass
+class ExtractResult:
+    set_key: str
+    space: str
+    store: str
+    splits: dict[str, int]
+    extracted: int
+    reused: int
+    skipped: list[Skip]
+    seconds: float
+    bytes_stored: int
+    bytes_raw: int
+    timings: dict[str, float]
+    shape: tuple[int, ...]
+
+    @property
+    def images(self) -> int:
+        return sum(self.splits.values())
+
+    @property
+    def images_per_s(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        splits = ", ".join(f"{k} {v}" for k, v in self.splits.items())
+        ratio = self.bytes_raw / self.bytes_stored if self.bytes_stored else 0.0
+        hit = " (cache hit: nothing to compute)" if self.extracted == 0 and self.reused else ""
+        return (
+            f"set {self.set_key}: {self.images} images ({splits}); extracted {self.extracted}, "
+            f"reused {self.reused}, skipped {len(self.skipped)}{hit}; {self.seconds:.1f} s, "
+            f"{self.images_per_s:.1f} images/s; space {self.space}: {_human(self.bytes_stored)} on disk, "
+            f"{ratio:.1f}x compression"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+class _Images(Dataset):
+    """Decodes and preprocesses one image; a failure is returned, not raised."""
+
+    def __init__(self, root: Path, items: list[Item], transform):
+        self.root, self.items, self.transform = root, items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_rgb(self.root / self.items[i].path)), None
+        except Exception as e:  # Pillow raises many types for bad files; each becomes a recorded skip
+            return i, None, f"cannot decode: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+
+def _collate(batch):
+    ok = [(i, t) for i, t, err in batch if err is None]
+    bad = [(i, err) for i, _, err in batch if err is not None]
+    tensor = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], tensor, bad
+
+
+class _Writer(threading.Thread):
+    """Compresses and writes in the background so the model never waits on storage."""
+
+    def __init__(self, segment):
+        super().__init__(daemon=True)
+        self.segment = segment
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.busy = 0.0
+
+    def run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is None:
+                t = time.perf_counter()
+                try:
+                    self.segment.append(*job)
+                except BaseException as e:  # re-raised in the main thread by close()
+                    self.error = e
+                self.busy += time.perf_counter() - t
+
+    def put(self, features: np.ndarray, hashes: list[str]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((features, hashes))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FeatcacheError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def _run_model(
+    backbone: Backbone,
+    manifest: Manifest,
+    todo: list[Item],
+    store: Store,
+    space: str,
+    cfg: ExtractConfig,
+    progress: bool,
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Push ``todo`` through the network into a new segment.
+
+    Returns the reasons of images that failed to decode (by content hash) and stage timings.
+    """
+    device = _device(cfg.device)
+    cuda = device.type == "cuda"
+    model = backbone.model.to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    loader = DataLoader(
+        _Images(manifest.root, todo, backbone.transform),
+        batch_size=cfg.batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=cuda,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if cuda
+        else nullcontext()
+    )
+    segment = store.new_segment(space, len(todo), backbone.shape, cfg.dtype)
+    writer = _Writer(segment)
+    writer.start()
+    failed: dict[str, str] = {}
+    timings = {"read": 0.0, "model": 0.0}
+    bar = _progress(len(todo), progress)
+    committed = False
+    try:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for indices, batch, bad in loader:
+                timings["read"] += time.perf_counter() - t
+                for i, reason in bad:
+                    if cfg.strict:
+                        raise DataError(f"{todo[i].path}: {reason} (--strict). Remove the file or drop --strict.")
+                    failed[todo[i].sha256] = reason
+                t = time.perf_counter()
+                if batch is not None:
+                    x = batch.to(device, non_blocking=True)
+                    if cuda:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with amp:
+                        out = model(x)
+                    feats = out.float().cpu().numpy().astype(cfg.dtype)
+                    writer.put(feats, [todo[i].sha256 for i in indices])
+                timings["model"] += time.perf_counter() - t
+                bar.update(len(indices) + len(bad))
+                t = time.perf_counter()
+        writer.close()
+        segment.commit(items=len(todo))
+        committed = True
+    finally:
+        bar.close()
+        if not committed:
+            _commit_partial(writer, segment)
+    timings["write"] = writer.busy
+    return failed, timings
+
+
+def _commit_partial(writer: _Writer, segment) -> None:
+    """Keep the rows finished before an error or Ctrl-C; they are valid and save a re-run."""
+    try:
+        writer.close()
+        segment.commit(partial=True)
+    except BaseException:  # the original error matters more; the segment stays uncommitted
+        pass
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+    import zarr
+
+    return {
+        "featcache": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kwargs) -> ExtractResult:
+    """Extract features for a folder into the store and record the dataset view.
+
+    ``featcache.extract(backbone="resnet18", data="photos", weights="none")`` or pass an
+    :class:`ExtractConfig`. Returns what was done; ``result.summary()`` is one line.
+    """
+    cfg = config if config is not None else ExtractConfig(**kwargs)
+    start = time.perf_counter()
+    manifest = scan(cfg.data, cfg.split, cfg.seed)
+    if cfg.strict and manifest.skipped:
+        first = manifest.skipped[0]
+        raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
+    backbone = create_backbone(cfg.backbone, cfg.layer, cfg.weights, cfg.pool)
+    provenance = {**backbone.provenance(), "dtype": cfg.dtype}
+    store = open_store(cfg.store)
+    space = store.ensure_space(provenance)
+
+    known = store.known_hashes(space)
+    todo: dict[str, Item] = {}
+    for it in manifest.items:
+        if it.sha256 not in known and it.sha256 not in todo:
+            todo[it.sha256] = it
+    failed: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    try:
+        if todo:
+            failed, timings = _run_model(backbone, manifest, list(todo.values()), store, space, cfg, progress)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; finished batches are committed. Re-run the same command to resume.") from None
+
+    kept = [it for it in manifest.items if it.sha256 not in failed]
+    skipped = manifest.skipped + [Skip(it.path, failed[it.sha256]) for it in manifest.items if it.sha256 in failed]
+    splits = [s for s in SPLIT_NAMES if any(it.split == s for it in kept)]
+    for s in splits:
+        present = {it.label for it in kept if it.split == s}
+        missing = [c for i, c in enumerate(manifest.classes) if i not in present]
+        if missing:
+            raise DataError(
+                f"no decodable images left for class(es) {', '.join(missing)} in split {s}; "
+                f"skipped: {'; '.join(f'{k.path}: {k.reason}' for k in skipped[:5])}"
+            )
+    if "train" not in splits:
+        raise DataError("no decodable training images; nothing to fit on")
+
+    view = Manifest(manifest.root, manifest.classes, kept)
+    set_key = digest_key(
+        {
+            "space": space,
+            "view": view.digest(),
+            "split_fractions": list(manifest.split_fractions) if manifest.split_fractions else None,
+            "split_seed": manifest.split_seed,
+        },
+        12,
+    )
+    attrs = {
+        "space": space,
+        "space_provenance": provenance,
+        "backbone": backbone.name,
+        "layer": backbone.layer,
+        "pool": backbone.pool,
+        "dtype": cfg.dtype,
+        "weights": {"id": backbone.weights_id, "sha256": backbone.weights_sha256},
+        "preprocessing": backbone.preprocessing,
+        "classes": manifest.classes,
+        "splits": {s: sum(1 for it in kept if it.split == s) for s in splits},
+        "data_root": str(Path(cfg.data).resolve()),
+        "layout": manifest.layout,
+        "split_fractions": list(manifest.split_fractions) if manifest.split_fractions else None,
+        "split_seed": manifest.split_seed,
+        "manifest_sha256": view.digest(),
+        "skipped": [s.to_dict() for s in skipped],
+        "ignored": [s.to_dict() for s in manifest.ignored],
+        "config": cfg.to_dict(),
+        "versions": _versions(),
+        "created_at": now_iso(),
+        "created_by": created_by(),
+    }
+    arrays = {
+        s: {
+            "sha256": np.array([it.sha256 for it in kept if it.split == s], dtype=str),
+            "labels": np.array([it.label for it in kept if it.split == s], dtype=np.int32),
+            "paths": np.array([it.path for it in kept if it.split == s], dtype=str),
+        }
+        for s in splits
+    }
+    store.write_set(set_key, attrs, arrays)
+    seconds = time.perf_counter() - start
+    timings["total"] = seconds
+    extracted = len(todo) - len(failed)
+    stats = store.space_stats(space)
+    return ExtractResult(
+        set_key=set_key,
+        space=space,
+        store=cfg.store,
+        splits=attrs["splits"],
+        extracted=extracted,
+        reused=len({it.sha256 for it in kept}) - extracted,
+        skipped=skipped,
+        seconds=seconds,
+        bytes_stored=stats["bytes_stored"],
+        bytes_raw=stats["bytes_raw"],
+        timings=timings,
+        shape=backbone.shape,
+    )

@@ -1,0 +1,381 @@
+"""The Zarr v3 store: feature spaces of content-addressed rows, and dataset views over them.
+
+Layout (all arrays + JSON, nothing executable)::
+
+    STORE/                          root attrs: {"featcache": {"format_version": 1}}
+      spaces/<space>/               attrs: the space's provenance (backbone, layer, weights, ...)
+        segments/<segment>/         one writer's rows; attrs "committed" is written last
+          features  (N, *shape)     float16/float32, Blosc-zstd, sharded along rows
+          sha256    (N,)            content hash of the image bytes each row came from
+      sets/<set>/                   a dataset view; attrs: classes, counts, skipped files, ...
+        <split>/sha256, labels, paths
+
+A row is keyed by the hash of its image bytes, so the same bytes are never pushed through
+the same frozen network twice. Writers never touch committed data: each writes a new
+segment and commits it by setting one attribute last; readers ignore uncommitted groups.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import AmbiguousSet, SetNotFound, StoreError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Store",
+    "FeatureSet",
+    "SegmentWriter",
+    "open_store",
+    "space_key",
+    "digest_key",
+    "default_compressor",
+    "now_iso",
+    "created_by",
+]
+
+FORMAT_VERSION = 1
+_CHUNK_BYTES = 2 << 20  # ~2 MiB uncompressed per chunk: large enough for zstd, small for random reads
+_CHUNKS_PER_SHARD = 32  # one file per ~64 MiB of rows
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def created_by() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def digest_key(obj: Any, length: int = 16) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``obj`` as canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
+
+
+def space_key(provenance: dict) -> str:
+    """Short, stable key of a feature space (backbone, layer, weights digest, preprocessing, pool, dtype)."""
+    return digest_key(provenance, 16)
+
+
+def default_compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def _row_layout(n: int, shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    row_bytes = max(1, int(np.prod(shape)) * itemsize)
+    chunk = int(max(1, min(4096, _CHUNK_BYTES // row_bytes)))
+    shard = chunk * _CHUNKS_PER_SHARD
+    shard = min(shard, -(-max(n, 1) // chunk) * chunk)  # no shard larger than the rows it will hold
+    return chunk, shard
+
+
+class SegmentWriter:
+    """Appends rows to a new segment, shard by shard; ``commit`` makes them visible.
+
+    Rows are buffered until a whole shard is full, so each shard is written once (Zarr
+    rewrites a shard on every partial write).
+    """
+
+    def __init__(self, group: zarr.Group, capacity: int, shape: tuple[int, ...], dtype: str, compressor: Any):
+        self.group = group
+        self.dtype = np.dtype(dtype)
+        chunk, shard = _row_layout(capacity, shape, self.dtype.itemsize)
+        self.shard_rows = shard
+        self.features = group.create_array(
+            "features",
+            shape=(max(capacity, 1),) + tuple(shape),
+            chunks=(chunk,) + tuple(shape),
+            shards=(shard,) + tuple(shape),
+            dtype=self.dtype,
+            compressors=compressor,
+        )
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self._hashes: list[str] = []
+        self.rows = 0  # rows flushed to storage
+
+    def append(self, features: np.ndarray, hashes: list[str]) -> None:
+        if len(features) != len(hashes):
+            raise ValueError("features and hashes differ in length")
+        if not len(hashes):
+            return
+        self._buffer.append(np.ascontiguousarray(features, dtype=self.dtype))
+        self._buffered += len(features)
+        self._hashes.extend(hashes)
+        if self._buffered >= self.shard_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._buffer:
+            return
+        block = np.concatenate(self._buffer)
+        whole = len(block) if final else (len(block) // self.shard_rows) * self.shard_rows
+        if whole:
+            self.features[self.rows : self.rows + whole] = block[:whole]
+            self.rows += whole
+        rest = block[whole:]
+        self._buffer = [rest] if len(rest) else []
+        self._buffered = len(rest)
+
+    def commit(self, **attrs: Any) -> int:
+        """Write the remaining rows and the hashes, then the marker. Returns rows committed."""
+        self._flush(final=True)
+        if self.rows != self.features.shape[0]:
+            self.features.resize((self.rows,) + self.features.shape[1:])
+        sha = self.group.create_array("sha256", shape=(self.rows,), dtype=str, chunks=(max(self.rows, 1),))
+        if self.rows:
+            sha[:] = np.array(self._hashes, dtype=str)
+        self.group.attrs.update({**attrs, "rows": self.rows, "committed_at": now_iso()})
+        self.group.attrs["committed"] = True  # the marker, written last
+        return self.rows
+
+    def nbytes_stored(self) -> int:
+        return int(self.features.nbytes_stored())
+
+
+@dataclass
+class _Segment:
+    key: str
+    features: zarr.Array
+    sha256: np.ndarray
+
+
+class FeatureSet:
+    """A committed dataset view: classes, per-split labels/paths, rows gathered from its space."""
+
+    def __init__(self, store: "Store", key: str, group: zarr.Group):
+        self.store = store
+        self.key = key
+        self.group = group
+        self.attrs: dict = dict(group.attrs)
+
+    def __repr__(self) -> str:
+        return f"FeatureSet({self.key!r}, {self.attrs.get('backbone')}/{self.attrs.get('layer')}, splits={self.splits})"
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["classes"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.attrs["splits"])
+
+    @property
+    def space(self) -> str:
+        return self.attrs["space"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.attrs["space_provenance"]["shape"])
+
+    def _split(self, split: str) -> zarr.Group:
+        if split not in self.splits:
+            raise SetNotFound(f"set {self.key} has no split {split!r}; it has: {', '.join(self.splits)}")
+        return self.group[split]
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.asarray(self._split(split)["labels"][:], dtype=np.int64)
+
+    def paths(self, split: str) -> list[str]:
+        return [str(p) for p in self._split(split)["paths"][:]]
+
+    def hashes(self, split: str) -> np.ndarray:
+        return np.asarray(self._split(split)["sha256"][:])
+
+    def features(self, split: str) -> np.ndarray:
+        """The split's rows in view order, in their stored dtype."""
+        return self.store.gather(self.space, self.hashes(split), self.shape, self.attrs["dtype"])
+
+    def to_numpy(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.features(split), self.labels(split)
+
+    def to_torch(self, split: str):
+        import torch
+
+        x, y = self.to_numpy(split)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class Store:
+    """A featcache store at a local path or fsspec URL."""
+
+    def __init__(self, url: str, root: zarr.Group):
+        self.url = url
+        self.root = root
+
+    # ------------------------------------------------------------------ spaces and rows
+
+    def ensure_space(self, provenance: dict) -> str:
+        key = space_key(provenance)
+        group = self.root.require_group("spaces").require_group(key)
+        if "space" not in group.attrs:
+            group.attrs.update({"space": provenance, "created_at": now_iso()})
+        return key
+
+    def _committed_segments(self, space: str) -> list[_Segment]:
+        try:
+            segments = self.root["spaces"][space]["segments"]
+        except KeyError:
+            return []
+        out = []
+        for key, group in sorted(segments.groups()):
+            if group.attrs.get("committed") is not True:
+                continue
+            out.append(_Segment(key, group["features"], np.asarray(group["sha256"][:])))
+        return out
+
+    def _index(self, space: str) -> tuple[list[_Segment], dict[str, tuple[int, int]]]:
+        """Committed segments, and content hash → (segment number, row) over them (first wins)."""
+        segments = self._committed_segments(space)
+        index: dict[str, tuple[int, int]] = {}
+        for s, seg in enumerate(segments):
+            for r, h in enumerate(seg.sha256.tolist()):
+                index.setdefault(h, (s, r))
+        return segments, index
+
+    def space_stats(self, space: str) -> dict[str, int]:
+        """Rows, bytes on disk and uncompressed bytes over the space's committed segments."""
+        rows = stored = raw = 0
+        for seg in self._committed_segments(space):
+            rows += seg.features.shape[0]
+            stored += int(seg.features.nbytes_stored())
+            raw += int(seg.features.nbytes)
+        return {"rows": rows, "bytes_stored": stored, "bytes_raw": raw}
+
+    def known_hashes(self, space: str) -> set[str]:
+        return set(self._index(space)[1])
+
+    def new_segment(
+        self, space: str, capacity: int, shape: tuple[int, ...], dtype: str, compressor: Any = None
+    ) -> SegmentWriter:
+        key = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        group = self.root["spaces"][space].require_group("segments").create_group(key)
+        group.attrs.update({"created_at": now_iso(), "created_by": created_by(), "committed": False})
+        return SegmentWriter(group, capacity, shape, dtype, compressor or default_compressor())
+
+    def gather(self, space: str, hashes: Iterable[str], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        hashes = list(hashes)
+        segments, index = self._index(space)
+        out = np.empty((len(hashes),) + tuple(shape), dtype=dtype)
+        where: dict[int, list[tuple[int, int]]] = {}
+        for i, h in enumerate(hashes):
+            try:
+                s, r = index[h]
+            except KeyError:
+                raise StoreError(
+                    f"row for image {h[:12]} is missing from space {space} (removed or never committed). "
+                    "Re-run featcache extract to restore it."
+                ) from None
+            where.setdefault(s, []).append((i, r))
+        for s, pairs in where.items():
+            arr = segments[s].features
+            dest = np.array([i for i, _ in pairs])
+            rows = np.array([r for _, r in pairs])
+            if len(rows) * 4 >= arr.shape[0]:  # most of the segment: one sequential read
+                out[dest] = arr[:][rows]
+            else:
+                order = np.argsort(rows)
+                out[dest[order]] = arr.oindex[rows[order]]
+        return out
+
+    # ------------------------------------------------------------------ dataset views
+
+    def write_set(self, key: str, attrs: dict, splits: dict[str, dict[str, np.ndarray]]) -> FeatureSet:
+        sets = self.root.require_group("sets")
+        if key in sets:
+            group = sets[key]
+            if group.attrs.get("committed") is True:
+                return FeatureSet(self, key, group)
+            del sets[key]  # an uncommitted leftover of an interrupted run
+        group = sets.create_group(key)
+        group.attrs.update({"committed": False})
+        for split, arrays in splits.items():
+            sub = group.create_group(split)
+            n = len(arrays["sha256"])
+            for name, values in arrays.items():
+                dtype = str if name in ("sha256", "paths") else values.dtype
+                arr = sub.create_array(name, shape=(n,), dtype=dtype, chunks=(max(n, 1),))
+                if n:
+                    arr[:] = values
+        group.attrs.update({**attrs, "key": key, "committed_at": now_iso()})
+        group.attrs["committed"] = True
+        return FeatureSet(self, key, group)
+
+    def set_keys(self) -> list[str]:
+        """Committed sets, oldest first."""
+        try:
+            sets = self.root["sets"]
+        except KeyError:
+            return []
+        found = [(g.attrs.get("created_at", ""), k) for k, g in sets.groups() if g.attrs.get("committed") is True]
+        return [k for _, k in sorted(found)]
+
+    def sets(self) -> list[FeatureSet]:
+        return [self.get_set(k) for k in self.set_keys()]
+
+    def get_set(self, key: str | None = None) -> FeatureSet:
+        """The set whose key starts with ``key``; with no key, the most recently created one."""
+        keys = self.set_keys()
+        if not keys:
+            raise SetNotFound(f"no feature sets in {self.url}. Run featcache extract first.")
+        if key is None:
+            chosen = keys[-1]
+        else:
+            matches = [k for k in keys if k.startswith(key)]
+            if not matches:
+                raise SetNotFound(f"no set {key!r} in {self.url}. Sets: {', '.join(keys)}. See: featcache ls")
+            if len(matches) > 1:
+                raise AmbiguousSet(f"{key!r} matches several sets: {', '.join(matches)}. Give more of the key.")
+            chosen = matches[0]
+        return FeatureSet(self, chosen, self.root["sets"][chosen])
+
+    def has_set(self, key: str) -> bool:
+        return key in self.set_keys()
+
+
+def _version_of(root: zarr.Group) -> int | None:
+    meta = root.attrs.get("featcache")
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+        return None
+    return meta["format_version"]
+
+
+def open_store(url: str, mode: str = "a") -> Store:
+    """Open (``mode="a"`` creates if missing) or only read (``mode="r"``) a featcache store."""
+    url = str(url)
+    try:
+        root = zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        if mode == "r":
+            raise StoreError(f"no featcache store at {url}. Run featcache extract --store {url} first.") from None
+        root = zarr.open_group(url, mode="a", zarr_format=3)
+        root.attrs["featcache"] = {"format_version": FORMAT_VERSION}
+        return Store(url, root)
+    except Exception as e:  # a path that is a file, a v2 store, garbage metadata ...
+        raise StoreError(f"{url} is not a readable featcache store ({e.__class__.__name__}: {e})") from None
+    version = _version_of(root)
+    if version is None:
+        raise StoreError(f"{url} is a Zarr group but not a featcache store (no featcache format_version).")
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{url} was written by a newer featcache (store format {version}; this one reads up to "
+            f"{FORMAT_VERSION}). Upgrade featcache: pip install -U featcache"
+        )
+    if mode != "r":
+        root = zarr.open_group(url, mode="a")
+    return Store(url, root)
