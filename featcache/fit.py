@@ -1,0 +1,213 @@
+"""Load a feature set, train a head on it, measure it, and write a run directory.
+
+A run directory holds ``config.json``, ``head.json`` + ``head.npz`` (the learned arrays),
+``metrics.json`` (val and test) and ``history.json`` (one row per epoch). JSON and arrays
+only: a run directory from someone else can be read without running their code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import RunError
+from .extract import default_store_url
+from .heads import HEADS, OPTIMIZERS, make_head, save_head
+from .store import FeatureSet, open_store
+
+__all__ = ["FitConfig", "FitResult", "fit", "evaluate", "compute_metrics", "prepare_features"]
+
+FIT_POOLS = ("none", "avg", "max")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How to train a head; written to the run directory as ``config.json``."""
+
+    head: str = "mlp"
+    set: str | None = None
+    store: str = field(default_factory=default_store_url)
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    step_size: int = 10
+    gamma: float = 0.1
+    hidden: int = 256
+    dropout: float = 0.4
+    patience: int = 10
+    seed: int = 0
+    C: float = 1.0
+    max_iter: int = 2000
+    pool: str = "none"
+    device: str = "auto"
+    runs: str = "runs"
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}; got {self.head!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"),
+            (self.pool in FIT_POOLS, f"pool must be one of {', '.join(FIT_POOLS)}; got {self.pool!r}"),
+            (self.epochs >= 1, f"epochs must be >= 1; got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0; got {self.lr}"),
+            (self.hidden >= 1, f"hidden must be >= 1; got {self.hidden}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1); got {self.dropout}"),
+            (self.patience >= 0, f"patience must be >= 0 (0 turns early stopping off); got {self.patience}"),
+            (self.C > 0, f"C must be > 0; got {self.C}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitConfig":
+        return cls(**d)
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    set_key: str
+    metrics: dict
+    history: list[dict]
+    seconds: dict[str, float]
+
+    def summary(self) -> str:
+        parts = [f"run {self.run_dir}"]
+        for split in ("val", "test"):
+            if split in self.metrics:
+                parts.append(f"{split} top-1 {self.metrics[split]['top1']:.4f}")
+        parts.append(f"load {self.seconds['load']:.2f} s, fit {self.seconds['fit']:.2f} s")
+        return "; ".join(parts)
+
+
+def prepare_features(x: np.ndarray, pool: str = "none") -> np.ndarray:
+    """Stored rows → float32 2-D matrix: spatial maps pooled (``avg``/``max``) or flattened."""
+    if x.ndim == 4 and pool == "avg":
+        x = x.mean(axis=(2, 3), dtype=np.float32)
+    elif x.ndim == 4 and pool == "max":
+        x = x.max(axis=(2, 3))
+    return x.reshape(len(x), -1).astype(np.float32, copy=False)
+
+
+def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibrated: bool = True) -> dict:
+    """Top-1, top-5 (5+ classes), log loss (calibrated heads), per-class accuracy, confusion matrix."""
+    from sklearn.metrics import confusion_matrix, log_loss
+
+    c = len(classes)
+    pred = proba.argmax(1)
+    out: dict = {"n": int(len(y)), "top1": float((pred == y).mean()) if len(y) else float("nan")}
+    if c >= 5:
+        top5 = np.argsort(-proba, axis=1)[:, :5]
+        out["top5"] = float((top5 == y[:, None]).any(1).mean())
+    out["log_loss"] = float(log_loss(y, np.clip(proba, 1e-7, 1), labels=list(range(c)))) if calibrated else None
+    cm = confusion_matrix(y, pred, labels=list(range(c)))
+    support = cm.sum(1)
+    out["per_class_accuracy"] = {
+        name: (float(cm[i, i] / support[i]) if support[i] else None) for i, name in enumerate(classes)
+    }
+    out["confusion_matrix"] = cm.tolist()
+    return out
+
+
+def _new_run_dir(cfg: FitConfig) -> Path:
+    if cfg.out:
+        path = Path(cfg.out)
+        if path.exists() and any(path.iterdir()):
+            raise RunError(f"run directory {path} exists and is not empty; choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base = Path(cfg.runs) / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.head}"
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def _load(fs: FeatureSet, split: str, pool: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = fs.to_numpy(split)
+    return prepare_features(x, pool), y
+
+
+def fit(
+    config: FitConfig | None = None,
+    *,
+    on_epoch: Callable[[dict], None] | None = None,
+    **kwargs,
+) -> FitResult:
+    """Train a head on a stored feature set and write its run directory.
+
+    ``featcache.fit(head="logreg", store="featcache.zarr")`` or pass a :class:`FitConfig`.
+    ``on_epoch`` receives each epoch's row (torch heads).
+    """
+    cfg = config if config is not None else FitConfig(**kwargs)
+    t0 = time.perf_counter()
+    store = open_store(cfg.store, mode="r")
+    fs = store.get_set(cfg.set)
+    data = {s: _load(fs, s, cfg.pool) for s in fs.splits}
+    t_load = time.perf_counter() - t0
+    x_train, y_train = data["train"]
+    x_val, y_val = data.get("val", (None, None))
+    head = make_head(cfg.head, **cfg.to_dict())
+    t1 = time.perf_counter()
+    head.fit(x_train, y_train, x_val, y_val, n_classes=len(fs.classes), on_epoch=on_epoch)
+    t_fit = time.perf_counter() - t1
+    calibrated = getattr(head, "calibrated", True)
+    metrics = {
+        s: compute_metrics(head.predict_proba(x), y, fs.classes, calibrated)
+        for s, (x, y) in data.items()
+        if s in ("val", "test", "train")
+    }
+    run = _new_run_dir(cfg)
+    save_head(head, run)
+    info = {
+        "config": cfg.to_dict(),
+        "set": fs.key,
+        "store": str(cfg.store),
+        "classes": fs.classes,
+        "feature_shape": list(fs.shape),
+        "input_dim": int(x_train.shape[1]),
+        "backbone": fs.attrs.get("backbone"),
+        "layer": fs.attrs.get("layer"),
+        "weights": fs.attrs.get("weights"),
+        "preprocessing": fs.attrs.get("preprocessing"),
+        "space_provenance": fs.attrs.get("space_provenance"),
+        "best_epoch": getattr(head, "best_epoch_", None),
+        "stopped_early": getattr(head, "stopped_early_", False),
+        "seconds": {"load": t_load, "fit": t_fit},
+        "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    (run / "config.json").write_text(json.dumps(info, indent=2))
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (run / "history.json").write_text(json.dumps(head.history_, indent=2))
+    return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit})
+
+
+def evaluate(run: str | Path) -> dict:
+    """The metrics of a finished run (``metrics.json``) with its config."""
+    run = Path(run)
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+        info = json.loads((run / "config.json").read_text())
+    except FileNotFoundError:
+        raise RunError(f"{run} is not a featcache run directory (no metrics.json/config.json)") from None
+    except json.JSONDecodeError as e:
+        raise RunError(f"{run}: unreadable run files ({e})") from None
+    return {"run": str(run), "config": info, "metrics": metrics}

@@ -1,0 +1,344 @@
+"""Classifier heads behind one small interface, following the scikit-learn contract.
+
+``__init__`` stores parameters; ``fit`` validates, learns state ending in ``_`` and returns
+self; ``predict_proba``/``predict`` check that the head was fitted. ``save``/``load`` use
+arrays (``.npz``, loaded with ``allow_pickle=False``) plus JSON: nothing executable.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.exceptions import NotFittedError
+from torch import nn
+
+__all__ = ["HEADS", "TORCH_HEADS", "SKLEARN_HEADS", "TorchHead", "SklearnHead", "make_head", "save_head", "load_head"]
+
+TORCH_HEADS = ("mlp", "linear")
+SKLEARN_HEADS = ("logreg", "svm")
+HEADS = TORCH_HEADS + SKLEARN_HEADS
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _check_xy(X: np.ndarray, y: np.ndarray | None = None) -> None:
+    if X.ndim != 2:
+        raise ValueError(f"heads take 2-D features (N, D); got shape {X.shape}")
+    if y is not None and len(X) != len(y):
+        raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
+
+
+class TorchHead:
+    """``mlp`` = Linear(D, hidden)-ReLU-Dropout-Linear(hidden, C); ``linear`` = Linear(D, C).
+
+    Trained with cross-entropy from in-memory tensors; early stopping on validation loss
+    keeps the best epoch's weights.
+    """
+
+    def __init__(
+        self,
+        kind: str = "mlp",
+        hidden: int = 256,
+        dropout: float = 0.4,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        step_size: int = 10,
+        gamma: float = 0.1,
+        epochs: int = 30,
+        batch_size: int = 64,
+        patience: int = 10,
+        seed: int = 0,
+        device: str = "auto",
+    ):
+        self.kind = kind
+        self.hidden = hidden
+        self.dropout = dropout
+        self.lr = lr
+        self.optimizer = optimizer
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.step_size = step_size
+        self.gamma = gamma
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.seed = seed
+        self.device = device
+
+    def get_params(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "kind", "hidden", "dropout", "lr", "optimizer", "momentum", "weight_decay",
+            "step_size", "gamma", "epochs", "batch_size", "patience", "seed", "device",
+        )}
+
+    def _build(self, d: int, c: int) -> nn.Module:
+        if self.kind == "linear":
+            return nn.Sequential(nn.Linear(d, c))
+        return nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, c))
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        X_val: np.ndarray | None = None,
+        y_val: np.ndarray | None = None,
+        n_classes: int | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> "TorchHead":
+        if self.kind not in TORCH_HEADS:
+            raise ValueError(f"kind must be one of {', '.join(TORCH_HEADS)}; got {self.kind!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        _check_xy(X, y)
+        dev = self._device()
+        c = int(n_classes if n_classes is not None else y.max() + 1)
+        gen = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        model = self._build(X.shape[1], c).to(dev)
+        xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
+        yt = torch.as_tensor(y, dtype=torch.long, device=dev)
+        has_val = X_val is not None and y_val is not None and len(y_val) > 0
+        if has_val:
+            xv = torch.as_tensor(X_val, dtype=torch.float32, device=dev)
+            yv = torch.as_tensor(y_val, dtype=torch.long, device=dev)
+        if self.optimizer == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            sched = None
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.step_size, gamma=self.gamma)
+        loss_fn = nn.CrossEntropyLoss()
+        best = (float("inf"), -1, copy.deepcopy(model.state_dict()))
+        history: list[dict] = []
+        waited = 0
+        for epoch in range(1, self.epochs + 1):
+            t = time.perf_counter()
+            model.train()
+            order = torch.randperm(len(xt), generator=gen).to(dev)
+            total = correct = 0.0
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                logits = model(xt[idx])
+                loss = loss_fn(logits, yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                correct += float((logits.argmax(1) == yt[idx]).sum())
+            if sched is not None:
+                sched.step()
+            row = {"epoch": epoch, "train_loss": total / len(xt), "train_acc": correct / len(xt)}
+            if has_val:
+                vl, va = self._evaluate(model, xv, yv, loss_fn)
+                row.update(val_loss=vl, val_acc=va)
+            row["seconds"] = time.perf_counter() - t
+            history.append(row)
+            if on_epoch:
+                on_epoch(row)
+            score = row["val_loss"] if has_val else row["train_loss"]
+            if score < best[0]:
+                best = (score, epoch, copy.deepcopy(model.state_dict()))
+                waited = 0
+            else:
+                waited += 1
+                if has_val and self.patience and waited >= self.patience:
+                    break
+        model.load_state_dict(best[2])
+        self.module_ = model.eval()
+        self.n_features_in_ = X.shape[1]
+        self.n_classes_ = c
+        self.history_ = history
+        self.best_epoch_ = best[1]
+        self.stopped_early_ = len(history) < self.epochs
+        return self
+
+    @staticmethod
+    @torch.no_grad()
+    def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float]:
+        model.eval()
+        logits = torch.cat([model(x[i : i + 4096]) for i in range(0, len(x), 4096)])
+        return float(loss_fn(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "module_"):
+            raise NotFittedError("this head is not fitted yet; call fit first")
+
+    @torch.no_grad()
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        _check_xy(X)
+        dev = next(self.module_.parameters()).device
+        out = [
+            torch.softmax(self.module_(torch.as_tensor(X[i : i + 4096], dtype=torch.float32, device=dev)), 1).cpu()
+            for i in range(0, len(X), 4096)
+        ]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.n_classes_), dtype=np.float32)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.predict_proba(X).argmax(1)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        self._check_fitted()
+        return {k: v.detach().cpu().numpy() for k, v in self.module_.state_dict().items()}
+
+    def fitted_info(self) -> dict:
+        return {"n_features_in": self.n_features_in_, "n_classes": self.n_classes_, "best_epoch": self.best_epoch_}
+
+    @classmethod
+    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray]) -> "TorchHead":
+        head = cls(**{**params, "device": "cpu"})
+        model = head._build(info["n_features_in"], info["n_classes"])
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+        head.module_ = model.eval()
+        head.n_features_in_ = info["n_features_in"]
+        head.n_classes_ = info["n_classes"]
+        head.best_epoch_ = info.get("best_epoch")
+        return head
+
+
+class SklearnHead:
+    """``logreg`` = StandardScaler + LogisticRegression; ``svm`` = StandardScaler + LinearSVC.
+
+    The SVM's probabilities are a softmax of its decision scores (uncalibrated), so no log
+    loss is reported for it.
+    """
+
+    def __init__(self, kind: str = "logreg", C: float = 1.0, max_iter: int = 2000, seed: int = 0):
+        self.kind = kind
+        self.C = C
+        self.max_iter = max_iter
+        self.seed = seed
+
+    def get_params(self) -> dict:
+        return {"kind": self.kind, "C": self.C, "max_iter": self.max_iter, "seed": self.seed}
+
+    @property
+    def calibrated(self) -> bool:
+        return self.kind == "logreg"
+
+    def _estimator(self):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.svm import LinearSVC
+
+        if self.kind == "logreg":
+            return LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+        return LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val=None, y_val=None, n_classes=None, on_epoch=None) -> "SklearnHead":
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.preprocessing import StandardScaler
+
+        if self.kind not in SKLEARN_HEADS:
+            raise ValueError(f"kind must be one of {', '.join(SKLEARN_HEADS)}; got {self.kind!r}")
+        if not self.C > 0:
+            raise ValueError(f"C must be > 0; got {self.C}")
+        _check_xy(X, y)
+        self.n_classes_ = int(n_classes if n_classes is not None else y.max() + 1)
+        self.scaler_ = StandardScaler().fit(X)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            self.estimator_ = self._estimator().fit(self.scaler_.transform(X), y)
+        self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        self.history_ = []
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "estimator_"):
+            raise NotFittedError("this head is not fitted yet; call fit first")
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Scores (N, n_classes) with a column for every class, also those absent in training."""
+        self._check_fitted()
+        _check_xy(X)
+        est = self.estimator_
+        s = est.decision_function(self.scaler_.transform(X))
+        if s.ndim == 1:  # binary: sklearn gives one score for classes_[1]
+            s = np.stack([-s, s], axis=1) / 2
+        out = np.full((len(X), self.n_classes_), -1e9, dtype=np.float64)
+        out[:, est.classes_] = s
+        return out
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return _softmax(self.decision_function(X)).astype(np.float32)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.decision_function(X).argmax(1)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        self._check_fitted()
+        est = self.estimator_
+        return {
+            "scaler_mean": self.scaler_.mean_,
+            "scaler_scale": self.scaler_.scale_,
+            "coef": est.coef_,
+            "intercept": np.atleast_1d(est.intercept_),
+            "classes": est.classes_,
+        }
+
+    def fitted_info(self) -> dict:
+        return {"n_features_in": int(self.scaler_.n_features_in_), "n_classes": self.n_classes_, "converged": self.converged_}
+
+    @classmethod
+    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray]) -> "SklearnHead":
+        from sklearn.preprocessing import StandardScaler
+
+        head = cls(**params)
+        head.n_classes_ = info["n_classes"]
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
+        scaler.var_ = scaler.scale_**2
+        scaler.n_features_in_ = len(scaler.mean_)
+        head.scaler_ = scaler
+        est = head._estimator()
+        est.coef_, est.intercept_, est.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]
+        est.n_features_in_ = scaler.n_features_in_
+        head.estimator_ = est
+        head.converged_ = info.get("converged")
+        return head
+
+
+def make_head(kind: str, **params) -> TorchHead | SklearnHead:
+    """A head by name; ``params`` not used by that kind of head are ignored."""
+    if kind in TORCH_HEADS:
+        names = set(TorchHead().get_params())
+        return TorchHead(kind=kind, **{k: v for k, v in params.items() if k in names and k != "kind"})
+    if kind in SKLEARN_HEADS:
+        names = set(SklearnHead().get_params())
+        return SklearnHead(kind=kind, **{k: v for k, v in params.items() if k in names and k != "kind"})
+    raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+
+
+def save_head(head: TorchHead | SklearnHead, folder: Path) -> None:
+    folder = Path(folder)
+    np.savez(folder / "head.npz", **head.state_arrays())
+    meta = {"kind": head.kind, "params": head.get_params(), "fitted": head.fitted_info()}
+    (folder / "head.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_head(folder: Path) -> TorchHead | SklearnHead:
+    folder = Path(folder)
+    meta = json.loads((folder / "head.json").read_text())
+    with np.load(folder / "head.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    cls = TorchHead if meta["kind"] in TORCH_HEADS else SklearnHead
+    return cls.from_state(meta["params"], meta["fitted"], arrays)
