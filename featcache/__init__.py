@@ -6,6 +6,8 @@ from .backbones import Backbone, create_backbone, list_backbones, list_layers  #
 from .errors import *  # noqa: E402,F401,F403
 from .errors import __all__ as _errors_all  # noqa: E402
 from .extract import ExtractConfig, ExtractResult, extract  # noqa: E402
+from .fit import FitConfig, FitResult, evaluate, fit  # noqa: E402
+from .heads import load_head, make_head  # noqa: E402
 from .store import FeatureSet, Store, open_store  # noqa: E402
 
 __all__ = [
@@ -17,6 +19,12 @@ __all__ = [
     "ExtractConfig",
     "ExtractResult",
     "extract",
+    "FitConfig",
+    "FitResult",
+    "fit",
+    "evaluate",
+    "make_head",
+    "load_head",
     "FeatureSet",
     "Store",
     "open_store",

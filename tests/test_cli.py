@@ -1,0 +1,105 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from featcache.cli import main
+
+from .conftest import TINY
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FEATCACHE_STORE", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_the_two_product_commands_end_to_end(run, folder, tmp_path):
+    """`featcache extract --backbone vgg16 --layer features` then `featcache fit --head mlp --epochs 30`."""
+    r = run("extract", "--backbone", "vgg16", "--layer", "features", "--weights", "none", "--data", str(folder))
+    assert r.exit_code == 0, r.output
+    assert re.search(r"set \w{12}: 36 images \(train 24, val 12\); extracted 36, reused 0, skipped 0; "
+                     r"[\d.]+ s, [\d.]+ images/s; space \w{16}: [\d.]+ [KM]B on disk, [\d.]+x compression", r.output)
+    assert (tmp_path / "featcache.zarr" / "zarr.json").exists()  # the default store
+
+    r = run("fit", "--head", "mlp", "--epochs", "30", "--patience", "0")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == 30
+    assert re.match(r"epoch  1/30  train loss [\d.]+ acc [\d.]+  val loss [\d.]+ acc [\d.]+  [\d.]+ s", epochs[0])
+    assert re.match(r"run runs/\d{8}-\d{6}-mlp; val top-1 [\d.]+; load [\d.]+ s, fit [\d.]+ s", lines[-1])
+    run_dir = lines[-1].split(";")[0].removeprefix("run ")
+    assert len(json.loads((tmp_path / run_dir / "history.json").read_text())) == 30
+
+    r = run("evaluate", run_dir)
+    assert r.exit_code == 0 and "val per class: blue" in r.output and "confusion matrix" in r.output
+    r = run("ls")
+    assert "vgg16/features pool=none float16 shape=(512, 7, 7)" in r.output
+
+
+def test_store_from_environment(run, folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATCACHE_STORE", str(tmp_path / "env.zarr"))
+    assert run("extract", "--backbone", TINY, "--weights", "none", "--data", str(folder), "--workers", "0").exit_code == 0
+    assert (tmp_path / "env.zarr").is_dir()
+    assert run("fit", "--head", "logreg").exit_code == 0
+
+
+def test_user_mistakes_are_one_error_line(run, folder):
+    r = run("extract", "--backbone", "vgg16", "--layer", "feature", "--weights", "none", "--data", str(folder))
+    assert r.exit_code == 1
+    assert r.output == (
+        "Error: Unknown layer 'feature' for vgg16. Layers: features, avgpool, flatten, classifier "
+        "(and their sub-layers, e.g. features.20). See: featcache layers vgg16\n"
+    )
+    r = run("extract", "--backbone", TINY, "--data", "missing")
+    assert r.exit_code == 1 and r.output.startswith("Error: data folder 'missing' does not exist")
+    r = run("fit")
+    assert r.exit_code == 1 and r.output.startswith("Error: no featcache store at featcache.zarr")
+    r = run("evaluate", "nowhere")
+    assert r.exit_code == 1 and "not a featcache run directory" in r.output
+
+
+def test_bad_option_values_are_usage_errors(run, folder):
+    r = run("fit", "--head", "forest")
+    assert r.exit_code == 2 and "Invalid value for '--head': 'forest' is not one of 'mlp', 'linear', 'logreg', 'svm'" in r.output
+    r = run("extract", "--backbone", TINY, "--data", str(folder), "--split", "0.9,0.3")
+    assert r.exit_code == 2 and "--split takes two or three positive fractions" in r.output
+    r = run("extract", "--backbone", TINY, "--dtype", "int8")
+    assert r.exit_code == 2 and "'--dtype'" in r.output
+    r = run("fit", "--epochs", "0")
+    assert r.exit_code == 2 and "'--epochs'" in r.output
+    r = run("extract", "--data", str(folder))
+    assert r.exit_code == 2 and "Missing option '--backbone'" in r.output
+
+
+def test_skipped_files_are_named_with_their_reason(run, folder):
+    (folder / "train" / "red" / "zz.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    r = run("extract", "--backbone", TINY, "--weights", "none", "--data", str(folder), "--workers", "0")
+    assert r.exit_code == 0
+    assert "skipped train/red/zz.png: cannot decode" in r.output
+    r = run("extract", "--backbone", TINY, "--weights", "none", "--data", str(folder), "--workers", "0", "--strict")
+    assert r.exit_code == 1 and "Error: train/red/zz.png: cannot decode" in r.output
+
+
+def test_backbones_layers_and_sample(run, tmp_path):
+    r = run("backbones")
+    assert r.exit_code == 0 and "resnet50\n" in r.output and "efficientnet_lite0\n" in r.output
+    r = run("layers", "resnet18")
+    assert r.exit_code == 0 and "layer3\n" in r.output and "avgpool\n" in r.output
+    r = run("sample", "--out", "digits")
+    assert r.exit_code == 0 and r.output == "digits sample in digits: train 1078, val 359, test 360\n"
+    assert len(list(Path("digits/test/7").glob("*.png"))) == 36
+    assert run("sample", "--out", "digits").exit_code == 0  # idempotent
+    Path("other").mkdir()
+    (Path("other") / "x").write_text("mine")
+    r = run("sample", "--out", "other")
+    assert r.exit_code == 1 and "not the sample folder" in r.output
