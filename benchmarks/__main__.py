@@ -1,0 +1,80 @@
+"""``python -m benchmarks [transfer|storage|all]``: run, print Markdown tables, save JSON.
+
+A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
+``vgg16/features@DEFAULT``. Results go to benchmarks/results/<bench>-<machine>-<time>.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import machine, machine_label, save, table
+
+DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera")
+
+TRANSFER_COLUMNS = [
+    ("backbone", "backbone"), ("layer", "layer"), ("head", "head"), ("epochs", "epochs"), ("images", "images"),
+    ("extract_s", "extract s"), ("e2e_epoch_s", "e2e s/epoch"), ("cached_epoch_s", "cached s/epoch"),
+    ("epoch_speedup", "epoch speedup"), ("e2e_total_s", "e2e total s"), ("cached_total_s", "cached total s"),
+    ("total_speedup", "total speedup"), ("total_speedup_per_epoch", "total speedup / E"),
+    ("val_acc_e2e", "val acc e2e"), ("val_acc_cached", "val acc cached"), ("val_images_apart", "images apart"),
+]
+STORAGE_COLUMNS = [
+    ("features", "features"), ("shape", "shape"), ("dtype", "dtype"), ("codec", "codec"),
+    ("bytes_per_image", "bytes/image"), ("ratio", "ratio"), ("write_gbs", "write GB/s"), ("read_gbs", "read GB/s"),
+]
+
+
+def _case(text: str) -> tuple[str, str | None, str]:
+    name, _, weights = text.partition("@")
+    name, _, layer = name.partition("/")
+    return name, layer or None, weights or "DEFAULT"
+
+
+@click.command()
+@click.argument("which", type=click.Choice(["transfer", "storage", "all"]), default="all")
+@click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
+@click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
+@click.option("--head", default="mlp", show_default=True)
+@click.option("--epochs", default="10,30", show_default=True, help="Epoch counts to report.")
+@click.option("--workers", default=None, type=int, help="DataLoader workers (both ways).")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int, help="Storage: best of N.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Results folder [default: benchmarks/results].")
+def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) -> None:
+    """Run the benchmark suite and print its tables."""
+    from .storage import run_storage
+    from .transfer import run_transfer
+
+    if not Path(data).is_dir():
+        raise click.UsageError(f"--data {data} does not exist")
+    info = machine()
+    click.echo(f"machine: {machine_label(info)}")
+    cases = cases or ("resnet18@none", "efficientnet_lite0")
+    epoch_list = tuple(int(e) for e in epochs.split(","))
+    if which in ("transfer", "all"):
+        rows, runs = [], []
+        for case in cases:
+            name, layer, weights = _case(case)
+            res = run_transfer(data, name, layer, weights, head, epoch_list, workers, batch_size)
+            for r in res["rows"]:
+                r["weights"] = weights
+            rows += res["rows"]
+            runs.append(res)
+        click.echo("\n" + table(rows, TRANSFER_COLUMNS))
+        path = save("transfer", {"machine": info, "data": data, "runs": runs, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("storage", "all"):
+        name, _, weights = _case(cases[-1])
+        res = run_storage(data, name, weights=weights, repeats=repeats, workers=workers,
+                          spatial_layer="head" if name == "efficientnet_lite0" else "features")
+        click.echo(f"\nstorage: {res['images']} images of {name}")
+        click.echo(table(res["rows"], STORAGE_COLUMNS))
+        path = save("storage", {"machine": info, "data": data, **res}, out)
+        click.echo(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""A tiny run of the benchmark suite so it never rots (no timing is asserted)."""
+
+import json
+
+from click.testing import CliRunner
+
+from benchmarks.__main__ import main
+from benchmarks.storage import run_storage
+from benchmarks.transfer import run_transfer
+
+from .conftest import TINY
+
+
+def test_transfer_benchmark_runs_both_ways_and_they_agree(folder):
+    res = run_transfer(str(folder), TINY, weights="none", epochs=(1, 2), workers=0, batch_size=8)
+    assert [r["epochs"] for r in res["rows"]] == [1, 2]
+    for r in res["rows"]:
+        assert r["e2e_epoch_s"] > 0 and r["cached_epoch_s"] > 0 and r["extract_s"] > 0
+        assert r["val_images_apart"] <= 1  # same data, seed, init and batch order
+
+
+def test_storage_benchmark_round_trips_every_codec(folder):
+    res = run_storage(str(folder), TINY, spatial_layer="features", weights="none", repeats=1, workers=0,
+                      codecs=["none", "zstd3+shuffle"])
+    assert len(res["rows"]) == 2 * 2 * 2  # spatial/pooled x float16/float32 x codecs
+    assert all(r["bytes_per_image"] > 0 for r in res["rows"])
+
+
+def test_command_writes_json(folder, tmp_path):
+    r = CliRunner().invoke(main, ["transfer", "--data", str(folder), "--case", f"{TINY}@none", "--epochs", "1",
+                                  "--workers", "0", "--batch-size", "8", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("machine: ") and "| backbone |" in r.output
+    saved = list(tmp_path.glob("transfer-*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["rows"][0]["epochs"] == 1
