@@ -26,6 +26,14 @@ STORAGE_COLUMNS = [
     ("bytes_per_image", "bytes/image"), ("ratio", "ratio"), ("write_gbs", "write GB/s"), ("read_gbs", "read GB/s"),
 ]
 
+STORE_COLUMNS = [
+    ("backbone", "backbone"), ("images", "images"), ("first_s", "first extract s"), ("second_s", "identical re-run s"),
+    ("second_over_first", "re-run / first"), ("added_images", "images added"), ("add_s", "add 10% s"),
+    ("add_over_full", "add 10% / full"), ("store_files", "files in store"),
+]
+FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
+                 ("files_per_10k", "files per 10,000 images")]
+
 
 def _case(text: str) -> tuple[str, str | None, str]:
     name, _, weights = text.partition("@")
@@ -34,7 +42,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "all"]), default="all")
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
@@ -46,6 +54,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) -> None:
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
+    from .store import files_per_10k, run_store
     from .transfer import run_transfer
 
     if not Path(data).is_dir():
@@ -73,6 +82,16 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\nstorage: {res['images']} images of {name}")
         click.echo(table(res["rows"], STORAGE_COLUMNS))
         path = save("storage", {"machine": info, "data": data, **res}, out)
+        click.echo(f"saved {path}")
+    if which in ("store", "all"):
+        rows = []
+        for case in cases:
+            name, layer, weights = _case(case)
+            rows.append(run_store(data, name, layer, weights, workers))
+        click.echo("\n" + table(rows, STORE_COLUMNS))
+        files = files_per_10k()
+        click.echo("\n" + table(files, FILES_COLUMNS))
+        path = save("store", {"machine": info, "data": data, "rows": rows, "files": files}, out)
         click.echo(f"saved {path}")
 
 

@@ -17,6 +17,7 @@ from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extr
 from .fit import FIT_POOLS, FitConfig, evaluate, fit
 from .heads import HEADS, OPTIMIZERS
 from .sample import write_digits
+from .maintenance import gc, status, verify
 from .store import open_store
 
 __all__ = ["main"]
@@ -35,6 +36,9 @@ class _Group(click.Group):
             ctx.exit(130)
         except FeatcacheError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted: the store holds only committed data; re-run the command.", err=True)
+            ctx.exit(130)
 
 
 store_option = click.option(
@@ -65,6 +69,8 @@ def main() -> None:
 @click.option("--workers", default=None, type=click.IntRange(min=0), help="DataLoader workers [default: min(8, CPUs)].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
+@click.option("--checkpoint-every", "checkpoint_s", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds between commits; a killed run loses at most this much work.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 def extract_cmd(progress: bool | None, **options) -> None:
     """Push an image folder through a frozen backbone once and store the features."""
@@ -113,10 +119,15 @@ def _epoch_line(total: int):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--runs", default="runs", show_default=True, help="Parent folder of run directories.")
 @click.option("--out", default=None, help="Run directory [default: RUNS/<time>-<head>].")
+@click.option("--check-data", is_flag=True, help="Refuse a set whose image folder has changed since extraction.")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
-def fit_cmd(quiet: bool, **options) -> None:
+def fit_cmd(quiet: bool, check_data: bool, **options) -> None:
     """Train a classifier head on stored features; writes a run directory."""
     cfg = FitConfig(**options)
+    if check_data:
+        st = status(open_store(cfg.store, mode="r"), cfg.set)
+        if not st.up_to_date:
+            raise FeatcacheError(st.summary())
     result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs))
     click.echo(result.summary())
 
@@ -152,6 +163,52 @@ def evaluate_cmd(run: str, as_json: bool) -> None:
                 click.echo("  " + " ".join(f"{v:>5}" for v in row))
 
 
+@main.command("predict")
+@click.argument("run", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: path,rank,class,probability.")
+def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_csv: bool) -> None:
+    """Classify images (files or folders) with a run's backbone and head."""
+    from .predict import predict
+
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    results = predict(run, list(paths), top_k=top_k)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    elif as_csv:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["path", "rank", "class", "probability", "error"])
+        for r in results:
+            rows = [(i + 1, c, f"{p:.6f}", "") for i, (c, p) in enumerate(r.top)] or [("", "", "", r.error)]
+            for row in rows:
+                writer.writerow([r.path, *row])
+        click.echo(buffer.getvalue(), nl=False)
+    else:
+        for r in results:
+            shown = "  ".join(f"{c} {p:.3f}" for c, p in r.top) if r.error is None else f"error: {r.error}"
+            click.echo(f"{r.path}  {shown}")
+    failed = sum(r.error is not None for r in results)
+    click.echo(f"{len(results) - failed} predicted, {failed} could not be read", err=True)
+
+
+@main.command("export")
+@click.argument("run", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+def export_cmd(run: str, out: str) -> None:
+    """Write RUN as one torch.export program (normalised images → probabilities) plus OUT.json."""
+    from .predict import export
+
+    path = export(run, out)
+    click.echo(f"exported {path} (load: torch.export.load('{path}').module()); classes in {path}.json")
+
+
 @main.command("backbones")
 def backbones_cmd() -> None:
     """List backbone names (plus any package.module:factory)."""
@@ -167,6 +224,14 @@ def layers_cmd(backbone: str) -> None:
         click.echo(name)
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 @main.command("ls")
 @store_option
 def ls_cmd(store: str) -> None:
@@ -176,13 +241,77 @@ def ls_cmd(store: str) -> None:
     if not sets:
         click.echo(f"no feature sets in {store}")
         return
+    click.echo("set           backbone/layer  pool  dtype  shape  images  on disk  weights  created  by")
     for fs in sets:
         a = fs.attrs
         splits = " ".join(f"{k}={v}" for k, v in a["splits"].items())
         click.echo(
-            f"{fs.key}  {a['backbone']}/{a['layer']} pool={a['pool']} {a['dtype']} shape={tuple(fs.shape)}  "
-            f"{splits}  skipped={len(a.get('skipped', []))}  {a['created_at']} {a['created_by']}  {a['data_root']}"
+            f"{fs.key}  {a['backbone']}/{a['layer']}  {a['pool']}  {a['dtype']}  {'x'.join(map(str, fs.shape))}  "
+            f"{splits}  {_human(st.set_bytes(fs))}  {a['weights']['id']}  {a['created_at']}  {a['created_by']}"
         )
+
+
+@main.command("info")
+@click.argument("key")
+@store_option
+def info_cmd(key: str, store: str) -> None:
+    """Everything recorded about a set (JSON)."""
+    st = open_store(store, mode="r")
+    fs = st.get_set(key)
+    click.echo(json.dumps({**fs.attrs, "bytes_on_disk": st.set_bytes(fs)}, indent=2))
+
+
+@main.command("rm")
+@click.argument("key")
+@store_option
+def rm_cmd(key: str, store: str) -> None:
+    """Remove a set (its rows are freed by gc once no other set uses them)."""
+    fs = open_store(store).remove_set(key)
+    click.echo(f"removed set {fs.key}; run featcache gc to free rows no other set uses")
+
+
+@main.command("gc")
+@store_option
+@click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(min=0),
+              help="Leave anything younger than this many seconds (a running extract may own it).")
+@click.option("--dry-run", is_flag=True, help="Report only.")
+def gc_cmd(store: str, grace: float, dry_run: bool) -> None:
+    """Remove uncommitted leftovers and rows no set refers to."""
+    r = gc(open_store(store), grace_s=grace, dry_run=dry_run)
+    verb = "would free" if dry_run else "freed"
+    click.echo(
+        f"gc: {verb} {_human(r['bytes_freed'])}; segments removed {r['segments_removed']}, rewritten "
+        f"{r['segments_rewritten']}, rows removed {r['rows_removed']}, unfinished sets removed {r['sets_removed']}"
+    )
+
+
+@main.command("verify")
+@click.argument("key", required=False)
+@store_option
+@click.option("--sample", default=8, show_default=True, type=click.IntRange(min=0), help="Rows to recompute from the images.")
+def verify_cmd(key: str | None, store: str, sample: int) -> None:
+    """Checksum a set's rows and recompute a sample from the images."""
+    report = verify(open_store(store, mode="r"), key, sample=sample)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    for error in report.errors:
+        click.echo(f"problem: {error}", err=True)
+    click.echo(report.summary())
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@main.command("status")
+@click.option("--set", "key", default=None, help="Set key or prefix [default: the most recent].")
+@click.option("--data", default=None, type=click.Path(file_okay=False), help="Folder to compare [default: the set's].")
+@store_option
+def status_cmd(key: str | None, data: str | None, store: str) -> None:
+    """Tell whether an image folder and its stored set agree."""
+    st = status(open_store(store, mode="r"), key, data)
+    for label, paths in (("added", st.added), ("removed", st.removed), ("changed", st.changed)):
+        for p in paths[:_MAX_SKIPS_SHOWN]:
+            click.echo(f"{label} {p}")
+    click.echo(st.summary())
 
 
 @main.command("sample")

@@ -34,6 +34,7 @@ __all__ = [
     "scan",
     "load_rgb",
     "parse_split",
+    "safe_join",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -236,13 +237,18 @@ def scan(
     hashed = _hash_all([p for _, _, p in entries])
     class_index = {c: i for i, c in enumerate(classes)}
     kept: list[tuple[str, str, Path, str, int]] = []
+    first_seen: dict[str, tuple[str, str]] = {}  # bytes → (class, path) of their first copy
     for (name, cls, p), h in zip(entries, hashed):
         rel = p.relative_to(root).as_posix()
         if isinstance(h, OSError):
             skipped.append(Skip(rel, f"cannot read: {h.strerror or h}"))
         elif h[1] == 0:
             skipped.append(Skip(rel, "empty file (0 bytes)"))
+        elif h[0] in first_seen and first_seen[h[0]][0] != cls:
+            other_cls, other = first_seen[h[0]]
+            skipped.append(Skip(rel, f"same bytes as {other} (class {other_cls}): conflicting labels"))
         else:
+            first_seen.setdefault(h[0], (cls, rel))
             kept.append((name, cls, p, h[0], h[1]))
 
     counts: dict[tuple[str, str], int] = {}
@@ -282,6 +288,20 @@ def scan(
         split_fractions=fractions,
         split_seed=seed if fractions is not None else None,
     )
+
+
+def safe_join(root: str | os.PathLike, rel: str) -> Path:
+    """``root / rel`` for a stored relative path, refusing anything that would leave ``root``."""
+    root = Path(root)
+    parts = Path(rel).parts
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in parts or "\0" in rel:
+        raise DataError(f"refusing stored path {rel!r}: not a plain relative path inside {root}")
+    path = root / rel
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise DataError(f"refusing stored path {rel!r}: it resolves outside {root}") from None
+    return path
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

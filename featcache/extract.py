@@ -56,12 +56,15 @@ class ExtractConfig:
     workers: int | None = None
     device: str = "auto"
     strict: bool = False
+    checkpoint_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.pool is not None and self.pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {self.pool!r}")
+        if not self.checkpoint_s > 0:
+            raise ValueError(f"checkpoint_s must be > 0; got {self.checkpoint_s}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
@@ -147,21 +150,43 @@ def _collate(batch):
 
 
 class _Writer(threading.Thread):
-    """Compresses and writes in the background so the model never waits on storage."""
+    """Compresses and writes in the background so the model never waits on storage.
 
-    def __init__(self, segment):
+    Every ``checkpoint_s`` seconds the current segment is committed and a new one started,
+    so a killed run loses at most that much work.
+    """
+
+    def __init__(self, store: Store, space: str, total: int, shape: tuple[int, ...], dtype: str, checkpoint_s: float):
         super().__init__(daemon=True)
-        self.segment = segment
+        self.store, self.space, self.remaining = store, space, total
+        self.shape, self.dtype, self.checkpoint_s = shape, dtype, checkpoint_s
+        self.segment = None
+        self.started = 0.0
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.busy = 0.0
+        self.committed_rows = 0
+
+    def _append(self, features: np.ndarray, hashes: list[str]) -> None:
+        if self.segment is None:
+            self.segment = self.store.new_segment(self.space, self.remaining, self.shape, self.dtype)
+            self.started = time.monotonic()
+        self.segment.append(features, hashes)
+        self.remaining -= len(hashes)
+        if time.monotonic() - self.started >= self.checkpoint_s:
+            self._commit()
+
+    def _commit(self, **attrs) -> None:
+        if self.segment is not None:
+            self.committed_rows += self.segment.commit(**attrs)
+            self.segment = None
 
     def run(self) -> None:
         while (job := self.queue.get()) is not None:
             if self.error is None:
                 t = time.perf_counter()
                 try:
-                    self.segment.append(*job)
+                    self._append(*job)
                 except BaseException as e:  # re-raised in the main thread by close()
                     self.error = e
                 self.busy += time.perf_counter() - t
@@ -171,11 +196,13 @@ class _Writer(threading.Thread):
             raise self.error
         self.queue.put((features, hashes))
 
-    def close(self) -> None:
+    def close(self, **attrs) -> None:
+        """Drain the queue and commit what is left (also after an error or Ctrl-C)."""
         self.queue.put(None)
         self.join()
         if self.error is not None:
             raise self.error
+        self._commit(**attrs)
 
 
 def _device(name: str) -> torch.device:
@@ -219,8 +246,7 @@ def _run_model(
         if cuda
         else nullcontext()
     )
-    segment = store.new_segment(space, len(todo), backbone.shape, cfg.dtype)
-    writer = _Writer(segment)
+    writer = _Writer(store, space, len(todo), backbone.shape, cfg.dtype, cfg.checkpoint_s)
     writer.start()
     failed: dict[str, str] = {}
     timings = {"read": 0.0, "model": 0.0}
@@ -248,21 +274,19 @@ def _run_model(
                 bar.update(len(indices) + len(bad))
                 t = time.perf_counter()
         writer.close()
-        segment.commit(items=len(todo))
         committed = True
     finally:
         bar.close()
         if not committed:
-            _commit_partial(writer, segment)
+            _commit_partial(writer)
     timings["write"] = writer.busy
     return failed, timings
 
 
-def _commit_partial(writer: _Writer, segment) -> None:
+def _commit_partial(writer: _Writer) -> None:
     """Keep the rows finished before an error or Ctrl-C; they are valid and save a re-run."""
     try:
-        writer.close()
-        segment.commit(partial=True)
+        writer.close(partial=True)
     except BaseException:  # the original error matters more; the segment stays uncommitted
         pass
 

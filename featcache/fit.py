@@ -189,6 +189,7 @@ def fit(
         "weights": fs.attrs.get("weights"),
         "preprocessing": fs.attrs.get("preprocessing"),
         "space_provenance": fs.attrs.get("space_provenance"),
+        "extract_config": fs.attrs.get("config"),
         "best_epoch": getattr(head, "best_epoch_", None),
         "stopped_early": getattr(head, "stopped_early_", False),
         "seconds": {"load": t_load, "fit": t_fit},

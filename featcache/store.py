@@ -20,6 +20,8 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import AmbiguousSet, SetNotFound, StoreError
 
@@ -43,6 +45,7 @@ __all__ = [
     "default_compressor",
     "now_iso",
     "created_by",
+    "group_bytes",
 ]
 
 FORMAT_VERSION = 1
@@ -72,13 +75,16 @@ def space_key(provenance: dict) -> str:
     return digest_key(provenance, 16)
 
 
-def default_compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+def default_compressor() -> list:
+    """Blosc-zstd level 1, no shuffle (chosen from benchmarks/README.md: the smallest files at the
+    fastest zstd write speed for CNN features), then a CRC32C checksum so a corrupted chunk is
+    detected on read."""
+    return [BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle"), Crc32cCodec()]
 
 
 def _row_layout(n: int, shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     row_bytes = max(1, int(np.prod(shape)) * itemsize)
-    chunk = int(max(1, min(4096, _CHUNK_BYTES // row_bytes)))
+    chunk = int(max(1, min(4096, _CHUNK_BYTES // row_bytes, n)))  # a chunk never pads past the rows
     shard = chunk * _CHUNKS_PER_SHARD
     shard = min(shard, -(-max(n, 1) // chunk) * chunk)  # no shard larger than the rows it will hold
     return chunk, shard
@@ -137,7 +143,9 @@ class SegmentWriter:
         self._flush(final=True)
         if self.rows != self.features.shape[0]:
             self.features.resize((self.rows,) + self.features.shape[1:])
-        sha = self.group.create_array("sha256", shape=(self.rows,), dtype=str, chunks=(max(self.rows, 1),))
+        sha = self.group.create_array(
+            "sha256", shape=(self.rows,), dtype=str, chunks=(max(self.rows, 1),), compressors=default_compressor()
+        )
         if self.rows:
             sha[:] = np.array(self._hashes, dtype=str)
         self.group.attrs.update({**attrs, "rows": self.rows, "committed_at": now_iso()})
@@ -155,6 +163,38 @@ class _Segment:
     sha256: np.ndarray
 
 
+_MAX_CLASSES = 1_000_000
+_MAX_DIMS = 8
+
+
+def _validated(key: str, a: dict) -> dict:
+    """Check the attributes readers rely on; another team's store may be broken or hostile."""
+
+    def bad(name: str, want: str):
+        return StoreError(f"set {key} has a malformed attribute {name!r} (expected {want}); the store may be damaged")
+
+    classes = a.get("classes")
+    if not (isinstance(classes, list) and 0 < len(classes) <= _MAX_CLASSES and all(isinstance(c, str) for c in classes)):
+        raise bad("classes", "a non-empty list of strings")
+    splits = a.get("splits")
+    if not (isinstance(splits, dict) and "train" in splits and set(splits) <= {"train", "val", "test"}
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in splits.values())):
+        raise bad("splits", "counts per split name train/val/test")
+    if not isinstance(a.get("space"), str) or not re.fullmatch(r"[0-9a-f]{16}", a["space"]):
+        raise bad("space", "a 16-digit hex key")
+    prov = a.get("space_provenance")
+    shape = prov.get("shape") if isinstance(prov, dict) else None
+    if not (isinstance(shape, list) and 0 < len(shape) <= _MAX_DIMS
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in shape)):
+        raise bad("space_provenance.shape", "a list of positive integers")
+    if a.get("dtype") not in ("float16", "float32"):
+        raise bad("dtype", "float16 or float32")
+    for name in ("backbone", "layer", "pool", "created_at", "data_root"):
+        if not isinstance(a.get(name), str):
+            raise bad(name, "a string")
+    return a
+
+
 class FeatureSet:
     """A committed dataset view: classes, per-split labels/paths, rows gathered from its space."""
 
@@ -162,7 +202,7 @@ class FeatureSet:
         self.store = store
         self.key = key
         self.group = group
-        self.attrs: dict = dict(group.attrs)
+        self.attrs: dict = _validated(key, dict(group.attrs))
 
     def __repr__(self) -> str:
         return f"FeatureSet({self.key!r}, {self.attrs.get('backbone')}/{self.attrs.get('layer')}, splits={self.splits})"
@@ -189,13 +229,19 @@ class FeatureSet:
         return self.group[split]
 
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)["labels"][:], dtype=np.int64)
+        labels = np.asarray(self._split(split)["labels"][:], dtype=np.int64)
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
+            raise StoreError(f"set {self.key} split {split} has labels outside 0..{len(self.classes) - 1}")
+        return labels
 
     def paths(self, split: str) -> list[str]:
         return [str(p) for p in self._split(split)["paths"][:]]
 
     def hashes(self, split: str) -> np.ndarray:
         return np.asarray(self._split(split)["sha256"][:])
+
+    def hashes_all(self) -> list[str]:
+        return [h for s in self.splits for h in self.hashes(s).tolist()]
 
     def features(self, split: str) -> np.ndarray:
         """The split's rows in view order, in their stored dtype."""
@@ -228,12 +274,8 @@ class Store:
         return key
 
     def _committed_segments(self, space: str) -> list[_Segment]:
-        try:
-            segments = self.root["spaces"][space]["segments"]
-        except KeyError:
-            return []
         out = []
-        for key, group in sorted(segments.groups()):
+        for key, group in self.segment_groups(space):
             if group.attrs.get("committed") is not True:
                 continue
             out.append(_Segment(key, group["features"], np.asarray(group["sha256"][:])))
@@ -256,6 +298,19 @@ class Store:
             stored += int(seg.features.nbytes_stored())
             raw += int(seg.features.nbytes)
         return {"rows": rows, "bytes_stored": stored, "bytes_raw": raw}
+
+    def spaces(self) -> list[str]:
+        try:
+            return sorted(self.root["spaces"].group_keys())
+        except KeyError:
+            return []
+
+    def segment_groups(self, space: str) -> list[tuple[str, zarr.Group]]:
+        """All segments of a space, committed or not, oldest first."""
+        try:
+            return sorted(self.root["spaces"][space]["segments"].groups())
+        except KeyError:
+            return []
 
     def known_hashes(self, space: str) -> set[str]:
         return set(self._index(space)[1])
@@ -286,30 +341,47 @@ class Store:
             arr = segments[s].features
             dest = np.array([i for i, _ in pairs])
             rows = np.array([r for _, r in pairs])
-            if len(rows) * 4 >= arr.shape[0]:  # most of the segment: one sequential read
-                out[dest] = arr[:][rows]
-            else:
-                order = np.argsort(rows)
-                out[dest[order]] = arr.oindex[rows[order]]
+            try:
+                if len(rows) * 4 >= arr.shape[0]:  # most of the segment: one sequential read
+                    out[dest] = arr[:][rows]
+                else:
+                    order = np.argsort(rows)
+                    out[dest[order]] = arr.oindex[rows[order]]
+            except Exception as e:  # checksum mismatch, codec error, shape mismatch ...
+                raise StoreError(
+                    f"cannot read segment {segments[s].key} of space {space}: {e.__class__.__name__}: {e}. "
+                    "See: featcache verify"
+                ) from None
         return out
 
     # ------------------------------------------------------------------ dataset views
 
+    def set_groups(self) -> list[tuple[str, str, zarr.Group]]:
+        """(key, group name, group) of committed sets; a key may have several identical instances."""
+        try:
+            sets = self.root["sets"]
+        except KeyError:
+            return []
+        out = []
+        for name, group in sets.groups():
+            attrs = group.attrs
+            if attrs.get("committed") is True and isinstance(attrs.get("key"), str):
+                out.append((attrs["key"], name, group))
+        return out
+
     def write_set(self, key: str, attrs: dict, splits: dict[str, dict[str, np.ndarray]]) -> FeatureSet:
-        sets = self.root.require_group("sets")
-        if key in sets:
-            group = sets[key]
-            if group.attrs.get("committed") is True:
+        """Record a dataset view. Each writer uses its own group, so concurrent writers never collide."""
+        for k, _, group in self.set_groups():
+            if k == key:
                 return FeatureSet(self, key, group)
-            del sets[key]  # an uncommitted leftover of an interrupted run
-        group = sets.create_group(key)
-        group.attrs.update({"committed": False})
+        group = self.root.require_group("sets").create_group(f"{key}-{uuid.uuid4().hex[:8]}")
+        group.attrs.update({"committed": False, "created_at": now_iso()})
         for split, arrays in splits.items():
             sub = group.create_group(split)
             n = len(arrays["sha256"])
             for name, values in arrays.items():
                 dtype = str if name in ("sha256", "paths") else values.dtype
-                arr = sub.create_array(name, shape=(n,), dtype=dtype, chunks=(max(n, 1),))
+                arr = sub.create_array(name, shape=(n,), dtype=dtype, chunks=(max(n, 1),), compressors=default_compressor())
                 if n:
                     arr[:] = values
         group.attrs.update({**attrs, "key": key, "committed_at": now_iso()})
@@ -317,13 +389,12 @@ class Store:
         return FeatureSet(self, key, group)
 
     def set_keys(self) -> list[str]:
-        """Committed sets, oldest first."""
-        try:
-            sets = self.root["sets"]
-        except KeyError:
-            return []
-        found = [(g.attrs.get("created_at", ""), k) for k, g in sets.groups() if g.attrs.get("committed") is True]
-        return [k for _, k in sorted(found)]
+        """Keys of committed sets, oldest first."""
+        first: dict[str, str] = {}
+        for key, _, group in self.set_groups():
+            created = str(group.attrs.get("created_at", ""))
+            first[key] = min(first.get(key, created), created)
+        return [k for k, _ in sorted(first.items(), key=lambda kv: (kv[1], kv[0]))]
 
     def sets(self) -> list[FeatureSet]:
         return [self.get_set(k) for k in self.set_keys()]
@@ -342,10 +413,35 @@ class Store:
             if len(matches) > 1:
                 raise AmbiguousSet(f"{key!r} matches several sets: {', '.join(matches)}. Give more of the key.")
             chosen = matches[0]
-        return FeatureSet(self, chosen, self.root["sets"][chosen])
+        group = next(g for k, _, g in self.set_groups() if k == chosen)
+        return FeatureSet(self, chosen, group)
 
-    def has_set(self, key: str) -> bool:
-        return key in self.set_keys()
+    def remove_set(self, key: str) -> FeatureSet:
+        """Remove a dataset view (all its instances). Its rows stay until ``gc``."""
+        fs = self.get_set(key)
+        sets = self.root["sets"]
+        for k, name, _ in self.set_groups():
+            if k == fs.key:
+                del sets[name]
+        return fs
+
+
+    def set_bytes(self, fs: FeatureSet) -> int:
+        """Bytes on disk of the rows a set uses (whole segments it draws on) plus its own arrays."""
+        wanted = set(fs.hashes_all())
+        total = group_bytes(fs.group)
+        for seg in self._committed_segments(fs.space):
+            if wanted.intersection(seg.sha256.tolist()):
+                total += int(seg.features.nbytes_stored())
+        return total
+
+
+def group_bytes(group: zarr.Group) -> int:
+    """Bytes stored under a group (all its arrays, recursively)."""
+    total = 0
+    for _, member in group.members():
+        total += int(member.nbytes_stored()) if isinstance(member, zarr.Array) else group_bytes(member)
+    return total
 
 
 def _version_of(root: zarr.Group) -> int | None:
@@ -355,9 +451,29 @@ def _version_of(root: zarr.Group) -> int | None:
     return meta["format_version"]
 
 
+def _keep_group_writable(url: str) -> None:
+    """In a group-writable store directory (a team's shared store), new files stay group-writable."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    path = url.removeprefix("file://")
+    try:
+        shared = os.stat(path).st_mode & 0o020
+    except OSError:
+        return
+    if shared:
+        current = os.umask(0)
+        os.umask(current & ~0o070)
+
+
 def open_store(url: str, mode: str = "a") -> Store:
-    """Open (``mode="a"`` creates if missing) or only read (``mode="r"``) a featcache store."""
+    """Open (``mode="a"`` creates if missing) or only read (``mode="r"``) a featcache store.
+
+    ``url`` is a local path or any fsspec URL (``s3://bucket/path``; credentials and endpoint
+    come from the usual environment variables).
+    """
     url = str(url)
+    if mode != "r":
+        _keep_group_writable(url)
     try:
         root = zarr.open_group(url, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):

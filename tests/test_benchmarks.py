@@ -33,3 +33,13 @@ def test_command_writes_json(folder, tmp_path):
     assert r.output.startswith("machine: ") and "| backbone |" in r.output
     saved = list(tmp_path.glob("transfer-*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["rows"][0]["epochs"] == 1
+
+
+def test_store_benchmark_reports_reuse_and_files(folder):
+    from benchmarks.store import files_per_10k, run_store
+
+    r = run_store(str(folder), TINY, weights="none", workers=0)
+    assert r["second_extracted"] == 0 and r["added_images"] == 3  # every 10th of 24 training images
+    files = files_per_10k(rows=300)
+    assert [f["shape"] for f in files] == ["pooled 1280", "vgg16 features 512x7x7", "spatial 1280x7x7"]
+    assert all(f["files"] >= 4 for f in files)

@@ -43,7 +43,7 @@ def test_the_two_product_commands_end_to_end(run, folder, tmp_path):
     r = run("evaluate", run_dir)
     assert r.exit_code == 0 and "val per class: blue" in r.output and "confusion matrix" in r.output
     r = run("ls")
-    assert "vgg16/features pool=none float16 shape=(512, 7, 7)" in r.output
+    assert "vgg16/features  none  float16  512x7x7  train=24 val=12" in r.output
 
 
 def test_store_from_environment(run, folder, tmp_path, monkeypatch):

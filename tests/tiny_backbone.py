@@ -1,5 +1,8 @@
 """A tiny CNN for fast tests, used as ``--backbone tests.tiny_backbone:tiny_cnn``."""
 
+import time
+
+import torch
 from torch import nn
 from torchvision.transforms._presets import ImageClassification
 
@@ -21,3 +24,22 @@ class TinyCNN(nn.Module):
 
 def tiny_cnn() -> nn.Module:
     return TinyCNN()
+
+
+def _pause(x):
+    time.sleep(0.1)
+    return x
+
+
+torch.fx.wrap("_pause")  # kept as a call in the traced graph, so it runs on every batch
+
+
+class SlowTinyCNN(TinyCNN):
+    """TinyCNN that takes a while per batch, so a test can interrupt an extract midway."""
+
+    def forward(self, x):
+        return super().forward(_pause(x))
+
+
+def slow_tiny_cnn() -> nn.Module:
+    return SlowTinyCNN()

@@ -1,0 +1,147 @@
+"""Backbone + trained head on new images: predict, and export as one self-contained module.
+
+The backbone, layer, weights and preprocessing are those recorded with the run's feature
+set; the weights digest is checked so a prediction never silently uses other weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Backbone, create_backbone
+from .data import IMAGE_EXTENSIONS, load_rgb
+from .errors import RunError, WeightsError
+from .fit import evaluate, prepare_features
+from .heads import SklearnHead, TorchHead, load_head
+
+__all__ = ["Prediction", "Predictor", "predict", "export"]
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "top": [{"class": c, "probability": p} for c, p in self.top], "error": self.error}
+
+
+def _expand(paths: list[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith("."))
+        else:
+            out.append(p)
+    return out
+
+
+class _Head(nn.Module):
+    """A fitted head as a plain torch module producing class probabilities."""
+
+    def __init__(self, head: TorchHead | SklearnHead, pool: str, dtype: str):
+        super().__init__()
+        self.pool, self.round_trip = pool, dtype == "float16"
+        if isinstance(head, TorchHead):
+            self.net = head.module_
+            self.scores_binary = False
+        else:
+            arrays = head.state_arrays()
+            coef = torch.as_tensor(arrays["coef"], dtype=torch.float32)
+            linear = nn.Linear(coef.shape[1], coef.shape[0])
+            with torch.no_grad():
+                linear.weight.copy_(coef)
+                linear.bias.copy_(torch.as_tensor(arrays["intercept"], dtype=torch.float32))
+            self.register_buffer("mean", torch.as_tensor(arrays["scaler_mean"], dtype=torch.float32))
+            self.register_buffer("scale", torch.as_tensor(arrays["scaler_scale"], dtype=torch.float32))
+            self.net = linear
+            self.scores_binary = coef.shape[0] == 1
+        self.sklearn = isinstance(head, SklearnHead)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.round_trip:  # the head was trained on float16-stored features
+            feats = feats.half().float()
+        if feats.ndim == 4 and self.pool == "avg":
+            feats = feats.mean(dim=(2, 3))
+        elif feats.ndim == 4 and self.pool == "max":
+            feats = feats.amax(dim=(2, 3))
+        x = feats.flatten(1)
+        if self.sklearn:
+            x = (x - self.mean) / self.scale
+        z = self.net(x)
+        if self.sklearn and self.scores_binary:  # one score for class 1, as scikit-learn gives it
+            z = torch.cat([-z, z], dim=1) / 2
+        return torch.softmax(z, dim=1)
+
+
+class Predictor(nn.Module):
+    """Normalised image batch (N, 3, H, W) → class probabilities (N, C)."""
+
+    def __init__(self, backbone: Backbone, head: _Head):
+        super().__init__()
+        self.backbone = backbone.model
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _load(run: str | Path) -> tuple[Predictor, Backbone, dict]:
+    info = evaluate(run)["config"]
+    cfg = info.get("extract_config")
+    if not isinstance(cfg, dict):
+        raise RunError(f"{run} does not record how its features were extracted; re-run featcache fit")
+    backbone = create_backbone(cfg["backbone"], cfg["layer"], cfg["weights"], cfg["pool"])
+    if backbone.weights_sha256 != info["weights"]["sha256"]:
+        raise WeightsError(
+            f"the weights {backbone.weights_id} resolve to other values than those the run was trained on "
+            f"({info['weights']['id']}); pass the same weights file"
+        )
+    head = _Head(load_head(Path(run)), info["config"]["pool"], info["space_provenance"]["dtype"])
+    return Predictor(backbone, head).eval(), backbone, info
+
+
+def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+    """Top-k classes for each image; unreadable files come back with ``error`` set."""
+    model, backbone, info = _load(run)
+    classes = info["classes"]
+    k = max(1, min(top_k, len(classes)))
+    files = _expand(paths)
+    results: dict[int, Prediction] = {}
+    good: list[tuple[int, torch.Tensor]] = []
+    for i, f in enumerate(files):
+        try:
+            good.append((i, backbone.transform(load_rgb(f))))
+        except Exception as e:  # Pillow raises many types for bad files
+            results[i] = Prediction(str(f), [], f"cannot decode: {e.__class__.__name__}: {e}")
+    with torch.inference_mode():
+        for start in range(0, len(good), batch_size):
+            chunk = good[start : start + batch_size]
+            proba = model(torch.stack([t for _, t in chunk])).numpy()
+            for (i, _), p in zip(chunk, proba):
+                order = np.argsort(-p)[:k]
+                results[i] = Prediction(str(files[i]), [(classes[j], float(p[j])) for j in order])
+    return [results[i] for i in range(len(files))]
+
+
+def export(run: str | Path, out: str | Path) -> Path:
+    """Write ``out`` (torch.export program: normalised images → probabilities) and ``out.json`` (classes, preprocessing)."""
+    model, backbone, info = _load(run)
+    crop = backbone.preprocessing.get("crop_size", [224])[0]
+    example = torch.zeros(2, 3, crop, crop)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    out = Path(out)
+    torch.export.save(program, str(out))
+    meta = {"classes": info["classes"], "preprocessing": backbone.preprocessing, "input": [None, 3, crop, crop],
+            "output": "class probabilities", "backbone": info["backbone"], "layer": info["layer"],
+            "weights": info["weights"], "head": info["config"]["head"]}
+    Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
+    return out

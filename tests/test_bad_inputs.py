@@ -1,0 +1,128 @@
+"""A corpus of bad and odd inputs: each is skipped with its reason or is a clear error."""
+
+import io
+import os
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import featcache
+from featcache.cli import main
+from featcache.data import safe_join, scan
+from featcache.errors import DataError, StoreError
+from featcache.store import _validated
+
+from .conftest import TINY, make_folder
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = make_folder(tmp_path / "data")
+    red = root / "train" / "red"
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(jpeg, "JPEG")
+    (red / "zero.jpg").write_bytes(b"")
+    (red / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (red / "random.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
+    Image.fromarray(np.full((8, 8), 50000, np.uint16)).save(red / "sixteen.png")
+    Image.new("CMYK", (8, 8), (0, 200, 200, 0)).save(red / "cmyk.jpg")
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([255, 0, 0] * 256)
+    pal.save(red / "palette.png", transparency=0)
+    Image.new("RGB", (1, 1), (210, 40, 40)).save(red / "one pixel ü.png")
+    (red / "notes.txt").write_text("not an image")
+    (red / ".DS_Store").write_bytes(b"\0\1")
+    os.symlink(red / "loop_b.jpg", red / "loop_a.jpg")
+    os.symlink(red / "loop_a.jpg", red / "loop_b.jpg")
+    (root / "train" / "blue" / "copy_of_red.png").write_bytes((red / "red_0.png").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.new("1", (20000, 20000)).save(red / "bomb.png")  # 400 Mpixel: over Pillow's bomb limit
+    return root
+
+
+def test_corpus_is_skipped_with_reasons_and_nothing_stored_is_lost(corpus, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    clean = make_folder(tmp_path / "clean", seed=5)
+    before = featcache.extract(backbone=TINY, data=str(clean), store=store, weights="none", workers=0)
+    r = featcache.extract(backbone=TINY, data=str(corpus), store=store, weights="none", workers=0)
+    reasons = {s.path.split("/")[-1]: s.reason for s in r.skipped}
+    assert reasons["zero.jpg"] == "empty file (0 bytes)"
+    assert reasons["truncated.jpg"].startswith("cannot decode")
+    assert reasons["random.jpg"].startswith("cannot decode")
+    assert reasons["bomb.png"].startswith("cannot decode: DecompressionBombError")
+    assert reasons["loop_a.jpg"].startswith("cannot read") and reasons["loop_b.jpg"].startswith("cannot read")
+    # the first copy in class order is kept, later copies with another label are skipped
+    assert reasons["red_0.png"] == "same bytes as train/blue/copy_of_red.png (class blue): conflicting labels"
+    fs = featcache.open_store(store).get_set(r.set_key)
+    kept = {p.split("/")[-1] for p in fs.paths("train")}
+    assert {"sixteen.png", "cmyk.jpg", "palette.png", "one pixel ü.png"} <= kept
+    assert "notes.txt" not in kept and ".DS_Store" not in kept
+    assert {d["path"].split("/")[-1] for d in fs.attrs["skipped"]} == set(reasons)
+    assert fs.attrs["ignored"] == [{"path": "train/red/notes.txt", "reason": "not an image file (extension)"}]
+    old = featcache.open_store(store).get_set(before.set_key)
+    assert old.to_numpy("train")[0].shape == (24, 32)
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["extract", "--backbone", TINY, "--weights", "none", "--data", str(corpus),
+                               "--store", store, "--workers", "0", "--strict"])
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "Traceback" not in res.output
+    assert featcache.open_store(store).set_keys() == [before.set_key, r.set_key]
+
+
+def test_unreadable_file(corpus, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode")
+    f = corpus / "train" / "red" / "red_1.png"
+    f.chmod(0)
+    assert any(s.path.endswith("red_1.png") and s.reason.startswith("cannot read") for s in scan(corpus).skipped)
+
+
+@pytest.mark.parametrize("rel", ["../etc/passwd", "/etc/passwd", "a/../../b", "", "x\0y"])
+def test_stored_paths_never_leave_the_data_root(tmp_path, rel):
+    with pytest.raises(DataError, match="refusing stored path"):
+        safe_join(tmp_path, rel)
+
+
+def test_symlink_out_of_the_root_is_refused(tmp_path):
+    (tmp_path / "root").mkdir()
+    os.symlink("/etc", tmp_path / "root" / "link")
+    with pytest.raises(DataError, match="resolves outside"):
+        safe_join(tmp_path / "root", "link/passwd")
+
+
+GOOD = {
+    "classes": ["a", "b"], "splits": {"train": 2, "val": 1}, "space": "0123456789abcdef",
+    "space_provenance": {"shape": [4]}, "dtype": "float16", "backbone": "x", "layer": "y", "pool": "none",
+    "created_at": "2026-01-01", "data_root": "/d",
+}
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(GOOD)), value=json_values)
+def test_malformed_set_attributes_are_store_errors(field, value):
+    attrs = {**GOOD, field: value}
+    try:
+        _validated("k", attrs)
+    except StoreError as e:
+        assert "malformed attribute" in str(e)
+
+
+def test_labels_out_of_range_are_refused(tmp_path):
+    folder = make_folder(tmp_path / "d")
+    store = str(tmp_path / "s.zarr")
+    r = featcache.extract(backbone=TINY, data=str(folder), store=store, weights="none", workers=0)
+    fs = featcache.open_store(store).get_set(r.set_key)
+    fs.group["train"]["labels"][0] = 99
+    with pytest.raises(StoreError, match="labels outside"):
+        featcache.open_store(store).get_set(r.set_key).labels("train")

@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import featcache
+from featcache.cli import main
+from featcache.data import load_rgb
+from featcache.predict import export, predict
+
+from .conftest import TINY, make_folder
+
+
+@pytest.fixture
+def trained(folder, store_url, tmp_path):
+    featcache.extract(backbone=TINY, layer="features", data=str(folder), store=store_url, weights="none", workers=0)
+    runs = {}
+    for head, pool in (("mlp", "none"), ("logreg", "avg")):
+        runs[head] = featcache.fit(head=head, store=store_url, epochs=20, lr=1e-2, pool=pool, runs=str(tmp_path / "runs")).run_dir
+    return runs
+
+
+@pytest.mark.parametrize("head", ["mlp", "logreg"])
+def test_predict_matches_the_head_on_stored_features(trained, folder, store_url, head):
+    run = trained[head]
+    fs = featcache.open_store(store_url).get_set()
+    from featcache.fit import prepare_features
+
+    stored = featcache.load_head(run).predict_proba(prepare_features(fs.features("val"), "avg" if head == "logreg" else "none"))
+    results = predict(run, [folder / p for p in fs.paths("val")], top_k=3)
+    for r, want in zip(results, stored):
+        assert r.error is None and len(r.top) == 3
+        got = {c: p for c, p in r.top}
+        for j, c in enumerate(fs.classes):
+            assert abs(got[c] - want[j]) < 1e-3
+    assert [r.top[0][0] for r in results] == [fs.classes[i] for i in fs.labels("val")]
+
+
+def test_unreadable_files_are_reported_and_the_rest_predicted(trained, folder, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    results = predict(trained["mlp"], [bad, folder / "val" / "red"])
+    assert results[0].error.startswith("cannot decode") and results[0].top == []
+    assert len(results) == 5 and all(r.top[0][0] == "red" for r in results[1:])
+
+
+@pytest.mark.parametrize("head", ["mlp", "logreg"])
+def test_exported_program_equals_predict(trained, folder, tmp_path, head):
+    out = export(trained[head], tmp_path / f"{head}.pt2")
+    meta = json.loads((tmp_path / f"{head}.pt2.json").read_text())
+    assert meta["classes"] == ["blue", "green", "red"] and meta["preprocessing"]["crop_size"] == [32]
+    program = torch.export.load(str(out)).module()
+    from featcache.backbones import create_backbone
+
+    transform = create_backbone(TINY, layer="features", weights="none").transform
+    files = sorted((folder / "val").rglob("*.png"))
+    batch = torch.stack([transform(load_rgb(f)) for f in files])
+    proba = program(batch).detach().numpy()
+    results = predict(trained[head], files, top_k=3)
+    for p, r in zip(proba, results):
+        for c, q in r.top:
+            assert abs(p[meta["classes"].index(c)] - q) < 1e-5
+
+
+def test_predict_and_export_commands(trained, folder, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["predict", str(trained["mlp"]), str(folder / "val" / "blue" / "blue_0.png"), "--json"])
+    assert r.exit_code == 0
+    doc = json.loads(r.output.split("\n1 predicted")[0])
+    assert doc[0]["top"][0]["class"] == "blue"
+    r = runner.invoke(main, ["predict", str(trained["mlp"]), str(folder / "val" / "green"), "--csv", "--top-k", "1"])
+    assert r.exit_code == 0 and r.output.splitlines()[0] == "path,rank,class,probability,error"
+    assert sum(",1,green," in line for line in r.output.splitlines()) == 4
+    r = runner.invoke(main, ["export", str(trained["logreg"]), str(tmp_path / "m.pt2")])
+    assert r.exit_code == 0 and (tmp_path / "m.pt2").is_file()

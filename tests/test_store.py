@@ -1,0 +1,250 @@
+"""The shared store: reuse, staleness, concurrency, crashes, maintenance, remote, permissions."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featcache
+from featcache.cli import main
+from featcache.maintenance import gc, status, verify
+
+from .conftest import TINY, make_folder
+
+SLOW = "tests.tiny_backbone:slow_tiny_cnn"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _extract(folder, store, **kw):
+    kw.setdefault("backbone", TINY)
+    return featcache.extract(data=str(folder), store=str(store), weights="none", workers=0, **kw)
+
+
+def _cli(*args, **popen):
+    cmd = [sys.executable, "-m", "featcache.cli", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _all_rows(store):
+    fs = featcache.open_store(str(store)).get_set()
+    return {h: row for s in fs.splits for h, row in zip(fs.hashes(s).tolist(), fs.features(s))}
+
+
+def test_incremental_add_change_and_remove(folder, store_url):
+    _extract(folder, store_url)
+    make_folder(folder / "extra", splits=(("train", 0),))  # nothing yet
+    extra = folder / "train" / "red" / "new.png"
+    extra.write_bytes((folder / "train" / "red" / "red_0.png").read_bytes()[:-1] + b"\0")  # new bytes
+    r = _extract(folder, store_url)
+    assert (r.extracted, r.reused) == (1, 36) or (r.extracted + len(r.skipped), r.reused) == (1, 36)
+    # same name, other bytes: re-extracted; a removed file leaves the view
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(folder / "train" / "blue" / "blue_0.png")
+    (folder / "val" / "green" / "green_3.png").unlink()
+    r = _extract(folder, store_url)
+    assert r.extracted == 1
+    fs = featcache.open_store(store_url).get_set(r.set_key)
+    assert "val/green/green_3.png" not in fs.paths("val") and len(fs.paths("val")) == 11
+
+
+def test_status_and_check_data(folder, store_url, tmp_path, monkeypatch):
+    _extract(folder, store_url)
+    st = featcache.open_store(store_url)
+    assert status(st).up_to_date
+    (folder / "train" / "red" / "red_1.png").unlink()
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(folder / "train" / "red" / "red_new.png")
+    Image.new("RGB", (20, 20), (7, 7, 7)).save(folder / "train" / "blue" / "blue_2.png")
+    s = status(st)
+    assert (s.added, s.removed, s.changed, s.to_extract) == (
+        ["train/red/red_new.png"], ["train/red/red_1.png"], ["train/blue/blue_2.png"], 2)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(main, ["status", "--store", store_url])
+    assert r.exit_code == 0 and "1 added, 1 removed, 1 changed; 2 images need extracting" in r.output
+    r = runner.invoke(main, ["fit", "--store", store_url, "--check-data", "--head", "logreg"])
+    assert r.exit_code == 1 and r.output.startswith("Error: set ") and "1 added, 1 removed" in r.output
+    assert runner.invoke(main, ["fit", "--store", store_url, "--head", "logreg"]).exit_code == 0
+
+
+def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
+    a = make_folder(tmp_path / "a", seed=1)
+    b = make_folder(tmp_path / "b", seed=2)
+    store = tmp_path / "s.zarr"
+    featcache.open_store(str(store))  # exists before the race, as a shared store would
+    procs = [
+        _cli("extract", "--backbone", TINY, "--weights", "none", "--data", d, "--store", store, "--workers", "0",
+             "--checkpoint-every", "0.01", "--batch-size", "4", *extra)
+        for d, extra in ((a, ()), (a, ()), (b, ()), (b, ("--dtype", "float32")))
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    st = featcache.open_store(str(store))
+    assert len(st.set_keys()) == 3  # a, b in float16 and b in float32
+    for key in st.set_keys():
+        fs = st.get_set(key)
+        x, y = fs.to_numpy("train")
+        assert x.shape[0] == 24 and np.isfinite(x).all()
+    # a reader sees each image once per space, whichever writer finished first
+    for space in st.spaces():
+        index = st._index(space)[1]
+        assert len(index) == len(st.known_hashes(space))
+
+
+def _wait_for_commit(store: Path, proc, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            pytest.fail(f"extract ended before it could be interrupted: {proc.communicate()}")
+        try:
+            st = featcache.open_store(str(store), mode="r")
+            if any(st.space_stats(s)["rows"] for s in st.spaces()):
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    pytest.fail("no segment was committed in time")
+
+
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    folder = make_folder(tmp_path / "d", splits=(("train", 30), ("val", 10)))
+    args = ["extract", "--backbone", SLOW, "--weights", "none", "--data", folder, "--workers", "0",
+            "--batch-size", "4", "--checkpoint-every", "0.1"]
+    killed = tmp_path / "killed.zarr"
+    p = _cli(*args, "--store", killed)
+    _wait_for_commit(killed, p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done_before = featcache.open_store(str(killed)).space_stats(featcache.open_store(str(killed)).spaces()[0])["rows"]
+    assert 0 < done_before < 120
+    p = _cli(*args, "--store", killed)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert f"reused {done_before}" in out
+    clean = tmp_path / "clean.zarr"
+    p = _cli(*args, "--store", clean)
+    assert p.wait(timeout=300) == 0
+    got, want = _all_rows(killed), _all_rows(clean)
+    assert got.keys() == want.keys()
+    for h in want:
+        assert np.array_equal(got[h], want[h]), h  # bit for bit on CPU
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+    folder = make_folder(tmp_path / "d", splits=(("train", 30), ("val", 10)))
+    store = tmp_path / "s.zarr"
+    args = ["extract", "--backbone", SLOW, "--weights", "none", "--data", folder, "--workers", "0",
+            "--batch-size", "4", "--checkpoint-every", "0.1", "--store", store]
+    p = _cli(*args)
+    _wait_for_commit(store, p)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Interrupted:" in err and "Re-run the same command to resume" in err and "Traceback" not in err
+    p = _cli(*args)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "reused 0" not in out, out + err
+
+
+def test_ls_info_rm_gc(folder, store_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = _extract(folder, store_url).set_key
+    b = _extract(folder, store_url, layer="features").set_key
+    st = featcache.open_store(store_url)
+    leftover = st.new_segment(st.spaces()[0], 3, (32,), "float16")
+    leftover.append(np.ones((3, 32), np.float16), ["e" * 64] * 3)
+    runner = CliRunner()
+    r = runner.invoke(main, ["ls", "--store", store_url])
+    assert r.exit_code == 0 and a in r.output and b in r.output and "KB" in r.output
+    r = runner.invoke(main, ["info", a[:6], "--store", store_url])
+    assert r.exit_code == 0 and '"backbone": "tests.tiny_backbone:tiny_cnn"' in r.output
+    assert runner.invoke(main, ["rm", b, "--store", store_url]).output.startswith(f"removed set {b}")
+    assert featcache.open_store(store_url).set_keys() == [a]
+    r = runner.invoke(main, ["gc", "--store", store_url, "--grace", "0"])
+    assert r.exit_code == 0 and "segments removed 2" in r.output  # b's rows and the uncommitted leftover
+    st = featcache.open_store(store_url)
+    assert [k for k in st.spaces() if st.space_stats(k)["rows"]] == [st.get_set(a).space]
+    assert st.get_set(a).to_numpy("train")[0].shape == (24, 32)
+    assert "freed 0 B" in runner.invoke(main, ["gc", "--store", store_url, "--grace", "0"]).output
+
+
+def test_gc_keeps_young_leftovers_and_rewrites_partly_used_segments(folder, store_url, tmp_path):
+    _extract(folder, store_url)
+    (folder / "val" / "red" / "red_0.png").unlink()
+    keep = _extract(folder, store_url).set_key
+    st = featcache.open_store(store_url)
+    first = [k for k in st.set_keys() if k != keep][0]
+    st.remove_set(first)
+    assert gc(st, grace_s=3600)["rows_removed"] == 0  # all too young
+    r = gc(st, grace_s=0)
+    assert (r["segments_rewritten"], r["rows_removed"]) == (1, 1)
+    assert featcache.open_store(store_url).get_set(keep).to_numpy("val")[0].shape[0] == 11
+
+
+def test_verify_detects_corruption_and_other_sets_still_work(folder, store_url, tmp_path):
+    a = _extract(folder, store_url, layer="features").set_key
+    b = _extract(folder, store_url).set_key
+    st = featcache.open_store(store_url)
+    report = verify(st, a, sample=4)
+    assert report.ok and report.compared == 4 and report.rows == 36, report.errors
+    space = st.get_set(a).space
+    shard = next(p for p in (Path(store_url) / "spaces" / space).rglob("*")
+                 if p.is_file() and "features" in p.parts and "c" in p.parts)
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = verify(featcache.open_store(store_url), a)
+    assert not report.ok and f"space {space} segment" in report.errors[0] and "chunk 0" in report.errors[0]
+    r = CliRunner().invoke(main, ["verify", a, "--store", store_url])
+    assert r.exit_code == 1 and "FAILED" in r.output
+    assert verify(featcache.open_store(store_url), b).ok
+
+
+def test_shared_directory_stays_group_writable(folder, tmp_path):
+    store = tmp_path / "team.zarr"
+    featcache.open_store(str(store))
+    os.chmod(store, 0o2775)
+    old = os.umask(0o022)
+    try:
+        _extract(folder, store)
+    finally:
+        os.umask(old)
+    files = [p for sub in ("spaces", "sets") for p in (store / sub).rglob("*")]  # all written after the chmod
+    assert files and all(p.stat().st_mode & stat.S_IWGRP for p in files)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="feats")
+    yield "s3://feats/store.zarr"
+    server.stop()
+
+
+def test_s3_store_on_loopback(folder, s3, tmp_path):
+    r = _extract(folder, s3)
+    again = _extract(folder, s3)
+    assert again.extracted == 0 and again.reused == 36
+    fs = featcache.open_store(s3).get_set(r.set_key)
+    assert fs.to_numpy("train")[0].shape == (24, 32)
+    fit = featcache.fit(head="logreg", store=s3, runs=str(tmp_path / "runs"))
+    assert fit.metrics["val"]["top1"] == 1.0
