@@ -12,7 +12,7 @@ STORE ?= featcache.zarr
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[test,offline]"
+	$(BIN)/python -m pip install --quiet -e ".[test,offline,plots]"
 	touch $@
 
 install: $(BIN)/.installed

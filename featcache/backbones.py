@@ -386,3 +386,54 @@ def create_backbone(
         preprocessing=preprocessing,
         shape=shape,
     )
+
+
+def create_rest(name: str, layer: str, weights: str | None, n_classes: int) -> tuple[nn.Module, str]:
+    """The network after ``layer`` with its pretrained weights, its last Linear replaced for ``n_classes``.
+
+    Returns the module (cached features → logits) and the qualified name of the new layer.
+    vgg16 cut at ``features`` gives the classifier block; resnet cut at ``layer3`` gives
+    ``layer4`` + pooling + a new ``fc``.
+    """
+    import torch.fx as fx
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    model, _, _ = _build(name, weights)
+    model.eval()
+    tracer = NodePathTracer(**_tracer_kwargs(name))
+    graph = tracer.trace(model)
+    qual = tracer.node_to_qualname
+    nodes = list(graph.nodes)
+    cut = [i for i, n in enumerate(nodes) if qual.get(n) == layer or str(qual.get(n, "")).startswith(layer + ".")]
+    if not cut:
+        raise UnknownLayer(f"Unknown layer {layer!r} for {name}. See: featcache layers {name}")
+    cut_at = cut[-1]
+    new = fx.Graph()
+    env: dict = {nodes[cut_at]: new.placeholder("features")}
+    for node in nodes[cut_at + 1 :]:
+        for inp in node.all_input_nodes:
+            if inp in env:
+                continue
+            if inp.op == "get_attr":
+                env[inp] = new.node_copy(inp)
+            else:
+                raise UnknownLayer(
+                    f"the network after {layer!r} also reads {qual.get(inp, inp.name)!r}, so it cannot be trained "
+                    f"from features cut at {layer!r} alone; cut at a block boundary (see: featcache layers {name})"
+                )
+        if node.op == "output":
+            new.output(env[node.args[0]] if isinstance(node.args[0], fx.Node) else node.args[0])
+            break
+        env[node] = new.node_copy(node, lambda a: env[a])
+    rest = fx.GraphModule(model, new)
+    linears = [n.target for n in rest.graph.nodes if n.op == "call_module" and isinstance(rest.get_submodule(n.target), nn.Linear)]
+    if not linears:
+        raise UnknownLayer(f"nothing after {layer!r} in {name} ends in a Linear layer to replace")
+    last = linears[-1]
+    old = rest.get_submodule(last)
+    parent, _, attr = last.rpartition(".")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_INIT_SEED)
+        setattr(rest.get_submodule(parent) if parent else rest, attr, nn.Linear(old.in_features, n_classes))
+    rest.delete_all_unused_submodules()
+    return rest, last

@@ -7,6 +7,7 @@ Every command parses options, calls one library function and prints its result. 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -18,7 +19,7 @@ from .fit import FIT_POOLS, FitConfig, evaluate, fit
 from .heads import HEADS, OPTIMIZERS
 from .sample import write_digits
 from .maintenance import gc, status, verify
-from .store import open_store
+from .store import human_bytes, open_store
 
 __all__ = ["main"]
 
@@ -79,11 +80,28 @@ def extract_cmd(progress: bool | None, **options) -> None:
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports for all
     for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
         click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
     if len(result.skipped) > _MAX_SKIPS_SHOWN:
         click.echo(f"... and {len(result.skipped) - _MAX_SKIPS_SHOWN} more skipped (see: featcache ls)", err=True)
     click.echo(result.summary())
+
+
+class _CType(click.ParamType):
+    name = "auto|FLOAT"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, float):
+            return value
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not number > 0:
+            self.fail(f"{value!r} is neither 'auto' nor a number > 0", param, ctx)
+        return number
 
 
 def _epoch_line(total: int):
@@ -113,22 +131,30 @@ def _epoch_line(total: int):
 @click.option("--dropout", default=0.4, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="mlp dropout.")
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(min=0), help="Early-stopping patience on val loss (0: off).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--C", "C", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Inverse regularisation (logreg, svm).")
+@click.option("--C", "C", default="auto", show_default=True, type=_CType(),
+              help="Inverse regularisation (logreg, svm); auto picks it on the val split (or by CV).")
 @click.option("--max-iter", default=2000, show_default=True, type=click.IntRange(min=1), help="Solver iterations (logreg, svm).")
 @click.option("--pool", type=click.Choice(FIT_POOLS), default="none", show_default=True, help="Pool spatial features instead of flattening.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--runs", default="runs", show_default=True, help="Parent folder of run directories.")
 @click.option("--out", default=None, help="Run directory [default: RUNS/<time>-<head>].")
+@click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=click.FloatRange(min=0),
+              help="rest head: learning rate of the pretrained layers, as a fraction of --lr.")
+@click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")
 @click.option("--check-data", is_flag=True, help="Refuse a set whose image folder has changed since extraction.")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
 def fit_cmd(quiet: bool, check_data: bool, **options) -> None:
     """Train a classifier head on stored features; writes a run directory."""
+    options["freeze"] = tuple(f.strip() for f in options["freeze"].split(",") if f.strip())
     cfg = FitConfig(**options)
     if check_data:
         st = status(open_store(cfg.store, mode="r"), cfg.set)
         if not st.up_to_date:
             raise FeatcacheError(st.summary())
     result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs))
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(result.summary())
 
 
@@ -209,6 +235,15 @@ def export_cmd(run: str, out: str) -> None:
     click.echo(f"exported {path} (load: torch.export.load('{path}').module()); classes in {path}.json")
 
 
+@main.command("report")
+@click.argument("run", type=click.Path())
+def report_cmd(run: str) -> None:
+    """Write RUN/report.html: settings, metrics, curves, confusion matrix, misclassified images."""
+    from .report import write_report
+
+    click.echo(f"wrote {write_report(run)}")
+
+
 @main.command("backbones")
 def backbones_cmd() -> None:
     """List backbone names (plus any package.module:factory)."""
@@ -222,14 +257,6 @@ def layers_cmd(backbone: str) -> None:
     """List the layers of BACKBONE that --layer accepts, in network order."""
     for name in list_layers(backbone):
         click.echo(name)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @main.command("ls")
@@ -247,7 +274,7 @@ def ls_cmd(store: str) -> None:
         splits = " ".join(f"{k}={v}" for k, v in a["splits"].items())
         click.echo(
             f"{fs.key}  {a['backbone']}/{a['layer']}  {a['pool']}  {a['dtype']}  {'x'.join(map(str, fs.shape))}  "
-            f"{splits}  {_human(st.set_bytes(fs))}  {a['weights']['id']}  {a['created_at']}  {a['created_by']}"
+            f"{splits}  {human_bytes(st.set_bytes(fs))}  {a['weights']['id']}  {a['created_at']}  {a['created_by']}"
         )
 
 
@@ -280,7 +307,7 @@ def gc_cmd(store: str, grace: float, dry_run: bool) -> None:
     r = gc(open_store(store), grace_s=grace, dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
     click.echo(
-        f"gc: {verb} {_human(r['bytes_freed'])}; segments removed {r['segments_removed']}, rewritten "
+        f"gc: {verb} {human_bytes(r['bytes_freed'])}; segments removed {r['segments_removed']}, rewritten "
         f"{r['segments_rewritten']}, rows removed {r['rows_removed']}, unfinished sets removed {r['sets_removed']}"
     )
 

@@ -24,7 +24,7 @@ from . import __version__
 from .backbones import POOLS, Backbone, create_backbone
 from .data import SPLIT_NAMES, Item, Manifest, Skip, load_rgb, parse_split, scan
 from .errors import DataError, FeatcacheError
-from .store import Store, created_by, digest_key, now_iso, open_store
+from .store import Store, created_by, digest_key, human_bytes, now_iso, open_store
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "Interrupted", "extract", "default_store_url"]
 
@@ -113,17 +113,9 @@ class ExtractResult:
         return (
             f"set {self.set_key}: {self.images} images ({splits}); extracted {self.extracted}, "
             f"reused {self.reused}, skipped {len(self.skipped)}{hit}; {self.seconds:.1f} s, "
-            f"{self.images_per_s:.1f} images/s; space {self.space}: {_human(self.bytes_stored)} on disk, "
+            f"{self.images_per_s:.1f} images/s; space {self.space}: {human_bytes(self.bytes_stored)} on disk, "
             f"{ratio:.1f}x compression"
         )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 class _Images(Dataset):
@@ -321,6 +313,37 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise. Ranks split the images to extract."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _merge_failures(failed: dict[str, str], world: int) -> dict[str, str]:
+    if world <= 1:
+        return failed
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, failed)  # in-process messages between ranks, never stored
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kwargs) -> ExtractResult:
     """Extract features for a folder into the store and record the dataset view.
 
@@ -338,18 +361,22 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
     store = open_store(cfg.store)
     space = store.ensure_space(provenance)
 
+    rank, world = _distributed()
     known = store.known_hashes(space)
     todo: dict[str, Item] = {}
     for it in manifest.items:
         if it.sha256 not in known and it.sha256 not in todo:
             todo[it.sha256] = it
+    _barrier(world)  # every rank has decided what to do before any rank writes
+    mine = list(todo.values())[rank::world]
     failed: dict[str, str] = {}
     timings: dict[str, float] = {}
     try:
-        if todo:
-            failed, timings = _run_model(backbone, manifest, list(todo.values()), store, space, cfg, progress)
+        if mine:
+            failed, timings = _run_model(backbone, manifest, mine, store, space, cfg, progress and rank == 0)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; finished batches are committed. Re-run the same command to resume.") from None
+    failed = _merge_failures(failed, world)
 
     kept = [it for it in manifest.items if it.sha256 not in failed]
     skipped = manifest.skipped + [Skip(it.path, failed[it.sha256]) for it in manifest.items if it.sha256 in failed]
@@ -406,10 +433,12 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
         }
         for s in splits
     }
-    store.write_set(set_key, attrs, arrays)
+    if rank == 0:
+        store.write_set(set_key, attrs, arrays)
+    _barrier(world)  # the set is committed before any rank returns
     seconds = time.perf_counter() - start
     timings["total"] = seconds
-    extracted = len(todo) - len(failed)
+    extracted = len(todo) - len(failed)  # by all ranks together
     stats = store.space_stats(space)
     return ExtractResult(
         set_key=set_key,

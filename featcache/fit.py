@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import RunError
+from .errors import FeatcacheError, RunError
 from .extract import default_store_url
 from .heads import HEADS, OPTIMIZERS, make_head, save_head
 from .store import FeatureSet, open_store
@@ -45,12 +45,15 @@ class FitConfig:
     dropout: float = 0.4
     patience: int = 10
     seed: int = 0
-    C: float = 1.0
+    C: float | str = "auto"
     max_iter: int = 2000
     pool: str = "none"
     device: str = "auto"
     runs: str = "runs"
     out: str | None = None
+    plots: bool = True
+    pretrained_lr_scale: float = 0.1
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,18 +66,19 @@ class FitConfig:
             (self.hidden >= 1, f"hidden must be >= 1; got {self.hidden}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1); got {self.dropout}"),
             (self.patience >= 0, f"patience must be >= 0 (0 turns early stopping off); got {self.patience}"),
-            (self.C > 0, f"C must be > 0; got {self.C}"),
+            (self.pretrained_lr_scale >= 0, f"pretrained_lr_scale must be >= 0; got {self.pretrained_lr_scale}"),
+            (self.C == "auto" or (isinstance(self.C, (int, float)) and self.C > 0), f"C must be > 0 or 'auto'; got {self.C!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "freeze": list(self.freeze)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FitConfig":
-        return cls(**d)
+        return cls(**{**d, "freeze": tuple(d.get("freeze", ()))})
 
 
 @dataclass
@@ -84,12 +88,16 @@ class FitResult:
     metrics: dict
     history: list[dict]
     seconds: dict[str, float]
+    chosen_C: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"run {self.run_dir}"]
         for split in ("val", "test"):
             if split in self.metrics:
                 parts.append(f"{split} top-1 {self.metrics[split]['top1']:.4f}")
+        if self.chosen_C is not None:
+            parts.append(f"C {self.chosen_C:g}")
         parts.append(f"load {self.seconds['load']:.2f} s, fit {self.seconds['fit']:.2f} s")
         return "; ".join(parts)
 
@@ -141,9 +149,9 @@ def _new_run_dir(cfg: FitConfig) -> Path:
             path = base.with_name(f"{base.name}-{n}")
 
 
-def _load(fs: FeatureSet, split: str, pool: str) -> tuple[np.ndarray, np.ndarray]:
+def _load(fs: FeatureSet, split: str, pool: str, keep_shape: bool = False) -> tuple[np.ndarray, np.ndarray]:
     x, y = fs.to_numpy(split)
-    return prepare_features(x, pool), y
+    return (x.astype(np.float32) if keep_shape else prepare_features(x, pool)), y
 
 
 def fit(
@@ -161,11 +169,18 @@ def fit(
     t0 = time.perf_counter()
     store = open_store(cfg.store, mode="r")
     fs = store.get_set(cfg.set)
-    data = {s: _load(fs, s, cfg.pool) for s in fs.splits}
+    rest = cfg.head == "rest"
+    if rest and (fs.attrs["pool"] != "none" or cfg.pool != "none"):
+        raise FeatcacheError(
+            f"--head rest trains the network after the cached layer, so it needs unpooled features; set {fs.key} "
+            f"is pooled ({fs.attrs['pool']}) or --pool was given. Extract with --layer LAYER --pool none."
+        )
+    data = {s: _load(fs, s, cfg.pool, keep_shape=rest) for s in fs.splits}
     t_load = time.perf_counter() - t0
     x_train, y_train = data["train"]
     x_val, y_val = data.get("val", (None, None))
-    head = make_head(cfg.head, **cfg.to_dict())
+    extra = {"rest_of": {k: fs.attrs["config"][k] for k in ("backbone", "layer", "weights")}} if rest else {}
+    head = make_head(cfg.head, **cfg.to_dict(), **extra)
     t1 = time.perf_counter()
     head.fit(x_train, y_train, x_val, y_val, n_classes=len(fs.classes), on_epoch=on_epoch)
     t_fit = time.perf_counter() - t1
@@ -183,7 +198,7 @@ def fit(
         "store": str(cfg.store),
         "classes": fs.classes,
         "feature_shape": list(fs.shape),
-        "input_dim": int(x_train.shape[1]),
+        "input_shape": list(x_train.shape[1:]),
         "backbone": fs.attrs.get("backbone"),
         "layer": fs.attrs.get("layer"),
         "weights": fs.attrs.get("weights"),
@@ -191,6 +206,8 @@ def fit(
         "space_provenance": fs.attrs.get("space_provenance"),
         "extract_config": fs.attrs.get("config"),
         "best_epoch": getattr(head, "best_epoch_", None),
+        "C": getattr(head, "C_", None),
+        "C_search": getattr(head, "C_search_", None),
         "stopped_early": getattr(head, "stopped_early_", False),
         "seconds": {"load": t_load, "fit": t_fit},
         "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -198,7 +215,15 @@ def fit(
     (run / "config.json").write_text(json.dumps(info, indent=2))
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (run / "history.json").write_text(json.dumps(head.history_, indent=2))
-    return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit})
+    notes = []
+    if cfg.plots:
+        from .report import have_matplotlib, write_plots
+
+        if have_matplotlib():
+            write_plots(run, fs, head, data)
+        else:
+            notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
+    return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None), notes)
 
 
 def evaluate(run: str | Path) -> dict:

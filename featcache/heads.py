@@ -20,10 +20,11 @@ from torch import nn
 
 __all__ = ["HEADS", "TORCH_HEADS", "SKLEARN_HEADS", "TorchHead", "SklearnHead", "make_head", "save_head", "load_head"]
 
-TORCH_HEADS = ("mlp", "linear")
+TORCH_HEADS = ("mlp", "linear", "rest")
 SKLEARN_HEADS = ("logreg", "svm")
 HEADS = TORCH_HEADS + SKLEARN_HEADS
 OPTIMIZERS = ("adam", "sgd")
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -32,8 +33,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _check_xy(X: np.ndarray, y: np.ndarray | None = None) -> None:
-    if X.ndim != 2:
+def _check_xy(X: np.ndarray, y: np.ndarray | None = None, any_rank: bool = False) -> None:
+    if X.ndim != 2 and not any_rank:
         raise ValueError(f"heads take 2-D features (N, D); got shape {X.shape}")
     if y is not None and len(X) != len(y):
         raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
@@ -62,6 +63,9 @@ class TorchHead:
         patience: int = 10,
         seed: int = 0,
         device: str = "auto",
+        rest_of: dict | None = None,
+        pretrained_lr_scale: float = 0.1,
+        freeze: tuple[str, ...] = (),
     ):
         self.kind = kind
         self.hidden = hidden
@@ -77,17 +81,47 @@ class TorchHead:
         self.patience = patience
         self.seed = seed
         self.device = device
+        self.rest_of = rest_of
+        self.pretrained_lr_scale = pretrained_lr_scale
+        self.freeze = tuple(freeze)
 
     def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in (
+        params = {k: getattr(self, k) for k in (
             "kind", "hidden", "dropout", "lr", "optimizer", "momentum", "weight_decay",
             "step_size", "gamma", "epochs", "batch_size", "patience", "seed", "device",
+            "rest_of", "pretrained_lr_scale",
         )}
+        return {**params, "freeze": list(self.freeze)}
 
-    def _build(self, d: int, c: int) -> nn.Module:
+    def _build(self, d: int, c: int, weights: str | None = None) -> nn.Module:
+        if self.kind == "rest":
+            from .backbones import create_rest
+
+            spec = self.rest_of or {}
+            if not {"backbone", "layer", "weights"} <= set(spec):
+                raise ValueError("the rest head needs rest_of={'backbone', 'layer', 'weights'} of the feature set")
+            model, self.new_layer_ = create_rest(spec["backbone"], spec["layer"], weights or spec["weights"], c)
+            return model
         if self.kind == "linear":
             return nn.Sequential(nn.Linear(d, c))
         return nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, c))
+
+    def _param_groups(self, model: nn.Module) -> list[dict]:
+        """All parameters at ``lr``; for ``rest``, pretrained ones at ``lr * pretrained_lr_scale``, frozen ones left out."""
+        if self.kind != "rest":
+            return [{"params": list(model.parameters())}]
+        new, old = [], []
+        for name, p in model.named_parameters():
+            if any(name == f or name.startswith(f + ".") for f in self.freeze):
+                p.requires_grad_(False)
+            elif name.startswith(self.new_layer_ + "."):
+                new.append(p)
+            else:
+                old.append(p)
+        groups = [{"params": new}]
+        if old:
+            groups.append({"params": old, "lr": self.lr * self.pretrained_lr_scale})
+        return groups
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -107,12 +141,13 @@ class TorchHead:
             raise ValueError(f"kind must be one of {', '.join(TORCH_HEADS)}; got {self.kind!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-        _check_xy(X, y)
+        _check_xy(X, y, any_rank=self.kind == "rest")
         dev = self._device()
         c = int(n_classes if n_classes is not None else y.max() + 1)
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         model = self._build(X.shape[1], c).to(dev)
+        groups = self._param_groups(model)
         xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
         yt = torch.as_tensor(y, dtype=torch.long, device=dev)
         has_val = X_val is not None and y_val is not None and len(y_val) > 0
@@ -120,10 +155,10 @@ class TorchHead:
             xv = torch.as_tensor(X_val, dtype=torch.float32, device=dev)
             yv = torch.as_tensor(y_val, dtype=torch.long, device=dev)
         if self.optimizer == "adam":
-            opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            opt = torch.optim.Adam(groups, lr=self.lr, weight_decay=self.weight_decay)
             sched = None
         else:
-            opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.step_size, gamma=self.gamma)
         loss_fn = nn.CrossEntropyLoss()
         best = (float("inf"), -1, copy.deepcopy(model.state_dict()))
@@ -132,6 +167,10 @@ class TorchHead:
         for epoch in range(1, self.epochs + 1):
             t = time.perf_counter()
             model.train()
+            if self.kind == "rest":  # pretrained batch-norm statistics stay as they are
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             order = torch.randperm(len(xt), generator=gen).to(dev)
             total = correct = 0.0
             for start in range(0, len(order), self.batch_size):
@@ -163,7 +202,7 @@ class TorchHead:
                     break
         model.load_state_dict(best[2])
         self.module_ = model.eval()
-        self.n_features_in_ = X.shape[1]
+        self.n_features_in_ = X.shape[1] if X.ndim == 2 else list(X.shape[1:])
         self.n_classes_ = c
         self.history_ = history
         self.best_epoch_ = best[1]
@@ -174,7 +213,7 @@ class TorchHead:
     @torch.no_grad()
     def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float]:
         model.eval()
-        logits = torch.cat([model(x[i : i + 4096]) for i in range(0, len(x), 4096)])
+        logits = torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
         return float(loss_fn(logits, y)), float((logits.argmax(1) == y).float().mean())
 
     def _check_fitted(self) -> None:
@@ -184,11 +223,12 @@ class TorchHead:
     @torch.no_grad()
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         self._check_fitted()
-        _check_xy(X)
+        _check_xy(X, any_rank=self.kind == "rest")
         dev = next(self.module_.parameters()).device
+        step = 256 if self.kind == "rest" else 4096
         out = [
-            torch.softmax(self.module_(torch.as_tensor(X[i : i + 4096], dtype=torch.float32, device=dev)), 1).cpu()
-            for i in range(0, len(X), 4096)
+            torch.softmax(self.module_(torch.as_tensor(X[i : i + step], dtype=torch.float32, device=dev)), 1).cpu()
+            for i in range(0, len(X), step)
         ]
         return torch.cat(out).numpy() if out else np.zeros((0, self.n_classes_), dtype=np.float32)
 
@@ -200,12 +240,16 @@ class TorchHead:
         return {k: v.detach().cpu().numpy() for k, v in self.module_.state_dict().items()}
 
     def fitted_info(self) -> dict:
-        return {"n_features_in": self.n_features_in_, "n_classes": self.n_classes_, "best_epoch": self.best_epoch_}
+        info = {"n_features_in": self.n_features_in_, "n_classes": self.n_classes_, "best_epoch": self.best_epoch_}
+        if self.kind == "rest":
+            info["new_layer"] = self.new_layer_
+        return info
 
     @classmethod
     def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray]) -> "TorchHead":
         head = cls(**{**params, "device": "cpu"})
-        model = head._build(info["n_features_in"], info["n_classes"])
+        d = info["n_features_in"]
+        model = head._build(d if isinstance(d, int) else d[0], info["n_classes"], weights="none")
         model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
         head.module_ = model.eval()
         head.n_features_in_ = info["n_features_in"]
@@ -221,7 +265,7 @@ class SklearnHead:
     loss is reported for it.
     """
 
-    def __init__(self, kind: str = "logreg", C: float = 1.0, max_iter: int = 2000, seed: int = 0):
+    def __init__(self, kind: str = "logreg", C: float | str = "auto", max_iter: int = 2000, seed: int = 0):
         self.kind = kind
         self.C = C
         self.max_iter = max_iter
@@ -234,13 +278,38 @@ class SklearnHead:
     def calibrated(self) -> bool:
         return self.kind == "logreg"
 
-    def _estimator(self):
+    def _estimator(self, C: float):
         from sklearn.linear_model import LogisticRegression
         from sklearn.svm import LinearSVC
 
         if self.kind == "logreg":
-            return LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
-        return LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+            return LogisticRegression(C=C, max_iter=self.max_iter, random_state=self.seed)
+        return LinearSVC(C=C, max_iter=self.max_iter, random_state=self.seed)
+
+    def _choose_C(self, Xs: np.ndarray, y: np.ndarray, Xv: np.ndarray | None, yv: np.ndarray | None) -> float:
+        """Best accuracy over ``C_GRID`` on the validation split, or by stratified k-fold CV without one.
+
+        Ties go to the smaller C (stronger regularisation). The search is kept in ``C_search_``.
+        """
+        from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+        scores = []
+        if Xv is not None and len(Xv):
+            how = "validation accuracy"
+            for c in C_GRID:
+                scores.append(float((self._estimator(c).fit(Xs, y).predict(Xv) == yv).mean()))
+        else:
+            folds = int(min(5, np.bincount(y).min()))
+            if folds < 2:
+                self.C_search_ = {"by": "default (too few images per class to cross-validate)", "grid": [], "scores": []}
+                return 1.0
+            how = f"{folds}-fold cross-validated accuracy"
+            cv = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
+            for c in C_GRID:
+                scores.append(float(cross_val_score(self._estimator(c), Xs, y, cv=cv).mean()))
+        best = C_GRID[int(np.argmax(scores))]
+        self.C_search_ = {"by": how, "grid": list(C_GRID), "scores": scores}
+        return best
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val=None, y_val=None, n_classes=None, on_epoch=None) -> "SklearnHead":
         import warnings
@@ -250,14 +319,20 @@ class SklearnHead:
 
         if self.kind not in SKLEARN_HEADS:
             raise ValueError(f"kind must be one of {', '.join(SKLEARN_HEADS)}; got {self.kind!r}")
-        if not self.C > 0:
-            raise ValueError(f"C must be > 0; got {self.C}")
+        if self.C != "auto" and not (isinstance(self.C, (int, float)) and self.C > 0):
+            raise ValueError(f"C must be > 0 or 'auto'; got {self.C!r}")
         _check_xy(X, y)
         self.n_classes_ = int(n_classes if n_classes is not None else y.max() + 1)
         self.scaler_ = StandardScaler().fit(X)
+        Xs = self.scaler_.transform(X)
+        Xv = self.scaler_.transform(X_val) if X_val is not None and len(X_val) else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            self.estimator_ = self._estimator().fit(self.scaler_.transform(X), y)
+            if self.C == "auto":
+                self.C_ = self._choose_C(Xs, y, Xv, y_val)
+            else:
+                self.C_, self.C_search_ = float(self.C), None
+            self.estimator_ = self._estimator(self.C_).fit(Xs, y)
         self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         self.history_ = []
         return self
@@ -296,7 +371,13 @@ class SklearnHead:
         }
 
     def fitted_info(self) -> dict:
-        return {"n_features_in": int(self.scaler_.n_features_in_), "n_classes": self.n_classes_, "converged": self.converged_}
+        return {
+            "n_features_in": int(self.scaler_.n_features_in_),
+            "n_classes": self.n_classes_,
+            "converged": self.converged_,
+            "C": self.C_,
+            "C_search": self.C_search_,
+        }
 
     @classmethod
     def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray]) -> "SklearnHead":
@@ -309,7 +390,8 @@ class SklearnHead:
         scaler.var_ = scaler.scale_**2
         scaler.n_features_in_ = len(scaler.mean_)
         head.scaler_ = scaler
-        est = head._estimator()
+        head.C_, head.C_search_ = info.get("C", params.get("C")), info.get("C_search")
+        est = head._estimator(head.C_)
         est.coef_, est.intercept_, est.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]
         est.n_features_in_ = scaler.n_features_in_
         head.estimator_ = est

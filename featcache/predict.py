@@ -49,6 +49,7 @@ class _Head(nn.Module):
     def __init__(self, head: TorchHead | SklearnHead, pool: str, dtype: str):
         super().__init__()
         self.pool, self.round_trip = pool, dtype == "float16"
+        self.keep_shape = isinstance(head, TorchHead) and head.kind == "rest"
         if isinstance(head, TorchHead):
             self.net = head.module_
             self.scores_binary = False
@@ -72,7 +73,7 @@ class _Head(nn.Module):
             feats = feats.mean(dim=(2, 3))
         elif feats.ndim == 4 and self.pool == "max":
             feats = feats.amax(dim=(2, 3))
-        x = feats.flatten(1)
+        x = feats if self.keep_shape else feats.flatten(1)
         if self.sklearn:
             x = (x - self.mean) / self.scale
         z = self.net(x)

@@ -46,11 +46,21 @@ __all__ = [
     "now_iso",
     "created_by",
     "group_bytes",
+    "human_bytes",
 ]
 
 FORMAT_VERSION = 1
 _CHUNK_BYTES = 2 << 20  # ~2 MiB uncompressed per chunk: large enough for zstd, small for random reads
 _CHUNKS_PER_SHARD = 32  # one file per ~64 MiB of rows
+
+
+def human_bytes(n: float) -> str:
+    """1234567 → '1.2 MB' (decimal units)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def now_iso() -> str:
@@ -80,6 +90,14 @@ def default_compressor() -> list:
     fastest zstd write speed for CNN features), then a CRC32C checksum so a corrupted chunk is
     detected on read."""
     return [BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle"), Crc32cCodec()]
+
+
+def _require(parent: zarr.Group, name: str) -> zarr.Group:
+    """``require_group`` that tolerates another writer creating the same group at the same moment."""
+    try:
+        return parent.require_group(name)
+    except zarr.errors.ContainsGroupError:
+        return parent[name]
 
 
 def _row_layout(n: int, shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
@@ -268,7 +286,7 @@ class Store:
 
     def ensure_space(self, provenance: dict) -> str:
         key = space_key(provenance)
-        group = self.root.require_group("spaces").require_group(key)
+        group = _require(_require(self.root, "spaces"), key)
         if "space" not in group.attrs:
             group.attrs.update({"space": provenance, "created_at": now_iso()})
         return key
@@ -319,7 +337,7 @@ class Store:
         self, space: str, capacity: int, shape: tuple[int, ...], dtype: str, compressor: Any = None
     ) -> SegmentWriter:
         key = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        group = self.root["spaces"][space].require_group("segments").create_group(key)
+        group = _require(self.root["spaces"][space], "segments").create_group(key)
         group.attrs.update({"created_at": now_iso(), "created_by": created_by(), "committed": False})
         return SegmentWriter(group, capacity, shape, dtype, compressor or default_compressor())
 
@@ -374,7 +392,7 @@ class Store:
         for k, _, group in self.set_groups():
             if k == key:
                 return FeatureSet(self, key, group)
-        group = self.root.require_group("sets").create_group(f"{key}-{uuid.uuid4().hex[:8]}")
+        group = _require(self.root, "sets").create_group(f"{key}-{uuid.uuid4().hex[:8]}")
         group.attrs.update({"committed": False, "created_at": now_iso()})
         for split, arrays in splits.items():
             sub = group.create_group(split)
@@ -479,9 +497,11 @@ def open_store(url: str, mode: str = "a") -> Store:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         if mode == "r":
             raise StoreError(f"no featcache store at {url}. Run featcache extract --store {url} first.") from None
-        root = zarr.open_group(url, mode="a", zarr_format=3)
-        root.attrs["featcache"] = {"format_version": FORMAT_VERSION}
-        return Store(url, root)
+        try:  # metadata and version in one write, so a concurrent reader never sees a bare group
+            root = zarr.create_group(url, zarr_format=3, attributes={"featcache": {"format_version": FORMAT_VERSION}})
+            return Store(url, root)
+        except zarr.errors.ContainsGroupError:  # another writer created it first
+            return open_store(url, mode)
     except Exception as e:  # a path that is a file, a v2 store, garbage metadata ...
         raise StoreError(f"{url} is not a readable featcache store ({e.__class__.__name__}: {e})") from None
     version = _version_of(root)

@@ -70,7 +70,7 @@ def test_user_mistakes_are_one_error_line(run, folder):
 
 def test_bad_option_values_are_usage_errors(run, folder):
     r = run("fit", "--head", "forest")
-    assert r.exit_code == 2 and "Invalid value for '--head': 'forest' is not one of 'mlp', 'linear', 'logreg', 'svm'" in r.output
+    assert r.exit_code == 2 and "Invalid value for '--head': 'forest' is not one of 'mlp', 'linear', 'rest', 'logreg', 'svm'" in r.output
     r = run("extract", "--backbone", TINY, "--data", str(folder), "--split", "0.9,0.3")
     assert r.exit_code == 2 and "--split takes two or three positive fractions" in r.output
     r = run("extract", "--backbone", TINY, "--dtype", "int8")

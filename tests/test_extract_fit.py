@@ -91,7 +91,8 @@ def test_every_head_learns_a_separable_set(folder, store_url, tmp_path):
 def test_run_directory_is_json_and_arrays_and_reloads(folder, store_url, tmp_path):
     _extract(folder, store_url)
     epochs = []
-    r = featcache.fit(head="mlp", store=store_url, epochs=5, runs=str(tmp_path / "runs"), on_epoch=epochs.append)
+    r = featcache.fit(head="mlp", store=store_url, epochs=5, runs=str(tmp_path / "runs"), on_epoch=epochs.append,
+                      plots=False)
     assert sorted(p.name for p in r.run_dir.iterdir()) == [
         "config.json", "head.json", "head.npz", "history.json", "metrics.json"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5]
@@ -106,7 +107,7 @@ def test_run_directory_is_json_and_arrays_and_reloads(folder, store_url, tmp_pat
     x = featcache.open_store(store_url).get_set().to_numpy("val")[0].astype(np.float32)
     assert np.isclose(float((head.predict(x) == featcache.open_store(store_url).get_set().labels("val")).mean()), val["top1"])
     assert json.loads((r.run_dir / "config.json").read_text())["config"] == FitConfig(
-        head="mlp", store=store_url, epochs=5, runs=str(tmp_path / "runs")).to_dict()
+        head="mlp", store=store_url, epochs=5, runs=str(tmp_path / "runs"), plots=False).to_dict()
 
 
 def test_top5_and_test_split_with_many_classes(tmp_path, store_url):

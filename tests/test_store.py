@@ -248,3 +248,22 @@ def test_s3_store_on_loopback(folder, s3, tmp_path):
     assert fs.to_numpy("train")[0].shape == (24, 32)
     fit = featcache.fit(head="logreg", store=s3, runs=str(tmp_path / "runs"))
     assert fit.metrics["val"]["top1"] == 1.0
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    folder = make_folder(tmp_path / "d", splits=(("train", 10), ("val", 4)))
+    args = ["extract", "--backbone", TINY, "--weights", "none", "--data", folder, "--workers", "0", "--batch-size", "4"]
+    one = tmp_path / "one.zarr"
+    assert _cli(*args, "--store", one).wait(timeout=300) == 0
+    two = tmp_path / "two.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "featcache.cli", *map(str, args), "--store", str(two)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("extracted 42, reused 0") == 1  # rank 0 reports for both
+    st = featcache.open_store(str(two))
+    segments = st.segment_groups(st.spaces()[0])
+    assert len({g.attrs["created_by"] for _, g in segments}) >= 1 and len(segments) >= 2  # each rank wrote its own
+    assert featcache.open_store(str(one)).set_keys() == st.set_keys()
+    got, want = _all_rows(two), _all_rows(one)
+    assert got.keys() == want.keys() and all(np.array_equal(got[h], want[h]) for h in want)

@@ -1,0 +1,197 @@
+"""Pictures of a run, and one HTML page with all of it.
+
+Plots need matplotlib (``pip install 'featcache[plots]'``); without it ``fit`` still writes
+its run directory and says how to get the plots.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .data import load_rgb, safe_join
+from .errors import FeatcacheError
+from .fit import evaluate, prepare_features
+from .heads import load_head
+from .store import open_store
+
+__all__ = ["PLOTS", "have_matplotlib", "write_plots", "write_report"]
+
+PLOTS = ("curves.png", "confusion.png", "per_class.png", "misclassified.png")
+_MAX_MISSES = 16
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    if not have_matplotlib():
+        raise FeatcacheError("plots need matplotlib: pip install 'featcache[plots]'")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _eval_split(metrics: dict) -> str | None:
+    return "val" if "val" in metrics else ("test" if "test" in metrics else None)
+
+
+def _curves(plt, history: list[dict], out: Path) -> Path | None:
+    if not history:
+        return None  # scikit-learn heads have no epochs
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        if key in history[0]:
+            ax1.plot(epochs, [r[key] for r in history], label=label)
+    for key, label in (("train_acc", "train"), ("val_acc", "val")):
+        if key in history[0]:
+            ax2.plot(epochs, [r[key] for r in history], label=label)
+    ax1.set(title="loss", xlabel="epoch")
+    ax2.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _confusion(plt, cm: list[list[int]], classes: list[str], split: str, out: Path) -> Path:
+    cm = np.asarray(cm)
+    size = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+           title=f"confusion matrix ({split})")
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    if len(classes) <= 30:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _per_class(plt, per_class: dict, train_counts: dict, split: str, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [train_counts[c] for c in per_class]
+    ys = [np.nan if a is None else a for a in per_class.values()]
+    ax.scatter(xs, ys)
+    for c, x, y in zip(per_class, xs, ys):
+        ax.annotate(c, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="training images", ylabel=f"{split} accuracy", ylim=(0, 1.05), title="per-class accuracy")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _misclassified(plt, root: Path, paths: list[str], y: np.ndarray, pred: np.ndarray, classes: list[str],
+                   split: str, out: Path) -> Path | None:
+    wrong = np.flatnonzero(pred != y)[:_MAX_MISSES]
+    if not len(wrong) or not root.is_dir():
+        return None
+    cols = min(4, len(wrong))
+    rows = -(-len(wrong) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        try:
+            img = load_rgb(safe_join(root, paths[i]))
+            img.thumbnail((256, 256))
+            ax.imshow(img)
+        except Exception:  # a file moved or unreadable since extraction: leave the tile empty
+            pass
+        ax.set_title(f"true {classes[y[i]]}\npredicted {classes[pred[i]]}", fontsize=9)
+    fig.suptitle(f"misclassified {split} images (first {len(wrong)})")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def write_plots(run: str | Path, fs=None, head=None, data: dict | None = None) -> list[Path]:
+    """Write the run's PNGs (those that apply) into the run directory and return their paths.
+
+    ``fit`` passes the set, head and in-memory features it already has; on its own this
+    reloads them from the run directory and the store.
+    """
+    plt = _pyplot()
+    run = Path(run)
+    report = evaluate(run)
+    info, metrics = report["config"], report["metrics"]
+    history = json.loads((run / "history.json").read_text())
+    written = [_curves(plt, history, run / "curves.png")]
+    split = _eval_split(metrics)
+    if split:
+        classes = info["classes"]
+        written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
+        fs = fs or open_store(info["store"], mode="r").get_set(info["set"])
+        counts = np.bincount(fs.labels("train"), minlength=len(classes))
+        written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
+                                  split, run / "per_class.png"))
+        head = head or load_head(run)
+        if data is not None:
+            x, y = data[split]
+        else:
+            x, y = fs.features(split), fs.labels(split)
+            x = x.astype(np.float32) if info["config"]["head"] == "rest" else prepare_features(x, info["config"]["pool"])
+        written.append(_misclassified(plt, Path(fs.attrs["data_root"]), fs.paths(split), y, head.predict(x),
+                                      classes, split, run / "misclassified.png"))
+    return [p for p in written if p is not None]
+
+
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def write_report(run: str | Path) -> Path:
+    """Write ``RUN/report.html``: the run's settings, metrics and plots on one page."""
+    run = Path(run)
+    report = evaluate(run)
+    info, metrics = report["config"], report["metrics"]
+    plots = [p.name for p in write_plots(run)]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    summary = _table(
+        [[s, m["n"], fmt(m["top1"]), fmt(m.get("top5")), fmt(m["log_loss"])] for s, m in metrics.items()],
+        ["split", "images", "top-1", "top-5", "log loss"],
+    )
+    split = _eval_split(metrics)
+    per_class = _table([[c, fmt(a)] for c, a in metrics[split]["per_class_accuracy"].items()],
+                       ["class", f"{split} accuracy"]) if split else ""
+    cfg = info["config"]
+    settings = _table(
+        [["backbone", f"{info['backbone']} / {info['layer']}"], ["weights", info["weights"]["id"]],
+         ["feature set", info["set"]], ["head", cfg["head"]], ["chosen C", info.get("C") or "-"],
+         ["epochs run", len(json.loads((run / "history.json").read_text()))], ["best epoch", info.get("best_epoch") or "-"]],
+        ["setting", "value"],
+    )
+    images = "".join(f'<h2>{html.escape(p[:-4].replace("_", " "))}</h2><img src="{p}" alt="{p}">' for p in plots)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>featcache run {html.escape(run.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} img{{max-width:100%}}</style></head>
+<body><h1>Run {html.escape(run.name)}</h1>{settings}<h2>metrics</h2>{summary}{per_class}{images}</body></html>
+"""
+    out = run / "report.html"
+    out.write_text(page)
+    return out

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import featcache
+import featcache.report
+from featcache.cli import main
+from featcache.heads import C_GRID, load_head
+
+from .conftest import TINY, make_folder
+
+
+@pytest.fixture
+def confusable(tmp_path):
+    """Two classes of the same colour: a head must get some wrong."""
+    folder = make_folder(tmp_path / "d", classes={"a": (200, 30, 30), "b": (200, 30, 30), "c": (30, 30, 200)})
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone=TINY, data=str(folder), store=store, weights="none", workers=0)
+    return store
+
+
+def test_fit_writes_plots_and_report(confusable, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = featcache.fit(head="mlp", store=confusable, epochs=5, runs=str(tmp_path / "runs"))
+    names = {p.name for p in res.run_dir.iterdir()}
+    assert {"curves.png", "confusion.png", "per_class.png", "misclassified.png"} <= names
+    assert res.notes == []
+    r = CliRunner().invoke(main, ["report", str(res.run_dir)])
+    assert r.exit_code == 0 and r.output == f"wrote {res.run_dir / 'report.html'}\n"
+    page = (res.run_dir / "report.html").read_text()
+    for png in ("curves.png", "confusion.png", "per_class.png", "misclassified.png"):
+        assert f'src="{png}"' in page
+    assert "<td>val</td><td>12</td>" in page
+
+
+def test_without_matplotlib_fit_says_how_and_report_is_an_error(confusable, tmp_path, monkeypatch):
+    monkeypatch.setattr(featcache.report, "have_matplotlib", lambda: False)
+    res = featcache.fit(head="linear", store=confusable, epochs=2, runs=str(tmp_path / "runs"))
+    assert res.notes == ["plots skipped: matplotlib is not installed (pip install 'featcache[plots]')"]
+    assert not any(p.suffix == ".png" for p in res.run_dir.iterdir())
+    r = CliRunner().invoke(main, ["report", str(res.run_dir)])
+    assert r.exit_code == 1 and r.output == "Error: plots need matplotlib: pip install 'featcache[plots]'\n"
+
+
+def test_sklearn_heads_choose_C_on_validation_and_record_it(confusable, tmp_path):
+    res = featcache.fit(head="logreg", store=confusable, runs=str(tmp_path / "runs"), plots=False)
+    info = json.loads((res.run_dir / "config.json").read_text())
+    assert info["C"] in C_GRID and res.chosen_C == info["C"]
+    assert info["C_search"]["by"] == "validation accuracy" and len(info["C_search"]["scores"]) == len(C_GRID)
+    assert load_head(res.run_dir).C_ == info["C"]
+    fixed = featcache.fit(head="svm", store=confusable, C=0.5, runs=str(tmp_path / "runs"), plots=False)
+    assert fixed.chosen_C == 0.5
+
+
+def test_C_by_cross_validation_without_a_val_split(tmp_path):
+    folder = make_folder(tmp_path / "d", splits=(("train", 10),))
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone=TINY, data=str(folder), store=store, weights="none", workers=0)
+    res = featcache.fit(head="logreg", store=store, runs=str(tmp_path / "runs"), plots=False)
+    info = json.loads((res.run_dir / "config.json").read_text())
+    assert info["C_search"]["by"] == "5-fold cross-validated accuracy"
+    assert set(res.metrics) == {"train"}
+
+
+def test_bad_C_is_a_usage_error():
+    r = CliRunner().invoke(main, ["fit", "--C", "-1"])
+    assert r.exit_code == 2 and "'-1' is neither 'auto' nor a number > 0" in r.output

@@ -1,0 +1,66 @@
+"""--head rest: the pretrained remainder of the network, trained from an intermediate cache."""
+
+import numpy as np
+import pytest
+import torch
+
+import featcache
+from featcache.backbones import create_backbone
+from featcache.errors import FeatcacheError
+from featcache.heads import load_head
+from featcache.predict import predict
+
+
+def _reference(name):
+    from featcache.backbones import _build
+
+    return dict(_build(name, "none")[0].state_dict())
+
+
+def test_resnet_layer3_cache_trains_layer4_and_a_new_fc(folder, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone="resnet18", layer="layer3", weights="none", data=str(folder), store=store, workers=0)
+    res = featcache.fit(head="rest", store=store, epochs=2, freeze=("layer4.0",), runs=str(tmp_path / "runs"),
+                        plots=False, patience=0)
+    head = load_head(res.run_dir)
+    state = head.module_.state_dict()
+    before = _reference("resnet18")
+    assert state["fc.weight"].shape == (3, 512)  # replaced for the 3 classes
+    assert not any(k.startswith(("layer1", "layer2", "layer3", "conv1")) for k in state)  # only what comes after the cut
+    assert torch.equal(state["layer4.0.conv1.weight"], before["layer4.0.conv1.weight"])  # frozen
+    assert not torch.equal(state["layer4.1.conv1.weight"], before["layer4.1.conv1.weight"])  # trained, pretrained start
+    assert torch.equal(state["layer4.1.bn1.running_mean"], before["layer4.1.bn1.running_mean"])  # BN statistics kept
+    # predict rebuilds the same network from the run directory
+    fs = featcache.open_store(store).get_set()
+    want = head.predict_proba(fs.features("val").astype(np.float32))
+    got = predict(res.run_dir, [folder / p for p in fs.paths("val")], top_k=3)
+    for g, w in zip(got, want):
+        assert abs(dict(g.top)[fs.classes[int(w.argmax())]] - w.max()) < 1e-3
+
+
+def test_rest_needs_unpooled_features(folder, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone="resnet18", layer="layer3", pool="avg", weights="none", data=str(folder), store=store,
+                      workers=0)
+    with pytest.raises(FeatcacheError, match="needs unpooled features"):
+        featcache.fit(head="rest", store=store, runs=str(tmp_path / "runs"))
+
+
+@pytest.mark.slow
+def test_vgg16_features_cache_trains_the_classifier_block(folder, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone="vgg16", layer="features", weights="none", data=str(folder), store=store, workers=0)
+    res = featcache.fit(head="rest", store=store, epochs=1, runs=str(tmp_path / "runs"), plots=False)
+    state = load_head(res.run_dir).module_.state_dict()
+    assert state["classifier.6.weight"].shape == (3, 4096) and "classifier.0.weight" in state
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_rest_reaches_the_pooled_logreg_accuracy(hymenoptera, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone="efficientnet_lite0", data=str(hymenoptera), store=store)
+    logreg = featcache.fit(head="logreg", store=store, runs=str(tmp_path / "runs"), plots=False)
+    featcache.extract(backbone="efficientnet_lite0", layer="blocks.15", pool="none", data=str(hymenoptera), store=store)
+    rest = featcache.fit(head="rest", store=store, epochs=15, runs=str(tmp_path / "runs"), plots=False)
+    assert rest.metrics["val"]["top1"] >= logreg.metrics["val"]["top1"], (rest.metrics["val"]["top1"], logreg.metrics["val"]["top1"])
