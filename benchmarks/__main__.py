@@ -31,6 +31,16 @@ STORE_COLUMNS = [
     ("second_over_first", "re-run / first"), ("added_images", "images added"), ("add_s", "add 10% s"),
     ("add_over_full", "add 10% / full"), ("store_files", "files in store"),
 ]
+EXTRACT_COLUMNS = [
+    ("backbone", "backbone"), ("images", "images"), ("batch_size", "batch"), ("threads", "threads"),
+    ("bare_forward_ips", "bare forward img/s"), ("extract_ips", "extract img/s"), ("ratio", "extract / bare"),
+    ("model_s", "model s"), ("read_wait_s", "waiting for decode s"), ("write_s", "writer busy s"), ("total_s", "extract total s"),
+]
+FIT_COLUMNS = [
+    ("rows", "rows"), ("dim", "features"), ("epochs", "epochs"), ("fit_epoch_s", "featcache s/epoch"),
+    ("bare_epoch_s", "bare loop s/epoch"), ("epoch_ratio", "featcache / bare"), ("load_gbs", "set load GB/s"),
+    ("plain_read_gbs", "plain array[:] GB/s"), ("load_ratio", "load / plain"),
+]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -42,7 +52,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "all"]), default="all")
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
@@ -55,6 +65,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import files_per_10k, run_store
+    from .throughput import extract_vs_forward, fit_vs_bare
     from .transfer import run_transfer
 
     if not Path(data).is_dir():
@@ -92,6 +103,16 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         files = files_per_10k()
         click.echo("\n" + table(files, FILES_COLUMNS))
         path = save("store", {"machine": info, "data": data, "rows": rows, "files": files}, out)
+        click.echo(f"saved {path}")
+    if which in ("throughput", "all"):
+        rows = []
+        for case in cases:
+            name, layer, weights = _case(case)
+            rows.append(extract_vs_forward(data, name, layer, weights, batch_size, workers))
+        click.echo("\n" + table(rows, EXTRACT_COLUMNS))
+        fits = [fit_vs_bare()]
+        click.echo("\n" + table(fits, FIT_COLUMNS))
+        path = save("throughput", {"machine": info, "data": data, "extract": rows, "fit": fits}, out)
         click.echo(f"saved {path}")
 
 

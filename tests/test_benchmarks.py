@@ -43,3 +43,12 @@ def test_store_benchmark_reports_reuse_and_files(folder):
     files = files_per_10k(rows=300)
     assert [f["shape"] for f in files] == ["pooled 1280", "vgg16 features 512x7x7", "spatial 1280x7x7"]
     assert all(f["files"] >= 4 for f in files)
+
+
+def test_throughput_benchmark_smoke(folder):
+    from benchmarks.throughput import extract_vs_forward, fit_vs_bare
+
+    r = extract_vs_forward(str(folder), TINY, weights="none", batch_size=8, workers=0)
+    assert r["images"] == 36 and r["bare_forward_ips"] > 0 and r["extract_ips"] > 0
+    f = fit_vs_bare(rows=200, dim=64, classes=3, epochs=1, batch_size=32)
+    assert f["fit_epoch_s"] > 0 and f["bare_epoch_s"] > 0 and f["load_gbs"] > 0

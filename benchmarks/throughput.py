@@ -1,0 +1,118 @@
+"""Is featcache as fast as the hardware it runs on? Ratios against bare PyTorch, in one run.
+
+* extract images/s against the bare forward of the same model on already-decoded tensors
+  (same batch size and threads);
+* fit's mlp epoch against a bare PyTorch loop over the same in-memory tensor;
+* set load (gather + decompress) in GB/s against a plain ``array[:]`` read.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import featcache
+from featcache.backbones import create_backbone
+from featcache.data import load_rgb, scan
+from featcache.heads import TorchHead
+
+__all__ = ["extract_vs_forward", "fit_vs_bare"]
+
+
+def extract_vs_forward(data: str, backbone: str, layer: str | None = None, weights: str = "DEFAULT",
+                       batch_size: int = 64, workers: int | None = None) -> dict:
+    b = create_backbone(backbone, layer, weights)
+    files = [Path(data) / it.path for it in scan(data).items]
+    tensors = [b.transform(load_rgb(f)) for f in files]
+    batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    with torch.inference_mode():
+        b.model(batches[0][:2])  # warm-up
+        t = time.perf_counter()
+        for x in batches:
+            b.model(x)
+        bare_s = time.perf_counter() - t
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-tp-"))
+    try:
+        t = time.perf_counter()
+        r = featcache.extract(backbone=backbone, layer=layer, weights=weights, data=data, store=str(tmp / "s.zarr"),
+                              batch_size=batch_size, workers=workers)
+        extract_s = time.perf_counter() - t
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n = len(files)
+    return {"backbone": backbone, "images": n, "batch_size": batch_size, "threads": torch.get_num_threads(),
+            "bare_forward_ips": n / bare_s, "extract_ips": r.extracted / extract_s,
+            "ratio": (r.extracted / extract_s) / (n / bare_s), "model_s": r.timings.get("model"),
+            "read_wait_s": r.timings.get("read"), "write_s": r.timings.get("write"), "total_s": extract_s}
+
+
+def _synthetic_set(store: str, rows: int, dim: int, classes: int, seed: int = 0) -> str:
+    """A committed set of ``rows`` float16 rows of ``dim`` features, written the way extract writes."""
+    rng = np.random.default_rng(seed)
+    st = featcache.open_store(store)
+    prov = {"backbone": "synthetic", "layer": "x", "weights": {"id": "none", "sha256": "0" * 64},
+            "preprocessing": {}, "pool": "none", "shape": [dim], "dtype": "float16"}
+    space = st.ensure_space(prov)
+    seg = st.new_segment(space, rows, (dim,), "float16")
+    labels = rng.integers(0, classes, rows)
+    hashes = [f"{i:064x}" for i in range(rows)]
+    centers = rng.normal(size=(classes, dim)).astype(np.float32)
+    for i in range(0, rows, 1000):
+        block = centers[labels[i : i + 1000]] + rng.normal(size=(len(labels[i : i + 1000]), dim)).astype(np.float32)
+        seg.append(block.astype(np.float16), hashes[i : i + 1000])
+    seg.commit()
+    attrs = {"space": space, "space_provenance": prov, "backbone": "synthetic", "layer": "x", "pool": "none",
+             "dtype": "float16", "weights": prov["weights"], "preprocessing": {}, "classes": [f"c{i}" for i in range(classes)],
+             "splits": {"train": rows}, "data_root": "/nonexistent", "created_at": "", "config": {}}
+    arrays = {"train": {"sha256": np.array(hashes), "labels": labels.astype(np.int32), "paths": np.array(hashes)}}
+    return st.write_set("synthetic000", attrs, arrays).key
+
+
+def fit_vs_bare(rows: int = 10_000, dim: int = 25_088, classes: int = 10, epochs: int = 3, batch_size: int = 64) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-fit-"))
+    try:
+        store = str(tmp / "s.zarr")
+        key = _synthetic_set(store, rows, dim, classes)
+        st = featcache.open_store(store)
+        fs = st.get_set(key)
+        arr = st._committed_segments(fs.space)[0].features
+        t = time.perf_counter()
+        plain = arr[:]
+        plain_s = time.perf_counter() - t
+        t = time.perf_counter()
+        x = fs.features("train")
+        load_s = time.perf_counter() - t
+        assert np.array_equal(plain, x)
+        res = featcache.fit(head="mlp", store=store, set=key, epochs=epochs, batch_size=batch_size, patience=0,
+                            plots=False, device="cpu", runs=str(tmp / "runs"))
+        ours = float(np.mean([r["seconds"] for r in res.history]))
+        # the bare loop: same tensor in memory, same model, optimizer, batch size
+        xt = torch.from_numpy(x.astype(np.float32))
+        yt = torch.from_numpy(fs.labels("train"))
+        torch.manual_seed(0)
+        model = TorchHead(kind="mlp")._build(dim, classes)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn = nn.CrossEntropyLoss()
+        times = []
+        for _ in range(epochs):
+            t = time.perf_counter()
+            model.train()
+            for idx in torch.randperm(rows).split(batch_size):
+                loss = loss_fn(model(xt[idx]), yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            times.append(time.perf_counter() - t)
+        bare = float(np.mean(times))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    gb = x.nbytes / 1e9
+    return {"rows": rows, "dim": dim, "epochs": epochs, "fit_epoch_s": ours, "bare_epoch_s": bare,
+            "epoch_ratio": ours / bare, "load_gbs": gb / load_s, "plain_read_gbs": gb / plain_s,
+            "load_ratio": plain_s / load_s}
