@@ -82,13 +82,16 @@ def fit_vs_bare(rows: int = 10_000, dim: int = 25_088, classes: int = 10, epochs
         st = featcache.open_store(store)
         fs = st.get_set(key)
         arr = st._committed_segments(fs.space)[0].features
-        t = time.perf_counter()
-        plain = arr[:]
-        plain_s = time.perf_counter() - t
-        t = time.perf_counter()
-        x = fs.features("train")
-        load_s = time.perf_counter() - t
+        plain_s = load_s = float("inf")
+        for _ in range(3):  # alternate, best of 3: single reads vary by 2x on a shared machine
+            t = time.perf_counter()
+            plain = arr[:]
+            plain_s = min(plain_s, time.perf_counter() - t)
+            t = time.perf_counter()
+            x = fs.features("train")
+            load_s = min(load_s, time.perf_counter() - t)
         assert np.array_equal(plain, x)
+        del plain
         res = featcache.fit(head="mlp", store=store, set=key, epochs=epochs, batch_size=batch_size, patience=0,
                             plots=False, device="cpu", runs=str(tmp / "runs"))
         ours = float(np.mean([r["seconds"] for r in res.history]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -227,6 +228,25 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
                 report["bytes_freed"] += before
             if not dry_run:
                 del parent["segments"][name]
+    report["bytes_freed"] += _remove_partial_writes(store.url, grace_s, dry_run)
     return report
+
+
+def _remove_partial_writes(url: str, grace_s: float, dry_run: bool) -> int:
+    """Temporary ``*.partial`` files a killed process left mid-write (local stores only)."""
+    if "://" in url and not url.startswith("file://"):
+        return 0
+    freed = 0
+    cutoff = time.time() - grace_s
+    for path in Path(url.removeprefix("file://")).rglob("*.partial"):
+        try:
+            info = path.stat()
+            if info.st_mtime < cutoff:
+                freed += info.st_size
+                if not dry_run:
+                    path.unlink()
+        except OSError:
+            pass
+    return freed
 
 

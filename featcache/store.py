@@ -360,6 +360,9 @@ class Store:
             dest = np.array([i for i, _ in pairs])
             rows = np.array([r for _, r in pairs])
             try:
+                whole = np.arange(arr.shape[0])
+                if len(where) == 1 and np.array_equal(rows, whole) and np.array_equal(dest, whole):
+                    return arr[:]  # the common case: one segment, in order; no copy
                 if len(rows) * 4 >= arr.shape[0]:  # most of the segment: one sequential read
                     out[dest] = arr[:][rows]
                 else:

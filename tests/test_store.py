@@ -267,3 +267,14 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert featcache.open_store(str(one)).set_keys() == st.set_keys()
     got, want = _all_rows(two), _all_rows(one)
     assert got.keys() == want.keys() and all(np.array_equal(got[h], want[h]) for h in want)
+
+
+def test_gc_removes_partial_writes_a_killed_process_left(folder, store_url):
+    _extract(folder, store_url)
+    stale = Path(store_url) / "zarr.0123.partial"
+    stale.write_bytes(b"x" * 100)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = Path(store_url) / "zarr.4567.partial"
+    fresh.write_bytes(b"y")
+    r = gc(featcache.open_store(store_url), grace_s=3600)
+    assert not stale.exists() and fresh.exists() and r["bytes_freed"] >= 100
