@@ -7,6 +7,7 @@ rest are reused. Whatever was computed is committed even when the run stops earl
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import queue
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .backbones import POOLS, Backbone, create_backbone
 from .data import SPLIT_NAMES, Item, Manifest, Skip, load_rgb, parse_split, scan
-from .errors import DataError, FeatcacheError
+from .errors import DataError, FeatcacheError, StoreError
 from .store import Store, created_by, digest_key, human_bytes, now_iso, open_store
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "Interrupted", "extract", "default_store_url"]
@@ -313,6 +314,15 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _storage_error(e: OSError, url: str) -> StoreError:
+    """A write that failed (disk full, permissions, network) as a clear error; committed data is untouched."""
+    what = "no space left on the device" if e.errno == errno.ENOSPC else f"{e.__class__.__name__}: {e.strerror or e}"
+    return StoreError(
+        f"writing to {url} failed ({what}). Everything committed before is intact; fix the cause and re-run "
+        "the same command to resume (featcache gc removes the unfinished leftovers)."
+    )
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size) under torchrun; (0, 1) otherwise. Ranks split the images to extract."""
     import torch.distributed as dist
@@ -376,6 +386,8 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
             failed, timings = _run_model(backbone, manifest, mine, store, space, cfg, progress and rank == 0)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; finished batches are committed. Re-run the same command to resume.") from None
+    except OSError as e:
+        raise _storage_error(e, cfg.store) from None
     failed = _merge_failures(failed, world)
 
     kept = [it for it in manifest.items if it.sha256 not in failed]
@@ -434,7 +446,10 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
         for s in splits
     }
     if rank == 0:
-        store.write_set(set_key, attrs, arrays)
+        try:
+            store.write_set(set_key, attrs, arrays)
+        except OSError as e:
+            raise _storage_error(e, cfg.store) from None
     _barrier(world)  # the set is committed before any rank returns
     seconds = time.perf_counter() - start
     timings["total"] = seconds
