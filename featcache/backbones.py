@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,7 +54,6 @@ class Backbone:
     weights_sha256: str
     preprocessing: dict
     shape: tuple[int, ...]
-    extra: dict = field(default_factory=dict)
 
     def provenance(self) -> dict:
         """What makes two feature sets comparable; its hash keys the feature space."""

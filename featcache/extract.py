@@ -215,7 +215,7 @@ def _run_model(
     cfg: ExtractConfig,
     progress: bool,
 ) -> tuple[dict[str, str], dict[str, float]]:
-    """Push ``todo`` through the network into a new segment.
+    """Push ``todo`` through the network into new segments (one per checkpoint).
 
     Returns the reasons of images that failed to decode (by content hash) and stage timings.
     """

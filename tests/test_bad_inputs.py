@@ -15,7 +15,7 @@ import featcache
 from featcache.cli import main
 from featcache.data import safe_join, scan
 from featcache.errors import DataError, StoreError
-from featcache.store import _validated
+from featcache.sets import _validated
 
 from .conftest import TINY, make_folder
 
