@@ -41,6 +41,10 @@ FIT_COLUMNS = [
     ("bare_epoch_s", "bare loop s/epoch"), ("epoch_ratio", "featcache / bare"), ("load_gbs", "set load GB/s"),
     ("plain_read_gbs", "plain array[:] GB/s"), ("load_ratio", "load / plain"),
 ]
+VIEWS_COLUMNS = [
+    ("views", "views K"), ("extract_s", "extract s"), ("view_rows", "view rows"), ("view_bytes", "view bytes"),
+    ("base_bytes", "un-augmented bytes"), ("mlp_val", "mlp val acc"), ("logreg_val", "logreg (C=1) val acc"),
+]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -52,7 +56,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "all"]), default="all")
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "views", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
@@ -66,6 +70,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .storage import run_storage
     from .store import files_per_10k, run_store
     from .throughput import extract_vs_forward, fit_vs_bare
+    from .views import run_views
     from .transfer import run_transfer
 
     if not Path(data).is_dir():
@@ -113,6 +118,13 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         fits = [fit_vs_bare()]
         click.echo("\n" + table(fits, FIT_COLUMNS))
         path = save("throughput", {"machine": info, "data": data, "extract": rows, "fit": fits}, out)
+        click.echo(f"saved {path}")
+    if which in ("views", "all"):
+        name, _, weights = _case(cases[-1])
+        rows = run_views(data, name, weights, workers=workers)
+        click.echo(f"\naugmented views: {name}")
+        click.echo(table(rows, VIEWS_COLUMNS))
+        path = save("views", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
         click.echo(f"saved {path}")
 
 

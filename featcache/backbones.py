@@ -230,7 +230,12 @@ def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, str, 
 
 
 def _build_factory(spec: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
+    import os
+    import sys
+
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:  # like `python -m`, a user's module in the current folder is found
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:

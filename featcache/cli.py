@@ -70,6 +70,8 @@ def main() -> None:
 @click.option("--workers", default=None, type=click.IntRange(min=0), help="DataLoader workers [default: min(8, CPUs)].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
+@click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also store K seeded augmented views (RandomResizedCrop + flip) of each training image.")
 @click.option("--checkpoint-every", "checkpoint_s", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds between commits; a killed run loses at most this much work.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
@@ -141,6 +143,8 @@ def _epoch_line(total: int):
 @click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=click.FloatRange(min=0),
               help="rest head: learning rate of the pretrained layers, as a fraction of --lr.")
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
+@click.option("--views/--no-views", "use_views", default=True, show_default=True,
+              help="Train on the set's augmented views (one per image per epoch), when it has them.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")
 @click.option("--check-data", is_flag=True, help="Refuse a set whose image folder has changed since extraction.")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")

@@ -58,12 +58,15 @@ class ExtractConfig:
     device: str = "auto"
     strict: bool = False
     checkpoint_s: float = 30.0
+    views: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.pool is not None and self.pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {self.pool!r}")
+        if self.views < 0:
+            raise ValueError(f"views must be >= 0; got {self.views}")
         if not self.checkpoint_s > 0:
             raise ValueError(f"checkpoint_s must be > 0; got {self.checkpoint_s}")
         if self.batch_size < 1:
@@ -98,6 +101,8 @@ class ExtractResult:
     bytes_raw: int
     timings: dict[str, float]
     shape: tuple[int, ...]
+    views: int = 0
+    views_extracted: int = 0
 
     @property
     def images(self) -> int:
@@ -110,27 +115,61 @@ class ExtractResult:
     def summary(self) -> str:
         splits = ", ".join(f"{k} {v}" for k, v in self.splits.items())
         ratio = self.bytes_raw / self.bytes_stored if self.bytes_stored else 0.0
-        hit = " (cache hit: nothing to compute)" if self.extracted == 0 and self.reused else ""
+        hit = " (cache hit: nothing to compute)" if self.extracted == 0 and self.views_extracted == 0 and self.reused else ""
+        views = f"; {self.views} augmented views per training image ({self.views_extracted} computed)" if self.views else ""
         return (
             f"set {self.set_key}: {self.images} images ({splits}); extracted {self.extracted}, "
-            f"reused {self.reused}, skipped {len(self.skipped)}{hit}; {self.seconds:.1f} s, "
+            f"reused {self.reused}, skipped {len(self.skipped)}{hit}{views}; {self.seconds:.1f} s, "
             f"{self.images_per_s:.1f} images/s; space {self.space}: {human_bytes(self.bytes_stored)} on disk, "
             f"{ratio:.1f}x compression"
         )
 
 
-class _Images(Dataset):
-    """Decodes and preprocesses one image; a failure is returned, not raised."""
+def augmentation(preprocessing: dict, seed: int) -> dict:
+    """The recorded recipe of augmented training views (part of the view space's key)."""
+    return {"transform": "RandomResizedCrop+RandomHorizontalFlip", "size": preprocessing.get("crop_size", [224]),
+            "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": seed,
+            "mean": preprocessing.get("mean"), "std": preprocessing.get("std")}
 
-    def __init__(self, root: Path, items: list[Item], transform):
+
+def _augmenter(spec: dict):
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(spec["size"], scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]), antialias=True),
+        v2.RandomHorizontalFlip(spec["flip_p"]),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(spec["mean"], spec["std"]),
+    ])
+
+
+class _Images(Dataset):
+    """Decodes and preprocesses one image (or one seeded augmented view); a failure is returned, not raised."""
+
+    def __init__(self, root: Path, items: list[Item], transform, views: list[int] | None = None, augment: dict | None = None):
         self.root, self.items, self.transform = root, items, transform
+        self.views, self.augment = views, augment
+        self._aug = None
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _view(self, img, item: Item, k: int) -> torch.Tensor:
+        if self._aug is None:
+            self._aug = _augmenter(self.augment)
+        # the same (image bytes, view, seed) always gives the same view, in any worker, on any run
+        seed = int(item.sha256[:15], 16) ^ (k * 1_000_003) ^ self.augment["seed"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._aug(img)
+
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(load_rgb(self.root / self.items[i].path)), None
+            img = load_rgb(self.root / self.items[i].path)
+            if self.views is not None:
+                return i, self._view(img, self.items[i], self.views[i]), None
+            return i, self.transform(img), None
         except Exception as e:  # Pillow raises many types for bad files; each becomes a recorded skip
             return i, None, f"cannot decode: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
 
@@ -214,6 +253,8 @@ def _run_model(
     space: str,
     cfg: ExtractConfig,
     progress: bool,
+    views: list[int] | None = None,
+    augment: dict | None = None,
 ) -> tuple[dict[str, str], dict[str, float]]:
     """Push ``todo`` through the network into new segments (one per checkpoint).
 
@@ -226,7 +267,7 @@ def _run_model(
         model = model.to(memory_format=torch.channels_last)
     workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
     loader = DataLoader(
-        _Images(manifest.root, todo, backbone.transform),
+        _Images(manifest.root, todo, backbone.transform, views, augment),
         batch_size=cfg.batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -262,7 +303,7 @@ def _run_model(
                     with amp:
                         out = model(x)
                     feats = out.float().cpu().numpy().astype(cfg.dtype)
-                    writer.put(feats, [todo[i].sha256 for i in indices])
+                    writer.put(feats, [_row_key(todo[i], views[i] if views else None) for i in indices])
                 timings["model"] += time.perf_counter() - t
                 bar.update(len(indices) + len(bad))
                 t = time.perf_counter()
@@ -274,6 +315,10 @@ def _run_model(
             _commit_partial(writer)
     timings["write"] = writer.busy
     return failed, timings
+
+
+def _row_key(item: Item, view: int | None) -> str:
+    return item.sha256 if view is None else f"{item.sha256}:{view}"
 
 
 def _commit_partial(writer: _Writer) -> None:
@@ -389,6 +434,25 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
     except OSError as e:
         raise _storage_error(e, cfg.store) from None
     failed = _merge_failures(failed, world)
+    view_space, augment, view_jobs = None, None, 0
+    if cfg.views:
+        augment = augmentation(backbone.preprocessing, cfg.seed)
+        view_space = store.ensure_space({**provenance, "augment": augment})
+        known_views = store.known_hashes(view_space)
+        train = {it.sha256: it for it in manifest.items if it.split == "train" and it.sha256 not in failed}
+        jobs = [(it, k) for it in train.values() for k in range(cfg.views) if f"{it.sha256}:{k}" not in known_views]
+        _barrier(world)
+        view_jobs = len(jobs)
+        jobs = jobs[rank::world]
+        try:
+            if jobs:
+                _, view_timings = _run_model(backbone, manifest, [it for it, _ in jobs], store, view_space, cfg,
+                                             progress and rank == 0, [k for _, k in jobs], augment)
+                timings["views_model"] = view_timings.get("model", 0.0)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted; finished batches are committed. Re-run the same command to resume.") from None
+        except OSError as e:
+            raise _storage_error(e, cfg.store) from None
 
     kept = [it for it in manifest.items if it.sha256 not in failed]
     skipped = manifest.skipped + [Skip(it.path, failed[it.sha256]) for it in manifest.items if it.sha256 in failed]
@@ -411,6 +475,7 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
             "view": view.digest(),
             "split_fractions": list(manifest.split_fractions) if manifest.split_fractions else None,
             "split_seed": manifest.split_seed,
+            **({"views": cfg.views, "view_space": view_space} if cfg.views else {}),
         },
         12,
     )
@@ -430,6 +495,9 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
         "split_fractions": list(manifest.split_fractions) if manifest.split_fractions else None,
         "split_seed": manifest.split_seed,
         "manifest_sha256": view.digest(),
+        "views": cfg.views,
+        "view_space": view_space,
+        "augment": augment,
         "skipped": [s.to_dict() for s in skipped],
         "ignored": [s.to_dict() for s in manifest.ignored],
         "config": cfg.to_dict(),
@@ -468,4 +536,6 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
         bytes_raw=stats["bytes_raw"],
         timings=timings,
         shape=backbone.shape,
+        views=cfg.views,
+        views_extracted=view_jobs,
     )

@@ -52,6 +52,7 @@ class FitConfig:
     runs: str = "runs"
     out: str | None = None
     plots: bool = True
+    use_views: bool = True
     pretrained_lr_scale: float = 0.1
     freeze: tuple[str, ...] = ()
 
@@ -182,7 +183,14 @@ def fit(
     extra = {"rest_of": {k: fs.attrs["config"][k] for k in ("backbone", "layer", "weights")}} if rest else {}
     head = make_head(cfg.head, **cfg.to_dict(), **extra)
     t1 = time.perf_counter()
-    head.fit(x_train, y_train, x_val, y_val, n_classes=len(fs.classes), on_epoch=on_epoch)
+    train_views = None
+    if fs.views and cfg.use_views:
+        tv = fs.view_features()
+        n, k = tv.shape[:2]
+        flat = tv.reshape((n * k,) + tv.shape[2:])
+        flat = flat.astype(np.float32) if rest else prepare_features(flat, cfg.pool)
+        train_views = flat.reshape((n, k) + flat.shape[1:])
+    head.fit(x_train, y_train, x_val, y_val, n_classes=len(fs.classes), on_epoch=on_epoch, train_views=train_views)
     t_fit = time.perf_counter() - t1
     calibrated = getattr(head, "calibrated", True)
     metrics = {
@@ -205,6 +213,7 @@ def fit(
         "preprocessing": fs.attrs.get("preprocessing"),
         "space_provenance": fs.attrs.get("space_provenance"),
         "extract_config": fs.attrs.get("config"),
+        "views_used": fs.views if (fs.views and cfg.use_views) else 0,
         "best_epoch": getattr(head, "best_epoch_", None),
         "C": getattr(head, "C_", None),
         "C_search": getattr(head, "C_search_", None),

@@ -136,7 +136,9 @@ class TorchHead:
         y_val: np.ndarray | None = None,
         n_classes: int | None = None,
         on_epoch: Callable[[dict], None] | None = None,
+        train_views: np.ndarray | None = None,
     ) -> "TorchHead":
+        """``train_views`` (N, K, ...): each epoch trains on one randomly drawn view per image."""
         if self.kind not in TORCH_HEADS:
             raise ValueError(f"kind must be one of {', '.join(TORCH_HEADS)}; got {self.kind!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -150,6 +152,7 @@ class TorchHead:
         groups = self._param_groups(model)
         xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
         yt = torch.as_tensor(y, dtype=torch.long, device=dev)
+        views = torch.as_tensor(train_views, dtype=torch.float32, device=dev) if train_views is not None else None
         has_val = X_val is not None and y_val is not None and len(y_val) > 0
         if has_val:
             xv = torch.as_tensor(X_val, dtype=torch.float32, device=dev)
@@ -172,10 +175,14 @@ class TorchHead:
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
             order = torch.randperm(len(xt), generator=gen).to(dev)
+            if views is not None:  # one augmented view per image this epoch
+                xe = views[torch.arange(len(views), device=dev), torch.randint(views.shape[1], (len(views),), generator=gen).to(dev)]
+            else:
+                xe = xt
             total = correct = 0.0
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                logits = model(xt[idx])
+                logits = model(xe[idx])
                 loss = loss_fn(logits, yt[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -311,7 +318,12 @@ class SklearnHead:
         self.C_search_ = {"by": how, "grid": list(C_GRID), "scores": scores}
         return best
 
-    def fit(self, X: np.ndarray, y: np.ndarray, X_val=None, y_val=None, n_classes=None, on_epoch=None) -> "SklearnHead":
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val=None, y_val=None, n_classes=None, on_epoch=None,
+            train_views=None) -> "SklearnHead":
+        """``train_views`` (N, K, D): every view becomes a training sample with its image's label."""
+        if train_views is not None:
+            X = train_views.reshape(-1, train_views.shape[-1])
+            y = np.repeat(y, train_views.shape[1])
         import warnings
 
         from sklearn.exceptions import ConvergenceWarning

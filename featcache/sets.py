@@ -103,6 +103,20 @@ class FeatureSet:
         """The split's rows in view order, in their stored dtype."""
         return self.store.gather(self.space, self.hashes(split), self.shape, self.attrs["dtype"])
 
+    @property
+    def views(self) -> int:
+        """Augmented views stored per training image (0: none)."""
+        return int(self.attrs.get("views") or 0)
+
+    def view_features(self) -> np.ndarray:
+        """Training rows as (N, views, *shape): view k of image i at [i, k]."""
+        if not self.views:
+            raise SetNotFound(f"set {self.key} has no augmented views; extract with --views K")
+        hashes = self.hashes("train").tolist()
+        keys = [f"{h}:{k}" for h in hashes for k in range(self.views)]
+        rows = self.store.gather(self.attrs["view_space"], keys, self.shape, self.attrs["dtype"])
+        return rows.reshape((len(hashes), self.views) + self.shape)
+
     def to_numpy(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         return self.features(split), self.labels(split)
 

@@ -52,3 +52,10 @@ def test_throughput_benchmark_smoke(folder):
     assert r["images"] == 36 and r["bare_forward_ips"] > 0 and r["extract_ips"] > 0
     f = fit_vs_bare(rows=200, dim=64, classes=3, epochs=1, batch_size=32)
     assert f["fit_epoch_s"] > 0 and f["bare_epoch_s"] > 0 and f["load_gbs"] > 0
+
+
+def test_views_benchmark_smoke(folder):
+    from benchmarks.views import run_views
+
+    rows = run_views(str(folder), TINY, weights="none", ks=(0, 2), epochs=1, workers=0)
+    assert [r["views"] for r in rows] == [0, 2] and rows[1]["view_rows"] == 48 and rows[1]["view_bytes"] > 0
