@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FeatureSet"]
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_CLASSES = 1_000_000
 _MAX_DIMS = 8
 
@@ -84,17 +85,33 @@ class FeatureSet:
             raise SetNotFound(f"set {self.key} has no split {split!r}; it has: {', '.join(self.splits)}")
         return self.group[split]
 
+    def _array(self, split: str, name: str, kinds: str) -> np.ndarray:
+        """One per-split array, checked: present, 1-D, as long as the split, of the expected kind."""
+        try:
+            values = np.asarray(self._split(split)[name][:])
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise StoreError(f"set {self.key} split {split}: cannot read {name!r} ({e.__class__.__name__}: {e})") from None
+        if values.ndim != 1 or len(values) != self.attrs["splits"][split] or values.dtype.kind not in kinds:
+            raise StoreError(
+                f"set {self.key} split {split}: {name!r} is malformed (shape {values.shape}, dtype {values.dtype}; "
+                f"expected {self.attrs['splits'][split]} values); the store may be damaged"
+            )
+        return values
+
     def labels(self, split: str) -> np.ndarray:
-        labels = np.asarray(self._split(split)["labels"][:], dtype=np.int64)
+        labels = self._array(split, "labels", "iu").astype(np.int64)
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
             raise StoreError(f"set {self.key} split {split} has labels outside 0..{len(self.classes) - 1}")
         return labels
 
     def paths(self, split: str) -> list[str]:
-        return [str(p) for p in self._split(split)["paths"][:]]
+        return [str(p) for p in self._array(split, "paths", "UTO")]
 
     def hashes(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)["sha256"][:])
+        hashes = self._array(split, "sha256", "UTO")
+        if not all(isinstance(h, str) and _HEX64.fullmatch(h) for h in hashes.tolist()):
+            raise StoreError(f"set {self.key} split {split}: 'sha256' holds values that are not SHA-256 hex digests")
+        return hashes
 
     def hashes_all(self) -> list[str]:
         return [h for s in self.splits for h in self.hashes(s).tolist()]

@@ -126,3 +126,44 @@ def test_labels_out_of_range_are_refused(tmp_path):
     fs.group["train"]["labels"][0] = 99
     with pytest.raises(StoreError, match="labels outside"):
         featcache.open_store(store).get_set(r.set_key).labels("train")
+
+
+arrays = st.one_of(
+    st.lists(st.integers(-5, 10), max_size=30).map(lambda v: np.array(v, dtype=np.int64)),
+    st.lists(st.floats(allow_nan=True, width=32), max_size=30).map(lambda v: np.array(v, dtype=np.float32)),
+    st.lists(st.text(max_size=70), max_size=30).map(lambda v: np.array(v, dtype=str)),
+    st.lists(st.sampled_from(["a" * 64, "0" * 64, "../x", ""]), max_size=30).map(lambda v: np.array(v, dtype=str)),
+)
+
+
+@pytest.fixture(scope="module")
+def damaged_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("damaged")
+    folder = make_folder(tmp / "d")
+    store = str(tmp / "s.zarr")
+    key = featcache.extract(backbone=TINY, data=str(folder), store=store, weights="none", workers=0).set_key
+    return store, key
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(["labels", "paths", "sha256"]), values=arrays)
+def test_malformed_set_arrays_are_store_errors(damaged_store, name, values):
+    store, key = damaged_store
+    group = featcache.open_store(store).get_set(key).group["val"]
+    original = group[name][:]
+    try:
+        del group[name]
+        arr = group.create_array(name, shape=values.shape, dtype=str if values.dtype.kind == "U" else values.dtype,
+                                 chunks=(max(len(values), 1),))
+        if len(values):
+            arr[:] = values
+        fs = featcache.open_store(store).get_set(key)
+        for read in (lambda: fs.labels("val"), lambda: fs.paths("val"), lambda: fs.hashes("val"), lambda: fs.features("val")):
+            try:
+                read()
+            except StoreError:
+                pass
+    finally:
+        del group[name]
+        group.create_array(name, shape=original.shape, dtype=str if original.dtype.kind in "UTO" else original.dtype,
+                           chunks=(len(original),))[:] = original
