@@ -110,6 +110,13 @@ class TorchHead:
         """All parameters at ``lr``; for ``rest``, pretrained ones at ``lr * pretrained_lr_scale``, frozen ones left out."""
         if self.kind != "rest":
             return [{"params": list(model.parameters())}]
+        names = [n for n, _ in model.named_parameters()]
+        for f in self.freeze:
+            if not any(n == f or n.startswith(f + ".") for n in names):
+                from .errors import UnknownLayer
+
+                layers = sorted({n.rsplit(".", 1)[0] for n in names})
+                raise UnknownLayer(f"--freeze {f!r} matches no layer after the cut. Layers: {', '.join(layers)}")
         new, old = [], []
         for name, p in model.named_parameters():
             if any(name == f or name.startswith(f + ".") for f in self.freeze):

@@ -65,3 +65,15 @@ def test_efficientnet_lite0_rest_learns_hymenoptera(hymenoptera, tmp_path):
     featcache.extract(backbone="efficientnet_lite0", layer="blocks.15", pool="none", data=str(hymenoptera), store=store)
     rest = featcache.fit(head="rest", store=store, epochs=15, runs=str(tmp_path / "runs"), plots=False)
     assert rest.metrics["val"]["top1"] >= 0.92, rest.metrics["val"]
+
+
+def test_freeze_names_must_exist(folder, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone="resnet18", layer="layer3", weights="none", data=str(folder), store=store, workers=0)
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    r = CliRunner().invoke(main, ["fit", "--head", "rest", "--store", store, "--freeze", "layer9", "--epochs", "1",
+                                  "--runs", str(tmp_path / "runs")])
+    assert r.exit_code == 1 and r.output.startswith("Error: --freeze 'layer9' matches no layer after the cut. Layers: fc, layer4.0")
