@@ -187,6 +187,7 @@ class Store:
     def __init__(self, url: str, root: zarr.Group):
         self.url = url
         self.root = root
+        self._index_cache: dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ spaces and rows
 
@@ -198,20 +199,25 @@ class Store:
         return key
 
     def _committed_segments(self, space: str) -> list[_Segment]:
-        out = []
-        for key, group in self.segment_groups(space):
-            if group.attrs.get("committed") is not True:
-                continue
-            out.append(_Segment(key, group["features"], np.asarray(group["sha256"][:])))
-        return out
+        return self._index(space)[0]
 
     def _index(self, space: str) -> tuple[list[_Segment], dict[str, tuple[int, int]]]:
-        """Committed segments, and content hash → (segment number, row) over them (first wins)."""
-        segments = self._committed_segments(space)
+        """Committed segments, and content hash → (segment number, row) over them (first wins).
+
+        Cached per space while its committed segments stay the same: a reader gathering
+        several splits lists the segments each time but reads their hashes once.
+        """
+        committed = [(k, g) for k, g in self.segment_groups(space) if g.attrs.get("committed") is True]
+        names = tuple(k for k, _ in committed)
+        cached = self._index_cache.get(space)
+        if cached is not None and cached[0] == names:
+            return cached[1], cached[2]
+        segments = [_Segment(k, g["features"], np.asarray(g["sha256"][:])) for k, g in committed]
         index: dict[str, tuple[int, int]] = {}
         for s, seg in enumerate(segments):
             for r, h in enumerate(seg.sha256.tolist()):
                 index.setdefault(h, (s, r))
+        self._index_cache[space] = (names, segments, index)
         return segments, index
 
     def space_stats(self, space: str) -> dict[str, int]:
