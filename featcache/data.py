@@ -155,26 +155,29 @@ def _hash_all(paths: list[Path]) -> list[tuple[str, int] | OSError]:
         return list(pool.map(one, paths))
 
 
-def _stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[str]:
-    """Assign each index a split name; every class is split in the same proportions."""
-    from sklearn.model_selection import train_test_split
+def _stratified_split(labels: np.ndarray, hashes: list[str], fractions: tuple[float, ...], seed: int) -> list[str]:
+    """Assign each image a split; every class is split in the same proportions.
 
-    idx = np.arange(len(labels))
+    Within a class, images are ranked by a seeded hash of their bytes and cut at the
+    fractions. The same seed gives the same split, and adding n images to a class moves only
+    existing images next to a cut (at most n per cut), where a reshuffle could move any.
+    """
     names = SPLIT_NAMES[: len(fractions)]
     out = np.empty(len(labels), dtype=object)
-    rest, rest_frac = idx, 1.0
-    for name, frac in zip(names[:-1], fractions[:-1]):
-        share = frac / rest_frac
-        try:
-            take, rest = train_test_split(rest, train_size=share, stratify=labels[rest], random_state=seed)
-        except ValueError as e:
+    bounds = np.cumsum(fractions)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < len(fractions):
             raise DataError(
-                f"cannot split {len(labels)} images into {','.join(map(str, fractions))} "
-                f"with every class in every split ({e}). Add images or use fewer splits."
-            ) from None
-        out[take] = name
-        rest_frac -= frac
-    out[rest] = names[-1]
+                f"cannot split class with {len(members)} image(s) into {len(fractions)} splits "
+                f"({','.join(map(str, fractions))}) with every class in every split. Add images or use fewer splits."
+            )
+        ranked = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{hashes[i]}".encode()).hexdigest())
+        cuts = [0] + [int(round(b * len(ranked))) for b in bounds[:-1]] + [len(ranked)]
+        for k in range(1, len(cuts)):  # every split gets at least one image of every class
+            cuts[k] = min(max(cuts[k], cuts[k - 1] + 1), len(ranked) - (len(cuts) - 1 - k))
+        for name, a, b in zip(names, cuts[:-1], cuts[1:]):
+            out[ranked[a:b]] = name
     return list(out)
 
 
@@ -271,7 +274,7 @@ def scan(
                 "Pass --split 0.8,0.2 (or train,val,test fractions) to split it."
             )
         labels = np.array([class_index[cls] for _, cls, *_ in kept])
-        assigned = _stratified_split(labels, fractions, seed)
+        assigned = _stratified_split(labels, [h for _, _, _, h, _ in kept], fractions, seed)
         kept = [(s, cls, p, h, n) for s, (_, cls, p, h, n) in zip(assigned, kept)]
 
     items = [

@@ -95,3 +95,25 @@ def test_load_rgb_converts_every_mode(tmp_path: Path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(OSError):
         load_rgb(tmp_path / "bad.jpg")
+
+
+def test_adding_images_to_a_flat_folder_moves_few_existing_images(tmp_path):
+    root = make_folder(tmp_path / "flat", splits=(("", 10),))
+    before = {i.path: i.split for i in scan(root, "0.8,0.2", seed=3).items}
+    make_folder(tmp_path / "more", splits=(("", 3),), seed=9)
+    for f in (tmp_path / "more").rglob("*.png"):
+        f.rename(root / f.parent.name / f"new_{f.name}")
+    after = {i.path: i.split for i in scan(root, "0.8,0.2", seed=3).items}
+    moved = sum(1 for p, s in before.items() if after[p] != s)
+    assert moved <= 3 * 3  # at most the number added per class, only next to the cut
+    assert sum(1 for s in after.values() if s == "val") == 3 * 3  # round(0.2 * 13) per class
+
+
+def test_tiny_classes_still_get_one_image_per_split(tmp_path):
+    root = make_folder(tmp_path / "flat", splits=(("", 3),))
+    m = scan(root, "0.9,0.05,0.05")
+    for label in range(3):
+        assert [i.split for i in m.items if i.label == label].count("test") == 1
+    two = make_folder(tmp_path / "two", splits=(("", 2),))
+    with pytest.raises(DataError, match="cannot split class with 2 image"):
+        scan(two, "0.6,0.2,0.2")
