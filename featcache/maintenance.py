@@ -133,7 +133,9 @@ def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0)
             errors.append(f"weights of {bb.weights_id} differ from those the set was made with")
         else:
             rng = np.random.default_rng(seed)
-            items = [(s, i) for s in fs.splits for i in range(len(fs.hashes(s)))]
+            paths = {s: fs.paths(s) for s in fs.splits}  # read each split's arrays once, not per sampled row
+            hashes = {s: fs.hashes(s) for s in fs.splits}
+            items = [(s, i) for s in fs.splits for i in range(len(hashes[s]))]
             picks = [items[i] for i in rng.choice(len(items), size=min(sample, len(items)), replace=False)]
             worst = 0.0
             import hashlib
@@ -141,8 +143,8 @@ def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0)
             import torch
 
             for split, i in picks:
-                path = safe_join(root, fs.paths(split)[i])
-                want_hash = fs.hashes(split)[i]
+                path = safe_join(root, paths[split][i])
+                want_hash = hashes[split][i]
                 try:
                     data = path.read_bytes()
                 except OSError as e:
@@ -160,7 +162,7 @@ def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0)
                 compared += 1
                 tol = 1e-2 if fs.attrs["dtype"] == "float16" else 1e-4
                 if rel > tol:
-                    errors.append(f"{fs.paths(split)[i]}: stored row differs from a fresh computation (relative {rel:.2e} > {tol})")
+                    errors.append(f"{paths[split][i]}: stored row differs from a fresh computation (relative {rel:.2e} > {tol})")
     elif sample and not root.is_dir():
         notes.append(f"data folder {root} not found; rows not recomputed")
     return VerifyReport(fs.key, rows, errors, compared, worst, notes)
