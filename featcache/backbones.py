@@ -12,6 +12,7 @@ comes from the weights' own transforms.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import warnings
@@ -151,27 +152,33 @@ def list_backbones() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models) + [OFFLINE])
 
 
+_WEIGHTS_VALUES = "(--weights takes DEFAULT, a torchvision weights name, none, or a state-dict file)"
+
+
 def _load_file(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {str(path)!r} does not exist")
+        raise WeightsError(f"weights file {str(path)!r} does not exist {_WEIGHTS_VALUES}", option="--weights")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad or unsafe file
         raise WeightsError(
             f"cannot load weights from {str(path)!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}. "
-            "featcache loads only plain state dicts (torch.load with weights_only=True)."
+            "featcache loads only plain state dicts (torch.load with weights_only=True).",
+            option="--weights",
         ) from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
                 state = state[key]
     if not isinstance(state, dict):
-        raise WeightsError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+        raise WeightsError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict", option="--weights")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise WeightsError(f"weights in {str(path)!r} do not fit this architecture: {str(e).splitlines()[0]}") from None
+        raise WeightsError(
+            f"weights in {str(path)!r} do not fit this architecture: {str(e).splitlines()[0]}", option="--weights"
+        ) from None
 
 
 def _torchvision_weights_enum(name: str):
@@ -194,7 +201,8 @@ def _download_hint(weights: Any) -> str:
 def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
     enum = _torchvision_weights_enum(name)
     default = enum.DEFAULT if enum is not None else None
-    if weights is None or (weights not in ("DEFAULT",) and Path(weights).suffix in (".pth", ".pt", ".bin")):
+    is_file = weights not in (None, "DEFAULT") and (Path(weights).suffix in (".pth", ".pt", ".bin") or Path(weights).is_file())
+    if weights is None or is_file:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_INIT_SEED)
             model = torchvision.models.get_model(name, weights=None)
@@ -205,12 +213,15 @@ def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, str, 
         chosen = default
     else:
         if enum is None:
-            raise WeightsError(f"{name} has no pretrained weights in torchvision; use --weights none or a .pth file")
+            raise WeightsError(
+                f"{name} has no pretrained weights in torchvision; use --weights none or a .pth file", option="--weights"
+            )
         choices = ["DEFAULT"] + [w.name for w in enum]
         if weights != "DEFAULT" and weights not in enum.__members__:
             raise WeightsError(
                 f"unknown weights {weights!r} for {name}. Choose one of: {', '.join(choices)}, none, "
-                "or a path to a .pth file"
+                "or a path to a .pth file",
+                option="--weights",
             )
         chosen = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
         model = torchvision.models.get_model(name, weights=None)
@@ -263,9 +274,11 @@ def _build(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
     if name == OFFLINE:
         return _build_lite(weights)
     if name not in torchvision.models.list_models(module=torchvision.models):
+        close = difflib.get_close_matches(name, list_backbones(), n=5, cutoff=0.5)
         raise UnknownBackbone(
             f"Unknown backbone {name!r}. Use a torchvision classification model, {OFFLINE}, "
-            "or package.module:factory. See: featcache backbones"
+            f"or package.module:factory{'; closest: ' + ', '.join(close) if close else ''}. "
+            "All names: featcache backbones"
         )
     return _build_torchvision(name, weights)
 

@@ -7,6 +7,7 @@ Every command parses options, calls one library function and prints its result. 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -36,10 +37,34 @@ class _Group(click.Group):
             click.echo(f"\nInterrupted: {e}", err=True)
             ctx.exit(130)
         except FeatcacheError as e:
-            raise click.ClickException(str(e)) from None
+            raise _as_usage_error(self, ctx, e) from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted: the store holds only committed data; re-run the command.", err=True)
             ctx.exit(130)
+
+
+def _as_usage_error(group: click.Group, ctx: click.Context, error: FeatcacheError) -> click.ClickException:
+    """A bad option value becomes click's usage error for that option (exit 2); anything else ``Error:`` (exit 1)."""
+    name = ctx.invoked_subcommand
+    command = group.get_command(ctx, name) if name else None
+    if error.option and command is not None:
+        wanted = error.option.lstrip("-").replace("-", "_").lower()
+        for param in command.params:
+            # a set is chosen by --set in fit and status, by the KEY argument in info, rm and verify
+            if param.name.lower() == wanted or (wanted == "set" and param.name == "key"):
+                sub = click.Context(command, info_name=name, parent=ctx)
+                return click.BadParameter(str(error), ctx=sub, param=param)
+    return click.ClickException(str(error))
+
+
+class _Floats(click.FloatRange):
+    """A FloatRange that also refuses nan and ±inf (click's lets nan through every bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number in the range {self._describe_range()}.", param, ctx)
+        return number
 
 
 store_option = click.option(
@@ -64,7 +89,7 @@ def main() -> None:
 @click.option("--data", default="data", show_default=True, type=click.Path(file_okay=False), help="Image folder.")
 @store_option
 @click.option("--split", default=None, help="For a flat CLASS/IMAGE folder: train,val[,test] fractions, e.g. 0.8,0.2.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --split.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of --split.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=None, type=click.IntRange(min=0), help="DataLoader workers [default: min(8, CPUs)].")
@@ -72,13 +97,15 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also store K seeded augmented views (RandomResizedCrop + flip) of each training image.")
-@click.option("--checkpoint-every", "checkpoint_s", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--checkpoint-every", "checkpoint_s", default=30.0, show_default=True, type=_Floats(min=0, min_open=True),
               help="Seconds between commits; a killed run loses at most this much work.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 def extract_cmd(progress: bool | None, **options) -> None:
     """Push an image folder through a frozen backbone once and store the features."""
     try:
         cfg = ExtractConfig(**options)
+    except FeatcacheError:
+        raise  # names its option; the group turns it into a usage error for that option
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
@@ -101,8 +128,8 @@ class _CType(click.ParamType):
             number = float(value)
         except ValueError:
             number = -1.0
-        if not number > 0:
-            self.fail(f"{value!r} is neither 'auto' nor a number > 0", param, ctx)
+        if not 0 < number < math.inf:
+            self.fail(f"{value!r} is neither 'auto' nor a finite number > 0", param, ctx)
         return number
 
 
@@ -123,16 +150,16 @@ def _epoch_line(total: int):
 @store_option
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr", default=1e-3, show_default=True, type=_Floats(min=0, min_open=True))
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(min=0))
-@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--momentum", default=0.9, show_default=True, type=_Floats(0, 1))
+@click.option("--weight-decay", default=0.0, show_default=True, type=_Floats(min=0))
 @click.option("--step-size", default=10, show_default=True, type=click.IntRange(min=1), help="StepLR period (sgd).")
-@click.option("--gamma", default=0.1, show_default=True, type=click.FloatRange(min=0, min_open=True), help="StepLR factor (sgd).")
+@click.option("--gamma", default=0.1, show_default=True, type=_Floats(min=0, min_open=True), help="StepLR factor (sgd).")
 @click.option("--hidden", default=256, show_default=True, type=click.IntRange(min=1), help="mlp hidden units.")
-@click.option("--dropout", default=0.4, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="mlp dropout.")
+@click.option("--dropout", default=0.4, show_default=True, type=_Floats(0, 1, max_open=True), help="mlp dropout.")
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(min=0), help="Early-stopping patience on val loss (0: off).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--C", "C", default="auto", show_default=True, type=_CType(),
               help="Inverse regularisation (logreg, svm); auto picks it on the val split (or by CV).")
 @click.option("--max-iter", default=2000, show_default=True, type=click.IntRange(min=1), help="Solver iterations (logreg, svm).")
@@ -140,7 +167,7 @@ def _epoch_line(total: int):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--runs", default="runs", show_default=True, help="Parent folder of run directories.")
 @click.option("--out", default=None, help="Run directory [default: RUNS/<time>-<head>].")
-@click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=click.FloatRange(min=0),
+@click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=_Floats(min=0),
               help="rest head: learning rate of the pretrained layers, as a fraction of --lr.")
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
@@ -297,18 +324,18 @@ def info_cmd(key: str, store: str) -> None:
 @store_option
 def rm_cmd(key: str, store: str) -> None:
     """Remove a set (its rows are freed by gc once no other set uses them)."""
-    fs = open_store(store).remove_set(key)
+    fs = open_store(store, mode="r+").remove_set(key)
     click.echo(f"removed set {fs.key}; run featcache gc to free rows no other set uses")
 
 
 @main.command("gc")
 @store_option
-@click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--grace", default=3600.0, show_default=True, type=_Floats(min=0),
               help="Leave anything younger than this many seconds (a running extract may own it).")
 @click.option("--dry-run", is_flag=True, help="Report only.")
 def gc_cmd(store: str, grace: float, dry_run: bool) -> None:
     """Remove uncommitted leftovers and rows no set refers to."""
-    r = gc(open_store(store), grace_s=grace, dry_run=dry_run)
+    r = gc(open_store(store, mode="r+"), grace_s=grace, dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
     click.echo(
         f"gc: {verb} {human_bytes(r['bytes_freed'])}; segments removed {r['segments_removed']}, rewritten "

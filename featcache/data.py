@@ -102,10 +102,11 @@ def parse_split(text: str | Sequence[float] | None) -> tuple[float, ...] | None:
     try:
         parts = tuple(float(p) for p in (text.split(",") if isinstance(text, str) else text))
     except ValueError:
-        raise DataError(f"--split takes two or three fractions like 0.8,0.2 or 0.7,0.15,0.15; got {text!r}") from None
+        raise DataError(f"split takes two or three fractions like 0.8,0.2 or 0.7,0.15,0.15; got {text!r}", option="--split") from None
     if len(parts) not in (2, 3) or any(p <= 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
         raise DataError(
-            f"--split takes two or three positive fractions that sum to 1 (train,val[,test]); got {text!r}"
+            f"split takes two or three positive fractions that sum to 1 (train,val[,test]); got {text!r}",
+            option="--split",
         )
     return parts
 
@@ -189,7 +190,7 @@ def scan(
     """Walk ``root`` and return its manifest (hashes included; nothing is decoded here)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {str(root)!r} does not exist. Pass --data DIR (default: data/).")
+        raise DataError(f"data folder {str(root)!r} does not exist. Pass --data DIR (default: data/).", option="--data")
     fractions = parse_split(split)
     skipped: list[Skip] = []
     ignored: list[Skip] = []

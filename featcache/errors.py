@@ -17,7 +17,18 @@ __all__ = [
 
 
 class FeatcacheError(Exception):
-    """Base of every error featcache raises for a user's mistake or a bad input."""
+    """Base of every error featcache raises for a user's mistake or a bad input.
+
+    ``option`` names the command-line option (``"--layer"``) or argument (``"RUN"``) whose
+    value caused the error, when one did; the CLI then reports a usage error for it.
+    """
+
+    option: str | None = None
+
+    def __init__(self, *args: object, option: str | None = None) -> None:
+        super().__init__(*args)
+        if option is not None:
+            self.option = option
 
 
 class DataError(FeatcacheError, ValueError):
@@ -27,9 +38,13 @@ class DataError(FeatcacheError, ValueError):
 class UnknownBackbone(FeatcacheError, ValueError):
     """A backbone name that is neither in the registry nor an importable factory."""
 
+    option = "--backbone"
+
 
 class UnknownLayer(FeatcacheError, ValueError):
     """A layer name that the backbone does not have."""
+
+    option = "--layer"
 
 
 class WeightsError(FeatcacheError, ValueError):
@@ -49,6 +64,8 @@ class SetNotFound(StoreError, KeyError):
 
 class AmbiguousSet(StoreError, LookupError):
     """Several feature sets match and the user must choose one."""
+
+    option = "--set"
 
 
 class RunError(FeatcacheError, OSError):

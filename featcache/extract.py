@@ -241,7 +241,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatcacheError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        raise FeatcacheError("CUDA is not available on this machine; valid here: auto, cpu", option="--device")
     return torch.device(name)
 
 

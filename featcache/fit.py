@@ -133,21 +133,26 @@ def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibr
 
 
 def _new_run_dir(cfg: FitConfig) -> Path:
-    if cfg.out:
-        path = Path(cfg.out)
-        if path.exists() and any(path.iterdir()):
-            raise RunError(f"run directory {path} exists and is not empty; choose another --out")
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    base = Path(cfg.runs) / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.head}"
-    path, n = base, 1
-    while True:
-        try:
-            path.mkdir(parents=True, exist_ok=False)
+    option, path = ("--out", Path(cfg.out)) if cfg.out else ("--runs", None)
+    try:
+        if path is not None:
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise RunError(f"run directory {path} exists and is not an empty folder; choose another --out", option=option)
+            path.mkdir(parents=True, exist_ok=True)
             return path
-        except FileExistsError:
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
+        base = Path(cfg.runs) / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.head}"
+        path, n = base, 1
+        while True:
+            try:
+                path.mkdir(parents=True, exist_ok=False)
+                return path
+            except FileExistsError:
+                if not path.parent.is_dir():
+                    raise
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+    except OSError as e:
+        raise RunError(f"cannot create run directory {path}: {e.strerror or e}; choose another {option}", option=option) from None
 
 
 def _load(fs: FeatureSet, split: str, pool: str, keep_shape: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +179,8 @@ def fit(
     if rest and (fs.attrs["pool"] != "none" or cfg.pool != "none"):
         raise FeatcacheError(
             f"--head rest trains the network after the cached layer, so it needs unpooled features; set {fs.key} "
-            f"is pooled ({fs.attrs['pool']}) or --pool was given. Extract with --layer LAYER --pool none."
+            f"is pooled ({fs.attrs['pool']}) or --pool was given. Extract with --layer LAYER --pool none.",
+            option="--head",
         )
     data = {s: _load(fs, s, cfg.pool, keep_shape=rest) for s in fs.splits}
     t_load = time.perf_counter() - t0
@@ -242,7 +248,7 @@ def evaluate(run: str | Path) -> dict:
         metrics = json.loads((run / "metrics.json").read_text())
         info = json.loads((run / "config.json").read_text())
     except FileNotFoundError:
-        raise RunError(f"{run} is not a featcache run directory (no metrics.json/config.json)") from None
+        raise RunError(f"{run} is not a featcache run directory (no metrics.json/config.json)", option="RUN") from None
     except json.JSONDecodeError as e:
         raise RunError(f"{run}: unreadable run files ({e})") from None
     return {"run": str(run), "config": info, "metrics": metrics}

@@ -116,7 +116,9 @@ class TorchHead:
                 from .errors import UnknownLayer
 
                 layers = sorted({n.rsplit(".", 1)[0] for n in names})
-                raise UnknownLayer(f"--freeze {f!r} matches no layer after the cut. Layers: {', '.join(layers)}")
+                raise UnknownLayer(
+                    f"--freeze {f!r} matches no layer after the cut. Layers: {', '.join(layers)}", option="--freeze"
+                )
         new, old = [], []
         for name, p in model.named_parameters():
             if any(name == f or name.startswith(f + ".") for f in self.freeze):

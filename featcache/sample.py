@@ -27,7 +27,7 @@ def write_digits(out: str | Path = "data", size: int = 32, seed: int = 0) -> dic
     if out.exists() and any(out.iterdir()):
         if (out / MARKER).exists():
             return {s: sum(1 for _ in (out / s).rglob("*.png")) for s in ("train", "val", "test")}
-        raise DataError(f"{out} exists and is not the sample folder; choose an empty --out")
+        raise DataError(f"{out} exists and is not the sample folder; choose an empty --out", option="--out")
     digits = load_digits()
     idx = np.arange(len(digits.target))
     train, rest = train_test_split(idx, train_size=0.6, stratify=digits.target, random_state=seed)

@@ -5,7 +5,7 @@ Layout (all arrays + JSON, nothing executable)::
     STORE/                          root attrs: {"featcache": {"format_version": 1}}
       spaces/<space>/               attrs: the space's provenance (backbone, layer, weights, ...)
         segments/<segment>/         one writer's rows; attrs "committed" is written last
-          features  (N, *shape)     float16/float32, Blosc-zstd, sharded along rows
+          features  (N, *shape)     float16/float32, Blosc-zstd + CRC32C, sharded along rows
           sha256    (N,)            content hash of the image bytes each row came from
       sets/<set>/                   a dataset view; attrs: classes, counts, skipped files, ...
         <split>/sha256, labels, paths
@@ -342,7 +342,7 @@ class Store:
         else:
             matches = [k for k in keys if k.startswith(key)]
             if not matches:
-                raise SetNotFound(f"no set {key!r} in {self.url}. Sets: {', '.join(keys)}. See: featcache ls")
+                raise SetNotFound(f"no set {key!r} in {self.url}. Sets: {', '.join(keys)}. See: featcache ls", option="--set")
             if len(matches) > 1:
                 raise AmbiguousSet(f"{key!r} matches several sets: {', '.join(matches)}. Give more of the key.")
             chosen = matches[0]
@@ -399,7 +399,8 @@ def _keep_group_writable(url: str) -> None:
 
 
 def open_store(url: str, mode: str = "a") -> Store:
-    """Open (``mode="a"`` creates if missing) or only read (``mode="r"``) a featcache store.
+    """Open a featcache store: ``"a"`` to write, creating it if missing; ``"r+"`` to write an
+    existing one (``rm``, ``gc``: a mistyped URL must not leave an empty store); ``"r"`` to read.
 
     ``url`` is a local path or any fsspec URL (``s3://bucket/path``; credentials and endpoint
     come from the usual environment variables).
@@ -410,18 +411,24 @@ def open_store(url: str, mode: str = "a") -> Store:
     try:
         root = zarr.open_group(url, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        if mode == "r":
-            raise StoreError(f"no featcache store at {url}. Run featcache extract --store {url} first.") from None
+        if mode != "a":
+            raise StoreError(
+                f"no featcache store at {url}. Run featcache extract --store {url} first.", option="--store"
+            ) from None
         try:  # metadata and version in one write, so a concurrent reader never sees a bare group
             root = zarr.create_group(url, zarr_format=3, attributes={"featcache": {"format_version": FORMAT_VERSION}})
             return Store(url, root)
         except zarr.errors.ContainsGroupError:  # another writer created it first
             return open_store(url, mode)
+        except (OSError, ValueError) as e:  # a path that is a file, a read-only place ...
+            raise StoreError(f"cannot create a featcache store at {url} ({e.__class__.__name__}: {e})", option="--store") from None
     except Exception as e:  # a path that is a file, a v2 store, garbage metadata ...
-        raise StoreError(f"{url} is not a readable featcache store ({e.__class__.__name__}: {e})") from None
+        raise StoreError(
+            f"{url} is not a readable featcache store ({e.__class__.__name__}: {e})", option="--store"
+        ) from None
     version = _version_of(root)
     if version is None:
-        raise StoreError(f"{url} is a Zarr group but not a featcache store (no featcache format_version).")
+        raise StoreError(f"{url} is a Zarr group but not a featcache store (no featcache format_version).", option="--store")
     if version > FORMAT_VERSION:
         raise StoreError(
             f"{url} was written by a newer featcache (store format {version}; this one reads up to "

@@ -53,32 +53,32 @@ def test_store_from_environment(run, folder, tmp_path, monkeypatch):
     assert run("fit", "--head", "logreg").exit_code == 0
 
 
-def test_user_mistakes_are_one_error_line(run, folder):
+def test_bad_option_value_is_a_usage_error_for_that_option(run, folder):
+    """The full message for one case; tests/test_cli_options.py runs every option of every command."""
     r = run("extract", "--backbone", "vgg16", "--layer", "feature", "--weights", "none", "--data", str(folder))
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert r.output == (
-        "Error: Unknown layer 'feature' for vgg16. Layers: features, avgpool, flatten, classifier "
-        "(and their sub-layers, e.g. features.20). See: featcache layers vgg16\n"
+        "Usage: main extract [OPTIONS]\nTry 'main extract --help' for help.\n\n"
+        "Error: Invalid value for '--layer': Unknown layer 'feature' for vgg16. Layers: features, avgpool, flatten, "
+        "classifier (and their sub-layers, e.g. features.20). See: featcache layers vgg16\n"
     )
-    r = run("extract", "--backbone", TINY, "--data", "missing")
-    assert r.exit_code == 1 and r.output.startswith("Error: data folder 'missing' does not exist")
-    r = run("fit")
-    assert r.exit_code == 1 and r.output.startswith("Error: no featcache store at featcache.zarr")
-    r = run("evaluate", "nowhere")
-    assert r.exit_code == 1 and "not a featcache run directory" in r.output
-
-
-def test_bad_option_values_are_usage_errors(run, folder):
     r = run("fit", "--head", "forest")
     assert r.exit_code == 2 and "Invalid value for '--head': 'forest' is not one of 'mlp', 'linear', 'rest', 'logreg', 'svm'" in r.output
-    r = run("extract", "--backbone", TINY, "--data", str(folder), "--split", "0.9,0.3")
-    assert r.exit_code == 2 and "--split takes two or three positive fractions" in r.output
-    r = run("extract", "--backbone", TINY, "--dtype", "int8")
-    assert r.exit_code == 2 and "'--dtype'" in r.output
-    r = run("fit", "--epochs", "0")
-    assert r.exit_code == 2 and "'--epochs'" in r.output
     r = run("extract", "--data", str(folder))
     assert r.exit_code == 2 and "Missing option '--backbone'" in r.output
+
+
+def test_other_mistakes_are_one_error_line(run, folder):
+    assert run("extract", "--backbone", TINY, "--weights", "none", "--data", str(folder), "--workers", "0").exit_code == 0
+    r = run("fit", "--head", "rest", "--pool", "avg")
+    assert r.exit_code == 2 and "Invalid value for '--head': --head rest trains the network after the cached layer" in r.output
+    Path("run").mkdir()
+    r = run("evaluate", "run")
+    assert r.exit_code == 2 and "not a featcache run directory" in r.output
+    (Path("run") / "metrics.json").write_text("{")
+    (Path("run") / "config.json").write_text("{}")
+    r = run("evaluate", "run")
+    assert r.exit_code == 1 and r.output.startswith("Error: run: unreadable run files") and "Traceback" not in r.output
 
 
 def test_skipped_files_are_named_with_their_reason(run, folder):
@@ -102,4 +102,5 @@ def test_backbones_layers_and_sample(run, tmp_path):
     Path("other").mkdir()
     (Path("other") / "x").write_text("mine")
     r = run("sample", "--out", "other")
-    assert r.exit_code == 1 and "not the sample folder" in r.output
+    assert r.exit_code == 2 and "Invalid value for '--out'" in r.output and "not the sample folder" in r.output
+    assert (Path("other") / "x").read_text() == "mine"

@@ -42,7 +42,7 @@ def test_flat_folder_needs_split_and_is_stratified_and_seeded(tmp_path: Path):
 
 @pytest.mark.parametrize("text", ["0.8", "0.5,0.6", "a,b", "0,1", "0.2,0.2,0.2,0.4"])
 def test_bad_split_fractions(text):
-    with pytest.raises(DataError, match="--split"):
+    with pytest.raises(DataError, match="split takes two or three"):
         parse_split(text)
 
 

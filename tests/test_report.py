@@ -62,7 +62,3 @@ def test_C_by_cross_validation_without_a_val_split(tmp_path):
     assert info["C_search"]["by"] == "5-fold cross-validated accuracy"
     assert set(res.metrics) == {"train"}
 
-
-def test_bad_C_is_a_usage_error():
-    r = CliRunner().invoke(main, ["fit", "--C", "-1"])
-    assert r.exit_code == 2 and "'-1' is neither 'auto' nor a number > 0" in r.output

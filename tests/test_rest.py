@@ -76,4 +76,5 @@ def test_freeze_names_must_exist(folder, tmp_path):
 
     r = CliRunner().invoke(main, ["fit", "--head", "rest", "--store", store, "--freeze", "layer9", "--epochs", "1",
                                   "--runs", str(tmp_path / "runs")])
-    assert r.exit_code == 1 and r.output.startswith("Error: --freeze 'layer9' matches no layer after the cut. Layers: fc, layer4.0")
+    assert r.exit_code == 2
+    assert "Error: Invalid value for '--freeze': --freeze 'layer9' matches no layer after the cut. Layers: fc, layer4.0" in r.output

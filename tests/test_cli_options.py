@@ -1,0 +1,169 @@
+"""Every option and argument of every command, given a bad value, is a usage error: exit
+status 2, ``Invalid value for 'OPTION'`` and the values it takes, and nothing written.
+
+The cases are generated from click's own description of the commands, so a new option is
+covered by its type (Choice, IntRange, float range, Path) or fails ``test_every_parameter_has_bad_values``
+until a case for it is written into ``FREE_TEXT`` below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import featcache
+from featcache.cli import main
+
+from .conftest import TINY, make_folder
+
+# Parameters whose values are free text: (command, parameter) → cases of (arguments, words the error must contain).
+# Paths in the arguments: DATA is a good image folder, STORE a store with one set, FILE a regular file,
+# FULL a non-empty folder.
+FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
+    ("extract", "backbone"): [
+        (["--backbone", "resnet81", "--data", "DATA"], ["closest: resnet18", "featcache backbones"]),
+        (["--backbone", "nomodule:make", "--data", "DATA"], ["cannot import backbone factory"]),
+    ],
+    ("extract", "layer"): [
+        (["--backbone", "resnet18", "--weights", "none", "--layer", "layer9", "--data", "DATA"],
+         ["layer1", "layer4", "featcache layers resnet18"]),
+    ],
+    ("extract", "weights"): [
+        (["--backbone", "resnet18", "--weights", "IMAGENET", "--data", "DATA"], ["DEFAULT", "IMAGENET1K_V1", "none"]),
+        (["--backbone", "resnet18", "--weights", "FILE", "--data", "DATA"], ["cannot load weights", "plain state dicts"]),
+        (["--backbone", "resnet18", "--weights", "missing.pth", "--data", "DATA"], ["DEFAULT", "none", "state-dict file"]),
+    ],
+    ("extract", "data"): [(["--backbone", TINY, "--data", "missing"], ["does not exist"])],
+    ("extract", "store"): [(["--backbone", TINY, "--data", "DATA", "--store", "FILE"], ["cannot create a featcache store"])],
+    ("extract", "split"): [
+        (["--backbone", TINY, "--data", "DATA", "--split", "0.9,0.3"], ["two or three positive fractions", "sum to 1"]),
+        (["--backbone", TINY, "--data", "DATA", "--split", "most,rest"], ["fractions like 0.8,0.2"]),
+    ],
+    ("fit", "set"): [(["--store", "STORE", "--set", "zzz"], ["Sets:", "featcache ls"])],
+    ("fit", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
+    ("fit", "runs"): [(["--store", "STORE", "--runs", "FILE"], ["choose another --runs"])],
+    ("fit", "out"): [(["--store", "STORE", "--out", "FULL"], ["not an empty folder"])],
+    ("fit", "freeze"): [(["--store", "STORE", "--head", "rest", "--freeze", "nolayer"], ["matches no layer", "Layers: classifier.1, classifier.3"])],
+    ("evaluate", "run"): [(["missing"], ["not a featcache run directory"])],
+    ("predict", "run"): [(["missing", "DATA"], ["not a featcache run directory"])],
+    ("export", "run"): [(["missing", "out.pt2"], ["not a featcache run directory"])],
+    ("report", "run"): [(["missing"], ["not a featcache run directory"])],
+    ("layers", "backbone"): [(["resnet81"], ["closest: resnet18"])],
+    ("ls", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
+    ("info", "key"): [(["zzz", "--store", "STORE"], ["Sets:"])],
+    ("info", "store"): [(["k", "--store", "missing.zarr"], ["no featcache store"])],
+    ("rm", "key"): [(["zzz", "--store", "STORE"], ["Sets:"])],
+    ("rm", "store"): [(["k", "--store", "missing.zarr"], ["no featcache store"])],
+    ("gc", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
+    ("verify", "key"): [(["zzz", "--store", "STORE"], ["Sets:"])],
+    ("verify", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
+    ("status", "key"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
+    ("status", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
+    ("status", "data"): [(["--store", "STORE", "--data", "missing"], ["does not exist"])],
+    ("sample", "out"): [(["--out", "FULL"], ["not the sample folder"])],
+}
+
+# Parameters whose bad values are by design not usage errors.
+NOT_USAGE_ERRORS = {
+    ("predict", "paths"): "an unreadable file is reported in the output and the others are still predicted",
+}
+
+
+def _typed_bad_values(param: click.Parameter) -> list[tuple[str, list[str]]] | None:
+    """Bad values and the words their error must contain, from the parameter's click type; None if free text."""
+    t = param.type
+    if isinstance(t, click.Choice):
+        return [("bogus", [repr(c) for c in t.choices])]
+    if isinstance(t, click.IntRange):
+        out = [("1.5", ["not a valid integer"]), ("abc", ["not a valid integer"])]
+        out += [(str(b), ["not in the range"]) for b in (t.min - 1 if t.min is not None else None,
+                                                         t.max + 1 if t.max is not None else None) if b is not None]
+        return out
+    if isinstance(t, click.FloatRange):
+        out = [("abc", ["not a valid float"]), ("nan", ["range"]), ("inf", ["range"]), ("-inf", ["range"])]
+        if t.min is not None:
+            out.append((str(t.min - 1), ["not in the range"]))
+        if t.max is not None:
+            out.append((str(t.max + 1), ["not in the range"]))
+        return out
+    if type(t).__name__ == "_CType":
+        return [(v, ["'auto'", "finite number > 0"]) for v in ("0", "-1", "nan", "inf", "abc")]
+    if isinstance(t, click.Path) and not t.file_okay:
+        return [("FILE", ["is a file"])]
+    if isinstance(t, click.Path) and not t.dir_okay:
+        return [("FULL", ["is a directory"])]
+    return None
+
+
+def _has_no_values(param: click.Parameter) -> bool:
+    return isinstance(param, click.Option) and (param.is_flag or param.count) or param.name in ("help", "version")
+
+
+def _cases() -> list:
+    cases = []
+    for name, command in sorted(main.commands.items()):
+        for param in command.params:
+            key = (name, param.name)
+            if _has_no_values(param) or key in NOT_USAGE_ERRORS:
+                continue
+            typed = _typed_bad_values(param)
+            if key in FREE_TEXT:
+                entries = FREE_TEXT[key]
+            elif typed is not None:
+                if isinstance(param, click.Option):
+                    flag = [param.opts[0]]
+                else:  # the arguments before it, with values click accepts
+                    flag = ["missing" for p in command.params[: command.params.index(param)] if isinstance(p, click.Argument)]
+                entries = [(flag + [value], words) for value, words in typed]
+            else:
+                entries = [([], None)]  # reported by test_every_parameter_has_bad_values
+            for args, words in entries:
+                cases.append(pytest.param(name, param, args, words, id=f"{name}-{param.name}-{'_'.join(args)[-40:]}"))
+    return cases
+
+
+CASES = _cases()
+
+
+def test_every_parameter_has_bad_values():
+    missing = [f"{c.values[0]} {c.values[1].name}" for c in CASES if c.values[3] is None]
+    assert not missing, f"add cases to FREE_TEXT or NOT_USAGE_ERRORS for: {', '.join(missing)}"
+    assert len(CASES) > 80  # every command's options, not a handful
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    data = make_folder(root / "data")
+    store = root / "store.zarr"
+    featcache.extract(backbone=TINY, layer="features", pool="none", weights="none", data=str(data), store=str(store),
+                      workers=0)
+    (root / "file.txt").write_text("not a folder, not a store, not a state dict")
+    (root / "full").mkdir()
+    (root / "full" / "mine.txt").write_text("keep me")
+    return {"DATA": str(data), "STORE": str(store), "FILE": str(root / "file.txt"), "FULL": str(root / "full"), "root": root}
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("command,param,args,words", [c for c in CASES if c.values[3] is not None])
+def test_bad_value_is_a_usage_error_naming_option_and_values(world, tmp_path, monkeypatch, command, param, args, words):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FEATCACHE_STORE", raising=False)
+    before = _snapshot(world["root"])
+    argv = [command] + [world.get(a, a) for a in args]
+    r = CliRunner().invoke(main, argv, catch_exceptions=False)
+    label = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+    assert r.exit_code == 2, r.output
+    assert any(f"Invalid value for '{hint}'" in r.output for hint in (label, f"[{label}]")), r.output
+    for word in words:
+        assert word in r.output, (word, r.output)
+    assert "Traceback" not in r.output
+    assert _snapshot(world["root"]) == before, "a rejected command changed files"
+    assert not list(Path(tmp_path).iterdir()), os.listdir(tmp_path)  # nothing created in the working folder
