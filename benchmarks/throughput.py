@@ -22,7 +22,7 @@ from featcache.backbones import create_backbone
 from featcache.data import load_rgb, scan
 from featcache.heads import TorchHead
 
-__all__ = ["extract_vs_forward", "fit_vs_bare"]
+__all__ = ["extract_vs_forward", "fit_vs_bare", "synthetic_set"]
 
 
 def extract_vs_forward(data: str, backbone: str, layer: str | None = None, weights: str = "DEFAULT",
@@ -52,25 +52,32 @@ def extract_vs_forward(data: str, backbone: str, layer: str | None = None, weigh
             "read_wait_s": r.timings.get("read"), "write_s": r.timings.get("write"), "total_s": extract_s}
 
 
-def _synthetic_set(store: str, rows: int, dim: int, classes: int, seed: int = 0) -> str:
-    """A committed set of ``rows`` float16 rows of ``dim`` features, written the way extract writes."""
+def synthetic_set(store: str, rows: int, dim: int, classes: int, seed: int = 0, val: int = 0) -> str:
+    """A committed set of ``rows`` float16 training rows (+ ``val`` validation rows) of ``dim``
+    features around one centre per class, written the way extract writes."""
     rng = np.random.default_rng(seed)
     st = featcache.open_store(store)
     prov = {"backbone": "synthetic", "layer": "x", "weights": {"id": "none", "sha256": "0" * 64},
             "preprocessing": {}, "pool": "none", "shape": [dim], "dtype": "float16"}
     space = st.ensure_space(prov)
-    seg = st.new_segment(space, rows, (dim,), "float16")
-    labels = rng.integers(0, classes, rows)
-    hashes = [f"{i:064x}" for i in range(rows)]
+    total = rows + val
+    seg = st.new_segment(space, total, (dim,), "float16")
+    labels = rng.integers(0, classes, total)
+    hashes = [f"{i:064x}" for i in range(total)]
     centers = rng.normal(size=(classes, dim)).astype(np.float32)
-    for i in range(0, rows, 1000):
+    for i in range(0, total, 1000):
         block = centers[labels[i : i + 1000]] + rng.normal(size=(len(labels[i : i + 1000]), dim)).astype(np.float32)
         seg.append(block.astype(np.float16), hashes[i : i + 1000])
     seg.commit()
+    splits = {"train": rows, **({"val": val} if val else {})}
     attrs = {"space": space, "space_provenance": prov, "backbone": "synthetic", "layer": "x", "pool": "none",
              "dtype": "float16", "weights": prov["weights"], "preprocessing": {}, "classes": [f"c{i}" for i in range(classes)],
-             "splits": {"train": rows}, "data_root": "/nonexistent", "created_at": "", "config": {}}
-    arrays = {"train": {"sha256": np.array(hashes), "labels": labels.astype(np.int32), "paths": np.array(hashes)}}
+             "splits": splits, "data_root": "/nonexistent", "created_at": "", "config": {}}
+    arrays, at = {}, 0
+    for split, n in splits.items():
+        h = np.array(hashes[at : at + n])
+        arrays[split] = {"sha256": h, "labels": labels[at : at + n].astype(np.int32), "paths": h}
+        at += n
     return st.write_set("synthetic000", attrs, arrays).key
 
 
@@ -78,7 +85,7 @@ def fit_vs_bare(rows: int = 10_000, dim: int = 25_088, classes: int = 10, epochs
     tmp = Path(tempfile.mkdtemp(prefix="featcache-fit-"))
     try:
         store = str(tmp / "s.zarr")
-        key = _synthetic_set(store, rows, dim, classes)
+        key = synthetic_set(store, rows, dim, classes)
         st = featcache.open_store(store)
         fs = st.get_set(key)
         arr = st._committed_segments(fs.space)[0].features

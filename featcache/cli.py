@@ -21,6 +21,7 @@ from .heads import HEADS, OPTIMIZERS
 from .sample import write_digits
 from .maintenance import gc, status, verify
 from .store import human_bytes, open_store
+from .stream import parse_size
 
 __all__ = ["main"]
 
@@ -133,6 +134,18 @@ class _CType(click.ParamType):
         return number
 
 
+class _SizeType(click.ParamType):
+    name = "auto|SIZE"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(f"{value!r} is neither 'auto' nor a size: {e}", param, ctx)
+
+
 def _epoch_line(total: int):
     def show(row: dict) -> None:
         val = f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if "val_loss" in row else ""
@@ -172,6 +185,9 @@ def _epoch_line(total: int):
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
               help="Train on the set's augmented views (one per image per epoch), when it has them.")
+@click.option("--max-memory", default="auto", show_default=True, type=_SizeType(),
+              help="Features held in memory, e.g. 8GB; a larger set is streamed chunk by chunk (mlp, linear, rest). "
+                   "auto: half of this machine's memory.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")
 @click.option("--check-data", is_flag=True, help="Refuse a set whose image folder has changed since extraction.")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")

@@ -19,7 +19,8 @@ import numpy as np
 from .errors import FeatcacheError, RunError
 from .extract import default_store_url
 from .heads import HEADS, OPTIMIZERS, make_head, save_head
-from .store import FeatureSet, open_store
+from .store import FeatureSet, human_bytes, open_store
+from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features
 
 __all__ = ["FitConfig", "FitResult", "fit", "evaluate", "compute_metrics", "prepare_features"]
 
@@ -55,6 +56,7 @@ class FitConfig:
     use_views: bool = True
     pretrained_lr_scale: float = 0.1
     freeze: tuple[str, ...] = ()
+    max_memory: str | int = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,6 +71,8 @@ class FitConfig:
             (self.patience >= 0, f"patience must be >= 0 (0 turns early stopping off); got {self.patience}"),
             (self.pretrained_lr_scale >= 0, f"pretrained_lr_scale must be >= 0; got {self.pretrained_lr_scale}"),
             (self.C == "auto" or (isinstance(self.C, (int, float)) and self.C > 0), f"C must be > 0 or 'auto'; got {self.C!r}"),
+            (self.max_memory == "auto" or _is_size(self.max_memory),
+             f"max_memory must be 'auto' or a size like 4GB; got {self.max_memory!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -101,15 +105,6 @@ class FitResult:
             parts.append(f"C {self.chosen_C:g}")
         parts.append(f"load {self.seconds['load']:.2f} s, fit {self.seconds['fit']:.2f} s")
         return "; ".join(parts)
-
-
-def prepare_features(x: np.ndarray, pool: str = "none") -> np.ndarray:
-    """Stored rows → float32 2-D matrix: spatial maps pooled (``avg``/``max``) or flattened."""
-    if x.ndim == 4 and pool == "avg":
-        x = x.mean(axis=(2, 3), dtype=np.float32)
-    elif x.ndim == 4 and pool == "max":
-        x = x.max(axis=(2, 3))
-    return x.reshape(len(x), -1).astype(np.float32, copy=False)
 
 
 def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibrated: bool = True) -> dict:
@@ -155,9 +150,45 @@ def _new_run_dir(cfg: FitConfig) -> Path:
         raise RunError(f"cannot create run directory {path}: {e.strerror or e}; choose another {option}", option=option) from None
 
 
-def _load(fs: FeatureSet, split: str, pool: str, keep_shape: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    x, y = fs.to_numpy(split)
-    return (x.astype(np.float32) if keep_shape else prepare_features(x, pool)), y
+def _is_size(value) -> bool:
+    try:
+        parse_size(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, np.ndarray | Streamed | None, list[str]]:
+    """Each split's prepared features and labels, and the training views: in memory when they fit
+    in ``--max-memory``, else as :class:`Streamed` splits (torch heads only)."""
+    readers = {s: RowReader(fs.store, fs.space, fs.hashes(s), fs.shape, cfg.pool, keep_shape) for s in fs.splits}
+    views = fs.views if cfg.use_views else 0
+    need = sum(r.nbytes for r in readers.values()) + views * readers["train"].nbytes
+    budget = memory_budget(cfg.max_memory)
+    labels = {s: fs.labels(s) for s in fs.splits}
+    if need <= budget:
+        data = {s: (r.load(), labels[s]) for s, r in readers.items()}
+        train_views = None
+        if views:
+            keys = [f"{h}:{k}" for h in fs.hashes("train").tolist() for k in range(views)]
+            flat = RowReader(fs.store, fs.attrs["view_space"], keys, fs.shape, cfg.pool, keep_shape).load()
+            train_views = flat.reshape((len(labels["train"]), views) + flat.shape[1:])
+        return data, train_views, []
+    if cfg.head not in ("mlp", "linear", "rest"):
+        raise FeatcacheError(
+            f"--head {cfg.head} needs the whole set in memory ({human_bytes(need)} as float32) but --max-memory is "
+            f"{human_bytes(budget)}; raise --max-memory or use --head linear or mlp, which stream",
+            option="--max-memory",
+        )
+    window = budget // 2  # the window being trained on and the one read ahead
+    data = {
+        s: (Streamed(fs.store, fs.space, fs.hashes(s).tolist(), labels[s], fs.shape, cfg.pool, keep_shape, window,
+                     views=views if s == "train" else 0, view_space=fs.attrs.get("view_space")), labels[s])
+        for s in fs.splits
+    }
+    note = (f"streaming: the set needs {human_bytes(need)} as float32, over --max-memory {human_bytes(budget)}; "
+            f"chunks are read in shuffled windows of up to {human_bytes(window)}")
+    return data, None, [note]
 
 
 def fit(
@@ -182,28 +213,18 @@ def fit(
             f"is pooled ({fs.attrs['pool']}) or --pool was given. Extract with --layer LAYER --pool none.",
             option="--head",
         )
-    data = {s: _load(fs, s, cfg.pool, keep_shape=rest) for s in fs.splits}
+    data, train_views, notes = _load_data(cfg, fs, keep_shape=rest)
     t_load = time.perf_counter() - t0
     x_train, y_train = data["train"]
     x_val, y_val = data.get("val", (None, None))
     extra = {"rest_of": {k: fs.attrs["config"][k] for k in ("backbone", "layer", "weights")}} if rest else {}
     head = make_head(cfg.head, **cfg.to_dict(), **extra)
     t1 = time.perf_counter()
-    train_views = None
-    if fs.views and cfg.use_views:
-        tv = fs.view_features()
-        n, k = tv.shape[:2]
-        flat = tv.reshape((n * k,) + tv.shape[2:])
-        flat = flat.astype(np.float32) if rest else prepare_features(flat, cfg.pool)
-        train_views = flat.reshape((n, k) + flat.shape[1:])
     head.fit(x_train, y_train, x_val, y_val, n_classes=len(fs.classes), on_epoch=on_epoch, train_views=train_views)
     t_fit = time.perf_counter() - t1
     calibrated = getattr(head, "calibrated", True)
-    metrics = {
-        s: compute_metrics(head.predict_proba(x), y, fs.classes, calibrated)
-        for s, (x, y) in data.items()
-        if s in ("val", "test", "train")
-    }
+    probas = {s: head.predict_proba(x) for s, (x, _) in data.items()}
+    metrics = {s: compute_metrics(probas[s], y, fs.classes, calibrated) for s, (_, y) in data.items()}
     run = _new_run_dir(cfg)
     save_head(head, run)
     info = {
@@ -230,12 +251,11 @@ def fit(
     (run / "config.json").write_text(json.dumps(info, indent=2))
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (run / "history.json").write_text(json.dumps(head.history_, indent=2))
-    notes = []
     if cfg.plots:
         from .report import have_matplotlib, write_plots
 
         if have_matplotlib():
-            write_plots(run, fs, head, data)
+            write_plots(run, fs, head, probas)
         else:
             notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
     return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None), notes)

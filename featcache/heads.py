@@ -147,7 +147,13 @@ class TorchHead:
         on_epoch: Callable[[dict], None] | None = None,
         train_views: np.ndarray | None = None,
     ) -> "TorchHead":
-        """``train_views`` (N, K, ...): each epoch trains on one randomly drawn view per image."""
+        """``train_views`` (N, K, ...): each epoch trains on one randomly drawn view per image.
+
+        ``X`` (and ``X_val``) may be a :class:`featcache.stream.Streamed` split, read from the
+        store a window of chunks at a time; ``y`` is then its labels.
+        """
+        from .stream import Streamed
+
         if self.kind not in TORCH_HEADS:
             raise ValueError(f"kind must be one of {', '.join(TORCH_HEADS)}; got {self.kind!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -156,16 +162,34 @@ class TorchHead:
         dev = self._device()
         c = int(n_classes if n_classes is not None else y.max() + 1)
         gen = torch.Generator().manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)  # chunk and window order of a streamed split
         torch.manual_seed(self.seed)
         model = self._build(X.shape[1], c).to(dev)
         groups = self._param_groups(model)
-        xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
-        yt = torch.as_tensor(y, dtype=torch.long, device=dev)
-        views = torch.as_tensor(train_views, dtype=torch.float32, device=dev) if train_views is not None else None
+        streamed = isinstance(X, Streamed)
+        if not streamed:
+            xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
+            yt = torch.as_tensor(y, dtype=torch.long, device=dev)
+            views = torch.as_tensor(train_views, dtype=torch.float32, device=dev) if train_views is not None else None
+
+        def batches():
+            if streamed:
+                for xb, yb in X.epoch(rng, self.batch_size):
+                    yield torch.from_numpy(xb).to(dev), torch.from_numpy(yb).to(dev)
+                return
+            order = torch.randperm(len(xt), generator=gen).to(dev)
+            if views is not None:  # one augmented view per image this epoch
+                picks = torch.randint(views.shape[1], (len(views),), generator=gen).to(dev)
+                xe = views[torch.arange(len(views), device=dev), picks]
+            else:
+                xe = xt
+            for idx in order.split(self.batch_size):
+                yield xe[idx], yt[idx]
+
         has_val = X_val is not None and y_val is not None and len(y_val) > 0
         if has_val:
-            xv = torch.as_tensor(X_val, dtype=torch.float32, device=dev)
-            yv = torch.as_tensor(y_val, dtype=torch.long, device=dev)
+            xv = X_val if isinstance(X_val, Streamed) else torch.as_tensor(X_val, dtype=torch.float32, device=dev)
+            yv = torch.as_tensor(y_val, dtype=torch.long)
         if self.optimizer == "adam":
             opt = torch.optim.Adam(groups, lr=self.lr, weight_decay=self.weight_decay)
             sched = None
@@ -183,27 +207,21 @@ class TorchHead:
                 for m in model.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
-            order = torch.randperm(len(xt), generator=gen).to(dev)
-            if views is not None:  # one augmented view per image this epoch
-                xe = views[torch.arange(len(views), device=dev), torch.randint(views.shape[1], (len(views),), generator=gen).to(dev)]
-            else:
-                xe = xt
             total = correct = 0.0
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                logits = model(xe[idx])
-                loss = loss_fn(logits, yt[idx])
+            for xb, yb in batches():
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * len(idx)
-                correct += float((logits.argmax(1) == yt[idx]).sum())
+                total += float(loss.detach()) * len(yb)
+                correct += float((logits.argmax(1) == yb).sum())
             if sched is not None:
                 sched.step()
-            row = {"epoch": epoch, "train_loss": total / len(xt), "train_acc": correct / len(xt)}
+            row = {"epoch": epoch, "train_loss": total / len(X), "train_acc": correct / len(X)}
             if has_val:
-                vl, va = self._evaluate(model, xv, yv, loss_fn)
-                row.update(val_loss=vl, val_acc=va)
+                logits = self._logits(model, xv, dev)
+                row.update(val_loss=float(loss_fn(logits, yv)), val_acc=float((logits.argmax(1) == yv).float().mean()))
             row["seconds"] = time.perf_counter() - t
             history.append(row)
             if on_epoch:
@@ -225,28 +243,38 @@ class TorchHead:
         self.stopped_early_ = len(history) < self.epochs
         return self
 
-    @staticmethod
     @torch.no_grad()
-    def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float]:
+    def _logits(self, model: nn.Module, X, dev: torch.device) -> torch.Tensor:
+        """Logits (N, C) on the CPU for an array, a tensor or a streamed split, in row order."""
+        from .stream import Streamed
+
         model.eval()
-        logits = torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
-        return float(loss_fn(logits, y)), float((logits.argmax(1) == y).float().mean())
+        step = 256 if self.kind == "rest" else 4096
+
+        def run(x) -> torch.Tensor:
+            parts = [model(torch.as_tensor(x[i : i + step], dtype=torch.float32, device=dev)).cpu() for i in range(0, len(x), step)]
+            return torch.cat(parts) if parts else torch.zeros((0, 0))
+
+        if not isinstance(X, Streamed):
+            return run(X)
+        out = None
+        for x, dest in X.ordered():
+            part = run(x)
+            if out is None:
+                out = torch.empty((len(X), part.shape[1]))
+            out[torch.from_numpy(dest)] = part
+        return out if out is not None else torch.zeros((0, 0))
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "module_"):
             raise NotFittedError("this head is not fitted yet; call fit first")
 
-    @torch.no_grad()
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities for an array or a streamed split."""
         self._check_fitted()
         _check_xy(X, any_rank=self.kind == "rest")
-        dev = next(self.module_.parameters()).device
-        step = 256 if self.kind == "rest" else 4096
-        out = [
-            torch.softmax(self.module_(torch.as_tensor(X[i : i + step], dtype=torch.float32, device=dev)), 1).cpu()
-            for i in range(0, len(X), step)
-        ]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.n_classes_), dtype=np.float32)
+        logits = self._logits(self.module_, X, next(self.module_.parameters()).device)
+        return torch.softmax(logits, 1).numpy() if len(logits) else np.zeros((0, self.n_classes_), dtype=np.float32)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.predict_proba(X).argmax(1)

@@ -14,9 +14,10 @@ import numpy as np
 
 from .data import load_rgb, safe_join
 from .errors import FeatcacheError
-from .fit import evaluate, prepare_features
+from .fit import evaluate
 from .heads import load_head
 from .store import open_store
+from .stream import RowReader
 
 __all__ = ["PLOTS", "have_matplotlib", "write_plots", "write_report"]
 
@@ -127,11 +128,11 @@ def _misclassified(plt, root: Path, paths: list[str], y: np.ndarray, pred: np.nd
     return out
 
 
-def write_plots(run: str | Path, fs=None, head=None, data: dict | None = None) -> list[Path]:
+def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None) -> list[Path]:
     """Write the run's PNGs (those that apply) into the run directory and return their paths.
 
-    ``fit`` passes the set, head and in-memory features it already has; on its own this
-    reloads them from the run directory and the store.
+    ``fit`` passes the set, head and per-split probabilities it already has; on its own this
+    reloads the head and features from the run directory and the store.
     """
     plt = _pyplot()
     run = Path(run)
@@ -147,13 +148,13 @@ def write_plots(run: str | Path, fs=None, head=None, data: dict | None = None) -
         counts = np.bincount(fs.labels("train"), minlength=len(classes))
         written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
                                   split, run / "per_class.png"))
-        head = head or load_head(run)
-        if data is not None:
-            x, y = data[split]
+        if probas is not None:
+            predicted = probas[split].argmax(1)
         else:
-            x, y = fs.features(split), fs.labels(split)
-            x = x.astype(np.float32) if info["config"]["head"] == "rest" else prepare_features(x, info["config"]["pool"])
-        written.append(_misclassified(plt, Path(fs.attrs["data_root"]), fs.paths(split), y, head.predict(x),
+            x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, info["config"]["pool"],
+                          keep_shape=info["config"]["head"] == "rest").load()
+            predicted = (head or load_head(run)).predict(x)
+        written.append(_misclassified(plt, Path(fs.attrs["data_root"]), fs.paths(split), fs.labels(split), predicted,
                                       classes, split, run / "misclassified.png"))
     return [p for p in written if p is not None]
 

@@ -253,19 +253,24 @@ class Store:
         group.attrs.update({"created_at": now_iso(), "created_by": created_by(), "committed": False})
         return SegmentWriter(group, capacity, shape, dtype, compressor or default_compressor())
 
-    def gather(self, space: str, hashes: Iterable[str], shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        hashes = list(hashes)
+    def locate(self, space: str, keys: Iterable[str]) -> tuple[list[_Segment], np.ndarray]:
+        """The committed segments of ``space`` and, per key, its (segment number, row) as an (N, 2) array."""
         segments, index = self._index(space)
-        out = np.empty((len(hashes),) + tuple(shape), dtype=dtype)
+        keys = list(keys)
+        try:
+            where = np.array([index[k] for k in keys], dtype=np.int64).reshape(len(keys), 2)
+        except KeyError as e:
+            raise StoreError(
+                f"row for image {str(e.args[0])[:12]} is missing from space {space} (removed or never committed). "
+                "Re-run featcache extract to restore it."
+            ) from None
+        return segments, where
+
+    def gather(self, space: str, hashes: Iterable[str], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        segments, located = self.locate(space, hashes)
+        out = np.empty((len(located),) + tuple(shape), dtype=dtype)
         where: dict[int, list[tuple[int, int]]] = {}
-        for i, h in enumerate(hashes):
-            try:
-                s, r = index[h]
-            except KeyError:
-                raise StoreError(
-                    f"row for image {h[:12]} is missing from space {space} (removed or never committed). "
-                    "Re-run featcache extract to restore it."
-                ) from None
+        for i, (s, r) in enumerate(located.tolist()):
             where.setdefault(s, []).append((i, r))
         for s, pairs in where.items():
             arr = segments[s].features

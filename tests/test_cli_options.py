@@ -92,6 +92,8 @@ def _typed_bad_values(param: click.Parameter) -> list[tuple[str, list[str]]] | N
         return out
     if type(t).__name__ == "_CType":
         return [(v, ["'auto'", "finite number > 0"]) for v in ("0", "-1", "nan", "inf", "abc")]
+    if type(t).__name__ == "_SizeType":
+        return [(v, ["'auto'", "like 4GB"]) for v in ("0", "-1GB", "4XB", "nan", "inf", "lots")]
     if isinstance(t, click.Path) and not t.file_okay:
         return [("FILE", ["is a file"])]
     if isinstance(t, click.Path) and not t.dir_okay:

@@ -1,0 +1,240 @@
+"""A set's rows read one stored chunk at a time.
+
+``RowReader.load`` fills one preallocated float32 matrix: chunks are decompressed on several
+threads and each is upcast (and pooled or flattened) as it arrives, so no second, float16
+copy of the whole split is ever held. ``Streamed`` serves splits larger than
+``--max-memory``: every epoch visits the chunks in a new order, a window of them at a time,
+with the rows of a window shuffled, while the next window is read in the background.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from .errors import StoreError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["prepare_features", "prepared_shape", "RowReader", "Streamed", "memory_budget", "parse_size"]
+
+
+def prepare_features(x: np.ndarray, pool: str = "none") -> np.ndarray:
+    """Stored rows → float32 2-D matrix: spatial maps pooled (``avg``/``max``) or flattened."""
+    if x.ndim == 4 and pool == "avg":
+        x = x.mean(axis=(2, 3), dtype=np.float32)
+    elif x.ndim == 4 and pool == "max":
+        x = x.max(axis=(2, 3))
+    return x.reshape(len(x), -1).astype(np.float32, copy=False)
+
+
+def prepared_shape(shape: tuple[int, ...], pool: str, keep_shape: bool) -> tuple[int, ...]:
+    """Shape of one row after ``prepare_features`` (or as stored, for heads that take maps)."""
+    if keep_shape:
+        return tuple(shape)
+    if len(shape) == 3 and pool in ("avg", "max"):
+        return (shape[0],)
+    return (int(np.prod(shape)),)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """``"4GB"``, ``"512MiB"``, ``"1.5g"``, ``2_000_000`` → bytes (> 0)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        number, unit = float(text), ""
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        digits = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        number, unit = (float(digits) if digits else float("nan")), s[len(digits):]
+    if unit not in _UNITS or not (0 < number < float("inf")):
+        raise ValueError(f"expected a size like 4GB, 512MiB or 2000000 (bytes); got {text!r}")
+    return int(number * _UNITS[unit])
+
+
+def memory_budget(setting: str | int = "auto") -> int:
+    """Bytes of features fit may hold in memory: ``auto`` = half of this machine's (or container's) memory."""
+    if setting != "auto":
+        return parse_size(setting)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:  # a container's limit, when it has one
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total // 2
+
+
+@dataclass
+class _Block:
+    """The rows one stored chunk contributes: segment rows ``rows`` (ascending) go to positions ``dest``."""
+
+    segment: int
+    start: int
+    stop: int
+    rows: np.ndarray
+    dest: np.ndarray
+
+
+class RowReader:
+    """The rows of ``keys`` in ``space`` as float32, planned by stored chunk."""
+
+    def __init__(self, store: "Store", space: str, keys, shape: tuple[int, ...], pool: str = "none",
+                 keep_shape: bool = False, threads: int | None = None):
+        self.space = space
+        self.pool = pool
+        self.keep_shape = keep_shape
+        self.row_shape = prepared_shape(shape, pool, keep_shape)
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self.segments, located = store.locate(space, keys)
+        self.n = len(located)
+        self.blocks = self._plan(located)
+
+    def _plan(self, located: np.ndarray) -> list[_Block]:
+        blocks = []
+        for s in np.unique(located[:, 0]).tolist():
+            dest = np.flatnonzero(located[:, 0] == s)
+            rows = located[dest, 1]
+            order = np.argsort(rows, kind="stable")
+            rows, dest = rows[order], dest[order]
+            arr = self.segments[s].features
+            chunk = arr.chunks[0]
+            cuts = np.flatnonzero(np.diff(rows // chunk)) + 1
+            for r, d in zip(np.split(rows, cuts), np.split(dest, cuts)):
+                start = int(r[0] // chunk) * chunk
+                blocks.append(_Block(s, start, min(start + chunk, arr.shape[0]), r, d))
+        return blocks
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape)) * 4
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole split as float32."""
+        return self.n * self.row_bytes
+
+    def _read(self, block: _Block) -> np.ndarray:
+        seg = self.segments[block.segment]
+        try:
+            raw = seg.features[block.start : block.stop]
+        except Exception as e:  # checksum mismatch, codec error ...
+            raise StoreError(
+                f"cannot read segment {seg.key} of space {self.space} (chunk of rows {block.start}-{block.stop - 1}): "
+                f"{e.__class__.__name__}: {e}. See: featcache verify"
+            ) from None
+        if len(block.rows) != len(raw):
+            raw = raw[block.rows - block.start]
+        return raw.astype(np.float32) if self.keep_shape else prepare_features(raw, self.pool)
+
+    def _fill(self, out: np.ndarray, blocks: list[_Block], positions: list[np.ndarray], pool: ThreadPoolExecutor) -> None:
+        def one(i: int) -> None:
+            out[positions[i]] = self._read(blocks[i])
+
+        for _ in pool.map(one, range(len(blocks))):
+            pass
+
+    def load(self) -> np.ndarray:
+        """All rows, in key order, as one float32 array."""
+        out = np.empty((self.n,) + self.row_shape, dtype=np.float32)
+        with ThreadPoolExecutor(self.threads) as pool:
+            self._fill(out, self.blocks, [b.dest for b in self.blocks], pool)
+        return out
+
+    def windows(self, window_bytes: int, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, their key positions)`` a window of chunks at a time, the next window read ahead.
+
+        With ``rng`` the chunks come in a random order and the rows of each window are shuffled.
+        At most two windows are alive at once, plus one chunk per reading thread.
+        """
+        blocks = [self.blocks[i] for i in rng.permutation(len(self.blocks))] if rng is not None else list(self.blocks)
+        groups: list[list[_Block]] = [[]]
+        size = 0
+        for b in blocks:
+            if groups[-1] and size + len(b.rows) * self.row_bytes > window_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(b)
+            size += len(b.rows) * self.row_bytes
+        orders = []  # drawn here, in order, so the shuffle does not depend on thread timing
+        for g in groups:
+            n = sum(len(b.rows) for b in g)
+            orders.append(rng.permutation(n) if rng is not None else np.arange(n))
+
+        def read(i: int) -> tuple[np.ndarray, np.ndarray]:
+            g, order = groups[i], orders[i]
+            n = len(order)
+            at = np.empty(n, dtype=np.int64)
+            at[order] = np.arange(n)  # window slot of each row, so the rows land already shuffled
+            offsets = np.cumsum([0] + [len(b.rows) for b in g])
+            positions = [at[offsets[j] : offsets[j + 1]] for j in range(len(g))]
+            x = np.empty((n,) + self.row_shape, dtype=np.float32)
+            self._fill(x, g, positions, readers)
+            dest = np.empty(n, dtype=np.int64)
+            for b, p in zip(g, positions):
+                dest[p] = b.dest
+            return x, dest
+
+        if not blocks:
+            return
+        with ThreadPoolExecutor(self.threads) as readers, ThreadPoolExecutor(1) as ahead:
+            pending = ahead.submit(read, 0)
+            for i in range(len(groups)):
+                x, dest = pending.result()
+                if i + 1 < len(groups):
+                    pending = ahead.submit(read, i + 1)
+                yield x, dest
+                del x, dest
+
+
+class Streamed:
+    """A split too large for ``--max-memory``, for heads that train in batches.
+
+    ``epoch`` yields shuffled batches: chunk order and rows within a window change every
+    epoch (with ``views`` > 0, training reads one augmented view per image, drawn per epoch).
+    ``ordered`` yields ``(rows, positions)`` windows of the un-augmented rows for evaluation.
+    """
+
+    def __init__(self, store: "Store", space: str, hashes: list[str], labels: np.ndarray, shape: tuple[int, ...],
+                 pool: str, keep_shape: bool, window_bytes: int, views: int = 0, view_space: str | None = None):
+        self.store, self.space, self.hashes, self.labels = store, space, list(hashes), np.asarray(labels)
+        self.stored_shape, self.pool, self.keep_shape = tuple(shape), pool, keep_shape
+        self.window_bytes = int(window_bytes)
+        self.views, self.view_space = views, view_space
+        self.row_shape = prepared_shape(shape, pool, keep_shape)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """As an in-memory array of the prepared rows would have."""
+        return (len(self.hashes),) + self.row_shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def _reader(self, rng: np.random.Generator | None) -> RowReader:
+        if rng is not None and self.views:  # one augmented view per image this epoch
+            picks = rng.integers(self.views, size=len(self.hashes))
+            return RowReader(self.store, self.view_space, [f"{h}:{k}" for h, k in zip(self.hashes, picks.tolist())],
+                             self.stored_shape, self.pool, self.keep_shape)
+        return RowReader(self.store, self.space, self.hashes, self.stored_shape, self.pool, self.keep_shape)
+
+    def epoch(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for x, dest in self._reader(rng).windows(self.window_bytes, rng):
+            y = self.labels[dest]
+            for i in range(0, len(x), batch_size):
+                yield x[i : i + batch_size], y[i : i + batch_size]
+
+    def ordered(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield from self._reader(None).windows(self.window_bytes)
