@@ -1,4 +1,5 @@
-"""``python -m benchmarks [transfer|storage|all]``: run, print Markdown tables, save JSON.
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|all]``: run,
+print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
 ``vgg16/features@DEFAULT``. Results go to benchmarks/results/<bench>-<machine>-<time>.json.
@@ -39,12 +40,20 @@ EXTRACT_COLUMNS = [
 FIT_COLUMNS = [
     ("rows", "rows"), ("dim", "features"), ("epochs", "epochs"), ("fit_epoch_s", "featcache s/epoch"),
     ("bare_epoch_s", "bare loop s/epoch"), ("epoch_ratio", "featcache / bare"), ("load_gbs", "set load GB/s"),
-    ("plain_read_gbs", "plain array[:] GB/s"), ("load_ratio", "load / plain"),
+    ("plain_read_gbs", "plain array[:] GB/s"), ("naive_read_gbs", "array[:] + astype GB/s"), ("load_ratio", "load / plain"),
 ]
 VIEWS_COLUMNS = [
     ("views", "views K"), ("extract_s", "extract s"), ("view_rows", "view rows"), ("view_bytes", "view bytes"),
     ("base_bytes", "un-augmented bytes"), ("mlp_val", "mlp val acc"), ("logreg_val", "logreg (C=1) val acc"),
 ]
+MEMORY_COLUMNS = [
+    ("rows", "rows"), ("dim", "features"), ("features_mb", "float32 MiB"), ("max_memory", "--max-memory"),
+    ("streamed", "streamed"), ("base_rss_mb", "RSS before fit MiB"), ("peak_rss_mb", "peak RSS MiB"),
+    ("fit_rss_mb", "peak - before MiB"), ("over_budget_mb", "beyond the features held MiB"), ("load_s", "load s"),
+    ("epoch_s", "s/epoch"), ("val_acc", "val acc"),
+]
+SCALEOUT_COLUMNS = [("backbone", "backbone"), ("processes", "processes"), ("images", "images"), ("wall_s", "wall s"),
+                    ("images_per_s", "images/s"), ("speedup", "speedup")]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -56,7 +65,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "views", "all"]), default="all")
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
@@ -69,6 +78,8 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import files_per_10k, run_store
+    from .memory import run_memory
+    from .scaleout import run_scaleout
     from .throughput import extract_vs_forward, fit_vs_bare
     from .views import run_views
     from .transfer import run_transfer
@@ -118,6 +129,21 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         fits = [fit_vs_bare()]
         click.echo("\n" + table(fits, FIT_COLUMNS))
         path = save("throughput", {"machine": info, "data": data, "extract": rows, "fit": fits}, out)
+        click.echo(f"saved {path}")
+    if which in ("memory", "all"):
+        rows = run_memory()
+        click.echo("\nfit memory: mlp on a synthetic float16 set, each fit in a fresh process")
+        click.echo(table(rows, MEMORY_COLUMNS))
+        path = save("memory", {"machine": info, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("scaleout", "all"):
+        rows = []
+        for case in cases:
+            name, layer, weights = _case(case)
+            rows += run_scaleout(data, name, layer, weights, batch_size=batch_size)
+        click.echo("\nextract: one process against torchrun --nproc_per_node 2")
+        click.echo(table(rows, SCALEOUT_COLUMNS))
+        path = save("scaleout", {"machine": info, "data": data, "rows": rows}, out)
         click.echo(f"saved {path}")
     if which in ("views", "all"):
         name, _, weights = _case(cases[-1])

@@ -59,3 +59,18 @@ def test_views_benchmark_smoke(folder):
 
     rows = run_views(str(folder), TINY, weights="none", ks=(0, 2), epochs=1, workers=0)
     assert [r["views"] for r in rows] == [0, 2] and rows[1]["view_rows"] == 48 and rows[1]["view_bytes"] > 0
+
+
+def test_memory_benchmark_smoke():
+    from benchmarks.memory import run_memory
+
+    rows = run_memory(rows=300, val=100, dim=64, budgets=("auto", "20KB"), epochs=1)
+    assert [r["streamed"] for r in rows] == [False, True]
+    assert all(r["peak_rss_mb"] >= r["base_rss_mb"] > 0 and r["val_acc"] > 0.5 for r in rows)
+
+
+def test_scaleout_benchmark_smoke(folder):
+    from benchmarks.scaleout import run_scaleout
+
+    rows = run_scaleout(str(folder), TINY, None, "none", procs=(1, 2), batch_size=8)
+    assert [r["processes"] for r in rows] == [1, 2] and all(r["images"] == 36 and r["wall_s"] > 0 for r in rows)
