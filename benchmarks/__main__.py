@@ -34,7 +34,7 @@ STORE_COLUMNS = [
 ]
 EXTRACT_COLUMNS = [
     ("backbone", "backbone"), ("images", "images"), ("batch_size", "batch"), ("threads", "threads"),
-    ("bare_forward_ips", "bare forward img/s"), ("extract_ips", "extract img/s"), ("ratio", "extract / bare"),
+    ("bare_forward_ips", "bare forward img/s"), ("extract_ips", "extract img/s"), ("ratio", "extract / bare (median)"), ("ratios", "per pair"),
     ("model_s", "model s"), ("read_wait_s", "waiting for decode s"), ("write_s", "writer busy s"), ("total_s", "extract total s"),
 ]
 FIT_COLUMNS = [

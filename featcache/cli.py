@@ -182,6 +182,8 @@ def _epoch_line(total: int):
 @click.option("--out", default=None, help="Run directory [default: RUNS/<time>-<head>].")
 @click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=_Floats(min=0),
               help="rest head: learning rate of the pretrained layers, as a fraction of --lr.")
+@click.option("--warmup-epochs", default=0, show_default=True, type=click.IntRange(min=0),
+              help="rest head: epochs that train only the new layer before the pretrained layers join.")
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
               help="Train on the set's augmented views (one per image per epoch), when it has them.")

@@ -56,6 +56,7 @@ class FitConfig:
     use_views: bool = True
     pretrained_lr_scale: float = 0.1
     freeze: tuple[str, ...] = ()
+    warmup_epochs: int = 0
     max_memory: str | int = "auto"
 
     def __post_init__(self) -> None:

@@ -66,6 +66,7 @@ class TorchHead:
         rest_of: dict | None = None,
         pretrained_lr_scale: float = 0.1,
         freeze: tuple[str, ...] = (),
+        warmup_epochs: int = 0,
     ):
         self.kind = kind
         self.hidden = hidden
@@ -84,12 +85,13 @@ class TorchHead:
         self.rest_of = rest_of
         self.pretrained_lr_scale = pretrained_lr_scale
         self.freeze = tuple(freeze)
+        self.warmup_epochs = warmup_epochs
 
     def get_params(self) -> dict:
         params = {k: getattr(self, k) for k in (
             "kind", "hidden", "dropout", "lr", "optimizer", "momentum", "weight_decay",
             "step_size", "gamma", "epochs", "batch_size", "patience", "seed", "device",
-            "rest_of", "pretrained_lr_scale",
+            "rest_of", "pretrained_lr_scale", "warmup_epochs",
         )}
         return {**params, "freeze": list(self.freeze)}
 
@@ -166,6 +168,7 @@ class TorchHead:
         torch.manual_seed(self.seed)
         model = self._build(X.shape[1], c).to(dev)
         groups = self._param_groups(model)
+        pretrained = [p for g in groups[1:] for p in g["params"]]  # rest: the layers that keep their weights
         streamed = isinstance(X, Streamed)
         if not streamed:
             xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
@@ -202,6 +205,9 @@ class TorchHead:
         waited = 0
         for epoch in range(1, self.epochs + 1):
             t = time.perf_counter()
+            probing = epoch <= self.warmup_epochs and bool(pretrained)
+            for p in pretrained:  # warm-up: the new layer learns on fixed features first (linear probe, then fine-tune)
+                p.requires_grad_(not probing)
             model.train()
             if self.kind == "rest":  # pretrained batch-norm statistics stay as they are
                 for m in model.modules():
