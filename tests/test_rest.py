@@ -7,7 +7,7 @@ import torch
 import featcache
 from featcache.backbones import create_backbone
 from featcache.errors import FeatcacheError
-from featcache.heads import load_head
+from featcache.heads import TorchHead, load_head
 from featcache.predict import predict
 
 
@@ -36,6 +36,26 @@ def test_resnet_layer3_cache_trains_layer4_and_a_new_fc(folder, tmp_path):
     got = predict(res.run_dir, [folder / p for p in fs.paths("val")], top_k=3)
     for g, w in zip(got, want):
         assert abs(dict(g.top)[fs.classes[int(w.argmax())]] - w.max()) < 1e-3
+
+
+def test_warmup_epochs_train_only_the_new_layer(folder, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone="resnet18", layer="layer3", weights="none", data=str(folder), store=store, workers=0)
+    fs = featcache.open_store(store).get_set()
+    x, y = fs.features("train").astype(np.float32), fs.labels("train")
+    before = _reference("resnet18")
+    rest_of = {"backbone": "resnet18", "layer": "layer3", "weights": "none"}
+
+    def trained(epochs: int, warmup: int) -> dict:
+        head = TorchHead(kind="rest", rest_of=rest_of, epochs=epochs, warmup_epochs=warmup, patience=0)
+        return head.fit(x, y, n_classes=3).module_.state_dict()  # no val: the lowest train loss is kept
+
+    probe = trained(epochs=2, warmup=2)
+    assert torch.equal(probe["layer4.1.conv1.weight"], before["layer4.1.conv1.weight"])  # still pretrained
+    assert not torch.equal(probe["fc.weight"], trained(epochs=1, warmup=1)["fc.weight"])  # the new layer learns
+    tuned = trained(epochs=4, warmup=1)
+    assert not torch.equal(tuned["layer4.1.conv1.weight"], before["layer4.1.conv1.weight"])  # joined after the warm-up
+    assert torch.equal(tuned["layer4.1.bn1.running_mean"], before["layer4.1.bn1.running_mean"])
 
 
 def test_rest_needs_unpooled_features(folder, tmp_path):
