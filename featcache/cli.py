@@ -100,6 +100,8 @@ def main() -> None:
               help="Also store K seeded augmented views (RandomResizedCrop + flip) of each training image.")
 @click.option("--checkpoint-every", "checkpoint_s", default=30.0, show_default=True, type=_Floats(min=0, min_open=True),
               help="Seconds between commits; a killed run loses at most this much work.")
+@click.option("--compile", is_flag=True,
+              help="torch.compile the backbone first: slower start, faster batches on large runs (mostly GPUs).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 def extract_cmd(progress: bool | None, **options) -> None:
     """Push an image folder through a frozen backbone once and store the features."""

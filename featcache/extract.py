@@ -59,6 +59,7 @@ class ExtractConfig:
     strict: bool = False
     checkpoint_s: float = 30.0
     views: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -265,6 +266,8 @@ def _run_model(
     model = backbone.model.to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:  # compiled on the first batch; a smaller last batch compiles once more
+        model = torch.compile(model)
     workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
     loader = DataLoader(
         _Images(manifest.root, todo, backbone.transform, views, augment),

@@ -164,3 +164,16 @@ def test_uncommitted_segments_are_invisible(folder, store_url):
     seg.append(np.ones((5,) + r.shape, np.float16), ["f" * 64] * 5)  # never committed
     assert "f" * 64 not in st.known_hashes(r.space)
     assert st.space_stats(r.space)["rows"] == 36
+
+
+@pytest.mark.slow
+def test_compiled_backbone_gives_the_same_rows(folder, tmp_path):
+    """--compile (torch.compile, inductor; about 30 s of compiling here) changes speed, not the features."""
+    plain = _extract(folder, str(tmp_path / "plain.zarr"), batch_size=16)
+    compiled = _extract(folder, str(tmp_path / "compiled.zarr"), batch_size=16, compile=True)
+    a = featcache.open_store(str(tmp_path / "plain.zarr")).get_set(plain.set_key)
+    b = featcache.open_store(str(tmp_path / "compiled.zarr")).get_set(compiled.set_key)
+    assert a.key == b.key and b.attrs["config"]["compile"] is True
+    for split in a.splits:
+        np.testing.assert_allclose(b.features(split).astype(np.float32), a.features(split).astype(np.float32),
+                                   rtol=1e-2, atol=1e-3)
