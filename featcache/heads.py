@@ -40,6 +40,15 @@ def _check_xy(X: np.ndarray, y: np.ndarray | None = None, any_rank: bool = False
         raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
 
 
+def _home(dev: torch.device, nbytes: int) -> torch.device:
+    """Where the training tensors live: on the GPU when they fit in 80% of its free memory,
+    else in host memory, each batch copied over."""
+    if dev.type != "cuda":
+        return dev
+    free, _ = torch.cuda.mem_get_info(dev)
+    return dev if nbytes <= 0.8 * free else torch.device("cpu")
+
+
 class TorchHead:
     """``mlp`` = Linear(D, hidden)-ReLU-Dropout-Linear(hidden, C); ``linear`` = Linear(D, C).
 
@@ -171,27 +180,29 @@ class TorchHead:
         pretrained = [p for g in groups[1:] for p in g["params"]]  # rest: the layers that keep their weights
         streamed = isinstance(X, Streamed)
         if not streamed:
-            xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
-            yt = torch.as_tensor(y, dtype=torch.long, device=dev)
-            views = torch.as_tensor(train_views, dtype=torch.float32, device=dev) if train_views is not None else None
+            home = _home(dev, (X.size + (train_views.size if train_views is not None else 0)) * 4)
+            xt = torch.as_tensor(X, dtype=torch.float32, device=home)
+            yt = torch.as_tensor(y, dtype=torch.long, device=home)
+            views = torch.as_tensor(train_views, dtype=torch.float32, device=home) if train_views is not None else None
 
         def batches():
             if streamed:
                 for xb, yb in X.epoch(rng, self.batch_size):
                     yield torch.from_numpy(xb).to(dev), torch.from_numpy(yb).to(dev)
                 return
-            order = torch.randperm(len(xt), generator=gen).to(dev)
+            order = torch.randperm(len(xt), generator=gen).to(xt.device)
             if views is not None:  # one augmented view per image this epoch
-                picks = torch.randint(views.shape[1], (len(views),), generator=gen).to(dev)
-                xe = views[torch.arange(len(views), device=dev), picks]
+                picks = torch.randint(views.shape[1], (len(views),), generator=gen).to(xt.device)
+                xe = views[torch.arange(len(views), device=xt.device), picks]
             else:
                 xe = xt
             for idx in order.split(self.batch_size):
-                yield xe[idx], yt[idx]
+                yield xe[idx].to(dev, non_blocking=True), yt[idx].to(dev, non_blocking=True)
 
         has_val = X_val is not None and y_val is not None and len(y_val) > 0
         if has_val:
-            xv = X_val if isinstance(X_val, Streamed) else torch.as_tensor(X_val, dtype=torch.float32, device=dev)
+            xv = X_val if isinstance(X_val, Streamed) else torch.as_tensor(
+                X_val, dtype=torch.float32, device=_home(dev, X_val.size * 4))
             yv = torch.as_tensor(y_val, dtype=torch.long)
         if self.optimizer == "adam":
             opt = torch.optim.Adam(groups, lr=self.lr, weight_decay=self.weight_decay)
