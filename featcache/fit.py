@@ -20,7 +20,7 @@ from .errors import FeatcacheError, RunError
 from .extract import default_store_url
 from .heads import HEADS, OPTIMIZERS, make_head, save_head
 from .store import FeatureSet, human_bytes, open_store
-from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features
+from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
 __all__ = ["FitConfig", "FitResult", "fit", "evaluate", "compute_metrics", "prepare_features"]
 
@@ -162,13 +162,14 @@ def _is_size(value) -> bool:
 def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, np.ndarray | Streamed | None, list[str]]:
     """Each split's prepared features and labels, and the training views: in memory when they fit
     in ``--max-memory``, else as :class:`Streamed` splits (torch heads only)."""
-    readers = {s: RowReader(fs.store, fs.space, fs.hashes(s), fs.shape, cfg.pool, keep_shape) for s in fs.splits}
     views = fs.views if cfg.use_views else 0
-    need = sum(r.nbytes for r in readers.values()) + views * readers["train"].nbytes
+    counts = fs.attrs["splits"]
+    need = (sum(counts.values()) + views * counts["train"]) * int(np.prod(prepared_shape(fs.shape, cfg.pool, keep_shape))) * 4
     budget = memory_budget(cfg.max_memory)
     labels = {s: fs.labels(s) for s in fs.splits}
     if need <= budget:
-        data = {s: (r.load(), labels[s]) for s, r in readers.items()}
+        data = {s: (RowReader(fs.store, fs.space, fs.hashes(s), fs.shape, cfg.pool, keep_shape).load(), labels[s])
+                for s in fs.splits}
         train_views = None
         if views:
             keys = [f"{h}:{k}" for h in fs.hashes("train").tolist() for k in range(views)]

@@ -18,6 +18,8 @@ import torch
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from .stream import Streamed
+
 __all__ = ["HEADS", "TORCH_HEADS", "SKLEARN_HEADS", "TorchHead", "SklearnHead", "make_head", "save_head", "load_head"]
 
 TORCH_HEADS = ("mlp", "linear", "rest")
@@ -163,8 +165,6 @@ class TorchHead:
         ``X`` (and ``X_val``) may be a :class:`featcache.stream.Streamed` split, read from the
         store a window of chunks at a time; ``y`` is then its labels.
         """
-        from .stream import Streamed
-
         if self.kind not in TORCH_HEADS:
             raise ValueError(f"kind must be one of {', '.join(TORCH_HEADS)}; got {self.kind!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -263,8 +263,6 @@ class TorchHead:
     @torch.no_grad()
     def _logits(self, model: nn.Module, X, dev: torch.device) -> torch.Tensor:
         """Logits (N, C) on the CPU for an array, a tensor or a streamed split, in row order."""
-        from .stream import Streamed
-
         model.eval()
         step = 256 if self.kind == "rest" else 4096
 
