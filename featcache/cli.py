@@ -17,7 +17,7 @@ from .backbones import POOLS, list_backbones, list_layers
 from .errors import FeatcacheError
 from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
 from .fit import FIT_POOLS, FitConfig, evaluate, fit
-from .heads import HEADS, OPTIMIZERS
+from .heads import HEADS, INITS, OPTIMIZERS
 from .sample import write_digits
 from .maintenance import gc, status, verify
 from .store import human_bytes, open_store
@@ -184,6 +184,9 @@ def _epoch_line(total: int):
 @click.option("--out", default=None, help="Run directory [default: RUNS/<time>-<head>].")
 @click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=_Floats(min=0),
               help="rest head: learning rate of the pretrained layers, as a fraction of --lr.")
+@click.option("--init", type=click.Choice(INITS), default="probe", show_default=True,
+              help="rest head: the new layer starts as a logistic-regression probe on the pretrained layers' output "
+                   "(then fine-tuning is kept only where it lowers val loss), or random.")
 @click.option("--warmup-epochs", default=0, show_default=True, type=click.IntRange(min=0),
               help="rest head: epochs that train only the new layer before the pretrained layers join.")
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import FeatcacheError, RunError
 from .extract import default_store_url
-from .heads import HEADS, OPTIMIZERS, make_head, save_head
+from .heads import HEADS, INITS, OPTIMIZERS, make_head, save_head
 from .store import FeatureSet, human_bytes, open_store
 from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
@@ -57,6 +57,7 @@ class FitConfig:
     pretrained_lr_scale: float = 0.1
     freeze: tuple[str, ...] = ()
     warmup_epochs: int = 0
+    init: str = "probe"
     max_memory: str | int = "auto"
 
     def __post_init__(self) -> None:
@@ -64,6 +65,7 @@ class FitConfig:
             (self.head in HEADS, f"head must be one of {', '.join(HEADS)}; got {self.head!r}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"),
             (self.pool in FIT_POOLS, f"pool must be one of {', '.join(FIT_POOLS)}; got {self.pool!r}"),
+            (self.init in INITS, f"init must be one of {', '.join(INITS)}; got {self.init!r}"),
             (self.epochs >= 1, f"epochs must be >= 1; got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0; got {self.lr}"),

@@ -23,6 +23,7 @@ from .stream import Streamed
 __all__ = ["HEADS", "TORCH_HEADS", "SKLEARN_HEADS", "TorchHead", "SklearnHead", "make_head", "save_head", "load_head"]
 
 TORCH_HEADS = ("mlp", "linear", "rest")
+INITS = ("random", "probe")
 SKLEARN_HEADS = ("logreg", "svm")
 HEADS = TORCH_HEADS + SKLEARN_HEADS
 OPTIMIZERS = ("adam", "sgd")
@@ -78,6 +79,7 @@ class TorchHead:
         pretrained_lr_scale: float = 0.1,
         freeze: tuple[str, ...] = (),
         warmup_epochs: int = 0,
+        init: str = "probe",
     ):
         self.kind = kind
         self.hidden = hidden
@@ -97,12 +99,13 @@ class TorchHead:
         self.pretrained_lr_scale = pretrained_lr_scale
         self.freeze = tuple(freeze)
         self.warmup_epochs = warmup_epochs
+        self.init = init
 
     def get_params(self) -> dict:
         params = {k: getattr(self, k) for k in (
             "kind", "hidden", "dropout", "lr", "optimizer", "momentum", "weight_decay",
             "step_size", "gamma", "epochs", "batch_size", "patience", "seed", "device",
-            "rest_of", "pretrained_lr_scale", "warmup_epochs",
+            "rest_of", "pretrained_lr_scale", "warmup_epochs", "init",
         )}
         return {**params, "freeze": list(self.freeze)}
 
@@ -212,6 +215,13 @@ class TorchHead:
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.step_size, gamma=self.gamma)
         loss_fn = nn.CrossEntropyLoss()
         best = (float("inf"), -1, copy.deepcopy(model.state_dict()))
+        self.probe_ = None
+        if self.kind == "rest" and self.init == "probe":
+            self.probe_ = self._probe_init(model, X, y, dev, c)
+            if has_val:  # the probe itself is the first candidate for the best epoch
+                logits = self._logits(model, xv, dev)
+                best = (float(loss_fn(logits, yv)), 0, copy.deepcopy(model.state_dict()))
+                self.probe_["val_acc"] = float((logits.argmax(1) == yv).float().mean())
         history: list[dict] = []
         waited = 0
         for epoch in range(1, self.epochs + 1):
@@ -261,6 +271,39 @@ class TorchHead:
         return self
 
     @torch.no_grad()
+    def _probe_init(self, model: nn.Module, X, y, dev: torch.device, c: int) -> dict:
+        """Set the new layer to a logistic regression (C = 1, on standardised inputs, folded back
+        into the layer) fitted on what the pretrained layers feed it: fine-tuning then starts
+        from a linear probe instead of random weights."""
+        layer = model.get_submodule(self.new_layer_)
+        inputs: list[torch.Tensor] = []
+        hook = layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().float().cpu()))
+        try:
+            if isinstance(X, Streamed):
+                labels = []
+                for x, dest in X.ordered():
+                    self._logits(model, x, dev)
+                    labels.append(X.labels[dest])
+                y = np.concatenate(labels)
+            else:
+                self._logits(model, X, dev)
+        finally:
+            hook.remove()
+        z = torch.cat(inputs).numpy()
+        probe = SklearnHead(kind="logreg", C=1.0, seed=self.seed).fit(z, np.asarray(y), n_classes=c)
+        est, scaler = probe.estimator_, probe.scaler_
+        coef, intercept = est.coef_, est.intercept_
+        if len(est.classes_) == 2 and coef.shape[0] == 1:  # sklearn's binary form: one score for class 1
+            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+        weight = np.zeros((c, z.shape[1]))
+        bias = np.full(c, -1e4 if len(est.classes_) < c else 0.0)  # classes absent from training stay unlikely
+        weight[est.classes_] = coef / scaler.scale_
+        bias[est.classes_] = intercept - (coef * scaler.mean_ / scaler.scale_).sum(1)
+        layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
+        layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
+        return {"C": 1.0, "train_acc": float((probe.predict(z) == np.asarray(y)).mean()), "converged": probe.converged_}
+
+    @torch.no_grad()
     def _logits(self, model: nn.Module, X, dev: torch.device) -> torch.Tensor:
         """Logits (N, C) on the CPU for an array, a tensor or a streamed split, in row order."""
         model.eval()
@@ -302,6 +345,8 @@ class TorchHead:
         info = {"n_features_in": self.n_features_in_, "n_classes": self.n_classes_, "best_epoch": self.best_epoch_}
         if self.kind == "rest":
             info["new_layer"] = self.new_layer_
+        if getattr(self, "probe_", None):
+            info["probe"] = self.probe_
         return info
 
     @classmethod
