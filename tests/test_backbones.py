@@ -46,7 +46,7 @@ def test_unknown_names_list_the_choices():
         "Unknown layer 'feature' for vgg16. Layers: features, avgpool, flatten, classifier "
         "(and their sub-layers, e.g. features.20). See: featcache layers vgg16"
     )
-    with pytest.raises(UnknownBackbone, match="See: featcache backbones"):
+    with pytest.raises(UnknownBackbone, match="closest: resnet18, .*All names: featcache backbones"):
         create_backbone("resnet19")
     with pytest.raises(WeightsError, match="Choose one of: DEFAULT, IMAGENET1K_V1, none"):
         create_backbone("resnet18", weights="IMAGENET_V9")
