@@ -121,31 +121,29 @@ def extract_cmd(progress: bool | None, **options) -> None:
     click.echo(result.summary())
 
 
-class _CType(click.ParamType):
-    name = "auto|FLOAT"
+def _positive_float(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not 0 < number < math.inf:
+        raise ValueError("expected a finite number > 0")
+    return number
+
+
+class _AutoOr(click.ParamType):
+    """``auto`` or a value that ``parse`` accepts (it raises ValueError with what it expects)."""
+
+    def __init__(self, name: str, what: str, parse):
+        self.name, self.what, self.parse = name, what, parse
 
     def convert(self, value, param, ctx):
-        if value == "auto" or isinstance(value, float):
+        if value == "auto" or not isinstance(value, str):
             return value
         try:
-            number = float(value)
-        except ValueError:
-            number = -1.0
-        if not 0 < number < math.inf:
-            self.fail(f"{value!r} is neither 'auto' nor a finite number > 0", param, ctx)
-        return number
-
-
-class _SizeType(click.ParamType):
-    name = "auto|SIZE"
-
-    def convert(self, value, param, ctx):
-        if value == "auto" or isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
+            return self.parse(value)
         except ValueError as e:
-            self.fail(f"{value!r} is neither 'auto' nor a size: {e}", param, ctx)
+            self.fail(f"{value!r} is neither 'auto' nor {self.what}: {e}", param, ctx)
 
 
 def _epoch_line(total: int):
@@ -175,7 +173,7 @@ def _epoch_line(total: int):
 @click.option("--dropout", default=0.4, show_default=True, type=_Floats(0, 1, max_open=True), help="mlp dropout.")
 @click.option("--patience", default=10, show_default=True, type=click.IntRange(min=0), help="Early-stopping patience on val loss (0: off).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
-@click.option("--C", "C", default="auto", show_default=True, type=_CType(),
+@click.option("--C", "C", default="auto", show_default=True, type=_AutoOr("auto|NUMBER", "a number", _positive_float),
               help="Inverse regularisation (logreg, svm); auto picks it on the val split (or by CV).")
 @click.option("--max-iter", default=2000, show_default=True, type=click.IntRange(min=1), help="Solver iterations (logreg, svm).")
 @click.option("--pool", type=click.Choice(FIT_POOLS), default="none", show_default=True, help="Pool spatial features instead of flattening.")
@@ -192,7 +190,7 @@ def _epoch_line(total: int):
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
               help="Train on the set's augmented views (one per image per epoch), when it has them.")
-@click.option("--max-memory", default="auto", show_default=True, type=_SizeType(),
+@click.option("--max-memory", default="auto", show_default=True, type=_AutoOr("auto|SIZE", "a size", parse_size),
               help="Features held in memory, e.g. 8GB; a larger set is streamed chunk by chunk (mlp, linear, rest). "
                    "auto: half of this machine's memory.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")

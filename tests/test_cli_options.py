@@ -90,9 +90,9 @@ def _typed_bad_values(param: click.Parameter) -> list[tuple[str, list[str]]] | N
         if t.max is not None:
             out.append((str(t.max + 1), ["not in the range"]))
         return out
-    if type(t).__name__ == "_CType":
-        return [(v, ["'auto'", "finite number > 0"]) for v in ("0", "-1", "nan", "inf", "abc")]
-    if type(t).__name__ == "_SizeType":
+    if t.name == "auto|NUMBER":
+        return [(v, ["'auto'", "number"]) for v in ("0", "-1", "nan", "inf", "abc")]
+    if t.name == "auto|SIZE":
         return [(v, ["'auto'", "like 4GB"]) for v in ("0", "-1GB", "4XB", "nan", "inf", "lots")]
     if isinstance(t, click.Path) and not t.file_okay:
         return [("FILE", ["is a file"])]
