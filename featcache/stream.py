@@ -153,7 +153,8 @@ class RowReader:
         """``(rows, their key positions)`` a window of chunks at a time, the next window read ahead.
 
         With ``rng`` the chunks come in a random order and the rows of each window are shuffled.
-        At most two windows are alive at once, plus one chunk per reading thread.
+        At most two windows are alive at once, plus one chunk per reading thread; a window
+        holds at least one chunk, however small ``window_bytes`` is.
         """
         blocks = [self.blocks[i] for i in rng.permutation(len(self.blocks))] if rng is not None else list(self.blocks)
         groups: list[list[_Block]] = [[]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -122,3 +124,14 @@ def test_streamed_views_train_on_view_rows(folder, store_url, tmp_path):
                                            ("2000000", 2_000_000), (1024, 1024)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
+
+
+def test_rest_head_streams_maps_and_probes_through_the_stream(folder, store_url, tmp_path):
+    featcache.extract(backbone="resnet18", layer="layer3", weights="none", data=str(folder), store=store_url, workers=0)
+    common = dict(head="rest", store=store_url, epochs=2, plots=False, runs=str(tmp_path / "runs"))
+    in_memory = featcache.fit(**common)
+    streamed = featcache.fit(**common, max_memory="300KB")  # 36 maps of 256x14x14 float32 = 7.2 MB
+    assert streamed.notes and streamed.notes[0].startswith("streaming")
+    # the probe (epoch 0) is fitted on the same rows either way, so both runs start from the same layer
+    probes = [json.loads((r.run_dir / "head.json").read_text())["fitted"]["probe"] for r in (in_memory, streamed)]
+    assert probes[0] == probes[1] and probes[0]["train_acc"] == 1.0
