@@ -64,7 +64,8 @@ class _Floats(click.FloatRange):
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number in the range {self._describe_range()}.", param, ctx)
+            described = getattr(self, "_describe_range", None)  # click >= 8.0
+            self.fail(f"{value!r} is not a finite number{' in the range ' + described() if described else ''}.", param, ctx)
         return number
 
 
