@@ -117,11 +117,6 @@ class RowReader:
     def row_bytes(self) -> int:
         return int(np.prod(self.row_shape)) * 4
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the whole split as float32."""
-        return self.n * self.row_bytes
-
     def _read(self, block: _Block) -> np.ndarray:
         seg = self.segments[block.segment]
         try:
