@@ -174,8 +174,7 @@ def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, 
                 for s in fs.splits}
         train_views = None
         if views:
-            keys = [f"{h}:{k}" for h in fs.hashes("train").tolist() for k in range(views)]
-            flat = RowReader(fs.store, fs.attrs["view_space"], keys, fs.shape, cfg.pool, keep_shape).load()
+            flat = RowReader(fs.store, fs.attrs["view_space"], fs.view_keys(), fs.shape, cfg.pool, keep_shape).load()
             train_views = flat.reshape((len(labels["train"]), views) + flat.shape[1:])
         return data, train_views, []
     if cfg.head not in ("mlp", "linear", "rest"):

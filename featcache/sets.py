@@ -125,14 +125,16 @@ class FeatureSet:
         """Augmented views stored per training image (0: none)."""
         return int(self.attrs.get("views") or 0)
 
-    def view_features(self) -> np.ndarray:
-        """Training rows as (N, views, *shape): view k of image i at [i, k]."""
+    def view_keys(self) -> list[str]:
+        """Row keys of the training views in the view space, image by image: view k of image i at i * views + k."""
         if not self.views:
             raise SetNotFound(f"set {self.key} has no augmented views; extract with --views K")
-        hashes = self.hashes("train").tolist()
-        keys = [f"{h}:{k}" for h in hashes for k in range(self.views)]
-        rows = self.store.gather(self.attrs["view_space"], keys, self.shape, self.attrs["dtype"])
-        return rows.reshape((len(hashes), self.views) + self.shape)
+        return [f"{h}:{k}" for h in self.hashes("train").tolist() for k in range(self.views)]
+
+    def view_features(self) -> np.ndarray:
+        """Training rows as (N, views, *shape): view k of image i at [i, k]."""
+        rows = self.store.gather(self.attrs["view_space"], self.view_keys(), self.shape, self.attrs["dtype"])
+        return rows.reshape((-1, self.views) + self.shape)
 
     def to_numpy(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         return self.features(split), self.labels(split)
