@@ -8,7 +8,7 @@ from .errors import __all__ as _errors_all  # noqa: E402
 from .extract import ExtractConfig, ExtractResult, extract  # noqa: E402
 from .fit import FitConfig, FitResult, evaluate, fit  # noqa: E402
 from .heads import load_head, make_head  # noqa: E402
-from .maintenance import gc, status, verify  # noqa: E402
+from .store.maintenance import gc, status, verify  # noqa: E402
 from .store import FeatureSet, Store, open_store  # noqa: E402
 
 __all__ = [

@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import importlib
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,10 @@ from .errors import UnknownBackbone, UnknownLayer, WeightsError
 
 __all__ = [
     "POOLS",
+    "PRECISIONS",
+    "autocast",
+    "resolve_precision",
+    "rebuild_backbone",
     "Backbone",
     "create_backbone",
     "list_backbones",
@@ -38,6 +43,7 @@ __all__ = [
 ]
 
 POOLS = ("none", "avg", "max")
+PRECISIONS = ("auto", "float32", "tf32", "bfloat16", "float16")
 OFFLINE = "efficientnet_lite0"
 _INIT_SEED = 0  # random-init ("none") weights are seeded so the same name means the same network
 
@@ -241,16 +247,16 @@ def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, str, 
 
 
 def _build_factory(spec: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
-    import os
-    import sys
-
+    # Only ever called with a name the user typed (or passed in Python): never one read from a
+    # store or a run. The current folder is not put on sys.path: PYTHONPATH=. says so explicitly.
     module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:  # like `python -m`, a user's module in the current folder is found
-        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise UnknownBackbone(f"cannot import backbone factory {spec!r}: {e}") from None
+        raise UnknownBackbone(
+            f"cannot import backbone factory {spec!r}: {e}. The module must be installed or on PYTHONPATH "
+            "(for a module in the current folder: PYTHONPATH=. featcache ...)"
+        ) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_INIT_SEED)
         model = factory()
@@ -454,3 +460,66 @@ def create_rest(name: str, layer: str, weights: str | None, n_classes: int) -> t
         setattr(rest.get_submodule(parent) if parent else rest, attr, nn.Linear(old.in_features, n_classes))
     rest.delete_all_unused_submodules()
     return rest, last
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """The compute precision an extract uses: ``auto`` is bf16 autocast on a CUDA device that has it
+    (fp16 on older ones), for speed, and exact float32 on the CPU, where autocast gains little."""
+    if setting not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {setting!r}")
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+@contextmanager
+def autocast(precision: str, device: torch.device):
+    """Run the backbone at ``precision``: float32 (TF32 off), tf32, or bf16/fp16 autocast (CPU too)."""
+    if precision in ("bfloat16", "float16"):
+        with torch.autocast(device.type, dtype=getattr(torch, precision)):
+            yield
+        return
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, weights: str | None = None) -> Backbone:
+    """The backbone a stored set was extracted with, for recomputing or predicting.
+
+    Nothing read from a store or a run selects code: a registry name (torchvision,
+    efficientnet_lite0) is rebuilt from the registry, but a ``module:factory`` backbone is
+    imported only when the user names it (``given``, from ``--backbone``); a weights file only
+    when the user passes it (``weights``, from ``--weights``). The caller compares the weights
+    digest with the stored one.
+    """
+    name = given or stored_name
+    if ":" in name and not given:
+        raise UnknownBackbone(
+            f"these features were extracted with the user module {stored_name!r}; featcache never imports code "
+            f"named by a store or a run. Pass --backbone {stored_name} to import it (it must be installed or on "
+            "PYTHONPATH); its weights are checked against the stored digest."
+        )
+    stored_weights = config.get("weights", "DEFAULT") if isinstance(config, dict) else "DEFAULT"
+    if not isinstance(stored_weights, str):
+        stored_weights = "DEFAULT"
+    is_file = stored_weights.lower() != "none" and (Path(stored_weights).suffix in (".pth", ".pt", ".bin")
+                                                    or "/" in stored_weights)
+    if weights is None and is_file:
+        raise WeightsError(
+            f"these features were extracted with the weights file {stored_weights!r}; featcache reads no file named "
+            "by a store or a run. Pass --weights PATH (its digest is checked against the stored one).",
+            option="--weights",
+        )
+    layer = config.get("layer") if isinstance(config, dict) else None
+    pool = config.get("pool") if isinstance(config, dict) else None
+    return create_backbone(name, layer if isinstance(layer, str) else None, weights or stored_weights,
+                           pool if pool in POOLS else None)

@@ -13,13 +13,13 @@ import sys
 
 import click
 
-from .backbones import POOLS, list_backbones, list_layers
-from .errors import FeatcacheError
+from .backbones import POOLS, PRECISIONS, list_backbones, list_layers
+from .errors import FeatcacheError, StoreError
 from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
 from .fit import FIT_POOLS, FitConfig, evaluate, fit
 from .heads import HEADS, INITS, OPTIMIZERS
 from .sample import write_digits
-from .maintenance import gc, status, verify
+from .store.maintenance import gc, status, verify
 from .store import human_bytes, open_store
 from .stream import parse_size
 
@@ -101,6 +101,9 @@ def main() -> None:
               help="Also store K seeded augmented views (RandomResizedCrop + flip) of each training image.")
 @click.option("--checkpoint-every", "checkpoint_s", default=30.0, show_default=True, type=_Floats(min=0, min_open=True),
               help="Seconds between commits; a killed run loses at most this much work.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Compute precision of the backbone: auto = bfloat16 autocast on CUDA (float16 where bf16 is missing), "
+                   "float32 on the CPU. Part of the feature space.")
 @click.option("--compile", is_flag=True,
               help="torch.compile the backbone first: slower start, faster batches on large runs (mostly GPUs).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
@@ -195,14 +198,17 @@ def _epoch_line(total: int):
               help="Features held in memory, e.g. 8GB; a larger set is streamed chunk by chunk (mlp, linear, rest). "
                    "auto: half of this machine's memory.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")
-@click.option("--check-data", is_flag=True, help="Refuse a set whose image folder has changed since extraction.")
+@click.option("--backbone", default=None,
+              help="rest head on features from a package.module:factory network: name it to let featcache import it.")
+@click.option("--check-data", default=None, type=click.Path(file_okay=False),
+              help="Refuse the set if this image folder (the one it was made from) has changed since extraction.")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
-def fit_cmd(quiet: bool, check_data: bool, **options) -> None:
+def fit_cmd(quiet: bool, check_data: str | None, **options) -> None:
     """Train a classifier head on stored features; writes a run directory."""
     options["freeze"] = tuple(f.strip() for f in options["freeze"].split(",") if f.strip())
     cfg = FitConfig(**options)
     if check_data:
-        st = status(open_store(cfg.store, mode="r"), cfg.set)
+        st = status(open_store(cfg.store, mode="r"), cfg.set, check_data)
         if not st.up_to_date:
             raise FeatcacheError(st.summary())
     result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs))
@@ -248,13 +254,16 @@ def evaluate_cmd(run: str, as_json: bool) -> None:
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path,rank,class,probability.")
-def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_csv: bool) -> None:
+@click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
+@click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
+def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_csv: bool, backbone: str | None,
+                weights: str | None) -> None:
     """Classify images (files or folders) with a run's backbone and head."""
     from .predict import predict
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    results = predict(run, list(paths), top_k=top_k)
+    results = predict(run, list(paths), top_k=top_k, backbone=backbone, weights=weights)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     elif as_csv:
@@ -280,11 +289,13 @@ def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_
 @main.command("export")
 @click.argument("run", type=click.Path())
 @click.argument("out", type=click.Path(dir_okay=False))
-def export_cmd(run: str, out: str) -> None:
+@click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
+@click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
+def export_cmd(run: str, out: str, backbone: str | None, weights: str | None) -> None:
     """Write RUN as one torch.export program (normalised images → probabilities) plus OUT.json."""
     from .predict import export
 
-    path = export(run, out)
+    path = export(run, out, backbone=backbone, weights=weights)
     click.echo(f"exported {path} (load: torch.export.load('{path}').module()); classes in {path}.json")
 
 
@@ -318,16 +329,22 @@ def ls_cmd(store: str) -> None:
     """List the feature sets in a store, oldest first."""
     st = open_store(store, mode="r")
     sets = st.sets()
+    for warning in st.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if not sets:
         click.echo(f"no feature sets in {store}")
         return
     click.echo("set           backbone/layer  pool  dtype  shape  images  on disk  weights  created  by")
     for fs in sets:
-        a = fs.attrs
-        splits = " ".join(f"{k}={v}" for k, v in a["splits"].items())
+        r = fs.record
+        splits = " ".join(f"{k}={v}" for k, v in r.splits.items())
+        try:
+            size = human_bytes(st.set_bytes(fs))
+        except StoreError:
+            size = "damaged"
         click.echo(
-            f"{fs.key}  {a['backbone']}/{a['layer']}  {a['pool']}  {a['dtype']}  {'x'.join(map(str, fs.shape))}  "
-            f"{splits}  {human_bytes(st.set_bytes(fs))}  {a['weights']['id']}  {a['created_at']}  {a['created_by']}"
+            f"{fs.key}  {r.backbone}/{r.layer}  {r.pool}  {r.dtype}  {'x'.join(map(str, fs.shape))}  "
+            f"{splits}  {size}  {r.weights_id}  {r.created_at}  {r.created_by}"
         )
 
 
@@ -357,7 +374,14 @@ def rm_cmd(key: str, store: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Report only.")
 def gc_cmd(store: str, grace: float, dry_run: bool) -> None:
     """Remove uncommitted leftovers and rows no set refers to."""
-    r = gc(open_store(store, mode="r+"), grace_s=grace, dry_run=dry_run)
+    st = open_store(store, mode="r+")
+    r = gc(st, grace_s=grace, dry_run=dry_run)
+    for warning in st.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    for note in r["notes"]:
+        click.echo(f"note: {note}", err=True)
+    if r["spaces_leased"]:
+        click.echo(f"note: {r['spaces_leased']} space(s) left alone: a running extract holds a lease on them", err=True)
     verb = "would free" if dry_run else "freed"
     click.echo(
         f"gc: {verb} {human_bytes(r['bytes_freed'])}; segments removed {r['segments_removed']}, rewritten "
@@ -369,9 +393,17 @@ def gc_cmd(store: str, grace: float, dry_run: bool) -> None:
 @click.argument("key", required=False)
 @store_option
 @click.option("--sample", default=8, show_default=True, type=click.IntRange(min=0), help="Rows to recompute from the images.")
-def verify_cmd(key: str | None, store: str, sample: int) -> None:
-    """Checksum a set's rows and recompute a sample from the images."""
-    report = verify(open_store(store, mode="r"), key, sample=sample)
+@click.option("--data", default=None, type=click.Path(file_okay=False),
+              help="The image folder the set was made from; rows are recomputed only from a folder you name.")
+@click.option("--backbone", default=None, help="The package.module:factory the set was extracted with, if any.")
+@click.option("--weights", default=None, help="The weights file the set was extracted with, if any.")
+def verify_cmd(key: str | None, store: str, sample: int, data: str | None, backbone: str | None,
+               weights: str | None) -> None:
+    """Check every chunk of a set against its integrity record; recompute a sample from the images in --data."""
+    st = open_store(store, mode="r")
+    report = verify(st, key, sample=sample, data=data, backbone=backbone, weights=weights)
+    for warning in st.warnings:
+        click.echo(f"warning: {warning}", err=True)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     for error in report.errors:
@@ -383,7 +415,8 @@ def verify_cmd(key: str | None, store: str, sample: int) -> None:
 
 @main.command("status")
 @click.option("--set", "key", default=None, help="Set key or prefix [default: the most recent].")
-@click.option("--data", default=None, type=click.Path(file_okay=False), help="Folder to compare [default: the set's].")
+@click.option("--data", default=None, type=click.Path(file_okay=False),
+              help="The image folder to compare (required: featcache walks no folder a store names).")
 @store_option
 def status_cmd(key: str | None, data: str | None, store: str) -> None:
     """Tell whether an image folder and its stored set agree."""

@@ -8,12 +8,13 @@ rest are reused. Whatever was computed is committed even when the run stops earl
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import os
 import platform
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .backbones import POOLS, Backbone, create_backbone
+from .backbones import POOLS, PRECISIONS, Backbone, autocast, create_backbone, resolve_precision
 from .data import SPLIT_NAMES, Item, Manifest, Skip, load_rgb, parse_split, scan
 from .errors import DataError, FeatcacheError, StoreError
-from .store import Store, created_by, digest_key, human_bytes, now_iso, open_store
+from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "Interrupted", "extract", "default_store_url"]
 
@@ -60,8 +61,11 @@ class ExtractConfig:
     checkpoint_s: float = 30.0
     views: int = 0
     compile: bool = False
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.pool is not None and self.pool not in POOLS:
@@ -166,10 +170,17 @@ class _Images(Dataset):
             return self._aug(img)
 
     def __getitem__(self, i: int):
+        item = self.items[i]
         try:
-            img = load_rgb(self.root / self.items[i].path)
+            # The bytes that are decoded are the bytes that are hashed: a file rewritten since the
+            # scan must not have the new image's features stored under the old bytes' key.
+            with open(self.root / item.path, "rb") as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != item.sha256:
+                return i, None, "changed while reading (its bytes differ from when it was scanned); re-run to extract it"
+            img = load_rgb(io.BytesIO(data))
             if self.views is not None:
-                return i, self._view(img, self.items[i], self.views[i]), None
+                return i, self._view(img, item, self.views[i]), None
             return i, self.transform(img), None
         except Exception as e:  # Pillow raises many types for bad files; each becomes a recorded skip
             return i, None, f"cannot decode: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
@@ -278,11 +289,7 @@ def _run_model(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        if cuda
-        else nullcontext()
-    )
+    precision = resolve_precision(cfg.precision, device)
     writer = _Writer(store, space, len(todo), backbone.shape, cfg.dtype, cfg.checkpoint_s)
     writer.start()
     failed: dict[str, str] = {}
@@ -291,7 +298,7 @@ def _run_model(
     committed = False
     try:
         t = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision, device):
             for indices, batch, bad in loader:
                 timings["read"] += time.perf_counter() - t
                 for i, reason in bad:
@@ -303,9 +310,7 @@ def _run_model(
                     x = batch.to(device, non_blocking=True)
                     if cuda:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    with amp:
-                        out = model(x)
-                    feats = out.float().cpu().numpy().astype(cfg.dtype)
+                    feats = _checked(model(x).float().cpu().numpy(), cfg.dtype, backbone, [todo[i] for i in indices])
                     writer.put(feats, [_row_key(todo[i], views[i] if views else None) for i in indices])
                 timings["model"] += time.perf_counter() - t
                 bar.update(len(indices) + len(bad))
@@ -318,6 +323,21 @@ def _run_model(
             _commit_partial(writer)
     timings["write"] = writer.busy
     return failed, timings
+
+
+def _checked(out: np.ndarray, dtype: str, backbone: Backbone, items: list[Item]) -> np.ndarray:
+    """The batch in the stored dtype; nothing non-finite is ever committed."""
+    finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+    if not finite.all():
+        first = items[int(np.flatnonzero(~finite)[0])].path
+        raise DataError(f"the backbone produced non-finite values (NaN or inf) at layer {backbone.layer} for "
+                        f"{int((~finite).sum())} image(s), first {first}; nothing of this batch was stored")
+    stored = out.astype(dtype)
+    if not np.isfinite(stored).all():
+        top = float(np.abs(out).max())
+        raise DataError(f"features overflow {dtype} at layer {backbone.layer} (largest |value| {top:.3g}); "
+                        "pass --dtype float32", option="--dtype")
+    return stored
 
 
 def _row_key(item: Item, view: int | None) -> str:
@@ -402,6 +422,24 @@ def _merge_failures(failed: dict[str, str], world: int) -> dict[str, str]:
     return {k: v for part in parts for k, v in part.items()}
 
 
+def _interrupted() -> Interrupted:
+    return Interrupted("interrupted; finished batches are committed. Re-run the same command to resume.")
+
+
+def _compute(backbone: Backbone, manifest: Manifest, jobs: list[tuple[Item, int | None]], store: Store, space: str,
+             cfg: ExtractConfig, progress: bool, augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]:
+    """Rows for ``jobs`` (an image, and a view number or None) into new segments of ``space``."""
+    if not jobs:
+        return {}, {}
+    views = [k for _, k in jobs] if augment is not None else None
+    try:
+        return _run_model(backbone, manifest, [it for it, _ in jobs], store, space, cfg, progress, views, augment)
+    except KeyboardInterrupt:
+        raise _interrupted() from None
+    except OSError as e:
+        raise _storage_error(e, cfg.store) from None
+
+
 def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kwargs) -> ExtractResult:
     """Extract features for a folder into the store and record the dataset view.
 
@@ -415,47 +453,45 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
     backbone = create_backbone(cfg.backbone, cfg.layer, cfg.weights, cfg.pool)
-    provenance = {**backbone.provenance(), "dtype": cfg.dtype}
+    precision = resolve_precision(cfg.precision, _device(cfg.device))
+    provenance = {**backbone.provenance(), "precision": precision, "dtype": cfg.dtype}
     store = open_store(cfg.store)
     space = store.ensure_space(provenance)
-
+    augment = augmentation(backbone.preprocessing, cfg.seed) if cfg.views else None
+    view_space = store.ensure_space({**provenance, "augment": augment}) if cfg.views else None
     rank, world = _distributed()
+    # The lease keeps gc off these spaces from before any row is chosen for reuse until the set
+    # that refers to them is committed and its rows checked once more.
+    with store.lease([space] + ([view_space] if view_space else [])):
+        result = _extract_leased(cfg, manifest, backbone, store, space, view_space, augment, provenance, precision,
+                                 rank, world, progress and rank == 0)
+    result.seconds = time.perf_counter() - start
+    result.timings["total"] = result.seconds
+    return result
+
+
+def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, store: Store, space: str,
+                    view_space: str | None, augment: dict | None, provenance: dict, precision: str,
+                    rank: int, world: int, progress: bool) -> ExtractResult:
     known = store.known_hashes(space)
     todo: dict[str, Item] = {}
     for it in manifest.items:
         if it.sha256 not in known and it.sha256 not in todo:
             todo[it.sha256] = it
     _barrier(world)  # every rank has decided what to do before any rank writes
-    mine = list(todo.values())[rank::world]
-    failed: dict[str, str] = {}
-    timings: dict[str, float] = {}
-    try:
-        if mine:
-            failed, timings = _run_model(backbone, manifest, mine, store, space, cfg, progress and rank == 0)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; finished batches are committed. Re-run the same command to resume.") from None
-    except OSError as e:
-        raise _storage_error(e, cfg.store) from None
+    failed, timings = _compute(backbone, manifest, [(it, None) for it in list(todo.values())[rank::world]],
+                               store, space, cfg, progress)
     failed = _merge_failures(failed, world)
-    view_space, augment, view_jobs = None, None, 0
+    view_jobs = 0
     if cfg.views:
-        augment = augmentation(backbone.preprocessing, cfg.seed)
-        view_space = store.ensure_space({**provenance, "augment": augment})
         known_views = store.known_hashes(view_space)
         train = {it.sha256: it for it in manifest.items if it.split == "train" and it.sha256 not in failed}
         jobs = [(it, k) for it in train.values() for k in range(cfg.views) if f"{it.sha256}:{k}" not in known_views]
         _barrier(world)
         view_jobs = len(jobs)
-        jobs = jobs[rank::world]
-        try:
-            if jobs:
-                _, view_timings = _run_model(backbone, manifest, [it for it, _ in jobs], store, view_space, cfg,
-                                             progress and rank == 0, [k for _, k in jobs], augment)
-                timings["views_model"] = view_timings.get("model", 0.0)
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted; finished batches are committed. Re-run the same command to resume.") from None
-        except OSError as e:
-            raise _storage_error(e, cfg.store) from None
+        _, view_timings = _compute(backbone, manifest, jobs[rank::world], store, view_space, cfg, progress, augment)
+        if view_timings:
+            timings["views_model"] = view_timings.get("model", 0.0)
 
     kept = [it for it in manifest.items if it.sha256 not in failed]
     skipped = manifest.skipped + [Skip(it.path, failed[it.sha256]) for it in manifest.items if it.sha256 in failed]
@@ -472,42 +508,29 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
         raise DataError("no decodable training images; nothing to fit on")
 
     view = Manifest(manifest.root, manifest.classes, kept)
+    data_root = str(Path(cfg.data).resolve())
     set_key = digest_key(
         {
             "space": space,
             "view": view.digest(),
+            "data_root": data_root,  # identical copies in two folders share rows, not a set record
             "split_fractions": list(manifest.split_fractions) if manifest.split_fractions else None,
             "split_seed": manifest.split_seed,
             **({"views": cfg.views, "view_space": view_space} if cfg.views else {}),
         },
         12,
     )
-    attrs = {
-        "space": space,
-        "space_provenance": provenance,
-        "backbone": backbone.name,
-        "layer": backbone.layer,
-        "pool": backbone.pool,
-        "dtype": cfg.dtype,
-        "weights": {"id": backbone.weights_id, "sha256": backbone.weights_sha256},
-        "preprocessing": backbone.preprocessing,
-        "classes": manifest.classes,
-        "splits": {s: sum(1 for it in kept if it.split == s) for s in splits},
-        "data_root": str(Path(cfg.data).resolve()),
-        "layout": manifest.layout,
-        "split_fractions": list(manifest.split_fractions) if manifest.split_fractions else None,
-        "split_seed": manifest.split_seed,
-        "manifest_sha256": view.digest(),
-        "views": cfg.views,
-        "view_space": view_space,
-        "augment": augment,
-        "skipped": [s.to_dict() for s in skipped],
-        "ignored": [s.to_dict() for s in manifest.ignored],
-        "config": cfg.to_dict(),
-        "versions": _versions(),
-        "created_at": now_iso(),
-        "created_by": created_by(),
-    }
+    record = SetRecord(
+        key=set_key, space=space, space_provenance=provenance, backbone=backbone.name, layer=backbone.layer,
+        pool=backbone.pool, dtype=cfg.dtype, precision=precision, weights_id=backbone.weights_id,
+        weights_sha256=backbone.weights_sha256, preprocessing=backbone.preprocessing,
+        classes=tuple(manifest.classes), splits={s: sum(1 for it in kept if it.split == s) for s in splits},
+        unlabelled=(), data_root=data_root, layout=manifest.layout,
+        split_fractions=manifest.split_fractions, split_seed=manifest.split_seed, manifest_sha256=view.digest(),
+        views=cfg.views, view_space=view_space, augment=augment,
+        skipped=tuple(s.to_dict() for s in skipped), ignored=tuple(s.to_dict() for s in manifest.ignored),
+        config=cfg.to_dict(), versions=_versions(), created_at=now_iso(), created_by=created_by(), integrity={},
+    )
     arrays = {
         s: {
             "sha256": np.array([it.sha256 for it in kept if it.split == s], dtype=str),
@@ -516,25 +539,28 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
         }
         for s in splits
     }
+    _barrier(world)
     if rank == 0:
+        # Rows chosen for reuse may have been removed meanwhile (a gc that started before the
+        # lease): recompute any that are gone, before and after the set is committed.
+        _restore_missing(backbone, manifest, kept, store, space, view_space, augment, cfg, progress)
         try:
-            store.write_set(set_key, attrs, arrays)
+            store.write_set(set_key, record, arrays)
         except OSError as e:
             raise _storage_error(e, cfg.store) from None
+        _restore_missing(backbone, manifest, kept, store, space, view_space, augment, cfg, progress)
     _barrier(world)  # the set is committed before any rank returns
-    seconds = time.perf_counter() - start
-    timings["total"] = seconds
     extracted = len(todo) - len(failed)  # by all ranks together
     stats = store.space_stats(space)
     return ExtractResult(
         set_key=set_key,
         space=space,
         store=cfg.store,
-        splits=attrs["splits"],
+        splits=record.splits,
         extracted=extracted,
         reused=len({it.sha256 for it in kept}) - extracted,
         skipped=skipped,
-        seconds=seconds,
+        seconds=0.0,
         bytes_stored=stats["bytes_stored"],
         bytes_raw=stats["bytes_raw"],
         timings=timings,
@@ -542,3 +568,25 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
         views=cfg.views,
         views_extracted=view_jobs,
     )
+
+
+def _restore_missing(backbone: Backbone, manifest: Manifest, kept: list[Item], store: Store, space: str,
+                     view_space: str | None, augment: dict | None, cfg: ExtractConfig, progress: bool) -> None:
+    """Recompute the rows of ``kept`` that are no longer in the store (a few tries, then an error)."""
+    for _ in range(3):
+        store.forget_index()
+        known = store.known_hashes(space)
+        jobs = list({it.sha256: (it, None) for it in kept if it.sha256 not in known}.values())
+        view_jobs = []
+        if view_space:
+            known_views = store.known_hashes(view_space)
+            view_jobs = [(it, k) for it in {i.sha256: i for i in kept if i.split == "train"}.values()
+                         for k in range(cfg.views) if f"{it.sha256}:{k}" not in known_views]
+        if not jobs and not view_jobs:
+            return
+        failed, _ = _compute(backbone, manifest, jobs, store, space, cfg, progress)
+        _compute(backbone, manifest, view_jobs, store, view_space, cfg, progress, augment)
+        if failed:
+            raise DataError(f"{len(failed)} image(s) whose rows vanished from the store during this run cannot be "
+                            f"read any more (first: {next(iter(failed.values()))}); re-run the command")
+    raise StoreError(f"rows of this set keep vanishing from {cfg.store} (a gc that ignores leases?); re-run the command")

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import FeatcacheError, RunError
+from .errors import FeatcacheError, RunError, StoreError
 from .extract import default_store_url
 from .heads import HEADS, INITS, OPTIMIZERS, make_head, save_head
 from .store import FeatureSet, human_bytes, open_store
@@ -59,6 +59,7 @@ class FitConfig:
     warmup_epochs: int = 0
     init: str = "probe"
     max_memory: str | int = "auto"
+    backbone: str | None = None  # rest head on a module:factory set: the user names the module to import
 
     def __post_init__(self) -> None:
         checks = [
@@ -216,12 +217,16 @@ def fit(
             f"is pooled ({fs.attrs['pool']}) or --pool was given. Extract with --layer LAYER --pool none.",
             option="--head",
         )
-    data, train_views, notes = _load_data(cfg, fs, keep_shape=rest)
+    try:
+        data, train_views, notes = _load_data(cfg, fs, keep_shape=rest)
+    except StoreError as e:
+        raise StoreError(f"set {fs.key}: {e}") from None
     t_load = time.perf_counter() - t0
     x_train, y_train = data["train"]
     x_val, y_val = data.get("val", (None, None))
     extra = {"rest_of": {k: fs.attrs["config"][k] for k in ("backbone", "layer", "weights")}} if rest else {}
-    head = make_head(cfg.head, **cfg.to_dict(), **extra)
+    head = make_head(cfg.head, **{k: v for k, v in cfg.to_dict().items() if k != "backbone"}, **extra)
+    head.trusted_backbone = cfg.backbone
     t1 = time.perf_counter()
     head.fit(x_train, y_train, x_val, y_val, n_classes=len(fs.classes), on_epoch=on_epoch, train_views=train_views)
     t_fit = time.perf_counter() - t1

@@ -116,7 +116,17 @@ class TorchHead:
             spec = self.rest_of or {}
             if not {"backbone", "layer", "weights"} <= set(spec):
                 raise ValueError("the rest head needs rest_of={'backbone', 'layer', 'weights'} of the feature set")
-            model, self.new_layer_ = create_rest(spec["backbone"], spec["layer"], weights or spec["weights"], c)
+            # A module:factory name comes from a store or a run: it is imported only when the
+            # user named it too (``trusted_backbone``, from --backbone; never saved with the head).
+            name = spec["backbone"]
+            if not isinstance(name, str) or (":" in name and name != getattr(self, "trusted_backbone", None)):
+                from .errors import UnknownBackbone
+
+                raise UnknownBackbone(
+                    f"the rest head continues the user module {name!r}; featcache never imports code named by a "
+                    f"store or a run. Pass --backbone {name} to import it (installed or on PYTHONPATH)."
+                )
+            model, self.new_layer_ = create_rest(name, spec["layer"], weights or spec["weights"], c)
             return model
         if self.kind == "linear":
             return nn.Sequential(nn.Linear(d, c))
@@ -350,8 +360,9 @@ class TorchHead:
         return info
 
     @classmethod
-    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray]) -> "TorchHead":
+    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray], backbone: str | None = None) -> "TorchHead":
         head = cls(**{**params, "device": "cpu"})
+        head.trusted_backbone = backbone
         d = info["n_features_in"]
         model = head._build(d if isinstance(d, int) else d[0], info["n_classes"], weights="none")
         model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
@@ -526,10 +537,13 @@ def save_head(head: TorchHead | SklearnHead, folder: Path) -> None:
     (folder / "head.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_head(folder: Path) -> TorchHead | SklearnHead:
+def load_head(folder: Path, backbone: str | None = None) -> TorchHead | SklearnHead:
+    """The head saved in a run directory; ``backbone`` is the user's --backbone, needed to rebuild a rest
+    head that continues a ``module:factory`` network."""
     folder = Path(folder)
     meta = json.loads((folder / "head.json").read_text())
     with np.load(folder / "head.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    cls = TorchHead if meta["kind"] in TORCH_HEADS else SklearnHead
-    return cls.from_state(meta["params"], meta["fitted"], arrays)
+    if meta["kind"] in TORCH_HEADS:
+        return TorchHead.from_state(meta["params"], meta["fitted"], arrays, backbone)
+    return SklearnHead.from_state(meta["params"], meta["fitted"], arrays)

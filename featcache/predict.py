@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, autocast, rebuild_backbone
 from .data import IMAGE_EXTENSIONS, load_rgb
 from .errors import RunError, WeightsError
 from .fit import evaluate, prepare_features
@@ -94,24 +94,29 @@ class Predictor(nn.Module):
         return self.head(self.backbone(x))
 
 
-def _load(run: str | Path) -> tuple[Predictor, Backbone, dict]:
+def _load(run: str | Path, backbone: str | None = None, weights: str | None = None) -> tuple[Predictor, Backbone, dict]:
     info = evaluate(run)["config"]
     cfg = info.get("extract_config")
     if not isinstance(cfg, dict):
         raise RunError(f"{run} does not record how its features were extracted; re-run featcache fit")
-    backbone = create_backbone(cfg["backbone"], cfg["layer"], cfg["weights"], cfg["pool"])
+    given = backbone
+    backbone = rebuild_backbone(cfg, str(info.get("backbone")), given=given, weights=weights)
     if backbone.weights_sha256 != info["weights"]["sha256"]:
         raise WeightsError(
             f"the weights {backbone.weights_id} resolve to other values than those the run was trained on "
             f"({info['weights']['id']}); pass the same weights file"
         )
-    head = _Head(load_head(Path(run)), info["config"]["pool"], info["space_provenance"]["dtype"])
+    head = _Head(load_head(Path(run), given), info["config"]["pool"], info["space_provenance"]["dtype"])
     return Predictor(backbone, head).eval(), backbone, info
 
 
-def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
-    """Top-k classes for each image; unreadable files come back with ``error`` set."""
-    model, backbone, info = _load(run)
+def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size: int = 32,
+            backbone: str | None = None, weights: str | None = None) -> list[Prediction]:
+    """Top-k classes for each image; unreadable files come back with ``error`` set.
+
+    ``backbone``/``weights``: the user's --backbone/--weights, needed when the run's features came
+    from a ``module:factory`` network or a weights file (never imported or read from the run)."""
+    model, backbone, info = _load(run, backbone, weights)
     classes = info["classes"]
     k = max(1, min(top_k, len(classes)))
     files = _expand(paths)
@@ -122,7 +127,8 @@ def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size
             good.append((i, backbone.transform(load_rgb(f))))
         except Exception as e:  # Pillow raises many types for bad files
             results[i] = Prediction(str(f), [], f"cannot decode: {e.__class__.__name__}: {e}")
-    with torch.inference_mode():
+    precision = str((info.get("space_provenance") or {}).get("precision", "float32"))
+    with torch.inference_mode(), autocast(precision, torch.device("cpu")):
         for start in range(0, len(good), batch_size):
             chunk = good[start : start + batch_size]
             proba = model(torch.stack([t for _, t in chunk])).numpy()
@@ -132,9 +138,9 @@ def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size
     return [results[i] for i in range(len(files))]
 
 
-def export(run: str | Path, out: str | Path) -> Path:
+def export(run: str | Path, out: str | Path, backbone: str | None = None, weights: str | None = None) -> Path:
     """Write ``out`` (torch.export program: normalised images → probabilities) and ``out.json`` (classes, preprocessing)."""
-    model, backbone, info = _load(run)
+    model, backbone, info = _load(run, backbone, weights)
     crop = backbone.preprocessing.get("crop_size", [224])[0]
     example = torch.zeros(2, 3, crop, crop)
     batch = torch.export.Dim("batch", min=1, max=65536)

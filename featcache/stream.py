@@ -90,6 +90,7 @@ class RowReader:
     def __init__(self, store: "Store", space: str, keys, shape: tuple[int, ...], pool: str = "none",
                  keep_shape: bool = False, threads: int | None = None):
         self.space = space
+        self.stored_shape = tuple(shape)
         self.pool = pool
         self.keep_shape = keep_shape
         self.row_shape = prepared_shape(shape, pool, keep_shape)
@@ -126,9 +127,18 @@ class RowReader:
                 f"cannot read segment {seg.key} of space {self.space} (chunk of rows {block.start}-{block.stop - 1}): "
                 f"{e.__class__.__name__}: {e}. See: featcache verify"
             ) from None
+        if tuple(raw.shape[1:]) != self.stored_shape:
+            raise StoreError(f"segment {seg.key} of space {self.space} holds rows of shape {raw.shape[1:]}, not "
+                             f"{self.stored_shape}; the store may be damaged")
+        seg.check_chunk(block.start, raw, self.space)  # the whole chunk against its recorded CRC
         if len(block.rows) != len(raw):
             raw = raw[block.rows - block.start]
-        return raw.astype(np.float32) if self.keep_shape else prepare_features(raw, self.pool)
+        out = raw.astype(np.float32) if self.keep_shape else prepare_features(raw, self.pool)
+        finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        if not finite.all():
+            raise StoreError(f"{int((~finite).sum())} rows in segment {seg.key} of space {self.space} hold non-finite "
+                             "values (NaN or inf); they cannot be trained on. See: featcache verify")
+        return out
 
     def _fill(self, out: np.ndarray, blocks: list[_Block], positions: list[np.ndarray], pool: ThreadPoolExecutor) -> None:
         def one(i: int) -> None:

@@ -29,7 +29,7 @@ def test_predict_matches_the_head_on_stored_features(trained, folder, store_url,
     from featcache.fit import prepare_features
 
     stored = featcache.load_head(run).predict_proba(prepare_features(fs.features("val"), "avg" if head == "logreg" else "none"))
-    results = predict(run, [folder / p for p in fs.paths("val")], top_k=3)
+    results = predict(run, [folder / p for p in fs.paths("val")], top_k=3, backbone=TINY)
     for r, want in zip(results, stored):
         assert r.error is None and len(r.top) == 3
         got = {c: p for c, p in r.top}
@@ -41,14 +41,14 @@ def test_predict_matches_the_head_on_stored_features(trained, folder, store_url,
 def test_unreadable_files_are_reported_and_the_rest_predicted(trained, folder, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
-    results = predict(trained["mlp"], [bad, folder / "val" / "red"])
+    results = predict(trained["mlp"], [bad, folder / "val" / "red"], backbone=TINY)
     assert results[0].error.startswith("cannot decode") and results[0].top == []
     assert len(results) == 5 and all(r.top[0][0] == "red" for r in results[1:])
 
 
 @pytest.mark.parametrize("head", ["mlp", "logreg"])
 def test_exported_program_equals_predict(trained, folder, tmp_path, head):
-    out = export(trained[head], tmp_path / f"{head}.pt2")
+    out = export(trained[head], tmp_path / f"{head}.pt2", backbone=TINY)
     meta = json.loads((tmp_path / f"{head}.pt2.json").read_text())
     assert meta["classes"] == ["blue", "green", "red"] and meta["preprocessing"]["crop_size"] == [32]
     program = torch.export.load(str(out)).module()
@@ -58,7 +58,7 @@ def test_exported_program_equals_predict(trained, folder, tmp_path, head):
     files = sorted((folder / "val").rglob("*.png"))
     batch = torch.stack([transform(load_rgb(f)) for f in files])
     proba = program(batch).detach().numpy()
-    results = predict(trained[head], files, top_k=3)
+    results = predict(trained[head], files, top_k=3, backbone=TINY)
     for p, r in zip(proba, results):
         for c, q in r.top:
             assert abs(p[meta["classes"].index(c)] - q) < 1e-5
@@ -66,12 +66,12 @@ def test_exported_program_equals_predict(trained, folder, tmp_path, head):
 
 def test_predict_and_export_commands(trained, folder, tmp_path):
     runner = CliRunner()
-    r = runner.invoke(main, ["predict", str(trained["mlp"]), str(folder / "val" / "blue" / "blue_0.png"), "--json"])
+    r = runner.invoke(main, ["predict", str(trained["mlp"]), str(folder / "val" / "blue" / "blue_0.png"), "--json", "--backbone", TINY])
     assert r.exit_code == 0
     doc = json.loads(r.output.split("\n1 predicted")[0])
     assert doc[0]["top"][0]["class"] == "blue"
-    r = runner.invoke(main, ["predict", str(trained["mlp"]), str(folder / "val" / "green"), "--csv", "--top-k", "1"])
+    r = runner.invoke(main, ["predict", str(trained["mlp"]), str(folder / "val" / "green"), "--csv", "--top-k", "1", "--backbone", TINY])
     assert r.exit_code == 0 and r.output.splitlines()[0] == "path,rank,class,probability,error"
     assert sum(",1,green," in line for line in r.output.splitlines()) == 4
-    r = runner.invoke(main, ["export", str(trained["logreg"]), str(tmp_path / "m.pt2")])
+    r = runner.invoke(main, ["export", str(trained["logreg"]), str(tmp_path / "m.pt2"), "--backbone", TINY])
     assert r.exit_code == 0 and (tmp_path / "m.pt2").is_file()

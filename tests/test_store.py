@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import featcache
 from featcache.cli import main
-from featcache.maintenance import gc, status, verify
+from featcache.store.maintenance import gc, status, verify
 
 from .conftest import TINY, make_folder
 
@@ -65,20 +65,20 @@ def test_incremental_add_change_and_remove(folder, store_url):
 def test_status_and_check_data(folder, store_url, tmp_path, monkeypatch):
     _extract(folder, store_url)
     st = featcache.open_store(store_url)
-    assert status(st).up_to_date
+    assert status(st, data=str(folder)).up_to_date
     (folder / "train" / "red" / "red_1.png").unlink()
     from PIL import Image
 
     Image.new("RGB", (20, 20), (9, 9, 9)).save(folder / "train" / "red" / "red_new.png")
     Image.new("RGB", (20, 20), (7, 7, 7)).save(folder / "train" / "blue" / "blue_2.png")
-    s = status(st)
+    s = status(st, data=str(folder))
     assert (s.added, s.removed, s.changed, s.to_extract) == (
         ["train/red/red_new.png"], ["train/red/red_1.png"], ["train/blue/blue_2.png"], 2)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    r = runner.invoke(main, ["status", "--store", store_url])
+    r = runner.invoke(main, ["status", "--store", store_url, "--data", str(folder)])
     assert r.exit_code == 0 and "1 added, 1 removed, 1 changed; 2 images need extracting" in r.output
-    r = runner.invoke(main, ["fit", "--store", store_url, "--check-data", "--head", "logreg"])
+    r = runner.invoke(main, ["fit", "--store", store_url, "--check-data", str(folder), "--head", "logreg"])
     assert r.exit_code == 1 and r.output.startswith("Error: set ") and "1 added, 1 removed" in r.output
     assert runner.invoke(main, ["fit", "--store", store_url, "--head", "logreg"]).exit_code == 0
 
@@ -202,7 +202,7 @@ def test_verify_detects_corruption_and_other_sets_still_work(folder, store_url, 
     a = _extract(folder, store_url, layer="features").set_key
     b = _extract(folder, store_url).set_key
     st = featcache.open_store(store_url)
-    report = verify(st, a, sample=4)
+    report = verify(st, a, sample=4, data=str(folder), backbone=TINY)
     assert report.ok and report.compared == 4 and report.rows == 36, report.errors
     space = st.get_set(a).space
     shard = next(p for p in (Path(store_url) / "spaces" / space).rglob("*")

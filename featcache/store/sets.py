@@ -1,7 +1,8 @@
 """A dataset view in the store: classes, per-split labels, paths and hashes, rows gathered on demand.
 
-Its attributes are validated on open: a store shared by another team may be damaged or
-hostile, and a reader must fail with a clear error rather than misbehave.
+Its attributes are parsed into a :class:`SetRecord` on open and every per-split array is
+checked against the set's integrity record on read: a store shared by another team may be
+damaged or hostile, and a reader must fail with a clear error rather than misbehave.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
-from .errors import SetNotFound, StoreError
+from ..errors import SetNotFound, StoreError
+from .records import SetRecord
+from .rows import digest_values
 
 if TYPE_CHECKING:
     from .store import Store
@@ -20,36 +23,6 @@ if TYPE_CHECKING:
 __all__ = ["FeatureSet"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_MAX_CLASSES = 1_000_000
-_MAX_DIMS = 8
-
-
-def _validated(key: str, a: dict) -> dict:
-    """Check the attributes readers rely on; another team's store may be broken or hostile."""
-
-    def bad(name: str, want: str):
-        return StoreError(f"set {key} has a malformed attribute {name!r} (expected {want}); the store may be damaged")
-
-    classes = a.get("classes")
-    if not (isinstance(classes, list) and 0 < len(classes) <= _MAX_CLASSES and all(isinstance(c, str) for c in classes)):
-        raise bad("classes", "a non-empty list of strings")
-    splits = a.get("splits")
-    if not (isinstance(splits, dict) and "train" in splits and set(splits) <= {"train", "val", "test"}
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in splits.values())):
-        raise bad("splits", "counts per split name train/val/test")
-    if not isinstance(a.get("space"), str) or not re.fullmatch(r"[0-9a-f]{16}", a["space"]):
-        raise bad("space", "a 16-digit hex key")
-    prov = a.get("space_provenance")
-    shape = prov.get("shape") if isinstance(prov, dict) else None
-    if not (isinstance(shape, list) and 0 < len(shape) <= _MAX_DIMS
-            and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in shape)):
-        raise bad("space_provenance.shape", "a list of positive integers")
-    if a.get("dtype") not in ("float16", "float32"):
-        raise bad("dtype", "float16 or float32")
-    for name in ("backbone", "layer", "pool", "created_at", "data_root"):
-        if not isinstance(a.get(name), str):
-            raise bad(name, "a string")
-    return a
 
 
 class FeatureSet:
@@ -59,47 +32,68 @@ class FeatureSet:
         self.store = store
         self.key = key
         self.group = group
-        self.attrs: dict = _validated(key, dict(group.attrs))
+        self.record = SetRecord.from_attrs(key, dict(group.attrs))
+        self.attrs: dict = self.record.to_attrs()
 
     def __repr__(self) -> str:
-        return f"FeatureSet({self.key!r}, {self.attrs.get('backbone')}/{self.attrs.get('layer')}, splits={self.splits})"
+        return f"FeatureSet({self.key!r}, {self.record.backbone}/{self.record.layer}, splits={self.splits})"
 
     @property
     def classes(self) -> list[str]:
-        return list(self.attrs["classes"])
+        return list(self.record.classes)
 
     @property
     def splits(self) -> list[str]:
-        return list(self.attrs["splits"])
+        return list(self.record.splits)
+
+    @property
+    def labelled_splits(self) -> list[str]:
+        return [s for s in self.splits if s not in self.record.unlabelled]
 
     @property
     def space(self) -> str:
-        return self.attrs["space"]
+        return self.record.space
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.attrs["space_provenance"]["shape"])
+        return self.record.shape
 
     def _split(self, split: str) -> zarr.Group:
         if split not in self.splits:
             raise SetNotFound(f"set {self.key} has no split {split!r}; it has: {', '.join(self.splits)}")
-        return self.group[split]
+        try:
+            return self.group[split]
+        except (Exception, RecursionError) as e:
+            raise StoreError(f"set {self.key} split {split}: unreadable ({e.__class__.__name__}); the store may be damaged") from None
 
     def _array(self, split: str, name: str, kinds: str) -> np.ndarray:
-        """One per-split array, checked: present, 1-D, as long as the split, of the expected kind."""
+        """One per-split array, checked: present, 1-D, as long as the split, of the expected kind, and
+        equal to what the set's integrity record says it holds (a lost chunk reads as fill values)."""
         try:
             values = np.asarray(self._split(split)[name][:])
-        except (KeyError, ValueError, TypeError, OSError) as e:
+        except StoreError:
+            raise
+        except (Exception, RecursionError) as e:
             raise StoreError(f"set {self.key} split {split}: cannot read {name!r} ({e.__class__.__name__}: {e})") from None
-        if values.ndim != 1 or len(values) != self.attrs["splits"][split] or values.dtype.kind not in kinds:
+        n = self.record.splits[split]
+        if values.ndim != 1 or len(values) != n or values.dtype.kind not in kinds:
             raise StoreError(
                 f"set {self.key} split {split}: {name!r} is malformed (shape {values.shape}, dtype {values.dtype}; "
-                f"expected {self.attrs['splits'][split]} values); the store may be damaged"
+                f"expected {n} values); the store may be damaged"
+            )
+        if digest_values(values) != self.record.integrity[split][name]:
+            raise StoreError(
+                f"set {self.key} split {split}: {name!r} differs from the set's integrity record (a missing or "
+                "altered chunk); the store is damaged. Re-run featcache extract to record the set again."
             )
         return values
 
     def labels(self, split: str) -> np.ndarray:
         labels = self._array(split, "labels", "iu").astype(np.int64)
+        if split in self.record.unlabelled:
+            if len(labels) and (labels != -1).any():
+                raise StoreError(f"set {self.key} split {split} is unlabelled but holds labels")
+            return labels
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
             raise StoreError(f"set {self.key} split {split} has labels outside 0..{len(self.classes) - 1}")
         return labels
@@ -118,12 +112,12 @@ class FeatureSet:
 
     def features(self, split: str) -> np.ndarray:
         """The split's rows in view order, in their stored dtype."""
-        return self.store.gather(self.space, self.hashes(split), self.shape, self.attrs["dtype"])
+        return self.store.gather(self.space, self.hashes(split), self.shape, self.record.dtype)
 
     @property
     def views(self) -> int:
         """Augmented views stored per training image (0: none)."""
-        return int(self.attrs.get("views") or 0)
+        return self.record.views
 
     def view_keys(self) -> list[str]:
         """Row keys of the training views in the view space, image by image: view k of image i at i * views + k."""
@@ -133,7 +127,7 @@ class FeatureSet:
 
     def view_features(self) -> np.ndarray:
         """Training rows as (N, views, *shape): view k of image i at [i, k]."""
-        rows = self.store.gather(self.attrs["view_space"], self.view_keys(), self.shape, self.attrs["dtype"])
+        rows = self.store.gather(self.record.view_space, self.view_keys(), self.shape, self.record.dtype)
         return rows.reshape((-1, self.views) + self.shape)
 
     def to_numpy(self, split: str) -> tuple[np.ndarray, np.ndarray]:

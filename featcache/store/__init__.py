@@ -1,0 +1,38 @@
+"""The shared store: feature spaces of content-addressed rows (:mod:`.rows`), the dataset views
+over them (:mod:`.sets`, :mod:`.records`), opening and listing (:mod:`.store`), and looking after
+it (:mod:`.maintenance`: status, verify, gc)."""
+
+from .records import PRECISIONS, SetRecord
+from .rows import (
+    LEASE_TTL_S,
+    Segment,
+    SegmentWriter,
+    created_by,
+    default_compressor,
+    digest_key,
+    group_bytes,
+    human_bytes,
+    now_iso,
+    space_key,
+)
+from .sets import FeatureSet
+from .store import FORMAT_VERSION, Store, open_store
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LEASE_TTL_S",
+    "PRECISIONS",
+    "Store",
+    "FeatureSet",
+    "SetRecord",
+    "Segment",
+    "SegmentWriter",
+    "open_store",
+    "space_key",
+    "digest_key",
+    "default_compressor",
+    "now_iso",
+    "created_by",
+    "group_bytes",
+    "human_bytes",
+]

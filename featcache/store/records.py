@@ -1,0 +1,239 @@
+"""What featcache persists about a set, as a frozen record that parses and validates itself.
+
+A store may be shared by another team, damaged or hostile: every field is checked on read
+(type, range, size), and a failure is one ``StoreError`` naming the set and the field.
+Nothing in a record ever selects code to run: a backbone name is only a label here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from ..errors import StoreError
+
+__all__ = ["SetRecord", "SPLITS", "MAX_CLASSES", "PRECISIONS"]
+
+SPLITS = ("train", "val", "test")
+MAX_CLASSES = 100_000
+PRECISIONS = ("float32", "tf32", "bfloat16", "float16")
+_MAX_DIMS = 8
+_MAX_TEXT = 4096
+_MAX_LIST = 1_000_000
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Bad(Exception):
+    def __init__(self, name: str, want: str):
+        super().__init__(name, want)
+        self.name, self.want = name, want
+
+
+def _int(v: Any, name: str, lo: int = 0, hi: int = 2**53) -> int:
+    if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+        raise _Bad(name, f"an integer in {lo}..{hi}")
+    return v
+
+
+def _str(v: Any, name: str, pattern: re.Pattern | None = None, limit: int = _MAX_TEXT) -> str:
+    if not (isinstance(v, str) and len(v) <= limit and (pattern is None or pattern.fullmatch(v))):
+        raise _Bad(name, f"a string{' matching ' + pattern.pattern if pattern else ''} of at most {limit} characters")
+    return v
+
+
+def _opt_str(v: Any, name: str) -> str | None:
+    return None if v is None else _str(v, name)
+
+
+def _json(v: Any, name: str, limit: int = 1 << 20) -> Any:
+    """A JSON value of bounded size (already parsed, so its depth was bounded by the parser)."""
+    try:
+        size = len(json.dumps(v))
+    except (TypeError, ValueError, RecursionError):
+        raise _Bad(name, "plain JSON") from None
+    if size > limit:
+        raise _Bad(name, f"at most {limit} bytes of JSON")
+    return v
+
+
+def _dict(v: Any, name: str, limit: int = 1 << 20) -> dict:
+    if not isinstance(v, dict):
+        raise _Bad(name, "an object")
+    return _json(v, name, limit)
+
+
+def _files(v: Any, name: str) -> tuple[dict, ...]:
+    """A list of ``{"path": str, "reason": str}`` (skipped or ignored files)."""
+    if not (isinstance(v, list) and len(v) <= _MAX_LIST):
+        raise _Bad(name, f"a list of at most {_MAX_LIST} {{path, reason}} objects")
+    for d in v:
+        if not (isinstance(d, dict) and isinstance(d.get("path"), str) and isinstance(d.get("reason"), str)
+                and len(d["path"]) <= _MAX_TEXT and len(d["reason"]) <= _MAX_TEXT):
+            raise _Bad(name, "a list of {path, reason} objects")
+    return tuple({"path": d["path"], "reason": d["reason"]} for d in v)
+
+
+def _shape(v: Any, name: str) -> tuple[int, ...]:
+    if not (isinstance(v, list) and 0 < len(v) <= _MAX_DIMS):
+        raise _Bad(name, "a list of positive integers")
+    dims = tuple(_int(d, name, 1, 2**31 - 1) for d in v)
+    if math.prod(dims) > 2**31:
+        raise _Bad(name, "at most 2^31 values per row")
+    return dims
+
+
+def _fractions(v: Any, name: str) -> tuple[float, ...] | None:
+    if v is None:
+        return None
+    if not (isinstance(v, list) and len(v) in (2, 3) and all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                                                           and math.isfinite(f) and 0 < f < 1 for f in v)):
+        raise _Bad(name, "null or two or three fractions in (0, 1)")
+    return tuple(float(f) for f in v)
+
+
+@dataclass(frozen=True)
+class SetRecord:
+    """A committed set's attributes, validated."""
+
+    key: str
+    space: str
+    space_provenance: dict
+    backbone: str
+    layer: str
+    pool: str
+    dtype: str
+    precision: str
+    weights_id: str
+    weights_sha256: str
+    preprocessing: dict
+    classes: tuple[str, ...]
+    splits: dict[str, int]
+    unlabelled: tuple[str, ...]
+    data_root: str
+    layout: str
+    split_fractions: tuple[float, ...] | None
+    split_seed: int | None
+    manifest_sha256: str
+    views: int
+    view_space: str | None
+    augment: dict | None
+    skipped: tuple[dict, ...]
+    ignored: tuple[dict, ...]
+    config: dict
+    versions: dict
+    created_at: str
+    created_by: str
+    integrity: dict
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.space_provenance["shape"])
+
+    def to_attrs(self) -> dict:
+        """The attributes as written (JSON types)."""
+        d = asdict(self)
+        extra = d.pop("extra")
+        d["classes"] = list(self.classes)
+        d["unlabelled"] = list(self.unlabelled)
+        d["split_fractions"] = list(self.split_fractions) if self.split_fractions else None
+        d["skipped"], d["ignored"] = list(self.skipped), list(self.ignored)
+        d["weights"] = {"id": d.pop("weights_id"), "sha256": d.pop("weights_sha256")}
+        return {**extra, **d}
+
+    @classmethod
+    def from_attrs(cls, key: str, a: Mapping) -> "SetRecord":
+        """Parse and check every field; a failure is one StoreError naming the set and the field."""
+        try:
+            return cls._parse(key, a)
+        except _Bad as e:
+            raise StoreError(
+                f"set {key} has a malformed attribute {e.name!r} (expected {e.want}); the store may be damaged"
+            ) from None
+
+    @classmethod
+    def _parse(cls, key: str, a: Mapping) -> "SetRecord":
+        if not isinstance(a, Mapping):
+            raise _Bad("attributes", "an object")
+        _str(a.get("key"), "key", re.compile(r"[0-9a-f]{12}"))
+        space = _str(a.get("space"), "space", _HEX16)
+        prov = _dict(a.get("space_provenance"), "space_provenance")
+        shape = _shape(prov.get("shape"), "space_provenance.shape")
+        dtype = a.get("dtype")
+        if dtype not in ("float16", "float32") or prov.get("dtype") != dtype:
+            raise _Bad("dtype", "float16 or float32, as in space_provenance")
+        precision = a.get("precision")
+        if precision not in PRECISIONS or prov.get("precision") != precision:
+            raise _Bad("precision", f"one of {', '.join(PRECISIONS)}, as in space_provenance")
+        pool = a.get("pool")
+        if pool not in ("none", "avg", "max"):
+            raise _Bad("pool", "none, avg or max")
+        weights = a.get("weights")
+        if not isinstance(weights, dict):
+            raise _Bad("weights", "an object {id, sha256}")
+        weights_id = _str(weights.get("id"), "weights.id")
+        weights_sha = _str(weights.get("sha256"), "weights.sha256", _HEX64)
+        classes = a.get("classes")
+        if not (isinstance(classes, list) and 0 < len(classes) <= MAX_CLASSES
+                and all(isinstance(c, str) and 0 < len(c) <= 1024 for c in classes) and len(set(classes)) == len(classes)):
+            raise _Bad("classes", f"a list of 1 to {MAX_CLASSES} distinct non-empty names")
+        splits = a.get("splits")
+        if not (isinstance(splits, dict) and "train" in splits and set(splits) <= set(SPLITS)):
+            raise _Bad("splits", "counts per split name train/val/test")
+        splits = {s: _int(splits[s], f"splits.{s}", 0, 2**40) for s in SPLITS if s in splits}
+        unlabelled = a.get("unlabelled", [])
+        if not (isinstance(unlabelled, list) and set(unlabelled) <= set(splits) - {"train"}):
+            raise _Bad("unlabelled", "a list of split names other than train")
+        if len(classes) > splits["train"]:
+            raise _Bad("classes", f"no more classes than training images ({splits['train']})")
+        views = _int(a.get("views", 0) or 0, "views", 0, 10_000)
+        view_space = a.get("view_space")
+        if views and not (isinstance(view_space, str) and _HEX16.fullmatch(view_space)):
+            raise _Bad("view_space", "a 16-digit hex key when views > 0")
+        augment = a.get("augment")
+        if augment is not None:
+            _dict(augment, "augment")
+        integrity = _dict(a.get("integrity"), "integrity")
+        for s in splits:
+            arrays = integrity.get(s)
+            if not (isinstance(arrays, dict) and all(isinstance(arrays.get(n), str) and _HEX64.fullmatch(arrays[n])
+                                                     for n in ("sha256", "labels", "paths"))):
+                raise _Bad(f"integrity.{s}", "digests of the split's sha256, labels and paths arrays")
+        seed = a.get("split_seed")
+        known = {f.name for f in cls.__dataclass_fields__.values()} | {"weights", "committed", "committed_at"}
+        return cls(
+            key=key,
+            space=space,
+            space_provenance=prov,
+            backbone=_str(a.get("backbone"), "backbone"),
+            layer=_str(a.get("layer"), "layer"),
+            pool=pool,
+            dtype=dtype,
+            precision=precision,
+            weights_id=weights_id,
+            weights_sha256=weights_sha,
+            preprocessing=_dict(a.get("preprocessing"), "preprocessing"),
+            classes=tuple(classes),
+            splits=splits,
+            unlabelled=tuple(unlabelled),
+            data_root=_str(a.get("data_root"), "data_root"),
+            layout=_str(a.get("layout", ""), "layout", limit=1024),
+            split_fractions=_fractions(a.get("split_fractions"), "split_fractions"),
+            split_seed=None if seed is None else _int(seed, "split_seed", 0, 2**32 - 1),
+            manifest_sha256=_str(a.get("manifest_sha256"), "manifest_sha256", _HEX64),
+            views=views,
+            view_space=view_space if views else None,
+            augment=augment,
+            skipped=_files(a.get("skipped", []), "skipped"),
+            ignored=_files(a.get("ignored", []), "ignored"),
+            config=_dict(a.get("config", {}), "config", 1 << 16),
+            versions={k: v for k, v in _dict(a.get("versions", {}), "versions", 1 << 14).items()},
+            created_at=_str(a.get("created_at"), "created_at", limit=64),
+            created_by=_str(a.get("created_by", "unknown"), "created_by", limit=512),
+            integrity=integrity,
+            extra={k: _json(v, k, 1 << 16) for k, v in a.items() if k not in known},
+        )

@@ -1,0 +1,550 @@
+"""Feature spaces of content-addressed rows: segments, their integrity records, leases, the row
+index and ``gather``. The only module that knows how rows lie on disk and how they are committed.
+
+Layout (all arrays + JSON, nothing executable)::
+
+    spaces/<space>/                 attrs: {"space": provenance, "created_at"}
+      segments/<segment>/           one writer's rows; attrs: created_at, created_by, committed=false
+        features  (N, *shape)       float16/float32, Blosc-zstd + CRC32C, sharded along rows,
+                                    fill value NaN, every chunk written (none left implicit)
+        sha256    (N,)              row keys: SHA-256 hex of the image bytes (``<hex>:<view>`` for views)
+                                    commit: attrs rows, integrity, committed_at, then committed=true last
+    leases/<lease>/                 attrs: spaces, renewed_at, created_by: a running extract's claim
+
+The integrity record, written before the marker, says what the segment must contain:
+``{"features": {"shape", "chunk_rows", "crc32": [one per chunk of decoded rows]},
+"sha256": {"sha256": digest of the keys}}``. A segment whose shards, chunks or keys do not
+match it is damaged: its rows are treated as missing (a re-run of extract recomputes them),
+never as zeros.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import threading
+import uuid
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from ..errors import StoreError
+
+__all__ = [
+    "Rows",
+    "Segment",
+    "SegmentWriter",
+    "Lease",
+    "LEASE_TTL_S",
+    "space_key",
+    "digest_key",
+    "digest_values",
+    "default_compressor",
+    "now_iso",
+    "created_by",
+    "group_bytes",
+    "human_bytes",
+    "parse_time",
+    "require_group",
+    "child_groups",
+    "MAX_META_BYTES",
+]
+
+_CHUNK_BYTES = 2 << 20  # ~2 MiB uncompressed per chunk: large enough for zstd, small for random reads
+_CHUNKS_PER_SHARD = 32  # one file per ~64 MiB of rows
+MAX_META_BYTES = 8 << 20  # a zarr.json larger than this is refused unread (a damaged or hostile store)
+LEASE_TTL_S = 600.0  # a lease not renewed for this long belongs to a process that is gone
+_LEASE_RENEW_S = 60.0
+_ROW_KEY = re.compile(r"[0-9a-f]{64}(:[0-9]{1,6})?")
+
+
+def human_bytes(n: float) -> str:
+    """1234567 → '1.2 MB' (decimal units)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO time stamp written by ``now_iso``, or None when it is not one."""
+    try:
+        stamp = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=timezone.utc)
+
+
+def created_by() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def digest_key(obj: Any, length: int = 16) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``obj`` as canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
+
+
+def space_key(provenance: dict) -> str:
+    """Short, stable key of a feature space (backbone, layer, weights digest, preprocessing, precision, pool, dtype)."""
+    return digest_key(provenance, 16)
+
+
+def digest_values(values: np.ndarray | list) -> str:
+    """SHA-256 of a 1-D array's values: strings joined by newlines, integers as little-endian int64."""
+    arr = np.asarray(values)
+    h = hashlib.sha256()
+    if arr.dtype.kind in "iub":
+        h.update(b"i8:" + np.ascontiguousarray(arr, dtype="<i8").tobytes())
+    else:
+        h.update(b"str:" + "\n".join(str(v) for v in arr.tolist()).encode("utf-8"))
+    return h.hexdigest()
+
+
+def default_compressor() -> list:
+    """Blosc-zstd level 1, no shuffle (chosen from benchmarks/README.md: the smallest files at the
+    fastest zstd write speed for CNN features), then a CRC32C checksum so a corrupted chunk is
+    detected on read."""
+    return [BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle"), Crc32cCodec()]
+
+
+# Every chunk is written, even one equal to the fill value, so a chunk that is absent is a
+# chunk that was lost, never one that was implicit.
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``require_group`` that tolerates another writer creating the same group at the same moment."""
+    try:
+        return parent.require_group(name)
+    except zarr.errors.ContainsGroupError:
+        return parent[name]
+
+
+def _meta_size(parent: zarr.Group, name: str) -> int | None:
+    from zarr.core.sync import sync
+
+    key = f"{parent.path}/{name}/zarr.json" if parent.path else f"{name}/zarr.json"
+    try:
+        return sync(parent.store.getsize(key))
+    except Exception:  # not there (yet), or a store that cannot tell
+        return None
+
+
+def child_groups(parent: zarr.Group, warnings: list[str] | None = None, what: str = "group") -> list[tuple[str, zarr.Group]]:
+    """The child groups of ``parent``, sorted by name; one that cannot be read is named in ``warnings``
+    and left out, so one damaged group never takes the others down."""
+    try:
+        names = sorted(k for k in parent.keys())
+    except Exception as e:
+        raise StoreError(f"cannot list {parent.path or 'the store root'}: {e.__class__.__name__}: {e}") from None
+    out = []
+    for name in names:
+        size = _meta_size(parent, name)
+        if size is not None and size > MAX_META_BYTES:
+            if warnings is not None:
+                warnings.append(f"{what} {name}: metadata is {human_bytes(size)}, over the {human_bytes(MAX_META_BYTES)} cap; skipped")
+            continue
+        try:
+            member = parent[name]
+            if isinstance(member, zarr.Group):
+                dict(member.attrs)  # parsed now, so a damaged one fails here
+                out.append((name, member))
+        except (Exception, RecursionError) as e:
+            if warnings is not None:
+                warnings.append(f"{what} {name}: unreadable metadata ({e.__class__.__name__}); skipped")
+    return out
+
+
+def _row_layout(n: int, shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    row_bytes = max(1, int(np.prod(shape)) * itemsize)
+    chunk = int(max(1, min(4096, _CHUNK_BYTES // row_bytes, n)))  # a chunk never pads past the rows
+    shard = chunk * _CHUNKS_PER_SHARD
+    shard = min(shard, -(-max(n, 1) // chunk) * chunk)  # no shard larger than the rows it will hold
+    return chunk, shard
+
+
+def chunk_crc(block: np.ndarray) -> int:
+    """CRC-32 of a chunk's decoded rows (C order, stored dtype)."""
+    return zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
+
+
+class SegmentWriter:
+    """Appends rows to a new segment, shard by shard; ``commit`` makes them visible.
+
+    Rows are buffered until a whole shard is full, so each shard is written once (Zarr
+    rewrites a shard on every partial write). The CRC of every chunk is taken as it is
+    written and recorded in the integrity record at commit.
+    """
+
+    def __init__(self, group: zarr.Group, capacity: int, shape: tuple[int, ...], dtype: str, compressor: Any):
+        self.group = group
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(shape)
+        chunk, shard = _row_layout(capacity, shape, self.dtype.itemsize)
+        self.chunk_rows, self.shard_rows = chunk, shard
+        self.features = group.create_array(
+            "features",
+            shape=(max(capacity, 1),) + self.shape,
+            chunks=(chunk,) + self.shape,
+            shards=(shard,) + self.shape,
+            dtype=self.dtype,
+            fill_value=np.nan,
+            compressors=compressor,
+            config=ARRAY_CONFIG,
+        )
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self._hashes: list[str] = []
+        self._crcs: list[int] = []
+        self.rows = 0  # rows flushed to storage
+
+    def append(self, features: np.ndarray, hashes: list[str]) -> None:
+        if len(features) != len(hashes):
+            raise ValueError("features and hashes differ in length")
+        if not len(hashes):
+            return
+        block = np.ascontiguousarray(features, dtype=self.dtype)
+        if not np.isfinite(block).all():  # never committed: a NaN row would pass for data
+            raise ValueError("refusing to store non-finite features")
+        self._buffer.append(block)
+        self._buffered += len(features)
+        self._hashes.extend(hashes)
+        if self._buffered >= self.shard_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._buffer:
+            return
+        block = np.concatenate(self._buffer)
+        whole = len(block) if final else (len(block) // self.shard_rows) * self.shard_rows
+        if whole:
+            self.features[self.rows : self.rows + whole] = block[:whole]
+            for start in range(0, whole, self.chunk_rows):  # self.rows is shard-aligned, so chunks align too
+                self._crcs.append(chunk_crc(block[start : start + self.chunk_rows]))
+            self.rows += whole
+        rest = block[whole:]
+        self._buffer = [rest] if len(rest) else []
+        self._buffered = len(rest)
+
+    def commit(self, **attrs: Any) -> int:
+        """Write the remaining rows, the keys and the integrity record, then the marker. Returns rows committed."""
+        self._flush(final=True)
+        if self.rows != self.features.shape[0]:
+            self.features.resize((self.rows,) + self.features.shape[1:])
+        sha = self.group.create_array(
+            "sha256", shape=(self.rows,), dtype=str, chunks=(max(self.rows, 1),), compressors=default_compressor(),
+            config=ARRAY_CONFIG,
+        )
+        if self.rows:
+            sha[:] = np.array(self._hashes, dtype=str)
+        integrity = {
+            "features": {"shape": [self.rows, *self.shape], "chunk_rows": self.chunk_rows, "crc32": self._crcs},
+            "sha256": {"sha256": digest_values(self._hashes)},
+        }
+        self.group.attrs.update({**attrs, "rows": self.rows, "integrity": integrity, "committed_at": now_iso()})
+        self.group.attrs["committed"] = True  # the marker, written last
+        return self.rows
+
+    def nbytes_stored(self) -> int:
+        return int(self.features.nbytes_stored())
+
+
+@dataclass
+class Segment:
+    """A committed segment whose contents matched its integrity record when the index was built."""
+
+    key: str
+    features: zarr.Array
+    sha256: np.ndarray
+    chunk_rows: int
+    crc32: list[int]
+
+    def check_chunk(self, start: int, block: np.ndarray, space: str) -> None:
+        """Compare one whole decoded chunk with its recorded CRC."""
+        i = start // self.chunk_rows
+        if start % self.chunk_rows == 0 and i < len(self.crc32) and chunk_crc(block) != self.crc32[i]:
+            raise StoreError(
+                f"segment {self.key} of space {space}, chunk {i} (rows {start}-{start + len(block) - 1}): contents "
+                "differ from the integrity record. See: featcache verify"
+            )
+
+
+def _check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | None]:
+    """A committed segment checked against its integrity record: (segment, None) or (None, why it is damaged)."""
+    a = group.attrs
+    integrity = a.get("integrity")
+    rows = a.get("rows")
+    try:
+        feats_rec, sha_rec = integrity["features"], integrity["sha256"]
+        shape, chunk_rows, crcs, digest = feats_rec["shape"], feats_rec["chunk_rows"], feats_rec["crc32"], sha_rec["sha256"]
+        ok = (isinstance(rows, int) and not isinstance(rows, bool) and 0 <= rows < 2**40
+              and isinstance(shape, list) and shape and shape[0] == rows
+              and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])
+              and isinstance(chunk_rows, int) and chunk_rows > 0 and isinstance(crcs, list)
+              and len(crcs) == math.ceil(rows / chunk_rows) and all(isinstance(c, int) for c in crcs)
+              and isinstance(digest, str))
+    except (TypeError, KeyError):
+        ok = False
+    if not ok:
+        return None, "no valid integrity record"
+    try:
+        features = group["features"]
+        keys = np.asarray(group["sha256"][:])
+    except (Exception, RecursionError) as e:
+        return None, f"cannot open its arrays ({e.__class__.__name__})"
+    if not isinstance(features, zarr.Array) or list(features.shape) != shape or features.chunks[0] != chunk_rows:
+        return None, f"features array is {getattr(features, 'shape', '?')}, the integrity record says {shape}"
+    if features.dtype not in (np.float16, np.float32):
+        return None, f"features dtype {features.dtype} is not float16/float32"
+    if rows and features.nchunks_initialized != features.nchunks:
+        return None, f"{features.nchunks - features.nchunks_initialized} of {features.nchunks} chunks are missing"
+    if keys.ndim != 1 or len(keys) != rows or digest_values(keys) != digest:
+        return None, "its row keys (sha256) are missing or differ from the integrity record"
+    if rows and not all(_ROW_KEY.fullmatch(k) for k in keys.tolist()):
+        return None, "its row keys are not SHA-256 digests"
+    return Segment(name, features, keys, chunk_rows, crcs), None
+
+
+class Lease:
+    """A running extract's claim on spaces: gc leaves them alone while it is renewed."""
+
+    def __init__(self, parent: zarr.Group, name: str):
+        self.parent, self.name = parent, name
+        self.group = parent[name]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, daemon=True)
+        self._thread.start()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(_LEASE_RENEW_S):
+            try:
+                self.renew()
+            except Exception:  # a renewal that fails leaves the lease to expire; the final re-check still runs
+                pass
+
+    def renew(self) -> None:
+        self.group.attrs["renewed_at"] = now_iso()
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            del self.parent[self.name]
+        except Exception:  # gone already, or a store we cannot write: it expires by itself
+            pass
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Rows:
+    """Spaces, segments, leases and the row index of one store root."""
+
+    url: str
+    root: zarr.Group
+
+    def __init__(self) -> None:
+        self._index_cache: dict[str, tuple] = {}
+        self.warnings: list[str] = []  # damaged groups met while reading, one line each
+
+    def _warn(self, line: str) -> None:
+        if line not in self.warnings:
+            self.warnings.append(line)
+
+    # ------------------------------------------------------------------ spaces and segments
+
+    def ensure_space(self, provenance: dict) -> str:
+        key = space_key(provenance)
+        group = require_group(require_group(self.root, "spaces"), key)
+        if "space" not in group.attrs:
+            group.attrs.update({"space": provenance, "created_at": now_iso()})
+        return key
+
+    def spaces(self) -> list[str]:
+        try:
+            spaces = self.root["spaces"]
+        except KeyError:
+            return []
+        return [k for k, _ in child_groups(spaces, self.warnings, "space")]
+
+    def segment_groups(self, space: str) -> list[tuple[str, zarr.Group]]:
+        """All readable segments of a space, committed or not, oldest first."""
+        try:
+            parent = self.root["spaces"][space]["segments"]
+        except KeyError:
+            return []
+        except (Exception, RecursionError) as e:
+            self._warn(f"space {space}: unreadable ({e.__class__.__name__}); skipped")
+            return []
+        return child_groups(parent, self.warnings, f"space {space} segment")
+
+    def damaged_segments(self, space: str) -> dict[str, str]:
+        """Committed segments of ``space`` that do not match their integrity record, with the reason."""
+        return dict(self._index(space)[2])
+
+    def _index(self, space: str) -> tuple[list[Segment], dict[str, tuple[int, int]], dict[str, str]]:
+        """Sound committed segments, content hash → (segment number, row) over them (the oldest
+        segment wins), and the damaged ones. Cached while the committed segments stay the same."""
+        committed = [(k, g) for k, g in self.segment_groups(space) if g.attrs.get("committed") is True]
+        names = tuple(k for k, _ in committed)
+        cached = self._index_cache.get(space)
+        if cached is not None and cached[0] == names:
+            return cached[1:]
+        segments: list[Segment] = []
+        damaged: dict[str, str] = {}
+        for name, group in committed:
+            seg, why = _check_segment(name, group)
+            if seg is None:
+                damaged[name] = why
+                self._warn(f"space {space} segment {name} is damaged ({why}); its rows count as missing")
+            else:
+                segments.append(seg)
+        index: dict[str, tuple[int, int]] = {}
+        for s, seg in enumerate(segments):
+            for r, h in enumerate(seg.sha256.tolist()):
+                index.setdefault(h, (s, r))
+        self._index_cache[space] = (names, segments, index, damaged)
+        return segments, index, damaged
+
+    def forget_index(self) -> None:
+        """Drop the cached row index, so the next lookup sees what other processes did meanwhile."""
+        self._index_cache.clear()
+
+    def space_stats(self, space: str) -> dict[str, int]:
+        """Rows, bytes on disk and uncompressed bytes over the space's sound committed segments."""
+        rows = stored = raw = 0
+        for seg in self._index(space)[0]:
+            rows += seg.features.shape[0]
+            stored += int(seg.features.nbytes_stored())
+            raw += int(seg.features.nbytes)
+        return {"rows": rows, "bytes_stored": stored, "bytes_raw": raw}
+
+    def known_hashes(self, space: str) -> set[str]:
+        return set(self._index(space)[1])
+
+    def new_segment(
+        self, space: str, capacity: int, shape: tuple[int, ...], dtype: str, compressor: Any = None
+    ) -> SegmentWriter:
+        key = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        group = require_group(self.root["spaces"][space], "segments").create_group(key)
+        group.attrs.update({"created_at": now_iso(), "created_by": created_by(), "committed": False})
+        return SegmentWriter(group, capacity, shape, dtype, compressor or default_compressor())
+
+    def remove_segment(self, space: str, name: str) -> None:
+        del self.root["spaces"][space]["segments"][name]
+
+    # ------------------------------------------------------------------ rows
+
+    def locate(self, space: str, keys: Iterable[str]) -> tuple[list[Segment], np.ndarray]:
+        """The sound committed segments of ``space`` and, per key, its (segment number, row) as an (N, 2) array."""
+        segments, index, damaged = self._index(space)
+        keys = list(keys)
+        try:
+            where = np.array([index[k] for k in keys], dtype=np.int64).reshape(len(keys), 2)
+        except KeyError as e:
+            hint = (f" Damaged segment(s): {'; '.join(f'{k} ({v})' for k, v in damaged.items())}." if damaged else "")
+            raise StoreError(
+                f"row for image {str(e.args[0])[:12]} is missing from space {space} (removed, damaged or never "
+                f"committed).{hint} Re-run featcache extract to restore it; see: featcache verify"
+            ) from None
+        return segments, where
+
+    def gather(self, space: str, hashes: Iterable[str], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        """The rows of ``hashes`` in their stored dtype; refuses non-finite values and foreign shapes."""
+        segments, located = self.locate(space, hashes)
+        out = np.empty((len(located),) + tuple(shape), dtype=dtype)
+        where: dict[int, list[tuple[int, int]]] = {}
+        for i, (s, r) in enumerate(located.tolist()):
+            where.setdefault(s, []).append((i, r))
+        for s, pairs in where.items():
+            arr = segments[s].features
+            if tuple(arr.shape[1:]) != tuple(shape):
+                raise StoreError(f"segment {segments[s].key} of space {space} holds rows of shape {arr.shape[1:]}, "
+                                 f"not {tuple(shape)}; the store may be damaged")
+            dest = np.array([i for i, _ in pairs])
+            rows = np.array([r for _, r in pairs])
+            try:
+                if len(rows) * 4 >= arr.shape[0]:  # most of the segment: one sequential read
+                    whole = arr[:]
+                    for start in range(0, len(whole), segments[s].chunk_rows):
+                        segments[s].check_chunk(start, whole[start : start + segments[s].chunk_rows], space)
+                    out[dest] = whole[rows]
+                else:
+                    order = np.argsort(rows)
+                    out[dest[order]] = arr.oindex[rows[order]]
+            except StoreError:
+                raise
+            except Exception as e:  # checksum mismatch, codec error, shape mismatch ...
+                raise StoreError(
+                    f"cannot read segment {segments[s].key} of space {space}: {e.__class__.__name__}: {e}. "
+                    "See: featcache verify"
+                ) from None
+        bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1) if len(out) else np.zeros(0, bool)
+        if bad.any():
+            raise StoreError(f"{int(bad.sum())} rows of space {space} hold non-finite values (NaN or inf); "
+                             "the store may be damaged. See: featcache verify")
+        return out
+
+    # ------------------------------------------------------------------ leases
+
+    def lease(self, spaces: Iterable[str]) -> Lease:
+        """Claim ``spaces`` for a running extract; ``gc`` removes no row of a claimed space."""
+        parent, name = require_group(self.root, "leases"), uuid.uuid4().hex
+        parent.create_group(name, attributes={"spaces": sorted(set(spaces)), "renewed_at": now_iso(),
+                                              "created_by": created_by(), "pid": os.getpid(), "ttl_s": LEASE_TTL_S})
+        return Lease(parent, name)
+
+    def leases(self) -> tuple[set[str], list[str]]:
+        """Spaces claimed by live leases, and the names of expired or unreadable leases."""
+        try:
+            parent = self.root["leases"]
+        except KeyError:
+            return set(), []
+        now = datetime.now(timezone.utc)
+        live: set[str] = set()
+        stale: list[str] = []
+        for name, group in child_groups(parent, None, "lease"):
+            spaces = group.attrs.get("spaces")
+            stamp = parse_time(group.attrs.get("renewed_at"))
+            if stamp is None or not isinstance(spaces, list):
+                stale.append(name)
+                continue
+            age = (now - stamp).total_seconds()
+            if -LEASE_TTL_S < age < LEASE_TTL_S:
+                live.update(s for s in spaces if isinstance(s, str))
+            else:
+                stale.append(name)
+        return live, stale
+
+    def remove_lease(self, name: str) -> None:
+        del self.root["leases"][name]
+
+
+def group_bytes(group: zarr.Group) -> int:
+    """Bytes stored under a group (all its arrays, recursively)."""
+    total = 0
+    for _, member in group.members():
+        total += int(member.nbytes_stored()) if isinstance(member, zarr.Array) else group_bytes(member)
+    return total

@@ -1,0 +1,213 @@
+"""The store: open it, and list, get, write and remove the dataset views (sets) in it.
+
+Sets layout (rows are in :mod:`featcache.store.rows`)::
+
+    STORE/                          root attrs: {"featcache": {"format_version": 2}}
+      sets/<key>-<8 hex>/           one committed instance of a set; attrs: the SetRecord, then committed=true
+        <split>/sha256, labels, paths
+
+Each writer records a set in a group of its own, so concurrent writers never collide; the
+set's integrity record (a digest of each array) is written before the marker.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import zarr
+
+from ..errors import AmbiguousSet, SetNotFound, StoreError
+from .records import SetRecord
+from .rows import ARRAY_CONFIG, Rows, child_groups, default_compressor, digest_values, group_bytes, now_iso, require_group
+from .sets import FeatureSet
+
+__all__ = ["FORMAT_VERSION", "Store", "open_store"]
+
+FORMAT_VERSION = 2
+
+
+class Store(Rows):
+    """A featcache store at a local path or fsspec URL."""
+
+    def __init__(self, url: str, root: zarr.Group):
+        super().__init__()
+        self.url = url
+        self.root = root
+
+    def set_groups(self) -> list[tuple[str, str, zarr.Group]]:
+        """(key, group name, group) of committed sets whose metadata can be read; a key may have several
+        identical instances. Unreadable ones are named in ``warnings``."""
+        try:
+            sets = self.root["sets"]
+        except KeyError:
+            return []
+        out = []
+        for name, group in child_groups(sets, self.warnings, "set"):
+            attrs = group.attrs
+            if attrs.get("committed") is True and isinstance(attrs.get("key"), str):
+                out.append((attrs["key"], name, group))
+        return out
+
+    def write_set(self, key: str, record: SetRecord, splits: dict[str, dict[str, np.ndarray]]) -> FeatureSet:
+        """Record a dataset view: arrays, then attributes with their digests, then the marker."""
+        for k, _, group in self.set_groups():
+            if k == key:
+                try:
+                    return FeatureSet(self, key, group)
+                except StoreError:
+                    continue  # a damaged instance: write a sound one beside it
+        group = require_group(self.root, "sets").create_group(f"{key}-{uuid.uuid4().hex[:8]}")
+        group.attrs.update({"committed": False, "created_at": now_iso()})
+        integrity = {}
+        for split, arrays in splits.items():
+            sub = group.create_group(split)
+            n = len(arrays["sha256"])
+            integrity[split] = {}
+            for name, values in arrays.items():
+                dtype = str if name in ("sha256", "paths") else values.dtype
+                arr = sub.create_array(name, shape=(n,), dtype=dtype, chunks=(max(n, 1),),
+                                       compressors=default_compressor(), config=ARRAY_CONFIG)
+                if n:
+                    arr[:] = values
+                integrity[split][name] = digest_values(values)
+        attrs = {**record.to_attrs(), "integrity": integrity, "key": key, "committed_at": now_iso()}
+        SetRecord.from_attrs(key, attrs)  # what is written must read back
+        group.attrs.update(attrs)
+        group.attrs["committed"] = True
+        return FeatureSet(self, key, group)
+
+    def _sound_sets(self) -> dict[str, FeatureSet]:
+        """The first sound instance of every committed set key; damaged instances become warnings."""
+        found: dict[str, FeatureSet] = {}
+        for key, name, group in self.set_groups():
+            if key in found:
+                continue
+            try:
+                found[key] = FeatureSet(self, key, group)
+            except StoreError as e:
+                self._warn(f"set {name}: {e}; skipped")
+        return found
+
+    def set_keys(self) -> list[str]:
+        """Keys of readable committed sets, oldest first."""
+        found = self._sound_sets()
+        return sorted(found, key=lambda k: (found[k].record.created_at, k))
+
+    def sets(self) -> list[FeatureSet]:
+        found = self._sound_sets()
+        return sorted(found.values(), key=lambda fs: (fs.record.created_at, fs.key))
+
+    def get_set(self, key: str | None = None) -> FeatureSet:
+        """The set whose key starts with ``key``; with no key, the most recently created one."""
+        found = self._sound_sets()
+        keys = sorted(found, key=lambda k: (found[k].record.created_at, k))
+        matches = keys if key is None else [k for k in keys if k.startswith(key)]
+        if key is not None and not matches:
+            for k, _, group in self.set_groups():  # a damaged set asked for by name: say why, not "no such set"
+                if k.startswith(key):
+                    FeatureSet(self, k, group)  # raises the StoreError naming the set and the field
+        if not keys:
+            raise SetNotFound(f"no feature sets in {self.url}. Run featcache extract first.")
+        if key is None:
+            return found[keys[-1]]
+        if not matches:
+            raise SetNotFound(f"no set {key!r} in {self.url}. Sets: {', '.join(keys)}. See: featcache ls", option="--set")
+        if len(matches) > 1:
+            raise AmbiguousSet(f"{key!r} matches several sets: {', '.join(matches)}. Give more of the key.")
+        return found[matches[0]]
+
+    def unreadable_sets(self) -> list[str]:
+        """Names of set groups whose metadata or record cannot be read (gc must not guess what they use)."""
+        before = list(self.warnings)
+        self.warnings.clear()
+        self._sound_sets()
+        bad = [w for w in self.warnings if w.startswith("set ")]
+        self.warnings[:] = before + [w for w in self.warnings if w not in before]
+        return bad
+
+    def remove_set(self, key: str) -> FeatureSet:
+        """Remove a dataset view (all its instances). Its rows stay until ``gc``."""
+        fs = self.get_set(key)
+        sets = self.root["sets"]
+        for k, name, _ in self.set_groups():
+            if k == fs.key:
+                del sets[name]
+        return fs
+
+    def set_bytes(self, fs: FeatureSet) -> int:
+        """Bytes on disk of the rows a set uses (whole segments it draws on) plus its own arrays."""
+        wanted = set(fs.hashes_all())
+        total = group_bytes(fs.group)
+        for seg in self._index(fs.space)[0]:
+            if wanted.intersection(seg.sha256.tolist()):
+                total += int(seg.features.nbytes_stored())
+        return total
+
+
+def _version_of(root: zarr.Group) -> int | None:
+    meta = root.attrs.get("featcache")
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+        return None
+    return meta["format_version"]
+
+
+def _keep_group_writable(url: str) -> None:
+    """In a group-writable store directory (a team's shared store), new files stay group-writable."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    path = url.removeprefix("file://")
+    try:
+        shared = os.stat(path).st_mode & 0o020
+    except OSError:
+        return
+    if shared:
+        current = os.umask(0)
+        os.umask(current & ~0o070)
+
+
+def open_store(url: str, mode: str = "a") -> Store:
+    """Open a featcache store: ``"a"`` to write, creating it if missing; ``"r+"`` to write an
+    existing one (``rm``, ``gc``: a mistyped URL must not leave an empty store); ``"r"`` to read.
+
+    ``url`` is a local path or any fsspec URL (``s3://bucket/path``; credentials and endpoint
+    come from the usual environment variables).
+    """
+    url = str(url)
+    if mode != "r":
+        _keep_group_writable(url)
+    try:
+        root = zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        if mode != "a":
+            raise StoreError(
+                f"no featcache store at {url}. Run featcache extract --store {url} first.", option="--store"
+            ) from None
+        try:  # metadata and version in one write, so a concurrent reader never sees a bare group
+            root = zarr.create_group(url, zarr_format=3, attributes={"featcache": {"format_version": FORMAT_VERSION}})
+            return Store(url, root)
+        except zarr.errors.ContainsGroupError:  # another writer created it first
+            return open_store(url, mode)
+        except (OSError, ValueError) as e:  # a path that is a file, a read-only place ...
+            raise StoreError(f"cannot create a featcache store at {url} ({e.__class__.__name__}: {e})", option="--store") from None
+    except (Exception, RecursionError) as e:  # a path that is a file, a v2 store, garbage metadata ...
+        raise StoreError(
+            f"{url} is not a readable featcache store ({e.__class__.__name__}: {e})", option="--store"
+        ) from None
+    version = _version_of(root)
+    if version is None:
+        raise StoreError(f"{url} is a Zarr group but not a featcache store (no featcache format_version).", option="--store")
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{url} was written by a newer featcache (store format {version}; this one reads up to "
+            f"{FORMAT_VERSION}). Upgrade featcache: pip install -U featcache"
+        )
+    if version < FORMAT_VERSION:
+        raise StoreError(
+            f"{url} is in store format {version}, which records no integrity information, so missing data could not "
+            f"be told from data. Extract into a new store (--store NEW) to get format {FORMAT_VERSION}."
+        )
+    if mode != "r":
+        root = zarr.open_group(url, mode="a")
+    return Store(url, root)
