@@ -68,7 +68,7 @@ def synthetic_set(store: str, rows: int, dim: int, classes: int, seed: int = 0, 
     rng = np.random.default_rng(seed)
     st = featcache.open_store(store)
     prov = {"backbone": "synthetic", "layer": "x", "weights": {"id": "none", "sha256": "0" * 64},
-            "preprocessing": {}, "pool": "none", "shape": [dim], "dtype": "float16"}
+            "preprocessing": {}, "pool": "none", "shape": [dim], "precision": "float32", "dtype": "float16"}
     space = st.ensure_space(prov)
     total = rows + val
     seg = st.new_segment(space, total, (dim,), "float16")
@@ -81,14 +81,15 @@ def synthetic_set(store: str, rows: int, dim: int, classes: int, seed: int = 0, 
     seg.commit()
     splits = {"train": rows, **({"val": val} if val else {})}
     attrs = {"space": space, "space_provenance": prov, "backbone": "synthetic", "layer": "x", "pool": "none",
-             "dtype": "float16", "weights": prov["weights"], "preprocessing": {}, "classes": [f"c{i}" for i in range(classes)],
-             "splits": splits, "data_root": "/nonexistent", "created_at": "", "config": {}}
+             "dtype": "float16", "precision": "float32", "weights": prov["weights"], "preprocessing": {},
+             "classes": [f"c{i}" for i in range(classes)], "splits": splits, "data_root": "/nonexistent",
+             "manifest_sha256": "0" * 64, "created_at": "2026-01-01T00:00:00+00:00", "config": {}}
     arrays, at = {}, 0
     for split, n in splits.items():
         h = np.array(hashes[at : at + n])
         arrays[split] = {"sha256": h, "labels": labels[at : at + n].astype(np.int32), "paths": h}
         at += n
-    return st.write_set("synthetic000", attrs, arrays).key
+    return st.write_set("5e7000000000", attrs, arrays).key
 
 
 def fit_vs_bare(rows: int = 10_000, dim: int = 25_088, classes: int = 10, epochs: int = 3, batch_size: int = 64) -> dict:
@@ -98,7 +99,7 @@ def fit_vs_bare(rows: int = 10_000, dim: int = 25_088, classes: int = 10, epochs
         key = synthetic_set(store, rows, dim, classes)
         st = featcache.open_store(store)
         fs = st.get_set(key)
-        arr = st._committed_segments(fs.space)[0].features
+        arr = st.locate(fs.space, [])[0][0].features
         reader = RowReader(st, fs.space, fs.hashes("train"), fs.shape)
         plain_s = naive_s = load_s = float("inf")
         for _ in range(3):  # alternate, best of 3: single reads vary by 2x on a shared machine

@@ -35,6 +35,7 @@ __all__ = [
     "autocast",
     "resolve_precision",
     "rebuild_backbone",
+    "check_user_backbone",
     "Backbone",
     "create_backbone",
     "list_backbones",
@@ -490,6 +491,25 @@ def autocast(precision: str, device: torch.device):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def check_user_backbone(backbone: str | None = None, weights: str | None = None) -> None:
+    """Fail fast on a --backbone or --weights the user gave to a command that rebuilds a stored backbone."""
+    if backbone is not None:
+        if ":" in backbone:
+            module_name, _, attr = backbone.partition(":")
+            try:
+                getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as e:
+                raise UnknownBackbone(
+                    f"cannot import backbone factory {backbone!r}: {e}. The module must be installed or on PYTHONPATH"
+                ) from None
+        elif backbone != OFFLINE and backbone not in torchvision.models.list_models(module=torchvision.models):
+            close = difflib.get_close_matches(backbone, list_backbones(), n=5, cutoff=0.5)
+            raise UnknownBackbone(f"Unknown backbone {backbone!r}{'; closest: ' + ', '.join(close) if close else ''}. "
+                                  "All names: featcache backbones")
+    if weights is not None and weights.lower() not in ("none", "default") and not Path(weights).is_file():
+        raise WeightsError(f"weights file {weights!r} does not exist {_WEIGHTS_VALUES}", option="--weights")
 
 
 def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, weights: str | None = None) -> Backbone:

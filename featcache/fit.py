@@ -207,6 +207,10 @@ def fit(
     ``on_epoch`` receives each epoch's row (torch heads).
     """
     cfg = config if config is not None else FitConfig(**kwargs)
+    if cfg.backbone is not None:
+        from .backbones import check_user_backbone
+
+        check_user_backbone(cfg.backbone)
     t0 = time.perf_counter()
     store = open_store(cfg.store, mode="r")
     fs = store.get_set(cfg.set)

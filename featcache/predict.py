@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone, autocast, rebuild_backbone
+from .backbones import Backbone, autocast, check_user_backbone, rebuild_backbone
 from .data import IMAGE_EXTENSIONS, load_rgb
 from .errors import RunError, WeightsError
 from .fit import evaluate, prepare_features
@@ -95,6 +95,7 @@ class Predictor(nn.Module):
 
 
 def _load(run: str | Path, backbone: str | None = None, weights: str | None = None) -> tuple[Predictor, Backbone, dict]:
+    check_user_backbone(backbone, weights)
     info = evaluate(run)["config"]
     cfg = info.get("extract_config")
     if not isinstance(cfg, dict):

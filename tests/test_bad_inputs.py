@@ -15,7 +15,8 @@ import featcache
 from featcache.cli import main
 from featcache.data import safe_join, scan
 from featcache.errors import DataError, StoreError
-from featcache.sets import _validated
+from featcache.store import SetRecord
+from featcache.store.rows import digest_values
 
 from .conftest import TINY, make_folder
 
@@ -96,10 +97,15 @@ def test_symlink_out_of_the_root_is_refused(tmp_path):
         safe_join(tmp_path / "root", "link/passwd")
 
 
+H = "ab" * 32
 GOOD = {
-    "classes": ["a", "b"], "splits": {"train": 2, "val": 1}, "space": "0123456789abcdef",
-    "space_provenance": {"shape": [4]}, "dtype": "float16", "backbone": "x", "layer": "y", "pool": "none",
-    "created_at": "2026-01-01", "data_root": "/d",
+    "key": "0123456789ab", "classes": ["a", "b"], "splits": {"train": 2, "val": 1}, "space": "0123456789abcdef",
+    "space_provenance": {"shape": [4], "dtype": "float16", "precision": "float32"}, "dtype": "float16",
+    "precision": "float32", "backbone": "x", "layer": "y", "pool": "none", "weights": {"id": "w", "sha256": H},
+    "preprocessing": {}, "created_at": "2026-01-01", "created_by": "u@h", "data_root": "/d", "layout": "splits",
+    "split_fractions": None, "split_seed": None, "manifest_sha256": H, "views": 0, "view_space": None,
+    "augment": None, "skipped": [], "ignored": [], "config": {}, "versions": {}, "unlabelled": [],
+    "integrity": {s: {"sha256": H, "labels": H, "paths": H} for s in ("train", "val")},
 }
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -111,11 +117,12 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(field=st.sampled_from(sorted(GOOD)), value=json_values)
 def test_malformed_set_attributes_are_store_errors(field, value):
+    SetRecord.from_attrs("k", GOOD)
     attrs = {**GOOD, field: value}
     try:
-        _validated("k", attrs)
+        SetRecord.from_attrs("k", attrs)
     except StoreError as e:
-        assert "malformed attribute" in str(e)
+        assert "malformed attribute" in str(e) and str(e).startswith("set k ")
 
 
 def test_labels_out_of_range_are_refused(tmp_path):
@@ -124,6 +131,12 @@ def test_labels_out_of_range_are_refused(tmp_path):
     r = featcache.extract(backbone=TINY, data=str(folder), store=store, weights="none", workers=0)
     fs = featcache.open_store(store).get_set(r.set_key)
     fs.group["train"]["labels"][0] = 99
+    with pytest.raises(StoreError, match="differs from the set's integrity record"):
+        featcache.open_store(store).get_set(r.set_key).labels("train")
+    # a hostile writer who also rewrites the digest still gets no label outside the classes through
+    integrity = fs.group.attrs["integrity"]
+    integrity["train"]["labels"] = digest_values(fs.group["train"]["labels"][:])
+    fs.group.attrs["integrity"] = integrity
     with pytest.raises(StoreError, match="labels outside"):
         featcache.open_store(store).get_set(r.set_key).labels("train")
 

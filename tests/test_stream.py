@@ -20,7 +20,7 @@ from .conftest import TINY
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 16 rows of 64 float16 features, so a few hundred rows span many chunks and shards."""
-    monkeypatch.setattr(featcache.store, "_CHUNK_BYTES", 16 * 64 * 2)
+    monkeypatch.setattr(featcache.store.rows, "_CHUNK_BYTES", 16 * 64 * 2)
 
 
 @pytest.fixture

@@ -137,6 +137,9 @@ def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0,
            backbone: str | None = None, weights: str | None = None) -> VerifyReport:
     """Check every chunk a set draws on against its integrity record, then recompute ``sample`` rows
     from the images in ``data`` (a folder the user names; never the store's recorded root) and compare."""
+    from ..backbones import check_user_backbone
+
+    check_user_backbone(backbone, weights)
     fs = store.get_set(key)
     r = fs.record
     errors: list[str] = []

@@ -315,8 +315,12 @@ def _check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | 
         return None, f"features array is {getattr(features, 'shape', '?')}, the integrity record says {shape}"
     if features.dtype not in (np.float16, np.float32):
         return None, f"features dtype {features.dtype} is not float16/float32"
-    if rows and features.nchunks_initialized != features.nchunks:
-        return None, f"{features.nchunks - features.nchunks_initialized} of {features.nchunks} chunks are missing"
+    if rows:  # every shard file must be there (nchunks_initialized counts whole shards' worth of chunks)
+        per_shard = (features.shards or features.chunks)[0] // chunk_rows
+        want = math.ceil(rows / (per_shard * chunk_rows))
+        have = features.nchunks_initialized // per_shard
+        if have != want:
+            return None, f"{want - have} of {want} shard files are missing"
     if keys.ndim != 1 or len(keys) != rows or digest_values(keys) != digest:
         return None, "its row keys (sha256) are missing or differ from the integrity record"
     if rows and not all(_ROW_KEY.fullmatch(k) for k in keys.tolist()):

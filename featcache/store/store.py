@@ -50,8 +50,10 @@ class Store(Rows):
                 out.append((attrs["key"], name, group))
         return out
 
-    def write_set(self, key: str, record: SetRecord, splits: dict[str, dict[str, np.ndarray]]) -> FeatureSet:
-        """Record a dataset view: arrays, then attributes with their digests, then the marker."""
+    def write_set(self, key: str, record: SetRecord | dict, splits: dict[str, dict[str, np.ndarray]]) -> FeatureSet:
+        """Record a dataset view: arrays, then attributes with their digests, then the marker.
+
+        ``record`` is a :class:`SetRecord` or its attributes; either is validated before the marker."""
         for k, _, group in self.set_groups():
             if k == key:
                 try:
@@ -72,7 +74,8 @@ class Store(Rows):
                 if n:
                     arr[:] = values
                 integrity[split][name] = digest_values(values)
-        attrs = {**record.to_attrs(), "integrity": integrity, "key": key, "committed_at": now_iso()}
+        fields = record.to_attrs() if isinstance(record, SetRecord) else dict(record)
+        attrs = {**fields, "integrity": integrity, "key": key, "committed_at": now_iso()}
         SetRecord.from_attrs(key, attrs)  # what is written must read back
         group.attrs.update(attrs)
         group.attrs["committed"] = True
