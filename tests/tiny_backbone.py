@@ -43,3 +43,20 @@ class SlowTinyCNN(TinyCNN):
 
 def slow_tiny_cnn() -> nn.Module:
     return SlowTinyCNN()
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return x * 1e6
+
+
+class HugeTinyCNN(TinyCNN):
+    """TinyCNN whose ``features`` exceed float16's range (65504)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features.append(_Scale())
+
+
+def huge_tiny_cnn() -> nn.Module:
+    return HugeTinyCNN()
