@@ -26,7 +26,7 @@ from . import __version__
 from .backbones import POOLS, PRECISIONS, Backbone, autocast, create_backbone, resolve_precision
 from .data import SPLIT_NAMES, Item, Manifest, Skip, load_rgb, parse_split, scan
 from .errors import DataError, FeatcacheError, StoreError
-from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store
+from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store, space_key
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "Interrupted", "extract", "default_store_url"]
 
@@ -456,13 +456,14 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
     precision = resolve_precision(cfg.precision, _device(cfg.device))
     provenance = {**backbone.provenance(), "precision": precision, "dtype": cfg.dtype}
     store = open_store(cfg.store)
-    space = store.ensure_space(provenance)
     augment = augmentation(backbone.preprocessing, cfg.seed) if cfg.views else None
-    view_space = store.ensure_space({**provenance, "augment": augment}) if cfg.views else None
+    view_provenance = {**provenance, "augment": augment} if cfg.views else None
     rank, world = _distributed()
-    # The lease keeps gc off these spaces from before any row is chosen for reuse until the set
-    # that refers to them is committed and its rows checked once more.
-    with store.lease([space] + ([view_space] if view_space else [])):
+    # The lease keeps gc off these spaces from before anything is written or any row is chosen
+    # for reuse until the set that refers to them is committed and its rows checked once more.
+    with store.lease([space_key(provenance)] + ([space_key(view_provenance)] if cfg.views else [])):
+        space = store.ensure_space(provenance)
+        view_space = store.ensure_space(view_provenance) if cfg.views else None
         result = _extract_leased(cfg, manifest, backbone, store, space, view_space, augment, provenance, precision,
                                  rank, world, progress and rank == 0)
     result.seconds = time.perf_counter() - start

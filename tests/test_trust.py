@@ -1,6 +1,7 @@
 """A store every team can trust: each attack or accident of the store-trust list, done for real,
 is caught with a clear error or made harmless (never exit 0 with wrong data)."""
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -15,7 +16,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featcache
-import featcache.extract
 from featcache.cli import main
 from featcache.errors import StoreError
 from featcache.store.maintenance import gc, status, verify
@@ -25,6 +25,7 @@ from .conftest import TINY, make_folder
 SLOW = "tests.tiny_backbone:slow_tiny_cnn"
 HUGE = "tests.tiny_backbone:huge_tiny_cnn"
 ROOT = Path(__file__).resolve().parents[1]
+EXTRACT = importlib.import_module("featcache.extract")
 
 
 def _extract(folder, store, **kw):
@@ -48,7 +49,9 @@ def test_gc_never_collects_rows_a_running_extract_reuses(tmp_path):
     store = tmp_path / "s.zarr"
     first = _extract(folder, store, backbone=SLOW, batch_size=4)
     featcache.open_store(str(store)).remove_set(first.set_key)  # its rows are now referenced by no set
-    make_folder(folder, splits=(("train", 10),), seed=7)  # new images: the next extract runs for seconds
+    rng = np.random.default_rng(7)
+    for i in range(20):  # new images: the next extract runs for seconds
+        Image.fromarray(rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)).save(folder / "train" / "red" / f"new_{i}.png")
     cmd = [sys.executable, "-m", "featcache.cli", "extract", "--backbone", SLOW, "--weights", "none", "--data",
            str(folder), "--store", str(store), "--workers", "0", "--batch-size", "1"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -79,23 +82,27 @@ def test_extract_recomputes_reused_rows_that_vanished_before_the_set_commit(tmp_
     first = _extract(folder, store)
     st = featcache.open_store(str(store))
     st.remove_set(first.set_key)
-    real = featcache.extract._compute
+    real = EXTRACT._compute
+    lost = []
 
     def compute_then_lose_rows(*args, **kw):
         out = real(*args, **kw)
+        if lost:
+            return out
+        lost.append(True)
         s = featcache.open_store(str(store))
         for space in s.spaces():
             for name, group in s.segment_groups(space):
-                if group.attrs.get("committed") is True and not group.attrs.get("restored"):
+                if group.attrs.get("committed") is True:
                     s.remove_segment(space, name)  # what a lease-blind gc would do
         return out
 
-    monkeypatch.setattr(featcache.extract, "_compute", compute_then_lose_rows)
+    monkeypatch.setattr(EXTRACT, "_compute", compute_then_lose_rows)
     r = _extract(folder, store)
     monkeypatch.undo()
     assert r.reused == 12
     fs = featcache.open_store(str(store)).get_set(r.set_key)
-    assert fs.features("train").shape == (9, 64) and verify(featcache.open_store(str(store)), sample=0).ok
+    assert fs.features("train").shape == (9, 32) and verify(featcache.open_store(str(store)), sample=0).ok
 
 
 # 2 ---------------------------------------------------------------- a file changes after it was hashed
@@ -106,13 +113,13 @@ def test_a_file_rewritten_after_scanning_is_skipped_not_stored_under_the_old_has
     store = tmp_path / "s.zarr"
     victim = folder / "train" / "red" / "red_0.png"
     old_hash = __import__("hashlib").sha256(victim.read_bytes()).hexdigest()
-    real = featcache.extract.create_backbone
+    real = EXTRACT.create_backbone
 
     def rewrite_then_build(*args, **kw):  # runs after the scan hashed every file, before any decode
         Image.new("RGB", (24, 30), (0, 0, 255)).save(victim)  # a blue image in the red folder
         return real(*args, **kw)
 
-    monkeypatch.setattr(featcache.extract, "create_backbone", rewrite_then_build)
+    monkeypatch.setattr(EXTRACT, "create_backbone", rewrite_then_build)
     r = _extract(folder, store)
     monkeypatch.undo()
     assert [(s.path, s.reason.split(" (")[0]) for s in r.skipped] == [("train/red/red_0.png", "changed while reading")]
@@ -135,7 +142,7 @@ def test_a_deleted_shard_is_corruption_named_by_segment_and_is_recomputed(folder
     _shards(store_url, r.space)[0].unlink()
     st = featcache.open_store(store_url)
     report = verify(st, sample=0)
-    assert not report.ok and "shard files are missing" in report.errors[0] and "segment" in report.errors[0]
+    assert not report.ok and "36 rows of set" in report.errors[0] and "shard files are missing" in report.errors[0]
     out = CliRunner().invoke(main, ["verify", "--store", store_url, "--sample", "0"])
     assert out.exit_code == 1 and "FAILED" in out.output and "0 rows read" in out.output
     line = _one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots"]))
@@ -233,7 +240,8 @@ def test_no_command_imports_a_module_named_by_a_store_or_run(hostile, tmp_path):
         ["export", str(run), str(tmp_path / "m.pt2")],
     ]
     for args in cases:
-        line = _one_error_line(runner.invoke(main, args))
+        r = runner.invoke(main, args)
+        line = _one_error_line(r, 2)  # a usage error pointing at the command's --backbone
         assert "never imports code" in line and "--backbone teamtools:make" in line, line
     assert not marker.exists() and "teamtools" not in sys.modules
 
@@ -244,13 +252,13 @@ def test_the_user_names_the_module_and_its_weights_are_checked(hostile, tmp_path
     assert r.exit_code == 0 and "8 recomputed" in r.output and marker.exists()  # the user asked for it
     other = CliRunner().invoke(main, ["predict", str(run), str(folder / "val"), "--backbone", "resnet18",
                                       "--weights", "none"])
-    assert other.exit_code == 1 and "other values than those the run was trained on" in other.output
+    _one_error_line(other)  # another network is refused, never used in its place
 
 
-def test_current_folder_is_not_put_on_sys_path(tmp_path, monkeypatch):
+def test_current_folder_is_not_put_on_sys_path(folder, tmp_path, monkeypatch):
     (tmp_path / "mymodel.py").write_text("raise SystemExit('imported')\n")
     monkeypatch.chdir(tmp_path)
-    line = _one_error_line(CliRunner().invoke(main, ["extract", "--backbone", "mymodel:make", "--data", "."]), 2)
+    line = _one_error_line(CliRunner().invoke(main, ["extract", "--backbone", "mymodel:make", "--data", str(folder)]), 2)
     assert "PYTHONPATH" in line
 
 
@@ -313,7 +321,8 @@ def test_attributes_that_lie_about_the_arrays_are_refused(folder, store_url):
     original = dict(group.attrs)
     for change, words in [
         ({"space_provenance": {**original["space_provenance"], "shape": [63]}}, "shape"),
-        ({"classes": [f"c{i}" for i in range(1_000_000)]}, "classes"),
+        ({"classes": [f"c{i}" for i in range(1_000_000)]}, "metadata is"),
+        ({"classes": [f"c{i}" for i in range(200_000)]}, "classes"),
         ({"classes": ["a", "b", "c"] + [f"x{i}" for i in range(30)]}, "classes"),
         ({"weights": {"id": "w"}}, "weights"),
         ({"created_by": ["x"]}, "created_by"),
@@ -367,7 +376,7 @@ def test_precision_is_part_of_the_space_and_verify_recomputes_under_it(folder, s
     a, b = st.get_set(f32.set_key), st.get_set(bf16.set_key)
     assert b.record.precision == "bfloat16" and a.record.precision == "float32"
     x, y = a.features("train").astype(np.float32), b.features("train").astype(np.float32)
-    rel = np.linalg.norm(x - y, axis=(1, 2, 3)) / np.linalg.norm(x, axis=(1, 2, 3))
+    rel = np.linalg.norm((x - y).reshape(len(x), -1), axis=1) / np.linalg.norm(x.reshape(len(x), -1), axis=1)
     assert np.median(rel) > 1e-3  # bf16 rows really differ from float32 rows
     report = verify(st, bf16.set_key, sample=8, data=str(folder), backbone=TINY)
     assert report.ok and report.compared == 8, report.errors

@@ -98,10 +98,11 @@ class VerifyReport:
 # float16 storage alone moves rows by ~3e-4; bf16/fp16 autocast moves them by a few percent
 # (3.2% median measured for efficientnet_lite0, bf16 against float32), and by a similar amount
 # between two machines that both use it. A row of another image is ~0.5-1.4 away.
+_PARTIAL_MIN_AGE_S = 60.0  # one file's write never takes this long: a younger .partial may be mid-write
 TOLERANCE = {"float32": 5e-3, "tf32": 2e-2, "float16": 5e-2, "bfloat16": 1e-1}
 
 
-def _read_checked(fs: FeatureSet, store: Store, errors: list[str]) -> int:
+def _read_checked(fs: FeatureSet, store: Store, errors: list[str], notes: list[str]) -> int:
     """Read every chunk of every segment the set draws on: each must be present, decode, match the
     CRC in the segment's integrity record and hold finite values. Errors name segment and chunk."""
     wanted = set(fs.hashes_all())
@@ -112,7 +113,7 @@ def _read_checked(fs: FeatureSet, store: Store, errors: list[str]) -> int:
     for space in spaces:
         segments, _, damaged = store._index(space)
         for name, why in damaged.items():
-            errors.append(f"space {space} segment {name}: {why}")
+            notes.append(f"space {space} segment {name} is damaged ({why}); its rows count as missing")
         for seg in segments:
             if not wanted.intersection(seg.sha256.tolist()):
                 continue
@@ -150,11 +151,14 @@ def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0,
             fs.labels(s), fs.paths(s)
     except StoreError as e:
         return VerifyReport(fs.key, 0, [str(e)], 0, None, notes)
-    rows = _read_checked(fs, store, errors)
+    rows = _read_checked(fs, store, errors, notes)
     known = store.known_hashes(fs.space)
     missing = [h for h in all_hashes if h not in known]
     if missing:
-        errors.append(f"{len(missing)} rows of set {fs.key} are missing from space {fs.space}")
+        damaged = store.damaged_segments(fs.space)
+        why = f" (damaged: {'; '.join(f'segment {k}: {v}' for k, v in damaged.items())})" if damaged else ""
+        errors.append(f"{len(missing)} rows of set {fs.key} are missing from space {fs.space}{why}; "
+                      "re-run featcache extract to restore them")
     compared, worst = 0, None
     if sample and data is None:
         notes.append(f"rows not recomputed: pass --data with the folder the set was made from ({r.data_root})")
@@ -251,7 +255,7 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
     sets = store.root["sets"] if "sets" in store.root else None
     if sets is not None:
         for name, group in child_groups(sets):
-            if group.attrs.get("committed") is not True and old(group, "created_at"):
+            if group.attrs.get("committed") is not True and old(group, "created_at") and group.attrs.get("space") not in live:
                 report["sets_removed"] += 1
                 report["bytes_freed"] += group_bytes(group)
                 if not dry_run:
@@ -294,17 +298,23 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
                 report["bytes_freed"] += before
             if not dry_run:
                 store.remove_segment(space, name)
-    report["bytes_freed"] += _remove_partial_writes(store.url, grace_s, dry_run)
+    live = store.leases()[0]
+    report["bytes_freed"] += _remove_partial_writes(store.url, grace_s, dry_run, live)
     return report
 
 
-def _remove_partial_writes(url: str, grace_s: float, dry_run: bool) -> int:
-    """Temporary ``*.partial`` files a killed process left mid-write (local stores only)."""
+def _remove_partial_writes(url: str, grace_s: float, dry_run: bool, leased: set[str]) -> int:
+    """Temporary ``*.partial`` files a killed process left mid-write (local stores only); none under a
+    leased space, an unfinished set or the leases, which a running extract may be writing right now."""
     if "://" in url and not url.startswith("file://"):
         return 0
     freed = 0
-    cutoff = time.time() - grace_s
-    for path in Path(url.removeprefix("file://")).rglob("*.partial"):
+    cutoff = time.time() - max(grace_s, _PARTIAL_MIN_AGE_S)
+    root = Path(url.removeprefix("file://"))
+    for path in root.rglob("*.partial"):
+        parts = path.relative_to(root).parts
+        if parts[0] != "spaces" or len(parts) < 3 or parts[1] in leased:
+            continue
         try:
             info = path.stat()
             if info.st_mtime < cutoff:

@@ -149,18 +149,27 @@ def _meta_size(parent: zarr.Group, name: str) -> int | None:
         return None
 
 
+def _list_dir(parent: zarr.Group) -> list[str]:
+    from zarr.core.sync import sync
+
+    async def names() -> list[str]:
+        return [n async for n in parent.store.list_dir(parent.path)]
+
+    return sync(names())
+
+
 def child_groups(parent: zarr.Group, warnings: list[str] | None = None, what: str = "group") -> list[tuple[str, zarr.Group]]:
     """The child groups of ``parent``, sorted by name; one that cannot be read is named in ``warnings``
     and left out, so one damaged group never takes the others down."""
-    try:
-        names = sorted(k for k in parent.keys())
+    try:  # names from the store's listing: no child's metadata is parsed to list them
+        names = sorted(n for n in _list_dir(parent) if n != "zarr.json")
     except Exception as e:
         raise StoreError(f"cannot list {parent.path or 'the store root'}: {e.__class__.__name__}: {e}") from None
     out = []
     for name in names:
         size = _meta_size(parent, name)
         if size is not None and size > MAX_META_BYTES:
-            if warnings is not None:
+            if warnings is not None and not any(w.startswith(f"{what} {name}:") for w in warnings):
                 warnings.append(f"{what} {name}: metadata is {human_bytes(size)}, over the {human_bytes(MAX_META_BYTES)} cap; skipped")
             continue
         try:
@@ -169,7 +178,7 @@ def child_groups(parent: zarr.Group, warnings: list[str] | None = None, what: st
                 dict(member.attrs)  # parsed now, so a damaged one fails here
                 out.append((name, member))
         except (Exception, RecursionError) as e:
-            if warnings is not None:
+            if warnings is not None and not any(w.startswith(f"{what} {name}:") for w in warnings):
                 warnings.append(f"{what} {name}: unreadable metadata ({e.__class__.__name__}); skipped")
     return out
 

@@ -61,7 +61,9 @@ class Store(Rows):
                 except StoreError:
                     continue  # a damaged instance: write a sound one beside it
         group = require_group(self.root, "sets").create_group(f"{key}-{uuid.uuid4().hex[:8]}")
-        group.attrs.update({"committed": False, "created_at": now_iso()})
+        fields = record.to_attrs() if isinstance(record, SetRecord) else dict(record)
+        # the space is named from the start, so gc leaves an unfinished set alone while its space is leased
+        group.attrs.update({"committed": False, "created_at": now_iso(), "space": fields.get("space")})
         integrity = {}
         for split, arrays in splits.items():
             sub = group.create_group(split)
@@ -74,7 +76,6 @@ class Store(Rows):
                 if n:
                     arr[:] = values
                 integrity[split][name] = digest_values(values)
-        fields = record.to_attrs() if isinstance(record, SetRecord) else dict(record)
         attrs = {**fields, "integrity": integrity, "key": key, "committed_at": now_iso()}
         SetRecord.from_attrs(key, attrs)  # what is written must read back
         group.attrs.update(attrs)
@@ -111,7 +112,14 @@ class Store(Rows):
             for k, _, group in self.set_groups():  # a damaged set asked for by name: say why, not "no such set"
                 if k.startswith(key):
                     FeatureSet(self, k, group)  # raises the StoreError naming the set and the field
+        if key is None:  # the most recent committed set, damaged or not: never an older one in its place
+            latest = max(self.set_groups(), key=lambda g: (str(g[2].attrs.get("created_at", "")), g[0]), default=None)
+            if latest is not None and latest[0] not in found:
+                FeatureSet(self, latest[0], latest[2])  # raises the StoreError naming the set and the field
         if not keys:
+            skipped = [w for w in self.warnings if w.startswith("set ")]
+            if skipped:
+                raise StoreError(f"no readable feature sets in {self.url}; {len(skipped)} damaged: {'; '.join(skipped[:3])}")
             raise SetNotFound(f"no feature sets in {self.url}. Run featcache extract first.")
         if key is None:
             return found[keys[-1]]
