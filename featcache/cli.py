@@ -16,10 +16,11 @@ import click
 from .backbones import POOLS, list_backbones, list_layers
 from .errors import FeatcacheError
 from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
-from .fit import FIT_POOLS, FitConfig, evaluate, fit
+from .fit import FIT_POOLS, FitConfig, fit
 from .heads import HEADS, INITS, OPTIMIZERS
 from .sample import write_digits
 from .maintenance import gc, status, verify
+from .runs import RunRecord
 from .store import human_bytes, open_store
 from .stream import parse_size
 
@@ -220,13 +221,13 @@ def _fmt(v) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json as is.")
 def evaluate_cmd(run: str, as_json: bool) -> None:
     """Print the metrics of a run."""
-    report = evaluate(run)
+    record = RunRecord.read(run)
+    metrics = record.metrics
     if as_json:
-        click.echo(json.dumps(report["metrics"], indent=2))
+        click.echo(json.dumps(metrics, indent=2))
         return
-    info, metrics = report["config"], report["metrics"]
-    click.echo(f"run {run}: head {info['config']['head']} on set {info['set']} ({info['backbone']}/{info['layer']})")
-    classes = info["classes"]
+    click.echo(f"run {run}: head {record.config.head} on set {record.set} ({record.backbone}/{record.layer})")
+    classes = record.classes
     for split in ("train", "val", "test"):
         if split not in metrics:
             continue

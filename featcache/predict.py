@@ -17,8 +17,8 @@ from torch import nn
 from .backbones import Backbone, create_backbone
 from .data import IMAGE_EXTENSIONS, load_rgb
 from .errors import RunError, WeightsError
-from .fit import evaluate, prepare_features
-from .heads import SklearnHead, TorchHead, load_head
+from .heads import SklearnHead, TorchHead, head_from_record
+from .runs import RunRecord
 
 __all__ = ["Prediction", "Predictor", "predict", "export"]
 
@@ -94,25 +94,28 @@ class Predictor(nn.Module):
         return self.head(self.backbone(x))
 
 
-def _load(run: str | Path) -> tuple[Predictor, Backbone, dict]:
-    info = evaluate(run)["config"]
-    cfg = info.get("extract_config")
-    if not isinstance(cfg, dict):
+def _load(run: str | Path) -> tuple[Predictor, Backbone, RunRecord]:
+    record = RunRecord.read(run)
+    cfg = record.extract_config
+    if cfg is None:
         raise RunError(f"{run} does not record how its features were extracted; re-run featcache fit")
     backbone = create_backbone(cfg["backbone"], cfg["layer"], cfg["weights"], cfg["pool"])
-    if backbone.weights_sha256 != info["weights"]["sha256"]:
+    if backbone.weights_sha256 != record.weights["sha256"]:
         raise WeightsError(
             f"the weights {backbone.weights_id} resolve to other values than those the run was trained on "
-            f"({info['weights']['id']}); pass the same weights file"
+            f"({record.weights['id']}); pass the same weights file"
         )
-    head = _Head(load_head(Path(run)), info["config"]["pool"], info["space_provenance"]["dtype"])
-    return Predictor(backbone, head).eval(), backbone, info
+    if tuple(backbone.shape) != record.feature_shape:
+        raise RunError(f"{run}: the backbone gives features of shape {list(backbone.shape)} but the run was trained on "
+                       f"{list(record.feature_shape)}; the run directory is damaged, re-run featcache fit")
+    head = _Head(head_from_record(record.head, str(run)), record.config.pool, record.space_provenance["dtype"])
+    return Predictor(backbone, head).eval(), backbone, record
 
 
 def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
     """Top-k classes for each image; unreadable files come back with ``error`` set."""
-    model, backbone, info = _load(run)
-    classes = info["classes"]
+    model, backbone, record = _load(run)
+    classes = record.classes
     k = max(1, min(top_k, len(classes)))
     files = _expand(paths)
     results: dict[int, Prediction] = {}
@@ -134,15 +137,15 @@ def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size
 
 def export(run: str | Path, out: str | Path) -> Path:
     """Write ``out`` (torch.export program: normalised images → probabilities) and ``out.json`` (classes, preprocessing)."""
-    model, backbone, info = _load(run)
+    model, backbone, record = _load(run)
     crop = backbone.preprocessing.get("crop_size", [224])[0]
     example = torch.zeros(2, 3, crop, crop)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     out = Path(out)
     torch.export.save(program, str(out))
-    meta = {"classes": info["classes"], "preprocessing": backbone.preprocessing, "input": [None, 3, crop, crop],
-            "output": "class probabilities", "backbone": info["backbone"], "layer": info["layer"],
-            "weights": info["weights"], "head": info["config"]["head"]}
+    meta = {"classes": list(record.classes), "preprocessing": backbone.preprocessing, "input": [None, 3, crop, crop],
+            "output": "class probabilities", "backbone": record.backbone, "layer": record.layer,
+            "weights": record.weights, "head": record.config.head}
     Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
     return out

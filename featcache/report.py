@@ -7,15 +7,14 @@ its run directory and says how to get the plots.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .data import load_rgb, safe_join
 from .errors import FeatcacheError
-from .fit import evaluate
-from .heads import load_head
+from .heads import head_from_record
+from .runs import RunRecord
 from .store import open_store
 from .stream import RowReader
 
@@ -135,25 +134,24 @@ def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None)
     reloads the head and features from the run directory and the store.
     """
     plt = _pyplot()
+    record = RunRecord.read(run)
     run = Path(run)
-    report = evaluate(run)
-    info, metrics = report["config"], report["metrics"]
-    history = json.loads((run / "history.json").read_text())
-    written = [_curves(plt, history, run / "curves.png")]
+    metrics = record.metrics
+    written = [_curves(plt, list(record.history), run / "curves.png")]
     split = _eval_split(metrics)
     if split:
-        classes = info["classes"]
+        classes = list(record.classes)
         written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
-        fs = fs or open_store(info["store"], mode="r").get_set(info["set"])
+        fs = fs or open_store(record.store, mode="r").get_set(record.set)
         counts = np.bincount(fs.labels("train"), minlength=len(classes))
         written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
                                   split, run / "per_class.png"))
         if probas is not None:
             predicted = probas[split].argmax(1)
         else:
-            x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, info["config"]["pool"],
-                          keep_shape=info["config"]["head"] == "rest").load()
-            predicted = (head or load_head(run)).predict(x)
+            x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, record.config.pool,
+                          keep_shape=record.takes_maps).load()
+            predicted = (head or head_from_record(record.head, str(run))).predict(x)
         written.append(_misclassified(plt, Path(fs.attrs["data_root"]), fs.paths(split), fs.labels(split), predicted,
                                       classes, split, run / "misclassified.png"))
     return [p for p in written if p is not None]
@@ -167,9 +165,9 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
 
 def write_report(run: str | Path) -> Path:
     """Write ``RUN/report.html``: the run's settings, metrics and plots on one page."""
+    record = RunRecord.read(run)
     run = Path(run)
-    report = evaluate(run)
-    info, metrics = report["config"], report["metrics"]
+    metrics = record.metrics
     plots = [p.name for p in write_plots(run)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     summary = _table(
@@ -179,11 +177,10 @@ def write_report(run: str | Path) -> Path:
     split = _eval_split(metrics)
     per_class = _table([[c, fmt(a)] for c, a in metrics[split]["per_class_accuracy"].items()],
                        ["class", f"{split} accuracy"]) if split else ""
-    cfg = info["config"]
     settings = _table(
-        [["backbone", f"{info['backbone']} / {info['layer']}"], ["weights", info["weights"]["id"]],
-         ["feature set", info["set"]], ["head", cfg["head"]], ["chosen C", info.get("C") or "-"],
-         ["epochs run", len(json.loads((run / "history.json").read_text()))], ["best epoch", info.get("best_epoch") or "-"]],
+        [["backbone", f"{record.backbone} / {record.layer}"], ["weights", record.weights["id"]],
+         ["feature set", record.set], ["head", record.config.head], ["chosen C", record.C or "-"],
+         ["epochs run", len(record.history)], ["best epoch", record.best_epoch or "-"]],
         ["setting", "value"],
     )
     images = "".join(f'<h2>{html.escape(p[:-4].replace("_", " "))}</h2><img src="{p}" alt="{p}">' for p in plots)
