@@ -62,7 +62,7 @@ def read_json(path: Path, where: str) -> Any:
     path = Path(path)
     size = _regular_file(path, where)
     if size > MAX_JSON_BYTES:
-        raise RunError(f"{where}: {path.name} is {size} bytes, over the {MAX_JSON_BYTES >> 20} MB a run file may have; "
+        raise RunError(f"{where}: {path.name} is {size} bytes, over the {MAX_JSON_BYTES} bytes a run file may have; "
                        "the run directory is damaged")
     try:
         with open(path, "rb") as f:

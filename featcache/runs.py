@@ -217,11 +217,11 @@ class RunRecord:
 
     def _cross_check(self, f: Fields, where: str) -> None:
         """The fields agree with each other and with the head's arrays."""
+        n_in, n_out = check_head(self.head, where)
         if self.head.kind != self.config.head:
             raise f.obj("config").bad("head", f"the kind of head.json ({self.head.kind!r})", self.config.head)
         if self.best_epoch is not None and self.best_epoch > len(self.history):
             raise f.bad("best_epoch", f"at most the {len(self.history)} epochs of history.json", self.best_epoch)
-        n_in, n_out = check_head(self.head, where)
         if n_out != len(self.classes):
             raise RunError(f"{where}: the head has {n_out} outputs but config.json names {len(self.classes)} classes; "
                            "the run directory is damaged, re-run featcache fit")
@@ -259,6 +259,10 @@ class RunRecord:
         """Check, then write the run's files; ``config.json`` last, so a run directory without it is incomplete."""
         run = Path(run_dir)
         self.check(str(run))
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory {run}: {e.strerror or e}") from None
         self.head.write(run)
         write_json(run / "metrics.json", self.metrics)
         write_json(run / "history.json", list(self.history))
