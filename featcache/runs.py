@@ -184,11 +184,11 @@ class RunRecord:
         space.text("dtype", choices=("float16", "float32"))
         if "shape" in space.doc and space.shape("shape") != feature_shape:
             raise space.bad("shape", f"the run's feature_shape {list(feature_shape)}", space.doc["shape"])
-        if info.get("extract_config") is not None:
+        if info.get("extract_config"):  # None or {}: a set that did not record it (predict then says so)
             _parse_config(ExtractConfig, f, "extract_config")
         record = cls(
             config=config,
-            set=f.get("set", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{6,64}", v), "a set key"),
+            set=f.get("set", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9A-Za-z_-]{1,64}", v), "a set key"),
             store=f.text("store"),
             classes=classes,
             feature_shape=feature_shape,
@@ -198,7 +198,7 @@ class RunRecord:
             weights=weights.doc,
             preprocessing=_doc(f.obj("preprocessing", optional=True)),
             space_provenance=space.doc,
-            extract_config=info.get("extract_config"),
+            extract_config=info.get("extract_config") or None,
             metrics=_parse_metrics(metrics, classes, where),
             history=_parse_history(history, config.epochs, where),
             head=head,
