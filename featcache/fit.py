@@ -253,7 +253,11 @@ def fit(
         seconds={"load": t_load, "fit": t_fit},
         created_at=datetime.now().astimezone().isoformat(timespec="seconds"),
     )
-    record.check(f"the run fitted on set {fs.key}")  # never leave a run that cannot be read back
+    try:  # never leave a run directory that cannot be read back
+        record.check(f"the run fitted on set {fs.key}")
+    except RunError as e:
+        raise FeatcacheError(f"the trained head cannot be saved as a run ({e}); check the features with "
+                             "featcache verify, or lower --lr") from None
     run = _new_run_dir(cfg)
     record.write(run)
     if cfg.plots:
