@@ -98,6 +98,19 @@ def _parse_metrics(doc: Any, classes: tuple[str, ...], where: str) -> dict:
     return doc
 
 
+def _parse_c_search(f: Fields) -> dict | None:
+    """How a scikit-learn head chose C: ``by``, and a score per ``grid`` value."""
+    search = f.obj("C_search", optional=True)
+    if search is None:
+        return None
+    search.text("by")
+    grid = search.get("grid", lambda v: isinstance(v, list) and all(is_number(x) and x > 0 for x in v),
+                      "a list of numbers > 0")
+    search.get("scores", lambda v: isinstance(v, list) and len(v) == len(grid) and all(is_number(x) for x in v),
+               f"a list of {len(grid)} numbers, one per grid value")
+    return search.doc
+
+
 def _parse_history(doc: Any, epochs: int, where: str) -> tuple[dict, ...]:
     if not isinstance(doc, list) or len(doc) > epochs:
         raise RunError(f"{where}: history.json must be a list of at most {epochs} epoch rows; the run directory "
@@ -110,7 +123,7 @@ def _parse_history(doc: Any, epochs: int, where: str) -> tuple[dict, ...]:
         if set(row) != set(doc[0]):
             raise RunError(f"{where}: history.json row {i} has other fields than row 0; the run directory is damaged, "
                            "re-run featcache fit")
-        r.get("epoch", lambda v: v == i + 1, f"{i + 1}")
+        r.get("epoch", lambda v: is_int(v) and v == i + 1, f"{i + 1}")
         r.number("train_loss", 0, nonfinite=True)
         r.number("train_acc", 0, 1)
         r.number("val_loss", 0, optional=True, nonfinite=True)
@@ -205,7 +218,7 @@ class RunRecord:
             views_used=f.integer("views_used", 0, optional=True) or 0,
             best_epoch=f.integer("best_epoch", -1, optional=True),
             C=f.get("C", lambda v: is_number(v) and 0 < v < np.inf, "a finite number > 0", optional=True),
-            C_search=_doc(f.obj("C_search", optional=True)),
+            C_search=_parse_c_search(f),
             stopped_early=f.flag("stopped_early", optional=True, default=False),
             seconds=f.obj("seconds").doc,
             created_at=f.text("created_at"),

@@ -97,7 +97,7 @@ def _set(path: str, value):
     def change(doc):
         *parents, last = path.split(".")
         for key in parents:
-            doc = doc[key]
+            doc = doc[int(key) if isinstance(doc, list) else key]
         doc[last] = value
     return change
 
@@ -225,6 +225,10 @@ CASES = [
      ["history.json field '[0].epoch' must be 1"]),
     ("more epochs than configured", "mlp", _json("history.json", lambda h: h + h), 1,
      ["history.json must be a list of at most 20 epoch rows"]),
+    ("C search scores missing", "logreg", _json("config.json", _set("C_search.scores", [0.5])), 1,
+     ["config.json field 'C_search.scores' must be a list of 6 numbers"]),
+    ("epoch as true", "mlp", _json("history.json", _set("0.epoch", True)), 1,
+     ["history.json field '[0].epoch' must be 1; got True"]),
     ("best epoch beyond history", "mlp", _json("config.json", _set("best_epoch", 21)), 1,
      ["config.json field 'best_epoch' must be at most the 20 epochs"]),
 ]
