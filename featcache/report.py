@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_rgb, safe_join
-from .errors import FeatcacheError
+from .errors import FeatcacheError, RunError
 from .heads import head_from_record
 from .runs import RunRecord
 from .store import open_store
@@ -137,21 +137,26 @@ def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None)
     record = RunRecord.read(run)
     run = Path(run)
     metrics = record.metrics
-    written = [_curves(plt, list(record.history), run / "curves.png")]
     split = _eval_split(metrics)
-    if split:
-        classes = list(record.classes)
-        written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
+    if split:  # everything that can fail comes before the first plot is written
         fs = fs or open_store(record.store, mode="r").get_set(record.set)
-        counts = np.bincount(fs.labels("train"), minlength=len(classes))
-        written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
-                                  split, run / "per_class.png"))
+        if list(fs.classes) != list(record.classes) or tuple(fs.shape) != record.feature_shape:
+            raise RunError(f"{run}: set {record.set} in {record.store} has other classes or another feature shape "
+                           "than the run was fitted on; the run or the store is damaged")
         if probas is not None:
             predicted = probas[split].argmax(1)
         else:
+            head = head or head_from_record(record.head, str(run))
             x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, record.config.pool,
                           keep_shape=record.takes_maps).load()
-            predicted = (head or head_from_record(record.head, str(run))).predict(x)
+            predicted = head.predict(x)
+    written = [_curves(plt, list(record.history), run / "curves.png")]
+    if split:
+        classes = list(record.classes)
+        written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
+        counts = np.bincount(fs.labels("train"), minlength=len(classes))
+        written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
+                                  split, run / "per_class.png"))
         written.append(_misclassified(plt, Path(fs.attrs["data_root"]), fs.paths(split), fs.labels(split), predicted,
                                       classes, split, run / "misclassified.png"))
     return [p for p in written if p is not None]

@@ -303,3 +303,35 @@ def test_an_oversized_run_file_is_refused_before_it_is_parsed(runs, tmp_path, mo
     (run / "history.json").write_text(json.dumps([{"epoch": 1}] * 1000))
     r = CliRunner().invoke(main, ["evaluate", str(run)])
     assert r.exit_code == 1 and r.output.startswith(f"Error: {run}: history.json is ") and "over the" in r.output
+
+
+@pytest.fixture(scope="module")
+def rest_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rest")
+    folder = make_folder(root / "data")
+    store = str(root / "store.zarr")
+    featcache.extract(data=str(folder), store=store, backbone=TINY, layer="features", weights="none", workers=0)
+    run = featcache.fit(head="rest", store=store, out=str(root / "rest"), epochs=1, plots=False).run_dir
+    return run, folder / "val" / "red" / "red_0.png"
+
+
+@pytest.mark.parametrize("case, damage, commands, words", [
+    ("NaN in a pretrained layer", _arrays(_nan("classifier.1.weight")), list(COMMANDS),
+     "array 'classifier.1.weight' holds non-finite values"),
+    ("new layer for 4 classes", _arrays(lambda a: {**a, "classifier.3.weight": np.zeros((4, 32), np.float32)}),
+     list(COMMANDS), "array 'classifier.3.weight' has shape 4x32, expected 3xN"),
+    # the rest of the network is only known once it is built: commands that build it refuse it
+    ("a pretrained array missing", _arrays(lambda a: {k: v for k, v in a.items() if k != "classifier.1.bias"}),
+     ["predict", "export", "report"], "head.npz does not fit the rest head's network"),
+])
+def test_a_damaged_rest_head_is_one_error_line(rest_run, tmp_path, case, damage, commands, words):
+    run = damage(Path(shutil.copytree(rest_run[0], tmp_path / "run")))
+    before = sorted(p.name for p in run.iterdir())
+    for command in commands:
+        r = CliRunner().invoke(main, COMMANDS[command](str(run), {"image": rest_run[1]}, tmp_path))
+        errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+        assert r.exit_code == 1 and len(errors) == 1 and "Traceback" not in r.output, (command, r.output)
+        assert str(run) in errors[0] and words in errors[0], (command, errors[0])
+    assert sorted(p.name for p in run.iterdir()) == before
+    with pytest.raises(RunError, match=words.replace("(", r"\(")):
+        load_head(run)
