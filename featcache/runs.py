@@ -253,11 +253,14 @@ class RunRecord:
     def read(cls, run_dir: str | Path) -> "RunRecord":
         """Read and check a run directory; a damaged one is a RunError (``option="RUN"`` when it is no run at all)."""
         run, where = Path(run_dir), str(run_dir)
-        if not run.is_dir():
-            why = "it is a file" if run.exists() else "it does not exist"
-            raise RunError(f"{where} is not a featcache run directory ({why})", option="RUN")
-        if not any((run / name).exists() for name in ("config.json", "metrics.json")):
-            raise RunError(f"{where} is not a featcache run directory (no metrics.json/config.json)", option="RUN")
+        try:
+            if not run.is_dir():
+                why = "it is a file" if run.exists() else "it does not exist"
+                raise RunError(f"{where} is not a featcache run directory ({why})", option="RUN")
+            if not any((run / name).exists() for name in ("config.json", "metrics.json")):
+                raise RunError(f"{where} is not a featcache run directory (no metrics.json/config.json)", option="RUN")
+        except OSError as e:
+            raise RunError(f"{where} cannot be read as a run directory: {e.strerror or e}", option="RUN") from None
         info = read_json(run / "config.json", where)
         metrics = read_json(run / "metrics.json", where)
         history = read_json(run / "history.json", where)
@@ -265,8 +268,9 @@ class RunRecord:
 
     def check(self, where: str) -> None:
         """Check this record as ``read`` would check it from disk."""
-        docs = json.loads(json.dumps([self.to_dict(), self.metrics, list(self.history)]))
-        type(self).from_dict(*docs, HeadRecord.from_dict(self.head.to_dict(), self.head.arrays, where), where)
+        info, metrics, history, head = json.loads(json.dumps(
+            [self.to_dict(), self.metrics, list(self.history), self.head.to_dict()]))
+        type(self).from_dict(info, metrics, history, HeadRecord.from_dict(head, self.head.arrays, where), where)
 
     def write(self, run_dir: str | Path) -> None:
         """Check, then write the run's files; ``config.json`` last, so a run directory without it is incomplete."""
