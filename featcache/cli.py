@@ -16,10 +16,11 @@ import click
 from .backbones import POOLS, PRECISIONS, list_backbones, list_layers
 from .errors import FeatcacheError, StoreError
 from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
-from .fit import FIT_POOLS, FitConfig, evaluate, fit
+from .fit import FIT_POOLS, FitConfig, fit
 from .heads import HEADS, INITS, OPTIMIZERS
 from .sample import write_digits
 from .store.maintenance import gc, status, verify
+from .runs import RunRecord
 from .store import human_bytes, open_store
 from .stream import parse_size
 
@@ -200,6 +201,8 @@ def _epoch_line(total: int):
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")
 @click.option("--backbone", default=None,
               help="rest head on features from a package.module:factory network: name it to let featcache import it.")
+@click.option("--data", default=None, type=click.Path(file_okay=False),
+              help="The set's image folder, for the plot of misclassified images (read from no other place).")
 @click.option("--check-data", default=None, type=click.Path(file_okay=False),
               help="Refuse the set if this image folder (the one it was made from) has changed since extraction.")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
@@ -226,13 +229,13 @@ def _fmt(v) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json as is.")
 def evaluate_cmd(run: str, as_json: bool) -> None:
     """Print the metrics of a run."""
-    report = evaluate(run)
+    record = RunRecord.read(run)
+    metrics = record.metrics
     if as_json:
-        click.echo(json.dumps(report["metrics"], indent=2))
+        click.echo(json.dumps(metrics, indent=2))
         return
-    info, metrics = report["config"], report["metrics"]
-    click.echo(f"run {run}: head {info['config']['head']} on set {info['set']} ({info['backbone']}/{info['layer']})")
-    classes = info["classes"]
+    click.echo(f"run {run}: head {record.config.head} on set {record.set} ({record.backbone}/{record.layer})")
+    classes = record.classes
     for split in ("train", "val", "test"):
         if split not in metrics:
             continue
@@ -301,11 +304,16 @@ def export_cmd(run: str, out: str, backbone: str | None, weights: str | None) ->
 
 @main.command("report")
 @click.argument("run", type=click.Path())
-def report_cmd(run: str) -> None:
+@click.option("--data", default=None, type=click.Path(file_okay=False),
+              help="The set's image folder, for the grid of misclassified images (read from no other place).")
+@click.option("--backbone", default=None, help="The package.module:factory of a rest head's network, if any.")
+def report_cmd(run: str, data: str | None, backbone: str | None) -> None:
     """Write RUN/report.html: settings, metrics, curves, confusion matrix, misclassified images."""
+    from .backbones import check_user_backbone
     from .report import write_report
 
-    click.echo(f"wrote {write_report(run)}")
+    check_user_backbone(backbone)
+    click.echo(f"wrote {write_report(run, data=data, backbone=backbone)}")
 
 
 @main.command("backbones")

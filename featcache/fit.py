@@ -7,7 +7,6 @@ only: a run directory from someone else can be read without running their code.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -18,11 +17,13 @@ import numpy as np
 
 from .errors import FeatcacheError, RunError, StoreError
 from .extract import default_store_url
-from .heads import HEADS, INITS, OPTIMIZERS, make_head, save_head
+from .heads import HEADS, INITS, OPTIMIZERS, make_head
+from .persist import HeadRecord
+from .runs import RunRecord
 from .store import FeatureSet, human_bytes, open_store
 from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
-__all__ = ["FitConfig", "FitResult", "fit", "evaluate", "compute_metrics", "prepare_features"]
+__all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "prepare_features"]
 
 FIT_POOLS = ("none", "avg", "max")
 
@@ -60,6 +61,7 @@ class FitConfig:
     init: str = "probe"
     max_memory: str | int = "auto"
     backbone: str | None = None  # rest head on a module:factory set: the user names the module to import
+    data: str | None = None  # the set's image folder, for the misclassified plot (no folder a store names)
 
     def __post_init__(self) -> None:
         checks = [
@@ -237,50 +239,43 @@ def fit(
     calibrated = getattr(head, "calibrated", True)
     probas = {s: head.predict_proba(x) for s, (x, _) in data.items()}
     metrics = {s: compute_metrics(probas[s], y, fs.classes, calibrated) for s, (_, y) in data.items()}
+    record = RunRecord(
+        config=cfg,
+        set=fs.key,
+        store=str(cfg.store),
+        classes=tuple(fs.classes),
+        feature_shape=tuple(fs.shape),
+        input_shape=tuple(x_train.shape[1:]),
+        backbone=fs.attrs.get("backbone"),
+        layer=fs.attrs.get("layer"),
+        weights=fs.attrs.get("weights"),
+        preprocessing=fs.attrs.get("preprocessing"),
+        space_provenance=fs.attrs.get("space_provenance"),
+        extract_config=fs.attrs.get("config"),
+        metrics=metrics,
+        history=tuple(head.history_),
+        head=HeadRecord.of(head),
+        views_used=fs.views if (fs.views and cfg.use_views) else 0,
+        best_epoch=getattr(head, "best_epoch_", None),
+        C=getattr(head, "C_", None),
+        C_search=getattr(head, "C_search_", None),
+        stopped_early=getattr(head, "stopped_early_", False),
+        seconds={"load": t_load, "fit": t_fit},
+        created_at=datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+    try:  # never leave a run directory that cannot be read back
+        record.check(f"the run fitted on set {fs.key}")
+    except RunError as e:
+        raise FeatcacheError(f"the trained head cannot be saved as a run ({e}); check the features with "
+                             "featcache verify, or lower --lr") from None
     run = _new_run_dir(cfg)
-    save_head(head, run)
-    info = {
-        "config": cfg.to_dict(),
-        "set": fs.key,
-        "store": str(cfg.store),
-        "classes": fs.classes,
-        "feature_shape": list(fs.shape),
-        "input_shape": list(x_train.shape[1:]),
-        "backbone": fs.attrs.get("backbone"),
-        "layer": fs.attrs.get("layer"),
-        "weights": fs.attrs.get("weights"),
-        "preprocessing": fs.attrs.get("preprocessing"),
-        "space_provenance": fs.attrs.get("space_provenance"),
-        "extract_config": fs.attrs.get("config"),
-        "views_used": fs.views if (fs.views and cfg.use_views) else 0,
-        "best_epoch": getattr(head, "best_epoch_", None),
-        "C": getattr(head, "C_", None),
-        "C_search": getattr(head, "C_search_", None),
-        "stopped_early": getattr(head, "stopped_early_", False),
-        "seconds": {"load": t_load, "fit": t_fit},
-        "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    (run / "config.json").write_text(json.dumps(info, indent=2))
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (run / "history.json").write_text(json.dumps(head.history_, indent=2))
+    record.write(run)
     if cfg.plots:
         from .report import have_matplotlib, write_plots
 
         if have_matplotlib():
-            write_plots(run, fs, head, probas)
+            write_plots(run, fs, head, probas, data=cfg.data)
         else:
             notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
     return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None), notes)
 
-
-def evaluate(run: str | Path) -> dict:
-    """The metrics of a finished run (``metrics.json``) with its config."""
-    run = Path(run)
-    try:
-        metrics = json.loads((run / "metrics.json").read_text())
-        info = json.loads((run / "config.json").read_text())
-    except FileNotFoundError:
-        raise RunError(f"{run} is not a featcache run directory (no metrics.json/config.json)", option="RUN") from None
-    except json.JSONDecodeError as e:
-        raise RunError(f"{run}: unreadable run files ({e})") from None
-    return {"run": str(run), "config": info, "metrics": metrics}

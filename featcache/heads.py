@@ -8,7 +8,6 @@ arrays (``.npz``, loaded with ``allow_pickle=False``) plus JSON: nothing executa
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,9 +17,12 @@ import torch
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from .errors import RunError
+from .persist import Fields, HeadRecord
 from .stream import Streamed
 
-__all__ = ["HEADS", "TORCH_HEADS", "SKLEARN_HEADS", "TorchHead", "SklearnHead", "make_head", "save_head", "load_head"]
+__all__ = ["HEADS", "TORCH_HEADS", "SKLEARN_HEADS", "TorchHead", "SklearnHead", "make_head", "save_head", "load_head",
+           "check_head", "head_from_record"]
 
 TORCH_HEADS = ("mlp", "linear", "rest")
 INITS = ("random", "probe")
@@ -28,6 +30,7 @@ SKLEARN_HEADS = ("logreg", "svm")
 HEADS = TORCH_HEADS + SKLEARN_HEADS
 OPTIMIZERS = ("adam", "sgd")
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+MAX_CLASSES = 1_000_000
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -360,6 +363,33 @@ class TorchHead:
         return info
 
     @classmethod
+    def check_state(cls, record: HeadRecord, where: str) -> tuple[int | tuple[int, ...], int]:
+        """(inputs, classes) of a saved head whose parameters and arrays fit this class; else a RunError."""
+        p, info = _check_params(cls(), record, where)
+        if record.kind not in TORCH_HEADS:
+            raise p.bad("kind", f"one of {', '.join(TORCH_HEADS)}", record.kind)
+        p.get("freeze", lambda v: isinstance(v, list) and all(isinstance(f, str) for f in v), "a list of layer names",
+              optional=True)
+        c = info.integer("n_classes", 1, MAX_CLASSES)
+        info.integer("best_epoch", -1, 2**31, optional=True)
+        if record.kind == "rest":
+            d = info.shape("n_features_in")
+            new = info.text("new_layer")
+            rest_of = p.obj("rest_of")
+            for key in ("backbone", "layer", "weights"):
+                rest_of.text(key)
+            _check_arrays(record.arrays, {f"{new}.weight": (c, None), f"{new}.bias": (c,)}, where, exact=False)
+            return d, c
+        d = info.integer("n_features_in", 1, 2**31)
+        if record.kind == "linear":
+            _check_arrays(record.arrays, {"0.weight": (c, d), "0.bias": (c,)}, where)
+        else:
+            h = p.integer("hidden", 1, 2**31)
+            p.number("dropout", 0, 1)
+            _check_arrays(record.arrays, {"0.weight": (h, d), "0.bias": (h,), "3.weight": (c, h), "3.bias": (c,)}, where)
+        return d, c
+
+    @classmethod
     def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray], backbone: str | None = None) -> "TorchHead":
         head = cls(**{**params, "device": "cpu"})
         head.trusted_backbone = backbone
@@ -500,6 +530,28 @@ class SklearnHead:
         }
 
     @classmethod
+    def check_state(cls, record: HeadRecord, where: str) -> tuple[int, int]:
+        """(inputs, classes) of a saved head whose parameters and arrays fit this class; else a RunError."""
+        p, info = _check_params(cls(), record, where)
+        if record.kind not in SKLEARN_HEADS:
+            raise p.bad("kind", f"one of {', '.join(SKLEARN_HEADS)}", record.kind)
+        d = info.integer("n_features_in", 1, 2**31)
+        c = info.integer("n_classes", 2, MAX_CLASSES)
+        info.get("C", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < np.inf,
+                 "a finite number > 0")
+        info.flag("converged", optional=True)
+        info.obj("C_search", optional=True)
+        k = 1 if c == 2 else c  # scikit-learn's binary form: one score for class 1
+        _check_arrays(record.arrays, {"scaler_mean": (d,), "scaler_scale": (d,), "coef": (k, d), "intercept": (k,),
+                                      "classes": (c,)}, where)
+        if not (record.arrays["scaler_scale"] > 0).all():
+            raise RunError(f"{where}: head.npz array 'scaler_scale' must be positive; the run directory is damaged")
+        if not np.array_equal(record.arrays["classes"], np.arange(c)):
+            raise RunError(f"{where}: head.npz array 'classes' must be 0..{c - 1}, one per class of the run; "
+                           "the run directory is damaged")
+        return d, c
+
+    @classmethod
     def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray]) -> "SklearnHead":
         from sklearn.preprocessing import StandardScaler
 
@@ -530,20 +582,80 @@ def make_head(kind: str, **params) -> TorchHead | SklearnHead:
     raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
 
 
+def _check_params(blank, record: HeadRecord, where: str) -> tuple[Fields, Fields]:
+    """Every saved parameter is one the class takes, of the type of its default."""
+    p = Fields(record.params, where, "head.json", "params.")
+    for name, value in record.params.items():
+        if name not in blank.get_params():
+            raise p.bad(name, f"absent (not a parameter of a {record.kind} head)", value)
+        default = blank.get_params()[name]
+        if name == "C":
+            ok = value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+        elif isinstance(default, bool) or default is None or isinstance(default, list):
+            ok = True  # checked by the class where it matters
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+        else:
+            ok = type(value) is type(default)
+        if not ok:
+            raise p.bad(name, f"of the type of {default!r}", value)
+    if p.doc.get("kind", record.kind) != record.kind:
+        raise p.bad("kind", f"the head's kind {record.kind!r}", p.doc["kind"])
+    return p, Fields(record.fitted, where, "head.json", "fitted.")
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], want: dict[str, tuple], where: str, exact: bool = True) -> None:
+    """``arrays`` has each name in ``want`` with that shape (None: any size); with ``exact``, nothing else."""
+    missing = [n for n in want if n not in arrays]
+    extra = sorted(set(arrays) - set(want)) if exact else []
+    if missing or extra:
+        what = f"lacks array {missing[0]!r}" if missing else f"has an unexpected array {extra[0]!r}"
+        raise RunError(f"{where}: head.npz {what}; the run directory is damaged, re-run featcache fit")
+    for name, shape in want.items():
+        a = arrays[name]
+        fits = a.ndim == len(shape) and all(s is None or s == n for s, n in zip(shape, a.shape))
+        if not fits:
+            shown = "x".join("N" if s is None else str(s) for s in shape)
+            raise RunError(f"{where}: head.npz array {name!r} has shape {'x'.join(map(str, a.shape)) or 'scalar'}, "
+                           f"expected {shown}; the run directory is damaged, re-run featcache fit")
+        if name != "classes" and a.dtype.kind != "f":
+            raise RunError(f"{where}: head.npz array {name!r} has dtype {a.dtype}, expected floats; "
+                           "the run directory is damaged")
+
+
+def head_class(kind: str) -> type[TorchHead] | type[SklearnHead]:
+    return TorchHead if kind in TORCH_HEADS else SklearnHead
+
+
+def check_head(record: HeadRecord, where: str) -> tuple[int | tuple[int, ...], int]:
+    """(inputs, classes) of a saved head, checked against its kind; a RunError names what does not fit."""
+    if record.kind not in HEADS:
+        raise RunError(f"{where}: head.json field 'kind' must be one of {', '.join(HEADS)}; got {record.kind!r}. "
+                       "The run directory is damaged; re-run featcache fit")
+    return head_class(record.kind).check_state(record, where)
+
+
+def head_from_record(record: HeadRecord, where: str, backbone: str | None = None) -> TorchHead | SklearnHead:
+    """The fitted head a checked record describes (``backbone``: see :func:`load_head`)."""
+    check_head(record, where)
+    try:
+        if record.kind in TORCH_HEADS:
+            return TorchHead.from_state(record.params, record.fitted, record.arrays, backbone)
+        return head_class(record.kind).from_state(record.params, record.fitted, record.arrays)
+    except RuntimeError as e:  # load_state_dict: the rest head's arrays do not fit its network
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise RunError(f"{where}: head.npz does not fit the {record.kind} head's network ({first}); "
+                       "the run directory is damaged, re-run featcache fit") from None
+
+
 def save_head(head: TorchHead | SklearnHead, folder: Path) -> None:
-    folder = Path(folder)
-    np.savez(folder / "head.npz", **head.state_arrays())
-    meta = {"kind": head.kind, "params": head.get_params(), "fitted": head.fitted_info()}
-    (folder / "head.json").write_text(json.dumps(meta, indent=2))
+    """Write ``head.json`` and ``head.npz`` into ``folder``."""
+    HeadRecord.of(head).write(Path(folder))
 
 
 def load_head(folder: Path, backbone: str | None = None) -> TorchHead | SklearnHead:
-    """The head saved in a run directory; ``backbone`` is the user's --backbone, needed to rebuild a rest
-    head that continues a ``module:factory`` network."""
-    folder = Path(folder)
-    meta = json.loads((folder / "head.json").read_text())
-    with np.load(folder / "head.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    if meta["kind"] in TORCH_HEADS:
-        return TorchHead.from_state(meta["params"], meta["fitted"], arrays, backbone)
-    return SklearnHead.from_state(meta["params"], meta["fitted"], arrays)
+    """The head saved in ``folder``; a damaged or hostile ``head.json``/``head.npz`` is a RunError.
+
+    ``backbone`` is the user's --backbone, needed to rebuild a rest head that continues a
+    ``module:factory`` network (never imported because a run names it)."""
+    return head_from_record(HeadRecord.read(Path(folder)), str(folder), backbone)

@@ -17,8 +17,8 @@ from torch import nn
 from .backbones import Backbone, autocast, check_user_backbone, rebuild_backbone
 from .data import IMAGE_EXTENSIONS, load_rgb
 from .errors import RunError, WeightsError
-from .fit import evaluate, prepare_features
-from .heads import SklearnHead, TorchHead, load_head
+from .heads import SklearnHead, TorchHead, head_from_record
+from .runs import RunRecord
 
 __all__ = ["Prediction", "Predictor", "predict", "export"]
 
@@ -94,21 +94,24 @@ class Predictor(nn.Module):
         return self.head(self.backbone(x))
 
 
-def _load(run: str | Path, backbone: str | None = None, weights: str | None = None) -> tuple[Predictor, Backbone, dict]:
+def _load(run: str | Path, backbone: str | None = None, weights: str | None = None) -> tuple[Predictor, Backbone, RunRecord]:
     check_user_backbone(backbone, weights)
-    info = evaluate(run)["config"]
-    cfg = info.get("extract_config")
-    if not isinstance(cfg, dict):
+    record = RunRecord.read(run)
+    cfg = record.extract_config
+    if cfg is None:
         raise RunError(f"{run} does not record how its features were extracted; re-run featcache fit")
     given = backbone
-    backbone = rebuild_backbone(cfg, str(info.get("backbone")), given=given, weights=weights)
-    if backbone.weights_sha256 != info["weights"]["sha256"]:
+    backbone = rebuild_backbone(cfg, str(record.backbone), given=given, weights=weights)
+    if backbone.weights_sha256 != record.weights["sha256"]:
         raise WeightsError(
             f"the weights {backbone.weights_id} resolve to other values than those the run was trained on "
-            f"({info['weights']['id']}); pass the same weights file"
+            f"({record.weights['id']}); pass the same weights file"
         )
-    head = _Head(load_head(Path(run), given), info["config"]["pool"], info["space_provenance"]["dtype"])
-    return Predictor(backbone, head).eval(), backbone, info
+    if tuple(backbone.shape) != record.feature_shape:
+        raise RunError(f"{run}: the backbone gives features of shape {list(backbone.shape)} but the run was trained on "
+                       f"{list(record.feature_shape)}; the run directory is damaged, re-run featcache fit")
+    head = _Head(head_from_record(record.head, str(run), given), record.config.pool, record.space_provenance["dtype"])
+    return Predictor(backbone, head).eval(), backbone, record
 
 
 def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size: int = 32,
@@ -117,8 +120,8 @@ def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size
 
     ``backbone``/``weights``: the user's --backbone/--weights, needed when the run's features came
     from a ``module:factory`` network or a weights file (never imported or read from the run)."""
-    model, backbone, info = _load(run, backbone, weights)
-    classes = info["classes"]
+    model, backbone, record = _load(run, backbone, weights)
+    classes = record.classes
     k = max(1, min(top_k, len(classes)))
     files = _expand(paths)
     results: dict[int, Prediction] = {}
@@ -128,7 +131,7 @@ def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size
             good.append((i, backbone.transform(load_rgb(f))))
         except Exception as e:  # Pillow raises many types for bad files
             results[i] = Prediction(str(f), [], f"cannot decode: {e.__class__.__name__}: {e}")
-    precision = str((info.get("space_provenance") or {}).get("precision", "float32"))
+    precision = str(record.space_provenance.get("precision", "float32"))
     with torch.inference_mode(), autocast(precision, torch.device("cpu")):
         for start in range(0, len(good), batch_size):
             chunk = good[start : start + batch_size]
@@ -141,15 +144,15 @@ def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size
 
 def export(run: str | Path, out: str | Path, backbone: str | None = None, weights: str | None = None) -> Path:
     """Write ``out`` (torch.export program: normalised images → probabilities) and ``out.json`` (classes, preprocessing)."""
-    model, backbone, info = _load(run, backbone, weights)
+    model, backbone, record = _load(run, backbone, weights)
     crop = backbone.preprocessing.get("crop_size", [224])[0]
     example = torch.zeros(2, 3, crop, crop)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     out = Path(out)
     torch.export.save(program, str(out))
-    meta = {"classes": info["classes"], "preprocessing": backbone.preprocessing, "input": [None, 3, crop, crop],
-            "output": "class probabilities", "backbone": info["backbone"], "layer": info["layer"],
-            "weights": info["weights"], "head": info["config"]["head"]}
+    meta = {"classes": list(record.classes), "preprocessing": backbone.preprocessing, "input": [None, 3, crop, crop],
+            "output": "class probabilities", "backbone": record.backbone, "layer": record.layer,
+            "weights": record.weights, "head": record.config.head}
     Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
     return out

@@ -7,15 +7,14 @@ its run directory and says how to get the plots.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .data import load_rgb, safe_join
-from .errors import FeatcacheError
-from .fit import evaluate
-from .heads import load_head
+from .errors import FeatcacheError, RunError
+from .heads import head_from_record
+from .runs import RunRecord
 from .store import open_store
 from .stream import RowReader
 
@@ -128,34 +127,42 @@ def _misclassified(plt, root: Path, paths: list[str], y: np.ndarray, pred: np.nd
     return out
 
 
-def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None) -> list[Path]:
+def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None, data: str | Path | None = None,
+                backbone: str | None = None) -> list[Path]:
     """Write the run's PNGs (those that apply) into the run directory and return their paths.
 
     ``fit`` passes the set, head and per-split probabilities it already has; on its own this
-    reloads the head and features from the run directory and the store.
+    reloads the head and features from the run directory and the store. The misclassified grid
+    reads images only under ``data``, a folder the user names (never the root a store records).
+    ``backbone``: the user's --backbone, for a rest head on a ``module:factory`` network.
     """
     plt = _pyplot()
+    record = RunRecord.read(run)
     run = Path(run)
-    report = evaluate(run)
-    info, metrics = report["config"], report["metrics"]
-    history = json.loads((run / "history.json").read_text())
-    written = [_curves(plt, history, run / "curves.png")]
+    metrics = record.metrics
     split = _eval_split(metrics)
-    if split:
-        classes = info["classes"]
-        written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
-        fs = fs or open_store(info["store"], mode="r").get_set(info["set"])
-        counts = np.bincount(fs.labels("train"), minlength=len(classes))
-        written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
-                                  split, run / "per_class.png"))
+    if split:  # everything that can fail comes before the first plot is written
+        fs = fs or open_store(record.store, mode="r").get_set(record.set)
+        if list(fs.classes) != list(record.classes) or tuple(fs.shape) != record.feature_shape:
+            raise RunError(f"{run}: set {record.set} in {record.store} has other classes or another feature shape "
+                           "than the run was fitted on; the run or the store is damaged")
         if probas is not None:
             predicted = probas[split].argmax(1)
         else:
-            x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, info["config"]["pool"],
-                          keep_shape=info["config"]["head"] == "rest").load()
-            predicted = (head or load_head(run)).predict(x)
-        written.append(_misclassified(plt, Path(fs.attrs["data_root"]), fs.paths(split), fs.labels(split), predicted,
-                                      classes, split, run / "misclassified.png"))
+            head = head or head_from_record(record.head, str(run), backbone)
+            x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, record.config.pool,
+                          keep_shape=record.takes_maps).load()
+            predicted = head.predict(x)
+    written = [_curves(plt, list(record.history), run / "curves.png")]
+    if split:
+        classes = list(record.classes)
+        written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
+        counts = np.bincount(fs.labels("train"), minlength=len(classes))
+        written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
+                                  split, run / "per_class.png"))
+        if data is not None:
+            written.append(_misclassified(plt, Path(data), fs.paths(split), fs.labels(split), predicted,
+                                          classes, split, run / "misclassified.png"))
     return [p for p in written if p is not None]
 
 
@@ -165,12 +172,13 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def write_report(run: str | Path) -> Path:
-    """Write ``RUN/report.html``: the run's settings, metrics and plots on one page."""
+def write_report(run: str | Path, data: str | Path | None = None, backbone: str | None = None) -> Path:
+    """Write ``RUN/report.html``: the run's settings, metrics and plots on one page (the grid of
+    misclassified images only with ``data``, the image folder the set was made from)."""
+    record = RunRecord.read(run)
     run = Path(run)
-    report = evaluate(run)
-    info, metrics = report["config"], report["metrics"]
-    plots = [p.name for p in write_plots(run)]
+    metrics = record.metrics
+    plots = [p.name for p in write_plots(run, data=data, backbone=backbone)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     summary = _table(
         [[s, m["n"], fmt(m["top1"]), fmt(m.get("top5")), fmt(m["log_loss"])] for s, m in metrics.items()],
@@ -179,11 +187,10 @@ def write_report(run: str | Path) -> Path:
     split = _eval_split(metrics)
     per_class = _table([[c, fmt(a)] for c, a in metrics[split]["per_class_accuracy"].items()],
                        ["class", f"{split} accuracy"]) if split else ""
-    cfg = info["config"]
     settings = _table(
-        [["backbone", f"{info['backbone']} / {info['layer']}"], ["weights", info["weights"]["id"]],
-         ["feature set", info["set"]], ["head", cfg["head"]], ["chosen C", info.get("C") or "-"],
-         ["epochs run", len(json.loads((run / "history.json").read_text()))], ["best epoch", info.get("best_epoch") or "-"]],
+        [["backbone", f"{record.backbone} / {record.layer}"], ["weights", record.weights["id"]],
+         ["feature set", record.set], ["head", record.config.head], ["chosen C", record.C or "-"],
+         ["epochs run", len(record.history)], ["best epoch", record.best_epoch or "-"]],
         ["setting", "value"],
     )
     images = "".join(f'<h2>{html.escape(p[:-4].replace("_", " "))}</h2><img src="{p}" alt="{p}">' for p in plots)

@@ -56,6 +56,7 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
     ("export", "weights"): [(["missing", "out.pt2", "--weights", "missing.pth"], ["does not exist"])],
     ("verify", "backbone"): [(["--store", "STORE", "--backbone", "nomodule:make"], ["cannot import backbone factory"])],
     ("verify", "weights"): [(["--store", "STORE", "--weights", "missing.pth"], ["does not exist"])],
+    ("report", "backbone"): [(["missing", "--backbone", "nomodule:make"], ["cannot import backbone factory"])],
     ("verify", "data"): [(["--store", "STORE", "--data", "missing", "--backbone", TINY], ["does not exist"])],
     ("evaluate", "run"): [(["missing"], ["not a featcache run directory"])],
     ("predict", "run"): [(["missing", "DATA"], ["not a featcache run directory"])],

@@ -22,11 +22,14 @@ def confusable(tmp_path):
 
 def test_fit_writes_plots_and_report(confusable, tmp_path):
     pytest.importorskip("matplotlib")
-    res = featcache.fit(head="mlp", store=confusable, epochs=5, runs=str(tmp_path / "runs"))
+    res = featcache.fit(head="mlp", store=confusable, epochs=5, runs=str(tmp_path / "runs"), data=str(tmp_path / "d"))
     names = {p.name for p in res.run_dir.iterdir()}
     assert {"curves.png", "confusion.png", "per_class.png", "misclassified.png"} <= names
     assert res.notes == []
-    r = CliRunner().invoke(main, ["report", str(res.run_dir)])
+    (res.run_dir / "misclassified.png").unlink()
+    r = CliRunner().invoke(main, ["report", str(res.run_dir)])  # images are read only from a folder the user names
+    assert r.exit_code == 0 and not (res.run_dir / "misclassified.png").exists()
+    r = CliRunner().invoke(main, ["report", str(res.run_dir), "--data", str(tmp_path / "d")])
     assert r.exit_code == 0 and r.output == f"wrote {res.run_dir / 'report.html'}\n"
     page = (res.run_dir / "report.html").read_text()
     for png in ("curves.png", "confusion.png", "per_class.png", "misclassified.png"):

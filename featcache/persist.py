@@ -1,0 +1,259 @@
+"""Read and write the JSON and array files of a run directory without trusting them.
+
+A run directory may come from a colleague, a crashed job or a hostile source: reading caps
+the size, parses without recursion limits getting in the way, loads arrays without pickle
+and refuses anything that is not a plain numeric array. Every failure is a
+:class:`~featcache.errors.RunError` that names the file. Writing goes through a temporary
+file renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import reprlib
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import RunError
+
+__all__ = ["MAX_JSON_BYTES", "MAX_ARRAY_BYTES", "MAX_JSON_DEPTH", "Fields", "HeadRecord", "read_json", "write_json",
+           "read_arrays", "write_arrays", "check_numeric", "is_int", "is_number"]
+
+MAX_JSON_BYTES = 64 << 20
+MAX_ARRAY_BYTES = 8 << 30  # a rest head of a large backbone is a few hundred MB
+MAX_JSON_DEPTH = 64
+
+
+def _regular_file(path: Path, where: str) -> int:
+    """The size of ``path``, which must be a regular file (not a folder, FIFO or device)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise RunError(f"{where}: {path.name} is missing; the run directory is incomplete, re-run featcache fit") from None
+    except OSError as e:
+        raise RunError(f"{where}: cannot read {path.name}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RunError(f"{where}: {path.name} is not a regular file; the run directory is damaged")
+    return st.st_size
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
+def read_json(path: Path, where: str) -> Any:
+    """Parse ``path`` as UTF-8 JSON of at most ``MAX_JSON_BYTES`` and ``MAX_JSON_DEPTH`` levels."""
+    path = Path(path)
+    size = _regular_file(path, where)
+    if size > MAX_JSON_BYTES:
+        raise RunError(f"{where}: {path.name} is {size} bytes, over the {MAX_JSON_BYTES} bytes a run file may have; "
+                       "the run directory is damaged")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise RunError(f"{where}: cannot read {path.name}: {e.strerror or e}") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RunError(f"{where}: unreadable run files: {path.name} is not UTF-8 text") from None
+    except RecursionError:
+        raise RunError(f"{where}: unreadable run files: {path.name} nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, or an integer too long to convert
+        raise RunError(f"{where}: unreadable run files: {path.name} is not valid JSON ({e})") from None
+    if _depth(doc) > MAX_JSON_DEPTH:
+        raise RunError(f"{where}: unreadable run files: {path.name} nests deeper than {MAX_JSON_DEPTH} levels")
+    return doc
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Write ``doc`` as indented JSON, published by a rename."""
+    text = json.dumps(doc, indent=2)
+    _replace(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an uncompressed ``.npz``, published by a rename."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    _replace(Path(path), write)
+
+
+def read_arrays(path: Path, where: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file: numeric (bool, int, float), finite, loaded without pickle."""
+    path = Path(path)
+    _regular_file(path, where)
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            declared = sum(i.file_size for i in zf.infolist())
+        if declared > MAX_ARRAY_BYTES:
+            raise RunError(f"{where}: {path.name} declares {declared} bytes of arrays, over {MAX_ARRAY_BYTES >> 30} GiB; "
+                           "the run directory is damaged")
+        with np.load(path, allow_pickle=False) as z:
+            for name in z.files:
+                arrays[name] = z[name]
+    except RunError:
+        raise
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise RunError(f"{where}: {path.name} holds an object array (refused: loading it would unpickle code); "
+                           "the run directory is damaged or hostile") from None
+        raise RunError(f"{where}: unreadable run files: {path.name} is not a valid .npz file ({e})") from None
+    except Exception as e:  # zipfile, zlib and numpy raise many types for a damaged file
+        raise RunError(f"{where}: unreadable run files: {path.name} is not a valid .npz file "
+                       f"({e.__class__.__name__}: {e})") from None
+    check_numeric(arrays, where, path.name)
+    return arrays
+
+
+def check_numeric(arrays: dict[str, np.ndarray], where: str, file: str) -> None:
+    """Every array holds plain numbers (bool, int, float), all finite."""
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
+            raise RunError(f"{where}: {file} array {name!r} has dtype {getattr(a, 'dtype', type(a).__name__)}, "
+                           "expected numbers; the run directory is damaged")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise RunError(f"{where}: {file} array {name!r} holds non-finite values (nan or inf); "
+                           "the run directory is damaged, re-run featcache fit")
+
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 40, 40, 4, 4
+_MISSING = object()
+
+
+class Fields:
+    """Typed access to one JSON object of a run file; a bad field is a RunError naming run, file and field."""
+
+    def __init__(self, doc: Any, where: str, file: str, prefix: str = ""):
+        self.where, self.file, self.prefix = where, file, prefix
+        if not isinstance(doc, dict):
+            raise RunError(f"{where}: {file}{' field ' + repr(prefix) if prefix else ''} must be a JSON object; "
+                           f"got {_short.repr(doc)}. The run directory is damaged; re-run featcache fit")
+        self.doc = doc
+
+    def bad(self, name: str, want: str, got: Any = _MISSING) -> RunError:
+        shown = "nothing (missing)" if got is _MISSING else _short.repr(got)
+        return RunError(f"{self.where}: {self.file} field {self.prefix + name!r} must be {want}; got {shown}. "
+                        "The run directory is damaged; re-run featcache fit")
+
+    def get(self, name: str, check, want: str, optional: bool = False, default: Any = None) -> Any:
+        """The value of ``name`` if ``check(value)``; ``default`` when ``optional`` and missing or null."""
+        if name not in self.doc:
+            if optional:
+                return default
+            raise self.bad(name, want)
+        value = self.doc[name]
+        if value is None and optional:
+            return default
+        if not check(value):
+            raise self.bad(name, want, value)
+        return value
+
+    def integer(self, name: str, lo: int = 0, hi: int = 2**62, optional: bool = False) -> int | None:
+        return self.get(name, lambda v: is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi}]", optional)
+
+    def number(self, name: str, lo: float = -math.inf, hi: float = math.inf, optional: bool = False,
+               nonfinite: bool = False) -> float | None:
+        """A finite number in [lo, hi]; also NaN or ±inf when ``nonfinite`` (a loss that diverged)."""
+        def ok(v):
+            return is_number(v) and ((math.isfinite(v) and lo <= v <= hi) or (nonfinite and not math.isfinite(v)))
+
+        want = f"a finite number in [{lo}, {hi}]" + (" (or NaN/inf)" if nonfinite else "")
+        return self.get(name, ok, want, optional)
+
+    def text(self, name: str, optional: bool = False, choices: tuple[str, ...] | None = None) -> str | None:
+        if choices:
+            return self.get(name, lambda v: v in choices, "one of " + ", ".join(choices), optional)
+        return self.get(name, lambda v: isinstance(v, str), "a string", optional)
+
+    def flag(self, name: str, optional: bool = False, default: bool | None = None) -> bool | None:
+        return self.get(name, lambda v: isinstance(v, bool), "true or false", optional, default)
+
+    def obj(self, name: str, optional: bool = False) -> "Fields | None":
+        value = self.get(name, lambda v: isinstance(v, dict), "a JSON object", optional)
+        return None if value is None else Fields(value, self.where, self.file, f"{self.prefix}{name}.")
+
+    def shape(self, name: str, max_dims: int = 8) -> tuple[int, ...]:
+        def ok(v):
+            return isinstance(v, list) and 0 < len(v) <= max_dims and all(is_int(d) and 0 < d < 2**31 for d in v)
+
+        return tuple(self.get(name, ok, f"a list of 1 to {max_dims} positive integers"))
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """``head.json`` (kind, parameters, fitted facts) and ``head.npz`` (the learned arrays) of a run.
+
+    ``read`` checks the files' structure; whether the arrays fit the kind of head is for the
+    head class to say (``featcache.heads.check_head``).
+    """
+
+    kind: str
+    params: dict
+    fitted: dict
+    arrays: dict[str, np.ndarray] = field(compare=False, repr=False)
+
+    @classmethod
+    def of(cls, head) -> "HeadRecord":
+        """The record of a fitted head (anything with ``kind``, ``get_params``, ``fitted_info``, ``state_arrays``)."""
+        return cls(head.kind, head.get_params(), head.fitted_info(), head.state_arrays())
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "params": self.params, "fitted": self.fitted}
+
+    @classmethod
+    def from_dict(cls, doc: Any, arrays: dict[str, np.ndarray], where: str) -> "HeadRecord":
+        f = Fields(doc, where, "head.json")
+        kind = f.text("kind")
+        params, fitted = f.obj("params"), f.obj("fitted")
+        check_numeric(arrays, where, "head.npz")
+        return cls(kind, params.doc, fitted.doc, arrays)
+
+    @classmethod
+    def read(cls, folder: Path, where: str | None = None) -> "HeadRecord":
+        folder = Path(folder)
+        where = where or str(folder)
+        doc = read_json(folder / "head.json", where)
+        return cls.from_dict(doc, read_arrays(folder / "head.npz", where), where)
+
+    def write(self, folder: Path) -> None:
+        folder = Path(folder)
+        write_arrays(folder / "head.npz", self.arrays)
+        write_json(folder / "head.json", self.to_dict())
