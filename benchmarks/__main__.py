@@ -37,6 +37,10 @@ EXTRACT_COLUMNS = [
     ("bare_forward_ips", "bare forward img/s"), ("extract_ips", "extract img/s"), ("ratio", "extract / bare (median)"), ("ratios", "per pair"),
     ("model_s", "model s"), ("read_wait_s", "waiting for decode s"), ("write_s", "writer busy s"), ("total_s", "extract total s"),
 ]
+READER_COLUMNS = [
+    ("backbone", "preprocessing of"), ("images", "images"), ("path_ips", "decode by path img/s"),
+    ("reader_ips", "read once + SHA-256 check + decode img/s"), ("ratio", "reader / by path (median)"), ("ratios", "per pair"),
+]
 FIT_COLUMNS = [
     ("rows", "rows"), ("dim", "features"), ("epochs", "epochs"), ("fit_epoch_s", "featcache s/epoch"),
     ("bare_epoch_s", "bare loop s/epoch"), ("epoch_ratio", "featcache / bare"), ("load_gbs", "set load GB/s"),
@@ -80,7 +84,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .store import files_per_10k, run_store
     from .memory import run_memory
     from .scaleout import run_scaleout
-    from .throughput import extract_vs_forward, fit_vs_bare
+    from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
     from .views import run_views
     from .transfer import run_transfer
 
@@ -126,9 +130,11 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
             name, layer, weights = _case(case)
             rows.append(extract_vs_forward(data, name, layer, weights, batch_size, workers))
         click.echo("\n" + table(rows, EXTRACT_COLUMNS))
+        readers = [reader_vs_path(data, *_case(cases[-1])[::2])]
+        click.echo("\n" + table(readers, READER_COLUMNS))
         fits = [fit_vs_bare()]
         click.echo("\n" + table(fits, FIT_COLUMNS))
-        path = save("throughput", {"machine": info, "data": data, "extract": rows, "fit": fits}, out)
+        path = save("throughput", {"machine": info, "data": data, "extract": rows, "reader": readers, "fit": fits}, out)
         click.echo(f"saved {path}")
     if which in ("memory", "all"):
         rows = run_memory()

@@ -24,7 +24,34 @@ from featcache.data import load_rgb, scan
 from featcache.heads import TorchHead
 from featcache.stream import RowReader
 
-__all__ = ["extract_vs_forward", "fit_vs_bare", "synthetic_set"]
+__all__ = ["extract_vs_forward", "reader_vs_path", "fit_vs_bare", "synthetic_set"]
+
+
+def reader_vs_path(data: str, backbone: str, weights: str = "DEFAULT", repeats: int = 3) -> dict:
+    """The extract reader (read each file once, check its SHA-256 against the scan, decode those
+    bytes) against decoding by path as the reader did before (no check), one thread each, same
+    transform; ``repeats`` alternating pairs, median ratio of images/s."""
+    from featcache.extract import _Images
+
+    b = create_backbone(backbone, None, weights)
+    manifest = scan(data)
+    items = manifest.items
+    reader = _Images(manifest.root, items, b.transform)
+    ratios, rates = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for it in items:
+            b.transform(load_rgb(manifest.root / it.path))
+        by_path = time.perf_counter() - t
+        t = time.perf_counter()
+        for i in range(len(items)):
+            assert reader[i][2] is None
+        checked = time.perf_counter() - t
+        ratios.append(by_path / checked)
+        rates.append((len(items) / by_path, len(items) / checked))
+    k = int(np.argsort(ratios)[len(ratios) // 2])
+    return {"backbone": backbone, "images": len(items), "path_ips": rates[k][0], "reader_ips": rates[k][1],
+            "ratio": float(np.median(ratios)), "ratios": [round(x, 3) for x in ratios]}
 
 
 def extract_vs_forward(data: str, backbone: str, layer: str | None = None, weights: str = "DEFAULT",

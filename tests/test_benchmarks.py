@@ -46,10 +46,12 @@ def test_store_benchmark_reports_reuse_and_files(folder):
 
 
 def test_throughput_benchmark_smoke(folder):
-    from benchmarks.throughput import extract_vs_forward, fit_vs_bare
+    from benchmarks.throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
 
     r = extract_vs_forward(str(folder), TINY, weights="none", batch_size=8, workers=0, repeats=2)
     assert r["images"] == 36 and r["bare_forward_ips"] > 0 and r["extract_ips"] > 0
+    rd = reader_vs_path(str(folder), TINY, weights="none", repeats=1)
+    assert rd["images"] == 36 and rd["path_ips"] > 0 and rd["reader_ips"] > 0
     f = fit_vs_bare(rows=200, dim=64, classes=3, epochs=1, batch_size=32)
     assert f["fit_epoch_s"] > 0 and f["bare_epoch_s"] > 0 and f["load_gbs"] > 0
 

@@ -304,8 +304,8 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
 
 
 def _remove_partial_writes(url: str, grace_s: float, dry_run: bool, leased: set[str]) -> int:
-    """Temporary ``*.partial`` files a killed process left mid-write (local stores only); none under a
-    leased space, an unfinished set or the leases, which a running extract may be writing right now."""
+    """Temporary ``*.partial`` files a killed process left mid-write (local stores only): none younger
+    than a minute (a write in progress) and none under a space a running extract holds a lease on."""
     if "://" in url and not url.startswith("file://"):
         return 0
     freed = 0
@@ -313,7 +313,7 @@ def _remove_partial_writes(url: str, grace_s: float, dry_run: bool, leased: set[
     root = Path(url.removeprefix("file://"))
     for path in root.rglob("*.partial"):
         parts = path.relative_to(root).parts
-        if parts[0] != "spaces" or len(parts) < 3 or parts[1] in leased:
+        if parts[0] == "spaces" and len(parts) > 2 and parts[1] in leased:
             continue
         try:
             info = path.stat()

@@ -186,7 +186,8 @@ class SetRecord:
             raise _Bad("splits", "counts per split name train/val/test")
         splits = {s: _int(splits[s], f"splits.{s}", 0, 2**40) for s in SPLITS if s in splits}
         unlabelled = a.get("unlabelled", [])
-        if not (isinstance(unlabelled, list) and set(unlabelled) <= set(splits) - {"train"}):
+        if not (isinstance(unlabelled, list) and all(isinstance(u, str) for u in unlabelled)
+                and set(unlabelled) <= set(splits) - {"train"}):
             raise _Bad("unlabelled", "a list of split names other than train")
         if len(classes) > splits["train"]:
             raise _Bad("classes", f"no more classes than training images ({splits['train']})")
