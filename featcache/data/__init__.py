@@ -1,0 +1,57 @@
+"""Image folders as people download them: layouts, safe decoding, and the hashed manifest.
+
+``layouts`` finds splits, classes and labels; ``images`` opens and decodes one file safely;
+``manifest`` hashes the files and makes the stable seeded split. The names below are the
+package's public API (the rest of featcache imports them from here).
+"""
+
+from .images import (
+    DECODE_RECIPE,
+    IMAGE_EXTENSIONS,
+    ImageTooLarge,
+    NotRegularFile,
+    check_size,
+    decode_bytes,
+    is_image_name,
+    load_rgb,
+    open_regular,
+)
+from .layouts import (
+    CSV_NAMES,
+    DEFAULT_NAME_PATTERN,
+    SPLIT_NAMES,
+    Layout,
+    Skip,
+    find_layout,
+    parse_classes,
+    parse_name_pattern,
+    split_of,
+)
+from .manifest import Item, Manifest, hash_file, parse_split, safe_join, scan
+
+__all__ = [
+    "DECODE_RECIPE",
+    "IMAGE_EXTENSIONS",
+    "ImageTooLarge",
+    "NotRegularFile",
+    "check_size",
+    "decode_bytes",
+    "is_image_name",
+    "load_rgb",
+    "open_regular",
+    "CSV_NAMES",
+    "DEFAULT_NAME_PATTERN",
+    "SPLIT_NAMES",
+    "Layout",
+    "Skip",
+    "find_layout",
+    "parse_classes",
+    "parse_name_pattern",
+    "split_of",
+    "Item",
+    "Manifest",
+    "hash_file",
+    "parse_split",
+    "safe_join",
+    "scan",
+]
