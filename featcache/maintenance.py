@@ -47,7 +47,10 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
     fs = store.get_set(key)
     a = fs.attrs
     root = data or a["data_root"]
-    manifest = scan(root, a.get("split_fractions"), a.get("split_seed") or 0)
+    cfg = a.get("config") if isinstance(a.get("config"), dict) else {}
+    manifest = scan(root, a.get("split_fractions"), a.get("split_seed") or 0, labels=cfg.get("labels"),
+                    labels_from_name=cfg.get("labels_from_name"), classes=cfg.get("classes"),
+                    exclude_class=cfg.get("exclude_class") or ())
     current = {(it.split, it.path): it.sha256 for it in manifest.items}
     stored = {(s, p): h for s in fs.splits for p, h in zip(fs.paths(s), fs.hashes(s).tolist())}
     skipped = {d["path"] for d in a.get("skipped", [])}

@@ -37,6 +37,9 @@ def _validated(key: str, a: dict) -> dict:
     if not (isinstance(splits, dict) and "train" in splits and set(splits) <= {"train", "val", "test"}
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in splits.values())):
         raise bad("splits", "counts per split name train/val/test")
+    unlabelled = a.get("unlabelled", [])  # absent in sets written before unlabelled splits existed
+    if not (isinstance(unlabelled, list) and all(s in splits and s != "train" for s in unlabelled)):
+        raise bad("unlabelled", "a list of the set's split names other than train")
     if not isinstance(a.get("space"), str) or not re.fullmatch(r"[0-9a-f]{16}", a["space"]):
         raise bad("space", "a 16-digit hex key")
     prov = a.get("space_provenance")
@@ -73,6 +76,15 @@ class FeatureSet:
         return list(self.attrs["splits"])
 
     @property
+    def unlabelled(self) -> list[str]:
+        """Splits stored without labels (their labels are all -1), e.g. Kaggle's ``test1/``."""
+        return list(self.attrs.get("unlabelled", []))
+
+    @property
+    def labelled_splits(self) -> list[str]:
+        return [s for s in self.splits if s not in self.unlabelled]
+
+    @property
     def space(self) -> str:
         return self.attrs["space"]
 
@@ -99,8 +111,12 @@ class FeatureSet:
         return values
 
     def labels(self, split: str) -> np.ndarray:
+        """The split's class indices; -1 throughout for an unlabelled split."""
         labels = self._array(split, "labels", "iu").astype(np.int64)
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
+        if split in self.unlabelled:
+            if len(labels) and (labels != -1).any():
+                raise StoreError(f"set {self.key} split {split} is unlabelled but holds labels other than -1")
+        elif len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
             raise StoreError(f"set {self.key} split {split} has labels outside 0..{len(self.classes) - 1}")
         return labels
 

@@ -98,7 +98,8 @@ class Layout:
             parts = ["split folders " + ", ".join(where(f, s) for f, s in self.sources)]
         else:
             folder = self.sources[0][0] if self.sources else ""
-            parts = [f"{'images' if self.labels_from == 'names' else 'class folders'} in {folder or '.'}"]
+            what = "images" if self.labels_from == "names" else "class folders"
+            parts = [f"{what} in {folder}" if folder else f"{what}, no split folders"]
         if self.labels_from == "names":
             parts.append(f"labels from file names ({self.name_pattern})")
         if split_note:
@@ -109,9 +110,11 @@ class Layout:
         if self.excluded:
             parts.append(f"excluded: {', '.join(self.excluded)}")
         if self.ignored:
-            parts.append(f"{len(self.ignored)} files ignored (listed in the set's 'ignored')")
+            n = len(self.ignored)
+            parts.append(f"{n} file{'s' if n != 1 else ''} ignored (listed in the set's 'ignored')")
         if self.skipped:
-            parts.append(f"{len(self.skipped)} names skipped")
+            n = len(self.skipped)
+            parts.append(f"{n} name{'s' if n != 1 else ''} not valid UTF-8, skipped")
         return "layout: " + "; ".join(parts)
 
 
@@ -252,7 +255,8 @@ def _read_csv(path: Path, root: Path) -> list[tuple[str | None, str | None, Path
                             option="--labels")
         if split and not split_of(split.strip()):
             raise DataError(f"{path} line {line}: split {split!r} is not train, val or test", option="--labels")
-        out.append((split_of(split.strip()) if split else None, (label or "").strip() or None, full))
+        inside = root / os.path.relpath(full, top)  # paths below root as the rest of the walk names them
+        out.append((split_of(split.strip()) if split else None, (label or "").strip() or None, inside))
     return out
 
 
@@ -268,17 +272,18 @@ def _from_csv(finder: _Finder, csv_path: Path) -> tuple[str, list[tuple[str, str
             continue
         labels[full] = label
         if split is None:  # the first folder of the path may name the split (train/0001.jpg)
-            first = Path(os.path.relpath(full, csv_path.parent.absolute())).parts[0]
+            first = Path(os.path.relpath(os.path.abspath(full), os.path.abspath(csv_path.parent))).parts[0]
             split = split_of(first) if first != Path(full).name else None
         groups.setdefault(split or "", {}).setdefault(label, []).append(full)
     if "" in groups and len(groups) > 1:
         raise DataError(f"{csv_path} mixes files in split folders with files outside them; "
                         "give every row a split (a split column, or paths under train/, val/, test/)",
                         option="--labels")
-    listed = set(labels) | {Path(os.path.abspath(csv_path))}
+    csv_rel = _rel(csv_path, finder.root)
     for p in finder.images_below(finder.root):
-        if Path(os.path.abspath(p)) not in listed:
+        if p not in labels:
             finder.ignore(p, f"not listed in {csv_path.name}")
+    finder.ignored = [k for k in finder.ignored if k.path != csv_rel]
     return ("flat" if "" in groups else "splits"), [(s, "", g) for s, g in groups.items()]
 
 
@@ -353,17 +358,23 @@ def _parent_hint(folder: Path) -> str:
         if len(siblings) >= 2 else ""
 
 
-def _no_labels(folder: Path, root: Path, group: dict, how: str, pattern: str | None, csv_path: Path | None) -> DataError:
+def _no_labels(folder: Path, root: Path, group: dict, how: str, pattern: str | None, csv_path: Path | None,
+               flat: bool) -> DataError:
     loose = len(group.get(None, []))
+    by_name = sorted(k for k in _labels_by_name(group.get(None, []), DEFAULT_NAME_PATTERN) if k is not None)
     if how == "names":
         return DataError(f"no file name in {folder} gives a label with --labels-from-name {pattern!r} (cat.0.jpg → cat); "
                          "pass a regular expression whose one group captures the label", option="--labels-from-name")
     if how == "csv":
         return DataError(f"{csv_path} gives no label to the training images; fill its label column", option="--labels")
+    if loose and 2 <= len(by_name) <= loose // 2:  # names that repeat, like cat.0.jpg, cat.1.jpg
+        return DataError(f"no class folders in {folder}: its {loose} images are not sorted into class folders, but "
+                         f"their names give the labels {_shown(by_name)}. Add --labels-from-name to use them.")
     if loose:
         return DataError(f"no class folders in {folder}: its {loose} images are not sorted into class folders. Label "
                          "them by file name (--labels-from-name: cat.0.jpg → cat) or with a CSV (--labels labels.csv), "
-                         "or pass the folder that holds the class folders as --data." + _parent_hint(folder))
+                         "or pass the folder that holds the class folders as --data."
+                         + (_parent_hint(folder) if flat else ""))
     return DataError(f"no class folders in {folder}. Expected {root}/train/CLASS/IMAGE (with val/ or valid/) or "
                      f"{root}/CLASS/IMAGE with --split 0.8,0.2, or labels from file names (--labels-from-name) or a "
                      "CSV (--labels); see docs/layouts.md.")
@@ -381,7 +392,7 @@ def _resolve(finder: _Finder, root: Path, base: Path, kind: str, how: str, group
     folder, train = by_split[first]
     names = sorted(k for k in train if k is not None)
     if not names:
-        raise _no_labels(folder, root, train, how, pattern, csv_path)
+        raise _no_labels(folder, root, train, how, pattern, csv_path, kind == "flat")
     bad = [n for n in names if split_of(n)] if how == "folders" else []
     if bad:
         raise DataError(f"class folders in {folder} look like split folders: {', '.join(bad)}. Pass the folder that "
@@ -426,12 +437,12 @@ def _filter(names: list[str], classes: tuple[str, ...] | None, exclude: tuple[st
 
 
 def _check_two(keep: list[str], names: list[str], folder: Path, how: str, pattern: str | None,
-               csv_path: Path | None) -> None:
+               csv_path: Path | None, option: str) -> None:
     if len(keep) >= 2:
         return
     if len(names) >= 2:
-        raise DataError(f"--classes and --exclude-class leave {len(keep)} of {len(names)} classes "
-                        f"({', '.join(keep) or 'none'}); a classifier needs at least 2", option="--classes")
+        raise DataError(f"{option} leaves {len(keep)} of {len(names)} classes ({', '.join(keep) or 'none'}); a "
+                        "classifier needs at least 2", option=option)
     if how == "names":
         raise DataError(f"every file name in {folder} gives the label {names[0]!r} with --labels-from-name {pattern!r}; "
                         "a classifier needs at least 2 classes. Pass a regular expression whose one group captures "
@@ -481,9 +492,11 @@ def find_layout(
             group = _labels_by_name(finder.images_below(folder), pattern) if pattern else _by_folders(finder, folder)
             groups.append((split, _rel(folder, root) if folder != root else "", group))
     names, entries, unlabelled = _resolve(finder, root, base, kind, how, groups, pattern, csv_path)
-    keep = _filter(names, parse_classes(classes), parse_classes(exclude_class or None, "--exclude-class"))
+    chosen = parse_classes(classes)
+    keep = _filter(names, chosen, parse_classes(exclude_class or None, "--exclude-class"))
     train_folder = next((root / f if f else root for s, f, _ in groups if s in ("", "train")), base)
-    _check_two(keep, names, train_folder, how, pattern, csv_path)
+    _check_two(keep, names, train_folder, how, pattern, csv_path,
+               "--classes" if chosen is not None and sum(n in chosen for n in names) < 2 else "--exclude-class")
     new_index = {old: keep.index(names[old]) for old in range(len(names)) if names[old] in keep}
     kept = tuple((s, new_index[i] if i >= 0 else -1, p) for s, i, p in entries if i < 0 or i in new_index)
     return Layout(
