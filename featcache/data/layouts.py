@@ -191,7 +191,8 @@ class _Finder:
             path = Path(e.path)
             if not _utf8(e.name):
                 if record:
-                    self.skipped.append(Skip(_rel(path, self.root), "name is not valid UTF-8; rename it to include it"))
+                    self.skipped.append(Skip(_rel(path, self.root) + ("/" if e.is_dir() else ""),
+                                             "name is not valid UTF-8; rename it to include it"))
             elif e.is_dir():
                 if not is_store_dir(path):
                     dirs.append(path)
