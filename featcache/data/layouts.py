@@ -189,11 +189,15 @@ class _Finder:
             if e.name.startswith("."):
                 continue
             path = Path(e.path)
+            try:
+                is_dir = e.is_dir()
+            except OSError:  # a link loop: listed as a file, so that hashing records why it cannot be read
+                is_dir = False
             if not _utf8(e.name):
                 if record:
-                    self.skipped.append(Skip(_rel(path, self.root) + ("/" if e.is_dir() else ""),
+                    self.skipped.append(Skip(_rel(path, self.root) + ("/" if is_dir else ""),
                                              "name is not valid UTF-8; rename it to include it"))
-            elif e.is_dir():
+            elif is_dir:
                 if not is_store_dir(path):
                     dirs.append(path)
             elif is_image_name(e.name):
