@@ -13,12 +13,12 @@ In the spirit of torchvision's ``ImageFolder`` and Hugging Face's ``imagefolder`
 * anything ambiguous is refused with the fix: two folders for one split, class folders named
   like splits, fewer than two classes.
 
-Nothing here reads an image's bytes: :mod:`.manifest` hashes what this finds.
+Nothing here reads an image's bytes: :mod:`.manifest` hashes what this finds. What names
+and label files mean is in :mod:`.labels`.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from dataclasses import dataclass
@@ -27,31 +27,11 @@ from typing import Sequence
 
 from ..errors import DataError
 from .images import is_image_name
+from .labels import (CSV_NAMES, DEFAULT_NAME_PATTERN, SPLIT_NAMES, is_store_dir, parse_classes, parse_name_pattern,
+                     read_labels_csv, split_of)
 
-__all__ = [
-    "SPLIT_NAMES",
-    "CSV_NAMES",
-    "DEFAULT_NAME_PATTERN",
-    "Skip",
-    "Layout",
-    "split_of",
-    "is_store_dir",
-    "parse_name_pattern",
-    "parse_classes",
-    "find_layout",
-]
+__all__ = ["Skip", "Layout", "find_layout"]
 
-SPLIT_NAMES = ("train", "val", "test")
-CSV_NAMES = ("metadata.csv", "labels.csv")
-DEFAULT_NAME_PATTERN = r"^([^._]+)[._]"
-"""The prefix before the first ``.`` or ``_``: ``cat.0.jpg`` → ``cat``, ``dog_12.png`` → ``dog``."""
-
-_KEYWORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
-             "test": "test", "testing": "test", "eval": "test", "evaluation": "test"}
-_SPLIT_RE = re.compile(r"(train|training|validation|valid|val|dev|testing|test|evaluation|eval)"
-                       r"(?:[ ._-]?(?:set|data|images|split))?[ ._-]?\d*", re.IGNORECASE)
-_PATH_COLUMNS = ("path", "file_name", "filename", "file", "image")
-_LABEL_COLUMNS = ("label", "class")
 _SHOWN_CLASSES = 10
 
 
@@ -116,42 +96,6 @@ class Layout:
             n = len(self.skipped)
             parts.append(f"{n} name{'s' if n != 1 else ''} not valid UTF-8, skipped")
         return "layout: " + "; ".join(parts)
-
-
-def split_of(name: str) -> str | None:
-    """``"Training_Set"`` → ``"train"``, ``"test1"`` → ``"test"``; None for a name that is not a split's."""
-    m = _SPLIT_RE.fullmatch(name)
-    return _KEYWORDS[m.group(1).lower()] if m else None
-
-
-def is_store_dir(path: Path) -> bool:
-    """A Zarr store (``*.zarr`` or a folder holding ``zarr.json``): never scanned as data."""
-    return path.name.lower().endswith(".zarr") or (path / "zarr.json").exists() or (path / ".zgroup").exists()
-
-
-def parse_name_pattern(text: str | None) -> str | None:
-    """Check a ``--labels-from-name`` regular expression: it must compile and have one group."""
-    if text is None:
-        return None
-    try:
-        groups = re.compile(text).groups
-    except re.error as e:
-        raise DataError(f"--labels-from-name takes a regular expression with one group like {DEFAULT_NAME_PATTERN!r}; "
-                        f"{text!r} does not compile ({e})", option="--labels-from-name") from None
-    if groups != 1:
-        raise DataError(f"--labels-from-name takes a regular expression with exactly one group (the label), like "
-                        f"{DEFAULT_NAME_PATTERN!r}; {text!r} has {groups}", option="--labels-from-name")
-    return text
-
-
-def parse_classes(value: str | Sequence[str] | None, option: str = "--classes") -> tuple[str, ...] | None:
-    """``"cats,dogs"`` → ``("cats", "dogs")``; None stays None; an empty list is refused."""
-    if value is None:
-        return None
-    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
-    if not names or not all(names):
-        raise DataError(f"{option} takes class names like cats,dogs; got {value!r}", option=option)
-    return tuple(dict.fromkeys(names))
 
 
 def _utf8(name: str) -> bool:
@@ -232,41 +176,8 @@ def _labels_by_name(paths: list[Path], pattern: str) -> dict[str | None, list[Pa
     return out
 
 
-def _read_csv(path: Path, root: Path) -> list[tuple[str | None, str | None, Path]]:
-    """(split or None, label or None, file) for each row of a labels CSV; paths are relative to the CSV."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = {(k or "").strip().lower(): k for k in reader.fieldnames or []}
-            path_col = next((fields[c] for c in _PATH_COLUMNS if c in fields), None)
-            label_col = next((fields[c] for c in _LABEL_COLUMNS if c in fields), None)
-            if path_col is None or label_col is None:
-                raise DataError(f"{path} needs a header row with a path column (path or file_name) and a label "
-                                f"column (label); its first row is: {', '.join(reader.fieldnames or []) or '(empty)'}",
-                                option="--labels")
-            split_col = fields.get("split")
-            rows = [(r.get(split_col) if split_col else None, r.get(label_col), r.get(path_col), reader.line_num)
-                    for r in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read labels file {path}: {getattr(e, 'strerror', None) or e}", option="--labels") from None
-    base, top = Path(os.path.abspath(path.parent)), Path(os.path.abspath(root))
-    out = []
-    for split, label, rel, line in rows:
-        rel = (rel or "").strip()
-        full = Path(os.path.normpath(base / rel))
-        if not rel or Path(rel).is_absolute() or not full.is_relative_to(top):
-            raise DataError(f"{path} line {line}: {rel!r} is not a path relative to the CSV inside the data folder "
-                            f"{root}. Put the CSV beside the images and give paths like images/0001.jpg.",
-                            option="--labels")
-        if split and not split_of(split.strip()):
-            raise DataError(f"{path} line {line}: split {split!r} is not train, val or test", option="--labels")
-        inside = root / os.path.relpath(full, top)  # paths below root as the rest of the walk names them
-        out.append((split_of(split.strip()) if split else None, (label or "").strip() or None, inside))
-    return out
-
-
 def _from_csv(finder: _Finder, csv_path: Path) -> tuple[str, list[tuple[str, str, dict]]]:
-    rows = _read_csv(csv_path, finder.root)
+    rows = read_labels_csv(csv_path, finder.root)
     labels: dict[Path, str | None] = {}
     groups: dict[str, dict[str | None, list[Path]]] = {}
     for split, label, full in rows:
