@@ -153,12 +153,15 @@ def decode_bytes(data: bytes) -> Image.Image:
         return _decode(img)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file fully and return it as RGB, upright.
+def load_rgb(path: str | os.PathLike | BinaryIO) -> Image.Image:
+    """Decode an image file (or an open binary file) fully and return it as RGB, upright.
 
     Greyscale, 16-bit, palette, CMYK and images with transparency are converted;
     transparency is composited on white so transparent pixels do not carry garbage. A path
     that is not a regular file raises :class:`NotRegularFile` without being read.
     """
+    if hasattr(path, "read"):
+        with Image.open(path) as img:
+            return _decode(img)
     with open_regular(path) as f, Image.open(f) as img:
         return _decode(img)
