@@ -6,7 +6,9 @@ Every command parses options, calls one library function and prints its result. 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -14,6 +16,7 @@ import sys
 import click
 
 from .backbones import POOLS, PRECISIONS, list_backbones, list_layers
+from .data import DEFAULT_NAME_PATTERN
 from .errors import FeatcacheError, StoreError
 from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
 from .fit import FIT_POOLS, FitConfig, fit
@@ -91,7 +94,17 @@ def main() -> None:
 @click.option("--pool", type=click.Choice(POOLS), default=None, help="Pool spatial maps (default: none; avg for the default layer).")
 @click.option("--data", default="data", show_default=True, type=click.Path(file_okay=False), help="Image folder.")
 @store_option
-@click.option("--split", default=None, help="For a flat CLASS/IMAGE folder: train,val[,test] fractions, e.g. 0.8,0.2.")
+@click.option("--split", default=None,
+              help="train,val[,test] fractions, e.g. 0.8,0.2: splits a flat folder, or carves val (and test) out of "
+                   "a train split that has no val.")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False),
+              help="CSV of labels: a header, then path,label (or file_name,label) rows, paths relative to the CSV "
+                   "[default: metadata.csv or labels.csv beside the images, if there].")
+@click.option("--labels-from-name", is_flag=False, flag_value=DEFAULT_NAME_PATTERN, default=None, metavar="[REGEX]",
+              help="Labels from file names: alone, the prefix before the first . or _ (cat.0.jpg -> cat); "
+                   "or a regular expression whose one group is the label.")
+@click.option("--classes", default=None, help="Keep only these classes, e.g. cats,dogs.")
+@click.option("--exclude-class", multiple=True, metavar="NAME", help="Leave this class out (repeatable), e.g. BACKGROUND_Google.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of --split.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
@@ -116,14 +129,37 @@ def extract_cmd(progress: bool | None, **options) -> None:
         raise  # names its option; the group turns it into a usage error for that option
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if int(os.environ.get("RANK", "0")) != 0:
+        extract(cfg, progress=False)
         return  # under torchrun, rank 0 reports for all
+    with _layout_line():
+        result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
         click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
     if len(result.skipped) > _MAX_SKIPS_SHOWN:
         click.echo(f"... and {len(result.skipped) - _MAX_SKIPS_SHOWN} more skipped (see: featcache ls)", err=True)
     click.echo(result.summary())
+
+
+@contextlib.contextmanager
+def _layout_line():
+    """Show the library's one ``layout: ...`` line (logged before work starts) on stderr."""
+
+    class Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            click.echo(record.getMessage(), err=True)
+
+    logger, handler = logging.getLogger("featcache.data"), Echo(logging.INFO)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _positive_float(text: str) -> float:

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .backbones import POOLS, PRECISIONS, Backbone, autocast, create_backbone, resolve_precision
-from .data import SPLIT_NAMES, Item, Manifest, Skip, load_rgb, parse_split, scan
+from .data import (DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, load_rgb, parse_classes, parse_name_pattern,
+                   parse_split, scan)
 from .errors import DataError, FeatcacheError, StoreError
 from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store, space_key
 
@@ -62,6 +63,10 @@ class ExtractConfig:
     views: int = 0
     compile: bool = False
     precision: str = "auto"
+    labels: str | None = None
+    labels_from_name: str | None = None
+    classes: tuple[str, ...] | None = None
+    exclude_class: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -81,10 +86,15 @@ class ExtractConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
         object.__setattr__(self, "split", parse_split(self.split))
+        object.__setattr__(self, "labels_from_name", parse_name_pattern(self.labels_from_name))
+        object.__setattr__(self, "classes", parse_classes(self.classes))
+        object.__setattr__(self, "exclude_class", parse_classes(self.exclude_class or None, "--exclude-class") or ())
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["split"] = list(self.split) if self.split else None
+        d["classes"] = list(self.classes) if self.classes is not None else None
+        d["exclude_class"] = list(self.exclude_class)
         return d
 
     @classmethod
@@ -448,13 +458,14 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
     """
     cfg = config if config is not None else ExtractConfig(**kwargs)
     start = time.perf_counter()
-    manifest = scan(cfg.data, cfg.split, cfg.seed)
+    manifest = scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels, labels_from_name=cfg.labels_from_name,
+                    classes=cfg.classes, exclude_class=cfg.exclude_class)
     if cfg.strict and manifest.skipped:
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
     backbone = create_backbone(cfg.backbone, cfg.layer, cfg.weights, cfg.pool)
     precision = resolve_precision(cfg.precision, _device(cfg.device))
-    provenance = {**backbone.provenance(), "precision": precision, "dtype": cfg.dtype}
+    provenance = {**backbone.provenance(), "decode": DECODE_RECIPE, "precision": precision, "dtype": cfg.dtype}
     store = open_store(cfg.store)
     augment = augmentation(backbone.preprocessing, cfg.seed) if cfg.views else None
     view_provenance = {**provenance, "augment": augment} if cfg.views else None
@@ -497,7 +508,7 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
     kept = [it for it in manifest.items if it.sha256 not in failed]
     skipped = manifest.skipped + [Skip(it.path, failed[it.sha256]) for it in manifest.items if it.sha256 in failed]
     splits = [s for s in SPLIT_NAMES if any(it.split == s for it in kept)]
-    for s in splits:
+    for s in (s for s in splits if s not in manifest.unlabelled):
         present = {it.label for it in kept if it.split == s}
         missing = [c for i, c in enumerate(manifest.classes) if i not in present]
         if missing:
@@ -526,7 +537,7 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
         pool=backbone.pool, dtype=cfg.dtype, precision=precision, weights_id=backbone.weights_id,
         weights_sha256=backbone.weights_sha256, preprocessing=backbone.preprocessing,
         classes=tuple(manifest.classes), splits={s: sum(1 for it in kept if it.split == s) for s in splits},
-        unlabelled=(), data_root=data_root, layout=manifest.layout,
+        unlabelled=tuple(s for s in manifest.unlabelled if s in splits), data_root=data_root, layout=manifest.layout,
         split_fractions=manifest.split_fractions, split_seed=manifest.split_seed, manifest_sha256=view.digest(),
         views=cfg.views, view_space=view_space, augment=augment,
         skipped=tuple(s.to_dict() for s in skipped), ignored=tuple(s.to_dict() for s in manifest.ignored),

@@ -169,12 +169,12 @@ def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, 
     in ``--max-memory``, else as :class:`Streamed` splits (torch heads only)."""
     views = fs.views if cfg.use_views else 0
     counts = fs.attrs["splits"]
-    need = (sum(counts.values()) + views * counts["train"]) * int(np.prod(prepared_shape(fs.shape, cfg.pool, keep_shape))) * 4
+    need = (sum(counts[s] for s in fs.labelled_splits) + views * counts["train"]) * int(np.prod(prepared_shape(fs.shape, cfg.pool, keep_shape))) * 4
     budget = memory_budget(cfg.max_memory)
-    labels = {s: fs.labels(s) for s in fs.splits}
+    labels = {s: fs.labels(s) for s in fs.labelled_splits}
     if need <= budget:
         data = {s: (RowReader(fs.store, fs.space, fs.hashes(s), fs.shape, cfg.pool, keep_shape).load(), labels[s])
-                for s in fs.splits}
+                for s in fs.labelled_splits}
         train_views = None
         if views:
             flat = RowReader(fs.store, fs.attrs["view_space"], fs.view_keys(), fs.shape, cfg.pool, keep_shape).load()
@@ -190,7 +190,7 @@ def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, 
     data = {
         s: (Streamed(fs.store, fs.space, fs.hashes(s).tolist(), labels[s], fs.shape, cfg.pool, keep_shape, window,
                      views=views if s == "train" else 0, view_space=fs.attrs.get("view_space")), labels[s])
-        for s in fs.splits
+        for s in fs.labelled_splits
     }
     note = (f"streaming: the set needs {human_bytes(need)} as float32, over --max-memory {human_bytes(budget)}; "
             f"chunks are read in shuffled windows of up to {human_bytes(window)}")

@@ -58,6 +58,7 @@ def test_bad_option_value_is_a_usage_error_for_that_option(run, folder):
     r = run("extract", "--backbone", "vgg16", "--layer", "feature", "--weights", "none", "--data", str(folder))
     assert r.exit_code == 2
     assert r.output == (
+        "layout: split folders train (train), val (val); 3 classes: blue, green, red\n"  # found before the backbone
         "Usage: main extract [OPTIONS]\nTry 'main extract --help' for help.\n\n"
         "Error: Invalid value for '--layer': Unknown layer 'feature' for vgg16. Layers: features, avgpool, flatten, "
         "classifier (and their sub-layers, e.g. features.20). See: featcache layers vgg16\n"

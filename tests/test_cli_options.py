@@ -43,6 +43,26 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
         (["--backbone", TINY, "--data", "DATA", "--split", "0.9,0.3"], ["two or three positive fractions", "sum to 1"]),
         (["--backbone", TINY, "--data", "DATA", "--split", "most,rest"], ["fractions like 0.8,0.2"]),
     ],
+    ("extract", "labels"): [
+        (["--backbone", TINY, "--data", "DATA", "--labels", "missing.csv"], ["does not exist", "--labels PATH.csv"]),
+        (["--backbone", TINY, "--data", "DATA", "--labels", "FILE"], ["needs a header row", "path", "label"]),
+        (["--backbone", TINY, "--data", "DATA", "--labels", "FULL"], ["is a directory"]),
+    ],
+    ("extract", "labels_from_name"): [
+        (["--backbone", TINY, "--data", "DATA", "--labels-from-name", "(a)(b)"], ["exactly one group", "has 2"]),
+        (["--backbone", TINY, "--data", "DATA", "--labels-from-name", "(cat"], ["does not compile"]),
+        (["--backbone", TINY, "--data", "DATA", "--labels-from-name", "^nomatch(x)"], ["no file name", "gives a label"]),
+    ],
+    ("extract", "classes"): [
+        (["--backbone", TINY, "--data", "DATA", "--classes", "red,purple"], ["purple", "Classes found: blue, green, red"]),
+        (["--backbone", TINY, "--data", "DATA", "--classes", "red"], ["leaves 1 of 3 classes", "at least 2"]),
+        (["--backbone", TINY, "--data", "DATA", "--classes", "red,,blue"], ["class names like cats,dogs"]),
+    ],
+    ("extract", "exclude_class"): [
+        (["--backbone", TINY, "--data", "DATA", "--exclude-class", "purple"], ["no such class", "Classes found"]),
+        (["--backbone", TINY, "--data", "DATA", "--exclude-class", "red", "--exclude-class", "green"],
+         ["leaves 1 of 3 classes"]),
+    ],
     ("fit", "set"): [(["--store", "STORE", "--set", "zzz"], ["Sets:", "featcache ls"])],
     ("fit", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("fit", "runs"): [(["--store", "STORE", "--runs", "FILE"], ["choose another --runs"])],

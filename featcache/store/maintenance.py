@@ -58,7 +58,12 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
             "featcache does not walk a folder named by a store by itself.",
             option="--data",
         )
-    manifest = scan(data, r.split_fractions, r.split_seed or 0)
+    cfg = r.config
+    text = lambda v: v if isinstance(v, str) else None  # noqa: E731
+    names = lambda v: tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else None  # noqa: E731
+    manifest = scan(data, r.split_fractions, r.split_seed or 0, labels=text(cfg.get("labels")),
+                    labels_from_name=text(cfg.get("labels_from_name")), classes=names(cfg.get("classes")),
+                    exclude_class=names(cfg.get("exclude_class")) or ())
     current = {(it.split, it.path): it.sha256 for it in manifest.items}
     stored = {(s, p): h for s in fs.splits for p, h in zip(fs.paths(s), fs.hashes(s).tolist())}
     skipped = {d["path"] for d in r.skipped}

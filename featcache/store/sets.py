@@ -47,6 +47,11 @@ class FeatureSet:
         return list(self.record.splits)
 
     @property
+    def unlabelled(self) -> list[str]:
+        """Splits stored without labels (their labels are -1)."""
+        return list(self.record.unlabelled)
+
+    @property
     def labelled_splits(self) -> list[str]:
         return [s for s in self.splits if s not in self.record.unlabelled]
 
@@ -89,10 +94,11 @@ class FeatureSet:
         return values
 
     def labels(self, split: str) -> np.ndarray:
+        """The split's class indices; -1 throughout for an unlabelled split."""
         labels = self._array(split, "labels", "iu").astype(np.int64)
         if split in self.record.unlabelled:
             if len(labels) and (labels != -1).any():
-                raise StoreError(f"set {self.key} split {split} is unlabelled but holds labels")
+                raise StoreError(f"set {self.key} split {split} is unlabelled but holds labels other than -1")
             return labels
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
             raise StoreError(f"set {self.key} split {split} has labels outside 0..{len(self.classes) - 1}")

@@ -1,0 +1,58 @@
+"""Image folders as people download them: layouts, safe decoding, and the hashed manifest.
+
+``layouts`` finds splits, classes and labels (``labels`` says what names and label files
+mean); ``images`` opens and decodes one file safely;
+``manifest`` hashes the files and makes the stable seeded split. The names below are the
+package's public API (the rest of featcache imports them from here).
+"""
+
+from .images import (
+    DECODE_RECIPE,
+    IMAGE_EXTENSIONS,
+    ImageTooLarge,
+    NotRegularFile,
+    check_size,
+    decode_bytes,
+    is_image_name,
+    load_rgb,
+    open_regular,
+)
+from .labels import (
+    CSV_NAMES,
+    DEFAULT_NAME_PATTERN,
+    SPLIT_NAMES,
+    parse_classes,
+    parse_name_pattern,
+    read_labels_csv,
+    split_of,
+)
+from .layouts import Layout, Skip, find_layout
+from .manifest import Item, Manifest, hash_file, parse_split, safe_join, scan
+
+__all__ = [
+    "DECODE_RECIPE",
+    "IMAGE_EXTENSIONS",
+    "ImageTooLarge",
+    "NotRegularFile",
+    "check_size",
+    "decode_bytes",
+    "is_image_name",
+    "load_rgb",
+    "open_regular",
+    "CSV_NAMES",
+    "DEFAULT_NAME_PATTERN",
+    "SPLIT_NAMES",
+    "Layout",
+    "Skip",
+    "find_layout",
+    "parse_classes",
+    "parse_name_pattern",
+    "split_of",
+    "read_labels_csv",
+    "Item",
+    "Manifest",
+    "hash_file",
+    "parse_split",
+    "safe_join",
+    "scan",
+]
