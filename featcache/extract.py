@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import platform
 import queue
@@ -24,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .backbones import POOLS, PRECISIONS, Backbone, autocast, create_backbone, resolve_precision
-from .data import (DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, load_rgb, parse_classes, parse_name_pattern,
-                   parse_split, scan)
+from .data import (DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, decode_bytes, open_regular, parse_classes,
+                   parse_name_pattern, parse_split, scan)
 from .errors import DataError, FeatcacheError, StoreError
 from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store, space_key
 
@@ -184,11 +183,11 @@ class _Images(Dataset):
         try:
             # The bytes that are decoded are the bytes that are hashed: a file rewritten since the
             # scan must not have the new image's features stored under the old bytes' key.
-            with open(self.root / item.path, "rb") as f:
+            with open_regular(self.root / item.path) as f:
                 data = f.read()
             if hashlib.sha256(data).hexdigest() != item.sha256:
                 return i, None, "changed while reading (its bytes differ from when it was scanned); re-run to extract it"
-            img = load_rgb(io.BytesIO(data))
+            img = decode_bytes(data)
             if self.views is not None:
                 return i, self._view(img, item, self.views[i]), None
             return i, self.transform(img), None

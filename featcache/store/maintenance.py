@@ -176,12 +176,11 @@ def _recompute(fs: FeatureSet, root: Path, sample: int, seed: int, backbone: str
                errors: list[str], notes: list[str]) -> tuple[int, float | None]:
     """Recompute a seeded sample of rows from the bytes on disk, under the set's recorded precision."""
     import hashlib
-    import io
 
     import torch
 
     from ..backbones import autocast, rebuild_backbone
-    from ..data import load_rgb
+    from ..data import decode_bytes, open_regular
 
     if not root.is_dir():
         raise DataError(f"data folder {str(root)!r} does not exist", option="--data")
@@ -201,7 +200,8 @@ def _recompute(fs: FeatureSet, root: Path, sample: int, seed: int, backbone: str
         path = safe_join(root, paths[split][i])
         want_hash = hashes[split][i]
         try:
-            data = path.read_bytes()
+            with open_regular(path) as f:
+                data = f.read()
         except OSError as e:
             notes.append(f"{path}: cannot read ({e.strerror}); not compared")
             continue
@@ -210,7 +210,7 @@ def _recompute(fs: FeatureSet, root: Path, sample: int, seed: int, backbone: str
             continue
         stored = fs.store.gather(fs.space, [want_hash], fs.shape, r.dtype)[0].astype(np.float32)
         with torch.inference_mode(), autocast(r.precision, torch.device("cpu")):
-            fresh = bb.model(bb.transform(load_rgb(io.BytesIO(data)))[None])[0].float().numpy()
+            fresh = bb.model(bb.transform(decode_bytes(data))[None])[0].float().numpy()
         rel = float(np.linalg.norm(stored - fresh) / (np.linalg.norm(fresh) or 1.0))
         worst = max(worst, rel) if np.isfinite(rel) else float("inf")
         compared += 1
