@@ -226,7 +226,7 @@ def fit(
     try:
         data, train_views, notes = _load_data(cfg, fs, keep_shape=rest)
     except StoreError as e:
-        raise StoreError(f"set {fs.key}: {e}") from None
+        raise StoreError(str(e) if f"set {fs.key}" in str(e) else f"set {fs.key}: {e}") from None
     t_load = time.perf_counter() - t0
     x_train, y_train = data["train"]
     x_val, y_val = data.get("val", (None, None))

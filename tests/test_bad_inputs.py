@@ -105,7 +105,7 @@ GOOD = {
     "preprocessing": {}, "created_at": "2026-01-01", "created_by": "u@h", "data_root": "/d", "layout": "splits",
     "split_fractions": None, "split_seed": None, "manifest_sha256": H, "views": 0, "view_space": None,
     "augment": None, "skipped": [], "ignored": [], "config": {}, "versions": {}, "unlabelled": [],
-    "integrity": {s: {"sha256": H, "labels": H, "paths": H} for s in ("train", "val")},
+    "integrity": {s: {"sha256": H, "labels": H, "paths_utf8": H, "paths_offsets": H} for s in ("train", "val")},
 }
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -131,7 +131,7 @@ def test_labels_out_of_range_are_refused(tmp_path):
     r = featcache.extract(backbone=TINY, data=str(folder), store=store, weights="none", workers=0)
     fs = featcache.open_store(store).get_set(r.set_key)
     fs.group["train"]["labels"][0] = 99
-    with pytest.raises(StoreError, match="differs from the set's integrity record"):
+    with pytest.raises(StoreError, match="differs from its integrity record"):
         featcache.open_store(store).get_set(r.set_key).labels("train")
     # a hostile writer who also rewrites the digest still gets no label outside the classes through
     integrity = fs.group.attrs["integrity"]
@@ -146,6 +146,8 @@ arrays = st.one_of(
     st.lists(st.floats(allow_nan=True, width=32), max_size=30).map(lambda v: np.array(v, dtype=np.float32)),
     st.lists(st.text(max_size=70), max_size=30).map(lambda v: np.array(v, dtype=str)),
     st.lists(st.sampled_from(["a" * 64, "0" * 64, "../x", ""]), max_size=30).map(lambda v: np.array(v, dtype=str)),
+    st.lists(st.integers(0, 255), max_size=30 * 32).map(lambda v: np.array(v[: len(v) // 32 * 32], np.uint8).reshape(-1, 32)),
+    st.lists(st.integers(0, 255), max_size=90).map(lambda v: np.array(v, dtype=np.uint8)),
 )
 
 
@@ -159,7 +161,7 @@ def damaged_store(tmp_path_factory):
 
 
 @settings(max_examples=150, deadline=None)
-@given(name=st.sampled_from(["labels", "paths", "sha256"]), values=arrays)
+@given(name=st.sampled_from(["labels", "paths_utf8", "paths_offsets", "sha256"]), values=arrays)
 def test_malformed_set_arrays_are_store_errors(damaged_store, name, values):
     store, key = damaged_store
     group = featcache.open_store(store).get_set(key).group["val"]
@@ -167,7 +169,7 @@ def test_malformed_set_arrays_are_store_errors(damaged_store, name, values):
     try:
         del group[name]
         arr = group.create_array(name, shape=values.shape, dtype=str if values.dtype.kind == "U" else values.dtype,
-                                 chunks=(max(len(values), 1),))
+                                 chunks=(max(len(values), 1),) + values.shape[1:])
         if len(values):
             arr[:] = values
         fs = featcache.open_store(store).get_set(key)
@@ -178,5 +180,5 @@ def test_malformed_set_arrays_are_store_errors(damaged_store, name, values):
                 pass
     finally:
         del group[name]
-        group.create_array(name, shape=original.shape, dtype=str if original.dtype.kind in "UTO" else original.dtype,
-                           chunks=(len(original),))[:] = original
+        group.create_array(name, shape=original.shape, dtype=original.dtype,
+                           chunks=(max(len(original), 1),) + original.shape[1:])[...] = original

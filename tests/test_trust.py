@@ -156,12 +156,12 @@ def test_a_deleted_labels_chunk_is_corruption_not_class_zero(folder, store_url):
     fs = featcache.open_store(store_url).get_set(r.set_key)
     chunk = next((Path(store_url) / fs.group.path / "train" / "labels" / "c").rglob("*"))
     chunk.unlink()
-    with pytest.raises(StoreError, match="integrity record"):
+    with pytest.raises(StoreError, match="'labels' differs from its integrity record"):
         featcache.open_store(store_url).get_set(r.set_key).labels("train")
     report = verify(featcache.open_store(store_url), sample=0)
     assert not report.ok and "labels" in report.errors[0]
     line = _one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots"]))
-    assert "'labels' differs from the set's integrity record" in line
+    assert line.count(f"set {r.set_key}") == 1 and "'labels' differs from its integrity record" in line
 
 
 def _poison(store_url, space, value):

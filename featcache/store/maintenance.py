@@ -271,6 +271,7 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
             continue
         seen: set[str] = set()
         damaged = store.damaged_segments(space)
+        sound = {seg.key: seg for seg in store.locate(space, [])[0]}
         for name, group in store.segment_groups(space):
             if group.attrs.get("committed") is not True:
                 if old(group, "created_at") and not leased(space):
@@ -279,9 +280,9 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
                     if not dry_run:
                         store.remove_segment(space, name)
                 continue
-            if unreadable or name in damaged:
+            if unreadable or name in damaged or name not in sound:
                 continue  # a damaged segment is evidence for verify, not garbage
-            hashes = np.asarray(group["sha256"][:])
+            hashes = np.asarray(sound[name].sha256)
             keep = [i for i, h in enumerate(hashes.tolist()) if h in referenced.get(space, ()) and h not in seen]
             seen.update(hashes[keep].tolist())
             if len(keep) == len(hashes) or not old(group, "committed_at") or leased(space):
@@ -291,7 +292,7 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
             if keep:
                 report["segments_rewritten"] += 1
                 if not dry_run:
-                    feats = group["features"]
+                    feats = sound[name].features
                     writer = store.new_segment(space, len(keep), feats.shape[1:], str(feats.dtype))
                     writer.append(feats[:][keep], hashes[keep].tolist())
                     writer.commit(rewritten_from=name)

@@ -18,6 +18,7 @@ from ..errors import StoreError
 __all__ = ["SetRecord", "SPLITS", "MAX_CLASSES", "PRECISIONS"]
 
 SPLITS = ("train", "val", "test")
+SET_ARRAYS = ("sha256", "labels", "paths_utf8", "paths_offsets")  # per split
 MAX_CLASSES = 100_000
 PRECISIONS = ("float32", "tf32", "bfloat16", "float16")
 _MAX_DIMS = 8
@@ -202,8 +203,8 @@ class SetRecord:
         for s in splits:
             arrays = integrity.get(s)
             if not (isinstance(arrays, dict) and all(isinstance(arrays.get(n), str) and _HEX64.fullmatch(arrays[n])
-                                                     for n in ("sha256", "labels", "paths"))):
-                raise _Bad(f"integrity.{s}", "digests of the split's sha256, labels and paths arrays")
+                                                     for n in SET_ARRAYS)):
+                raise _Bad(f"integrity.{s}", f"digests of the split's arrays {', '.join(SET_ARRAYS)}")
         seed = a.get("split_seed")
         known = {f.name for f in cls.__dataclass_fields__.values()} | {"weights", "committed", "committed_at"}
         return cls(

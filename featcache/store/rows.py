@@ -7,13 +7,14 @@ Layout (all arrays + JSON, nothing executable)::
       segments/<segment>/           one writer's rows; attrs: created_at, created_by, committed=false
         features  (N, *shape)       float16/float32, Blosc-zstd + CRC32C, sharded along rows,
                                     fill value NaN, every chunk written (none left implicit)
-        sha256    (N,)              row keys: SHA-256 hex of the image bytes (``<hex>:<view>`` for views)
+        sha256    (N, 32) uint8     row keys: the SHA-256 of the image bytes each row came from
+        view      (N,) int32        augmented-view spaces only: the view number of each row
                                     commit: attrs rows, integrity, committed_at, then committed=true last
     leases/<lease>/                 attrs: spaces, renewed_at, created_by: a running extract's claim
 
 The integrity record, written before the marker, says what the segment must contain:
 ``{"features": {"shape", "chunk_rows", "crc32": [one per chunk of decoded rows]},
-"sha256": {"sha256": digest of the keys}}``. A segment whose shards, chunks or keys do not
+"sha256": {"sha256": SHA-256 of the array's bytes}, "view": {...}}``. A segment whose shards, chunks or keys do not
 match it is damaged: its rows are treated as missing (a re-run of extract recomputes them),
 never as zeros.
 """
@@ -49,6 +50,13 @@ __all__ = [
     "space_key",
     "digest_key",
     "digest_values",
+    "keys_to_arrays",
+    "arrays_to_keys",
+    "hashes_to_array",
+    "encode_strings",
+    "decode_strings",
+    "write_array",
+    "read_checked",
     "default_compressor",
     "now_iso",
     "created_by",
@@ -65,7 +73,6 @@ _CHUNKS_PER_SHARD = 32  # one file per ~64 MiB of rows
 MAX_META_BYTES = 8 << 20  # a zarr.json larger than this is refused unread (a damaged or hostile store)
 LEASE_TTL_S = 600.0  # a lease not renewed for this long belongs to a process that is gone
 _LEASE_RENEW_S = 60.0
-_ROW_KEY = re.compile(r"[0-9a-f]{64}(:[0-9]{1,6})?")
 
 
 def human_bytes(n: float) -> str:
@@ -108,15 +115,50 @@ def space_key(provenance: dict) -> str:
     return digest_key(provenance, 16)
 
 
-def digest_values(values: np.ndarray | list) -> str:
-    """SHA-256 of a 1-D array's values: strings joined by newlines, integers as little-endian int64."""
+def digest_values(values: np.ndarray) -> str:
+    """SHA-256 hex of an array's bytes in C order, little-endian: what any reader can recompute."""
     arr = np.asarray(values)
-    h = hashlib.sha256()
-    if arr.dtype.kind in "iub":
-        h.update(b"i8:" + np.ascontiguousarray(arr, dtype="<i8").tobytes())
-    else:
-        h.update(b"str:" + "\n".join(str(v) for v in arr.tolist()).encode("utf-8"))
-    return h.hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()).hexdigest()
+
+
+def keys_to_arrays(keys: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row keys (``<hex>`` or ``<hex>:<view>``) → the ``sha256`` (N, 32) uint8 array and the ``view`` array (or None)."""
+    digests = np.frombuffer(bytes.fromhex("".join(k[:64] for k in keys)), dtype=np.uint8).reshape(len(keys), 32)
+    views = [k[65:] for k in keys]
+    if not any(views):
+        return digests, None
+    if not all(views):
+        raise ValueError("a segment holds either plain rows or augmented views, not both")
+    return digests, np.array([int(v) for v in views], dtype=np.int32)
+
+
+def arrays_to_keys(digests: np.ndarray, views: np.ndarray | None = None) -> list[str]:
+    """The inverse of :func:`keys_to_arrays`."""
+    text = np.ascontiguousarray(digests, dtype=np.uint8).tobytes().hex()
+    base = [text[i : i + 64] for i in range(0, len(text), 64)]
+    return base if views is None else [f"{b}:{int(v)}" for b, v in zip(base, views.tolist())]
+
+
+def hashes_to_array(hashes) -> np.ndarray:
+    """SHA-256 hex digests → (N, 32) uint8."""
+    return keys_to_arrays(list(hashes))[0]
+
+
+def encode_strings(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings → a UTF-8 ``uint8`` blob and ``int64`` offsets (N + 1; string i is blob[off[i]:off[i+1]])."""
+    parts = [v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), offsets
+
+
+def decode_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The inverse of :func:`encode_strings`; raises ValueError on offsets that do not fit the blob."""
+    off = np.asarray(offsets)
+    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != len(blob) or (np.diff(off) < 0).any():
+        raise ValueError("string offsets do not fit their blob")
+    data = np.ascontiguousarray(blob, dtype=np.uint8).tobytes()
+    return [data[a:b].decode("utf-8") for a, b in zip(off[:-1].tolist(), off[1:].tolist())]
 
 
 def default_compressor() -> list:
@@ -259,16 +301,12 @@ class SegmentWriter:
         self._flush(final=True)
         if self.rows != self.features.shape[0]:
             self.features.resize((self.rows,) + self.features.shape[1:])
-        sha = self.group.create_array(
-            "sha256", shape=(self.rows,), dtype=str, chunks=(max(self.rows, 1),), compressors=default_compressor(),
-            config=ARRAY_CONFIG,
-        )
-        if self.rows:
-            sha[:] = np.array(self._hashes, dtype=str)
-        integrity = {
-            "features": {"shape": [self.rows, *self.shape], "chunk_rows": self.chunk_rows, "crc32": self._crcs},
-            "sha256": {"sha256": digest_values(self._hashes)},
-        }
+        digests, views = keys_to_arrays(self._hashes)
+        integrity = {"features": {"shape": [self.rows, *self.shape], "chunk_rows": self.chunk_rows, "crc32": self._crcs}}
+        for name, values in (("sha256", digests), ("view", views)):
+            if values is not None:
+                write_array(self.group, name, values)
+                integrity[name] = {"sha256": digest_values(values)}
         self.group.attrs.update({**attrs, "rows": self.rows, "integrity": integrity, "committed_at": now_iso()})
         self.group.attrs["committed"] = True  # the marker, written last
         return self.rows
@@ -297,27 +335,61 @@ class Segment:
             )
 
 
+def write_array(group: zarr.Group, name: str, values: np.ndarray, chunk_bytes: int = 4 << 20) -> zarr.Array:
+    """A small core-typed array (keys, labels, offsets, a blob), every chunk written."""
+    values = np.ascontiguousarray(values)
+    row = max(1, int(np.prod(values.shape[1:])) * values.dtype.itemsize)
+    rows = max(1, min(len(values), chunk_bytes // row))
+    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(rows,) + values.shape[1:],
+                             fill_value=0, compressors=default_compressor(), config=ARRAY_CONFIG)
+    if len(values):
+        arr[...] = values
+    return arr
+
+
+def read_checked(group: zarr.Group, name: str, digest: str | None, dtype: str, trailing: tuple[int, ...] = ()) -> np.ndarray:
+    """A core-typed array read whole and compared with its recorded digest; ValueError says what is wrong."""
+    arr = group[name]
+    if not isinstance(arr, zarr.Array) or arr.dtype != np.dtype(dtype) or tuple(arr.shape[1:]) != trailing:
+        raise ValueError(f"{name!r} is not a {dtype} array of rows of shape {trailing}")
+    values = arr[...]
+    if digest is None or digest_values(values) != digest:
+        raise ValueError(f"{name!r} differs from its integrity record")
+    return values
+
+
 def _check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | None]:
     """A committed segment checked against its integrity record: (segment, None) or (None, why it is damaged)."""
     a = group.attrs
     integrity = a.get("integrity")
     rows = a.get("rows")
     try:
-        feats_rec, sha_rec = integrity["features"], integrity["sha256"]
-        shape, chunk_rows, crcs, digest = feats_rec["shape"], feats_rec["chunk_rows"], feats_rec["crc32"], sha_rec["sha256"]
+        feats_rec = integrity["features"]
+        shape, chunk_rows, crcs = feats_rec["shape"], feats_rec["chunk_rows"], feats_rec["crc32"]
+        digest = integrity["sha256"]["sha256"] if rows else integrity.get("sha256", {}).get("sha256")
+        view_digest = integrity["view"]["sha256"] if "view" in integrity else None
         ok = (isinstance(rows, int) and not isinstance(rows, bool) and 0 <= rows < 2**40
               and isinstance(shape, list) and shape and shape[0] == rows
               and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])
               and isinstance(chunk_rows, int) and chunk_rows > 0 and isinstance(crcs, list)
               and len(crcs) == math.ceil(rows / chunk_rows) and all(isinstance(c, int) for c in crcs)
-              and isinstance(digest, str))
+              and (isinstance(digest, str) or not rows))
     except (TypeError, KeyError):
         ok = False
     if not ok:
         return None, "no valid integrity record"
     try:
         features = group["features"]
-        keys = np.asarray(group["sha256"][:])
+        if rows:
+            digests = read_checked(group, "sha256", digest, "uint8", (32,))
+            views = read_checked(group, "view", view_digest, "int32") if view_digest is not None else None
+            if len(digests) != rows or (views is not None and len(views) != rows):
+                raise ValueError("row keys and rows differ in number")
+            keys = np.array(arrays_to_keys(digests, views), dtype=object)
+        else:
+            keys = np.array([], dtype=object)
+    except ValueError as e:
+        return None, f"its row keys: {e}"
     except (Exception, RecursionError) as e:
         return None, f"cannot open its arrays ({e.__class__.__name__})"
     if not isinstance(features, zarr.Array) or list(features.shape) != shape or features.chunks[0] != chunk_rows:
@@ -330,10 +402,6 @@ def _check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | 
         have = features.nchunks_initialized // per_shard
         if have != want:
             return None, f"{want - have} of {want} shard files are missing"
-    if keys.ndim != 1 or len(keys) != rows or digest_values(keys) != digest:
-        return None, "its row keys (sha256) are missing or differ from the integrity record"
-    if rows and not all(_ROW_KEY.fullmatch(k) for k in keys.tolist()):
-        return None, "its row keys are not SHA-256 digests"
     return Segment(name, features, keys, chunk_rows, crcs), None
 
 

@@ -7,7 +7,6 @@ damaged or hostile, and a reader must fail with a clear error rather than misbeh
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,14 +14,13 @@ import zarr
 
 from ..errors import SetNotFound, StoreError
 from .records import SetRecord
-from .rows import digest_values
+from .rows import arrays_to_keys, decode_strings, read_checked
 
 if TYPE_CHECKING:
     from .store import Store
 
 __all__ = ["FeatureSet"]
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class FeatureSet:
@@ -71,31 +69,25 @@ class FeatureSet:
         except (Exception, RecursionError) as e:
             raise StoreError(f"set {self.key} split {split}: unreadable ({e.__class__.__name__}); the store may be damaged") from None
 
-    def _array(self, split: str, name: str, kinds: str) -> np.ndarray:
-        """One per-split array, checked: present, 1-D, as long as the split, of the expected kind, and
-        equal to what the set's integrity record says it holds (a lost chunk reads as fill values)."""
+    def _read(self, split: str, name: str, dtype: str, trailing: tuple[int, ...] = ()) -> np.ndarray:
+        """One per-split array, equal to what the set's integrity record says it holds (a lost or
+        altered chunk is an error naming the set, the split and the array, never fill values)."""
+        group = self._split(split)
         try:
-            values = np.asarray(self._split(split)[name][:])
-        except StoreError:
-            raise
+            return read_checked(group, name, self.record.integrity[split].get(name), dtype, trailing)
         except (Exception, RecursionError) as e:
-            raise StoreError(f"set {self.key} split {split}: cannot read {name!r} ({e.__class__.__name__}: {e})") from None
-        n = self.record.splits[split]
-        if values.ndim != 1 or len(values) != n or values.dtype.kind not in kinds:
-            raise StoreError(
-                f"set {self.key} split {split}: {name!r} is malformed (shape {values.shape}, dtype {values.dtype}; "
-                f"expected {n} values); the store may be damaged"
-            )
-        if digest_values(values) != self.record.integrity[split][name]:
-            raise StoreError(
-                f"set {self.key} split {split}: {name!r} differs from the set's integrity record (a missing or "
-                "altered chunk); the store is damaged. Re-run featcache extract to record the set again."
-            )
+            why = str(e) if isinstance(e, ValueError) else f"cannot read it ({e.__class__.__name__})"
+            raise StoreError(f"set {self.key} split {split}: {why}; the store is damaged. Re-run featcache extract "
+                             "to record the set again.") from None
+
+    def _counted(self, split: str, values, name: str):
+        if len(values) != self.record.splits[split]:
+            raise StoreError(f"set {self.key} split {split}: {name!r} holds {len(values)} values, the set says "
+                             f"{self.record.splits[split]}; the store is damaged")
         return values
 
     def labels(self, split: str) -> np.ndarray:
-        """The split's class indices; -1 throughout for an unlabelled split."""
-        labels = self._array(split, "labels", "iu").astype(np.int64)
+        labels = self._counted(split, self._read(split, "labels", "int32").astype(np.int64), "labels")
         if split in self.record.unlabelled:
             if len(labels) and (labels != -1).any():
                 raise StoreError(f"set {self.key} split {split} is unlabelled but holds labels other than -1")
@@ -105,13 +97,18 @@ class FeatureSet:
         return labels
 
     def paths(self, split: str) -> list[str]:
-        return [str(p) for p in self._array(split, "paths", "UTO")]
+        blob = self._read(split, "paths_utf8", "uint8")
+        offsets = self._read(split, "paths_offsets", "int64")
+        try:
+            paths = decode_strings(blob, offsets)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"set {self.key} split {split}: paths are malformed ({e}); the store is damaged") from None
+        return self._counted(split, paths, "paths")
 
     def hashes(self, split: str) -> np.ndarray:
-        hashes = self._array(split, "sha256", "UTO")
-        if not all(isinstance(h, str) and _HEX64.fullmatch(h) for h in hashes.tolist()):
-            raise StoreError(f"set {self.key} split {split}: 'sha256' holds values that are not SHA-256 hex digests")
-        return hashes
+        """The split's image hashes as SHA-256 hex strings."""
+        digests = self._counted(split, self._read(split, "sha256", "uint8", (32,)), "sha256")
+        return np.array(arrays_to_keys(digests), dtype="<U64")
 
     def hashes_all(self) -> list[str]:
         return [h for s in self.splits for h in self.hashes(s).tolist()]

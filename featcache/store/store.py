@@ -4,7 +4,7 @@ Sets layout (rows are in :mod:`featcache.store.rows`)::
 
     STORE/                          root attrs: {"featcache": {"format_version": 2}}
       sets/<key>-<8 hex>/           one committed instance of a set; attrs: the SetRecord, then committed=true
-        <split>/sha256, labels, paths
+        <split>/sha256 (N, 32) uint8, labels (N,) int32, paths_utf8 (M,) uint8 + paths_offsets (N + 1,) int64
 
 Each writer records a set in a group of its own, so concurrent writers never collide; the
 set's integrity record (a digest of each array) is written before the marker.
@@ -20,7 +20,8 @@ import zarr
 
 from ..errors import AmbiguousSet, SetNotFound, StoreError
 from .records import SetRecord
-from .rows import ARRAY_CONFIG, Rows, child_groups, default_compressor, digest_values, group_bytes, now_iso, require_group
+from .rows import (Rows, child_groups, digest_values, encode_strings, group_bytes, hashes_to_array, now_iso,
+                   require_group, write_array)
 from .sets import FeatureSet
 
 __all__ = ["FORMAT_VERSION", "Store", "open_store"]
@@ -67,14 +68,12 @@ class Store(Rows):
         integrity = {}
         for split, arrays in splits.items():
             sub = group.create_group(split)
-            n = len(arrays["sha256"])
+            blob, offsets = encode_strings([str(p) for p in arrays["paths"]])
+            stored = {"sha256": hashes_to_array(arrays["sha256"]), "labels": np.asarray(arrays["labels"], dtype=np.int32),
+                      "paths_utf8": blob, "paths_offsets": offsets}
             integrity[split] = {}
-            for name, values in arrays.items():
-                dtype = str if name in ("sha256", "paths") else values.dtype
-                arr = sub.create_array(name, shape=(n,), dtype=dtype, chunks=(max(n, 1),),
-                                       compressors=default_compressor(), config=ARRAY_CONFIG)
-                if n:
-                    arr[:] = values
+            for name, values in stored.items():
+                write_array(sub, name, values)
                 integrity[split][name] = digest_values(values)
         attrs = {**fields, "integrity": integrity, "key": key, "committed_at": now_iso()}
         SetRecord.from_attrs(key, attrs)  # what is written must read back
