@@ -471,6 +471,15 @@ def status_cmd(key: str | None, data: str | None, store: str) -> None:
     click.echo(st.summary())
 
 
+@main.command("migrate")
+@store_option
+def migrate_cmd(store: str) -> None:
+    """Convert a store of an older format to the current one (features are copied, not recomputed)."""
+    from .store.migrate import migrate
+
+    click.echo(migrate(store).summary())
+
+
 @main.command("sample")
 @click.option("--out", default="data", show_default=True, type=click.Path(file_okay=False))
 def sample_cmd(out: str) -> None:

@@ -94,6 +94,7 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
     ("status", "key"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
     ("status", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("status", "data"): [(["--store", "STORE", "--data", "missing"], ["does not exist"])],
+    ("migrate", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("sample", "out"): [(["--out", "FULL"], ["not the sample folder"])],
 }
 

@@ -216,7 +216,7 @@ def open_store(url: str, mode: str = "a") -> Store:
     if version < FORMAT_VERSION:
         raise StoreError(
             f"{url} is in store format {version}, which records no integrity information, so missing data could not "
-            f"be told from data. Extract into a new store (--store NEW) to get format {FORMAT_VERSION}."
+            f"be told from data. Convert it (no feature is recomputed): featcache migrate --store {url}"
         )
     if mode != "r":
         root = zarr.open_group(url, mode="a")
