@@ -84,7 +84,8 @@ class Store(Rows):
     def _sound_sets(self) -> dict[str, FeatureSet]:
         """The first sound instance of every committed set key; damaged instances become warnings."""
         found: dict[str, FeatureSet] = {}
-        for key, name, group in self.set_groups():
+        latest_first = sorted(self.set_groups(), key=lambda g: str(g[2].attrs.get("created_at", "")), reverse=True)
+        for key, name, group in latest_first:
             if key in found:
                 continue
             try:
