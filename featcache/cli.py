@@ -471,6 +471,18 @@ def status_cmd(key: str | None, data: str | None, store: str) -> None:
     click.echo(st.summary())
 
 
+@main.command("compact")
+@click.option("--set", "key", default=None, help="Compact only the spaces of this set [default: every space].")
+@store_option
+def compact_cmd(key: str | None, store: str) -> None:
+    """Rewrite each feature space's segments into one (readers never see a partial state)."""
+    from .store.maintenance import compact
+
+    r = compact(open_store(store, mode="r+"), key)
+    click.echo(f"compact: {r['segments']} segments of {r['spaces']} space(s) rewritten into {r['spaces']} "
+               f"({r['rows']} rows copied); run featcache gc to free the old files")
+
+
 @main.command("migrate")
 @store_option
 def migrate_cmd(store: str) -> None:

@@ -94,6 +94,8 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
     ("status", "key"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
     ("status", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("status", "data"): [(["--store", "STORE", "--data", "missing"], ["does not exist"])],
+    ("compact", "key"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
+    ("compact", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("migrate", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("sample", "out"): [(["--out", "FULL"], ["not the sample folder"])],
 }

@@ -172,3 +172,27 @@ def test_a_foreign_reader_following_the_format_gets_the_same_features_and_labels
         want_x, want_y = fs.to_numpy(split)
         assert x.dtype == want_x.dtype and np.array_equal(x, want_x) and np.array_equal(y, want_y)
         assert names == [fs.classes[i] for i in want_y]
+
+
+def test_compact_rewrites_a_checkpointed_space_into_one_segment_and_gc_frees_the_rest(tmp_path):
+    from featcache.store.maintenance import compact, gc
+
+    url = _store_with_history(tmp_path)
+    st = featcache.open_store(url)
+    before = {k: {s: st.get_set(k).to_numpy(s) for s in st.get_set(k).splits} for k in st.set_keys()}
+    space = st.get_set().space
+    n_before = len([g for _, g in st.segment_groups(space) if g.attrs.get("committed")])
+    r = compact(featcache.open_store(url, mode="r+"))
+    assert r["segments"] == n_before and r["spaces"] == 1
+    st = featcache.open_store(url)
+    assert len(st.locate(space, [])[0]) == 1  # readers now see only the compacted segment
+    for k, splits in before.items():
+        for s, (x, y) in splits.items():
+            got = st.get_set(k).to_numpy(s)
+            assert np.array_equal(got[0], x) and np.array_equal(got[1], y)
+    assert gc(st, grace_s=3600)["segments_removed"] == 0  # the old files wait for the grace
+    freed = gc(featcache.open_store(url, mode="r+"), grace_s=0)
+    assert freed["segments_removed"] == n_before
+    st = featcache.open_store(url)
+    assert len([g for _, g in st.segment_groups(space)]) == 1 and featcache.verify(st, sample=0).ok
+    assert _zarr_python(url).keys() == {(k, s) for k in before for s in before[k]}

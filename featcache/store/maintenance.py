@@ -16,7 +16,7 @@ from .rows import child_groups, group_bytes, parse_time
 from .sets import FeatureSet
 from .store import Store
 
-__all__ = ["Status", "VerifyReport", "status", "verify", "gc"]
+__all__ = ["Status", "VerifyReport", "status", "verify", "gc", "compact"]
 
 
 @dataclass
@@ -272,9 +272,18 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
         seen: set[str] = set()
         damaged = store.damaged_segments(space)
         sound = {seg.key: seg for seg in store.locate(space, [])[0]}
+        superseded = store.superseded_segments(space)
         for name, group in store.segment_groups(space):
             if group.attrs.get("committed") is not True:
                 if old(group, "created_at") and not leased(space):
+                    report["segments_removed"] += 1
+                    report["bytes_freed"] += group_bytes(group)
+                    if not dry_run:
+                        store.remove_segment(space, name)
+                continue
+            if name in superseded and not unreadable:  # compacted into another: free it once that one is old
+                newer = dict(store.segment_groups(space)).get(superseded[name])
+                if newer is not None and old(newer, "committed_at") and not leased(space):
                     report["segments_removed"] += 1
                     report["bytes_freed"] += group_bytes(group)
                     if not dry_run:
@@ -332,3 +341,40 @@ def _remove_partial_writes(url: str, grace_s: float, dry_run: bool, leased: set[
     return freed
 
 
+
+
+def compact(store: Store, key: str | None = None) -> dict:
+    """Rewrite each space's committed segments (those of set ``key``, or all) into one new segment.
+
+    The new segment lists the ones it replaces (``supersedes``, written before its commit
+    marker), so a reader sees either the old segments or the new one, never neither; ``gc``
+    frees the old files once the new segment is older than its grace. Rows are copied chunk by
+    chunk, never recomputed; the space is leased meanwhile.
+    """
+    if key is not None:
+        fs = store.get_set(key)
+        spaces = [fs.space] + ([fs.record.view_space] if fs.views else [])
+    else:
+        spaces = store.spaces()
+    report = {"spaces": 0, "segments": 0, "rows": 0}
+    for space in spaces:
+        with store.lease([space]):
+            store.forget_index()
+            segments, index, _ = store._index(space)
+            if len(segments) < 2:
+                continue
+            first = segments[0].features
+            writer = store.new_segment(space, len(index), tuple(first.shape[1:]), str(first.dtype))
+            for s, seg in enumerate(segments):
+                keys = seg.sha256.tolist()
+                mine = np.array([index[k] == (s, r) for r, k in enumerate(keys)], dtype=bool)  # first wins
+                for start in range(0, len(keys), seg.chunk_rows):
+                    block = seg.features[start : start + seg.chunk_rows]
+                    seg.check_chunk(start, block, space)
+                    take = mine[start : start + len(block)]
+                    writer.append(block[take], [k for k, t in zip(keys[start : start + len(block)], take) if t])
+            writer.commit(supersedes=[seg.key for seg in segments])
+            report["spaces"] += 1
+            report["segments"] += len(segments)
+            report["rows"] += len(index)
+    return report

@@ -481,6 +481,17 @@ class Rows:
             return []
         return child_groups(parent, self.warnings, f"space {space} segment")
 
+    def superseded_segments(self, space: str) -> dict[str, str]:
+        """Committed segments that a sound compacted segment replaces: name → the replacing segment's name."""
+        out = {}
+        sound = {seg.key for seg in self._index(space)[0]}
+        for name, group in self.segment_groups(space):
+            if name in sound and group.attrs.get("committed") is True:
+                for old in group.attrs.get("supersedes") or []:
+                    if isinstance(old, str):
+                        out[old] = name
+        return out
+
     def damaged_segments(self, space: str) -> dict[str, str]:
         """Committed segments of ``space`` that do not match their integrity record, with the reason."""
         return dict(self._index(space)[2])
@@ -502,6 +513,10 @@ class Rows:
                 self._warn(f"space {space} segment {name} is damaged ({why}); its rows count as missing")
             else:
                 segments.append(seg)
+        # a sound segment that compacted others replaces them: theirs no longer count
+        groups = dict(committed)
+        superseded = {n for seg in segments for n in (groups[seg.key].attrs.get("supersedes") or []) if isinstance(n, str)}
+        segments = [seg for seg in segments if seg.key not in superseded]
         index: dict[str, tuple[int, int]] = {}
         for s, seg in enumerate(segments):
             for r, h in enumerate(seg.sha256.tolist()):
