@@ -58,6 +58,10 @@ MEMORY_COLUMNS = [
 ]
 SCALEOUT_COLUMNS = [("backbone", "backbone"), ("processes", "processes"), ("images", "images"), ("wall_s", "wall s"),
                     ("images_per_s", "images/s"), ("speedup", "speedup")]
+COMPACT_COLUMNS = [("backbone", "backbone"), ("images", "images"), ("checkpoint_s", "checkpoint every s"),
+                   ("segments_before", "segments"), ("files_before", "files"), ("files_per_10k_before", "files / 10k"),
+                   ("segments_after", "after compact + gc: segments"), ("files_after", "files"),
+                   ("files_per_10k_after", "files / 10k"), ("compact_s", "compact s")]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -81,7 +85,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) -> None:
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
-    from .store import files_per_10k, run_store
+    from .store import compaction, files_per_10k, run_store
     from .memory import run_memory
     from .scaleout import run_scaleout
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
@@ -122,7 +126,10 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo("\n" + table(rows, STORE_COLUMNS))
         files = files_per_10k()
         click.echo("\n" + table(files, FILES_COLUMNS))
-        path = save("store", {"machine": info, "data": data, "rows": rows, "files": files}, out)
+        name, layer, weights = _case(cases[-1])
+        compacted = [compaction(data, name, layer, weights, workers)]
+        click.echo("\n" + table(compacted, COMPACT_COLUMNS))
+        path = save("store", {"machine": info, "data": data, "rows": rows, "files": files, "compaction": compacted}, out)
         click.echo(f"saved {path}")
     if which in ("throughput", "all"):
         rows = []

@@ -16,7 +16,38 @@ import numpy as np
 
 import featcache
 
-__all__ = ["run_store", "files_per_10k"]
+__all__ = ["run_store", "files_per_10k", "compaction"]
+
+
+def compaction(data: str, backbone: str, layer: str | None = None, weights: str = "DEFAULT",
+               workers: int | None = None, checkpoint_s: float = 1.0) -> dict:
+    """A checkpointed extract (a segment every ``checkpoint_s``) before and after compact + gc:
+    segments, files and files per 10,000 images, and the seconds compaction took."""
+    from featcache.store.maintenance import compact, gc
+
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-compact-"))
+    try:
+        url = str(tmp / "s.zarr")
+        r = featcache.extract(data=data, store=url, backbone=backbone, layer=layer, weights=weights,
+                              workers=workers, checkpoint_s=checkpoint_s)
+
+        def count() -> tuple[int, int]:
+            st = featcache.open_store(url)
+            return (sum(len(st.segment_groups(s)) for s in st.spaces()),
+                    sum(1 for p in Path(url).rglob("*") if p.is_file()))
+
+        seg_before, files_before = count()
+        t = time.perf_counter()
+        compact(featcache.open_store(url, mode="r+"))
+        compact_s = time.perf_counter() - t
+        gc(featcache.open_store(url, mode="r+"), grace_s=0)
+        seg_after, files_after = count()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    per10k = 10_000 / max(r.images, 1)
+    return {"backbone": backbone, "images": r.images, "checkpoint_s": checkpoint_s, "segments_before": seg_before,
+            "files_before": files_before, "files_per_10k_before": files_before * per10k, "segments_after": seg_after,
+            "files_after": files_after, "files_per_10k_after": files_after * per10k, "compact_s": compact_s}
 
 SHAPES = {"pooled 1280": (1280,), "vgg16 features 512x7x7": (512, 7, 7), "spatial 1280x7x7": (1280, 7, 7)}
 

@@ -36,13 +36,15 @@ def test_command_writes_json(folder, tmp_path):
 
 
 def test_store_benchmark_reports_reuse_and_files(folder):
-    from benchmarks.store import files_per_10k, run_store
+    from benchmarks.store import compaction, files_per_10k, run_store
 
     r = run_store(str(folder), TINY, weights="none", workers=0)
     assert r["second_extracted"] == 0 and r["added_images"] == 3  # every 10th of 24 training images
     files = files_per_10k(rows=300)
     assert [f["shape"] for f in files] == ["pooled 1280", "vgg16 features 512x7x7", "spatial 1280x7x7"]
     assert all(f["files"] >= 4 for f in files)
+    c = compaction(str(folder), TINY, weights="none", workers=0, checkpoint_s=1e-9)
+    assert c["segments_before"] > 1 and c["segments_after"] == 1 and c["files_after"] < c["files_before"]
 
 
 def test_throughput_benchmark_smoke(folder):
