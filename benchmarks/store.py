@@ -20,7 +20,7 @@ __all__ = ["run_store", "files_per_10k", "compaction"]
 
 
 def compaction(data: str, backbone: str, layer: str | None = None, weights: str = "DEFAULT",
-               workers: int | None = None, checkpoint_s: float = 1.0) -> dict:
+               workers: int | None = None, checkpoint_s: float = 1.0, batch_size: int = 64) -> dict:
     """A checkpointed extract (a segment every ``checkpoint_s``) before and after compact + gc:
     segments, files and files per 10,000 images, and the seconds compaction took."""
     from featcache.store.maintenance import compact, gc
@@ -29,7 +29,7 @@ def compaction(data: str, backbone: str, layer: str | None = None, weights: str 
     try:
         url = str(tmp / "s.zarr")
         r = featcache.extract(data=data, store=url, backbone=backbone, layer=layer, weights=weights,
-                              workers=workers, checkpoint_s=checkpoint_s)
+                              workers=workers, checkpoint_s=checkpoint_s, batch_size=batch_size)
 
         def count() -> tuple[int, int]:
             st = featcache.open_store(url)

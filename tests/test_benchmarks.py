@@ -43,7 +43,7 @@ def test_store_benchmark_reports_reuse_and_files(folder):
     files = files_per_10k(rows=300)
     assert [f["shape"] for f in files] == ["pooled 1280", "vgg16 features 512x7x7", "spatial 1280x7x7"]
     assert all(f["files"] >= 4 for f in files)
-    c = compaction(str(folder), TINY, weights="none", workers=0, checkpoint_s=1e-9)
+    c = compaction(str(folder), TINY, weights="none", workers=0, checkpoint_s=1e-9, batch_size=4)
     assert c["segments_before"] > 1 and c["segments_after"] == 1 and c["files_after"] < c["files_before"]
 
 
