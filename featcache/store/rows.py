@@ -544,8 +544,8 @@ class Rows:
         self, space: str, capacity: int, shape: tuple[int, ...], dtype: str, compressor: Any = None
     ) -> SegmentWriter:
         key = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        group = require_group(self.root["spaces"][space], "segments").create_group(key)
-        group.attrs.update({"created_at": now_iso(), "created_by": created_by(), "committed": False})
+        group = require_group(self.root["spaces"][space], "segments").create_group(
+            key, attributes={"created_at": now_iso(), "created_by": created_by(), "committed": False})
         return SegmentWriter(group, capacity, shape, dtype, compressor or default_compressor())
 
     def remove_segment(self, space: str, name: str) -> None:

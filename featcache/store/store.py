@@ -61,10 +61,13 @@ class Store(Rows):
                     return FeatureSet(self, key, group)
                 except StoreError:
                     continue  # a damaged instance: write a sound one beside it
-        group = require_group(self.root, "sets").create_group(f"{key}-{uuid.uuid4().hex[:8]}")
         fields = record.to_attrs() if isinstance(record, SetRecord) else dict(record)
-        # the space is named from the start, so gc leaves an unfinished set alone while its space is leased
-        group.attrs.update({"committed": False, "created_at": now_iso(), "space": fields.get("space")})
+        # created with its space named in the same write, so gc leaves an unfinished set alone while its
+        # space is leased (an attribute written after the group would leave a moment without it)
+        group = require_group(self.root, "sets").create_group(
+            f"{key}-{uuid.uuid4().hex[:8]}",
+            attributes={"committed": False, "created_at": now_iso(), "space": fields.get("space")},
+        )
         integrity = {}
         for split, arrays in splits.items():
             sub = group.create_group(split)
