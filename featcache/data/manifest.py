@@ -181,15 +181,19 @@ def scan(
     labels_from_name: str | None = None,
     classes: str | Sequence[str] | None = None,
     exclude_class: Sequence[str] = (),
+    whole: bool = False,
 ) -> Manifest:
     """Find the layout of ``root`` and return its manifest (hashes included; nothing is decoded here).
 
     The layout found is logged (logger ``featcache.data``, level INFO) before hashing starts.
+    ``whole``: a flat folder without ``split`` is taken as it is, one labelled set whose items'
+    split is ``""`` (to evaluate on), instead of being refused.
     """
     fractions = parse_split(split)
     found = find_layout(root, labels=labels, labels_from_name=labels_from_name, classes=classes,
                         exclude_class=exclude_class)
-    _check_fractions(found, fractions)
+    if not (whole and fractions is None and found.kind == "flat"):
+        _check_fractions(found, fractions)
     _log.info("%s", found.describe(_split_note(found, fractions, seed)))
     root = found.root
     classes_ = list(found.classes)
@@ -241,7 +245,7 @@ def scan(
         kept = [(next(carved), *k[1:]) if k[0] == first else k for k in kept]
 
     items = [Item(p.relative_to(root).as_posix(), name, label, h, n) for name, label, p, h, n in kept]
-    items.sort(key=lambda it: (SPLIT_NAMES.index(it.split), it.label, it.path))
+    items.sort(key=lambda it: (SPLIT_NAMES.index(it.split) if it.split in SPLIT_NAMES else -1, it.label, it.path))
     return Manifest(
         root=root,
         classes=classes_,
