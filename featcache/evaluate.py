@@ -77,8 +77,7 @@ def evaluate(run: str | Path, data: str | Path, store: bool = True, backbone: st
     if unknown:
         raise DataError(
             f"{data} has class(es) the run does not know: {', '.join(unknown)}. The run's classes: "
-            f"{', '.join(record.classes)}. Evaluate a folder whose class folders (or labels) are among these.",
-            option="--data",
+            f"{', '.join(record.classes)}. Evaluate a folder whose class folders (or labels) are among these."
         )
     notes = [f"split {s} has no labels and is not evaluated (featcache predict classifies it)"
              for s in manifest.unlabelled]

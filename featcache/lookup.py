@@ -87,7 +87,7 @@ def _open(record: RunRecord, net: Backbone, write: bool, notes: list[str]) -> tu
     try:
         store = open_store(record.store, mode="r+" if write else "r")
     except StoreError as e:
-        notes.append(f"the run's store {record.store} cannot be read ({_first_line(e)}); every image is computed")
+        notes.append(f"the run's store {record.store} cannot be opened ({_first_line(e)}); every image is computed")
         return None, False
     if write:
         prov = record.space_provenance
