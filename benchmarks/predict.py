@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 __all__ = ["make_images", "run_predict"]
 
