@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -56,6 +56,11 @@ MEMORY_COLUMNS = [
     ("fit_rss_mb", "peak - before MiB"), ("over_budget_mb", "beyond the features held MiB"), ("load_s", "load s"),
     ("epoch_s", "s/epoch"), ("val_acc", "val acc"),
 ]
+PREDICT_COLUMNS = [
+    ("backbone", "backbone"), ("images", "new images"), ("workers", "workers"), ("base_rss_mb", "RSS before predict MiB"),
+    ("peak_rss_mb", "peak RSS MiB"), ("predict_rss_mb", "peak - before MiB"), ("peak_over_smallest", "peak / peak at fewest"),
+    ("workers_peak_rss_mb", "largest worker peak MiB"), ("seconds", "predict s"), ("images_per_s", "images/s"),
+]
 SCALEOUT_COLUMNS = [("backbone", "backbone"), ("processes", "processes"), ("images", "images"), ("wall_s", "wall s"),
                     ("images_per_s", "images/s"), ("speedup", "speedup")]
 COMPACT_COLUMNS = [("backbone", "backbone"), ("images", "images"), ("checkpoint_s", "checkpoint every s"),
@@ -73,7 +78,8 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "all"]), default="all")
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict",
+                                                    "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
@@ -87,6 +93,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .storage import run_storage
     from .store import compaction, files_per_10k, run_store
     from .memory import run_memory
+    from .predict import run_predict
     from .scaleout import run_scaleout
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
     from .views import run_views
@@ -164,6 +171,13 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\naugmented views: {name}")
         click.echo(table(rows, VIEWS_COLUMNS))
         path = save("views", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("predict", "all"):
+        name, _, weights = _case(cases[-1])
+        rows = run_predict(data, name, weights, workers=(0, None) if workers is None else (workers,))
+        click.echo(f"\npredict: peak memory on 100 and 2,000 new images ({name}), each in a fresh process")
+        click.echo(table(rows, PREDICT_COLUMNS))
+        path = save("predict", {"machine": info, "data": data, "rows": rows}, out)
         click.echo(f"saved {path}")
 
 

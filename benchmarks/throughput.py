@@ -31,12 +31,12 @@ def reader_vs_path(data: str, backbone: str, weights: str = "DEFAULT", repeats: 
     """The extract reader (read each file once, check its SHA-256 against the scan, decode those
     bytes) against decoding by path as the reader did before (no check), one thread each, same
     transform; ``repeats`` alternating pairs, median ratio of images/s."""
-    from featcache.extract import _Images
+    from featcache.pipeline import Images
 
     b = create_backbone(backbone, None, weights)
     manifest = scan(data)
     items = manifest.items
-    reader = _Images(manifest.root, items, b.transform)
+    reader = Images(manifest.root, items, b.transform)
     ratios, rates = [], []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -260,31 +260,69 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-@main.command("evaluate")
-@click.argument("run", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json as is.")
-def evaluate_cmd(run: str, as_json: bool) -> None:
-    """Print the metrics of a run."""
-    record = RunRecord.read(run)
-    metrics = record.metrics
-    if as_json:
-        click.echo(json.dumps(metrics, indent=2))
-        return
-    click.echo(f"run {run}: head {record.config.head} on set {record.set} ({record.backbone}/{record.layer})")
-    classes = record.classes
-    for split in ("train", "val", "test"):
-        if split not in metrics:
-            continue
-        m = metrics[split]
+def _print_metrics(metrics: dict, classes: tuple[str, ...] | list[str], detailed: tuple[str, ...]) -> None:
+    """One line per split, then per-class accuracy and the confusion matrix of the ``detailed`` splits."""
+    for split, m in metrics.items():
         top5 = f"  top-5 {_fmt(m['top5'])}" if "top5" in m else ""
         click.echo(f"{split:5}  n {m['n']:>6}  top-1 {_fmt(m['top1'])}{top5}  log loss {_fmt(m['log_loss'])}")
-    for split in ("val", "test"):
-        if split in metrics:
-            m = metrics[split]
-            click.echo(f"{split} per class: " + ", ".join(f"{c} {_fmt(a)}" for c, a in m["per_class_accuracy"].items()))
-            click.echo(f"{split} confusion matrix (rows: true {', '.join(classes)}):")
-            for row in m["confusion_matrix"]:
-                click.echo("  " + " ".join(f"{v:>5}" for v in row))
+    for split in (s for s in metrics if s in detailed):
+        m = metrics[split]
+        click.echo(f"{split} per class: " + ", ".join(f"{c} {_fmt(a)}" for c, a in m["per_class_accuracy"].items()))
+        click.echo(f"{split} confusion matrix (rows: true {', '.join(classes)}):")
+        for row in m["confusion_matrix"]:
+            click.echo("  " + " ".join(f"{v:>5}" for v in row))
+
+
+_DATA_ONLY = ("no_store", "backbone", "weights", "labels", "labels_from_name", "batch_size", "workers", "device")
+
+
+@main.command("evaluate")
+@click.argument("run", type=click.Path())
+@click.option("--data", default=None, type=click.Path(file_okay=False),
+              help="A labelled image folder (any layout extract reads) to measure the run on; without it, the "
+                   "run's stored metrics are printed.")
+@click.option("--no-store", is_flag=True, help="With --data: do not add the rows computed for new images to the store.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (without --data: metrics.json as is).")
+@click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
+@click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False),
+              help="CSV of labels for --data [default: metadata.csv or labels.csv beside the images, if there].")
+@click.option("--labels-from-name", is_flag=False, flag_value=DEFAULT_NAME_PATTERN, default=None, metavar="[REGEX]",
+              help="Labels of --data from file names, as for extract.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Images per batch for new images [default: 64].")
+@click.option("--workers", default=None, type=click.IntRange(min=0), help="DataLoader workers [default: min(8, CPUs)].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | None, **options) -> None:
+    """Print the metrics of a run, or measure it on a labelled folder (--data)."""
+    if data is None:
+        given = [f"--{k.replace('_', '-')}" for k in _DATA_ONLY if options[k] not in (None, False)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --data DIR")
+        record = RunRecord.read(run)
+        if as_json:
+            click.echo(json.dumps(record.metrics, indent=2))
+            return
+        click.echo(f"run {run}: head {record.config.head} on set {record.set} ({record.backbone}/{record.layer})")
+        metrics = {s: record.metrics[s] for s in ("train", "val", "test") if s in record.metrics}
+        _print_metrics(metrics, record.classes, ("val", "test"))
+        return
+    from .evaluate import evaluate
+
+    store = not options.pop("no_store")
+    options = {k: v for k, v in options.items() if v is not None}
+    with _layout_line():
+        result = evaluate(run, data, store=store, progress=sys.stderr.isatty() if progress is None else progress,
+                          **options)
+    for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
+        click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    _print_metrics(result.metrics, result.classes, tuple(result.metrics))
+    click.echo(result.summary())
 
 
 @main.command("predict")
@@ -295,14 +333,24 @@ def evaluate_cmd(run: str, as_json: bool) -> None:
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path,rank,class,probability.")
 @click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
 @click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="DataLoader workers [default: min(8, CPUs); none for a single batch].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_csv: bool, backbone: str | None,
-                weights: str | None) -> None:
-    """Classify images (files or folders) with a run's backbone and head."""
+                weights: str | None, batch_size: int, workers: int | None, device: str, progress: bool | None) -> None:
+    """Classify images (files or folders) with a run's backbone and head.
+
+    Images whose bytes are in the run's store are not recomputed."""
     from .predict import predict
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    results = predict(run, list(paths), top_k=top_k, backbone=backbone, weights=weights)
+    results = predict(run, list(paths), top_k=top_k, batch_size=batch_size, backbone=backbone, weights=weights,
+                      workers=workers, device=device, progress=sys.stderr.isatty() if progress is None else progress)
+    for note in results.notes:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     elif as_csv:
@@ -322,7 +370,10 @@ def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_
             shown = "  ".join(f"{c} {p:.3f}" for c, p in r.top) if r.error is None else f"error: {r.error}"
             click.echo(f"{r.path}  {shown}")
     failed = sum(r.error is not None for r in results)
-    click.echo(f"{len(results) - failed} predicted, {failed} could not be read", err=True)
+    if failed == len(results):
+        raise click.ClickException(f"none of the {len(results)} file(s) could be read (first: {results[0].path}: "
+                                   f"{results[0].error})")
+    click.echo(f"{len(results) - failed} predicted, {failed} could not be read; {results.counts.line()}", err=True)
 
 
 @main.command("export")

@@ -7,25 +7,23 @@ rest are reused. Whatever was computed is committed even when the run stops earl
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import hashlib
 import os
 import platform
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .backbones import POOLS, PRECISIONS, Backbone, autocast, create_backbone, resolve_precision
-from .data import (DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, decode_bytes, open_regular, parse_classes,
-                   parse_name_pattern, parse_split, scan)
+from .backbones import POOLS, PRECISIONS, Backbone, create_backbone, resolve_precision
+from .data import (DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, parse_classes, parse_name_pattern, parse_split,
+                   scan)
 from .errors import DataError, FeatcacheError, StoreError
+from .pipeline import Writer, checked, commit_partial, resolve_device, row_key, run_backbone
 from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store, space_key
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "Interrupted", "extract", "default_store_url"]
@@ -146,126 +144,6 @@ def augmentation(preprocessing: dict, seed: int) -> dict:
             "mean": preprocessing.get("mean"), "std": preprocessing.get("std")}
 
 
-def _augmenter(spec: dict):
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.RandomResizedCrop(spec["size"], scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]), antialias=True),
-        v2.RandomHorizontalFlip(spec["flip_p"]),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(spec["mean"], spec["std"]),
-    ])
-
-
-class _Images(Dataset):
-    """Decodes and preprocesses one image (or one seeded augmented view); a failure is returned, not raised."""
-
-    def __init__(self, root: Path, items: list[Item], transform, views: list[int] | None = None, augment: dict | None = None):
-        self.root, self.items, self.transform = root, items, transform
-        self.views, self.augment = views, augment
-        self._aug = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _view(self, img, item: Item, k: int) -> torch.Tensor:
-        if self._aug is None:
-            self._aug = _augmenter(self.augment)
-        # the same (image bytes, view, seed) always gives the same view, in any worker, on any run
-        seed = int(item.sha256[:15], 16) ^ (k * 1_000_003) ^ self.augment["seed"]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self._aug(img)
-
-    def __getitem__(self, i: int):
-        item = self.items[i]
-        try:
-            # The bytes that are decoded are the bytes that are hashed: a file rewritten since the
-            # scan must not have the new image's features stored under the old bytes' key.
-            with open_regular(self.root / item.path) as f:
-                data = f.read()
-            if hashlib.sha256(data).hexdigest() != item.sha256:
-                return i, None, "changed while reading (its bytes differ from when it was scanned); re-run to extract it"
-            img = decode_bytes(data)
-            if self.views is not None:
-                return i, self._view(img, item, self.views[i]), None
-            return i, self.transform(img), None
-        except Exception as e:  # Pillow raises many types for bad files; each becomes a recorded skip
-            return i, None, f"cannot decode: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-
-
-def _collate(batch):
-    ok = [(i, t) for i, t, err in batch if err is None]
-    bad = [(i, err) for i, _, err in batch if err is not None]
-    tensor = torch.stack([t for _, t in ok]) if ok else None
-    return [i for i, _ in ok], tensor, bad
-
-
-class _Writer(threading.Thread):
-    """Compresses and writes in the background so the model never waits on storage.
-
-    Every ``checkpoint_s`` seconds the current segment is committed and a new one started,
-    so a killed run loses at most that much work.
-    """
-
-    def __init__(self, store: Store, space: str, total: int, shape: tuple[int, ...], dtype: str, checkpoint_s: float):
-        super().__init__(daemon=True)
-        self.store, self.space, self.remaining = store, space, total
-        self.shape, self.dtype, self.checkpoint_s = shape, dtype, checkpoint_s
-        self.segment = None
-        self.started = 0.0
-        self.queue: queue.Queue = queue.Queue(maxsize=8)
-        self.error: BaseException | None = None
-        self.busy = 0.0
-        self.committed_rows = 0
-
-    def _append(self, features: np.ndarray, hashes: list[str]) -> None:
-        if self.segment is None:
-            self.segment = self.store.new_segment(self.space, self.remaining, self.shape, self.dtype)
-            self.started = time.monotonic()
-        self.segment.append(features, hashes)
-        self.remaining -= len(hashes)
-        if time.monotonic() - self.started >= self.checkpoint_s:
-            self._commit()
-
-    def _commit(self, **attrs) -> None:
-        if self.segment is not None:
-            self.committed_rows += self.segment.commit(**attrs)
-            self.segment = None
-
-    def run(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.error is None:
-                t = time.perf_counter()
-                try:
-                    self._append(*job)
-                except BaseException as e:  # re-raised in the main thread by close()
-                    self.error = e
-                self.busy += time.perf_counter() - t
-
-    def put(self, features: np.ndarray, hashes: list[str]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((features, hashes))
-
-    def close(self, **attrs) -> None:
-        """Drain the queue and commit what is left (also after an error or Ctrl-C)."""
-        self.queue.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-        self._commit(**attrs)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatcacheError("CUDA is not available on this machine; valid here: auto, cpu", option="--device")
-    return torch.device(name)
-
-
 def _run_model(
     backbone: Backbone,
     manifest: Manifest,
@@ -281,100 +159,34 @@ def _run_model(
 
     Returns the reasons of images that failed to decode (by content hash) and stage timings.
     """
-    device = _device(cfg.device)
-    cuda = device.type == "cuda"
-    model = backbone.model.to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:  # compiled on the first batch; a smaller last batch compiles once more
-        model = torch.compile(model)
-    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
-    loader = DataLoader(
-        _Images(manifest.root, todo, backbone.transform, views, augment),
-        batch_size=cfg.batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=cuda,
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
-    precision = resolve_precision(cfg.precision, device)
-    writer = _Writer(store, space, len(todo), backbone.shape, cfg.dtype, cfg.checkpoint_s)
+    writer = Writer(store, space, len(todo), backbone.shape, cfg.dtype, cfg.checkpoint_s)
     writer.start()
     failed: dict[str, str] = {}
     timings = {"read": 0.0, "model": 0.0}
-    bar = _progress(len(todo), progress)
+    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    batches = run_backbone(backbone, manifest.root, todo, device=cfg.device, precision=cfg.precision,
+                           batch_size=cfg.batch_size, workers=workers, compile=cfg.compile, progress=progress,
+                           views=views, augment=augment, timings=timings)
     committed = False
     try:
-        t = time.perf_counter()
-        with torch.inference_mode(), autocast(precision, device):
-            for indices, batch, bad in loader:
-                timings["read"] += time.perf_counter() - t
-                for i, reason in bad:
+        with contextlib.closing(batches):
+            for b in batches:
+                for i, reason in b.failed:
                     if cfg.strict:
                         raise DataError(f"{todo[i].path}: {reason} (--strict). Remove the file or drop --strict.")
                     failed[todo[i].sha256] = reason
-                t = time.perf_counter()
-                if batch is not None:
-                    x = batch.to(device, non_blocking=True)
-                    if cuda:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    feats = _checked(model(x).float().cpu().numpy(), cfg.dtype, backbone, [todo[i] for i in indices])
-                    writer.put(feats, [_row_key(todo[i], views[i] if views else None) for i in indices])
-                timings["model"] += time.perf_counter() - t
-                bar.update(len(indices) + len(bad))
-                t = time.perf_counter()
+                if b.features is not None:
+                    t = time.perf_counter()
+                    feats = checked(b.features, cfg.dtype, backbone, [todo[i] for i in b.indices])
+                    writer.put(feats, [row_key(todo[i], views[i] if views else None) for i in b.indices])
+                    timings["model"] += time.perf_counter() - t
         writer.close()
         committed = True
     finally:
-        bar.close()
         if not committed:
-            _commit_partial(writer)
+            commit_partial(writer)
     timings["write"] = writer.busy
     return failed, timings
-
-
-def _checked(out: np.ndarray, dtype: str, backbone: Backbone, items: list[Item]) -> np.ndarray:
-    """The batch in the stored dtype; nothing non-finite is ever committed."""
-    finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
-    if not finite.all():
-        first = items[int(np.flatnonzero(~finite)[0])].path
-        raise DataError(f"the backbone produced non-finite values (NaN or inf) at layer {backbone.layer} for "
-                        f"{int((~finite).sum())} image(s), first {first}; nothing of this batch was stored")
-    stored = out.astype(dtype)
-    if not np.isfinite(stored).all():
-        top = float(np.abs(out).max())
-        raise DataError(f"features overflow {dtype} at layer {backbone.layer} (largest |value| {top:.3g}); "
-                        "pass --dtype float32", option="--dtype")
-    return stored
-
-
-def _row_key(item: Item, view: int | None) -> str:
-    return item.sha256 if view is None else f"{item.sha256}:{view}"
-
-
-def _commit_partial(writer: _Writer) -> None:
-    """Keep the rows finished before an error or Ctrl-C; they are valid and save a re-run."""
-    try:
-        writer.close(partial=True)
-    except BaseException:  # the original error matters more; the segment stays uncommitted
-        pass
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
 
 
 def _versions() -> dict[str, str]:
@@ -463,7 +275,7 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
     backbone = create_backbone(cfg.backbone, cfg.layer, cfg.weights, cfg.pool)
-    precision = resolve_precision(cfg.precision, _device(cfg.device))
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
     provenance = {**backbone.provenance(), "decode": DECODE_RECIPE, "precision": precision, "dtype": cfg.dtype}
     store = open_store(cfg.store)
     augment = augmentation(backbone.preprocessing, cfg.seed) if cfg.views else None

@@ -2,11 +2,16 @@
 
 The backbone, layer, weights and preprocessing are those recorded with the run's feature
 set; the weights digest is checked so a prediction never silently uses other weights.
+``predict`` streams: images whose bytes are already in the run's feature space are read from
+its store, the others go through the extract pipeline's reader in batches (DataLoader
+workers, a progress bar), so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone, autocast, check_user_backbone, rebuild_backbone
-from .data import IMAGE_EXTENSIONS, load_rgb
-from .errors import RunError, WeightsError
+from .backbones import Backbone
+from .data import IMAGE_EXTENSIONS, hash_file
+from .errors import DataError
 from .heads import SklearnHead, TorchHead, head_from_record
+from .lookup import RowCounts, load_run, run_rows
 from .runs import RunRecord
 
-__all__ = ["Prediction", "Predictor", "predict", "export"]
+__all__ = ["Prediction", "Predictions", "Predictor", "predict", "export"]
 
 
 @dataclass
@@ -33,13 +39,27 @@ class Prediction:
         return {"path": self.path, "top": [{"class": c, "probability": p} for c, p in self.top], "error": self.error}
 
 
+class Predictions(list):
+    """The predictions, in the order of the files, plus where their features came from (``counts``)."""
+
+    def __init__(self, items=(), counts: RowCounts | None = None):
+        super().__init__(items)
+        self.counts = counts or RowCounts()
+
+    @property
+    def notes(self) -> list[str]:
+        return self.counts.notes
+
+
 def _expand(paths: list[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith("."))
-        else:
+        elif os.path.lexists(p):
             out.append(p)
+        else:
+            raise DataError(f"{str(p)!r} does not exist; pass image files or folders of them", option="PATHS")
     return out
 
 
@@ -95,51 +115,64 @@ class Predictor(nn.Module):
 
 
 def _load(run: str | Path, backbone: str | None = None, weights: str | None = None) -> tuple[Predictor, Backbone, RunRecord]:
-    check_user_backbone(backbone, weights)
-    record = RunRecord.read(run)
-    cfg = record.extract_config
-    if cfg is None:
-        raise RunError(f"{run} does not record how its features were extracted; re-run featcache fit")
-    given = backbone
-    backbone = rebuild_backbone(cfg, str(record.backbone), given=given, weights=weights)
-    if backbone.weights_sha256 != record.weights["sha256"]:
-        raise WeightsError(
-            f"the weights {backbone.weights_id} resolve to other values than those the run was trained on "
-            f"({record.weights['id']}); pass the same weights file"
-        )
-    if tuple(backbone.shape) != record.feature_shape:
-        raise RunError(f"{run}: the backbone gives features of shape {list(backbone.shape)} but the run was trained on "
-                       f"{list(record.feature_shape)}; the run directory is damaged, re-run featcache fit")
-    head = _Head(head_from_record(record.head, str(run), given), record.config.pool, record.space_provenance["dtype"])
-    return Predictor(backbone, head).eval(), backbone, record
+    net, record = load_run(run, backbone, weights)
+    head = _Head(head_from_record(record.head, str(run), backbone), record.config.pool, record.space_provenance["dtype"])
+    return Predictor(net, head).eval(), net, record
+
+
+def _hash_all(files: list[Path]) -> list[tuple[str, int] | OSError]:
+    def one(p: Path) -> tuple[str, int] | OSError:
+        try:
+            return hash_file(p)
+        except OSError as e:
+            return e
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, files))
+
+
+@dataclass(frozen=True)
+class _File:
+    path: str
+    sha256: str
 
 
 def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size: int = 32,
-            backbone: str | None = None, weights: str | None = None) -> list[Prediction]:
-    """Top-k classes for each image; unreadable files come back with ``error`` set.
+            backbone: str | None = None, weights: str | None = None, *, workers: int | None = None,
+            device: str = "auto", progress: bool = False) -> Predictions:
+    """Top-k classes for each image, in the order given; unreadable files come back with ``error`` set.
 
     ``backbone``/``weights``: the user's --backbone/--weights, needed when the run's features came
-    from a ``module:factory`` network or a weights file (never imported or read from the run)."""
-    model, backbone, record = _load(run, backbone, weights)
+    from a ``module:factory`` network or a weights file (never imported or read from the run).
+    Rows already in the run's store are read, not computed (``result.counts`` says how many).
+    A path that does not exist is a :class:`DataError` for ``PATHS``."""
+    files = _expand(paths)
+    model, net, record = _load(run, backbone, weights)
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, paths))}")
     classes = record.classes
     k = max(1, min(top_k, len(classes)))
-    files = _expand(paths)
-    results: dict[int, Prediction] = {}
-    good: list[tuple[int, torch.Tensor]] = []
-    for i, f in enumerate(files):
-        try:
-            good.append((i, backbone.transform(load_rgb(f))))
-        except Exception as e:  # Pillow raises many types for bad files
-            results[i] = Prediction(str(f), [], f"cannot decode: {e.__class__.__name__}: {e}")
-    precision = str(record.space_provenance.get("precision", "float32"))
-    with torch.inference_mode(), autocast(precision, torch.device("cpu")):
-        for start in range(0, len(good), batch_size):
-            chunk = good[start : start + batch_size]
-            proba = model(torch.stack([t for _, t in chunk])).numpy()
-            for (i, _), p in zip(chunk, proba):
-                order = np.argsort(-p)[:k]
-                results[i] = Prediction(str(files[i]), [(classes[j], float(p[j])) for j in order])
-    return [results[i] for i in range(len(files))]
+    results: list[Prediction | None] = [None] * len(files)
+    items, where = [], []
+    for i, (f, h) in enumerate(zip(files, _hash_all(files))):
+        if isinstance(h, OSError):
+            results[i] = Prediction(str(f), [], f"cannot read: {h.strerror or h}")
+        else:
+            items.append(_File(str(f), h[0]))
+            where.append(i)
+
+    def on_rows(positions: np.ndarray, feats: np.ndarray) -> None:
+        with torch.inference_mode():
+            proba = model.head(torch.from_numpy(feats)).numpy()
+        for j, p in zip(positions.tolist(), proba):
+            order = np.argsort(-p)[:k]
+            results[where[j]] = Prediction(str(files[where[j]]), [(classes[c], float(p[c])) for c in order])
+
+    counts = run_rows(record, net, Path("."), items, on_rows, device=device, batch_size=batch_size, workers=workers,
+                      progress=progress, desc="predict")
+    for j, reason in counts.failed.items():
+        results[where[j]] = Prediction(str(files[where[j]]), [], reason)
+    return Predictions(results, counts)
 
 
 def export(run: str | Path, out: str | Path, backbone: str | None = None, weights: str | None = None) -> Path:

@@ -90,11 +90,29 @@ def test_stored_paths_never_leave_the_data_root(tmp_path, rel):
         safe_join(tmp_path, rel)
 
 
-def test_symlink_out_of_the_root_is_refused(tmp_path):
+def test_links_the_named_folder_holds_are_followed_but_stored_paths_stay_plain(tmp_path):
+    # The folder is one the user named: its links are theirs (extract follows them too); what a
+    # store can steer is only the relative path, and that never climbs out.
     (tmp_path / "root").mkdir()
     os.symlink("/etc", tmp_path / "root" / "link")
-    with pytest.raises(DataError, match="resolves outside"):
-        safe_join(tmp_path / "root", "link/passwd")
+    assert safe_join(tmp_path / "root", "link/passwd") == tmp_path / "root" / "link" / "passwd"
+    for rel in ("link/../../x", "/etc/passwd", "link/../.."):
+        with pytest.raises(DataError, match="refusing stored path"):
+            safe_join(tmp_path / "root", rel)
+
+
+def test_verify_follows_a_folder_of_links_into_an_image_pool(tmp_path):
+    pool = make_folder(tmp_path / "pool")
+    data = tmp_path / "data"
+    for f in (pool / "train").rglob("*.png"):  # every training image a link into the pool
+        (data / f.parent.relative_to(pool)).mkdir(parents=True, exist_ok=True)
+        os.symlink(f, data / f.relative_to(pool))
+    os.symlink(pool / "val", data / "val")  # and the val split a linked folder
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone=TINY, data=str(data), store=store, weights="none", workers=0)
+    r = CliRunner().invoke(main, ["verify", "--store", store, "--data", str(data), "--sample", "36", "--backbone", TINY])
+    assert r.exit_code == 0, r.output
+    assert "OK" in r.output and "36 recomputed" in r.output
 
 
 H = "ab" * 32

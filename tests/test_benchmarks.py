@@ -78,3 +78,13 @@ def test_scaleout_benchmark_smoke(folder):
 
     rows = run_scaleout(str(folder), TINY, None, "none", procs=(1, 2), batch_size=8)
     assert [r["processes"] for r in rows] == [1, 2] and all(r["images"] == 36 and r["wall_s"] > 0 for r in rows)
+
+
+def test_predict_benchmark_smoke(folder, tmp_path):
+    from benchmarks.predict import make_images, run_predict
+
+    made = make_images(folder, tmp_path / "made", 5)
+    assert len(list(made.glob("*.jpg"))) == 5
+    rows = run_predict(str(folder), TINY, "none", counts=(4, 12), workers=(0,))
+    assert [r["images"] for r in rows] == [4, 12] and all(r["computed"] == r["images"] for r in rows)
+    assert all(r["peak_rss_mb"] >= r["base_rss_mb"] > 0 and r["failed"] == 0 for r in rows)

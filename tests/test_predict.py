@@ -75,3 +75,50 @@ def test_predict_and_export_commands(trained, folder, tmp_path):
     assert sum(",1,green," in line for line in r.output.splitlines()) == 4
     r = runner.invoke(main, ["export", str(trained["logreg"]), str(tmp_path / "m.pt2"), "--backbone", TINY])
     assert r.exit_code == 0 and (tmp_path / "m.pt2").is_file()
+
+
+def test_predict_reads_cached_rows_and_computes_nothing(trained, folder, store_url, tmp_path, monkeypatch):
+    from featcache import lookup
+
+    files = sorted((folder / "val").rglob("*.png"))
+    real = lookup.run_backbone
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone was run although every row is in the store")
+
+    monkeypatch.setattr(lookup, "run_backbone", refuse)
+    cached = predict(trained["mlp"], files, top_k=3, backbone=TINY)
+    assert (cached.counts.from_store, cached.counts.computed, cached.notes) == (12, 0, [])
+    monkeypatch.setattr(lookup, "run_backbone", real)
+    import shutil
+
+    shutil.move(store_url, tmp_path / "moved.zarr")  # no store: everything computed, one note, same answers
+    fresh = predict(trained["mlp"], files, top_k=3, backbone=TINY)
+    assert (fresh.counts.from_store, fresh.counts.computed) == (0, 12) and len(fresh.notes) == 1
+    for a, b in zip(cached, fresh):
+        assert [c for c, _ in a.top] == [c for c, _ in b.top]
+        assert np.allclose([p for _, p in a.top], [p for _, p in b.top], atol=1e-3)
+
+
+def test_new_images_go_through_the_reader_in_worker_processes(trained, tmp_path):
+    new = make_folder(tmp_path / "new", splits=(("", 3),), seed=3)
+    bad = new / "red" / "broken.png"
+    bad.write_bytes(b"not a png")
+    results = predict(trained["logreg"], [new], top_k=1, batch_size=4, workers=1, backbone=TINY)
+    assert results.counts.computed == 9 and results.counts.from_store == 0
+    assert [r.path for r in results] == [str(p) for p in sorted(new.rglob("*.png"))]  # the order of the files
+    assert sum(r.error is not None for r in results) == 1 and "broken.png" in next(r.path for r in results if r.error)
+    assert all(r.top[0][0] == r.path.split("/")[-2] for r in results if r.error is None)
+
+
+def test_predict_exits_1_when_no_file_can_be_read_and_2_for_a_missing_path(trained, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    runner = CliRunner()
+    r = runner.invoke(main, ["predict", str(trained["mlp"]), str(bad), "--backbone", TINY])
+    assert r.exit_code == 1 and "Error: none of the 1 file(s) could be read" in r.output and "Traceback" not in r.output
+    r = runner.invoke(main, ["predict", str(trained["mlp"]), str(bad), str(tmp_path / "gone.jpg"), "--backbone", TINY])
+    assert r.exit_code == 2 and "Invalid value for 'PATHS...'" in r.output and "gone.jpg' does not exist" in r.output
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(main, ["predict", str(trained["mlp"]), str(tmp_path / "empty"), "--backbone", TINY])
+    assert r.exit_code == 1 and "Error: no image files" in r.output

@@ -181,15 +181,19 @@ def scan(
     labels_from_name: str | None = None,
     classes: str | Sequence[str] | None = None,
     exclude_class: Sequence[str] = (),
+    whole: bool = False,
 ) -> Manifest:
     """Find the layout of ``root`` and return its manifest (hashes included; nothing is decoded here).
 
     The layout found is logged (logger ``featcache.data``, level INFO) before hashing starts.
+    ``whole``: a flat folder without ``split`` is taken as it is, one labelled set whose items'
+    split is ``""`` (to evaluate on), instead of being refused.
     """
     fractions = parse_split(split)
     found = find_layout(root, labels=labels, labels_from_name=labels_from_name, classes=classes,
                         exclude_class=exclude_class)
-    _check_fractions(found, fractions)
+    if not (whole and fractions is None and found.kind == "flat"):
+        _check_fractions(found, fractions)
     _log.info("%s", found.describe(_split_note(found, fractions, seed)))
     root = found.root
     classes_ = list(found.classes)
@@ -241,7 +245,7 @@ def scan(
         kept = [(next(carved), *k[1:]) if k[0] == first else k for k in kept]
 
     items = [Item(p.relative_to(root).as_posix(), name, label, h, n) for name, label, p, h, n in kept]
-    items.sort(key=lambda it: (SPLIT_NAMES.index(it.split), it.label, it.path))
+    items.sort(key=lambda it: (SPLIT_NAMES.index(it.split) if it.split in SPLIT_NAMES else -1, it.label, it.path))
     return Manifest(
         root=root,
         classes=classes_,
@@ -257,14 +261,14 @@ def scan(
 
 
 def safe_join(root: str | os.PathLike, rel: str) -> Path:
-    """``root / rel`` for a stored relative path, refusing anything that would leave ``root``."""
+    """``root / rel`` for a stored relative path, refusing anything that would climb out of ``root``.
+
+    The path itself must be plain: relative, no ``..``, no NUL. Links that the folder ``root``
+    holds are followed, as ``extract`` follows them when it scans (a folder of links into an
+    image pool is the user's own data): ``root`` is always a folder the user named, so what its
+    links point to is theirs. Readers compare the bytes with the stored SHA-256 before using them.
+    """
     root = Path(root)
-    parts = Path(rel).parts
-    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in parts or "\0" in rel:
+    if not isinstance(rel, str) or not rel or "\0" in rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise DataError(f"refusing stored path {rel!r}: not a plain relative path inside {root}")
-    path = root / rel
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        raise DataError(f"refusing stored path {rel!r}: it resolves outside {root}") from None
-    return path
+    return root / rel

@@ -1,0 +1,207 @@
+"""A run's features for images a user names: read from the run's store when the bytes are there,
+computed through the pipeline's reader otherwise, and (if asked) added to the store.
+
+The run records the store it was fitted from and the feature space (provenance) its head was
+trained on. Rows are looked up in that space by the SHA-256 of the bytes the user passes, so a
+cached row is exactly what ``fit`` trained and measured on. A row is only ever *added* to the
+space when the backbone rebuilt here has the space's provenance, under a lease (like extract),
+as committed segments; never a set. A store that is missing or unreadable is not an error:
+everything is computed, and a note says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .backbones import Backbone, check_user_backbone, rebuild_backbone
+from .data import DECODE_RECIPE
+from .errors import RunError, StoreError, WeightsError
+from .pipeline import Writer, commit_partial, finite_rows, run_backbone
+from .runs import RunRecord
+from .store import Store, open_store, space_key
+from .stream import RowReader, prepare_features
+
+__all__ = ["RowCounts", "load_run", "run_rows"]
+
+_READ_BYTES = 64 << 20  # cached rows are read (as float32) this many bytes at a time
+_CHECKPOINT_S = 30.0
+
+
+@dataclass(frozen=True)
+class _Image:
+    path: str
+    sha256: str
+
+
+@dataclass
+class RowCounts:
+    """Where the rows came from: ``from_store`` + ``computed`` + ``len(failed)`` images; ``stored`` rows added."""
+
+    from_store: int = 0
+    computed: int = 0
+    stored: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """``computed 0, from the store 153`` (+ how many were added to the store)."""
+        added = f" (added {self.stored} rows to the store)" if self.stored else ""
+        return f"computed {self.computed}{added}, from the store {self.from_store}"
+
+
+def load_run(run: str | Path, backbone: str | None = None, weights: str | None = None) -> tuple[Backbone, RunRecord]:
+    """The run's record and the backbone its features came from, rebuilt and checked against the run.
+
+    ``backbone``/``weights``: the user's --backbone/--weights, needed when the run's features came
+    from a ``module:factory`` network or a weights file (never imported or read because a run names them)."""
+    check_user_backbone(backbone, weights)
+    record = RunRecord.read(run)
+    cfg = record.extract_config
+    if cfg is None:
+        raise RunError(f"{run} does not record how its features were extracted; re-run featcache fit")
+    net = rebuild_backbone(cfg, str(record.backbone), given=backbone, weights=weights)
+    if net.weights_sha256 != record.weights["sha256"]:
+        raise WeightsError(
+            f"the weights {net.weights_id} resolve to other values than those the run was trained on "
+            f"({record.weights['id']}); pass the same weights file"
+        )
+    if tuple(net.shape) != record.feature_shape:
+        raise RunError(f"{run}: the backbone gives features of shape {list(net.shape)} but the run was trained on "
+                       f"{list(record.feature_shape)}; the run directory is damaged, re-run featcache fit")
+    return net, record
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an error: what went wrong, without the fix meant for another command."""
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else e.__class__.__name__
+
+
+def _open(record: RunRecord, net: Backbone, write: bool, notes: list[str]) -> tuple[Store | None, bool]:
+    """The run's store (None when it cannot be read) and whether computed rows may be added to it."""
+    try:
+        store = open_store(record.store, mode="r+" if write else "r")
+    except StoreError as e:
+        notes.append(f"the run's store {record.store} cannot be opened ({_first_line(e)}); every image is computed")
+        return None, False
+    if write:
+        prov = record.space_provenance
+        here = {**net.provenance(), "decode": DECODE_RECIPE, "precision": prov.get("precision"), "dtype": prov["dtype"]}
+        if space_key(here) != space_key(prov):
+            notes.append("the backbone rebuilt here does not match the run's feature space exactly (another "
+                         "torchvision or decode recipe?); computed rows are not added to the store")
+            write = False
+    return store, write
+
+
+def run_rows(record: RunRecord, net: Backbone, root: Path, items: Sequence, on_rows: Callable[[np.ndarray, np.ndarray], None],
+             *, write: bool = False, pool: str = "none", keep_shape: bool = True, device: str = "auto",
+             batch_size: int = 64, workers: int | None = None, progress: bool = False, desc: str = "compute") -> RowCounts:
+    """Feed ``on_rows(positions, features)`` the run's features of ``items`` (``.path`` under ``root``, ``.sha256``).
+
+    Features are float32, as ``fit`` prepared them (``pool``ed and flattened, or as stored with
+    ``keep_shape``), from rows in the stored dtype. Cached rows come first, in chunks; the rest
+    are computed in batches under the run's recorded precision. Images that cannot be read end
+    in ``failed``; with ``write``, computed rows are committed to the run's store.
+    """
+    counts = RowCounts()
+    prov = record.space_provenance
+    space, dtype, precision = space_key(prov), str(prov["dtype"]), str(prov.get("precision", "float32"))
+    store, write = _open(record, net, write, counts.notes)
+    with contextlib.ExitStack() as stack:
+        if write:
+            try:  # gc leaves the space alone from before the lookup until the new rows are committed
+                stack.enter_context(store.lease([space]))
+                store.ensure_space(prov)
+            except (OSError, ValueError) as e:  # a read-only place, a full disk ...
+                counts.notes.append(f"cannot write to the store {record.store} ({_first_line(e)}); computed rows "
+                                    "are not added to it")
+                write = False
+        known: set[str] = set()
+        if store is not None:
+            try:
+                known = store.known_hashes(space)
+            except StoreError as e:
+                counts.notes.append(f"the run's store {record.store} cannot be read ({_first_line(e)}); every "
+                                    "image is computed")
+        cached = [i for i, it in enumerate(items) if it.sha256 in known]
+        rest = [i for i, it in enumerate(items) if it.sha256 not in known]
+        rest += _read_cached(store, space, record.feature_shape, items, cached, on_rows, pool, keep_shape, counts)
+        _compute(net, root, items, rest, on_rows, store if write else None, space, dtype, precision, pool, keep_shape,
+                 device, batch_size, workers, progress, desc, counts)
+    return counts
+
+
+def _read_cached(store: Store | None, space: str, shape: tuple[int, ...], items: Sequence, cached: list[int],
+                 on_rows, pool: str, keep_shape: bool, counts: RowCounts) -> list[int]:
+    """Serve ``cached`` from the store a chunk at a time; returns those that must be computed after all."""
+    if not cached:
+        return []
+    row_bytes = int(np.prod(shape)) * 4
+    step = max(1, _READ_BYTES // row_bytes)
+    for start in range(0, len(cached), step):
+        part = cached[start : start + step]
+        try:
+            feats = RowReader(store, space, [items[i].sha256 for i in part], shape, pool, keep_shape).load()
+        except StoreError as e:  # removed by gc since the lookup, or damaged: compute them instead
+            counts.notes.append(f"cached rows could not be read ({_first_line(e)}); they are computed instead")
+            return cached[start:]
+        on_rows(np.asarray(part), feats)
+        counts.from_store += len(part)
+    return []
+
+
+def _compute(net: Backbone, root: Path, items: Sequence, todo: list[int], on_rows, store: Store | None, space: str,
+             dtype: str, precision: str, pool: str, keep_shape: bool, device: str, batch_size: int,
+             workers: int | None, progress: bool, desc: str, counts: RowCounts) -> None:
+    """Push each distinct image of ``todo`` through the backbone once; hand its rows to every item with its bytes."""
+    if not todo:
+        return
+    same: dict[str, list[int]] = {}
+    for i in todo:
+        same.setdefault(items[i].sha256, []).append(i)
+    unique = [_Image(items[group[0]].path, h) for h, group in same.items()]
+    writer = None
+    if store is not None:
+        writer = Writer(store, space, len(unique), net.shape, dtype, _CHECKPOINT_S)
+        writer.start()
+    closed = False
+    try:
+        batches = run_backbone(net, root, unique, device=device, precision=precision, batch_size=batch_size,
+                               workers=workers, progress=progress, desc=desc)
+        with contextlib.closing(batches):
+            for b in batches:
+                for j, reason in b.failed:
+                    for i in same[unique[j].sha256]:
+                        counts.failed[i] = reason
+                if b.features is None:
+                    continue
+                rows = b.features.astype(dtype)
+                ok = finite_rows(rows)
+                for j in np.asarray(b.indices)[~ok].tolist():
+                    for i in same[unique[j].sha256]:
+                        counts.failed[i] = f"the backbone gave non-finite features (NaN or inf, or beyond {dtype})"
+                good = np.asarray(b.indices)[ok]
+                rows = rows[ok]
+                if writer is not None and len(good):
+                    writer.put(rows, [unique[j].sha256 for j in good.tolist()])
+                feats = rows.astype(np.float32) if keep_shape else prepare_features(rows, pool)
+                where = [(k, i) for k, j in enumerate(good.tolist()) for i in same[unique[j].sha256]]
+                if where:
+                    on_rows(np.array([i for _, i in where]), feats[[k for k, _ in where]])
+                    counts.computed += len(where)
+        if writer is not None:
+            writer.close()
+            counts.stored = writer.committed_rows
+        closed = True
+    except OSError as e:  # disk full, permissions, network: what was committed stays intact
+        raise StoreError(f"writing to {store.url if store else 'the store'} failed ({_first_line(e)}); pass --no-store "
+                         "to evaluate without adding rows") from None
+    finally:
+        if writer is not None and not closed:
+            commit_partial(writer)

@@ -1,0 +1,276 @@
+"""The stages every command that pushes images through a backbone shares: reader → model → writer.
+
+:class:`Images` reads each file once, checks its bytes against the SHA-256 they were looked
+up (or stored) under and decodes those bytes; :func:`run_backbone` feeds it through DataLoader
+workers in batches to the model, with a progress bar, and yields the features batch by batch
+(so memory stays bounded by a batch, whatever the number of images); :class:`Writer`
+compresses and commits them in the background. ``extract``, ``evaluate`` and ``predict``
+all run on these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import Backbone, autocast, resolve_precision
+from .data import decode_bytes, open_regular
+from .errors import DataError, FeatcacheError
+from .store import Store
+
+__all__ = ["Batch", "Images", "Writer", "run_backbone", "resolve_device", "progress_bar", "checked", "finite_rows",
+           "commit_partial", "row_key"]
+
+
+class _Item(Protocol):
+    path: str
+    sha256: str
+
+
+def _augmenter(spec: dict):
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(spec["size"], scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]), antialias=True),
+        v2.RandomHorizontalFlip(spec["flip_p"]),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(spec["mean"], spec["std"]),
+    ])
+
+
+class Images(Dataset):
+    """Decodes and preprocesses one image (or one seeded augmented view); a failure is returned, not raised.
+
+    ``items`` have a ``path`` (relative to ``root``, or absolute) and the ``sha256`` their bytes
+    must still have when read."""
+
+    def __init__(self, root: Path, items: Sequence[_Item], transform, views: list[int] | None = None,
+                 augment: dict | None = None):
+        self.root, self.items, self.transform = root, items, transform
+        self.views, self.augment = views, augment
+        self._aug = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _view(self, img, item: _Item, k: int) -> torch.Tensor:
+        if self._aug is None:
+            self._aug = _augmenter(self.augment)
+        # the same (image bytes, view, seed) always gives the same view, in any worker, on any run
+        seed = int(item.sha256[:15], 16) ^ (k * 1_000_003) ^ self.augment["seed"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._aug(img)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            # The bytes that are decoded are the bytes that are hashed: a file rewritten since the
+            # scan must not have the new image's features stored under the old bytes' key.
+            with open_regular(self.root / item.path) as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != item.sha256:
+                return i, None, "changed while reading (its bytes differ from when it was scanned); re-run to extract it"
+            img = decode_bytes(data)
+            if self.views is not None:
+                return i, self._view(img, item, self.views[i]), None
+            return i, self.transform(img), None
+        except Exception as e:  # Pillow raises many types for bad files; each becomes a recorded skip
+            return i, None, f"cannot decode: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+
+def _collate(batch):
+    ok = [(i, t) for i, t, err in batch if err is None]
+    bad = [(i, err) for i, _, err in batch if err is not None]
+    tensor = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], tensor, bad
+
+
+@dataclass
+class Batch:
+    """One batch out of the model: item positions, their features (float32, on the CPU) and the items that failed."""
+
+    indices: list[int]
+    features: np.ndarray | None
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when there is one, else the CPU; ``cuda`` where there is none is an error for ``--device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FeatcacheError("CUDA is not available on this machine; valid here: auto, cpu", option="--device")
+    return torch.device(name)
+
+
+def run_backbone(backbone: Backbone, root: Path, items: Sequence[_Item], *, device: str = "auto",
+                 precision: str = "auto", batch_size: int = 64, workers: int | None = None, compile: bool = False,
+                 progress: bool = False, desc: str = "extract", views: list[int] | None = None,
+                 augment: dict | None = None, timings: dict[str, float] | None = None) -> Iterator[Batch]:
+    """Decode ``items`` in DataLoader workers and push them through the backbone, one :class:`Batch` at a time.
+
+    ``workers=None``: min(8, CPUs), or none for a single batch (workers take longer to start than
+    it takes to decode it). ``timings`` (if given) accumulates seconds waiting for the reader
+    (``read``) and in the model (``model``). The caller's code between batches runs outside
+    inference mode and autocast.
+    """
+    if not items:
+        return
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    model = backbone.model.to(dev)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:  # compiled on the first batch; a smaller last batch compiles once more
+        model = torch.compile(model)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if len(items) > batch_size else 0
+    loader = DataLoader(
+        Images(root, items, backbone.transform, views, augment),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=cuda,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    precision = resolve_precision(precision, dev)
+    spent = timings if timings is not None else {}
+    spent.setdefault("read", 0.0)
+    spent.setdefault("model", 0.0)
+    bar = progress_bar(len(items), progress, desc)
+    try:
+        t = time.perf_counter()
+        for indices, batch, bad in loader:
+            spent["read"] += time.perf_counter() - t
+            t = time.perf_counter()
+            feats = None
+            if batch is not None:
+                with torch.inference_mode(), autocast(precision, dev):
+                    x = batch.to(dev, non_blocking=True)
+                    if cuda:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    feats = model(x).float().cpu().numpy()
+            spent["model"] += time.perf_counter() - t
+            yield Batch(indices, feats, bad)
+            bar.update(len(indices) + len(bad))
+            t = time.perf_counter()
+    finally:
+        bar.close()
+
+
+def finite_rows(rows: np.ndarray) -> np.ndarray:
+    """Per row: whether every value is finite."""
+    return np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) if len(rows) else np.zeros(0, bool)
+
+
+def checked(out: np.ndarray, dtype: str, backbone: Backbone, items: Sequence[_Item]) -> np.ndarray:
+    """The batch in the stored dtype; nothing non-finite is ever committed."""
+    finite = finite_rows(out)
+    if not finite.all():
+        first = items[int(np.flatnonzero(~finite)[0])].path
+        raise DataError(f"the backbone produced non-finite values (NaN or inf) at layer {backbone.layer} for "
+                        f"{int((~finite).sum())} image(s), first {first}; nothing of this batch was stored")
+    stored = out.astype(dtype)
+    if not np.isfinite(stored).all():
+        top = float(np.abs(out).max())
+        raise DataError(f"features overflow {dtype} at layer {backbone.layer} (largest |value| {top:.3g}); "
+                        "pass --dtype float32", option="--dtype")
+    return stored
+
+
+def row_key(item: _Item, view: int | None) -> str:
+    """The key a row is stored under: the image's SHA-256, with ``:<view>`` for an augmented view."""
+    return item.sha256 if view is None else f"{item.sha256}:{view}"
+
+
+class Writer(threading.Thread):
+    """Compresses and writes in the background so the model never waits on storage.
+
+    Every ``checkpoint_s`` seconds the current segment is committed and a new one started,
+    so a killed run loses at most that much work.
+    """
+
+    def __init__(self, store: Store, space: str, total: int, shape: tuple[int, ...], dtype: str, checkpoint_s: float):
+        super().__init__(daemon=True)
+        self.store, self.space, self.remaining = store, space, total
+        self.shape, self.dtype, self.checkpoint_s = shape, dtype, checkpoint_s
+        self.segment = None
+        self.started = 0.0
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.busy = 0.0
+        self.committed_rows = 0
+
+    def _append(self, features: np.ndarray, hashes: list[str]) -> None:
+        if self.segment is None:
+            self.segment = self.store.new_segment(self.space, self.remaining, self.shape, self.dtype)
+            self.started = time.monotonic()
+        self.segment.append(features, hashes)
+        self.remaining -= len(hashes)
+        if time.monotonic() - self.started >= self.checkpoint_s:
+            self._commit()
+
+    def _commit(self, **attrs) -> None:
+        if self.segment is not None:
+            self.committed_rows += self.segment.commit(**attrs)
+            self.segment = None
+
+    def run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is None:
+                t = time.perf_counter()
+                try:
+                    self._append(*job)
+                except BaseException as e:  # re-raised in the main thread by close()
+                    self.error = e
+                self.busy += time.perf_counter() - t
+
+    def put(self, features: np.ndarray, hashes: list[str]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((features, hashes))
+
+    def close(self, **attrs) -> None:
+        """Drain the queue and commit what is left (also after an error or Ctrl-C)."""
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+        self._commit(**attrs)
+
+
+def commit_partial(writer: Writer) -> None:
+    """Keep the rows finished before an error or Ctrl-C; they are valid and save a re-run."""
+    with contextlib.suppress(BaseException):  # the original error matters more; the segment stays uncommitted
+        writer.close(partial=True)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, enabled: bool, desc: str = "extract"):
+    """A tqdm bar with images/s, or one that shows nothing."""
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)
