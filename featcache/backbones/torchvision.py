@@ -144,16 +144,25 @@ def crop_of(preprocessing: dict) -> int:
 
 
 def traced_backbone(name: str, model: nn.Module, weights_id: str, transform: Callable, layer: str | None,
-                    pool: str | None, tracer_kwargs: dict | None = None) -> Backbone:
-    """Cut a traceable ``model`` at ``layer`` (default: the pooled penultimate output)."""
+                    pool: str | None, tracer_kwargs: dict | None = None, preprocessing: dict | None = None,
+                    extra: tuple[str, ...] = ()) -> Backbone:
+    """Cut a traceable ``model`` at ``layer`` (default: the pooled penultimate output).
+
+    ``preprocessing`` is the record of ``transform`` when the source describes it itself;
+    ``extra`` names layers the source serves itself (listed in the error for an unknown layer).
+    """
     tracer_kwargs = tracer_kwargs or {}
     model.eval()
-    nodes = _node_names(model, tracer_kwargs)
+    try:
+        nodes = _node_names(model, tracer_kwargs)
+    except Exception as e:  # fx cannot trace every model; say so instead of a long traceback
+        raise UnknownLayer(f"{name} cannot be cut at an inner layer ({e.__class__.__name__} while tracing it); "
+                           f"use {' or '.join(extra) or 'the default layer'}") from None
     if layer is None:
         layer = _default_layer(model, nodes)
         pool = pool or "avg"
     elif layer not in set(_prefixes(nodes)):
-        top = [n for n in _prefixes(nodes) if "." not in n]
+        top = list(extra) + [n for n in _prefixes(nodes) if "." not in n]
         raise UnknownLayer(
             f"Unknown layer {layer!r} for {name}. Layers: {', '.join(top)} "
             f"(and their sub-layers, e.g. {nodes[len(nodes) // 2]}). See: featcache layers {name}"
@@ -163,7 +172,7 @@ def traced_backbone(name: str, model: nn.Module, weights_id: str, transform: Cal
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = create_feature_extractor(model, return_nodes=[layer], tracer_kwargs=tracer_kwargs)
-    preprocessing = describe_transform(transform)
+    preprocessing = preprocessing or describe_transform(transform)
     crop = crop_of(preprocessing)
     with torch.no_grad():
         raw = graph(torch.zeros(1, 3, crop, crop))[layer]
