@@ -1,10 +1,12 @@
 """Name → frozen model cut at a layer, with its preprocessing and a weights identity.
 
 One file per source behind one registry (``registry.py``): torchvision models
-(``torchvision.py``), the offline ``efficientnet_lite0`` (``lite.py``) and a user's own
-``package.module:factory`` (``factory.py``). ``base.py`` holds what they share.
+(``torchvision.py``), the offline ``efficientnet_lite0`` (``lite.py``), a user's own
+``package.module:factory`` or ``nn.Module`` (``factory.py``), ``timm:NAME`` (``timm.py``) and
+``hf:NAME_OR_DIR`` (``hf.py``). ``base.py`` holds what they share.
 """
 
+from .factory import module_name
 from .base import POOLS, PRECISIONS, Backbone, autocast, resolve_precision
 from .registry import (_build, check_user_backbone, create_backbone, create_rest, default_layer, list_backbones,
                        list_layers, rebuild_backbone)
@@ -22,4 +24,5 @@ __all__ = [
     "list_backbones",
     "list_layers",
     "default_layer",
+    "module_name",
 ]

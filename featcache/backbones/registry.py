@@ -101,19 +101,28 @@ def default_layer(name: str) -> str:
 
 
 def create_backbone(
-    name: str,
+    name: str | nn.Module,
     layer: str | None = None,
     weights: str | None = "DEFAULT",
     pool: str | None = None,
+    transform: Callable | None = None,
 ) -> Backbone:
     """Build the frozen extractor for ``name`` cut at ``layer``.
 
-    ``weights``: ``"DEFAULT"``, a torchvision enum member name, ``"none"``/``None`` (seeded
-    random init) or a path to a state-dict file. ``layer=None`` takes the penultimate output;
-    ``pool=None`` means ``avg`` there (so the default is always a vector) and ``none`` elsewhere.
+    ``name`` is a registry name or an ``nn.Module`` (then ``transform``, a callable from a PIL
+    image to its input tensor, is its preprocessing). ``weights``: ``"DEFAULT"``, a torchvision
+    enum member name, ``"none"``/``None`` (seeded random init) or a path to a state-dict file.
+    ``layer=None`` takes the penultimate output; ``pool=None`` means ``avg`` there (so the
+    default is always a vector) and ``none`` elsewhere.
     """
     if pool is not None and pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    if isinstance(name, nn.Module):
+        weights = None if weights is not None and weights.lower() == "none" else weights
+        model, weights_id, transform = factory.from_module(name, transform, weights)
+        return tv.traced_backbone(factory.module_name(name), model, weights_id, transform, layer, pool)
+    if transform is not None:
+        raise UnknownBackbone(f"transform= is for a module passed in Python; {name} brings its own preprocessing")
     source, inner = _source(name)
     if source is not None:
         return source.create(inner, layer, None if weights is None or weights.lower() == "none" else weights, pool)
@@ -162,6 +171,11 @@ def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, w
     digest with the stored one.
     """
     name = given or stored_name
+    if name.startswith(factory.PYTHON + ":"):
+        raise UnknownBackbone(
+            f"these features were extracted from a module passed in Python ({stored_name}); featcache cannot rebuild "
+            "it from a name. Recompute with the module itself: featcache.extract(backbone=module, transform=...)"
+        )
     source, inner = _source(name)
     if source is not None and not given and not _rebuildable(name):
         raise UnknownBackbone(
