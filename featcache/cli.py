@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from .backbones import POOLS, PRECISIONS, list_backbones, list_layers
+from .backbones import POOLS, PRECISIONS, layer_shapes, list_backbones
 from .data import DEFAULT_NAME_PATTERN
 from .errors import FeatcacheError, StoreError
 from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
@@ -364,10 +364,15 @@ def backbones_cmd() -> None:
 
 @main.command("layers")
 @click.argument("backbone")
-def layers_cmd(backbone: str) -> None:
-    """List the layers of BACKBONE that --layer accepts, in network order."""
-    for name in list_layers(backbone):
-        click.echo(name)
+@click.option("--match", default=None, metavar="PATTERN", help="Only layers whose name matches, e.g. 'layer*'.")
+def layers_cmd(backbone: str, match: str | None) -> None:
+    """List the layers of BACKBONE that --layer accepts, in network order, with each one's output shape."""
+    shapes, default = layer_shapes(backbone, match)
+    width = max((len(n) for n, _ in shapes), default=0)
+    for name, shape in shapes:
+        size = "x".join(map(str, shape)) if shape is not None else "(not a tensor)"
+        click.echo(f"{name.ljust(width)}  {size}{'  (default)' if name == default else ''}")
+    click.echo(f"{len(shapes)} layers{f' matching {match}' if match else ''}; default: {default or 'none (pass --layer)'}")
 
 
 @main.command("ls")

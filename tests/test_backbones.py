@@ -148,3 +148,22 @@ def test_a_module_without_preprocessing_is_refused():
         create_backbone(torchvision.models.resnet18())
     with pytest.raises(UnknownBackbone, match="without a transforms attribute, so its preprocessing is unknown"):
         create_backbone("tests.tiny_backbone:bare_cnn")
+
+
+def test_layers_command_prints_shapes_marks_the_default_and_filters():
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    r = CliRunner().invoke(main, ["layers", TINY])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["features", "16x16x16"]
+    assert ["avgpool", "16x2x2"] in [ln.split() for ln in lines]
+    assert [ln.split() for ln in lines if "(default)" in ln] == [["classifier.2", "32", "(default)"]]
+    assert lines[-1] == "12 layers; default: classifier.2"
+    r = CliRunner().invoke(main, ["layers", TINY, "--match", "classifier.*"])
+    assert [ln.split()[0] for ln in r.output.splitlines()[:-1]] == [f"classifier.{i}" for i in range(4)]
+    assert r.output.splitlines()[-1] == "4 layers matching classifier.*; default: classifier.2"
+    r = CliRunner().invoke(main, ["layers", "timm:resnet18", "--match", "layer[34]"])
+    assert r.output.splitlines()[:2] == ["layer3  256x14x14", "layer4  512x7x7"]

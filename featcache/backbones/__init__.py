@@ -8,8 +8,8 @@ One file per source behind one registry (``registry.py``): torchvision models
 
 from .factory import module_name
 from .base import POOLS, PRECISIONS, Backbone, autocast, resolve_precision
-from .registry import (_build, check_user_backbone, create_backbone, create_rest, default_layer, list_backbones,
-                       list_layers, rebuild_backbone)
+from .registry import (_build, check_user_backbone, create_backbone, create_rest, default_layer, layer_shapes,
+                       list_backbones, list_layers, rebuild_backbone)
 
 __all__ = [
     "POOLS",
@@ -23,6 +23,7 @@ __all__ = [
     "create_rest",
     "list_backbones",
     "list_layers",
+    "layer_shapes",
     "default_layer",
     "module_name",
 ]

@@ -2,7 +2,7 @@
 
 Preprocessing is the model's own ``AutoImageProcessor``, recorded from its config. Layers are
 named after the model's outputs, never found by fx tracing: ``pooler_output`` (the default
-when the model has one), ``last_hidden_state``, ``cls`` (its first token), ``mean`` (its mean
+when the model has one), ``last_hidden_state``, ``cls`` (its first token, for token models), ``mean`` (its mean
 over tokens or positions) and ``hidden_states.N`` (``output_hidden_states``; 0 is the
 embedding). Weights load from safetensors only, and no code from the hub is ever run.
 """
@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import UnknownBackbone, UnknownLayer, WeightsError
 from .base import INIT_SEED, Backbone, load_weights_file, pool_map, seeded, state_digest
 
-__all__ = ["PREFIX", "HFCut", "ProcessorTransform", "create", "layer_names", "check", "rebuildable"]
+__all__ = ["PREFIX", "HFCut", "ProcessorTransform", "create", "layer_names", "layer_shapes", "check", "rebuildable"]
 
 PREFIX = "hf"
 _VALUES = "(--weights for a Hugging Face model takes DEFAULT, none, or a local .safetensors file)"
@@ -140,7 +140,8 @@ def _probe(model: nn.Module, processor: Any) -> tuple[torch.Tensor, Any]:
 
 
 def _layers(out: Any) -> list[str]:
-    names = [n for n in _NAMED if n != "pooler_output" or getattr(out, "pooler_output", None) is not None]
+    names = [n for n in _NAMED if (n != "pooler_output" or getattr(out, "pooler_output", None) is not None)
+             and (n != "cls" or out.last_hidden_state.ndim == 3)]  # a first token only where there are tokens
     return names + [f"hidden_states.{i}" for i in range(len(out.hidden_states or ()))]
 
 
@@ -172,3 +173,12 @@ def layer_names(name: str) -> tuple[list[str], str]:
     _, out = _probe(model, processor)
     layers = _layers(out)
     return layers, layers[0] if layers[0] == "pooler_output" else ("cls" if out.last_hidden_state.ndim == 3 else "mean")
+
+
+def layer_shapes(name: str) -> tuple[list[tuple[str, tuple[int, ...] | None]], str]:
+    """(each layer with its output shape for the processor's input size, the default)."""
+    model, processor, _ = _load(name, None)
+    x, _ = _probe(model, processor)
+    layers, default = layer_names(name)
+    with torch.no_grad():
+        return [(n, tuple(HFCut(model, n, "none")(x).shape[1:])) for n in layers], default

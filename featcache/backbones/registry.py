@@ -15,17 +15,18 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import UnknownBackbone, WeightsError
+from ..errors import UnknownBackbone, UnknownLayer, WeightsError
 from . import factory, lite
 from . import hf as hf_source
 from . import timm as timm_source
 from . import torchvision as tv
-from .base import POOLS, WEIGHTS_VALUES, Backbone
+from .base import POOLS, WEIGHTS_VALUES, Backbone, describe_transform
 
 __all__ = [
     "create_backbone",
     "list_backbones",
     "list_layers",
+    "layer_shapes",
     "default_layer",
     "create_rest",
     "check_user_backbone",
@@ -86,10 +87,32 @@ def list_layers(name: str) -> list[str]:
     return tv.traced_layers(model, _tracer_kwargs(name))[0]
 
 
+def layer_shapes(name: str, match: str | None = None) -> tuple[list[tuple[str, tuple[int, ...] | None]], str | None]:
+    """(each layer ``--layer`` accepts with its output shape for the default input, in network order; the
+    default layer). ``match`` keeps the names that match an fnmatch pattern such as ``layer*``."""
+    from fnmatch import fnmatchcase
+
+    source, inner = _source(name)
+    if source is not None:
+        shapes, default = source.layer_shapes(inner)
+    else:
+        model, _, transform = _build(name, "none")
+        layers, default = tv.traced_layers(model, _tracer_kwargs(name))
+        crop = tv.crop_of(describe_transform(transform))
+        found = tv.traced_shapes(model, (crop, crop), _tracer_kwargs(name))
+        shapes = [(n, found.get(n)) for n in layers]
+    if match is not None:
+        kept = [(n, s) for n, s in shapes if fnmatchcase(n, match)]
+        if not kept:
+            top = [n for n, _ in shapes if "." not in n]
+            raise UnknownLayer(f"no layer of {name} matches {match!r} (a pattern such as 'layer*'). "
+                               f"Layers: {', '.join(top)}", option="--match")
+        shapes = kept
+    return shapes, default
+
+
 def default_layer(name: str) -> str:
     """The layer ``create_backbone`` cuts at when none is given."""
-    from ..errors import UnknownLayer
-
     source, inner = _source(name)
     if source is not None:
         return source.layer_names(inner)[1]

@@ -19,7 +19,7 @@ from ..errors import UnknownBackbone, WeightsError
 from .base import INIT_SEED, Backbone, load_weights_file, seeded, state_digest
 from . import torchvision as tv
 
-__all__ = ["PREFIX", "EMBEDDING", "TimmEmbedding", "create", "layer_names", "check", "tracer_kwargs"]
+__all__ = ["PREFIX", "EMBEDDING", "TimmEmbedding", "create", "layer_names", "layer_shapes", "check", "tracer_kwargs"]
 
 PREFIX = "timm"
 EMBEDDING = "pre_logits"
@@ -134,3 +134,20 @@ def layer_names(name: str) -> tuple[list[str], str]:
     return [EMBEDDING] + layers, EMBEDDING
 
 
+
+
+def layer_shapes(name: str) -> tuple[list[tuple[str, tuple[int, ...] | None]], str]:
+    """(each layer with its output shape for the model's own input size, the default)."""
+    timm = _timm()
+    model, _ = _load(name, None)
+    model.eval()
+    _, preprocessing = _preprocessing(timm, model)
+    size = tuple(preprocessing["crop_size"])
+    with torch.no_grad():
+        embedding = tuple(TimmEmbedding(model)(torch.zeros(1, 3, *size)).shape[1:])
+    try:
+        layers, _ = tv.traced_layers(model, tracer_kwargs())
+        shapes = tv.traced_shapes(model, size, tracer_kwargs())
+    except Exception:  # not traceable: only the embedding
+        layers, shapes = [], {}
+    return [(EMBEDDING, embedding)] + [(n, shapes.get(n)) for n in layers], EMBEDDING

@@ -18,7 +18,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from ..errors import UnknownLayer, WeightsError
 from .base import INIT_SEED, Backbone, describe_transform, load_weights_file, pool_map, seeded, state_digest
 
-__all__ = ["names", "load", "traced_backbone", "traced_layers", "rest_after", "FxCut"]
+__all__ = ["names", "load", "traced_backbone", "traced_layers", "traced_shapes", "rest_after", "FxCut", "crop_of"]
 
 
 def names() -> list[str]:
@@ -135,6 +135,26 @@ def traced_layers(model: nn.Module, tracer_kwargs: dict | None = None) -> tuple[
     except UnknownLayer:
         default = None
     return _prefixes(nodes), default
+
+
+def traced_shapes(model: nn.Module, size: tuple[int, int],
+                  tracer_kwargs: dict | None = None) -> dict[str, tuple[int, ...] | None]:
+    """Each layer's output shape (batch dimension left out) for one input of ``size``, in one pass.
+
+    A module prefix has the shape of its last node, as the cut at that prefix returns it.
+    """
+    nodes = _node_names(model, tracer_kwargs or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = create_feature_extractor(model.eval(), return_nodes=nodes, tracer_kwargs=tracer_kwargs or {})
+    with torch.no_grad():
+        out = graph(torch.zeros(1, 3, *size))
+    shapes = {k: tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else None for k, v in out.items()}
+    for n in nodes:  # in network order, so each prefix ends with its last node's shape
+        parts = n.split(".")
+        for k in range(1, len(parts)):
+            shapes[".".join(parts[:k])] = shapes.get(n)
+    return shapes
 
 
 def crop_of(preprocessing: dict) -> int:
