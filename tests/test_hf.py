@@ -76,7 +76,7 @@ def test_layers_errors_and_random_init(tiny_models):
     none = create_backbone(name, weights="none")
     assert none.weights_id == "none(seed=0)" and none.weights_sha256 == create_backbone(name, weights="none").weights_sha256
     assert none.weights_sha256 != create_backbone(name).weights_sha256
-    with pytest.raises(UnknownBackbone, match="cannot load the Hugging Face model hf:/nonexistent/dir"):
+    with pytest.raises(UnknownBackbone, match="hf:/nonexistent/dir is neither a folder here nor a Hugging Face hub id"):
         create_backbone("hf:/nonexistent/dir")
 
 

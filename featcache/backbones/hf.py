@@ -90,6 +90,10 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, Any, str]:
     tf = _transformers()
     local = Path(name).expanduser().is_dir()
     where = f"hf:{name}"
+    if not local and not _HUB_ID.match(name):
+        raise UnknownBackbone(f"{where} is neither a folder here nor a Hugging Face hub id (owner/name): "
+                              "pass --backbone hf:FOLDER with config.json, preprocessor_config.json and "
+                              "model.safetensors, or hf:OWNER/NAME")
     try:
         processor = tf.AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
         if weights == "DEFAULT":
