@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from .backbones import POOLS, PRECISIONS, list_backbones, list_layers
+from .backbones import POOLS, PRECISIONS, layer_shapes, list_backbones
 from .data import DEFAULT_NAME_PATTERN
 from .errors import FeatcacheError, StoreError
 from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
@@ -88,9 +88,12 @@ def main() -> None:
 
 
 @main.command("extract")
-@click.option("--backbone", required=True, help="torchvision model name, efficientnet_lite0, or package.module:factory.")
-@click.option("--layer", default=None, help="Layer/node to cut at (default: the pooled penultimate output).")
-@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT, a weights enum name, none, or a .pth file.")
+@click.option("--backbone", required=True,
+              help="torchvision model name, efficientnet_lite0, timm:NAME, hf:NAME_OR_DIR, or package.module:factory.")
+@click.option("--layer", default=None, help="Layer/node to cut at (default: the pooled penultimate output; "
+                                            "see featcache layers NAME).")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="DEFAULT, a weights enum name, none, or a .pth/.safetensors file.")
 @click.option("--pool", type=click.Choice(POOLS), default=None, help="Pool spatial maps (default: none; avg for the default layer).")
 @click.option("--data", default="data", show_default=True, type=click.Path(file_okay=False), help="Image folder.")
 @store_option
@@ -412,10 +415,15 @@ def backbones_cmd() -> None:
 
 @main.command("layers")
 @click.argument("backbone")
-def layers_cmd(backbone: str) -> None:
-    """List the layers of BACKBONE that --layer accepts, in network order."""
-    for name in list_layers(backbone):
-        click.echo(name)
+@click.option("--match", default=None, metavar="PATTERN", help="Only layers whose name matches, e.g. 'layer*'.")
+def layers_cmd(backbone: str, match: str | None) -> None:
+    """List the layers of BACKBONE that --layer accepts, in network order, with each one's output shape."""
+    shapes, default = layer_shapes(backbone, match)
+    width = max((len(n) for n, _ in shapes), default=0)
+    for name, shape in shapes:
+        size = "x".join(map(str, shape)) if shape is not None else "(not a tensor)"
+        click.echo(f"{name.ljust(width)}  {size}{'  (default)' if name == default else ''}")
+    click.echo(f"{len(shapes)} layers{f' matching {match}' if match else ''}; default: {default or 'none (pass --layer)'}")
 
 
 @main.command("ls")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import POOLS, PRECISIONS, Backbone, create_backbone, resolve_precision
+from .backbones import POOLS, PRECISIONS, Backbone, create_backbone, module_name, resolve_precision
 from .data import (DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, parse_classes, parse_name_pattern, parse_split,
                    scan)
 from .errors import DataError, FeatcacheError, StoreError
@@ -261,12 +261,16 @@ def _compute(backbone: Backbone, manifest: Manifest, jobs: list[tuple[Item, int 
         raise _storage_error(e, cfg.store) from None
 
 
-def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kwargs) -> ExtractResult:
+def extract(config: ExtractConfig | None = None, *, progress: bool = False, transform=None, **kwargs) -> ExtractResult:
     """Extract features for a folder into the store and record the dataset view.
 
     ``featcache.extract(backbone="resnet18", data="photos", weights="none")`` or pass an
-    :class:`ExtractConfig`. Returns what was done; ``result.summary()`` is one line.
+    :class:`ExtractConfig`. ``backbone`` may also be an ``nn.Module``, with ``transform`` its
+    preprocessing (PIL image → tensor). Returns what was done; ``result.summary()`` is one line.
     """
+    module = kwargs.get("backbone") if isinstance(kwargs.get("backbone"), torch.nn.Module) else None
+    if module is not None:
+        kwargs["backbone"] = module_name(module)  # what the set records; the module itself is used below
     cfg = config if config is not None else ExtractConfig(**kwargs)
     start = time.perf_counter()
     manifest = scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels, labels_from_name=cfg.labels_from_name,
@@ -274,7 +278,8 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
     if cfg.strict and manifest.skipped:
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
-    backbone = create_backbone(cfg.backbone, cfg.layer, cfg.weights, cfg.pool)
+    backbone = create_backbone(module if module is not None else cfg.backbone, cfg.layer, cfg.weights, cfg.pool,
+                               transform=transform)
     precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
     provenance = {**backbone.provenance(), "decode": DECODE_RECIPE, "precision": precision, "dtype": cfg.dtype}
     store = open_store(cfg.store)

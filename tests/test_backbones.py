@@ -108,3 +108,62 @@ def test_factory_backbone_errors():
         create_backbone("nope.mod:f")
     with pytest.raises(UnknownBackbone, match="expected a torch.nn.Module"):
         create_backbone("builtins:dict")
+
+
+def test_a_module_in_python_with_its_transform(folder, tmp_path):
+    import numpy as np
+
+    import featcache
+    from featcache.data import load_rgb
+    from tests.tiny_backbone import TinyCNN
+    from torchvision.transforms._presets import ImageClassification
+
+    torch.manual_seed(3)
+    model = TinyCNN()
+    preprocess = ImageClassification(crop_size=32, resize_size=32)
+    store = str(tmp_path / "s.zarr")
+    r = featcache.extract(backbone=model, transform=preprocess, layer="avgpool", data=str(folder), store=store,
+                          workers=0)
+    fs = featcache.open_store(store).get_set()
+    assert fs.attrs["backbone"] == "python:tests.tiny_backbone.TinyCNN" and r.shape == (16, 2, 2)
+    x, _ = fs.to_numpy("train")
+    with torch.no_grad():
+        want = model.avgpool(model.features(preprocess(load_rgb(folder / fs.paths("train")[0]))[None]))[0]
+    np.testing.assert_allclose(x[0].astype(np.float32), want.numpy(), rtol=1e-2, atol=1e-3)
+    again = featcache.extract(backbone=model, transform=preprocess, layer="avgpool", data=str(folder), store=store,
+                              workers=0)
+    assert again.extracted == 0 and again.space == r.space
+    with torch.no_grad():
+        model.features[0].weight.mul_(2)
+    other = featcache.extract(backbone=model, transform=preprocess, layer="avgpool", data=str(folder),
+                              store=store, workers=0)
+    assert other.space != r.space and other.extracted == r.extracted  # other weights, another space
+
+
+def test_a_module_without_preprocessing_is_refused():
+    import torchvision
+
+    with pytest.raises(UnknownBackbone, match=r"featcache.extract\(backbone=<ResNet>\) needs the model's "
+                                              r"preprocessing: pass transform=\.\.\."):
+        create_backbone(torchvision.models.resnet18())
+    with pytest.raises(UnknownBackbone, match="without a transforms attribute, so its preprocessing is unknown"):
+        create_backbone("tests.tiny_backbone:bare_cnn")
+
+
+def test_layers_command_prints_shapes_marks_the_default_and_filters():
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    r = CliRunner().invoke(main, ["layers", TINY])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["features", "16x16x16"]
+    assert ["avgpool", "16x2x2"] in [ln.split() for ln in lines]
+    assert [ln.split() for ln in lines if "(default)" in ln] == [["classifier.2", "32", "(default)"]]
+    assert lines[-1] == "12 layers; default: classifier.2"
+    r = CliRunner().invoke(main, ["layers", TINY, "--match", "classifier.*"])
+    assert [ln.split()[0] for ln in r.output.splitlines()[:-1]] == [f"classifier.{i}" for i in range(4)]
+    assert r.output.splitlines()[-1] == "4 layers matching classifier.*; default: classifier.2"
+    r = CliRunner().invoke(main, ["layers", "timm:resnet18", "--match", "layer[34]"])
+    assert r.output.splitlines()[:2] == ["layer3  256x14x14", "layer4  512x7x7"]

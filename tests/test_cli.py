@@ -95,7 +95,9 @@ def test_backbones_layers_and_sample(run, tmp_path):
     r = run("backbones")
     assert r.exit_code == 0 and "resnet50\n" in r.output and "efficientnet_lite0\n" in r.output
     r = run("layers", "resnet18")
-    assert r.exit_code == 0 and "layer3\n" in r.output and "avgpool\n" in r.output
+    lines = [ln.split() for ln in r.output.splitlines()]
+    assert r.exit_code == 0 and ["layer3", "256x14x14"] in lines and ["avgpool", "512x1x1"] in lines
+    assert ["flatten", "512", "(default)"] in lines and lines[-1] == ["84", "layers;", "default:", "flatten"]
     r = run("sample", "--out", "digits")
     assert r.exit_code == 0 and r.output == "digits sample in digits: train 1078, val 359, test 360\n"
     assert len(list(Path("digits/test/7").glob("*.png"))) == 36

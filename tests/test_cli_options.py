@@ -89,6 +89,7 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
     ("export", "run"): [(["missing", "out.pt2"], ["not a featcache run directory"])],
     ("report", "run"): [(["missing"], ["not a featcache run directory"])],
     ("layers", "backbone"): [(["resnet81"], ["closest: resnet18"])],
+    ("layers", "match"): [([TINY, "--match", "nothing*"], ["no layer of", "matches 'nothing*'", "Layers: features"])],
     ("ls", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("info", "key"): [(["zzz", "--store", "STORE"], ["Sets:"])],
     ("info", "store"): [(["k", "--store", "missing.zarr"], ["no featcache store"])],

@@ -60,3 +60,8 @@ class HugeTinyCNN(TinyCNN):
 
 def huge_tiny_cnn() -> nn.Module:
     return HugeTinyCNN()
+
+
+def bare_cnn() -> nn.Module:
+    """A network without a ``transforms`` attribute: its preprocessing is unknown."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))

@@ -163,7 +163,7 @@ class SetRecord:
         _str(a.get("key"), "key", re.compile(r"[0-9a-f]{12}"))
         space = _str(a.get("space"), "space", _HEX16)
         prov = _dict(a.get("space_provenance"), "space_provenance")
-        shape = _shape(prov.get("shape"), "space_provenance.shape")
+        _shape(prov.get("shape"), "space_provenance.shape")
         dtype = a.get("dtype")
         if dtype not in ("float16", "float32") or prov.get("dtype") != dtype:
             raise _Bad("dtype", "float16 or float32, as in space_provenance")

@@ -1,0 +1,29 @@
+"""Name → frozen model cut at a layer, with its preprocessing and a weights identity.
+
+One file per source behind one registry (``registry.py``): torchvision models
+(``torchvision.py``), the offline ``efficientnet_lite0`` (``lite.py``), a user's own
+``package.module:factory`` or ``nn.Module`` (``factory.py``), ``timm:NAME`` (``timm.py``) and
+``hf:NAME_OR_DIR`` (``hf.py``). ``base.py`` holds what they share.
+"""
+
+from .factory import module_name
+from .base import POOLS, PRECISIONS, Backbone, autocast, resolve_precision
+from .registry import (_build, check_user_backbone, create_backbone, create_rest, default_layer, layer_shapes,
+                       list_backbones, list_layers, rebuild_backbone)
+
+__all__ = [
+    "POOLS",
+    "PRECISIONS",
+    "autocast",
+    "resolve_precision",
+    "rebuild_backbone",
+    "check_user_backbone",
+    "Backbone",
+    "create_backbone",
+    "create_rest",
+    "list_backbones",
+    "list_layers",
+    "layer_shapes",
+    "default_layer",
+    "module_name",
+]

@@ -1,0 +1,188 @@
+"""``hf:NAME_OR_DIR``: a Hugging Face vision model by hub id or local folder (``AutoModel``).
+
+Preprocessing is the model's own ``AutoImageProcessor``, recorded from its config. Layers are
+named after the model's outputs, never found by fx tracing: ``pooler_output`` (the default
+when the model has one), ``last_hidden_state``, ``cls`` (its first token, for token models), ``mean`` (its mean
+over tokens or positions) and ``hidden_states.N`` (``output_hidden_states``; 0 is the
+embedding). Weights load from safetensors only, and no code from the hub is ever run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import UnknownBackbone, UnknownLayer, WeightsError
+from .base import INIT_SEED, Backbone, load_weights_file, pool_map, seeded, state_digest
+
+__all__ = ["PREFIX", "HFCut", "ProcessorTransform", "create", "layer_names", "layer_shapes", "check", "rebuildable"]
+
+PREFIX = "hf"
+_VALUES = "(--weights for a Hugging Face model takes DEFAULT, none, or a local .safetensors file)"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_NAMED = ("pooler_output", "last_hidden_state", "cls", "mean")
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise UnknownBackbone(
+            "hf: backbones need transformers: pip install 'featcache[hf]' (or: pip install transformers)"
+        ) from None
+    return transformers
+
+
+def rebuildable(name: str) -> bool:
+    """True for a hub id; a local folder (or anything that names one here) is loaded only when the user names it."""
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists() and ".." not in name
+
+
+class ProcessorTransform:
+    """PIL image → the processor's ``pixel_values`` for it, (3, H, W)."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"ProcessorTransform({type(self.processor).__name__})"
+
+
+class HFCut(nn.Module):
+    """The model's output named ``layer``, pooled if it is a spatial map and ``pool`` asks for it."""
+
+    def __init__(self, model: nn.Module, layer: str, pool: str):
+        super().__init__()
+        self.model, self.layer, self.pool = model, layer, pool
+        self.index = int(layer.split(".", 1)[1]) if layer.startswith("hidden_states.") else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x, output_hidden_states=self.index is not None, return_dict=True)
+        if self.index is not None:
+            y = out.hidden_states[self.index]
+        elif self.layer == "pooler_output":
+            y = out.pooler_output
+        else:
+            y = out.last_hidden_state
+            if self.layer == "cls":
+                y = y[:, 0]
+            elif self.layer == "mean":
+                y = y.mean(dim=1) if y.ndim == 3 else y.mean(dim=tuple(range(2, y.ndim)))
+        if y.ndim == 4 and tuple(y.shape[2:]) == (1, 1):  # a pooled map (ResNetModel's pooler) is a vector
+            y = y.flatten(1)
+        return pool_map(y, self.pool)
+
+
+def check(name: str) -> None:
+    """Fail fast when transformers is missing."""
+    _transformers()
+
+
+def _load(name: str, weights: str | None) -> tuple[nn.Module, Any, str]:
+    tf = _transformers()
+    local = Path(name).expanduser().is_dir()
+    where = f"hf:{name}"
+    if not local and not _HUB_ID.match(name):
+        raise UnknownBackbone(f"{where} is neither a folder here nor a Hugging Face hub id (owner/name): "
+                              "pass --backbone hf:FOLDER with config.json, preprocessor_config.json and "
+                              "model.safetensors, or hf:OWNER/NAME")
+    try:
+        processor = tf.AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
+        if weights == "DEFAULT":
+            model = tf.AutoModel.from_pretrained(name, use_safetensors=True, trust_remote_code=False,
+                                                 dtype=torch.float32)
+            weights_id = f"hf-dir:{Path(name).name}" if local else f"hf:{name}"
+        else:
+            config = tf.AutoConfig.from_pretrained(name, trust_remote_code=False)
+            with seeded():
+                model = tf.AutoModel.from_config(config, trust_remote_code=False)
+            model = model.float()
+            weights_id = f"none(seed={INIT_SEED})"
+    except (OSError, ValueError, KeyError) as e:  # no such id or folder, no network, no safetensors, unknown type
+        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        hint = ("it must hold config.json, preprocessor_config.json and model.safetensors (featcache loads no "
+                "pickled .bin weights)" if local else
+                f"with no network, download it elsewhere (hf download {name} --local-dir DIR) and pass --backbone hf:DIR")
+        raise UnknownBackbone(f"cannot load the Hugging Face model {where}: {first}; {hint}") from None
+    if weights not in (None, "DEFAULT"):
+        if Path(weights).suffix != ".safetensors":
+            raise WeightsError(f"unknown weights {weights!r} for {where} {_VALUES}", option="--weights")
+        load_weights_file(model, weights, _VALUES)
+        weights_id = f"file:{Path(weights).name}"
+    return model.eval(), processor, weights_id
+
+
+def _plain(value: Any) -> Any:
+    """The processor's config as JSON values (tuples as lists, anything else by its repr)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _preprocessing(processor: Any, size: list[int]) -> dict:
+    config = _plain(processor.to_dict())
+    return {"transform": type(processor).__name__, "processor": config, "crop_size": size,
+            "mean": _plain(config.get("image_mean")), "std": _plain(config.get("image_std"))}
+
+
+def _probe(model: nn.Module, processor: Any) -> tuple[torch.Tensor, Any]:
+    x = ProcessorTransform(processor)(Image.new("RGB", (256, 256), (128, 128, 128)))[None]
+    with torch.no_grad():
+        return x, model(pixel_values=x, output_hidden_states=True, return_dict=True)
+
+
+def _layers(out: Any) -> list[str]:
+    names = [n for n in _NAMED if (n != "pooler_output" or getattr(out, "pooler_output", None) is not None)
+             and (n != "cls" or out.last_hidden_state.ndim == 3)]  # a first token only where there are tokens
+    return names + [f"hidden_states.{i}" for i in range(len(out.hidden_states or ()))]
+
+
+def create(name: str, layer: str | None, weights: str | None, pool: str | None) -> Backbone:
+    """The Hugging Face model ``name`` cut at the output ``layer`` (default: its pooled output)."""
+    model, processor, weights_id = _load(name, weights)
+    x, out = _probe(model, processor)
+    layers = _layers(out)
+    if layer is None:
+        layer = layers[0] if layers[0] == "pooler_output" else ("cls" if out.last_hidden_state.ndim == 3 else "mean")
+        pool = pool or "avg"
+    elif layer not in layers:
+        raise UnknownLayer(f"Unknown layer {layer!r} for hf:{name}. Layers: {', '.join(layers)}. "
+                           f"See: featcache layers hf:{name}")
+    cut = HFCut(model, layer, "none").eval().requires_grad_(False)
+    with torch.no_grad():
+        raw = cut(x)
+    pool = (pool or "none") if raw.ndim == 4 else "none"
+    cut.pool = pool
+    shape = (raw.shape[1],) if pool != "none" else tuple(raw.shape[1:])
+    return Backbone(name=f"{PREFIX}:{name}", layer=layer, pool=pool, model=cut, transform=ProcessorTransform(processor),
+                    weights_id=weights_id, weights_sha256=state_digest(model),
+                    preprocessing=_preprocessing(processor, list(x.shape[-2:])), shape=shape)
+
+
+def layer_names(name: str) -> tuple[list[str], str]:
+    """(every layer ``--layer`` accepts, the default) for ``hf:NAME``."""
+    model, processor, _ = _load(name, None)
+    _, out = _probe(model, processor)
+    layers = _layers(out)
+    return layers, layers[0] if layers[0] == "pooler_output" else ("cls" if out.last_hidden_state.ndim == 3 else "mean")
+
+
+def layer_shapes(name: str) -> tuple[list[tuple[str, tuple[int, ...] | None]], str]:
+    """(each layer with its output shape for the processor's input size, the default)."""
+    model, processor, _ = _load(name, None)
+    x, _ = _probe(model, processor)
+    layers, default = layer_names(name)
+    with torch.no_grad():
+        return [(n, tuple(HFCut(model, n, "none")(x).shape[1:])) for n in layers], default

@@ -1,0 +1,153 @@
+"""``timm:NAME``: any ``timm.list_models()`` name (a pretrained tag allowed, ``vit_tiny_patch16_224.augreg_in21k``).
+
+Preprocessing is timm's own: ``resolve_model_data_config`` + ``create_transform``, recorded
+in full. The default layer ``pre_logits`` is timm's embedding, ``forward_head(pre_logits=True)``
+(what ``num_classes=0`` returns); any other layer is a node or module name, cut with timm's
+fx settings (``featcache layers timm:NAME``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import UnknownBackbone, WeightsError
+from .base import INIT_SEED, Backbone, load_weights_file, seeded, state_digest
+from . import torchvision as tv
+
+__all__ = ["PREFIX", "EMBEDDING", "TimmEmbedding", "create", "layer_names", "layer_shapes", "check", "tracer_kwargs"]
+
+PREFIX = "timm"
+EMBEDDING = "pre_logits"
+_VALUES = "(--weights for a timm model takes DEFAULT, none, or a local .safetensors/.pth/.bin file)"
+
+
+def _timm() -> Any:
+    try:
+        import timm
+        import timm.data
+    except ImportError:
+        raise UnknownBackbone("timm: backbones need timm: pip install 'featcache[timm]' (or: pip install timm)") from None
+    return timm
+
+
+class TimmEmbedding(nn.Module):
+    """timm's documented embedding: ``forward_head(forward_features(x), pre_logits=True)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def check(name: str) -> None:
+    """Fail fast on a name timm does not know, listing the closest ones."""
+    timm = _timm()
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
+        raise UnknownBackbone(
+            f"Unknown timm model {name!r}{'; closest: ' + ', '.join('timm:' + c for c in close) if close else ''}. "
+            "All names: python -c \"import timm; print(timm.list_models('*PATTERN*'))\""
+        )
+
+
+def tracer_kwargs() -> dict:
+    """timm's own fx settings (the modules and functions it keeps whole when tracing)."""
+    from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+
+    return {"leaf_modules": list(get_notrace_modules()), "autowrap_functions": list(get_notrace_functions())}
+
+
+def _load(name: str, weights: str | None) -> tuple[nn.Module, str]:
+    timm = _timm()
+    check(name)
+    if weights is None or weights != "DEFAULT":
+        if weights is not None and not (Path(weights).suffix in (".safetensors", ".pth", ".pt", ".bin")
+                                        or Path(weights).is_file()):
+            raise WeightsError(f"unknown weights {weights!r} for timm:{name} {_VALUES}", option="--weights")
+        with seeded():
+            model = timm.create_model(name, pretrained=False)
+        if weights is None:
+            return model, f"none(seed={INIT_SEED})"
+        load_weights_file(model, weights, _VALUES)
+        return model, f"file:{Path(weights).name}"
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as e:  # no network, no such tag, a hub error: timm's loader raises many types
+        hub = timm.models.get_pretrained_cfg(name.split(".")[0])
+        hub_id = getattr(hub, "hf_hub_id", None) if hub is not None else None
+        raise WeightsError(
+            f"could not get timm's pretrained weights for {name} ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). With no network, download "
+            f"{'https://huggingface.co/' + hub_id + '/blob/main/model.safetensors' if hub_id else 'the weights'} "
+            "elsewhere and pass --weights /path/to/model.safetensors",
+            option="--weights",
+        ) from None
+    cfg = model.pretrained_cfg
+    return model, f"timm:{cfg.get('architecture', name)}.{cfg.get('tag', '')}".rstrip(".")
+
+
+def _preprocessing(timm: Any, model: nn.Module) -> tuple[Callable, dict]:
+    config = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**config, is_training=False)
+    size = list(config["input_size"][1:])
+    return transform, {
+        "transform": "timm.data.create_transform",
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "crop_size": size,
+        "mean": [float(v) for v in config["mean"]],
+        "std": [float(v) for v in config["std"]],
+        "repr": repr(transform),
+    }
+
+
+def create(name: str, layer: str | None, weights: str | None, pool: str | None) -> Backbone:
+    """The timm model ``name`` cut at ``layer`` (default: its pooled embedding)."""
+    timm = _timm()
+    model, weights_id = _load(name, weights)
+    model.eval()
+    transform, preprocessing = _preprocessing(timm, model)
+    full = f"{PREFIX}:{name}"
+    if layer not in (None, EMBEDDING):
+        return tv.traced_backbone(full, model, weights_id, transform, layer, pool, tracer_kwargs(), preprocessing,
+                                  extra=(EMBEDDING,))
+    cut = TimmEmbedding(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        out = cut(torch.zeros(1, 3, *preprocessing["crop_size"]))
+    return Backbone(name=full, layer=EMBEDDING, pool="none", model=cut, transform=transform, weights_id=weights_id,
+                    weights_sha256=state_digest(model), preprocessing=preprocessing, shape=tuple(out.shape[1:]))
+
+
+def layer_names(name: str) -> tuple[list[str], str]:
+    """(every layer ``--layer`` accepts, the default) for ``timm:NAME``."""
+    model, _ = _load(name, None)
+    try:
+        layers, _ = tv.traced_layers(model, tracer_kwargs())
+    except Exception:  # not traceable: only the embedding
+        layers = []
+    return [EMBEDDING] + layers, EMBEDDING
+
+
+
+
+def layer_shapes(name: str) -> tuple[list[tuple[str, tuple[int, ...] | None]], str]:
+    """(each layer with its output shape for the model's own input size, the default)."""
+    timm = _timm()
+    model, _ = _load(name, None)
+    model.eval()
+    _, preprocessing = _preprocessing(timm, model)
+    size = tuple(preprocessing["crop_size"])
+    with torch.no_grad():
+        embedding = tuple(TimmEmbedding(model)(torch.zeros(1, 3, *size)).shape[1:])
+    try:
+        layers, _ = tv.traced_layers(model, tracer_kwargs())
+        shapes = tv.traced_shapes(model, size, tracer_kwargs())
+    except Exception:  # not traceable: only the embedding
+        layers, shapes = [], {}
+    return [(EMBEDDING, embedding)] + [(n, shapes.get(n)) for n in layers], EMBEDDING

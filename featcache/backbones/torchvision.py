@@ -1,0 +1,256 @@
+"""torchvision classification models, and the fx cut every traceable ``nn.Module`` shares.
+
+The cut is made with ``torchvision.models.feature_extraction``: a layer is any traced node
+or module prefix of one; preprocessing comes from the weights' own ``transforms()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from ..errors import UnknownLayer, WeightsError
+from .base import INIT_SEED, Backbone, describe_transform, load_weights_file, pool_map, seeded, state_digest
+
+__all__ = ["names", "load", "traced_backbone", "traced_layers", "traced_shapes", "rest_after", "FxCut", "crop_of"]
+
+
+def names() -> list[str]:
+    """Every torchvision classification model name."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+class FxCut(nn.Module):
+    """The traced graph up to ``layer``, returning that one tensor, pooled if asked."""
+
+    def __init__(self, graph: nn.Module, layer: str, pool: str):
+        super().__init__()
+        self.graph = graph
+        self.layer = layer
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_map(self.graph(x)[self.layer], self.pool)
+
+
+def _weights_enum(name: str):
+    try:
+        return torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+
+
+def _download_hint(weights: Any) -> str:
+    url = getattr(weights, "url", "")
+    fname = url.rsplit("/", 1)[-1] if url else "<file>.pth"
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    return (
+        f"With no network, download {url or 'the weights'} elsewhere and pass --weights /path/to/{fname}, "
+        f"or place it at {cache}."
+    )
+
+
+def load(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
+    """(model, weights id, transform) for a torchvision model name."""
+    from torchvision.transforms._presets import ImageClassification
+
+    enum = _weights_enum(name)
+    default = enum.DEFAULT if enum is not None else None
+    is_file = weights not in (None, "DEFAULT") and (Path(weights).suffix in (".pth", ".pt", ".bin", ".safetensors")
+                                                    or Path(weights).is_file())
+    if weights is None or is_file:
+        with seeded():
+            model = torchvision.models.get_model(name, weights=None)
+        weights_id = f"none(seed={INIT_SEED})"
+        if weights is not None:
+            load_weights_file(model, weights)
+            weights_id = f"file:{Path(weights).name}"
+        chosen = default
+    else:
+        if enum is None:
+            raise WeightsError(
+                f"{name} has no pretrained weights in torchvision; use --weights none or a .pth file", option="--weights"
+            )
+        choices = ["DEFAULT"] + [w.name for w in enum]
+        if weights != "DEFAULT" and weights not in enum.__members__:
+            raise WeightsError(
+                f"unknown weights {weights!r} for {name}. Choose one of: {', '.join(choices)}, none, "
+                "or a path to a .pth file",
+                option="--weights",
+            )
+        chosen = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+        model = torchvision.models.get_model(name, weights=None)
+        try:
+            state = chosen.get_state_dict(progress=True, check_hash=True)
+        except Exception as e:  # URLError, HTTPError, hash mismatch, ...
+            raise WeightsError(
+                f"could not download {chosen} ({e.__class__.__name__}: {e}). {_download_hint(chosen)}"
+            ) from None
+        model.load_state_dict(state)
+        weights_id = str(chosen)
+    transform = chosen.transforms() if chosen is not None else ImageClassification(crop_size=224)
+    return model, weights_id, transform
+
+
+def _node_names(model: nn.Module, tracer_kwargs: dict) -> list[str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, nodes = get_graph_node_names(model.eval(), tracer_kwargs=tracer_kwargs)
+    return [n for n in nodes if n != "x"]
+
+
+def _default_layer(model: nn.Module, nodes: list[str]) -> str:
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears and linears[-1] in nodes:
+        i = nodes.index(linears[-1])
+        if i > 0:
+            return nodes[i - 1]
+    features = [n for n in nodes if n == "features" or n.startswith("features.")]
+    if features:
+        return "features"
+    raise UnknownLayer("cannot tell this model's penultimate layer; pass --layer (see: featcache layers NAME)")
+
+
+def _prefixes(nodes: list[str]) -> list[str]:
+    """Node names plus every module prefix of them, in first-seen order."""
+    seen: dict[str, None] = {}
+    for n in nodes:
+        parts = n.split(".")
+        for k in range(1, len(parts) + 1):
+            seen.setdefault(".".join(parts[:k]), None)
+    return list(seen)
+
+
+def traced_layers(model: nn.Module, tracer_kwargs: dict | None = None) -> tuple[list[str], str | None]:
+    """(every layer name ``--layer`` accepts, in network order; the default layer or None)."""
+    nodes = _node_names(model, tracer_kwargs or {})
+    try:
+        default = _default_layer(model, nodes)
+    except UnknownLayer:
+        default = None
+    return _prefixes(nodes), default
+
+
+def traced_shapes(model: nn.Module, size: tuple[int, int],
+                  tracer_kwargs: dict | None = None) -> dict[str, tuple[int, ...] | None]:
+    """Each layer's output shape (batch dimension left out) for one input of ``size``, in one pass.
+
+    A module prefix has the shape of its last node, as the cut at that prefix returns it.
+    """
+    nodes = _node_names(model, tracer_kwargs or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = create_feature_extractor(model.eval(), return_nodes=nodes, tracer_kwargs=tracer_kwargs or {})
+    with torch.no_grad():
+        out = graph(torch.zeros(1, 3, *size))
+    shapes = {k: tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else None for k, v in out.items()}
+    for n in nodes:  # in network order, so each prefix ends with its last node's shape
+        parts = n.split(".")
+        for k in range(1, len(parts)):
+            shapes[".".join(parts[:k])] = shapes.get(n)
+    return shapes
+
+
+def crop_of(preprocessing: dict) -> int:
+    """The side of the square input the model is fed (for shapes and the layer listing)."""
+    crop = preprocessing.get("crop_size") or [224]
+    return int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+
+
+def traced_backbone(name: str, model: nn.Module, weights_id: str, transform: Callable, layer: str | None,
+                    pool: str | None, tracer_kwargs: dict | None = None, preprocessing: dict | None = None,
+                    extra: tuple[str, ...] = ()) -> Backbone:
+    """Cut a traceable ``model`` at ``layer`` (default: the pooled penultimate output).
+
+    ``preprocessing`` is the record of ``transform`` when the source describes it itself;
+    ``extra`` names layers the source serves itself (listed in the error for an unknown layer).
+    """
+    tracer_kwargs = tracer_kwargs or {}
+    model.eval()
+    try:
+        nodes = _node_names(model, tracer_kwargs)
+    except Exception as e:  # fx cannot trace every model; say so instead of a long traceback
+        raise UnknownLayer(f"{name} cannot be cut at an inner layer ({e.__class__.__name__} while tracing it); "
+                           f"use {' or '.join(extra) or 'the default layer'}") from None
+    if layer is None:
+        layer = _default_layer(model, nodes)
+        pool = pool or "avg"
+    elif layer not in set(_prefixes(nodes)):
+        top = list(extra) + [n for n in _prefixes(nodes) if "." not in n]
+        raise UnknownLayer(
+            f"Unknown layer {layer!r} for {name}. Layers: {', '.join(top)} "
+            f"(and their sub-layers, e.g. {nodes[len(nodes) // 2]}). See: featcache layers {name}"
+        )
+    pool = pool or "none"
+    digest = state_digest(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = create_feature_extractor(model, return_nodes=[layer], tracer_kwargs=tracer_kwargs)
+    preprocessing = preprocessing or describe_transform(transform)
+    crop = crop_of(preprocessing)
+    with torch.no_grad():
+        raw = graph(torch.zeros(1, 3, crop, crop))[layer]
+    if not isinstance(raw, torch.Tensor):
+        raise UnknownLayer(f"layer {layer!r} of {name} does not output a single tensor; choose another --layer")
+    if raw.ndim != 4:
+        pool = "none"  # only spatial maps are pooled
+    shape = (raw.shape[1],) if pool != "none" else tuple(raw.shape[1:])
+    cut = FxCut(graph, layer, pool).eval().requires_grad_(False)
+    return Backbone(name=name, layer=layer, pool=pool, model=cut, transform=transform, weights_id=weights_id,
+                    weights_sha256=digest, preprocessing=preprocessing, shape=shape)
+
+
+def rest_after(model: nn.Module, name: str, layer: str, n_classes: int,
+               tracer_kwargs: dict | None = None) -> tuple[nn.Module, str]:
+    """The network after ``layer`` with its pretrained weights, its last Linear replaced for ``n_classes``.
+
+    Returns the module (cached features → logits) and the qualified name of the new layer.
+    vgg16 cut at ``features`` gives the classifier block; resnet cut at ``layer3`` gives
+    ``layer4`` + pooling + a new ``fc``.
+    """
+    import torch.fx as fx
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    model.eval()
+    tracer = NodePathTracer(**(tracer_kwargs or {}))
+    graph = tracer.trace(model)
+    qual = tracer.node_to_qualname
+    nodes = list(graph.nodes)
+    cut = [i for i, n in enumerate(nodes) if qual.get(n) == layer or str(qual.get(n, "")).startswith(layer + ".")]
+    if not cut:
+        raise UnknownLayer(f"Unknown layer {layer!r} for {name}. See: featcache layers {name}")
+    cut_at = cut[-1]
+    new = fx.Graph()
+    env: dict = {nodes[cut_at]: new.placeholder("features")}
+    for node in nodes[cut_at + 1 :]:
+        for inp in node.all_input_nodes:
+            if inp in env:
+                continue
+            if inp.op == "get_attr":
+                env[inp] = new.node_copy(inp)
+            else:
+                raise UnknownLayer(
+                    f"the network after {layer!r} also reads {qual.get(inp, inp.name)!r}, so it cannot be trained "
+                    f"from features cut at {layer!r} alone; cut at a block boundary (see: featcache layers {name})"
+                )
+        if node.op == "output":
+            new.output(env[node.args[0]] if isinstance(node.args[0], fx.Node) else node.args[0])
+            break
+        env[node] = new.node_copy(node, lambda a: env[a])
+    rest = fx.GraphModule(model, new)
+    linears = [n.target for n in rest.graph.nodes if n.op == "call_module" and isinstance(rest.get_submodule(n.target), nn.Linear)]
+    if not linears:
+        raise UnknownLayer(f"nothing after {layer!r} in {name} ends in a Linear layer to replace")
+    last = linears[-1]
+    old = rest.get_submodule(last)
+    parent, _, attr = last.rpartition(".")
+    with seeded():
+        setattr(rest.get_submodule(parent) if parent else rest, attr, nn.Linear(old.in_features, n_classes))
+    rest.delete_all_unused_submodules()
+    return rest, last

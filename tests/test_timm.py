@@ -1,0 +1,86 @@
+"""timm:NAME backbones: stored rows equal timm's own embedding on timm's own preprocessing."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import featcache
+from featcache.backbones import create_backbone, list_layers
+from featcache.errors import UnknownBackbone, UnknownLayer, WeightsError
+
+from .conftest import make_folder
+
+timm = pytest.importorskip("timm")
+import timm.data  # noqa: E402
+
+
+def _reference(name: str, paths: list) -> np.ndarray:
+    """timm's documented embedding, computed without featcache: seeded random init, timm's eval transform."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+
+
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("convnext_atto", 320), ("vit_tiny_patch16_224", 192)])
+def test_stored_rows_are_timms_embedding(tmp_path, name, dim):
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)), size=(20, 28))
+    store = str(tmp_path / "store.zarr")
+    r = featcache.extract(backbone=f"timm:{name}", weights="none", data=str(data), store=store, workers=0)
+    assert r.shape == (dim,) and r.extracted == 9
+    fs = featcache.open_store(store).get_set()
+    x, _ = fs.to_numpy("train")
+    want = _reference(name, [data / p for p in fs.paths("train")])
+    np.testing.assert_allclose(x.astype(np.float32), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    a = fs.attrs
+    assert a["backbone"] == f"timm:{name}" and a["layer"] == "pre_logits"
+    config = timm.data.resolve_model_data_config(timm.create_model(name, pretrained=False))
+    assert a["preprocessing"]["data_config"]["crop_pct"] == config["crop_pct"]
+    assert a["preprocessing"]["data_config"]["interpolation"] == config["interpolation"]
+
+
+def test_preprocessing_is_the_models_own_and_part_of_the_space():
+    vit = create_backbone("timm:vit_tiny_patch16_224", weights="none")
+    assert vit.preprocessing["mean"] == [0.5, 0.5, 0.5] and vit.preprocessing["data_config"]["crop_pct"] == 0.9
+    assert "bicubic" in vit.preprocessing["repr"]
+    assert vit.provenance()["preprocessing"] == vit.preprocessing  # so it keys the feature space
+    resnet = create_backbone("timm:resnet18", weights="none")
+    assert resnet.preprocessing["data_config"]["crop_pct"] == 0.95 and resnet.preprocessing["mean"][0] == 0.485
+
+
+def test_layers_and_errors():
+    assert create_backbone("timm:resnet18", layer="layer3", weights="none").shape == (256, 14, 14)
+    assert create_backbone("timm:resnet18", layer="layer3", pool="avg", weights="none").shape == (256,)
+    layers = list_layers("timm:resnet18")
+    assert layers[0] == "pre_logits" and layers.index("layer3") < layers.index("layer4")
+    with pytest.raises(UnknownLayer, match=r"Unknown layer 'nope' for timm:resnet18\. Layers: pre_logits, conv1"):
+        create_backbone("timm:resnet18", layer="nope", weights="none")
+    with pytest.raises(UnknownBackbone, match="Unknown timm model 'resnet19'; closest: timm:resnet18"):
+        create_backbone("timm:resnet19", weights="none")
+    with pytest.raises(WeightsError, match="takes DEFAULT, none, or a local .safetensors"):
+        create_backbone("timm:resnet18", weights="IMAGENET1K_V1")
+
+
+def test_local_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = timm.create_model("resnet18", pretrained=False)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    b = create_backbone("timm:resnet18", weights=str(tmp_path / "model.safetensors"))
+    assert b.weights_id == "file:model.safetensors"
+    assert b.weights_sha256 != create_backbone("timm:resnet18", weights="none").weights_sha256
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(b.model(x), model.eval().forward_head(model.forward_features(x), pre_logits=True))
+
+
+def test_without_timm_the_error_names_the_pip_command(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(UnknownBackbone, match=r"pip install 'featcache\[timm\]'"):
+        create_backbone("timm:resnet18", weights="none")
