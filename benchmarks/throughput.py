@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
 import time
@@ -22,6 +24,7 @@ import featcache
 from featcache.backbones import create_backbone
 from featcache.data import load_rgb, scan
 from featcache.heads import TorchHead
+from featcache.store import digest_key
 from featcache.stream import RowReader
 
 __all__ = ["extract_vs_forward", "reader_vs_path", "fit_vs_bare", "synthetic_set"]
@@ -116,7 +119,13 @@ def synthetic_set(store: str, rows: int, dim: int, classes: int, seed: int = 0, 
         h = np.array(hashes[at : at + n])
         arrays[split] = {"sha256": h, "labels": labels[at : at + n].astype(np.int32), "paths": h}
         at += n
-    return st.write_set("5e7000000000", attrs, arrays).key
+    # the view digest and the key a reader checks (FORMAT.md, "Sets")
+    view = [[split, p, int(y), p] for split, a in arrays.items() for p, y in zip(a["paths"].tolist(), a["labels"].tolist())]
+    blob = json.dumps({"classes": attrs["classes"], "rows": view}, separators=(",", ":"))
+    attrs["manifest_sha256"] = hashlib.sha256(blob.encode()).hexdigest()
+    key = digest_key({"space": space, "view": attrs["manifest_sha256"], "data_root": attrs["data_root"],
+                      "split_fractions": None, "split_seed": None}, 12)
+    return st.write_set(key, attrs, arrays).key
 
 
 def fit_vs_bare(rows: int = 10_000, dim: int = 25_088, classes: int = 10, epochs: int = 3, batch_size: int = 64) -> dict:

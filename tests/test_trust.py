@@ -18,6 +18,7 @@ from PIL import Image
 import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
+from featcache.store import digest_key
 from featcache.store.maintenance import gc, status, verify
 
 from .conftest import TINY, make_folder
@@ -268,7 +269,10 @@ def test_current_folder_is_not_put_on_sys_path(folder, tmp_path, monkeypatch):
 def test_a_hostile_data_root_is_never_walked(folder, store_url, tmp_path):
     r = _extract(folder, store_url)
     group = featcache.open_store(store_url).get_set(r.set_key).group
-    group.attrs["data_root"] = "/"
+    group.attrs["data_root"] = "/"  # the key is a digest of the record: a hostile writer recomputes it too
+    a = group.attrs
+    group.attrs["key"] = digest_key({"space": a["space"], "view": a["manifest_sha256"], "data_root": "/",
+                                     "split_fractions": None, "split_seed": None}, 12)
     runner = CliRunner()
     line = _one_error_line(runner.invoke(main, ["status", "--store", store_url]), 2)
     assert "pass that folder" in line and "--data" in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -61,7 +62,7 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
     cfg = r.config
     text = lambda v: v if isinstance(v, str) else None  # noqa: E731
     names = lambda v: tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else None  # noqa: E731
-    manifest = scan(data, r.split_fractions, r.split_seed or 0, labels=text(cfg.get("labels")),
+    manifest = scan(data, r.split_fractions, r.split_seed or 0, labels=_labels_inside(fs, text(cfg.get("labels")), data),
                     labels_from_name=text(cfg.get("labels_from_name")), classes=names(cfg.get("classes")),
                     exclude_class=names(cfg.get("exclude_class")) or ())
     current = {(it.split, it.path): it.sha256 for it in manifest.items}
@@ -78,6 +79,23 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
     st.removed = [p for (s, p) in stored if (s, p) not in current]
     st.to_extract = len({h for (s, p), h in current.items() if h not in known and p not in skipped})
     return st
+
+
+def _labels_inside(fs: FeatureSet, labels: str | None, data: str) -> Path | None:
+    """The labels CSV a set was made with, found at the same place inside the folder the user names.
+
+    The stored path is only a name: a CSV outside the set's data folder is never opened (a store
+    must not make featcache read, and print the first line of, a file the user did not name)."""
+    if labels is None:
+        return None
+    made_from = fs.record.config.get("data")
+    base = fs.record.data_root if os.path.isabs(labels) or not isinstance(made_from, str) else made_from
+    rel = os.path.relpath(os.path.normpath(labels), os.path.normpath(base))
+    if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
+        raise DataError(f"set {fs.key} was made with the labels file {labels!r}, outside its data folder "
+                        f"{fs.record.data_root!r}; featcache opens no file a store names, so the folder cannot be "
+                        "compared. Re-extract with the CSV inside the data folder.", option="--data")
+    return safe_join(data, rel)
 
 
 @dataclass
@@ -256,7 +274,10 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
     for name in stale:
         report["leases_removed"] += 1
         if not dry_run:
-            store.remove_lease(name)
+            try:
+                store.remove_lease(name)
+            except (OSError, ValueError) as e:
+                report["notes"].append(f"lease {name} could not be removed ({_why(e)}); left alone")
     sets = store.root["sets"] if "sets" in store.root else None
     if sets is not None:
         for name, group in child_groups(sets):
@@ -264,7 +285,10 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
                 report["sets_removed"] += 1
                 report["bytes_freed"] += group_bytes(group)
                 if not dry_run:
-                    del sets[name]
+                    try:
+                        del sets[name]
+                    except (OSError, ValueError) as e:
+                        report["notes"].append(f"unfinished set {name} could not be removed ({_why(e)}); left alone")
     for space in store.spaces():
         if space in live:
             report["spaces_leased"] += 1
@@ -276,18 +300,18 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
         for name, group in store.segment_groups(space):
             if group.attrs.get("committed") is not True:
                 if old(group, "created_at") and not leased(space):
-                    report["segments_removed"] += 1
-                    report["bytes_freed"] += group_bytes(group)
-                    if not dry_run:
-                        store.remove_segment(space, name)
+                    freed = group_bytes(group)
+                    if dry_run or _remove(store, space, name, report):
+                        report["segments_removed"] += 1
+                        report["bytes_freed"] += freed
                 continue
             if name in superseded and not unreadable:  # compacted into another: free it once that one is old
                 newer = dict(store.segment_groups(space)).get(superseded[name])
                 if newer is not None and old(newer, "committed_at") and not leased(space):
-                    report["segments_removed"] += 1
-                    report["bytes_freed"] += group_bytes(group)
-                    if not dry_run:
-                        store.remove_segment(space, name)
+                    freed = group_bytes(group)
+                    if dry_run or _remove(store, space, name, report):
+                        report["segments_removed"] += 1
+                        report["bytes_freed"] += freed
                 continue
             if unreadable or name in damaged or name not in sound:
                 continue  # a damaged segment is evidence for verify, not garbage
@@ -297,25 +321,47 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
             if len(keep) == len(hashes) or not old(group, "committed_at") or leased(space):
                 continue
             before = group_bytes(group)
-            report["rows_removed"] += len(hashes) - len(keep)
-            if keep:
-                report["segments_rewritten"] += 1
-                if not dry_run:
-                    feats = sound[name].features
-                    writer = store.new_segment(space, len(keep), feats.shape[1:], str(feats.dtype))
-                    writer.append(feats[:][keep], hashes[keep].tolist())
-                    writer.commit(rewritten_from=name)
-                    report["bytes_freed"] += before - writer.nbytes_stored()
-                else:
-                    report["bytes_freed"] += before * (len(hashes) - len(keep)) // max(len(hashes), 1)
+            if keep and not dry_run:
+                # the rows kept are read chunk by chunk against the integrity record: a chunk altered since
+                # its commit must stay evidence for verify, never be copied into a fresh, sound-looking segment
+                feats = sound[name].features
+                try:
+                    rows = sound[name].read_rows(np.asarray(keep, dtype=np.int64), space)
+                    if not np.isfinite(rows).all():
+                        raise StoreError("it holds non-finite values; see: featcache verify")
+                except Exception as e:
+                    report["notes"].append(f"space {space} segment {name} left alone: {_why(e)}")
+                    continue
+                writer = store.new_segment(space, len(keep), feats.shape[1:], str(feats.dtype))
+                writer.append(rows, hashes[keep].tolist())
+                writer.commit(rewritten_from=name)
+                report["bytes_freed"] += before - writer.nbytes_stored()
+            elif keep:
+                report["bytes_freed"] += before * (len(hashes) - len(keep)) // max(len(hashes), 1)
             else:
-                report["segments_removed"] += 1
                 report["bytes_freed"] += before
+            report["rows_removed"] += len(hashes) - len(keep)
+            report["segments_rewritten" if keep else "segments_removed"] += 1
             if not dry_run:
-                store.remove_segment(space, name)
+                _remove(store, space, name, report)
     live = store.leases()[0]
     report["bytes_freed"] += _remove_partial_writes(store.url, grace_s, dry_run, live)
     return report
+
+
+def _why(e: BaseException) -> str:
+    return str(e) if isinstance(e, StoreError) else f"{e.__class__.__name__}: {e}"
+
+
+def _remove(store: Store, space: str, name: str, report: dict) -> bool:
+    """Remove a segment; one that cannot be removed (a symbolic link planted in the store, a file the
+    user may not delete) is named in a note and left, so gc goes on with the others."""
+    try:
+        store.remove_segment(space, name)
+        return True
+    except (OSError, ValueError) as e:
+        report["notes"].append(f"space {space} segment {name} could not be removed ({_why(e)}); left alone")
+        return False
 
 
 def _remove_partial_writes(url: str, grace_s: float, dry_run: bool, leased: set[str]) -> int:
@@ -369,7 +415,12 @@ def compact(store: Store, key: str | None = None) -> dict:
                 keys = seg.sha256.tolist()
                 mine = np.array([index[k] == (s, r) for r, k in enumerate(keys)], dtype=bool)  # first wins
                 for start in range(0, len(keys), seg.chunk_rows):
-                    block = seg.features[start : start + seg.chunk_rows]
+                    try:
+                        block = seg.features[start : start + seg.chunk_rows]
+                    except Exception as e:  # a codec checksum that fails, a shard that cannot be decoded ...
+                        raise StoreError(f"segment {seg.key} of space {space}, rows from {start}: cannot be read "
+                                         f"({e.__class__.__name__}: {e}); nothing was compacted. See: featcache "
+                                         "verify") from None
                     seg.check_chunk(start, block, space)
                     take = mine[start : start + len(block)]
                     writer.append(block[take], [k for k, t in zip(keys[start : start + len(block)], take) if t])

@@ -333,6 +333,25 @@ class Segment:
                 "differ from the integrity record. See: featcache verify"
             )
 
+    def read_rows(self, rows: np.ndarray, space: str) -> np.ndarray:
+        """The given rows (sorted ascending), read whole chunk by whole chunk, each chunk compared with its
+        recorded CRC first: a row is never returned from a chunk that differs from the integrity record."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows),) + tuple(self.features.shape[1:]), dtype=self.features.dtype)
+        if not len(rows):
+            return out
+        step = self.chunk_rows
+        chunk_of = rows // step
+        needed = np.unique(chunk_of)
+        for run in np.split(needed, np.flatnonzero(np.diff(needed) != 1) + 1):  # consecutive chunks: one read
+            lo, hi = int(run[0]) * step, min((int(run[-1]) + 1) * step, self.features.shape[0])
+            block = self.features[lo:hi]
+            for start in range(lo, hi, step):
+                self.check_chunk(start, block[start - lo : start - lo + step], space)
+            a, b = np.searchsorted(rows, lo), np.searchsorted(rows, hi)  # rows are sorted
+            out[a:b] = block[rows[a:b] - lo]
+        return out
+
 
 def write_array(group: zarr.Group, name: str, values: np.ndarray, chunk_bytes: int = 4 << 20) -> zarr.Array:
     """A small core-typed array (keys, labels, offsets, a blob), every chunk written."""
@@ -402,6 +421,31 @@ def _check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | 
         if have != want:
             return None, f"{want - have} of {want} shard files are missing"
     return Segment(name, features, keys, chunk_rows, crcs), None
+
+
+def _superseded(segments: list[Segment], groups: dict[str, zarr.Group]) -> dict[str, str]:
+    """Segments that sound compacted segments replace (name → the replacing one's name).
+
+    A ``supersedes`` claim is honoured only while every row key of the segment it names is still held by
+    a segment that counts: a segment that lists others it does not hold (hostile, or written by a faulty
+    tool), or two that list each other, never make rows disappear, nor let gc free them."""
+    sound = {seg.key: seg for seg in segments}
+    claims: dict[str, str] = {}
+    for seg in segments:
+        listed = groups[seg.key].attrs.get("supersedes") or []
+        for name in listed if isinstance(listed, list) else []:
+            if isinstance(name, str) and name != seg.key:
+                claims.setdefault(name, seg.key)
+    counted: set[str] = set()
+    for seg in segments:
+        if seg.key not in claims:
+            counted.update(seg.sha256.tolist())
+    for name in sorted(claims):  # a claimed segment whose rows no counted segment holds counts again
+        old = sound.get(name)
+        if old is not None and not counted.issuperset(old.sha256.tolist()):
+            del claims[name]
+            counted.update(old.sha256.tolist())
+    return claims
 
 
 class Lease:
@@ -482,14 +526,8 @@ class Rows:
 
     def superseded_segments(self, space: str) -> dict[str, str]:
         """Committed segments that a sound compacted segment replaces: name → the replacing segment's name."""
-        out = {}
-        sound = {seg.key for seg in self._index(space)[0]}
-        for name, group in self.segment_groups(space):
-            if name in sound and group.attrs.get("committed") is True:
-                for old in group.attrs.get("supersedes") or []:
-                    if isinstance(old, str):
-                        out[old] = name
-        return out
+        self._index(space)
+        return dict(self._index_cache[space][4])
 
     def damaged_segments(self, space: str) -> dict[str, str]:
         """Committed segments of ``space`` that do not match their integrity record, with the reason."""
@@ -502,7 +540,7 @@ class Rows:
         names = tuple(k for k, _ in committed)
         cached = self._index_cache.get(space)
         if cached is not None and cached[0] == names:
-            return cached[1:]
+            return cached[1:4]
         segments: list[Segment] = []
         damaged: dict[str, str] = {}
         for name, group in committed:
@@ -512,15 +550,13 @@ class Rows:
                 self._warn(f"space {space} segment {name} is damaged ({why}); its rows count as missing")
             else:
                 segments.append(seg)
-        # a sound segment that compacted others replaces them: theirs no longer count
-        groups = dict(committed)
-        superseded = {n for seg in segments for n in (groups[seg.key].attrs.get("supersedes") or []) if isinstance(n, str)}
+        superseded = _superseded(segments, dict(committed))
         segments = [seg for seg in segments if seg.key not in superseded]
         index: dict[str, tuple[int, int]] = {}
         for s, seg in enumerate(segments):
             for r, h in enumerate(seg.sha256.tolist()):
                 index.setdefault(h, (s, r))
-        self._index_cache[space] = (names, segments, index, damaged)
+        self._index_cache[space] = (names, segments, index, damaged, superseded)
         return segments, index, damaged
 
     def forget_index(self) -> None:
@@ -581,14 +617,10 @@ class Rows:
             dest = np.array([i for i, _ in pairs])
             rows = np.array([r for _, r in pairs])
             try:
-                if len(rows) * 4 >= arr.shape[0]:  # most of the segment: one sequential read
-                    whole = arr[:]
-                    for start in range(0, len(whole), segments[s].chunk_rows):
-                        segments[s].check_chunk(start, whole[start : start + segments[s].chunk_rows], space)
-                    out[dest] = whole[rows]
-                else:
-                    order = np.argsort(rows)
-                    out[dest[order]] = arr.oindex[rows[order]]
+                # whole chunks are read and checked against the integrity record, however few rows are wanted:
+                # a chunk altered after its commit (its codec checksum intact) must never pass for data
+                order = np.argsort(rows, kind="stable")
+                out[dest[order]] = segments[s].read_rows(rows[order], space)
             except StoreError:
                 raise
             except Exception as e:  # checksum mismatch, codec error, shape mismatch ...

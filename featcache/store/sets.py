@@ -7,6 +7,8 @@ damaged or hostile, and a reader must fail with a clear error rather than misbeh
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,7 +16,7 @@ import zarr
 
 from ..errors import SetNotFound, StoreError
 from .records import SetRecord
-from .rows import arrays_to_keys, decode_strings, read_checked
+from .rows import arrays_to_keys, decode_strings, digest_key, read_checked
 
 if TYPE_CHECKING:
     from .store import Store
@@ -32,6 +34,38 @@ class FeatureSet:
         self.group = group
         self.record = SetRecord.from_attrs(key, dict(group.attrs))
         self.attrs: dict = self.record.to_attrs()
+        self._arrays: dict[str, tuple[np.ndarray, list[str], np.ndarray]] | None = None
+        self._check_key()
+
+    def _check_key(self) -> None:
+        """The key is a digest of what the set is (its space, its view's digest, its folder, its split): a
+        group whose record does not hash to the key it claims is not that set."""
+        r = self.record
+        if "migrated_from" in r.extra:  # format 1 keyed sets differently; the view digest is still checked
+            return
+        want = digest_key({"space": r.space, "view": r.manifest_sha256, "data_root": r.data_root,
+                           "split_fractions": list(r.split_fractions) if r.split_fractions else None,
+                           "split_seed": r.split_seed, **({"views": r.views, "view_space": r.view_space} if r.views else {})},
+                          12)
+        if want != self.key:
+            raise StoreError(f"set {self.key}: its record hashes to the key {want}, not {self.key}; the store is "
+                             "damaged or the set was altered")
+
+    def _view(self) -> dict[str, tuple[np.ndarray, list[str], np.ndarray]]:
+        """Labels, paths and hashes of every split, read once and compared with the set's view digest
+        (``manifest_sha256``: classes, and split, path, label and image hash of every row), so class names
+        reordered or renamed, or labels, paths or hashes that are another view's, are refused."""
+        if self._arrays is None:
+            arrays = {s: (self._labels(s), self._paths(s), self._hashes(s)) for s in self.splits}
+            rows = [[s, p, int(y), h] for s, (labels, paths, hashes) in arrays.items()
+                    for y, p, h in zip(labels.tolist(), paths, hashes.tolist())]
+            blob = json.dumps({"classes": list(self.classes), "rows": rows}, separators=(",", ":"))
+            if hashlib.sha256(blob.encode()).hexdigest() != self.record.manifest_sha256:
+                raise StoreError(f"set {self.key}: its classes, labels, paths and hashes differ from the view digest "
+                                 "it records (manifest_sha256); the store is damaged or the set was altered. "
+                                 "Re-run featcache extract to record the set again.")
+            self._arrays = arrays
+        return self._arrays
 
     def __repr__(self) -> str:
         return f"FeatureSet({self.key!r}, {self.record.backbone}/{self.record.layer}, splits={self.splits})"
@@ -87,6 +121,19 @@ class FeatureSet:
         return values
 
     def labels(self, split: str) -> np.ndarray:
+        self._split(split)
+        return self._view()[split][0].copy()
+
+    def paths(self, split: str) -> list[str]:
+        self._split(split)
+        return list(self._view()[split][1])
+
+    def hashes(self, split: str) -> np.ndarray:
+        """The split's image hashes as SHA-256 hex strings."""
+        self._split(split)
+        return self._view()[split][2].copy()
+
+    def _labels(self, split: str) -> np.ndarray:
         labels = self._counted(split, self._read(split, "labels", "int32").astype(np.int64), "labels")
         if split in self.record.unlabelled:
             if len(labels) and (labels != -1).any():
@@ -96,7 +143,7 @@ class FeatureSet:
             raise StoreError(f"set {self.key} split {split} has labels outside 0..{len(self.classes) - 1}")
         return labels
 
-    def paths(self, split: str) -> list[str]:
+    def _paths(self, split: str) -> list[str]:
         blob = self._read(split, "paths_utf8", "uint8")
         offsets = self._read(split, "paths_offsets", "int64")
         try:
@@ -105,8 +152,7 @@ class FeatureSet:
             raise StoreError(f"set {self.key} split {split}: paths are malformed ({e}); the store is damaged") from None
         return self._counted(split, paths, "paths")
 
-    def hashes(self, split: str) -> np.ndarray:
-        """The split's image hashes as SHA-256 hex strings."""
+    def _hashes(self, split: str) -> np.ndarray:
         digests = self._counted(split, self._read(split, "sha256", "uint8", (32,)), "sha256")
         return np.array(arrays_to_keys(digests), dtype="<U64")
 
