@@ -91,8 +91,8 @@ def test_gc_and_compact_on_a_chunk_that_fails_its_checksum_are_a_note_and_one_er
     store = tmp_path / "s.zarr"
     a = _extract(big, store)
     b = _extract(_subset(big, tmp_path / "small"), store)
+    name, _ = _segment(store, a.space)  # the segment of a's rows, named before another one exists
     _extract(make_folder(tmp_path / "other", seed=5), store)  # a second segment: compact has work to do
-    name, _ = _segment(store, a.space)
     shard = _shard(store, a.space, name)
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF  # one flipped bit of disk
