@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
-from .data import IMAGE_EXTENSIONS, hash_file
+from .data import IMAGE_EXTENSIONS
+from .data.manifest import hash_all
 from .errors import DataError
 from .heads import SklearnHead, TorchHead, head_from_record
 from .lookup import RowCounts, load_run, run_rows
@@ -120,17 +120,6 @@ def _load(run: str | Path, backbone: str | None = None, weights: str | None = No
     return Predictor(net, head).eval(), net, record
 
 
-def _hash_all(files: list[Path]) -> list[tuple[str, int] | OSError]:
-    def one(p: Path) -> tuple[str, int] | OSError:
-        try:
-            return hash_file(p)
-        except OSError as e:
-            return e
-
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(one, files))
-
-
 @dataclass(frozen=True)
 class _File:
     path: str
@@ -154,7 +143,7 @@ def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size
     k = max(1, min(top_k, len(classes)))
     results: list[Prediction | None] = [None] * len(files)
     items, where = [], []
-    for i, (f, h) in enumerate(zip(files, _hash_all(files))):
+    for i, (f, h) in enumerate(zip(files, hash_all(files))):
         if isinstance(h, OSError):
             results[i] = Prediction(str(f), [], f"cannot read: {h.strerror or h}")
         else:

@@ -26,7 +26,8 @@ from ..errors import DataError
 from .images import IMAGE_EXTENSIONS, NotRegularFile, open_regular
 from .layouts import SPLIT_NAMES, Layout, Skip, find_layout
 
-__all__ = ["Item", "Manifest", "scan", "parse_split", "safe_join", "hash_file"]
+__all__ = [
+    "hash_all", "Item", "Manifest", "scan", "parse_split", "safe_join", "hash_file"]
 
 _HASH_THREADS = 8
 _log = logging.getLogger("featcache.data")
@@ -103,7 +104,7 @@ def hash_file(path: str | os.PathLike) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _hash_all(paths: list[Path]) -> list[tuple[str, int] | OSError]:
+def hash_all(paths: list[Path]) -> list[tuple[str, int] | OSError]:
     def one(p: Path) -> tuple[str, int] | OSError:
         try:
             return hash_file(p)
@@ -202,7 +203,7 @@ def scan(
     if not entries:
         raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
 
-    hashed = _hash_all([p for _, _, p in entries])
+    hashed = hash_all([p for _, _, p in entries])
     kept: list[tuple[str, int, Path, str, int]] = []
     first_seen: dict[str, tuple[int, str]] = {}  # bytes → (label, path) of their first labelled copy
     for (name, label, p), h in zip(entries, hashed):
