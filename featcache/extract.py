@@ -12,21 +12,22 @@ import errno
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
-from .backbones import POOLS, PRECISIONS, Backbone, create_backbone, module_name, resolve_precision
+from .backbones import (POOLS, PRECISIONS, Backbone, Joint, create_backbone, create_joint, module_name, parse_layers,
+                         resolve_precision)
 from .data import (DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, parse_classes, parse_name_pattern, parse_split,
                    scan)
 from .errors import DataError, FeatcacheError, StoreError
 from .pipeline import Writer, checked, commit_partial, resolve_device, row_key, run_backbone
 from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store, space_key
 
-__all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "Interrupted", "extract", "default_store_url"]
+__all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "LayersResult", "Interrupted", "extract", "default_store_url"]
 
 DTYPES = ("float16", "float32")
 
@@ -46,7 +47,7 @@ class ExtractConfig:
     backbone: str
     data: str = "data"
     store: str = field(default_factory=default_store_url)
-    layer: str | None = None
+    layer: str | tuple[str, ...] | None = None  # several: one set per layer, from one pass (layer3,layer4)
     weights: str = "DEFAULT"
     pool: str | None = None
     dtype: str = "float16"
@@ -82,6 +83,7 @@ class ExtractConfig:
             raise ValueError(f"workers must be >= 0; got {self.workers}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+        object.__setattr__(self, "layer", parse_layers(self.layer))
         object.__setattr__(self, "split", parse_split(self.split))
         object.__setattr__(self, "labels_from_name", parse_name_pattern(self.labels_from_name))
         object.__setattr__(self, "classes", parse_classes(self.classes))
@@ -89,6 +91,7 @@ class ExtractConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["layer"] = list(self.layer) if isinstance(self.layer, tuple) else self.layer
         d["split"] = list(self.split) if self.split else None
         d["classes"] = list(self.classes) if self.classes is not None else None
         d["exclude_class"] = list(self.exclude_class)
@@ -115,6 +118,7 @@ class ExtractResult:
     shape: tuple[int, ...]
     views: int = 0
     views_extracted: int = 0
+    layer: str | None = None
 
     @property
     def images(self) -> int:
@@ -137,6 +141,41 @@ class ExtractResult:
         )
 
 
+@dataclass
+class LayersResult:
+    """What ``extract(layer=[...])`` did: one :class:`ExtractResult` (one set) per layer, in the order asked."""
+
+    results: list[ExtractResult]
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, i: int) -> ExtractResult:
+        return self.results[i]
+
+    @property
+    def set_keys(self) -> list[str]:
+        return [r.set_key for r in self.results]
+
+    @property
+    def skipped(self) -> list[Skip]:
+        return self.results[0].skipped
+
+    @property
+    def seconds(self) -> float:
+        return self.results[0].seconds
+
+    def summary(self) -> str:
+        """One line per set (its layer first), then one for the pass they shared."""
+        computed = max(r.extracted for r in self.results)
+        lines = [f"{r.layer}: {r.summary()}" for r in self.results]
+        return "\n".join(lines + [f"{len(self.results)} layers, one pass: {computed} images through the network "
+                                   f"in {self.seconds:.1f} s"])
+
+
 def augmentation(preprocessing: dict, seed: int) -> dict:
     """The recorded recipe of augmented training views (part of the view space's key)."""
     return {"transform": "RandomResizedCrop+RandomHorizontalFlip", "size": preprocessing.get("crop_size", [224]),
@@ -145,29 +184,34 @@ def augmentation(preprocessing: dict, seed: int) -> dict:
 
 
 def _run_model(
-    backbone: Backbone,
+    joint: Joint,
     manifest: Manifest,
     todo: list[Item],
     store: Store,
-    space: str,
+    spaces: list[str],
+    have: list[set[str]],
     cfg: ExtractConfig,
     progress: bool,
     views: list[int] | None = None,
     augment: dict | None = None,
 ) -> tuple[dict[str, str], dict[str, float]]:
-    """Push ``todo`` through the network into new segments (one per checkpoint).
+    """Push ``todo`` through the network once; each part's rows go into new segments of its space (one per
+    checkpoint), except the rows that space already holds (``have``, by row key).
 
     Returns the reasons of images that failed to decode (by content hash) and stage timings.
     """
-    writer = Writer(store, space, len(todo), backbone.shape, cfg.dtype, cfg.checkpoint_s)
-    writer.start()
+    keys = [row_key(it, views[i] if views else None) for i, it in enumerate(todo)]
+    writers = [Writer(store, space, sum(k not in held for k in keys), part.shape, cfg.dtype, cfg.checkpoint_s)
+               for part, space, held in zip(joint.parts, spaces, have)]
+    for w in writers:
+        w.start()
     failed: dict[str, str] = {}
     timings = {"read": 0.0, "model": 0.0}
     workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
-    batches = run_backbone(backbone, manifest.root, todo, device=cfg.device, precision=cfg.precision,
+    batches = run_backbone(joint, manifest.root, todo, device=cfg.device, precision=cfg.precision,
                            batch_size=cfg.batch_size, workers=workers, compile=cfg.compile, progress=progress,
                            views=views, augment=augment, timings=timings)
-    committed = False
+    closed = 0
     try:
         with contextlib.closing(batches):
             for b in batches:
@@ -177,15 +221,21 @@ def _run_model(
                     failed[todo[i].sha256] = reason
                 if b.features is not None:
                     t = time.perf_counter()
-                    feats = checked(b.features, cfg.dtype, backbone, [todo[i] for i in b.indices])
-                    writer.put(feats, [row_key(todo[i], views[i] if views else None) for i in b.indices])
+                    outs = b.features if isinstance(b.features, list) else [b.features]
+                    for part, out, held, writer in zip(joint.parts, outs, have, writers):
+                        rows = [j for j, i in enumerate(b.indices) if keys[i] not in held]
+                        if rows:
+                            out = out if len(rows) == len(b.indices) else out[rows]
+                            feats = checked(out, cfg.dtype, part, [todo[b.indices[j]] for j in rows])
+                            writer.put(feats, [keys[b.indices[j]] for j in rows])
                     timings["model"] += time.perf_counter() - t
-        writer.close()
-        committed = True
+        for writer in writers:
+            writer.close()
+            closed += 1
     finally:
-        if not committed:
+        for writer in writers[closed:]:
             commit_partial(writer)
-    timings["write"] = writer.busy
+    timings["write"] = sum(w.busy for w in writers)
     return failed, timings
 
 
@@ -247,26 +297,32 @@ def _interrupted() -> Interrupted:
     return Interrupted("interrupted; finished batches are committed. Re-run the same command to resume.")
 
 
-def _compute(backbone: Backbone, manifest: Manifest, jobs: list[tuple[Item, int | None]], store: Store, space: str,
-             cfg: ExtractConfig, progress: bool, augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]:
-    """Rows for ``jobs`` (an image, and a view number or None) into new segments of ``space``."""
+def _compute(joint: Joint, manifest: Manifest, jobs: list[tuple[Item, int | None]], store: Store, spaces: list[str],
+             have: list[set[str]], cfg: ExtractConfig, progress: bool,
+             augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]:
+    """Rows for ``jobs`` (an image, and a view number or None) into new segments of each part's space, for the
+    parts whose space does not hold them yet (``have``)."""
     if not jobs:
         return {}, {}
     views = [k for _, k in jobs] if augment is not None else None
     try:
-        return _run_model(backbone, manifest, [it for it, _ in jobs], store, space, cfg, progress, views, augment)
+        return _run_model(joint, manifest, [it for it, _ in jobs], store, spaces, have, cfg, progress, views, augment)
     except KeyboardInterrupt:
         raise _interrupted() from None
     except OSError as e:
         raise _storage_error(e, cfg.store) from None
 
 
-def extract(config: ExtractConfig | None = None, *, progress: bool = False, transform=None, **kwargs) -> ExtractResult:
+def extract(config: ExtractConfig | None = None, *, progress: bool = False, transform=None,
+            **kwargs) -> ExtractResult | LayersResult:
     """Extract features for a folder into the store and record the dataset view.
 
     ``featcache.extract(backbone="resnet18", data="photos", weights="none")`` or pass an
     :class:`ExtractConfig`. ``backbone`` may also be an ``nn.Module``, with ``transform`` its
     preprocessing (PIL image → tensor). Returns what was done; ``result.summary()`` is one line.
+    Several layers (``layer=["layer3", "layer4"]`` or ``"layer3,layer4"``) run the images through
+    the network once and make one set per layer, each as its own extract would; then the result
+    is a :class:`LayersResult` with one :class:`ExtractResult` per layer.
     """
     module = kwargs.get("backbone") if isinstance(kwargs.get("backbone"), torch.nn.Module) else None
     if module is not None:
@@ -278,46 +334,62 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
     if cfg.strict and manifest.skipped:
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
-    backbone = create_backbone(module if module is not None else cfg.backbone, cfg.layer, cfg.weights, cfg.pool,
-                               transform=transform)
+    several = isinstance(cfg.layer, tuple)
+    if several:
+        joint = create_joint(module if module is not None else cfg.backbone, cfg.layer, cfg.weights, cfg.pool,
+                             transform=transform)
+    else:
+        backbone = create_backbone(module if module is not None else cfg.backbone, cfg.layer, cfg.weights, cfg.pool,
+                                   transform=transform)
+        joint = Joint((backbone,), backbone.model)
     precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
-    provenance = {**backbone.provenance(), "decode": DECODE_RECIPE, "precision": precision, "dtype": cfg.dtype}
+    provenances = [{**part.provenance(), "decode": DECODE_RECIPE, "precision": precision, "dtype": cfg.dtype}
+                   for part in joint.parts]
     store = open_store(cfg.store)
-    augment = augmentation(backbone.preprocessing, cfg.seed) if cfg.views else None
-    view_provenance = {**provenance, "augment": augment} if cfg.views else None
+    # every part has the same preprocessing, so the same augmented views
+    augment = augmentation(joint.parts[0].preprocessing, cfg.seed) if cfg.views else None
+    view_provenances = [{**p, "augment": augment} for p in provenances] if cfg.views else []
     rank, world = _distributed()
     # The lease keeps gc off these spaces from before anything is written or any row is chosen
     # for reuse until the set that refers to them is committed and its rows checked once more.
-    with store.lease([space_key(provenance)] + ([space_key(view_provenance)] if cfg.views else [])):
-        space = store.ensure_space(provenance)
-        view_space = store.ensure_space(view_provenance) if cfg.views else None
-        result = _extract_leased(cfg, manifest, backbone, store, space, view_space, augment, provenance, precision,
-                                 rank, world, progress and rank == 0)
-    result.seconds = time.perf_counter() - start
-    result.timings["total"] = result.seconds
-    return result
+    with store.lease([space_key(p) for p in provenances + view_provenances]):
+        spaces = [store.ensure_space(p) for p in provenances]
+        view_spaces = [store.ensure_space(p) for p in view_provenances] if cfg.views else [None] * len(spaces)
+        configs = [replace(cfg, layer=layer) for layer in cfg.layer] if several else [cfg]
+        results = _extract_leased(configs, manifest, joint, store, spaces, view_spaces, augment, provenances,
+                                  precision, rank, world, progress and rank == 0)
+    seconds = time.perf_counter() - start
+    for result in results:
+        result.seconds = seconds
+        result.timings["total"] = seconds
+    return LayersResult(results) if several else results[0]
 
 
-def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, store: Store, space: str,
-                    view_space: str | None, augment: dict | None, provenance: dict, precision: str,
-                    rank: int, world: int, progress: bool) -> ExtractResult:
-    known = store.known_hashes(space)
+def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joint, store: Store, spaces: list[str],
+                    view_spaces: list[str | None], augment: dict | None, provenances: list[dict], precision: str,
+                    rank: int, world: int, progress: bool) -> list[ExtractResult]:
+    """Compute what any part's space misses in one pass, then record one set per part (``configs[k]`` is the
+    config its set records: the whole extract's, its layer that part's)."""
+    cfg = configs[0]
+    known = [store.known_hashes(space) for space in spaces]
     todo: dict[str, Item] = {}
     for it in manifest.items:
-        if it.sha256 not in known and it.sha256 not in todo:
+        if it.sha256 not in todo and any(it.sha256 not in held for held in known):
             todo[it.sha256] = it
     _barrier(world)  # every rank has decided what to do before any rank writes
-    failed, timings = _compute(backbone, manifest, [(it, None) for it in list(todo.values())[rank::world]],
-                               store, space, cfg, progress)
+    failed, timings = _compute(joint, manifest, [(it, None) for it in list(todo.values())[rank::world]],
+                               store, spaces, known, cfg, progress)
     failed = _merge_failures(failed, world)
     view_jobs = 0
     if cfg.views:
-        known_views = store.known_hashes(view_space)
+        known_views = [store.known_hashes(space) for space in view_spaces]
         train = {it.sha256: it for it in manifest.items if it.split == "train" and it.sha256 not in failed}
-        jobs = [(it, k) for it in train.values() for k in range(cfg.views) if f"{it.sha256}:{k}" not in known_views]
+        jobs = [(it, k) for it in train.values() for k in range(cfg.views)
+                if any(f"{it.sha256}:{k}" not in held for held in known_views)]
         _barrier(world)
         view_jobs = len(jobs)
-        _, view_timings = _compute(backbone, manifest, jobs[rank::world], store, view_space, cfg, progress, augment)
+        _, view_timings = _compute(joint, manifest, jobs[rank::world], store, view_spaces, known_views, cfg, progress,
+                                   augment)
         if view_timings:
             timings["views_model"] = view_timings.get("model", 0.0)
 
@@ -337,28 +409,6 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
 
     view = Manifest(manifest.root, manifest.classes, kept)
     data_root = str(Path(cfg.data).resolve())
-    set_key = digest_key(
-        {
-            "space": space,
-            "view": view.digest(),
-            "data_root": data_root,  # identical copies in two folders share rows, not a set record
-            "split_fractions": list(manifest.split_fractions) if manifest.split_fractions else None,
-            "split_seed": manifest.split_seed,
-            **({"views": cfg.views, "view_space": view_space} if cfg.views else {}),
-        },
-        12,
-    )
-    record = SetRecord(
-        key=set_key, space=space, space_provenance=provenance, backbone=backbone.name, layer=backbone.layer,
-        pool=backbone.pool, dtype=cfg.dtype, precision=precision, weights_id=backbone.weights_id,
-        weights_sha256=backbone.weights_sha256, preprocessing=backbone.preprocessing,
-        classes=tuple(manifest.classes), splits={s: sum(1 for it in kept if it.split == s) for s in splits},
-        unlabelled=tuple(s for s in manifest.unlabelled if s in splits), data_root=data_root, layout=manifest.layout,
-        split_fractions=manifest.split_fractions, split_seed=manifest.split_seed, manifest_sha256=view.digest(),
-        views=cfg.views, view_space=view_space, augment=augment,
-        skipped=tuple(s.to_dict() for s in skipped), ignored=tuple(s.to_dict() for s in manifest.ignored),
-        config=cfg.to_dict(), versions=_versions(), created_at=now_iso(), created_by=created_by(), integrity={},
-    )
     arrays = {
         s: {
             "sha256": np.array([it.sha256 for it in kept if it.split == s], dtype=str),
@@ -367,38 +417,67 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
         }
         for s in splits
     }
-    _barrier(world)
-    if rank == 0:
-        # Rows chosen for reuse may have been removed meanwhile (a gc that started before the
-        # lease): recompute any that are gone, before and after the set is committed.
-        _restore_missing(backbone, manifest, kept, store, space, view_space, augment, cfg, progress)
-        try:
-            store.write_set(set_key, record, arrays)
-        except OSError as e:
-            raise _storage_error(e, cfg.store) from None
-        _restore_missing(backbone, manifest, kept, store, space, view_space, augment, cfg, progress)
-    _barrier(world)  # the set is committed before any rank returns
-    extracted = len(todo) - len(failed)  # by all ranks together
-    stats = store.space_stats(space)
-    return ExtractResult(
-        set_key=set_key,
-        space=space,
-        store=cfg.store,
-        splits=record.splits,
-        extracted=extracted,
-        reused=len({it.sha256 for it in kept}) - extracted,
-        skipped=skipped,
-        seconds=0.0,
-        bytes_stored=stats["bytes_stored"],
-        bytes_raw=stats["bytes_raw"],
-        timings=timings,
-        shape=backbone.shape,
-        views=cfg.views,
-        views_extracted=view_jobs,
-    )
+    results = []
+    for part, space, view_space, provenance, part_cfg, held in zip(joint.parts, spaces, view_spaces, provenances,
+                                                                  configs, known):
+        set_key = digest_key(
+            {
+                "space": space,
+                "view": view.digest(),
+                "data_root": data_root,  # identical copies in two folders share rows, not a set record
+                "split_fractions": list(manifest.split_fractions) if manifest.split_fractions else None,
+                "split_seed": manifest.split_seed,
+                **({"views": cfg.views, "view_space": view_space} if cfg.views else {}),
+            },
+            12,
+        )
+        record = SetRecord(
+            key=set_key, space=space, space_provenance=provenance, backbone=part.name, layer=part.layer,
+            pool=part.pool, dtype=cfg.dtype, precision=precision, weights_id=part.weights_id,
+            weights_sha256=part.weights_sha256, preprocessing=part.preprocessing,
+            classes=tuple(manifest.classes), splits={s: sum(1 for it in kept if it.split == s) for s in splits},
+            unlabelled=tuple(s for s in manifest.unlabelled if s in splits), data_root=data_root,
+            layout=manifest.layout, split_fractions=manifest.split_fractions, split_seed=manifest.split_seed,
+            manifest_sha256=view.digest(), views=cfg.views, view_space=view_space, augment=augment,
+            skipped=tuple(s.to_dict() for s in skipped), ignored=tuple(s.to_dict() for s in manifest.ignored),
+            config=part_cfg.to_dict(), versions=_versions(), created_at=now_iso(), created_by=created_by(),
+            integrity={},
+        )
+        _barrier(world)
+        if rank == 0:
+            # Rows chosen for reuse may have been removed meanwhile (a gc that started before the
+            # lease): recompute any that are gone, before and after the set is committed.
+            one = Joint((part,), part.model)
+            _restore_missing(one, manifest, kept, store, space, view_space, augment, cfg, progress)
+            try:
+                store.write_set(set_key, record, arrays)
+            except OSError as e:
+                raise _storage_error(e, cfg.store) from None
+            _restore_missing(one, manifest, kept, store, space, view_space, augment, cfg, progress)
+        _barrier(world)  # the set is committed before any rank returns
+        extracted = sum(1 for h in todo if h not in held and h not in failed)  # by all ranks together
+        stats = store.space_stats(space)
+        results.append(ExtractResult(
+            set_key=set_key,
+            space=space,
+            store=cfg.store,
+            splits=record.splits,
+            extracted=extracted,
+            reused=len({it.sha256 for it in kept}) - extracted,
+            skipped=skipped,
+            seconds=0.0,
+            bytes_stored=stats["bytes_stored"],
+            bytes_raw=stats["bytes_raw"],
+            timings=dict(timings),
+            shape=part.shape,
+            views=cfg.views,
+            views_extracted=view_jobs,
+            layer=part.layer,
+        ))
+    return results
 
 
-def _restore_missing(backbone: Backbone, manifest: Manifest, kept: list[Item], store: Store, space: str,
+def _restore_missing(joint: Joint, manifest: Manifest, kept: list[Item], store: Store, space: str,
                      view_space: str | None, augment: dict | None, cfg: ExtractConfig, progress: bool) -> None:
     """Recompute the rows of ``kept`` that are no longer in the store (a few tries, then an error)."""
     for _ in range(3):
@@ -406,14 +485,15 @@ def _restore_missing(backbone: Backbone, manifest: Manifest, kept: list[Item], s
         known = store.known_hashes(space)
         jobs = list({it.sha256: (it, None) for it in kept if it.sha256 not in known}.values())
         view_jobs = []
+        known_views: set[str] = set()
         if view_space:
             known_views = store.known_hashes(view_space)
             view_jobs = [(it, k) for it in {i.sha256: i for i in kept if i.split == "train"}.values()
                          for k in range(cfg.views) if f"{it.sha256}:{k}" not in known_views]
         if not jobs and not view_jobs:
             return
-        failed, _ = _compute(backbone, manifest, jobs, store, space, cfg, progress)
-        _compute(backbone, manifest, view_jobs, store, view_space, cfg, progress, augment)
+        failed, _ = _compute(joint, manifest, jobs, store, [space], [known], cfg, progress)
+        _compute(joint, manifest, view_jobs, store, [view_space], [known_views], cfg, progress, augment)
         if failed:
             raise DataError(f"{len(failed)} image(s) whose rows vanished from the store during this run cannot be "
                             f"read any more (first: {next(iter(failed.values()))}); re-run the command")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import Backbone, autocast, resolve_precision
+from .backbones import Backbone, Joint, autocast, resolve_precision
 from .data import decode_bytes, open_regular
 from .errors import DataError, FeatcacheError
 from .store import Store
@@ -100,10 +100,11 @@ def _collate(batch):
 
 @dataclass
 class Batch:
-    """One batch out of the model: item positions, their features (float32, on the CPU) and the items that failed."""
+    """One batch out of the model: item positions, their features (float32, on the CPU; a list with one array per
+    layer for a :class:`Joint`) and the items that failed."""
 
     indices: list[int]
-    features: np.ndarray | None
+    features: np.ndarray | list[np.ndarray] | None
     failed: list[tuple[int, str]] = field(default_factory=list)
 
 
@@ -116,7 +117,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_backbone(backbone: Backbone, root: Path, items: Sequence[_Item], *, device: str = "auto",
+def run_backbone(backbone: Backbone | Joint, root: Path, items: Sequence[_Item], *, device: str = "auto",
                  precision: str = "auto", batch_size: int = 64, workers: int | None = None, compile: bool = False,
                  progress: bool = False, desc: str = "extract", views: list[int] | None = None,
                  augment: dict | None = None, timings: dict[str, float] | None = None) -> Iterator[Batch]:
@@ -163,7 +164,10 @@ def run_backbone(backbone: Backbone, root: Path, items: Sequence[_Item], *, devi
                     x = batch.to(dev, non_blocking=True)
                     if cuda:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    feats = model(x).float().cpu().numpy()
+                    out = model(x)
+                    # a Joint's model returns one tensor per layer
+                    feats = ([o.float().cpu().numpy() for o in out] if isinstance(out, (tuple, list))
+                             else out.float().cpu().numpy())
             spent["model"] += time.perf_counter() - t
             yield Batch(indices, feats, bad)
             bar.update(len(indices) + len(bad))

@@ -7,9 +7,9 @@ One file per source behind one registry (``registry.py``): torchvision models
 """
 
 from .factory import module_name
-from .base import POOLS, PRECISIONS, Backbone, autocast, resolve_precision
-from .registry import (_build, check_user_backbone, create_backbone, create_rest, default_layer, layer_shapes,
-                       list_backbones, list_layers, rebuild_backbone)
+from .base import POOLS, PRECISIONS, Backbone, Joint, autocast, parse_layers, resolve_precision
+from .registry import (_build, check_user_backbone, create_backbone, create_joint, create_rest, default_layer,
+                       layer_shapes, list_backbones, list_layers, rebuild_backbone)
 
 __all__ = [
     "POOLS",
@@ -19,7 +19,10 @@ __all__ = [
     "rebuild_backbone",
     "check_user_backbone",
     "Backbone",
+    "Joint",
+    "parse_layers",
     "create_backbone",
+    "create_joint",
     "create_rest",
     "list_backbones",
     "list_layers",

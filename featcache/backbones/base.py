@@ -16,13 +16,16 @@ import torch
 from torch import nn
 from torchvision.transforms._presets import ImageClassification
 
-from ..errors import WeightsError
+from ..errors import UnknownLayer, WeightsError
 
 __all__ = [
     "POOLS",
     "PRECISIONS",
     "INIT_SEED",
     "Backbone",
+    "Joint",
+    "Separate",
+    "parse_layers",
     "autocast",
     "resolve_precision",
     "seeded",
@@ -62,6 +65,49 @@ class Backbone:
             "pool": self.pool,
             "shape": list(self.shape),
         }
+
+
+@dataclass
+class Joint:
+    """Several cuts of one network computed in one forward pass: ``model(batch)`` returns a tuple
+    with one tensor per part, in order, each exactly what that part's own ``model`` returns."""
+
+    parts: tuple[Backbone, ...]
+    model: nn.Module
+
+    @property
+    def transform(self) -> Callable:
+        return self.parts[0].transform
+
+
+class Separate(nn.Module):
+    """Each cut on its own, one after the other: for layers that one pass cannot serve together."""
+
+    def __init__(self, cuts: list[nn.Module]):
+        super().__init__()
+        self.cuts = nn.ModuleList(cuts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(cut(x) for cut in self.cuts)
+
+
+def parse_layers(value: str | list[str] | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+    """``--layer``: None (the default layer), one name, or several, ``"layer3,layer4"`` or a list (one set each)."""
+    if value is None:
+        return None
+    several = not isinstance(value, str) or "," in value
+    if isinstance(value, str):
+        names = [n.strip() for n in value.split(",")] if several else [value.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value):
+        names = [n.strip() for n in value]
+    else:
+        raise UnknownLayer(f"--layer takes a layer name or several, e.g. layer3,layer4; got {value!r}")
+    if not names or not all(names):
+        raise UnknownLayer(f"--layer takes a layer name or several, e.g. layer3,layer4; got {value!r}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UnknownLayer(f"--layer names {', '.join(twice)} more than once; name each layer once")
+    return tuple(names) if several else names[0]
 
 
 @contextmanager

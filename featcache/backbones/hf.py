@@ -18,9 +18,9 @@ from PIL import Image
 from torch import nn
 
 from ..errors import UnknownBackbone, UnknownLayer, WeightsError
-from .base import INIT_SEED, Backbone, load_weights_file, pool_map, seeded, state_digest
+from .base import INIT_SEED, Backbone, Joint, load_weights_file, pool_map, seeded, state_digest
 
-__all__ = ["PREFIX", "HFCut", "ProcessorTransform", "create", "layer_names", "layer_shapes", "check", "rebuildable"]
+__all__ = ["PREFIX", "HFCut", "HFJoint", "ProcessorTransform", "create", "create_joint", "layer_names", "layer_shapes", "check", "rebuildable"]
 
 PREFIX = "hf"
 _VALUES = "(--weights for a Hugging Face model takes DEFAULT, none, or a local .safetensors file)"
@@ -56,29 +56,46 @@ class ProcessorTransform:
         return f"ProcessorTransform({type(self.processor).__name__})"
 
 
+def _select(out: Any, layer: str, pool: str) -> torch.Tensor:
+    """The output named ``layer`` of one forward pass, pooled if it is a spatial map and ``pool`` asks for it."""
+    if layer.startswith("hidden_states."):
+        y = out.hidden_states[int(layer.split(".", 1)[1])]
+    elif layer == "pooler_output":
+        y = out.pooler_output
+    else:
+        y = out.last_hidden_state
+        if layer == "cls":
+            y = y[:, 0]
+        elif layer == "mean":
+            y = y.mean(dim=1) if y.ndim == 3 else y.mean(dim=tuple(range(2, y.ndim)))
+    if y.ndim == 4 and tuple(y.shape[2:]) == (1, 1):  # a pooled map (ResNetModel's pooler) is a vector
+        y = y.flatten(1)
+    return pool_map(y, pool)
+
+
 class HFCut(nn.Module):
     """The model's output named ``layer``, pooled if it is a spatial map and ``pool`` asks for it."""
 
     def __init__(self, model: nn.Module, layer: str, pool: str):
         super().__init__()
         self.model, self.layer, self.pool = model, layer, pool
-        self.index = int(layer.split(".", 1)[1]) if layer.startswith("hidden_states.") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=x, output_hidden_states=self.index is not None, return_dict=True)
-        if self.index is not None:
-            y = out.hidden_states[self.index]
-        elif self.layer == "pooler_output":
-            y = out.pooler_output
-        else:
-            y = out.last_hidden_state
-            if self.layer == "cls":
-                y = y[:, 0]
-            elif self.layer == "mean":
-                y = y.mean(dim=1) if y.ndim == 3 else y.mean(dim=tuple(range(2, y.ndim)))
-        if y.ndim == 4 and tuple(y.shape[2:]) == (1, 1):  # a pooled map (ResNetModel's pooler) is a vector
-            y = y.flatten(1)
-        return pool_map(y, self.pool)
+        hidden = self.layer.startswith("hidden_states.")
+        return _select(self.model(pixel_values=x, output_hidden_states=hidden, return_dict=True), self.layer, self.pool)
+
+
+class HFJoint(nn.Module):
+    """Several outputs of one forward pass, each as its own ``HFCut`` returns it."""
+
+    def __init__(self, model: nn.Module, layers: list[str], pools: list[str]):
+        super().__init__()
+        self.model, self.layers, self.pools = model, layers, pools
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = any(n.startswith("hidden_states.") for n in self.layers)
+        out = self.model(pixel_values=x, output_hidden_states=hidden, return_dict=True)
+        return tuple(_select(out, n, p) for n, p in zip(self.layers, self.pools))
 
 
 def check(name: str) -> None:
@@ -149,10 +166,8 @@ def _layers(out: Any) -> list[str]:
     return names + [f"hidden_states.{i}" for i in range(len(out.hidden_states or ()))]
 
 
-def create(name: str, layer: str | None, weights: str | None, pool: str | None) -> Backbone:
-    """The Hugging Face model ``name`` cut at the output ``layer`` (default: its pooled output)."""
-    model, processor, weights_id = _load(name, weights)
-    x, out = _probe(model, processor)
+def _cut(name: str, model: nn.Module, processor: Any, weights_id: str, x: torch.Tensor, out: Any, layer: str | None,
+         pool: str | None, digest: str) -> Backbone:
     layers = _layers(out)
     if layer is None:
         layer = layers[0] if layers[0] == "pooler_output" else ("cls" if out.last_hidden_state.ndim == 3 else "mean")
@@ -167,8 +182,25 @@ def create(name: str, layer: str | None, weights: str | None, pool: str | None) 
     cut.pool = pool
     shape = (raw.shape[1],) if pool != "none" else tuple(raw.shape[1:])
     return Backbone(name=f"{PREFIX}:{name}", layer=layer, pool=pool, model=cut, transform=ProcessorTransform(processor),
-                    weights_id=weights_id, weights_sha256=state_digest(model),
+                    weights_id=weights_id, weights_sha256=digest,
                     preprocessing=_preprocessing(processor, list(x.shape[-2:])), shape=shape)
+
+
+def create(name: str, layer: str | None, weights: str | None, pool: str | None) -> Backbone:
+    """The Hugging Face model ``name`` cut at the output ``layer`` (default: its pooled output)."""
+    model, processor, weights_id = _load(name, weights)
+    x, out = _probe(model, processor)
+    return _cut(name, model, processor, weights_id, x, out, layer, pool, state_digest(model))
+
+
+def create_joint(name: str, layers: list[str | None], weights: str | None, pool: str | None) -> Joint:
+    """Several outputs of the Hugging Face model ``name`` from one forward pass."""
+    model, processor, weights_id = _load(name, weights)
+    x, out = _probe(model, processor)
+    digest = state_digest(model)
+    parts = tuple(_cut(name, model, processor, weights_id, x, out, layer, pool, digest) for layer in layers)
+    joint = HFJoint(model, [p.layer for p in parts], [p.pool for p in parts])
+    return Joint(parts, joint.eval().requires_grad_(False))
 
 
 def layer_names(name: str) -> tuple[list[str], str]:

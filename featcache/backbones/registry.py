@@ -20,10 +20,11 @@ from . import factory, lite
 from . import hf as hf_source
 from . import timm as timm_source
 from . import torchvision as tv
-from .base import POOLS, WEIGHTS_VALUES, Backbone, describe_transform
+from .base import POOLS, WEIGHTS_VALUES, Backbone, Joint, describe_transform
 
 __all__ = [
     "create_backbone",
+    "create_joint",
     "list_backbones",
     "list_layers",
     "layer_shapes",
@@ -151,6 +152,35 @@ def create_backbone(
         return source.create(inner, layer, None if weights is None or weights.lower() == "none" else weights, pool)
     model, weights_id, transform = _build(name, weights)
     return tv.traced_backbone(name, model, weights_id, transform, layer, pool, _tracer_kwargs(name))
+
+
+def create_joint(
+    name: str | nn.Module,
+    layers: list[str | None] | tuple[str | None, ...],
+    weights: str | None = "DEFAULT",
+    pool: str | None = None,
+    transform: Callable | None = None,
+) -> Joint:
+    """Several ``layers`` of one network, loaded once and computed in one forward pass.
+
+    Each part is the ``Backbone`` that ``create_backbone(name, layer, ...)`` returns for its layer
+    (same provenance, so the same feature space); the joint model returns their outputs as a tuple.
+    """
+    if pool is not None and pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    layers = list(layers)
+    if isinstance(name, nn.Module):
+        weights = None if weights is not None and weights.lower() == "none" else weights
+        model, weights_id, transform = factory.from_module(name, transform, weights)
+        return tv.traced_joint(factory.module_name(name), model, weights_id, transform, layers, pool)
+    if transform is not None:
+        raise UnknownBackbone(f"transform= is for a module passed in Python; {name} brings its own preprocessing")
+    source, inner = _source(name)
+    if source is not None:
+        return source.create_joint(inner, layers, None if weights is None or weights.lower() == "none" else weights,
+                                   pool)
+    model, weights_id, transform = _build(name, weights)
+    return tv.traced_joint(name, model, weights_id, transform, layers, pool, _tracer_kwargs(name))
 
 
 def create_rest(name: str, layer: str, weights: str | None, n_classes: int) -> tuple[nn.Module, str]:

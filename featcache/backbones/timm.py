@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ..errors import UnknownBackbone, WeightsError
-from .base import INIT_SEED, Backbone, load_weights_file, seeded, state_digest
+from .base import INIT_SEED, Backbone, Joint, Separate, load_weights_file, pool_map, seeded, state_digest
 from . import torchvision as tv
 
-__all__ = ["PREFIX", "EMBEDDING", "TimmEmbedding", "create", "layer_names", "layer_shapes", "check", "tracer_kwargs"]
+__all__ = ["PREFIX", "EMBEDDING", "TimmEmbedding", "EmbeddingJoint", "create", "create_joint", "layer_names", "layer_shapes", "check", "tracer_kwargs"]
 
 PREFIX = "timm"
 EMBEDDING = "pre_logits"
@@ -107,21 +107,64 @@ def _preprocessing(timm: Any, model: nn.Module) -> tuple[Callable, dict]:
     }
 
 
+def _cut(full: str, model: nn.Module, weights_id: str, transform: Callable, preprocessing: dict, layer: str | None,
+         pool: str | None, digest: str) -> Backbone:
+    if layer not in (None, EMBEDDING):
+        return tv.traced_backbone(full, model, weights_id, transform, layer, pool, tracer_kwargs(), preprocessing,
+                                  extra=(EMBEDDING,), digest=digest)
+    cut = TimmEmbedding(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        out = cut(torch.zeros(1, 3, *preprocessing["crop_size"]))
+    return Backbone(name=full, layer=EMBEDDING, pool="none", model=cut, transform=transform, weights_id=weights_id,
+                    weights_sha256=digest, preprocessing=preprocessing, shape=tuple(out.shape[1:]))
+
+
 def create(name: str, layer: str | None, weights: str | None, pool: str | None) -> Backbone:
     """The timm model ``name`` cut at ``layer`` (default: its pooled embedding)."""
     timm = _timm()
     model, weights_id = _load(name, weights)
     model.eval()
     transform, preprocessing = _preprocessing(timm, model)
+    return _cut(f"{PREFIX}:{name}", model, weights_id, transform, preprocessing, layer, pool, state_digest(model))
+
+
+class EmbeddingJoint(nn.Module):
+    """The embedding and the outputs of named modules, from one forward pass (forward hooks)."""
+
+    def __init__(self, model: nn.Module, layers: list[str], pools: list[str]):
+        super().__init__()
+        self.model, self.layers, self.pools = model, layers, pools
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [self.model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o))
+                 for n in dict.fromkeys(self.layers) if n != EMBEDDING]
+        try:
+            embedding = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return tuple(embedding if n == EMBEDDING else pool_map(seen[n], p) for n, p in zip(self.layers, self.pools))
+
+
+def create_joint(name: str, layers: list[str | None], weights: str | None, pool: str | None) -> Joint:
+    """Several layers of one timm model in one pass: one traced graph for inner layers; the embedding
+    with hooks on the modules asked for beside it (a layer that is no module: its own pass)."""
+    timm = _timm()
+    model, weights_id = _load(name, weights)
+    model.eval()
+    transform, preprocessing = _preprocessing(timm, model)
     full = f"{PREFIX}:{name}"
-    if layer not in (None, EMBEDDING):
-        return tv.traced_backbone(full, model, weights_id, transform, layer, pool, tracer_kwargs(), preprocessing,
-                                  extra=(EMBEDDING,))
-    cut = TimmEmbedding(model).eval().requires_grad_(False)
-    with torch.no_grad():
-        out = cut(torch.zeros(1, 3, *preprocessing["crop_size"]))
-    return Backbone(name=full, layer=EMBEDDING, pool="none", model=cut, transform=transform, weights_id=weights_id,
-                    weights_sha256=state_digest(model), preprocessing=preprocessing, shape=tuple(out.shape[1:]))
+    if all(layer not in (None, EMBEDDING) for layer in layers):
+        return tv.traced_joint(full, model, weights_id, transform, layers, pool, tracer_kwargs(), preprocessing,
+                               extra=(EMBEDDING,))
+    digest = state_digest(model)
+    parts = tuple(_cut(full, model, weights_id, transform, preprocessing, layer, pool, digest) for layer in layers)
+    modules = dict(model.named_modules())
+    if all(p.layer == EMBEDDING or p.layer in modules for p in parts):
+        joint = EmbeddingJoint(model, [p.layer for p in parts], [p.pool for p in parts])
+        return Joint(parts, joint.eval().requires_grad_(False))
+    return Joint(parts, Separate([p.model for p in parts]).eval())
 
 
 def layer_names(name: str) -> tuple[list[str], str]:

@@ -16,9 +16,10 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ..errors import UnknownLayer, WeightsError
-from .base import INIT_SEED, Backbone, describe_transform, load_weights_file, pool_map, seeded, state_digest
+from .base import INIT_SEED, Backbone, Joint, describe_transform, load_weights_file, pool_map, seeded, state_digest
 
-__all__ = ["names", "load", "traced_backbone", "traced_layers", "traced_shapes", "rest_after", "FxCut", "crop_of"]
+__all__ = ["names", "load", "traced_backbone", "traced_joint", "traced_layers", "traced_shapes", "rest_after", "FxCut",
+           "FxJoint", "crop_of"]
 
 
 def names() -> list[str]:
@@ -37,6 +38,20 @@ class FxCut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pool_map(self.graph(x)[self.layer], self.pool)
+
+
+class FxJoint(nn.Module):
+    """One traced graph returning several nodes: a tuple with each one as its own ``FxCut`` returns it."""
+
+    def __init__(self, graph: nn.Module, layers: list[str], pools: list[str]):
+        super().__init__()
+        self.graph = graph
+        self.layers = layers
+        self.pools = pools
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.graph(x)
+        return tuple(pool_map(out[layer], pool) for layer, pool in zip(self.layers, self.pools))
 
 
 def _weights_enum(name: str):
@@ -165,11 +180,12 @@ def crop_of(preprocessing: dict) -> int:
 
 def traced_backbone(name: str, model: nn.Module, weights_id: str, transform: Callable, layer: str | None,
                     pool: str | None, tracer_kwargs: dict | None = None, preprocessing: dict | None = None,
-                    extra: tuple[str, ...] = ()) -> Backbone:
+                    extra: tuple[str, ...] = (), digest: str | None = None) -> Backbone:
     """Cut a traceable ``model`` at ``layer`` (default: the pooled penultimate output).
 
     ``preprocessing`` is the record of ``transform`` when the source describes it itself;
-    ``extra`` names layers the source serves itself (listed in the error for an unknown layer).
+    ``extra`` names layers the source serves itself (listed in the error for an unknown layer);
+    ``digest`` is the model's ``state_digest`` when the caller has it already.
     """
     tracer_kwargs = tracer_kwargs or {}
     model.eval()
@@ -188,7 +204,7 @@ def traced_backbone(name: str, model: nn.Module, weights_id: str, transform: Cal
             f"(and their sub-layers, e.g. {nodes[len(nodes) // 2]}). See: featcache layers {name}"
         )
     pool = pool or "none"
-    digest = state_digest(model)
+    digest = digest or state_digest(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = create_feature_extractor(model, return_nodes=[layer], tracer_kwargs=tracer_kwargs)
@@ -204,6 +220,21 @@ def traced_backbone(name: str, model: nn.Module, weights_id: str, transform: Cal
     cut = FxCut(graph, layer, pool).eval().requires_grad_(False)
     return Backbone(name=name, layer=layer, pool=pool, model=cut, transform=transform, weights_id=weights_id,
                     weights_sha256=digest, preprocessing=preprocessing, shape=shape)
+
+
+def traced_joint(name: str, model: nn.Module, weights_id: str, transform: Callable, layers: list[str | None],
+                 pool: str | None, tracer_kwargs: dict | None = None, preprocessing: dict | None = None,
+                 extra: tuple[str, ...] = ()) -> Joint:
+    """``layers`` of a traceable ``model``, each cut as ``traced_backbone`` cuts it, all in one traced pass."""
+    digest = state_digest(model)
+    parts = tuple(traced_backbone(name, model, weights_id, transform, layer, pool, tracer_kwargs, preprocessing, extra,
+                                  digest) for layer in layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = create_feature_extractor(model.eval(), return_nodes=list(dict.fromkeys(p.layer for p in parts)),
+                                         tracer_kwargs=tracer_kwargs or {})
+    joint = FxJoint(graph, [p.layer for p in parts], [p.pool for p in parts]).eval().requires_grad_(False)
+    return Joint(parts, joint)
 
 
 def rest_after(model: nn.Module, name: str, layer: str, n_classes: int,

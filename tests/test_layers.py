@@ -1,0 +1,146 @@
+"""Several layers in one pass: one set per layer, each bit-identical to extracting that layer alone."""
+
+import importlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featcache
+from featcache.backbones import create_backbone, create_joint, parse_layers
+from featcache.cli import main
+from featcache.errors import UnknownLayer
+
+from .conftest import TINY, make_folder
+
+EXTRACT = importlib.import_module("featcache.extract")  # the module, not the function featcache.extract
+
+
+def _count_forward(monkeypatch) -> list[int]:
+    """The number of images each pass through the network was given."""
+    real, passes = EXTRACT.run_backbone, []
+
+    def counted(backbone, root, items, **kw):
+        passes.append(len(items))
+        return real(backbone, root, items, **kw)
+
+    monkeypatch.setattr(EXTRACT, "run_backbone", counted)
+    return passes
+
+
+def _rows(store: str, key: str) -> dict[str, np.ndarray]:
+    fs = featcache.open_store(store).get_set(key)
+    return {s: (fs.hashes(s), fs.features(s)) for s in fs.splits}
+
+
+def _same_rows(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for s in a:
+        assert list(a[s][0]) == list(b[s][0])
+        assert a[s][1].dtype == b[s][1].dtype and a[s][1].tobytes() == b[s][1].tobytes()  # bit for bit
+
+
+@pytest.fixture
+def small(tmp_path):
+    return make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)), size=(20, 28))
+
+
+@pytest.mark.parametrize("backbone, layers", [
+    ("resnet18", ("layer3", "layer4", "flatten")),
+    ("timm:resnet18", ("layer3", "pre_logits")),  # the embedding with a hook on layer3
+    ("timm:resnet18", ("layer1.0.add", "layer4")),  # one traced graph
+])
+def test_one_pass_writes_the_rows_each_layer_alone_writes(tmp_path, small, monkeypatch, backbone, layers):
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm")
+    kw = dict(backbone=backbone, weights="none", data=str(small), workers=0, dtype="float32")
+    passes = _count_forward(monkeypatch)
+    both = featcache.extract(layer=list(layers), store=str(tmp_path / "both.zarr"), **kw)
+    assert passes == [9]  # every image through the network once, for all layers
+    assert isinstance(both, EXTRACT.LayersResult) and [r.layer for r in both] == list(layers)
+    assert len(set(both.set_keys)) == len(layers)
+    for layer, r in zip(layers, both):
+        alone = featcache.extract(layer=layer, store=str(tmp_path / f"{layer}.zarr"), **kw)
+        assert (alone.set_key, alone.space, alone.shape) == (r.set_key, r.space, r.shape)  # the same feature space
+        _same_rows(_rows(str(tmp_path / "both.zarr"), r.set_key), _rows(str(tmp_path / f"{layer}.zarr"), r.set_key))
+        attrs = featcache.open_store(str(tmp_path / "both.zarr")).get_set(r.set_key).attrs
+        assert attrs["layer"] == layer and attrs["config"]["layer"] == layer  # each set records its own layer
+
+
+def test_the_joint_model_returns_what_each_cut_returns():
+    torch = pytest.importorskip("torch")
+    x = torch.rand(2, 3, 224, 224)
+    joint = create_joint("resnet18", ["layer2", "layer4", None], "none", "avg")
+    assert [(p.layer, p.pool, p.shape) for p in joint.parts] == [
+        ("layer2", "avg", (128,)), ("layer4", "avg", (512,)), ("flatten", "none", (512,))]
+    with torch.no_grad():
+        outs = joint.model(x)
+        for layer, part, out in zip(["layer2", "layer4", None], joint.parts, outs):
+            alone = create_backbone("resnet18", layer, "none", "avg")
+            assert alone.provenance() == part.provenance()
+            assert torch.equal(alone.model(x), out)
+
+
+def test_rows_cached_for_one_layer_are_reused_and_only_missing_rows_written(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)))
+    store = str(tmp_path / "s.zarr")
+    kw = dict(backbone=TINY, weights="none", data=str(data), store=store, workers=0)
+    first = featcache.extract(layer="features", **kw)
+    assert first.extracted == 9
+    make_folder(tmp_path / "data", splits=(("train", 1),), seed=7, classes={"red": (200, 0, 0)})  # red_0 rewritten
+    passes = _count_forward(monkeypatch)
+    st = featcache.open_store(store)
+    segments = len(st.segment_groups(first.space))
+    r = featcache.extract(layer="features,avgpool", **kw)
+    features, avgpool = r
+    assert passes == [9]  # the images that avgpool misses (all of them) go through once
+    assert (features.extracted, features.reused) == (1, 8)  # only the rewritten image is new at features
+    assert (avgpool.extracted, avgpool.reused) == (9, 0)
+    assert len(featcache.open_store(store).segment_groups(first.space)) == segments + 1  # one new segment, one row
+    again = featcache.extract(layer=["features", "avgpool"], **kw)
+    assert passes == [9] and [x.extracted for x in again] == [0, 0]  # nothing left to compute: no pass at all
+    assert "2 layers, one pass: 0 images through the network" in again.summary()
+
+
+def test_hf_outputs_in_one_pass(tmp_path, small, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+    folder = tmp_path / "vit"
+    transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    kw = dict(backbone=f"hf:{folder}", data=str(small), workers=0, dtype="float32")
+    passes = _count_forward(monkeypatch)
+    both = featcache.extract(layer="pooler_output,hidden_states.1,cls", store=str(tmp_path / "b.zarr"), **kw)
+    assert passes == [9]
+    for r in both:
+        alone = featcache.extract(layer=r.layer, store=str(tmp_path / "a.zarr"), **kw)
+        _same_rows(_rows(str(tmp_path / "b.zarr"), r.set_key), _rows(str(tmp_path / "a.zarr"), alone.set_key))
+
+
+def test_layer_lists_are_parsed_and_checked():
+    assert parse_layers(None) is None and parse_layers("layer3") == "layer3"
+    assert parse_layers("layer3, layer4") == ("layer3", "layer4") and parse_layers(["layer3"]) == ("layer3",)
+    with pytest.raises(UnknownLayer, match=r"--layer takes a layer name or several, e\.g\. layer3,layer4; got 'a,,b'"):
+        parse_layers("a,,b")
+    with pytest.raises(UnknownLayer, match="--layer names layer3 more than once; name each layer once"):
+        featcache.ExtractConfig(backbone="resnet18", layer=["layer3", "layer4", "layer3"])
+    assert featcache.ExtractConfig(backbone="resnet18", layer="layer3,layer4").to_dict()["layer"] == ["layer3", "layer4"]
+
+
+def test_cli_takes_a_comma_list_and_names_a_bad_layer(tmp_path):
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)))
+    store = str(tmp_path / "s.zarr")
+    base = ["extract", "--backbone", TINY, "--weights", "none", "--data", str(data), "--store", store, "--workers", "0"]
+    runner = CliRunner()
+    ok = runner.invoke(main, base + ["--layer", "features,classifier.1"])
+    assert ok.exit_code == 0, ok.output
+    lines = ok.stdout.strip().splitlines()
+    assert lines[0].startswith("features: set ") and lines[1].startswith("classifier.1: set ")
+    assert lines[2].startswith("2 layers, one pass: 9 images through the network")
+    bad = runner.invoke(main, base + ["--layer", "features,,avgpool"])
+    assert bad.exit_code == 2 and "Invalid value for '--layer': --layer takes a layer name or several" in bad.output
+    unknown = runner.invoke(main, base + ["--layer", "features,nope"])
+    assert unknown.exit_code == 2 and "Unknown layer 'nope' for tests.tiny_backbone:tiny_cnn" in unknown.output
+    assert "Traceback" not in bad.output + unknown.output
