@@ -90,8 +90,8 @@ def main() -> None:
 @main.command("extract")
 @click.option("--backbone", required=True,
               help="torchvision model name, efficientnet_lite0, timm:NAME, hf:NAME_OR_DIR, or package.module:factory.")
-@click.option("--layer", default=None, help="Layer/node to cut at (default: the pooled penultimate output; "
-                                            "see featcache layers NAME).")
+@click.option("--layer", default=None, help="Layer/node to cut at, or several (layer3,layer4: one set each, one pass) "
+                                            "(default: the pooled penultimate output; see featcache layers NAME).")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="DEFAULT, a weights enum name, none, or a .pth/.safetensors file.")
 @click.option("--pool", type=click.Choice(POOLS), default=None, help="Pool spatial maps (default: none; avg for the default layer).")

@@ -144,3 +144,16 @@ def test_cli_takes_a_comma_list_and_names_a_bad_layer(tmp_path):
     unknown = runner.invoke(main, base + ["--layer", "features,nope"])
     assert unknown.exit_code == 2 and "Unknown layer 'nope' for tests.tiny_backbone:tiny_cnn" in unknown.output
     assert "Traceback" not in bad.output + unknown.output
+
+
+def test_augmented_views_of_several_layers_in_one_pass(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)))
+    kw = dict(backbone=TINY, weights="none", data=str(data), workers=0, views=2, dtype="float32")
+    passes = _count_forward(monkeypatch)
+    both = featcache.extract(layer="features,avgpool", store=str(tmp_path / "b.zarr"), **kw)
+    assert passes == [9, 12]  # the images once, then 2 views of each of the 6 training images once
+    for r in both:
+        alone = featcache.extract(layer=r.layer, store=str(tmp_path / f"{r.layer}.zarr"), **kw)
+        a = featcache.open_store(str(tmp_path / "b.zarr")).get_set(r.set_key).view_features()
+        b = featcache.open_store(str(tmp_path / f"{r.layer}.zarr")).get_set(alone.set_key).view_features()
+        assert r.views_extracted == 12 and a.shape[:2] == (6, 2) and a.tobytes() == b.tobytes()
