@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|layers|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -67,6 +67,11 @@ COMPACT_COLUMNS = [("backbone", "backbone"), ("images", "images"), ("checkpoint_
                    ("segments_before", "segments"), ("files_before", "files"), ("files_per_10k_before", "files / 10k"),
                    ("segments_after", "after compact + gc: segments"), ("files_after", "files"),
                    ("files_per_10k_after", "files / 10k"), ("compact_s", "compact s")]
+LAYERS_COLUMNS = [("backbone", "backbone"), ("weights", "weights"), ("layers", "layers"), ("k", "k"),
+                  ("images", "images"), ("one_pass_s", "one pass s (median)"),
+                  ("separate_s", "k extracts s (median)"), ("ratio", "k extracts / one pass (median)"),
+                  ("ratios", "per pair")]
+LAYER_CASES = ("resnet18/layer3,layer4@none", "resnet18/layer2,layer3,layer4@none", "efficientnet_lite0/blocks.10,head")
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -79,14 +84,14 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 @click.command()
 @click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict",
-                                                    "all"]), default="all")
+                                                    "layers", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
 @click.option("--epochs", default="10,30", show_default=True, help="Epoch counts to report.")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (both ways).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--repeats", default=3, show_default=True, type=int, help="Storage: best of N.")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Storage: best of N; layers: alternating pairs.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Results folder [default: benchmarks/results].")
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) -> None:
     """Run the benchmark suite and print its tables."""
@@ -97,10 +102,15 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .scaleout import run_scaleout
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
     from .views import run_views
+    from .layers import run_layers
     from .transfer import run_transfer
 
     if not Path(data).is_dir():
         raise click.UsageError(f"--data {data} does not exist")
+    layer_cases = [c for c in cases if "," in (_case(c)[1] or "")] if cases else list(LAYER_CASES)
+    if which == "layers" and not layer_cases:
+        raise click.UsageError("the layers benchmark needs a case with several layers, e.g. "
+                               "--case resnet18/layer3,layer4@none")
     info = machine()
     click.echo(f"machine: {machine_label(info)}")
     cases = cases or ("resnet18@none", "efficientnet_lite0")
@@ -178,6 +188,16 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\npredict: peak memory on 100 and 2,000 new images ({name}), each in a fresh process")
         click.echo(table(rows, PREDICT_COLUMNS))
         path = save("predict", {"machine": info, "data": data, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("layers", "all") and layer_cases:
+        rows = []
+        for case in layer_cases:
+            name, layer, weights = _case(case)
+            rows.append(run_layers(data, name, layer.split(","), weights, repeats=repeats, workers=workers,
+                                   batch_size=batch_size))
+        click.echo("\nseveral layers: one pass against one extract per layer (fresh stores, alternating)")
+        click.echo(table(rows, LAYERS_COLUMNS))
+        path = save("layers", {"machine": info, "data": data, "rows": rows}, out)
         click.echo(f"saved {path}")
 
 

@@ -88,3 +88,16 @@ def test_predict_benchmark_smoke(folder, tmp_path):
     rows = run_predict(str(folder), TINY, "none", counts=(4, 12), workers=(0,))
     assert [r["images"] for r in rows] == [4, 12] and all(r["computed"] == r["images"] for r in rows)
     assert all(r["peak_rss_mb"] >= r["base_rss_mb"] > 0 and r["failed"] == 0 for r in rows)
+
+
+def test_layers_benchmark_smoke(folder, tmp_path):
+    from benchmarks.layers import run_layers
+
+    r = run_layers(str(folder), TINY, ["features", "avgpool"], "none", repeats=2, workers=0, batch_size=8)
+    assert r["k"] == 2 and r["images"] == 36 and len(r["ratios"]) == 2 and r["one_pass_s"] > 0 and r["separate_s"] > 0
+    out = CliRunner().invoke(main, ["layers", "--data", str(folder), "--case", f"{TINY}/features,avgpool@none",
+                                    "--repeats", "1", "--workers", "0", "--out", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "| k extracts / one pass (median) |" in out.output and len(list(tmp_path.glob("layers-*.json"))) == 1
+    bad = CliRunner().invoke(main, ["layers", "--data", str(folder), "--case", f"{TINY}@none"])
+    assert bad.exit_code == 2 and "needs a case with several layers" in bad.output
