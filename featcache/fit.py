@@ -220,9 +220,13 @@ def fit(
     if rest and (fs.attrs["pool"] != "none" or cfg.pool != "none"):
         raise FeatcacheError(
             f"--head rest trains the network after the cached layer, so it needs unpooled features; set {fs.key} "
-            f"is pooled ({fs.attrs['pool']}) or --pool was given. Extract with --layer LAYER --pool none.",
+            f"is pooled ({fs.attrs['pool']}) or --pool was given. Extract with --layer {fs.attrs['layer']} --pool none.",
             option="--head",
         )
+    if rest:
+        from .backbones import check_rest
+
+        check_rest(fs.attrs["backbone"])
     try:
         data, train_views, notes = _load_data(cfg, fs, keep_shape=rest)
     except StoreError as e:
@@ -230,7 +234,9 @@ def fit(
     t_load = time.perf_counter() - t0
     x_train, y_train = data["train"]
     x_val, y_val = data.get("val", (None, None))
-    extra = {"rest_of": {k: fs.attrs["config"][k] for k in ("backbone", "layer", "weights")}} if rest else {}
+    # the layer the set was cut at, as resolved (the default layer has a name too: flatten, pre_logits, ...)
+    extra = ({"rest_of": {"backbone": fs.attrs["config"]["backbone"], "layer": fs.attrs["layer"],
+                          "weights": fs.attrs["config"]["weights"]}} if rest else {})
     head = make_head(cfg.head, **{k: v for k, v in cfg.to_dict().items() if k != "backbone"}, **extra)
     head.trusted_backbone = cfg.backbone
     t1 = time.perf_counter()

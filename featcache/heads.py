@@ -114,7 +114,7 @@ class TorchHead:
 
     def _build(self, d: int, c: int, weights: str | None = None) -> nn.Module:
         if self.kind == "rest":
-            from .backbones import create_rest
+            from .backbones import create_rest, trusted_only
 
             spec = self.rest_of or {}
             if not {"backbone", "layer", "weights"} <= set(spec):
@@ -122,7 +122,7 @@ class TorchHead:
             # A module:factory name comes from a store or a run: it is imported only when the
             # user named it too (``trusted_backbone``, from --backbone; never saved with the head).
             name = spec["backbone"]
-            if not isinstance(name, str) or (":" in name and name != getattr(self, "trusted_backbone", None)):
+            if not isinstance(name, str) or (trusted_only(name) and name != getattr(self, "trusted_backbone", None)):
                 from .errors import UnknownBackbone
 
                 raise UnknownBackbone(
@@ -276,7 +276,8 @@ class TorchHead:
                     break
         model.load_state_dict(best[2])
         self.module_ = model.eval()
-        self.n_features_in_ = X.shape[1] if X.ndim == 2 else list(X.shape[1:])
+        # the rest head records the shape it continues from, a vector's too (the default layer)
+        self.n_features_in_ = X.shape[1] if X.ndim == 2 and self.kind != "rest" else list(X.shape[1:])
         self.n_classes_ = c
         self.history_ = history
         self.best_epoch_ = best[1]

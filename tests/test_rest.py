@@ -122,3 +122,73 @@ def test_freeze_names_must_exist(folder, tmp_path):
                                   "--runs", str(tmp_path / "runs")])
     assert r.exit_code == 2
     assert "Error: Invalid value for '--freeze': --freeze 'layer9' matches no layer after the cut. Layers: fc, layer4.0" in r.output
+
+
+def _fit_rest(store: str, tmp_path, *extra: str):
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    return CliRunner().invoke(main, ["fit", "--head", "rest", "--store", store, "--epochs", "1", "--init", "random",
+                                     "--runs", str(tmp_path / "runs"), "--no-plots", *extra])
+
+
+def test_rest_after_the_default_layer_is_a_new_last_linear(folder, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone="resnet18", weights="none", data=str(folder), store=store, workers=0)  # flatten (512)
+    r = _fit_rest(store, tmp_path)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    run = featcache.fit(head="rest", store=store, epochs=1, runs=str(tmp_path / "runs"), plots=False)
+    head = load_head(run.run_dir)
+    assert head.new_layer_ == "fc" and set(head.module_.state_dict()) == {"fc.weight", "fc.bias"}
+    assert head.module_.state_dict()["fc.weight"].shape == (3, 512)
+    fs = featcache.open_store(store).get_set()
+    want = head.predict_proba(fs.features("val").astype(np.float32))
+    got = predict(run.run_dir, [folder / p for p in fs.paths("val")], top_k=3)
+    for g, w in zip(got, want):  # predict rebuilds the backbone at the default layer, then the head
+        assert abs(dict(g.top)[fs.classes[int(w.argmax())]] - w.max()) < 1e-3
+
+
+def test_timm_rest_after_a_block_and_after_pre_logits(folder, tmp_path):
+    timm = pytest.importorskip("timm")
+    store = str(tmp_path / "s.zarr")
+    maps = featcache.extract(backbone="timm:resnet18", layer="layer3", weights="none", data=str(folder), store=store,
+                             workers=0)
+    run = featcache.fit(head="rest", set=maps.set_key, store=store, epochs=1, freeze=("layer4.0",), init="random",
+                        patience=0, runs=str(tmp_path / "runs"), plots=False)
+    state = load_head(run.run_dir).module_.state_dict()
+    torch.manual_seed(0)
+    before = timm.create_model("resnet18", pretrained=False).state_dict()
+    assert state["fc.weight"].shape == (3, 512) and not any(k.startswith(("layer3", "conv1")) for k in state)
+    assert torch.equal(state["layer4.0.conv1.weight"], before["layer4.0.conv1.weight"])  # frozen, timm's weights
+    # trained (timm starts each block's last batch-norm scale at zero, so that is what moves first)
+    assert not torch.equal(state["layer4.1.bn2.weight"], before["layer4.1.bn2.weight"])
+    assert torch.equal(state["layer4.0.bn2.weight"], before["layer4.0.bn2.weight"])
+    fs = featcache.open_store(store).get_set(maps.set_key)
+    got = predict(run.run_dir, [folder / p for p in fs.paths("val")[:2]], top_k=1)
+    assert len(got) == 2 and all(g.top for g in got)
+    default = featcache.extract(backbone="timm:resnet18", weights="none", data=str(folder), store=store, workers=0)
+    r = _fit_rest(store, tmp_path, "--set", default.set_key)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+
+
+def test_rest_on_a_hugging_face_set_is_one_clear_error(folder, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model_dir = tmp_path / "vit"
+    transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32)).save_pretrained(model_dir)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone=f"hf:{model_dir}", data=str(folder), store=store, workers=0)
+    r = _fit_rest(store, tmp_path)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert (f"Invalid value for '--head': the rest head cannot continue the Hugging Face model hf:{model_dir}: "
+            "featcache cuts it at its outputs") in r.output
+
+
+def test_a_pooled_set_names_the_layer_to_extract(folder, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone="resnet18", layer="layer3", pool="avg", weights="none", data=str(folder), store=store,
+                      workers=0)
+    r = _fit_rest(store, tmp_path)
+    assert r.exit_code == 2 and "Extract with --layer layer3 --pool none." in r.output

@@ -30,6 +30,8 @@ __all__ = [
     "layer_shapes",
     "default_layer",
     "create_rest",
+    "check_rest",
+    "trusted_only",
     "check_user_backbone",
     "rebuild_backbone",
 ]
@@ -183,13 +185,38 @@ def create_joint(
     return tv.traced_joint(name, model, weights_id, transform, layers, pool, _tracer_kwargs(name))
 
 
-def create_rest(name: str, layer: str, weights: str | None, n_classes: int) -> tuple[nn.Module, str]:
-    """The network after ``layer`` with its pretrained weights, its last Linear replaced for ``n_classes``."""
-    if _source(name)[0] is not None:
-        raise UnknownBackbone(f"the rest head needs a torchvision, {OFFLINE} or module:factory backbone; "
-                              f"{name} is not one (use the mlp, linear, logreg or svm head)")
+def check_rest(name: str) -> None:
+    """Fail fast when the rest head cannot continue ``name`` (a Hugging Face model: cut at its outputs)."""
+    if _source(name)[0] is hf_source:
+        raise UnknownBackbone(f"the rest head cannot continue the Hugging Face model {name}: featcache cuts it at "
+                              "its outputs, not inside the network. Use the mlp, linear, logreg or svm head.",
+                              option="--head")
+
+
+def create_rest(name: str, layer: str | None, weights: str | None, n_classes: int) -> tuple[nn.Module, str]:
+    """The network after ``layer`` with its pretrained weights, its last Linear replaced for ``n_classes``.
+
+    ``layer=None`` is the default layer ``create_backbone`` cuts at (for a torchvision model its
+    penultimate output, so the rest is the last Linear alone; for timm, ``pre_logits``: a new classifier).
+    """
+    check_rest(name)
+    source, inner = _source(name)
+    if source is timm_source:
+        return timm_source.rest_after(inner, layer, None if weights is None or weights.lower() == "none" else weights,
+                                      n_classes)
     model, _, _ = _build(name, weights)
+    if layer is None:
+        layer = tv.traced_layers(model, _tracer_kwargs(name))[1]
+        if layer is None:
+            raise UnknownLayer(f"cannot tell where {name}'s default layer ends, so not what comes after it; "
+                               f"extract with --layer LAYER --pool none (see: featcache layers {name})")
     return tv.rest_after(model, name, layer, n_classes, _tracer_kwargs(name))
+
+
+def trusted_only(name: str) -> bool:
+    """True when ``name`` imports code or reads a local folder (``module:factory``, a module passed in Python,
+    ``hf:FOLDER``): such a name read from a store or a run is used only when the user names it too."""
+    return ":" in name and not _rebuildable(name)
 
 
 def check_user_backbone(backbone: str | None = None, weights: str | None = None) -> None:

@@ -9,17 +9,19 @@ fx settings (``featcache layers timm:NAME``).
 from __future__ import annotations
 
 import difflib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..errors import UnknownBackbone, WeightsError
+from ..errors import UnknownBackbone, UnknownLayer, WeightsError
 from .base import INIT_SEED, Backbone, Joint, Separate, load_weights_file, pool_map, seeded, state_digest
 from . import torchvision as tv
 
-__all__ = ["PREFIX", "EMBEDDING", "TimmEmbedding", "EmbeddingJoint", "create", "create_joint", "layer_names", "layer_shapes", "check", "tracer_kwargs"]
+__all__ = ["PREFIX", "EMBEDDING", "TimmEmbedding", "EmbeddingJoint", "create", "create_joint", "rest_after", "layer_names",
+           "layer_shapes", "check", "tracer_kwargs"]
 
 PREFIX = "timm"
 EMBEDDING = "pre_logits"
@@ -165,6 +167,25 @@ def create_joint(name: str, layers: list[str | None], weights: str | None, pool:
         joint = EmbeddingJoint(model, [p.layer for p in parts], [p.pool for p in parts])
         return Joint(parts, joint.eval().requires_grad_(False))
     return Joint(parts, Separate([p.model for p in parts]).eval())
+
+
+def rest_after(name: str, layer: str | None, weights: str | None, n_classes: int) -> tuple[nn.Module, str]:
+    """What comes after ``layer`` in the timm model, pretrained, its last Linear replaced for ``n_classes``:
+    after ``pre_logits`` (the default) a new classifier alone; after an inner layer the traced rest."""
+    _timm()
+    model, _ = _load(name, weights)
+    model.eval()
+    if layer not in (None, EMBEDDING):
+        return tv.rest_after(model, f"{PREFIX}:{name}", layer, n_classes, tracer_kwargs())
+    size = _preprocessing(_timm(), model)[1]["crop_size"]
+    with torch.no_grad():
+        out = TimmEmbedding(model)(torch.zeros(1, 3, *size))
+    if out.ndim != 2:
+        raise UnknownLayer(f"timm:{name}'s {EMBEDDING} is not a vector ({tuple(out.shape[1:])}), so no classifier "
+                           f"follows it; extract with --layer LAYER --pool none (see: featcache layers timm:{name})")
+    with seeded():
+        fc = nn.Linear(out.shape[1], n_classes)
+    return nn.Sequential(OrderedDict(fc=fc)), "fc"
 
 
 def layer_names(name: str) -> tuple[list[str], str]:
