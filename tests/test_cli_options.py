@@ -31,6 +31,12 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
     ("extract", "layer"): [
         (["--backbone", "resnet18", "--weights", "none", "--layer", "layer9", "--data", "DATA"],
          ["layer1", "layer4", "featcache layers resnet18"]),
+        (["--backbone", "resnet18", "--weights", "none", "--layer", "layer3,layer9", "--data", "DATA"],
+         ["Unknown layer 'layer9'", "featcache layers resnet18"]),
+        (["--backbone", "resnet18", "--weights", "none", "--layer", "layer3,", "--data", "DATA"],
+         ["a layer name or several, e.g. layer3,layer4"]),
+        (["--backbone", "resnet18", "--weights", "none", "--layer", "layer3,layer3", "--data", "DATA"],
+         ["names layer3 more than once"]),
     ],
     ("extract", "weights"): [
         (["--backbone", "resnet18", "--weights", "IMAGENET", "--data", "DATA"], ["DEFAULT", "IMAGENET1K_V1", "none"]),
