@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 from torchvision.transforms._presets import ImageClassification
 
+from .config import POOLS, PRECISIONS
 from .errors import UnknownBackbone, UnknownLayer, WeightsError
 
 __all__ = [
@@ -43,8 +44,6 @@ __all__ = [
     "default_layer",
 ]
 
-POOLS = ("none", "avg", "max")
-PRECISIONS = ("auto", "float32", "tf32", "bfloat16", "float16")
 OFFLINE = "efficientnet_lite0"
 _INIT_SEED = 0  # random-init ("none") weights are seeded so the same name means the same network
 

@@ -6,26 +6,34 @@ Every command parses options, calls one library function and prints its result. 
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import math
 import os
+import signal
 import sys
 
-import click
 
-from .backbones import POOLS, PRECISIONS, list_backbones, list_layers
-from .data import DEFAULT_NAME_PATTERN
-from .errors import FeatcacheError, StoreError
-from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
-from .fit import FIT_POOLS, FitConfig, fit
-from .heads import HEADS, INITS, OPTIMIZERS
-from .sample import write_digits
-from .store.maintenance import gc, status, verify
-from .runs import RunRecord
-from .store import human_bytes, open_store
-from .stream import parse_size
+def _interrupt(signum, frame) -> None:
+    """SIGINT: inside a command, KeyboardInterrupt (its clean-up runs); else one line and exit 130 at once."""
+    if _Group.running:
+        raise KeyboardInterrupt
+    sys.stderr.write("\nInterrupted\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+# Installed before any other import, so Ctrl-C while Python starts up prints no traceback; the
+# handler found here is put back when a command returns (the CLI may run inside another program).
+_OUTER_SIGINT = signal.signal(signal.SIGINT, _interrupt)
+
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+
+import click  # noqa: E402
+
+from .config import (DEFAULT_NAME_PATTERN, DEVICES, DTYPES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS,  # noqa: E402
+                     PRECISIONS, default_store_url)
+from .errors import FeatcacheError, StoreError  # noqa: E402
 
 __all__ = ["main"]
 
@@ -33,19 +41,30 @@ _MAX_SKIPS_SHOWN = 20
 
 
 class _Group(click.Group):
-    """Turns the library's errors into one ``Error:`` line (no traceback) with exit status 1."""
+    """Turns the library's errors into one ``Error:`` line (no traceback) with exit status 1, and
+    Ctrl-C at any moment into one ``Interrupted`` line with exit status 130."""
+
+    running = False  # inside a command: Ctrl-C raises KeyboardInterrupt so its clean-up runs
+
+    def main(self, *args, **kwargs):
+        signal.signal(signal.SIGINT, _interrupt)
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, _OUTER_SIGINT)
 
     def invoke(self, ctx: click.Context):
+        _Group.running = True
         try:
             return super().invoke(ctx)
-        except Interrupted as e:
-            click.echo(f"\nInterrupted: {e}", err=True)
+        except KeyboardInterrupt as e:
+            said = str(e) if isinstance(e, FeatcacheError) else "the store holds only committed data; re-run the command."
+            click.echo(f"\nInterrupted: {said}", err=True)
             ctx.exit(130)
         except FeatcacheError as e:
             raise _as_usage_error(self, ctx, e) from None
-        except KeyboardInterrupt:
-            click.echo("\nInterrupted: the store holds only committed data; re-run the command.", err=True)
-            ctx.exit(130)
+        finally:
+            _Group.running = False
 
 
 def _as_usage_error(group: click.Group, ctx: click.Context, error: FeatcacheError) -> click.ClickException:
@@ -109,7 +128,7 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=None, type=click.IntRange(min=0), help="DataLoader workers [default: min(8, CPUs)].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also store K seeded augmented views (RandomResizedCrop + flip) of each training image.")
@@ -123,6 +142,9 @@ def main() -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 def extract_cmd(progress: bool | None, **options) -> None:
     """Push an image folder through a frozen backbone once and store the features."""
+    from .config import ExtractConfig
+    from .extract import extract
+
     try:
         cfg = ExtractConfig(**options)
     except FeatcacheError:
@@ -172,6 +194,12 @@ def _positive_float(text: str) -> float:
     return number
 
 
+def _parse_size(text: str) -> int:
+    from .stream import parse_size
+
+    return parse_size(text)
+
+
 class _AutoOr(click.ParamType):
     """``auto`` or a value that ``parse`` accepts (it raises ValueError with what it expects)."""
 
@@ -218,7 +246,7 @@ def _epoch_line(total: int):
               help="Inverse regularisation (logreg, svm); auto picks it on the val split (or by CV).")
 @click.option("--max-iter", default=2000, show_default=True, type=click.IntRange(min=1), help="Solver iterations (logreg, svm).")
 @click.option("--pool", type=click.Choice(FIT_POOLS), default="none", show_default=True, help="Pool spatial features instead of flattening.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--runs", default="runs", show_default=True, help="Parent folder of run directories.")
 @click.option("--out", default=None, help="Run directory [default: RUNS/<time>-<head>].")
 @click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=_Floats(min=0),
@@ -231,7 +259,7 @@ def _epoch_line(total: int):
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
               help="Train on the set's augmented views (one per image per epoch), when it has them.")
-@click.option("--max-memory", default="auto", show_default=True, type=_AutoOr("auto|SIZE", "a size", parse_size),
+@click.option("--max-memory", default="auto", show_default=True, type=_AutoOr("auto|SIZE", "a size", _parse_size),
               help="Features held in memory, e.g. 8GB; a larger set is streamed chunk by chunk (mlp, linear, rest). "
                    "auto: half of this machine's memory.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")
@@ -244,6 +272,10 @@ def _epoch_line(total: int):
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
 def fit_cmd(quiet: bool, check_data: str | None, **options) -> None:
     """Train a classifier head on stored features; writes a run directory."""
+    from .fit import FitConfig, fit
+    from .store import open_store
+    from .store.maintenance import status
+
     options["freeze"] = tuple(f.strip() for f in options["freeze"].split(",") if f.strip())
     cfg = FitConfig(**options)
     if check_data:
@@ -265,6 +297,8 @@ def _fmt(v) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json as is.")
 def evaluate_cmd(run: str, as_json: bool) -> None:
     """Print the metrics of a run."""
+    from .runs import RunRecord
+
     record = RunRecord.read(run)
     metrics = record.metrics
     if as_json:
@@ -355,6 +389,8 @@ def report_cmd(run: str, data: str | None, backbone: str | None) -> None:
 @main.command("backbones")
 def backbones_cmd() -> None:
     """List backbone names (plus any package.module:factory)."""
+    from .backbones import list_backbones
+
     for name in list_backbones():
         click.echo(name)
 
@@ -363,6 +399,8 @@ def backbones_cmd() -> None:
 @click.argument("backbone")
 def layers_cmd(backbone: str) -> None:
     """List the layers of BACKBONE that --layer accepts, in network order."""
+    from .backbones import list_layers
+
     for name in list_layers(backbone):
         click.echo(name)
 
@@ -371,6 +409,8 @@ def layers_cmd(backbone: str) -> None:
 @store_option
 def ls_cmd(store: str) -> None:
     """List the feature sets in a store, oldest first."""
+    from .store import human_bytes, open_store
+
     st = open_store(store, mode="r")
     sets = st.sets()
     for warning in st.warnings:
@@ -397,6 +437,8 @@ def ls_cmd(store: str) -> None:
 @store_option
 def info_cmd(key: str, store: str) -> None:
     """Everything recorded about a set (JSON)."""
+    from .store import open_store
+
     st = open_store(store, mode="r")
     fs = st.get_set(key)
     click.echo(json.dumps({**fs.attrs, "bytes_on_disk": st.set_bytes(fs)}, indent=2))
@@ -407,6 +449,8 @@ def info_cmd(key: str, store: str) -> None:
 @store_option
 def rm_cmd(key: str, store: str) -> None:
     """Remove a set (its rows are freed by gc once no other set uses them)."""
+    from .store import open_store
+
     fs = open_store(store, mode="r+").remove_set(key)
     click.echo(f"removed set {fs.key}; run featcache gc to free rows no other set uses")
 
@@ -418,6 +462,9 @@ def rm_cmd(key: str, store: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Report only.")
 def gc_cmd(store: str, grace: float, dry_run: bool) -> None:
     """Remove uncommitted leftovers and rows no set refers to."""
+    from .store import human_bytes, open_store
+    from .store.maintenance import gc
+
     st = open_store(store, mode="r+")
     r = gc(st, grace_s=grace, dry_run=dry_run)
     for warning in st.warnings:
@@ -444,6 +491,9 @@ def gc_cmd(store: str, grace: float, dry_run: bool) -> None:
 def verify_cmd(key: str | None, store: str, sample: int, data: str | None, backbone: str | None,
                weights: str | None) -> None:
     """Check every chunk of a set against its integrity record; recompute a sample from the images in --data."""
+    from .store import open_store
+    from .store.maintenance import verify
+
     st = open_store(store, mode="r")
     report = verify(st, key, sample=sample, data=data, backbone=backbone, weights=weights)
     for warning in st.warnings:
@@ -464,6 +514,9 @@ def verify_cmd(key: str | None, store: str, sample: int, data: str | None, backb
 @store_option
 def status_cmd(key: str | None, data: str | None, store: str) -> None:
     """Tell whether an image folder and its stored set agree."""
+    from .store import open_store
+    from .store.maintenance import status
+
     st = status(open_store(store, mode="r"), key, data)
     for label, paths in (("added", st.added), ("removed", st.removed), ("changed", st.changed)):
         for p in paths[:_MAX_SKIPS_SHOWN]:
@@ -475,6 +528,8 @@ def status_cmd(key: str | None, data: str | None, store: str) -> None:
 @click.option("--out", default="data", show_default=True, type=click.Path(file_okay=False))
 def sample_cmd(out: str) -> None:
     """Write scikit-learn's bundled digits as a PNG ImageFolder (train/val/test)."""
+    from .sample import write_digits
+
     counts = write_digits(out)
     click.echo(f"digits sample in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 

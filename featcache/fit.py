@@ -16,16 +16,14 @@ from typing import Callable
 import numpy as np
 
 from .errors import FeatcacheError, RunError, StoreError
-from .extract import default_store_url
-from .heads import HEADS, INITS, OPTIMIZERS, make_head
+from .config import FIT_POOLS, HEADS, INITS, OPTIMIZERS, default_store_url
+from .heads import make_head
 from .persist import HeadRecord
 from .runs import RunRecord
 from .store import FeatureSet, human_bytes, open_store
 from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
 __all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "prepare_features"]
-
-FIT_POOLS = ("none", "avg", "max")
 
 
 @dataclass(frozen=True)
