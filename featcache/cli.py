@@ -56,7 +56,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         _Group.running = True
         try:
-            return super().invoke(ctx)
+            with _phase_lines():
+                return super().invoke(ctx)
         except KeyboardInterrupt as e:
             said = str(e) if isinstance(e, FeatcacheError) else "the store holds only committed data; re-run the command."
             click.echo(f"\nInterrupted: {said}", err=True)
@@ -154,24 +155,29 @@ def extract_cmd(progress: bool | None, **options) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         extract(cfg, progress=False)
         return  # under torchrun, rank 0 reports for all
-    with _layout_line():
-        result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
+    result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
         click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
     if len(result.skipped) > _MAX_SKIPS_SHOWN:
         click.echo(f"... and {len(result.skipped) - _MAX_SKIPS_SHOWN} more skipped (see: featcache ls)", err=True)
     click.echo(result.summary())
+    click.echo(f"next: featcache fit --set {result.set_key}" + _store_arg(cfg.store))
+
+
+def _store_arg(store: str) -> str:
+    """`` --store URL`` when the store is not the default one, for the ``next:`` command."""
+    return "" if store == default_store_url() else f" --store {store}"
 
 
 @contextlib.contextmanager
-def _layout_line():
-    """Show the library's one ``layout: ...`` line (logged before work starts) on stderr."""
+def _phase_lines():
+    """Show the library's phase lines (logger ``featcache``, INFO: layout, scanning, loading ...) on stderr."""
 
     class Echo(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             click.echo(record.getMessage(), err=True)
 
-    logger, handler = logging.getLogger("featcache.data"), Echo(logging.INFO)
+    logger, handler = logging.getLogger("featcache"), Echo(logging.INFO)
     level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -285,7 +291,11 @@ def fit_cmd(quiet: bool, check_data: str | None, **options) -> None:
     result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs))
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    stopping = result.stopping()
+    if stopping:
+        click.echo(stopping)
     click.echo(result.summary())
+    click.echo(f"next: featcache report {result.run_dir}")
 
 
 def _fmt(v) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import platform
 import queue
@@ -29,6 +30,8 @@ from .errors import DataError, FeatcacheError, StoreError
 from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store, space_key
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "Interrupted", "extract", "default_store_url"]
+
+_log = logging.getLogger("featcache.extract")  # one INFO line as each phase starts; the CLI shows them
 
 
 class Interrupted(FeatcacheError, KeyboardInterrupt):
@@ -51,6 +54,7 @@ class ExtractResult:
     shape: tuple[int, ...]
     views: int = 0
     views_extracted: int = 0
+    set_bytes: int = 0
 
     @property
     def images(self) -> int:
@@ -60,17 +64,33 @@ class ExtractResult:
     def images_per_s(self) -> float:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def cache_hit(self) -> bool:
+        return self.extracted == 0 and self.views_extracted == 0
+
     def summary(self) -> str:
+        """One line: the set, its images, what was computed, time, and the set's own bytes on disk."""
         splits = ", ".join(f"{k} {v}" for k, v in self.splits.items())
-        ratio = self.bytes_raw / self.bytes_stored if self.bytes_stored else 0.0
-        hit = " (cache hit: nothing to compute)" if self.extracted == 0 and self.views_extracted == 0 and self.reused else ""
-        views = f"; {self.views} augmented views per training image ({self.views_extracted} computed)" if self.views else ""
-        return (
-            f"set {self.set_key}: {self.images} images ({splits}); extracted {self.extracted}, "
-            f"reused {self.reused}, skipped {len(self.skipped)}{hit}{views}; {self.seconds:.1f} s, "
-            f"{self.images_per_s:.1f} images/s; space {self.space}: {human_bytes(self.bytes_stored)} on disk, "
-            f"{ratio:.1f}x compression"
-        )
+        if self.cache_hit:
+            work = f"nothing to compute ({self.reused} rows reused)"
+        else:
+            rate = f" ({self.images_per_s:.1f} images/s)" if self.extracted else ""
+            work = f"extracted {self.extracted}{rate}, reused {self.reused}"
+        skipped = f", skipped {len(self.skipped)}" if self.skipped else ""
+        views = f"; {self.views} views per training image ({self.views_extracted} computed)" if self.views else ""
+        return (f"set {self.set_key}: {self.images} images ({splits}); {work}{skipped}{views}; {self.seconds:.1f} s; "
+                f"{human_bytes(self.set_bytes)} on disk")
+
+    def to_dict(self) -> dict:
+        """The result as JSON values (``extract --json``)."""
+        return {
+            "set": self.set_key, "store": self.store, "space": self.space, "splits": dict(self.splits),
+            "images": self.images, "extracted": self.extracted, "reused": self.reused,
+            "skipped": [s.to_dict() for s in self.skipped], "views": self.views, "views_extracted": self.views_extracted,
+            "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 3), "shape": list(self.shape),
+            "set_bytes": self.set_bytes, "space_bytes": self.bytes_stored, "space_bytes_raw": self.bytes_raw,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
 
 
 def augmentation(preprocessing: dict, seed: int) -> dict:
@@ -237,7 +257,7 @@ def _run_model(
     writer.start()
     failed: dict[str, str] = {}
     timings = {"read": 0.0, "model": 0.0}
-    bar = _progress(len(todo), progress)
+    bar = _progress(len(todo), progress, "views" if views is not None else "extract")
     committed = False
     try:
         t = time.perf_counter()
@@ -303,12 +323,13 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str):
+    """A bar labelled by pass (``extract``, ``views``) with images/s."""
     if not enabled or total == 0:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)
 
 
 def _versions() -> dict[str, str]:
@@ -391,11 +412,13 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
     """
     cfg = config if config is not None else ExtractConfig(**kwargs)
     start = time.perf_counter()
+    _log.info("scanning %s", cfg.data)
     manifest = scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels, labels_from_name=cfg.labels_from_name,
                     classes=cfg.classes, exclude_class=cfg.exclude_class)
     if cfg.strict and manifest.skipped:
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
+    _log.info("loading %s%s", cfg.backbone, f" (layer {cfg.layer})" if cfg.layer else "")
     backbone = create_backbone(cfg.backbone, cfg.layer, cfg.weights, cfg.pool)
     precision = resolve_precision(cfg.precision, _device(cfg.device))
     provenance = {**backbone.provenance(), "decode": DECODE_RECIPE, "precision": precision, "dtype": cfg.dtype}
@@ -424,6 +447,12 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
         if it.sha256 not in known and it.sha256 not in todo:
             todo[it.sha256] = it
     _barrier(world)  # every rank has decided what to do before any rank writes
+    if todo:
+        per_split = {s: sum(1 for it in todo.values() if it.split == s) for s in SPLIT_NAMES}
+        _log.info("extracting %s%s", " + ".join(f"{n} {s}" for s, n in per_split.items() if n),
+                  f" ({len(manifest.items) - len(todo)} reused)" if len(manifest.items) > len(todo) else "")
+    else:
+        _log.info("nothing to compute (%d rows reused)", len({it.sha256 for it in manifest.items}))
     failed, timings = _compute(backbone, manifest, [(it, None) for it in list(todo.values())[rank::world]],
                                store, space, cfg, progress)
     failed = _merge_failures(failed, world)
@@ -434,6 +463,8 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
         jobs = [(it, k) for it in train.values() for k in range(cfg.views) if f"{it.sha256}:{k}" not in known_views]
         _barrier(world)
         view_jobs = len(jobs)
+        if jobs:
+            _log.info("computing %d augmented views (%d per training image)", len(jobs), cfg.views)
         _, view_timings = _compute(backbone, manifest, jobs[rank::world], store, view_space, cfg, progress, augment)
         if view_timings:
             timings["views_model"] = view_timings.get("model", 0.0)
@@ -497,6 +528,7 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
     _barrier(world)  # the set is committed before any rank returns
     extracted = len(todo) - len(failed)  # by all ranks together
     stats = store.space_stats(space)
+    set_bytes = store.set_bytes(store.get_set(set_key)) if rank == 0 else 0
     return ExtractResult(
         set_key=set_key,
         space=space,
@@ -512,6 +544,7 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
         shape=backbone.shape,
         views=cfg.views,
         views_extracted=view_jobs,
+        set_bytes=set_bytes,
     )
 
 

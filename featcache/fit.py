@@ -7,6 +7,7 @@ only: a run directory from someone else can be read without running their code.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -24,6 +25,8 @@ from .store import FeatureSet, human_bytes, open_store
 from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
 __all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "prepare_features"]
+
+_log = logging.getLogger("featcache.fit")  # one INFO line as each phase starts; the CLI shows them
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,24 @@ class FitResult:
     seconds: dict[str, float]
     chosen_C: float | None = None
     notes: list[str] = field(default_factory=list)
+    best_epoch: int | None = None  # torch heads: the epoch whose weights were kept
+    stopped_early: bool = False
+    head: str = ""
+
+    def stopping(self) -> str | None:
+        """``stopped early at epoch 14 of 30; kept epoch 4 (lowest val loss)``; None for heads without epochs."""
+        if not self.history:
+            return None
+        ran = len(self.history)
+        stop = f"stopped early at epoch {ran}" if self.stopped_early else f"ran {ran} epochs"
+        kept = "the start (epoch 0)" if self.best_epoch == 0 else f"epoch {self.best_epoch}"
+        return f"{stop}; kept {kept} (lowest {'val' if 'val_loss' in self.history[0] else 'train'} loss)"
+
+    def to_dict(self) -> dict:
+        """The result as JSON values (``fit --json``)."""
+        return {"run": str(self.run_dir), "set": self.set_key, "head": self.head, "metrics": self.metrics,
+                "epochs_run": len(self.history), "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+                "C": self.chosen_C, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "notes": self.notes}
 
     def summary(self) -> str:
         parts = [f"run {self.run_dir}"]
@@ -214,6 +235,8 @@ def fit(
     t0 = time.perf_counter()
     store = open_store(cfg.store, mode="r")
     fs = store.get_set(cfg.set)
+    _log.info("loading set %s (%s/%s, %s images)", fs.key, fs.attrs.get("backbone"), fs.attrs.get("layer"),
+              sum(fs.attrs["splits"].values()))
     rest = cfg.head == "rest"
     if rest and (fs.attrs["pool"] != "none" or cfg.pool != "none"):
         raise FeatcacheError(
@@ -232,6 +255,7 @@ def fit(
     head = make_head(cfg.head, **{k: v for k, v in cfg.to_dict().items() if k != "backbone"}, **extra)
     head.trusted_backbone = cfg.backbone
     t1 = time.perf_counter()
+    _log.info("training %s on %d images", cfg.head, len(y_train))
     head.fit(x_train, y_train, x_val, y_val, n_classes=len(fs.classes), on_epoch=on_epoch, train_views=train_views)
     t_fit = time.perf_counter() - t1
     calibrated = getattr(head, "calibrated", True)
@@ -275,5 +299,6 @@ def fit(
             write_plots(run, fs, head, probas, data=cfg.data)
         else:
             notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
-    return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None), notes)
+    return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None), notes,
+                     best_epoch=record.best_epoch, stopped_early=record.stopped_early, head=cfg.head)
 

@@ -20,14 +20,14 @@ def _extract(folder, store, **kw):
 def test_views_are_stored_seeded_reused_and_only_for_training(tmp_path):
     folder = make_folder(tmp_path / "d", size=(48, 64))
     r = _extract(folder, tmp_path / "a.zarr", views=2)
-    assert r.views_extracted == 48 and "2 augmented views per training image (48 computed)" in r.summary()
+    assert r.views_extracted == 48 and "2 views per training image (48 computed)" in r.summary()
     fs = featcache.open_store(str(tmp_path / "a.zarr")).get_set(r.set_key)
     v = fs.view_features()
     assert fs.views == 2 and v.shape == (24, 2, 32)
     assert not np.array_equal(v[:, 0], v[:, 1]) and not np.array_equal(v[:, 0], fs.features("train"))
     assert fs.attrs["augment"]["transform"] == "RandomResizedCrop+RandomHorizontalFlip" and fs.attrs["augment"]["seed"] == 0
     again = _extract(folder, tmp_path / "a.zarr", views=2)
-    assert (again.extracted, again.views_extracted) == (0, 0) and "cache hit" in again.summary()
+    assert (again.extracted, again.views_extracted) == (0, 0) and "nothing to compute" in again.summary()
     other = _extract(folder, tmp_path / "b.zarr", views=2, workers=2)  # seeded: same views in another store
     assert np.array_equal(featcache.open_store(str(tmp_path / "b.zarr")).get_set(other.set_key).view_features(), v)
     plain = _extract(folder, tmp_path / "c.zarr")

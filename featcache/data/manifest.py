@@ -198,6 +198,7 @@ def scan(
     if not entries:
         raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
 
+    _log.info("hashing %d files", len(entries))
     hashed = _hash_all([p for _, _, p in entries])
     kept: list[tuple[str, int, Path, str, int]] = []
     first_seen: dict[str, tuple[int, str]] = {}  # bytes → (label, path) of their first labelled copy
