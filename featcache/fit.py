@@ -234,7 +234,7 @@ def fit(
         check_user_backbone(cfg.backbone)
     t0 = time.perf_counter()
     store = open_store(cfg.store, mode="r")
-    fs = store.get_set(cfg.set)
+    fs = store.get_set(cfg.set, data=cfg.data)
     _log.info("loading set %s (%s/%s, %s images)", fs.key, fs.attrs.get("backbone"), fs.attrs.get("layer"),
               sum(fs.attrs["splits"].values()))
     rest = cfg.head == "rest"

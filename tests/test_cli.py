@@ -47,7 +47,11 @@ def test_the_two_product_commands_end_to_end(run, folder, tmp_path):
     r = run("evaluate", run_dir)
     assert r.exit_code == 0 and "val per class: blue" in r.output and "confusion matrix" in r.output
     r = run("ls")
-    assert "vgg16/features  none  float16  512x7x7  train=24 val=12" in r.output
+    header, row = r.output.splitlines()
+    assert header.split() == ["set", "data", "classes", "train/val/test", "backbone/layer", "dtype", "size", "age", "by"]
+    assert row.split()[1:6] == ["data", "3", "24/12/0", "vgg16/features", "f16"]
+    assert [header.index(h) for h in ("data", "backbone/layer", "dtype")] == [row.index(v) for v in ("data ", "vgg16", "f16")]
+    assert max(map(len, r.output.splitlines())) <= 100
 
 
 def test_store_from_environment(run, folder, tmp_path, monkeypatch):

@@ -63,6 +63,8 @@ def world(tmp_path_factory):
     (["fit", "--help"], ()),
     (["extract", "--help"], ()),
     (["ls"], ()),
+    (["ls", "--json"], ()),
+    (["status", "--data", "DATA", "--json"], ()),
     (["info", "KEY"], ()),
     (["status", "--data", "DATA"], ()),
     (["gc", "--dry-run"], ()),
