@@ -11,6 +11,7 @@ from __future__ import annotations
 from .cli_kit import (AutoOr, Device, Floats, Fractions, Group, Ints, OutputPath, echo_json,  # first: Ctrl-C handler
                       json_option, parse_size_text, set_option, store_arg, store_option)
 
+import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 

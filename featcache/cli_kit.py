@@ -26,7 +26,6 @@ def _interrupt(signum, frame) -> None:
 _OUTER_SIGINT = signal.signal(signal.SIGINT, _interrupt)
 
 import contextlib  # noqa: E402
-import errno  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -35,14 +34,10 @@ from pathlib import Path  # noqa: E402
 import click  # noqa: E402
 
 from .config import DEVICES, default_store_url  # noqa: E402
-from .errors import FeatcacheError  # noqa: E402
+from .errors import FeatcacheError, os_error_text  # noqa: E402
 
 __all__ = ["Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "store_option",
            "json_option", "set_option", "echo_json", "pick_set", "store_arg", "parse_size_text"]
-
-_WHAT = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
-         errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EDQUOT: "disk quota exceeded"}
-
 
 class Group(click.Group):
     """Turns the library's errors into one ``Error:`` line (no traceback) with exit status 1, a
@@ -77,7 +72,7 @@ class Group(click.Group):
 
 def _os_error(e: OSError) -> str:
     """One line for a failed read or write: the path, what happened, and for standard output, that."""
-    what = _WHAT.get(e.errno, e.strerror or str(e))
+    what = os_error_text(e)
     if e.filename is None:  # click.echo to a full disk or a closed pipe: standard output failed
         with contextlib.suppress(OSError, ValueError):  # nothing more may go there, not even at exit
             devnull = os.open(os.devnull, os.O_WRONLY)

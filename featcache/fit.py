@@ -8,6 +8,7 @@ only: a run directory from someone else can be read without running their code.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -16,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import FeatcacheError, RunError, StoreError
+from .errors import FeatcacheError, RunError, StoreError, os_error_text
 from .config import FIT_POOLS, HEADS, INITS, OPTIMIZERS, default_store_url
 from .heads import make_head
 from .persist import HeadRecord
@@ -291,14 +292,21 @@ def fit(
         raise FeatcacheError(f"the trained head cannot be saved as a run ({e}); check the features with "
                              "featcache verify, or lower --lr") from None
     run = _new_run_dir(cfg)
-    record.write(run)
-    if cfg.plots:
-        from .report import have_matplotlib, write_plots
+    try:
+        record.write(run)
+        if cfg.plots:
+            from .report import have_matplotlib, write_plots
 
-        if have_matplotlib():
-            write_plots(run, fs, head, probas, data=cfg.data)
-        else:
-            notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
+            if have_matplotlib():
+                write_plots(run, fs, head, probas, data=cfg.data)
+            else:
+                notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
+    except OSError as e:
+        if isinstance(e, FeatcacheError):
+            raise
+        shutil.rmtree(run, ignore_errors=True)  # a run directory is whole or absent, never half-written
+        raise RunError(f"writing the run directory {run} failed ({os_error_text(e)}: {e.filename or run}); nothing "
+                       "was left there. Free space or choose another --runs / --out, then re-run fit") from None
     return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None), notes,
                      best_epoch=record.best_epoch, stopped_early=record.stopped_early, head=cfg.head)
 
