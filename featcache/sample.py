@@ -34,6 +34,8 @@ def write_digits(out: str | Path = "data", size: int = 32, seed: int = 0) -> dic
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
+    except OSError as e:  # named by the folder asked for, not the temporary one
+        raise OSError(e.errno, e.strerror, str(out)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts

@@ -68,7 +68,7 @@ def test_sample_on_a_full_disk_leaves_no_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(Image.Image, "save", save)
     r = _invoke("sample", "--out", "digits")
-    assert r.exit_code == 1 and r.output == "Error: cannot write the/file: no space left on the device; nothing was " \
+    assert r.exit_code == 1 and r.output == "Error: cannot write digits: no space left on the device; nothing was " \
                                             "left half-written there\n"
     assert list(tmp_path.iterdir()) == []
 
