@@ -76,3 +76,12 @@ def test_scaleout_benchmark_smoke(folder):
 
     rows = run_scaleout(str(folder), TINY, None, "none", procs=(1, 2), batch_size=8)
     assert [r["processes"] for r in rows] == [1, 2] and all(r["images"] == 36 and r["wall_s"] > 0 for r in rows)
+
+
+def test_cli_benchmark_times_whole_processes(folder):
+    from benchmarks.cli import run_cli
+
+    rows = run_cli(str(folder), TINY, "none", rounds=1, workers=0)
+    assert [r["command"] for r in rows][3:] == ["featcache --help", "featcache --version", "featcache ls",
+                                                "featcache fit --head logreg"]
+    assert all(r["median_s"] > 0 and r["over_pass"] > 0 for r in rows)
