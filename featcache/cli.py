@@ -18,6 +18,7 @@ import sys  # noqa: E402
 import click  # noqa: E402
 
 from .cli_store import gc_cmd, info_cmd, ls_cmd, rm_cmd, status_cmd, verify_cmd  # noqa: E402
+from . import __version__  # noqa: E402
 from .config import DEFAULT_NAME_PATTERN, DTYPES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS  # noqa: E402
 from .errors import FeatcacheError  # noqa: E402
 
@@ -27,7 +28,7 @@ _MAX_SKIPS_SHOWN = 20
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="featcache")
+@click.version_option(version=__version__, prog_name="featcache")  # no package metadata scan at start-up
 def main() -> None:
     """Run a frozen CNN once, cache its features in Zarr, fit heads in seconds."""
 

@@ -26,6 +26,7 @@ def _interrupt(signum, frame) -> None:
 _OUTER_SIGINT = signal.signal(signal.SIGINT, _interrupt)
 
 import contextlib  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -71,14 +72,16 @@ class Group(click.Group):
 
 
 def _os_error(e: OSError) -> str:
-    """One line for a failed read or write: the path, what happened, and for standard output, that."""
+    """One line for a failed read or write: the path and what happened (or that standard output failed)."""
     what = os_error_text(e)
-    if e.filename is None:  # click.echo to a full disk or a closed pipe: standard output failed
-        with contextlib.suppress(OSError, ValueError):  # nothing more may go there, not even at exit
+    if e.filename is None and e.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EFBIG):
+        with contextlib.suppress(OSError, ValueError):  # click.echo failed: nothing more may go there, not even at exit
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return f"writing to standard output failed ({what})"
-    return f"cannot write {e.filename}: {what}; nothing was left half-written there"
+    if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
+        return f"cannot write {e.filename}: {what}; nothing was left half-written there"
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 def _as_usage_error(group: click.Group, ctx: click.Context, error: FeatcacheError) -> click.ClickException:
