@@ -99,7 +99,7 @@ def _as_usage_error(group: click.Group, ctx: click.Context, error: FeatcacheErro
 
 @contextlib.contextmanager
 def _phase_lines():
-    """Show the library's phase lines (logger ``featcache``, INFO: layout, scanning, loading ...) on stderr;
+    """Show the library's phase lines (logger ``featcache``, INFO: layout, hashing, loading ...) on stderr;
     under torchrun only rank 0 shows them."""
     if int(os.environ.get("RANK", "0") or 0) != 0:
         yield

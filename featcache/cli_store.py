@@ -190,7 +190,7 @@ def verify_cmd(key: str | None, set_: str | None, store: str, sample: int, data:
 
 
 @click.command("status")
-@set_option("the newest set made from --data")
+@set_option()
 @click.option("--data", default=None, type=click.Path(file_okay=False),
               help="The image folder to compare (required: featcache walks no folder a store names).")
 @store_option

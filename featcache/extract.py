@@ -412,7 +412,6 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, **kw
     """
     cfg = config if config is not None else ExtractConfig(**kwargs)
     start = time.perf_counter()
-    _log.info("scanning %s", cfg.data)
     manifest = scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels, labels_from_name=cfg.labels_from_name,
                     classes=cfg.classes, exclude_class=cfg.exclude_class)
     if cfg.strict and manifest.skipped:

@@ -50,7 +50,7 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
     The set's stored ``data_root`` is only a hint shown to the user: featcache walks no folder
     that a store names, so ``data`` must be given (by the user, who can confirm the hint).
     """
-    fs = store.get_set(key, data=data)
+    fs = store.get_set(key)
     r = fs.record
     if data is None:
         raise DataError(
@@ -146,7 +146,7 @@ def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0,
     from ..backbones import check_user_backbone
 
     check_user_backbone(backbone, weights)
-    fs = store.get_set(key, data=data)
+    fs = store.get_set(key)
     r = fs.record
     errors: list[str] = []
     notes: list[str] = []
