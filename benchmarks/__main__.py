@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -67,6 +67,8 @@ COMPACT_COLUMNS = [("backbone", "backbone"), ("images", "images"), ("checkpoint_
                    ("segments_before", "segments"), ("files_before", "files"), ("files_per_10k_before", "files / 10k"),
                    ("segments_after", "after compact + gc: segments"), ("files_after", "files"),
                    ("files_per_10k_after", "files / 10k"), ("compact_s", "compact s")]
+CLI_COLUMNS = [("command", "command"), ("median_s", "median s"), ("min_s", "min s"), ("max_s", "max s"),
+               ("over_pass", "/ python -c pass"), ("over_torch", "/ import torch"), ("over_click", "/ import click")]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -78,7 +80,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict",
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli",
                                                     "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
@@ -86,7 +88,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 @click.option("--epochs", default="10,30", show_default=True, help="Epoch counts to report.")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (both ways).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--repeats", default=3, show_default=True, type=int, help="Storage: best of N.")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Storage: best of N; cli: rounds (median).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Results folder [default: benchmarks/results].")
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) -> None:
     """Run the benchmark suite and print its tables."""
@@ -98,6 +100,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
     from .views import run_views
     from .transfer import run_transfer
+    from .cli import run_cli
 
     if not Path(data).is_dir():
         raise click.UsageError(f"--data {data} does not exist")
@@ -178,6 +181,15 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\npredict: peak memory on 100 and 2,000 new images ({name}), each in a fresh process")
         click.echo(table(rows, PREDICT_COLUMNS))
         path = save("predict", {"machine": info, "data": data, "rows": rows}, out)
+        click.echo(f"saved {path}")
+
+    if which in ("cli", "all"):
+        name, _, weights = _case(cases[-1])
+        rows = run_cli(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        click.echo(f"\ncommand line start-up: whole processes, median of {max(repeats, 1)} rounds in rotation; "
+                   f"fit on a {name} set of {Path(data).name}")
+        click.echo(table(rows, CLI_COLUMNS))
+        path = save("cli", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
         click.echo(f"saved {path}")
 
 

@@ -88,3 +88,12 @@ def test_predict_benchmark_smoke(folder, tmp_path):
     rows = run_predict(str(folder), TINY, "none", counts=(4, 12), workers=(0,))
     assert [r["images"] for r in rows] == [4, 12] and all(r["computed"] == r["images"] for r in rows)
     assert all(r["peak_rss_mb"] >= r["base_rss_mb"] > 0 and r["failed"] == 0 for r in rows)
+
+
+def test_cli_benchmark_times_whole_processes(folder):
+    from benchmarks.cli import run_cli
+
+    rows = run_cli(str(folder), TINY, "none", rounds=1, workers=0)
+    assert [r["command"] for r in rows][3:] == ["featcache --help", "featcache --version", "featcache ls",
+                                                "featcache fit --head logreg"]
+    assert all(r["median_s"] > 0 and r["over_pass"] > 0 for r in rows)
