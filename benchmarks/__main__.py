@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|layers|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|layers|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -72,6 +72,8 @@ LAYERS_COLUMNS = [("backbone", "backbone"), ("weights", "weights"), ("layers", "
                   ("separate_s", "k extracts s (median)"), ("ratio", "k extracts / one pass (median)"),
                   ("ratios", "per pair")]
 LAYER_CASES = ("resnet18/layer3,layer4@none", "resnet18/layer2,layer3,layer4@none", "efficientnet_lite0/blocks.10,head")
+CLI_COLUMNS = [("command", "command"), ("median_s", "median s"), ("min_s", "min s"), ("max_s", "max s"),
+               ("over_pass", "/ python -c pass"), ("over_torch", "/ import torch"), ("over_click", "/ import click")]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -83,7 +85,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict",
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli",
                                                     "layers", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
@@ -91,7 +93,8 @@ def _case(text: str) -> tuple[str, str | None, str]:
 @click.option("--epochs", default="10,30", show_default=True, help="Epoch counts to report.")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (both ways).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--repeats", default=3, show_default=True, type=int, help="Storage: best of N; layers: alternating pairs.")
+@click.option("--repeats", default=3, show_default=True, type=int,
+              help="Storage: best of N; cli: rounds (median); layers: alternating pairs (median).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Results folder [default: benchmarks/results].")
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) -> None:
     """Run the benchmark suite and print its tables."""
@@ -104,6 +107,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .views import run_views
     from .layers import run_layers
     from .transfer import run_transfer
+    from .cli import run_cli
 
     if not Path(data).is_dir():
         raise click.UsageError(f"--data {data} does not exist")
@@ -198,6 +202,15 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo("\nseveral layers: one pass against one extract per layer (fresh stores, alternating)")
         click.echo(table(rows, LAYERS_COLUMNS))
         path = save("layers", {"machine": info, "data": data, "rows": rows}, out)
+        click.echo(f"saved {path}")
+
+    if which in ("cli", "all"):
+        name, _, weights = _case(cases[-1])
+        rows = run_cli(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        click.echo(f"\ncommand line start-up: whole processes, median of {max(repeats, 1)} rounds in rotation; "
+                   f"fit on a {name} set of {Path(data).name}")
+        click.echo(table(rows, CLI_COLUMNS))
+        path = save("cli", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
         click.echo(f"saved {path}")
 
 

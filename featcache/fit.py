@@ -7,6 +7,8 @@ only: a run directory from someone else can be read without running their code.
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -15,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import FeatcacheError, RunError, StoreError
-from .extract import default_store_url
-from .heads import HEADS, INITS, OPTIMIZERS, make_head
+from .errors import FeatcacheError, RunError, StoreError, os_error_text
+from .config import FIT_POOLS, HEADS, INITS, OPTIMIZERS, default_store_url
+from .heads import make_head
 from .persist import HeadRecord
 from .runs import RunRecord
 from .store import FeatureSet, human_bytes, open_store
@@ -25,7 +27,7 @@ from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_feat
 
 __all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "prepare_features"]
 
-FIT_POOLS = ("none", "avg", "max")
+_log = logging.getLogger("featcache.fit")  # one INFO line as each phase starts; the CLI shows them
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,24 @@ class FitResult:
     seconds: dict[str, float]
     chosen_C: float | None = None
     notes: list[str] = field(default_factory=list)
+    best_epoch: int | None = None  # torch heads: the epoch whose weights were kept
+    stopped_early: bool = False
+    head: str = ""
+
+    def stopping(self) -> str | None:
+        """``stopped early at epoch 14 of 30; kept epoch 4 (lowest val loss)``; None for heads without epochs."""
+        if not self.history:
+            return None
+        ran = len(self.history)
+        stop = f"stopped early at epoch {ran}" if self.stopped_early else f"ran {ran} epochs"
+        kept = "the start (epoch 0)" if self.best_epoch == 0 else f"epoch {self.best_epoch}"
+        return f"{stop}; kept {kept} (lowest {'val' if 'val_loss' in self.history[0] else 'train'} loss)"
+
+    def to_dict(self) -> dict:
+        """The result as JSON values (``fit --json``)."""
+        return {"run": str(self.run_dir), "set": self.set_key, "head": self.head, "metrics": self.metrics,
+                "epochs_run": len(self.history), "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+                "C": self.chosen_C, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "notes": self.notes}
 
     def summary(self) -> str:
         parts = [f"run {self.run_dir}"]
@@ -215,7 +235,9 @@ def fit(
         check_user_backbone(cfg.backbone)
     t0 = time.perf_counter()
     store = open_store(cfg.store, mode="r")
-    fs = store.get_set(cfg.set)
+    fs = store.get_set(cfg.set, data=cfg.data)
+    _log.info("loading set %s (%s/%s, %s images)", fs.key, fs.attrs.get("backbone"), fs.attrs.get("layer"),
+              sum(fs.attrs["splits"].values()))
     rest = cfg.head == "rest"
     if rest and (fs.attrs["pool"] != "none" or cfg.pool != "none"):
         raise FeatcacheError(
@@ -240,6 +262,7 @@ def fit(
     head = make_head(cfg.head, **{k: v for k, v in cfg.to_dict().items() if k != "backbone"}, **extra)
     head.trusted_backbone = cfg.backbone
     t1 = time.perf_counter()
+    _log.info("training %s on %d images", cfg.head, len(y_train))
     head.fit(x_train, y_train, x_val, y_val, n_classes=len(fs.classes), on_epoch=on_epoch, train_views=train_views)
     t_fit = time.perf_counter() - t1
     calibrated = getattr(head, "calibrated", True)
@@ -275,13 +298,21 @@ def fit(
         raise FeatcacheError(f"the trained head cannot be saved as a run ({e}); check the features with "
                              "featcache verify, or lower --lr") from None
     run = _new_run_dir(cfg)
-    record.write(run)
-    if cfg.plots:
-        from .report import have_matplotlib, write_plots
+    try:
+        record.write(run)
+        if cfg.plots:
+            from .report import have_matplotlib, write_plots
 
-        if have_matplotlib():
-            write_plots(run, fs, head, probas, data=cfg.data)
-        else:
-            notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
-    return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None), notes)
+            if have_matplotlib():
+                write_plots(run, fs, head, probas, data=cfg.data)
+            else:
+                notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
+    except OSError as e:
+        if isinstance(e, FeatcacheError):
+            raise
+        shutil.rmtree(run, ignore_errors=True)  # a run directory is whole or absent, never half-written
+        raise RunError(f"writing the run directory {run} failed ({os_error_text(e)}: {e.filename or run}); nothing "
+                       "was left there. Free space or choose another --runs / --out, then re-run fit") from None
+    return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None), notes,
+                     best_epoch=record.best_epoch, stopped_early=record.stopped_early, head=cfg.head)
 

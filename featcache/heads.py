@@ -10,25 +10,22 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
-from sklearn.exceptions import NotFittedError
-from torch import nn
 
+from .config import HEADS, INITS, OPTIMIZERS, SKLEARN_HEADS, TORCH_HEADS
 from .errors import RunError
 from .persist import Fields, HeadRecord
 from .stream import Streamed
 
+if TYPE_CHECKING:  # torch is imported only where a torch head trains or predicts
+    import torch
+    from torch import nn
+
 __all__ = ["HEADS", "TORCH_HEADS", "SKLEARN_HEADS", "TorchHead", "SklearnHead", "make_head", "save_head", "load_head",
            "check_head", "head_from_record"]
 
-TORCH_HEADS = ("mlp", "linear", "rest")
-INITS = ("random", "probe")
-SKLEARN_HEADS = ("logreg", "svm")
-HEADS = TORCH_HEADS + SKLEARN_HEADS
-OPTIMIZERS = ("adam", "sgd")
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 MAX_CLASSES = 1_000_000
 
@@ -49,6 +46,8 @@ def _check_xy(X: np.ndarray, y: np.ndarray | None = None, any_rank: bool = False
 def _home(dev: torch.device, nbytes: int) -> torch.device:
     """Where the training tensors live: on the GPU when they fit in 80% of its free memory,
     else in host memory, each batch copied over."""
+    import torch
+
     if dev.type != "cuda":
         return dev
     free, _ = torch.cuda.mem_get_info(dev)
@@ -113,6 +112,8 @@ class TorchHead:
         return {**params, "freeze": list(self.freeze)}
 
     def _build(self, d: int, c: int, weights: str | None = None) -> nn.Module:
+        from torch import nn
+
         if self.kind == "rest":
             from .backbones import create_rest, trusted_only
 
@@ -162,6 +163,8 @@ class TorchHead:
         return groups
 
     def _device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -181,6 +184,9 @@ class TorchHead:
         ``X`` (and ``X_val``) may be a :class:`featcache.stream.Streamed` split, read from the
         store a window of chunks at a time; ``y`` is then its labels.
         """
+        import torch
+        from torch import nn
+
         if self.kind not in TORCH_HEADS:
             raise ValueError(f"kind must be one of {', '.join(TORCH_HEADS)}; got {self.kind!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -284,11 +290,18 @@ class TorchHead:
         self.stopped_early_ = len(history) < self.epochs
         return self
 
-    @torch.no_grad()
     def _probe_init(self, model: nn.Module, X, y, dev: torch.device, c: int) -> dict:
         """Set the new layer to a logistic regression (C = 1, on standardised inputs, folded back
         into the layer) fitted on what the pretrained layers feed it: fine-tuning then starts
         from a linear probe instead of random weights."""
+        import torch
+
+        with torch.no_grad():
+            return self._probe_init_no_grad(model, X, y, dev, c)
+
+    def _probe_init_no_grad(self, model: nn.Module, X, y, dev: torch.device, c: int) -> dict:
+        import torch
+
         layer = model.get_submodule(self.new_layer_)
         inputs: list[torch.Tensor] = []
         hook = layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().float().cpu()))
@@ -317,9 +330,16 @@ class TorchHead:
         layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
         return {"C": 1.0, "train_acc": float((probe.predict(z) == np.asarray(y)).mean()), "converged": probe.converged_}
 
-    @torch.no_grad()
     def _logits(self, model: nn.Module, X, dev: torch.device) -> torch.Tensor:
         """Logits (N, C) on the CPU for an array, a tensor or a streamed split, in row order."""
+        import torch
+
+        with torch.no_grad():
+            return self._logits_no_grad(model, X, dev)
+
+    def _logits_no_grad(self, model: nn.Module, X, dev: torch.device) -> torch.Tensor:
+        import torch
+
         model.eval()
         step = 256 if self.kind == "rest" else 4096
 
@@ -338,11 +358,15 @@ class TorchHead:
         return out if out is not None else torch.zeros((0, 0))
 
     def _check_fitted(self) -> None:
+        from sklearn.exceptions import NotFittedError
+
         if not hasattr(self, "module_"):
             raise NotFittedError("this head is not fitted yet; call fit first")
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities for an array or a streamed split."""
+        import torch
+
         self._check_fitted()
         _check_xy(X, any_rank=self.kind == "rest")
         logits = self._logits(self.module_, X, next(self.module_.parameters()).device)
@@ -392,6 +416,8 @@ class TorchHead:
 
     @classmethod
     def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray], backbone: str | None = None) -> "TorchHead":
+        import torch
+
         head = cls(**{**params, "device": "cpu"})
         head.trusted_backbone = backbone
         d = info["n_features_in"]
@@ -489,6 +515,8 @@ class SklearnHead:
         return self
 
     def _check_fitted(self) -> None:
+        from sklearn.exceptions import NotFittedError
+
         if not hasattr(self, "estimator_"):
             raise NotFittedError("this head is not fitted yet; call fit first")
 

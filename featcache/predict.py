@@ -24,6 +24,7 @@ from .data.manifest import hash_all
 from .errors import DataError
 from .heads import SklearnHead, TorchHead, head_from_record
 from .lookup import RowCounts, load_run, run_rows
+from .persist import write_atomic
 from .runs import RunRecord
 
 __all__ = ["Prediction", "Predictions", "Predictor", "predict", "export"]
@@ -172,9 +173,14 @@ def export(run: str | Path, out: str | Path, backbone: str | None = None, weight
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     out = Path(out)
-    torch.export.save(program, str(out))
     meta = {"classes": list(record.classes), "preprocessing": backbone.preprocessing, "input": [None, 3, crop, crop],
             "output": "class probabilities", "backbone": record.backbone, "layer": record.layer,
             "weights": record.weights, "head": record.config.head}
-    Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
+    # each file appears whole or not at all; a program without its classes file is removed again
+    write_atomic(out, lambda tmp: torch.export.save(program, str(tmp)))
+    try:
+        write_atomic(Path(str(out) + ".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    except OSError:
+        out.unlink(missing_ok=True)
+        raise
     return out

@@ -14,6 +14,7 @@ import numpy as np
 from .data import load_rgb, safe_join
 from .errors import FeatcacheError, RunError
 from .heads import head_from_record
+from .persist import write_atomic
 from .runs import RunRecord
 from .store import open_store
 from .stream import RowReader
@@ -63,7 +64,7 @@ def _curves(plt, history: list[dict], out: Path) -> Path | None:
     ax1.legend()
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
 
@@ -83,7 +84,7 @@ def _confusion(plt, cm: list[list[int]], classes: list[str], split: str, out: Pa
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                         color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
 
@@ -97,7 +98,7 @@ def _per_class(plt, per_class: dict, train_counts: dict, split: str, out: Path) 
         ax.annotate(c, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="training images", ylabel=f"{split} accuracy", ylim=(0, 1.05), title="per-class accuracy")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
 
@@ -122,7 +123,7 @@ def _misclassified(plt, root: Path, paths: list[str], y: np.ndarray, pred: np.nd
         ax.set_title(f"true {classes[y[i]]}\npredicted {classes[pred[i]]}", fontsize=9)
     fig.suptitle(f"misclassified {split} images (first {len(wrong)})")
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
     return out
 
@@ -201,5 +202,5 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} img{{max-width:10
 <body><h1>Run {html.escape(run.name)}</h1>{settings}<h2>metrics</h2>{summary}{per_class}{images}</body></html>
 """
     out = run / "report.html"
-    out.write_text(page)
+    write_atomic(out, lambda tmp: tmp.write_text(page))
     return out

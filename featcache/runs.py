@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import RunError
-from .extract import ExtractConfig
+from .config import ExtractConfig
 from .heads import MAX_CLASSES, check_head
 from .persist import Fields, HeadRecord, is_int, is_number, read_json, write_json
 from .stream import prepared_shape

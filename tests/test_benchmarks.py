@@ -101,3 +101,12 @@ def test_layers_benchmark_smoke(folder, tmp_path):
     assert "| k extracts / one pass (median) |" in out.output and len(list(tmp_path.glob("layers-*.json"))) == 1
     bad = CliRunner().invoke(main, ["layers", "--data", str(folder), "--case", f"{TINY}@none"])
     assert bad.exit_code == 2 and "needs a case with several layers" in bad.output
+
+
+def test_cli_benchmark_times_whole_processes(folder):
+    from benchmarks.cli import run_cli
+
+    rows = run_cli(str(folder), TINY, "none", rounds=1, workers=0)
+    assert [r["command"] for r in rows][3:] == ["featcache --help", "featcache --version", "featcache ls",
+                                                "featcache fit --head logreg"]
+    assert all(r["median_s"] > 0 and r["over_pass"] > 0 for r in rows)

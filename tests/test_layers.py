@@ -1,6 +1,7 @@
 """Several layers in one pass: one set per layer, each bit-identical to extracting that layer alone."""
 
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -139,6 +140,10 @@ def test_cli_takes_a_comma_list_and_names_a_bad_layer(tmp_path):
     lines = ok.stdout.strip().splitlines()
     assert lines[0].startswith("features: set ") and lines[1].startswith("classifier.1: set ")
     assert lines[2].startswith("2 layers, one pass: 9 images through the network")
+    assert lines[3] == f"next: featcache fit --set {lines[0].split()[2].rstrip(':')} --store {store}"
+    doc = json.loads(runner.invoke(main, base + ["--layer", "features,classifier.1", "--json"]).stdout)
+    assert [d["layer"] for d in doc["sets"]] == ["features", "classifier.1"] and doc["computed"] == 0
+    assert all(d["reused"] == 9 for d in doc["sets"]) and doc["next"].startswith("featcache fit --set ")
     bad = runner.invoke(main, base + ["--layer", "features,,avgpool"])
     assert bad.exit_code == 2 and "Invalid value for '--layer': --layer takes a layer name or several" in bad.output
     unknown = runner.invoke(main, base + ["--layer", "features,nope"])

@@ -7,7 +7,8 @@ One file per source behind one registry (``registry.py``): torchvision models
 """
 
 from .factory import module_name
-from .base import POOLS, PRECISIONS, Backbone, Joint, autocast, parse_layers, resolve_precision
+from ..config import parse_layers
+from .base import POOLS, PRECISIONS, Backbone, Joint, autocast, resolve_precision
 from .registry import (_build, check_rest, check_user_backbone, create_backbone, create_joint, create_rest, default_layer,
                        layer_shapes, list_backbones, list_layers, rebuild_backbone, trusted_only)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.transforms._presets import ImageClassification
 
-from ..errors import UnknownLayer, WeightsError
+from ..errors import WeightsError
 
 __all__ = [
     "POOLS",
@@ -25,7 +25,6 @@ __all__ = [
     "Backbone",
     "Joint",
     "Separate",
-    "parse_layers",
     "autocast",
     "resolve_precision",
     "seeded",
@@ -35,8 +34,7 @@ __all__ = [
     "describe_transform",
 ]
 
-POOLS = ("none", "avg", "max")
-PRECISIONS = ("auto", "float32", "tf32", "bfloat16", "float16")
+from ..config import POOLS, PRECISIONS  # noqa: E402  (one source for the command line and the library)
 INIT_SEED = 0  # random-init ("none") weights are seeded so the same name means the same network
 WEIGHTS_VALUES = "(--weights takes DEFAULT, a torchvision weights name, none, or a state-dict file)"
 
@@ -89,25 +87,6 @@ class Separate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(cut(x) for cut in self.cuts)
-
-
-def parse_layers(value: str | list[str] | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
-    """``--layer``: None (the default layer), one name, or several, ``"layer3,layer4"`` or a list (one set each)."""
-    if value is None:
-        return None
-    several = not isinstance(value, str) or "," in value
-    if isinstance(value, str):
-        names = [n.strip() for n in value.split(",")] if several else [value.strip()]
-    elif isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value):
-        names = [n.strip() for n in value]
-    else:
-        raise UnknownLayer(f"--layer takes a layer name or several, e.g. layer3,layer4; got {value!r}")
-    if not names or not all(names):
-        raise UnknownLayer(f"--layer takes a layer name or several, e.g. layer3,layer4; got {value!r}")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UnknownLayer(f"--layer names {', '.join(twice)} more than once; name each layer once")
-    return tuple(names) if several else names[0]
 
 
 @contextmanager
