@@ -23,7 +23,7 @@ from .fit import FIT_POOLS, FitConfig, fit
 from .heads import HEADS, INITS, OPTIMIZERS
 from .sample import write_digits
 from .store.maintenance import gc, status, verify
-from .runs import RunRecord
+from .runs import SORTS, RunRecord
 from .store import human_bytes, open_store
 from .stream import parse_size
 
@@ -172,6 +172,30 @@ def _positive_float(text: str) -> float:
     return number
 
 
+class _ListOf(click.ParamType):
+    """Comma-separated values of ``inner`` (``1e-3,3e-3``): ``featcache fit`` fits every combination."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner, self.name = inner, inner.name
+
+    def get_metavar(self, *args, **kwargs):
+        return self.inner.get_metavar(*args, **kwargs)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        if not isinstance(value, str):
+            return [self.inner.convert(value, param, ctx)]
+        parts = [p.strip() for p in value.split(",")]
+        if "" in parts:
+            self.fail(f"{value!r} has an empty item; give one value or several separated by commas", param, ctx)
+        return list(dict.fromkeys(self.inner.convert(p, param, ctx) for p in parts))
+
+
+def _many(type_: click.ParamType) -> _ListOf:
+    return _ListOf(type_)
+
+
 class _AutoOr(click.ParamType):
     """``auto`` or a value that ``parse`` accepts (it raises ValueError with what it expects)."""
 
@@ -199,34 +223,35 @@ def _epoch_line(total: int):
 
 
 @main.command("fit")
-@click.option("--head", type=click.Choice(HEADS), default="mlp", show_default=True)
+@click.option("--head", type=_many(click.Choice(HEADS)), default="mlp", show_default=True,
+              help="One head, or several: logreg,mlp (every option may list values: a sweep).")
 @click.option("--set", "set", default=None, help="Feature set key or prefix [default: the most recent].")
 @store_option
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=_Floats(min=0, min_open=True))
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--momentum", default=0.9, show_default=True, type=_Floats(0, 1))
-@click.option("--weight-decay", default=0.0, show_default=True, type=_Floats(min=0))
-@click.option("--step-size", default=10, show_default=True, type=click.IntRange(min=1), help="StepLR period (sgd).")
-@click.option("--gamma", default=0.1, show_default=True, type=_Floats(min=0, min_open=True), help="StepLR factor (sgd).")
-@click.option("--hidden", default=256, show_default=True, type=click.IntRange(min=1), help="mlp hidden units.")
-@click.option("--dropout", default=0.4, show_default=True, type=_Floats(0, 1, max_open=True), help="mlp dropout.")
-@click.option("--patience", default=10, show_default=True, type=click.IntRange(min=0), help="Early-stopping patience on val loss (0: off).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
-@click.option("--C", "C", default="auto", show_default=True, type=_AutoOr("auto|NUMBER", "a number", _positive_float),
+@click.option("--epochs", default=30, show_default=True, type=_many(click.IntRange(min=1)))
+@click.option("--batch-size", default=64, show_default=True, type=_many(click.IntRange(min=1)))
+@click.option("--lr", default=1e-3, show_default=True, type=_many(_Floats(min=0, min_open=True)))
+@click.option("--optimizer", type=_many(click.Choice(OPTIMIZERS)), default="adam", show_default=True)
+@click.option("--momentum", default=0.9, show_default=True, type=_many(_Floats(0, 1)))
+@click.option("--weight-decay", default=0.0, show_default=True, type=_many(_Floats(min=0)))
+@click.option("--step-size", default=10, show_default=True, type=_many(click.IntRange(min=1)), help="StepLR period (sgd).")
+@click.option("--gamma", default=0.1, show_default=True, type=_many(_Floats(min=0, min_open=True)), help="StepLR factor (sgd).")
+@click.option("--hidden", default=256, show_default=True, type=_many(click.IntRange(min=1)), help="mlp hidden units.")
+@click.option("--dropout", default=0.4, show_default=True, type=_many(_Floats(0, 1, max_open=True)), help="mlp dropout.")
+@click.option("--patience", default=10, show_default=True, type=_many(click.IntRange(min=0)), help="Early-stopping patience on val loss (0: off).")
+@click.option("--seed", default=0, show_default=True, type=_many(click.IntRange(0, 2**32 - 1)))
+@click.option("--C", "C", default="auto", show_default=True, type=_many(_AutoOr("auto|NUMBER", "a number", _positive_float)),
               help="Inverse regularisation (logreg, svm); auto picks it on the val split (or by CV).")
-@click.option("--max-iter", default=2000, show_default=True, type=click.IntRange(min=1), help="Solver iterations (logreg, svm).")
-@click.option("--pool", type=click.Choice(FIT_POOLS), default="none", show_default=True, help="Pool spatial features instead of flattening.")
+@click.option("--max-iter", default=2000, show_default=True, type=_many(click.IntRange(min=1)), help="Solver iterations (logreg, svm).")
+@click.option("--pool", type=_many(click.Choice(FIT_POOLS)), default="none", show_default=True, help="Pool spatial features instead of flattening.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--runs", default="runs", show_default=True, help="Parent folder of run directories.")
 @click.option("--out", default=None, help="Run directory [default: RUNS/<time>-<head>].")
-@click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=_Floats(min=0),
+@click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=_many(_Floats(min=0)),
               help="rest head: learning rate of the pretrained layers, as a fraction of --lr.")
-@click.option("--init", type=click.Choice(INITS), default="probe", show_default=True,
+@click.option("--init", type=_many(click.Choice(INITS)), default="probe", show_default=True,
               help="rest head: the new layer starts as a logistic-regression probe on the pretrained layers' output "
                    "(then fine-tuning is kept only where it lowers val loss), or random.")
-@click.option("--warmup-epochs", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--warmup-epochs", default=0, show_default=True, type=_many(click.IntRange(min=0)),
               help="rest head: epochs that train only the new layer before the pretrained layers join.")
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
@@ -235,6 +260,7 @@ def _epoch_line(total: int):
               help="Features held in memory, e.g. 8GB; a larger set is streamed chunk by chunk (mlp, linear, rest). "
                    "auto: half of this machine's memory.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")
+@click.option("--all-plots", is_flag=True, help="In a sweep, plots for every run (default: the best run only).")
 @click.option("--backbone", default=None,
               help="rest head on features from a package.module:factory network: name it to let featcache import it.")
 @click.option("--data", default=None, type=click.Path(file_okay=False),
@@ -242,15 +268,39 @@ def _epoch_line(total: int):
 @click.option("--check-data", default=None, type=click.Path(file_okay=False),
               help="Refuse the set if this image folder (the one it was made from) has changed since extraction.")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
-def fit_cmd(quiet: bool, check_data: str | None, **options) -> None:
-    """Train a classifier head on stored features; writes a run directory."""
+def fit_cmd(quiet: bool, check_data: str | None, all_plots: bool, **options) -> None:
+    """Train a classifier head on stored features; writes a run directory.
+
+    Comma-separated values (--head logreg,mlp --lr 1e-3,3e-3) fit every combination in this
+    process, the features loaded once: one run directory each, and a table sorted by val top-1.
+    """
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = {name for name in options if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
+                                                                                  ParameterSource.DEFAULT_MAP)}
     options["freeze"] = tuple(f.strip() for f in options["freeze"].split(",") if f.strip())
-    cfg = FitConfig(**options)
+    grid = {k: v for k, v in options.items() if isinstance(v, list) and len(v) > 1}
+    cfg = FitConfig(**{k: v[0] if isinstance(v, list) else v for k, v in options.items()})
     if check_data:
         st = status(open_store(cfg.store, mode="r"), cfg.set, check_data)
         if not st.up_to_date:
             raise FeatcacheError(st.summary())
-    result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs))
+    if grid:
+        from .sweep import sweep
+
+        def done(i: int, n: int, name: str, res) -> None:
+            if not quiet:
+                val = f"val top-1 {res.metrics['val']['top1']:.4f}" if "val" in res.metrics else "no val split"
+                click.echo(f"[{i}/{n}] {name}: {val}, fit {res.seconds['fit']:.2f} s", err=True)
+
+        result = sweep(cfg, grid, given=given, all_plots=all_plots, on_result=done)
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(result.table())
+        click.echo(result.summary())
+        return
+    result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs), given=given)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(result.summary())
@@ -258,6 +308,28 @@ def fit_cmd(quiet: bool, check_data: str | None, **options) -> None:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+@main.command("runs")
+@click.option("--runs", "root", default="runs", show_default=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of run directories (a sweep's runs included).")
+@click.option("--set", "set_key", default=None, help="Only runs of this set (key or prefix).")
+@click.option("--sort", type=click.Choice(SORTS), default="time", show_default=True,
+              help="Order: time, val or test top-1 (best first), head, run.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of rows.")
+def runs_cmd(root: str, set_key: str | None, sort: str, as_json: bool) -> None:
+    """One row per run directory: time, head, set, key parameters, best epoch, val/test top-1."""
+    from .runs import format_runs, list_runs
+
+    rows, skipped = list_runs(root, set_key, sort)
+    for name, reason in skipped:
+        click.echo(f"skipped {name}: {reason}", err=True)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if rows:
+        click.echo(format_runs(rows))
+    click.echo(f"{len(rows)} runs in {root}" + (f", {len(skipped)} damaged skipped" if skipped else ""), err=True)
 
 
 @main.command("evaluate")

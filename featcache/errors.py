@@ -13,6 +13,7 @@ __all__ = [
     "SetNotFound",
     "AmbiguousSet",
     "RunError",
+    "TrainingDiverged",
 ]
 
 
@@ -70,3 +71,7 @@ class AmbiguousSet(StoreError, LookupError):
 
 class RunError(FeatcacheError, OSError):
     """A run directory is missing or incomplete."""
+
+
+class TrainingDiverged(FeatcacheError, FloatingPointError):
+    """The training loss became NaN or infinite (usually a learning rate that is too high)."""

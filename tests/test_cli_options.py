@@ -100,12 +100,13 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
 # Parameters whose bad values are by design not usage errors.
 NOT_USAGE_ERRORS = {
     ("predict", "paths"): "an unreadable file is reported in the output and the others are still predicted",
+    ("runs", "set_key"): "a filter: a key no run has lists no runs",
 }
 
 
 def _typed_bad_values(param: click.Parameter) -> list[tuple[str, list[str]]] | None:
     """Bad values and the words their error must contain, from the parameter's click type; None if free text."""
-    t = param.type
+    t = getattr(param.type, "inner", param.type)  # fit's comma lists: each value checked as one
     if isinstance(t, click.Choice):
         return [("bogus", [repr(c) for c in t.choices])]
     if isinstance(t, click.IntRange):

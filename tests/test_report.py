@@ -50,7 +50,9 @@ def test_sklearn_heads_choose_C_on_validation_and_record_it(confusable, tmp_path
     res = featcache.fit(head="logreg", store=confusable, runs=str(tmp_path / "runs"), plots=False)
     info = json.loads((res.run_dir / "config.json").read_text())
     assert info["C"] in C_GRID and res.chosen_C == info["C"]
-    assert info["C_search"]["by"] == "validation accuracy" and len(info["C_search"]["scores"]) == len(C_GRID)
+    search = info["C_search"]
+    assert search["by"] == "validation accuracy" and len(search["scores"]) == len(search["grid"])
+    assert set(C_GRID) <= set(search["grid"])  # a C at the edge of the grid extends it
     assert load_head(res.run_dir).C_ == info["C"]
     fixed = featcache.fit(head="svm", store=confusable, C=0.5, runs=str(tmp_path / "runs"), plots=False)
     assert fixed.chosen_C == 0.5
