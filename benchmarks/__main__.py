@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|sweep|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -58,6 +58,11 @@ MEMORY_COLUMNS = [
 ]
 SCALEOUT_COLUMNS = [("backbone", "backbone"), ("processes", "processes"), ("images", "images"), ("wall_s", "wall s"),
                     ("images_per_s", "images/s"), ("speedup", "speedup")]
+SWEEP_COLUMNS = [("backbone", "backbone"), ("combinations", "combinations"), ("epochs", "epochs"),
+                 ("sweep_s", "one sweep process s"), ("separate_s", "separate fits s"),
+                 ("separate_no_plots_s", "separate fits --no-plots s"), ("ratio", "separate / sweep"),
+                 ("ratio_no_plots", "separate --no-plots / sweep"), ("same_val_top1", "same val top-1"),
+                 ("best", "best run"), ("best_val_top1", "best val top-1")]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -69,7 +74,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "all"]), default="all")
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "sweep", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
@@ -85,6 +90,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .memory import run_memory
     from .scaleout import run_scaleout
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
+    from .sweep import run_sweep
     from .views import run_views
     from .transfer import run_transfer
 
@@ -157,6 +163,13 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\naugmented views: {name}")
         click.echo(table(rows, VIEWS_COLUMNS))
         path = save("views", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("sweep", "all"):
+        name, layer, weights = _case(cases[-1])
+        row = run_sweep(data, name, layer, weights, workers=workers)
+        click.echo("\nfit many times: one sweep process against separate featcache fit processes")
+        click.echo(table([row], SWEEP_COLUMNS))
+        path = save("sweep", {"machine": info, "data": data, "rows": [row]}, out)
         click.echo(f"saved {path}")
 
 

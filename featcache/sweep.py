@@ -163,7 +163,9 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     for res in results:  # keep the runs' records, not every fitted network
         if res is not best:
             res.head, res.probas = None, None
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    present = {k for r in rows for k in r}
+    columns = [c for c in ("rank", "run", "head", *[k for k in varied if k != "head"], "chosen_C", "best_epoch",
+                           "val_top1", "test_top1", "val_log_loss", "fit_s") if c in present]
     result = SweepResult(folder, rows, results, columns, {"load": load_s, "total": time.perf_counter() - t0}, notes)
     _write(result, grid)
     return result

@@ -76,3 +76,12 @@ def test_scaleout_benchmark_smoke(folder):
 
     rows = run_scaleout(str(folder), TINY, None, "none", procs=(1, 2), batch_size=8)
     assert [r["processes"] for r in rows] == [1, 2] and all(r["images"] == 36 and r["wall_s"] > 0 for r in rows)
+
+
+def test_sweep_benchmark_smoke(folder):
+    from benchmarks.sweep import run_sweep
+
+    row = run_sweep(str(folder), TINY, weights="none", grid={"head": ["logreg", "mlp"], "lr": [1e-3]}, epochs=2,
+                    workers=0)
+    assert row["combinations"] == 2 and row["same_val_top1"] == "2/2"
+    assert row["sweep_s"] > 0 and row["separate_s"] > 0 and row["ratio"] > 0
