@@ -28,7 +28,7 @@ def _flag(name: str) -> str:
 def _cli(args: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "featcache.cli", *args], cwd=ROOT, check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "featcache.cli", "fit", *args], cwd=ROOT, check=True, capture_output=True,
                    text=True, env=env)
     return time.perf_counter() - t
 
