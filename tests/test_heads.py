@@ -231,3 +231,19 @@ def test_a_loss_that_is_not_finite_stops_the_run(stored, tmp_path):
     assert r.output.splitlines()[-1].startswith("Error: loss is not finite at epoch ")
     assert r.output.splitlines()[-1].endswith("; lower --lr")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_scikit_learn_heads_import_no_torch():
+    """logreg and svm (and the registry) import torch nowhere at module level: fitting them never needs it."""
+    import ast
+    from pathlib import Path
+
+    import featcache.heads
+
+    folder = Path(featcache.heads.__file__).parent
+    for name in ("__init__.py", "_contract.py", "_linear.py", "logreg.py", "svm.py"):
+        tree = ast.parse((folder / name).read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        modules = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+        modules += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+        assert not any(m.split(".")[0] == "torch" or m in ("base", "rest", "mlp", "linear") for m in modules), name
