@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -69,6 +69,11 @@ COMPACT_COLUMNS = [("backbone", "backbone"), ("images", "images"), ("checkpoint_
                    ("files_per_10k_after", "files / 10k"), ("compact_s", "compact s")]
 CLI_COLUMNS = [("command", "command"), ("median_s", "median s"), ("min_s", "min s"), ("max_s", "max s"),
                ("over_pass", "/ python -c pass"), ("over_torch", "/ import torch"), ("over_click", "/ import click")]
+SWEEP_COLUMNS = [("backbone", "backbone"), ("combinations", "combinations"), ("epochs", "epochs"),
+                 ("sweep_s", "one sweep process s"), ("separate_s", "separate fits s"),
+                 ("separate_no_plots_s", "separate fits --no-plots s"), ("ratio", "separate / sweep"),
+                 ("ratio_no_plots", "separate --no-plots / sweep"), ("same_val_top1", "same val top-1"),
+                 ("best", "best run"), ("best_val_top1", "best val top-1")]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -80,7 +85,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli",
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep",
                                                     "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
@@ -98,6 +103,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .predict import run_predict
     from .scaleout import run_scaleout
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
+    from .sweep import run_sweep
     from .views import run_views
     from .transfer import run_transfer
     from .cli import run_cli
@@ -190,6 +196,13 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
                    f"fit on a {name} set of {Path(data).name}")
         click.echo(table(rows, CLI_COLUMNS))
         path = save("cli", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("sweep", "all"):
+        name, layer, weights = _case(cases[-1])
+        row = run_sweep(data, name, layer, weights, workers=workers)
+        click.echo("\nfit many times: one sweep process against separate featcache fit processes")
+        click.echo(table([row], SWEEP_COLUMNS))
+        path = save("sweep", {"machine": info, "data": data, "rows": [row]}, out)
         click.echo(f"saved {path}")
 
 

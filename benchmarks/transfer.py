@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 import featcache
 from featcache.backbones import create_backbone
 from featcache.data import load_rgb
-from featcache.heads import TorchHead
+from featcache.heads import make_head
 
 __all__ = ["run_transfer"]
 
@@ -58,9 +58,10 @@ def _end_to_end(
     backbone = create_backbone(backbone_name, layer, weights)
     model = backbone.model.eval()
     dim = int(np.prod(backbone.shape))
-    proto = TorchHead(**head_params)
+    kind = head_params.pop("kind")
+    proto = make_head(kind, **head_params)
     torch.manual_seed(proto.seed)  # same initialisation as featcache's head
-    head = proto._build(dim, n_classes)
+    head = proto._build_module(dim, n_classes)
     gen = torch.Generator().manual_seed(proto.seed)  # same batch order as featcache's head
     opt = torch.optim.Adam(head.parameters(), lr=proto.lr, weight_decay=proto.weight_decay)
     loss_fn = nn.CrossEntropyLoss()

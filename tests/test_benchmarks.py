@@ -97,3 +97,12 @@ def test_cli_benchmark_times_whole_processes(folder):
     assert [r["command"] for r in rows][3:] == ["featcache --help", "featcache --version", "featcache ls",
                                                 "featcache fit --head logreg"]
     assert all(r["median_s"] > 0 and r["over_pass"] > 0 for r in rows)
+
+
+def test_sweep_benchmark_smoke(folder):
+    from benchmarks.sweep import run_sweep
+
+    row = run_sweep(str(folder), TINY, weights="none", grid={"head": ["logreg", "mlp"], "lr": [1e-3]}, epochs=2,
+                    workers=0)
+    assert row["combinations"] == 2 and row["same_val_top1"] == "2/2"
+    assert row["sweep_s"] > 0 and row["separate_s"] > 0 and row["ratio"] > 0
