@@ -22,6 +22,11 @@ TRANSFER_COLUMNS = [
     ("total_speedup", "total speedup"), ("total_speedup_per_epoch", "total speedup / E"),
     ("val_acc_e2e", "val acc e2e"), ("val_acc_cached", "val acc cached"), ("val_images_apart", "images apart"),
 ]
+PROCESS_COLUMNS = [
+    ("backbone", "backbone"), ("weights", "weights"), ("head", "head"), ("epochs", "epochs"), ("rounds", "rounds"),
+    ("featcache_extract_s", "featcache extract s"), ("featcache_s", "featcache extract + fit s"),
+    ("e2e_s", "plain loop script s"), ("speedup", "speedup (median)"), ("speedups", "per round"),
+]
 STORAGE_COLUMNS = [
     ("features", "features"), ("shape", "shape"), ("dtype", "dtype"), ("codec", "codec"),
     ("bytes_per_image", "bytes/image"), ("ratio", "ratio"), ("write_gbs", "write GB/s"), ("read_gbs", "read GB/s"),
@@ -105,7 +110,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
     from .sweep import run_sweep
     from .views import run_views
-    from .transfer import run_transfer
+    from .transfer import run_transfer, run_transfer_processes
     from .cli import run_cli
 
     if not Path(data).is_dir():
@@ -124,7 +129,11 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
             rows += res["rows"]
             runs.append(res)
         click.echo("\n" + table(rows, TRANSFER_COLUMNS))
-        path = save("transfer", {"machine": info, "data": data, "runs": runs, "rows": rows}, out)
+        whole = run_transfer_processes(data, "resnet18", "none", "linear", 10, rounds=max(repeats, 1), workers=workers)
+        click.echo("\nwhole processes as a user starts them: featcache extract + featcache fit --head linear "
+                   "--epochs 10 against a plain 10-epoch loop script (resnet18, random init: same compute)")
+        click.echo(table([whole], PROCESS_COLUMNS))
+        path = save("transfer", {"machine": info, "data": data, "runs": runs, "rows": rows, "processes": whole}, out)
         click.echo(f"saved {path}")
     if which in ("storage", "all"):
         name, _, weights = _case(cases[-1])

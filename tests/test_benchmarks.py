@@ -11,6 +11,14 @@ from benchmarks.transfer import run_transfer
 from .conftest import TINY
 
 
+def test_whole_process_transfer_times_featcache_and_the_plain_script(folder):
+    from benchmarks.transfer import run_transfer_processes
+
+    row = run_transfer_processes(str(folder), "resnet18", "none", "linear", epochs=1, rounds=1, workers=0)
+    assert row["featcache_s"] > row["featcache_extract_s"] > 0 and row["e2e_s"] > 0
+    assert row["speedup"] == row["e2e_s"] / row["featcache_s"] and len(row["speedups"]) == 1
+
+
 def test_transfer_benchmark_runs_both_ways_and_they_agree(folder):
     res = run_transfer(str(folder), TINY, weights="none", epochs=(1, 2), workers=0, batch_size=8)
     assert [r["epochs"] for r in res["rows"]] == [1, 2]
