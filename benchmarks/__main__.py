@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|layers|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|formats|layers|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -21,6 +21,17 @@ TRANSFER_COLUMNS = [
     ("epoch_speedup", "epoch speedup"), ("e2e_total_s", "e2e total s"), ("cached_total_s", "cached total s"),
     ("total_speedup", "total speedup"), ("total_speedup_per_epoch", "total speedup / E"),
     ("val_acc_e2e", "val acc e2e"), ("val_acc_cached", "val acc cached"), ("val_images_apart", "images apart"),
+]
+FORMAT_COLUMNS = [
+    ("format", "format"), ("code", "written and read by"), ("rounds", "rounds"), ("extract_s", "extract s"),
+    ("extract_vs_old", "vs format 1"), ("read_gbs", "read GB/s (float32)"), ("read_vs_old", "vs format 1"),
+    ("files", "files"), ("files_per_10k", "files / 10k images"), ("bytes", "bytes"), ("bytes_vs_old", "vs format 1"),
+    ("same_rows", "same rows and labels"),
+]
+PROCESS_COLUMNS = [
+    ("backbone", "backbone"), ("weights", "weights"), ("head", "head"), ("epochs", "epochs"), ("rounds", "rounds"),
+    ("featcache_extract_s", "featcache extract s"), ("featcache_s", "featcache extract + fit s"),
+    ("e2e_s", "plain loop script s"), ("speedup", "speedup (median)"), ("speedups", "per round"),
 ]
 STORAGE_COLUMNS = [
     ("features", "features"), ("shape", "shape"), ("dtype", "dtype"), ("codec", "codec"),
@@ -74,6 +85,11 @@ LAYERS_COLUMNS = [("backbone", "backbone"), ("weights", "weights"), ("layers", "
 LAYER_CASES = ("resnet18/layer3,layer4@none", "resnet18/layer2,layer3,layer4@none", "efficientnet_lite0/blocks.10,head")
 CLI_COLUMNS = [("command", "command"), ("median_s", "median s"), ("min_s", "min s"), ("max_s", "max s"),
                ("over_pass", "/ python -c pass"), ("over_torch", "/ import torch"), ("over_click", "/ import click")]
+SWEEP_COLUMNS = [("backbone", "backbone"), ("combinations", "combinations"), ("epochs", "epochs"),
+                 ("sweep_s", "one sweep process s"), ("separate_s", "separate fits s"),
+                 ("separate_no_plots_s", "separate fits --no-plots s"), ("ratio", "separate / sweep"),
+                 ("ratio_no_plots", "separate --no-plots / sweep"), ("same_val_top1", "same val top-1"),
+                 ("best", "best run"), ("best_val_top1", "best val top-1")]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -85,8 +101,8 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli",
-                                                    "layers", "all"]), default="all")
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep", "formats", "layers",
+                                                    "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
@@ -100,13 +116,15 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import compaction, files_per_10k, run_store
+    from .formats import run_formats
     from .memory import run_memory
     from .predict import run_predict
     from .scaleout import run_scaleout
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
+    from .sweep import run_sweep
     from .views import run_views
     from .layers import run_layers
-    from .transfer import run_transfer
+    from .transfer import run_transfer, run_transfer_processes
     from .cli import run_cli
 
     if not Path(data).is_dir():
@@ -129,7 +147,11 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
             rows += res["rows"]
             runs.append(res)
         click.echo("\n" + table(rows, TRANSFER_COLUMNS))
-        path = save("transfer", {"machine": info, "data": data, "runs": runs, "rows": rows}, out)
+        whole = run_transfer_processes(data, "resnet18", "none", "linear", 10, rounds=max(repeats, 1), workers=workers)
+        click.echo("\nwhole processes as a user starts them: featcache extract + featcache fit --head linear "
+                   "--epochs 10 against a plain 10-epoch loop script (resnet18, random init: same compute)")
+        click.echo(table([whole], PROCESS_COLUMNS))
+        path = save("transfer", {"machine": info, "data": data, "runs": runs, "rows": rows, "processes": whole}, out)
         click.echo(f"saved {path}")
     if which in ("storage", "all"):
         name, _, weights = _case(cases[-1])
@@ -138,6 +160,12 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\nstorage: {res['images']} images of {name}")
         click.echo(table(res["rows"], STORAGE_COLUMNS))
         path = save("storage", {"machine": info, "data": data, **res}, out)
+        click.echo(f"saved {path}")
+    if which == "formats":  # also part of store
+        name, _, weights = _case(cases[-1])
+        frows = run_formats(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        click.echo(table(frows, FORMAT_COLUMNS))
+        path = save("formats", {"machine": info, "data": data, "rows": frows}, out)
         click.echo(f"saved {path}")
     if which in ("store", "all"):
         rows = []
@@ -150,7 +178,12 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         name, layer, weights = _case(cases[-1])
         compacted = [compaction(data, name, layer, weights, workers)]
         click.echo("\n" + table(compacted, COMPACT_COLUMNS))
-        path = save("store", {"machine": info, "data": data, "rows": rows, "files": files, "compaction": compacted}, out)
+        name, _, weights = _case(cases[-1])
+        frows = run_formats(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        click.echo(f"\nstore format 2 against format 1 ({frows[0]['code']}), each written and read by its own code, "
+                   f"alternating; medians of {max(repeats, 1)} rounds")
+        click.echo(table(frows, FORMAT_COLUMNS))
+        path = save("store", {"formats": frows, "machine": info, "data": data, "rows": rows, "files": files, "compaction": compacted}, out)
         click.echo(f"saved {path}")
     if which in ("throughput", "all"):
         rows = []
@@ -211,6 +244,13 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
                    f"fit on a {name} set of {Path(data).name}")
         click.echo(table(rows, CLI_COLUMNS))
         path = save("cli", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("sweep", "all"):
+        name, layer, weights = _case(cases[-1])
+        row = run_sweep(data, name, layer, weights, workers=workers)
+        click.echo("\nfit many times: one sweep process against separate featcache fit processes")
+        click.echo(table([row], SWEEP_COLUMNS))
+        path = save("sweep", {"machine": info, "data": data, "rows": [row]}, out)
         click.echo(f"saved {path}")
 
 

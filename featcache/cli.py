@@ -9,7 +9,7 @@ The library is imported inside each command, so ``--help`` and the store command
 from __future__ import annotations
 
 from .cli_kit import (AutoOr, Device, Floats, Fractions, Group, Ints, OutputPath, echo_json,  # first: Ctrl-C handler
-                      json_option, parse_size_text, set_option, store_arg, store_option)
+                      json_option, many, parse_size_text, set_option, store_arg, store_option)
 
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -18,10 +18,11 @@ import click  # noqa: E402
 
 from .cli_store import compact_cmd, gc_cmd, info_cmd, ls_cmd, migrate_cmd, rm_cmd, status_cmd, verify_cmd  # noqa: E402
 from . import __version__  # noqa: E402
-from .config import DEFAULT_NAME_PATTERN, DTYPES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS  # noqa: E402
+from .config import (DEFAULT_NAME_PATTERN, DTYPES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
+                     RUN_SORTS)
 from .errors import FeatcacheError  # noqa: E402
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 _MAX_SKIPS_SHOWN = 20
 
@@ -124,37 +125,38 @@ def _positive_float(text: str) -> float:
 
 
 @main.command("fit")
-@click.option("--head", type=click.Choice(HEADS), default="mlp", show_default=True)
+@click.option("--head", type=many(click.Choice(HEADS)), default="mlp", show_default=True,
+              help="One head, or several: logreg,mlp (every option below that takes a value may list several: a sweep).")
 @set_option()
 @store_option
-@click.option("--epochs", default=30, show_default=True, type=Ints(1, 10**6))
-@click.option("--batch-size", default=64, show_default=True, type=Ints(1, 2**20))
-@click.option("--lr", default=1e-3, show_default=True, type=Floats(min=0, min_open=True, max=10))
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--momentum", default=0.9, show_default=True, type=Floats(0, 1))
-@click.option("--weight-decay", default=0.0, show_default=True, type=Floats(0, 10))
-@click.option("--step-size", default=10, show_default=True, type=Ints(1, 10**6), help="StepLR period (sgd).")
-@click.option("--gamma", default=0.1, show_default=True, type=Floats(min=0, min_open=True, max=10), help="StepLR factor (sgd).")
-@click.option("--hidden", default=256, show_default=True, type=Ints(1, 2**16), help="mlp hidden units.")
-@click.option("--dropout", default=0.4, show_default=True, type=Floats(0, 1, max_open=True), help="mlp dropout.")
-@click.option("--patience", default=10, show_default=True, type=Ints(0, 10**6), help="Early-stopping patience on val loss (0: off).")
-@click.option("--seed", default=0, show_default=True, type=Ints(0, 2**32 - 1))
-@click.option("--C", "C", default="auto", show_default=True, type=AutoOr("auto|NUMBER", "a number", _positive_float),
+@click.option("--epochs", default=30, show_default=True, type=many(Ints(1, 10**6)))
+@click.option("--batch-size", default=64, show_default=True, type=many(Ints(1, 2**20)))
+@click.option("--lr", default=1e-3, show_default=True, type=many(Floats(min=0, min_open=True, max=10)))
+@click.option("--optimizer", type=many(click.Choice(OPTIMIZERS)), default="adam", show_default=True)
+@click.option("--momentum", default=0.9, show_default=True, type=many(Floats(0, 1)))
+@click.option("--weight-decay", default=0.0, show_default=True, type=many(Floats(0, 10)))
+@click.option("--step-size", default=10, show_default=True, type=many(Ints(1, 10**6)), help="StepLR period (sgd).")
+@click.option("--gamma", default=0.1, show_default=True, type=many(Floats(min=0, min_open=True, max=10)), help="StepLR factor (sgd).")
+@click.option("--hidden", default=256, show_default=True, type=many(Ints(1, 2**16)), help="mlp hidden units.")
+@click.option("--dropout", default=0.4, show_default=True, type=many(Floats(0, 1, max_open=True)), help="mlp dropout.")
+@click.option("--patience", default=10, show_default=True, type=many(Ints(0, 10**6)), help="Early-stopping patience on val loss (0: off).")
+@click.option("--seed", default=0, show_default=True, type=many(Ints(0, 2**32 - 1)))
+@click.option("--C", "C", default="auto", show_default=True, type=many(AutoOr("auto|NUMBER", "a number", _positive_float)),
               help="Inverse regularisation (logreg, svm); auto picks it on the val split (or by CV).")
-@click.option("--max-iter", default=2000, show_default=True, type=Ints(1, 10**7), help="Solver iterations (logreg, svm).")
-@click.option("--fit-pool", "pool", type=click.Choice(FIT_POOLS), default=None,
+@click.option("--max-iter", default=2000, show_default=True, type=many(Ints(1, 10**7)), help="Solver iterations (logreg, svm).")
+@click.option("--fit-pool", "pool", type=many(click.Choice(FIT_POOLS)), default=None,
               help="Train-time pooling of stored spatial maps instead of flattening them [default: none].")
 @click.option("--pool", "old_pool", type=click.Choice(FIT_POOLS), default=None, hidden=True,
               help="Deprecated spelling of --fit-pool.")
 @click.option("--device", type=Device(), default="auto", show_default=True)
 @click.option("--runs", default="runs", show_default=True, type=OutputPath("dir"), help="Parent folder of run directories.")
 @click.option("--out", default=None, type=OutputPath("dir"), help="Run directory [default: RUNS/<time>-<head>].")
-@click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=Floats(0, 10),
+@click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=many(Floats(0, 10)),
               help="rest head: learning rate of the pretrained layers, as a fraction of --lr.")
-@click.option("--init", type=click.Choice(INITS), default="probe", show_default=True,
+@click.option("--init", type=many(click.Choice(INITS)), default="probe", show_default=True,
               help="rest head: the new layer starts as a logistic-regression probe on the pretrained layers' output "
                    "(then fine-tuning is kept only where it lowers val loss), or random.")
-@click.option("--warmup-epochs", default=0, show_default=True, type=Ints(0, 10**6),
+@click.option("--warmup-epochs", default=0, show_default=True, type=many(Ints(0, 10**6)),
               help="rest head: epochs that train only the new layer before the pretrained layers join.")
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
@@ -163,6 +165,7 @@ def _positive_float(text: str) -> float:
               help="Features held in memory, e.g. 8GB; a larger set is streamed chunk by chunk (mlp, linear, rest). "
                    "auto: half of this machine's memory.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")
+@click.option("--all-plots", is_flag=True, help="In a sweep, plots for every run (default: the best run only).")
 @click.option("--backbone", default=None,
               help="rest head on features from a package.module:factory network: name it to let featcache import it.")
 @click.option("--data", default=None, type=click.Path(file_okay=False),
@@ -172,28 +175,60 @@ def _positive_float(text: str) -> float:
               help="Refuse the set if this image folder (the one it was made from) has changed since extraction.")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
 @json_option
-def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, set_: str | None, old_pool: str | None, **options) -> None:
-    """Train a classifier head on stored features; writes a run directory."""
+def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool, set_: str | None, old_pool: str | None,
+            **options) -> None:
+    """Train a classifier head on stored features; writes a run directory.
+
+    Comma-separated values (--head logreg,mlp --lr 1e-3,3e-3) fit every combination in this
+    process, the features loaded once: one run directory each, and a table sorted by val top-1.
+    """
+    from click.core import ParameterSource
+
     from .fit import FitConfig, fit
     from .store import open_store
     from .store.maintenance import status
 
+    ctx = click.get_current_context()
+    given = {name for name in options if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
+                                                                                  ParameterSource.DEFAULT_MAP)}
     if old_pool is not None:
-        if options["pool"] is not None and options["pool"] != old_pool:
+        if options["pool"] is not None and options["pool"] != [old_pool]:
             raise click.UsageError("--pool is the old spelling of --fit-pool; give one of them")
         click.echo("note: fit --pool is deprecated: use --fit-pool (train-time pooling; extract --pool pools "
                    "when features are stored)", err=True)
-        options["pool"] = old_pool
-    options["pool"] = options["pool"] or "none"
+        options["pool"] = [old_pool]
+        given.add("pool")
+    options["pool"] = options["pool"] or ["none"]
     options["freeze"] = tuple(f.strip() for f in options["freeze"].split(",") if f.strip())
     store = open_store(options["store"], mode="r")
     options["set"] = store.get_set(set_, data=options["data"]).key  # the default set's rule, said in README
-    cfg = FitConfig(**options)
+    grid = {k: v for k, v in options.items() if isinstance(v, list) and len(v) > 1}
+    cfg = FitConfig(**{k: v[0] if isinstance(v, list) else v for k, v in options.items()})
     if check_data:
         st = status(store, cfg.set, check_data)
         if not st.up_to_date:
             raise FeatcacheError(st.summary())
-    result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs, err=as_json))
+    if grid:
+        from .sweep import sweep
+
+        def done(i: int, n: int, name: str, res) -> None:
+            if not quiet:
+                val = f"val top-1 {res.metrics['val']['top1']:.4f}" if "val" in res.metrics else "no val split"
+                click.echo(f"[{i}/{n}] {name}: {val}, fit {res.seconds['fit']:.2f} s", err=True)
+
+        result = sweep(cfg, grid, given=given, all_plots=all_plots, on_result=done)
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        following = f"featcache report {result.folder / result.rows[0]['run']}"
+        if as_json:
+            echo_json({"sweep": str(result.folder), "runs": result.rows, "best": result.rows[0]["run"],
+                       "seconds": result.seconds, "notes": result.notes, "next": following})
+            return
+        click.echo(result.table())
+        click.echo(result.summary())
+        click.echo(f"next: {following}")
+        return
+    result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs, err=as_json), given=given)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     following = f"featcache report {result.run_dir}"
@@ -209,6 +244,28 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, set_: str | None
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+@main.command("runs")
+@click.option("--runs", "root", default="runs", show_default=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of run directories (a sweep's runs included).")
+@click.option("--set", "set_key", default=None, help="Only runs of this set (key or prefix).")
+@click.option("--sort", type=click.Choice(RUN_SORTS), default="time", show_default=True,
+              help="Order: time, val or test top-1 (best first), head, run.")
+@json_option
+def runs_cmd(root: str, set_key: str | None, sort: str, as_json: bool) -> None:
+    """One row per run directory: time, head, set, key parameters, best epoch, val/test top-1."""
+    from .runs import format_runs, list_runs
+
+    rows, skipped = list_runs(root, set_key, sort)
+    for name, reason in skipped:
+        click.echo(f"skipped {name}: {reason}", err=True)
+    if as_json:
+        echo_json(rows)
+        return
+    if rows:
+        click.echo(format_runs(rows))
+    click.echo(f"{len(rows)} runs in {root}" + (f", {len(skipped)} damaged skipped" if skipped else ""), err=True)
 
 
 def _print_metrics(metrics: dict, classes: tuple[str, ...] | list[str], detailed: tuple[str, ...]) -> None:
@@ -391,5 +448,26 @@ def sample_cmd(out: str) -> None:
 for _command in (ls_cmd, info_cmd, rm_cmd, gc_cmd, verify_cmd, status_cmd, compact_cmd, migrate_cmd):
     main.add_command(_command)
 
+
+
+def run() -> None:
+    """The ``featcache`` program: :func:`main` as a process of its own.
+
+    After Ctrl-C (status 130, its one ``Interrupted`` line already written) the process leaves at
+    once: an interrupt that landed inside an extension's start-up (torch's import) can otherwise
+    make the interpreter kill itself with SIGINT on the way out, losing the status."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 130:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run()

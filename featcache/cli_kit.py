@@ -37,7 +37,7 @@ import click  # noqa: E402
 from .config import DEVICES, default_store_url  # noqa: E402
 from .errors import FeatcacheError, os_error_text  # noqa: E402
 
-__all__ = ["Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "store_option",
+__all__ = ["Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "ListOf", "many", "store_option",
            "json_option", "set_option", "echo_json", "pick_set", "store_arg", "parse_size_text"]
 
 class Group(click.Group):
@@ -239,6 +239,31 @@ store_option = click.option("--store", default=default_store_url, type=StoreURL(
                             show_default="$FEATCACHE_STORE or featcache.zarr", help="Store path or fsspec URL (s3://...).")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="One JSON document on standard output (messages go to standard error).")
+
+
+class ListOf(click.ParamType):
+    """Comma-separated values of ``inner`` (``1e-3,3e-3``), each checked as ``inner`` checks one value:
+    ``featcache fit`` fits every combination. Duplicates are dropped, order kept."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner, self.name = inner, inner.name
+
+    def get_metavar(self, *args, **kwargs):
+        return self.inner.get_metavar(*args, **kwargs)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        if not isinstance(value, str):
+            return [self.inner.convert(value, param, ctx)]
+        parts = [p.strip() for p in value.split(",")]
+        if "" in parts:
+            self.fail(f"{value!r} has an empty item; give one value or several separated by commas", param, ctx)
+        return list(dict.fromkeys(self.inner.convert(p, param, ctx) for p in parts))
+
+
+def many(type_: click.ParamType) -> ListOf:
+    return ListOf(type_)
 
 
 def set_option(default_help: str = "the default set (see README)"):

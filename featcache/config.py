@@ -11,19 +11,19 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import UnknownLayer  # the error family imports nothing
 
-__all__ = ["POOLS", "PRECISIONS", "DTYPES", "TORCH_HEADS", "SKLEARN_HEADS", "HEADS", "INITS", "OPTIMIZERS", "FIT_POOLS",
-           "DEVICES", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url", "parse_layers"]
+__all__ = ["POOLS", "PRECISIONS", "DTYPES", "HEADS", "INITS", "OPTIMIZERS", "FIT_POOLS",
+           "DEVICES", "RUN_SORTS", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url",
+           "parse_layers"]
 
 POOLS = ("none", "avg", "max")  # store-time pooling of spatial maps (extract --pool)
 PRECISIONS = ("auto", "float32", "tf32", "bfloat16", "float16")
 DTYPES = ("float16", "float32")
-TORCH_HEADS = ("mlp", "linear", "rest")
-SKLEARN_HEADS = ("logreg", "svm")
-HEADS = TORCH_HEADS + SKLEARN_HEADS
+HEADS = ("mlp", "linear", "rest", "logreg", "svm")  # --head names; featcache.heads maps each to its class
 INITS = ("random", "probe")
 OPTIMIZERS = ("adam", "sgd")
 FIT_POOLS = ("none", "avg", "max")  # train-time pooling of stored maps (fit --fit-pool)
 DEVICES = ("auto", "cpu", "cuda")
+RUN_SORTS = ("time", "val", "test", "head", "run")  # featcache runs --sort
 DEFAULT_NAME_PATTERN = r"^([^._]+)[._]"
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "AmbiguousSet",
     "RunError",
     "os_error_text",
+    "TrainingDiverged",
 ]
 
 
@@ -80,3 +81,7 @@ def os_error_text(e: OSError) -> str:
     known = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
              errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EDQUOT: "disk quota exceeded"}
     return known.get(e.errno, e.strerror or str(e) or e.__class__.__name__)
+
+
+class TrainingDiverged(FeatcacheError, FloatingPointError):
+    """The training loss became NaN or infinite (usually a learning rate that is too high)."""

@@ -238,8 +238,8 @@ class HeadRecord:
 
     @classmethod
     def of(cls, head) -> "HeadRecord":
-        """The record of a fitted head (anything with ``kind``, ``get_params``, ``fitted_info``, ``state_arrays``)."""
-        return cls(head.kind, head.get_params(), head.fitted_info(), head.state_arrays())
+        """The record of a fitted head (anything with ``name``, ``saved_params``, ``fitted_info``, ``state_arrays``)."""
+        return cls(head.name, head.saved_params(), head.fitted_info(), head.state_arrays())
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "params": self.params, "fitted": self.fitted}

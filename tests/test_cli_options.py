@@ -116,7 +116,9 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
 }
 
 # Parameters whose bad values are by design not usage errors.
-NOT_USAGE_ERRORS: dict[tuple[str, str], str] = {}
+NOT_USAGE_ERRORS: dict[tuple[str, str], str] = {
+    ("runs", "set_key"): "a filter: a key no run has lists no runs",
+}
 
 
 def _typed_bad_values(param: click.Parameter) -> list[tuple[str, list[str]]] | None:
@@ -125,7 +127,7 @@ def _typed_bad_values(param: click.Parameter) -> list[tuple[str, list[str]]] | N
     Classes of value: not a number, NaN and ±inf (alone and inside lists), out of range, huge (overflowing
     an int64 or a float's use), sizes that round to 0 bytes, a device this machine lacks, an empty path,
     output paths that are of the wrong kind or whose folder does not exist."""
-    t = param.type
+    t = getattr(param.type, "inner", param.type)  # fit's comma lists: each value checked as one
     if isinstance(t, Device):
         out = [("bogus", ["'auto'", "'cpu'", "'cuda'"])]
         if not torch.cuda.is_available():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import featcache
-from featcache.heads import TorchHead
+from featcache.heads import LinearHead
 
 from .conftest import extract_tiny, make_folder
 
@@ -53,15 +53,15 @@ def test_each_epoch_draws_one_view_per_image():
                 self.seen.append(x[:, 0].clone())
             return self.lin(x)
 
-    class SpyHead(TorchHead):
-        def _build(self, d, c, weights=None):
+    class SpyHead(LinearHead):
+        def _build_module(self, d, c, weights=None):
             self.spy = Spy(c)
             return self.spy
 
     n = 50
     views = np.stack([np.zeros((n, 1)), np.ones((n, 1))], axis=1).astype(np.float32)  # view k holds the value k
-    head = SpyHead(kind="linear", epochs=3, batch_size=n, patience=0)
-    head.fit(np.full((n, 1), 7, np.float32), np.arange(n) % 2, n_classes=2, train_views=views)
+    head = SpyHead(epochs=3, batch_size=n, patience=0)
+    head.fit(np.full((n, 1), 7, np.float32), np.arange(n) % 2, classes=[0, 1], train_views=views)
     assert len(head.spy.seen) == 3
     for epoch in head.spy.seen:
         assert len(epoch) == n and set(epoch.tolist()) == {0.0, 1.0}  # one view per image, both views drawn
