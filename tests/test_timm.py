@@ -84,3 +84,18 @@ def test_without_timm_the_error_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(UnknownBackbone, match=r"pip install 'featcache\[timm\]'"):
         create_backbone("timm:resnet18", weights="none")
+
+
+def test_timm_efficientnet_lite0_is_another_feature_space_than_the_offline_one():
+    """Same architecture and parameter shapes, but timm's preprocessing (ImageNet mean/std, bicubic,
+    crop 0.875), symmetric padding and batch-norm eps: never mixed with efficientnet_lite0's rows."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from featcache.backbones import _build
+
+    ours, theirs = create_backbone("efficientnet_lite0", weights="none"), create_backbone("timm:efficientnet_lite0",
+                                                                                          weights="none")
+    assert ours.shape == theirs.shape == (1280,)
+    assert ours.preprocessing["mean"] == [0.5] * 3 and theirs.preprocessing["mean"] == [0.485, 0.456, 0.406]
+    assert ours.provenance() != theirs.provenance()
+    shapes = [tuple(v.shape) for v in _build("efficientnet_lite0", "none")[0].state_dict().values()]
+    assert shapes == [tuple(v.shape) for v in timm.create_model("efficientnet_lite0").state_dict().values()]
