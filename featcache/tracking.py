@@ -101,6 +101,7 @@ class MLflowTracker(Tracker):
 
     def __init__(self, uri: str | None, home: Path) -> None:
         try:
+            import mlflow  # noqa: F401 - the package itself, not just a submodule left in sys.modules
             from mlflow.entities import Metric, Param
             from mlflow.tracking import MlflowClient
         except ImportError:
