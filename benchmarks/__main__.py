@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|formats|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -21,6 +21,17 @@ TRANSFER_COLUMNS = [
     ("epoch_speedup", "epoch speedup"), ("e2e_total_s", "e2e total s"), ("cached_total_s", "cached total s"),
     ("total_speedup", "total speedup"), ("total_speedup_per_epoch", "total speedup / E"),
     ("val_acc_e2e", "val acc e2e"), ("val_acc_cached", "val acc cached"), ("val_images_apart", "images apart"),
+]
+FORMAT_COLUMNS = [
+    ("format", "format"), ("code", "written and read by"), ("rounds", "rounds"), ("extract_s", "extract s"),
+    ("extract_vs_old", "vs format 1"), ("read_gbs", "read GB/s (float32)"), ("read_vs_old", "vs format 1"),
+    ("files", "files"), ("files_per_10k", "files / 10k images"), ("bytes", "bytes"), ("bytes_vs_old", "vs format 1"),
+    ("same_rows", "same rows and labels"),
+]
+PROCESS_COLUMNS = [
+    ("backbone", "backbone"), ("weights", "weights"), ("head", "head"), ("epochs", "epochs"), ("rounds", "rounds"),
+    ("featcache_extract_s", "featcache extract s"), ("featcache_s", "featcache extract + fit s"),
+    ("e2e_s", "plain loop script s"), ("speedup", "speedup (median)"), ("speedups", "per round"),
 ]
 STORAGE_COLUMNS = [
     ("features", "features"), ("shape", "shape"), ("dtype", "dtype"), ("codec", "codec"),
@@ -85,7 +96,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep",
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep", "formats",
                                                     "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
@@ -99,13 +110,14 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import compaction, files_per_10k, run_store
+    from .formats import run_formats
     from .memory import run_memory
     from .predict import run_predict
     from .scaleout import run_scaleout
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
     from .sweep import run_sweep
     from .views import run_views
-    from .transfer import run_transfer
+    from .transfer import run_transfer, run_transfer_processes
     from .cli import run_cli
 
     if not Path(data).is_dir():
@@ -124,7 +136,11 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
             rows += res["rows"]
             runs.append(res)
         click.echo("\n" + table(rows, TRANSFER_COLUMNS))
-        path = save("transfer", {"machine": info, "data": data, "runs": runs, "rows": rows}, out)
+        whole = run_transfer_processes(data, "resnet18", "none", "linear", 10, rounds=max(repeats, 1), workers=workers)
+        click.echo("\nwhole processes as a user starts them: featcache extract + featcache fit --head linear "
+                   "--epochs 10 against a plain 10-epoch loop script (resnet18, random init: same compute)")
+        click.echo(table([whole], PROCESS_COLUMNS))
+        path = save("transfer", {"machine": info, "data": data, "runs": runs, "rows": rows, "processes": whole}, out)
         click.echo(f"saved {path}")
     if which in ("storage", "all"):
         name, _, weights = _case(cases[-1])
@@ -133,6 +149,12 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\nstorage: {res['images']} images of {name}")
         click.echo(table(res["rows"], STORAGE_COLUMNS))
         path = save("storage", {"machine": info, "data": data, **res}, out)
+        click.echo(f"saved {path}")
+    if which == "formats":  # also part of store
+        name, _, weights = _case(cases[-1])
+        frows = run_formats(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        click.echo(table(frows, FORMAT_COLUMNS))
+        path = save("formats", {"machine": info, "data": data, "rows": frows}, out)
         click.echo(f"saved {path}")
     if which in ("store", "all"):
         rows = []
@@ -145,7 +167,12 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         name, layer, weights = _case(cases[-1])
         compacted = [compaction(data, name, layer, weights, workers)]
         click.echo("\n" + table(compacted, COMPACT_COLUMNS))
-        path = save("store", {"machine": info, "data": data, "rows": rows, "files": files, "compaction": compacted}, out)
+        name, _, weights = _case(cases[-1])
+        frows = run_formats(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        click.echo(f"\nstore format 2 against format 1 ({frows[0]['code']}), each written and read by its own code, "
+                   f"alternating; medians of {max(repeats, 1)} rounds")
+        click.echo(table(frows, FORMAT_COLUMNS))
+        path = save("store", {"formats": frows, "machine": info, "data": data, "rows": rows, "files": files, "compaction": compacted}, out)
         click.echo(f"saved {path}")
     if which in ("throughput", "all"):
         rows = []

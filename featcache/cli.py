@@ -22,7 +22,7 @@ from .config import (DEFAULT_NAME_PATTERN, DTYPES, FIT_POOLS, HEADS, INITS, OPTI
                      RUN_SORTS, TRACKERS)
 from .errors import FeatcacheError  # noqa: E402
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 _MAX_SKIPS_SHOWN = 20
 
@@ -455,5 +455,26 @@ def sample_cmd(out: str) -> None:
 for _command in (ls_cmd, info_cmd, rm_cmd, gc_cmd, verify_cmd, status_cmd, compact_cmd, migrate_cmd):
     main.add_command(_command)
 
+
+
+def run() -> None:
+    """The ``featcache`` program: :func:`main` as a process of its own.
+
+    After Ctrl-C (status 130, its one ``Interrupted`` line already written) the process leaves at
+    once: an interrupt that landed inside an extension's start-up (torch's import) can otherwise
+    make the interpreter kill itself with SIGINT on the way out, losing the status."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 130:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run()
