@@ -114,7 +114,8 @@ class MLflowTracker(Tracker):
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "featcache"
         found = self.client.get_experiment_by_name(experiment)
         self.experiment = found.experiment_id if found else self.client.create_experiment(experiment)
-        view = f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {self.uri}" if local else self.uri
+        view = (self.uri if self.uri.startswith(("http:", "https:")) else
+                f"{'MLFLOW_ALLOW_FILE_STORE=true ' if local else ''}mlflow ui --backend-store-uri {self.uri}")
         self.where = f"tracked in MLflow experiment {experiment} at {self.uri} (see: {view})"
 
     def _params(self, params: dict) -> list:
