@@ -19,7 +19,7 @@ import click  # noqa: E402
 from .cli_store import compact_cmd, gc_cmd, info_cmd, ls_cmd, migrate_cmd, rm_cmd, status_cmd, verify_cmd  # noqa: E402
 from . import __version__  # noqa: E402
 from .config import (DEFAULT_NAME_PATTERN, DTYPES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
-                     RUN_SORTS)
+                     RUN_SORTS, TRACKERS)
 from .errors import FeatcacheError  # noqa: E402
 
 __all__ = ["main", "run"]
@@ -173,6 +173,12 @@ def _positive_float(text: str) -> float:
                    "misclassified images (read from no other place).")
 @click.option("--check-data", default=None, type=click.Path(file_okay=False),
               help="Refuse the set if this image folder (the one it was made from) has changed since extraction.")
+@click.option("--tracker", type=click.Choice(TRACKERS), default=None,
+              help="Also record each run (config, epochs, metrics, plots) in MLflow or TensorBoard "
+                   "(pip install 'featcache[mlflow]' / 'featcache[tensorboard]').")
+@click.option("--tracking-uri", default=None,
+              help="Where --tracker records: an MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else mlruns/ "
+                   "beside --runs], or a folder for TensorBoard's event files [default: RUN/tb].")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
 @json_option
 def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool, set_: str | None, old_pool: str | None,
@@ -188,6 +194,8 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
     from .store import open_store
     from .store.maintenance import status
 
+    if options["tracking_uri"] is not None and options["tracker"] is None:
+        raise FeatcacheError(f"--tracking-uri needs --tracker ({' or '.join(TRACKERS)})", option="--tracking-uri")
     ctx = click.get_current_context()
     given = {name for name in options if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
                                                                                   ParameterSource.DEFAULT_MAP)}

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import UnknownLayer  # the error family imports nothing
 
 __all__ = ["POOLS", "PRECISIONS", "DTYPES", "HEADS", "INITS", "OPTIMIZERS", "FIT_POOLS",
-           "DEVICES", "RUN_SORTS", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url",
+           "DEVICES", "RUN_SORTS", "TRACKERS", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url",
            "parse_layers"]
 
 POOLS = ("none", "avg", "max")  # store-time pooling of spatial maps (extract --pool)
@@ -24,6 +24,7 @@ OPTIMIZERS = ("adam", "sgd")
 FIT_POOLS = ("none", "avg", "max")  # train-time pooling of stored maps (fit --fit-pool)
 DEVICES = ("auto", "cpu", "cuda")
 RUN_SORTS = ("time", "val", "test", "head", "run")  # featcache runs --sort
+TRACKERS = ("mlflow", "tensorboard")  # fit --tracker; featcache.tracking has one adapter each
 DEFAULT_NAME_PATTERN = r"^([^._]+)[._]"
 
 
