@@ -21,6 +21,7 @@ from .heads import HEADS, INITS, OPTIMIZERS, make_head
 from .persist import HeadRecord
 from .runs import RunRecord
 from .store import FeatureSet, human_bytes, open_store
+from .runtime import keep_memory
 from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
 __all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "prepare_features"]
@@ -209,6 +210,7 @@ def fit(
     ``on_epoch`` receives each epoch's row (torch heads).
     """
     cfg = config if config is not None else FitConfig(**kwargs)
+    keep_memory()  # batches and set loads reuse freed memory instead of faulting in fresh pages
     if cfg.backbone is not None:
         from .backbones import check_user_backbone
 
