@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|peers|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -71,6 +71,20 @@ FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows p
                  ("files_per_10k", "files per 10,000 images")]
 
 
+PEERS_EXTRACT_COLUMNS = [
+    ("backbone", "backbone"), ("way", "way"), ("images", "images"), ("ips", "img/s (median)"), ("spread", "spread"),
+    ("featcache_over", "featcache / this"), ("peak_rss_mb", "peak RSS MiB"), ("child_peak_rss_mb", "largest child MiB"),
+]
+PEERS_LOAD_COLUMNS = [
+    ("features", "features"), ("shape", "shape"), ("rows", "rows"), ("way", "way"), ("gbs", "float32 GB/s (median)"),
+    ("spread", "spread"), ("featcache_over", "featcache / this"), ("bytes_per_image", "disk bytes/image"),
+]
+PEERS_FIT_COLUMNS = [
+    ("rows", "rows"), ("epochs", "epochs"), ("featcache_epoch_s", "featcache s/epoch"), ("featcache_spread", "spread"),
+    ("bare_epoch_s", "np.load + bare loop s/epoch"), ("bare_spread", "spread"), ("featcache_over_bare", "featcache / bare"),
+]
+
+
 def _case(text: str) -> tuple[str, str | None, str]:
     name, _, weights = text.partition("@")
     name, _, layer = name.partition("/")
@@ -79,7 +93,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 @click.command()
 @click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict",
-                                                    "all"]), default="all")
+                                                    "peers", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
@@ -171,6 +185,24 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\naugmented views: {name}")
         click.echo(table(rows, VIEWS_COLUMNS))
         path = save("views", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("peers", "all"):
+        from .peers import run_peers
+
+        name, _, _ = _case(cases[-1])
+        res = run_peers(data, [_case(c) for c in cases], spatial_layer="head" if name == "efficientnet_lite0" else None,
+                        batch_size=batch_size, workers=workers if workers is not None else 2, repeats=repeats)
+        click.echo("\nextract: featcache against its peers, alternating, each run in a fresh process")
+        click.echo(table(res["extract"], PEERS_EXTRACT_COLUMNS))
+        for r in res["extract"]:
+            if "over_fastest_peer" in r:
+                click.echo(f"{r['backbone']}: featcache / fastest peer {r['over_fastest_peer']:.2f}, "
+                           f"featcache / bare forward {r['over_bare']:.2f}; stage seconds {r['timings']}")
+        click.echo("\nload: a set's rows as float32, warm cache")
+        click.echo(table(res["load"], PEERS_LOAD_COLUMNS))
+        click.echo("\nfit: mlp head")
+        click.echo(table(res["fit"], PEERS_FIT_COLUMNS))
+        path = save("peers", {"machine": info, "data": data, **res}, out)
         click.echo(f"saved {path}")
     if which in ("predict", "all"):
         name, _, weights = _case(cases[-1])
