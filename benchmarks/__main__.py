@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|peers|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|peers|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -21,6 +21,11 @@ TRANSFER_COLUMNS = [
     ("epoch_speedup", "epoch speedup"), ("e2e_total_s", "e2e total s"), ("cached_total_s", "cached total s"),
     ("total_speedup", "total speedup"), ("total_speedup_per_epoch", "total speedup / E"),
     ("val_acc_e2e", "val acc e2e"), ("val_acc_cached", "val acc cached"), ("val_images_apart", "images apart"),
+]
+PROCESS_COLUMNS = [
+    ("backbone", "backbone"), ("weights", "weights"), ("head", "head"), ("epochs", "epochs"), ("rounds", "rounds"),
+    ("featcache_extract_s", "featcache extract s"), ("featcache_s", "featcache extract + fit s"),
+    ("e2e_s", "plain loop script s"), ("speedup", "speedup (median)"), ("speedups", "per round"),
 ]
 STORAGE_COLUMNS = [
     ("features", "features"), ("shape", "shape"), ("dtype", "dtype"), ("codec", "codec"),
@@ -67,6 +72,13 @@ COMPACT_COLUMNS = [("backbone", "backbone"), ("images", "images"), ("checkpoint_
                    ("segments_before", "segments"), ("files_before", "files"), ("files_per_10k_before", "files / 10k"),
                    ("segments_after", "after compact + gc: segments"), ("files_after", "files"),
                    ("files_per_10k_after", "files / 10k"), ("compact_s", "compact s")]
+CLI_COLUMNS = [("command", "command"), ("median_s", "median s"), ("min_s", "min s"), ("max_s", "max s"),
+               ("over_pass", "/ python -c pass"), ("over_torch", "/ import torch"), ("over_click", "/ import click")]
+SWEEP_COLUMNS = [("backbone", "backbone"), ("combinations", "combinations"), ("epochs", "epochs"),
+                 ("sweep_s", "one sweep process s"), ("separate_s", "separate fits s"),
+                 ("separate_no_plots_s", "separate fits --no-plots s"), ("ratio", "separate / sweep"),
+                 ("ratio_no_plots", "separate --no-plots / sweep"), ("same_val_top1", "same val top-1"),
+                 ("best", "best run"), ("best_val_top1", "best val top-1")]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -92,7 +104,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict",
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep",
                                                     "peers", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
@@ -100,7 +112,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 @click.option("--epochs", default="10,30", show_default=True, help="Epoch counts to report.")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (both ways).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--repeats", default=3, show_default=True, type=int, help="Storage: best of N.")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Storage: best of N; cli: rounds (median).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Results folder [default: benchmarks/results].")
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) -> None:
     """Run the benchmark suite and print its tables."""
@@ -110,8 +122,10 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .predict import run_predict
     from .scaleout import run_scaleout
     from .throughput import extract_vs_forward, fit_vs_bare, reader_vs_path
+    from .sweep import run_sweep
     from .views import run_views
-    from .transfer import run_transfer
+    from .transfer import run_transfer, run_transfer_processes
+    from .cli import run_cli
 
     if not Path(data).is_dir():
         raise click.UsageError(f"--data {data} does not exist")
@@ -129,7 +143,11 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
             rows += res["rows"]
             runs.append(res)
         click.echo("\n" + table(rows, TRANSFER_COLUMNS))
-        path = save("transfer", {"machine": info, "data": data, "runs": runs, "rows": rows}, out)
+        whole = run_transfer_processes(data, "resnet18", "none", "linear", 10, rounds=max(repeats, 1), workers=workers)
+        click.echo("\nwhole processes as a user starts them: featcache extract + featcache fit --head linear "
+                   "--epochs 10 against a plain 10-epoch loop script (resnet18, random init: same compute)")
+        click.echo(table([whole], PROCESS_COLUMNS))
+        path = save("transfer", {"machine": info, "data": data, "runs": runs, "rows": rows, "processes": whole}, out)
         click.echo(f"saved {path}")
     if which in ("storage", "all"):
         name, _, weights = _case(cases[-1])
@@ -210,6 +228,22 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\npredict: peak memory on 100 and 2,000 new images ({name}), each in a fresh process")
         click.echo(table(rows, PREDICT_COLUMNS))
         path = save("predict", {"machine": info, "data": data, "rows": rows}, out)
+        click.echo(f"saved {path}")
+
+    if which in ("cli", "all"):
+        name, _, weights = _case(cases[-1])
+        rows = run_cli(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        click.echo(f"\ncommand line start-up: whole processes, median of {max(repeats, 1)} rounds in rotation; "
+                   f"fit on a {name} set of {Path(data).name}")
+        click.echo(table(rows, CLI_COLUMNS))
+        path = save("cli", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("sweep", "all"):
+        name, layer, weights = _case(cases[-1])
+        row = run_sweep(data, name, layer, weights, workers=workers)
+        click.echo("\nfit many times: one sweep process against separate featcache fit processes")
+        click.echo(table([row], SWEEP_COLUMNS))
+        path = save("sweep", {"machine": info, "data": data, "rows": [row]}, out)
         click.echo(f"saved {path}")
 
 

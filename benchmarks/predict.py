@@ -72,12 +72,14 @@ def run_predict(data: str, backbone: str = "efficientnet_lite0", weights: str = 
     """Fit a head on ``data`` (extract + fit into a temporary store), then predict on ``counts`` new images
     each, once per ``workers`` setting (0: decode in the process itself; None: predict's default)."""
     import featcache
+    from featcache.heads import head_params
 
     tmp = Path(tempfile.mkdtemp(prefix="featcache-predict-"))
     try:
         store = str(tmp / "s.zarr")
         featcache.extract(backbone=backbone, data=data, store=store, weights=weights, workers=0)
-        run = featcache.fit(head=head, store=store, out=str(tmp / "run"), plots=False, epochs=5).run_dir
+        extra = {"epochs": 5} if "epochs" in head_params(head) else {}
+        run = featcache.fit(head=head, store=store, out=str(tmp / "run"), plots=False, **extra).run_dir
         user = backbone if ":" in backbone else None
         folders = {n: make_images(data, tmp / f"images-{n}", n) for n in counts}
         rows = []

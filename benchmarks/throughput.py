@@ -23,7 +23,7 @@ from torch import nn
 import featcache
 from featcache.backbones import create_backbone
 from featcache.data import load_rgb, scan
-from featcache.heads import TorchHead
+from featcache.heads import MLPHead
 from featcache.store import digest_key
 from featcache.stream import RowReader
 
@@ -158,7 +158,7 @@ def fit_vs_bare(rows: int = 10_000, dim: int = 25_088, classes: int = 10, epochs
         xt = torch.from_numpy(x)
         yt = torch.from_numpy(fs.labels("train"))
         torch.manual_seed(0)
-        model = TorchHead(kind="mlp")._build(dim, classes)
+        model = MLPHead()._build_module(dim, classes)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss_fn = nn.CrossEntropyLoss()
         times = []

@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 import featcache
 from featcache.backbones import create_backbone
 from featcache.data import load_rgb
-from featcache.heads import TorchHead
+from featcache.heads import make_head
 
-__all__ = ["run_transfer"]
+__all__ = ["run_transfer", "run_transfer_processes"]
 
 
 class _Folder(Dataset):
@@ -58,9 +58,10 @@ def _end_to_end(
     backbone = create_backbone(backbone_name, layer, weights)
     model = backbone.model.eval()
     dim = int(np.prod(backbone.shape))
-    proto = TorchHead(**head_params)
+    kind = head_params.pop("kind")
+    proto = make_head(kind, **head_params)
     torch.manual_seed(proto.seed)  # same initialisation as featcache's head
-    head = proto._build(dim, n_classes)
+    head = proto._build_module(dim, n_classes)
     gen = torch.Generator().manual_seed(proto.seed)  # same batch order as featcache's head
     opt = torch.optim.Adam(head.parameters(), lr=proto.lr, weight_decay=proto.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
@@ -202,3 +203,43 @@ def run_transfer(
 
 def ext_layer(fs) -> str:
     return f"{fs.attrs['layer']} ({'x'.join(map(str, fs.shape))})"
+
+
+def run_transfer_processes(data: str, backbone: str = "resnet18", weights: str = "DEFAULT", head: str = "linear",
+                           epochs: int = 10, rounds: int = 3, workers: int | None = None) -> dict:
+    """Whole processes, started as a user starts them: ``featcache extract`` then ``featcache fit
+    --head HEAD --epochs E`` (a fresh store each round, so the extract computes every row) against
+    ``python benchmarks/e2e_script.py`` (the plain loop) for the same epochs. The two ways
+    alternate, ``rounds`` times; times are wall seconds from start to exit, medians over rounds."""
+    import os
+    import statistics
+    import sys
+
+    from .cli import ROOT, _featcache, _wall
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    script = [sys.executable, str(ROOT / "benchmarks" / "e2e_script.py"), "--data", data, "--backbone", backbone,
+              "--weights", weights, "--head", head, "--epochs", str(epochs)]
+    if workers is not None:
+        script += ["--workers", str(workers)]
+    _warm_up(Path(data), backbone, None, weights)
+    featcache_s, extract_s, e2e_s = [], [], []
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-processes-"))
+    try:
+        for i in range(rounds):
+            store = str(tmp / f"s{i}.zarr")
+            extract = ["extract", "--backbone", backbone, "--weights", weights, "--data", data, "--store", store,
+                       "--no-progress"] + (["--workers", str(workers)] if workers is not None else [])
+            fit = ["fit", "--head", head, "--epochs", str(epochs), "--store", store, "--runs", str(tmp / "runs")]
+            first = _wall(_featcache(*extract), env, tmp)
+            featcache_s.append(first + _wall(_featcache(*fit), env, tmp))
+            extract_s.append(first)
+            e2e_s.append(_wall(script, env, tmp))
+            shutil.rmtree(store, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cached, e2e = statistics.median(featcache_s), statistics.median(e2e_s)
+    return {"backbone": backbone, "weights": weights, "head": head, "epochs": epochs, "rounds": rounds,
+            "featcache_s": cached, "featcache_extract_s": statistics.median(extract_s), "e2e_s": e2e,
+            "speedup": e2e / cached, "speedups": [round(b / a, 2) for a, b in zip(featcache_s, e2e_s)],
+            "featcache_all_s": featcache_s, "e2e_all_s": e2e_s}

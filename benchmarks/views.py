@@ -29,8 +29,8 @@ def run_views(data: str, backbone: str = "efficientnet_lite0", weights: str = "D
             row = {"views": k, "extract_s": extract_s, "view_rows": r.views_extracted, "view_bytes": view_bytes,
                    "base_bytes": st.space_stats(fs.space)["bytes_stored"]}
             for head in ("mlp", "logreg"):
-                res = featcache.fit(head=head, store=store, epochs=epochs, C=1.0, patience=0, plots=False,
-                                    runs=str(tmp / "runs"))
+                options = {"epochs": epochs, "patience": 0} if head == "mlp" else {"C": 1.0}
+                res = featcache.fit(head=head, store=store, plots=False, runs=str(tmp / "runs"), **options)
                 row[f"{head}_val"] = res.metrics["val"]["top1"]
             rows.append(row)
         finally:

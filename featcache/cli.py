@@ -1,88 +1,34 @@
 """The ``featcache`` command: a thin click layer over the library.
 
-Every command parses options, calls one library function and prints its result. A
+Every command parses options, calls one library function and prints its result, as text or,
+with ``--json``, as one JSON document on standard output (messages go to standard error). A
 ``FeatcacheError`` becomes ``Error: ...`` and exit status 1; click's usage errors exit 2.
+The library is imported inside each command, so ``--help`` and the store commands never load torch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import math
-import os
-import sys
+from .cli_kit import (AutoOr, Device, Floats, Fractions, Group, Ints, OutputPath, echo_json,  # first: Ctrl-C handler
+                      json_option, many, parse_size_text, set_option, store_arg, store_option)
 
-import click
+import os  # noqa: E402
+import sys  # noqa: E402
 
-from .backbones import POOLS, PRECISIONS, layer_shapes, list_backbones
-from .data import DEFAULT_NAME_PATTERN
-from .errors import FeatcacheError, StoreError
-from .extract import DTYPES, ExtractConfig, Interrupted, default_store_url, extract
-from .fit import FIT_POOLS, FitConfig, fit
-from .heads import HEADS, INITS, OPTIMIZERS
-from .sample import write_digits
-from .store.maintenance import gc, status, verify
-from .runs import RunRecord
-from .store import human_bytes, open_store
-from .stream import parse_size
+import click  # noqa: E402
+
+from .cli_store import compact_cmd, gc_cmd, info_cmd, ls_cmd, migrate_cmd, rm_cmd, status_cmd, verify_cmd  # noqa: E402
+from . import __version__  # noqa: E402
+from .config import (DEFAULT_NAME_PATTERN, DTYPES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
+                     RUN_SORTS)
+from .errors import FeatcacheError  # noqa: E402
 
 __all__ = ["main"]
 
 _MAX_SKIPS_SHOWN = 20
 
 
-class _Group(click.Group):
-    """Turns the library's errors into one ``Error:`` line (no traceback) with exit status 1."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except Interrupted as e:
-            click.echo(f"\nInterrupted: {e}", err=True)
-            ctx.exit(130)
-        except FeatcacheError as e:
-            raise _as_usage_error(self, ctx, e) from None
-        except KeyboardInterrupt:
-            click.echo("\nInterrupted: the store holds only committed data; re-run the command.", err=True)
-            ctx.exit(130)
-
-
-def _as_usage_error(group: click.Group, ctx: click.Context, error: FeatcacheError) -> click.ClickException:
-    """A bad option value becomes click's usage error for that option (exit 2); anything else ``Error:`` (exit 1)."""
-    name = ctx.invoked_subcommand
-    command = group.get_command(ctx, name) if name else None
-    if error.option and command is not None:
-        wanted = error.option.lstrip("-").replace("-", "_").lower()
-        for param in command.params:
-            # a set is chosen by --set in fit and status, by the KEY argument in info, rm and verify
-            if param.name.lower() == wanted or (wanted == "set" and param.name == "key"):
-                sub = click.Context(command, info_name=name, parent=ctx)
-                return click.BadParameter(str(error), ctx=sub, param=param)
-    return click.ClickException(str(error))
-
-
-class _Floats(click.FloatRange):
-    """A FloatRange that also refuses nan and ±inf (click's lets nan through every bound)."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            described = getattr(self, "_describe_range", None)  # click >= 8.0
-            self.fail(f"{value!r} is not a finite number{' in the range ' + described() if described else ''}.", param, ctx)
-        return number
-
-
-store_option = click.option(
-    "--store",
-    default=default_store_url,
-    show_default="$FEATCACHE_STORE or featcache.zarr",
-    help="Store path or fsspec URL (s3://...).",
-)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="featcache")
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=__version__, prog_name="featcache")  # no package metadata scan at start-up
 def main() -> None:
     """Run a frozen CNN once, cache its features in Zarr, fit heads in seconds."""
 
@@ -94,10 +40,11 @@ def main() -> None:
                                             "see featcache layers NAME).")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="DEFAULT, a weights enum name, none, or a .pth/.safetensors file.")
-@click.option("--pool", type=click.Choice(POOLS), default=None, help="Pool spatial maps (default: none; avg for the default layer).")
+@click.option("--pool", type=click.Choice(POOLS), default=None,
+              help="Store-time pooling of spatial maps (default: none; avg for the default layer). Part of the feature space.")
 @click.option("--data", default="data", show_default=True, type=click.Path(file_okay=False), help="Image folder.")
 @store_option
-@click.option("--split", default=None,
+@click.option("--split", default=None, type=Fractions(),
               help="train,val[,test] fractions, e.g. 0.8,0.2: splits a flat folder, or carves val (and test) out of "
                    "a train split that has no val.")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False),
@@ -108,24 +55,28 @@ def main() -> None:
                    "or a regular expression whose one group is the label.")
 @click.option("--classes", default=None, help="Keep only these classes, e.g. cats,dogs.")
 @click.option("--exclude-class", multiple=True, metavar="NAME", help="Leave this class out (repeatable), e.g. BACKGROUND_Google.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of --split.")
+@click.option("--seed", default=0, show_default=True, type=Ints(0, 2**32 - 1), help="Seed of --split.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", default=None, type=click.IntRange(min=0), help="DataLoader workers [default: min(8, CPUs)].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=Ints(1, 2**16))
+@click.option("--workers", default=None, type=Ints(0, 256), help="DataLoader workers [default: min(8, CPUs)].")
+@click.option("--device", type=Device(), default="auto", show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
-@click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--views", default=0, show_default=True, type=Ints(0, 1000),
               help="Also store K seeded augmented views (RandomResizedCrop + flip) of each training image.")
-@click.option("--checkpoint-every", "checkpoint_s", default=30.0, show_default=True, type=_Floats(min=0, min_open=True),
-              help="Seconds between commits; a killed run loses at most this much work.")
+@click.option("--checkpoint-every", "checkpoint_s", default=30.0, show_default=True,
+              type=Floats(min=0, min_open=True, max=10**7), help="Seconds between commits; a killed run loses at most this much work.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Compute precision of the backbone: auto = bfloat16 autocast on CUDA (float16 where bf16 is missing), "
                    "float32 on the CPU. Part of the feature space.")
 @click.option("--compile", is_flag=True,
               help="torch.compile the backbone first: slower start, faster batches on large runs (mostly GPUs).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
-def extract_cmd(progress: bool | None, **options) -> None:
+@json_option
+def extract_cmd(progress: bool | None, as_json: bool, **options) -> None:
     """Push an image folder through a frozen backbone once and store the features."""
+    from .config import ExtractConfig
+    from .extract import extract
+
     try:
         cfg = ExtractConfig(**options)
     except FeatcacheError:
@@ -135,132 +86,185 @@ def extract_cmd(progress: bool | None, **options) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         extract(cfg, progress=False)
         return  # under torchrun, rank 0 reports for all
-    with _layout_line():
-        result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
+    result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
         click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
     if len(result.skipped) > _MAX_SKIPS_SHOWN:
-        click.echo(f"... and {len(result.skipped) - _MAX_SKIPS_SHOWN} more skipped (see: featcache ls)", err=True)
+        click.echo(f"... and {len(result.skipped) - _MAX_SKIPS_SHOWN} more skipped (see: featcache info --set "
+                   f"{result.set_key})", err=True)
+    following = f"featcache fit --set {result.set_key}{store_arg(cfg.store)}"
+    if as_json:
+        echo_json({**result.to_dict(), "next": following})
+        return
     click.echo(result.summary())
+    click.echo(f"next: {following}")
 
 
-@contextlib.contextmanager
-def _layout_line():
-    """Show the library's one ``layout: ...`` line (logged before work starts) on stderr."""
-
-    class Echo(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            click.echo(record.getMessage(), err=True)
-
-    logger, handler = logging.getLogger("featcache.data"), Echo(logging.INFO)
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
-def _positive_float(text: str) -> float:
-    try:
-        number = float(text)
-    except ValueError:
-        number = math.nan
-    if not 0 < number < math.inf:
-        raise ValueError("expected a finite number > 0")
-    return number
-
-
-class _AutoOr(click.ParamType):
-    """``auto`` or a value that ``parse`` accepts (it raises ValueError with what it expects)."""
-
-    def __init__(self, name: str, what: str, parse):
-        self.name, self.what, self.parse = name, what, parse
-
-    def convert(self, value, param, ctx):
-        if value == "auto" or not isinstance(value, str):
-            return value
-        try:
-            return self.parse(value)
-        except ValueError as e:
-            self.fail(f"{value!r} is neither 'auto' nor {self.what}: {e}", param, ctx)
-
-
-def _epoch_line(total: int):
+def _epoch_line(total: int, err: bool):
     def show(row: dict) -> None:
         val = f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if "val_loss" in row else ""
         click.echo(
             f"epoch {row['epoch']:>{len(str(total))}}/{total}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f}{val}  {row['seconds']:.2f} s"
+            f"acc {row['train_acc']:.4f}{val}  {row['seconds']:.2f} s",
+            err=err,
         )
 
     return show
 
 
+def _positive_float(text: str) -> float:
+    """A finite number in (0, 1e6] (``--C``)."""
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not 0 < number <= 1e6:
+        raise ValueError("expected a number > 0 and at most 1e6")
+    return number
+
+
 @main.command("fit")
-@click.option("--head", type=click.Choice(HEADS), default="mlp", show_default=True)
-@click.option("--set", "set", default=None, help="Feature set key or prefix [default: the most recent].")
+@click.option("--head", type=many(click.Choice(HEADS)), default="mlp", show_default=True,
+              help="One head, or several: logreg,mlp (every option below that takes a value may list several: a sweep).")
+@set_option()
 @store_option
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=_Floats(min=0, min_open=True))
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--momentum", default=0.9, show_default=True, type=_Floats(0, 1))
-@click.option("--weight-decay", default=0.0, show_default=True, type=_Floats(min=0))
-@click.option("--step-size", default=10, show_default=True, type=click.IntRange(min=1), help="StepLR period (sgd).")
-@click.option("--gamma", default=0.1, show_default=True, type=_Floats(min=0, min_open=True), help="StepLR factor (sgd).")
-@click.option("--hidden", default=256, show_default=True, type=click.IntRange(min=1), help="mlp hidden units.")
-@click.option("--dropout", default=0.4, show_default=True, type=_Floats(0, 1, max_open=True), help="mlp dropout.")
-@click.option("--patience", default=10, show_default=True, type=click.IntRange(min=0), help="Early-stopping patience on val loss (0: off).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
-@click.option("--C", "C", default="auto", show_default=True, type=_AutoOr("auto|NUMBER", "a number", _positive_float),
+@click.option("--epochs", default=30, show_default=True, type=many(Ints(1, 10**6)))
+@click.option("--batch-size", default=64, show_default=True, type=many(Ints(1, 2**20)))
+@click.option("--lr", default=1e-3, show_default=True, type=many(Floats(min=0, min_open=True, max=10)))
+@click.option("--optimizer", type=many(click.Choice(OPTIMIZERS)), default="adam", show_default=True)
+@click.option("--momentum", default=0.9, show_default=True, type=many(Floats(0, 1)))
+@click.option("--weight-decay", default=0.0, show_default=True, type=many(Floats(0, 10)))
+@click.option("--step-size", default=10, show_default=True, type=many(Ints(1, 10**6)), help="StepLR period (sgd).")
+@click.option("--gamma", default=0.1, show_default=True, type=many(Floats(min=0, min_open=True, max=10)), help="StepLR factor (sgd).")
+@click.option("--hidden", default=256, show_default=True, type=many(Ints(1, 2**16)), help="mlp hidden units.")
+@click.option("--dropout", default=0.4, show_default=True, type=many(Floats(0, 1, max_open=True)), help="mlp dropout.")
+@click.option("--patience", default=10, show_default=True, type=many(Ints(0, 10**6)), help="Early-stopping patience on val loss (0: off).")
+@click.option("--seed", default=0, show_default=True, type=many(Ints(0, 2**32 - 1)))
+@click.option("--C", "C", default="auto", show_default=True, type=many(AutoOr("auto|NUMBER", "a number", _positive_float)),
               help="Inverse regularisation (logreg, svm); auto picks it on the val split (or by CV).")
-@click.option("--max-iter", default=2000, show_default=True, type=click.IntRange(min=1), help="Solver iterations (logreg, svm).")
-@click.option("--pool", type=click.Choice(FIT_POOLS), default="none", show_default=True, help="Pool spatial features instead of flattening.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--runs", default="runs", show_default=True, help="Parent folder of run directories.")
-@click.option("--out", default=None, help="Run directory [default: RUNS/<time>-<head>].")
-@click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=_Floats(min=0),
+@click.option("--max-iter", default=2000, show_default=True, type=many(Ints(1, 10**7)), help="Solver iterations (logreg, svm).")
+@click.option("--fit-pool", "pool", type=many(click.Choice(FIT_POOLS)), default=None,
+              help="Train-time pooling of stored spatial maps instead of flattening them [default: none].")
+@click.option("--pool", "old_pool", type=click.Choice(FIT_POOLS), default=None, hidden=True,
+              help="Deprecated spelling of --fit-pool.")
+@click.option("--device", type=Device(), default="auto", show_default=True)
+@click.option("--runs", default="runs", show_default=True, type=OutputPath("dir"), help="Parent folder of run directories.")
+@click.option("--out", default=None, type=OutputPath("dir"), help="Run directory [default: RUNS/<time>-<head>].")
+@click.option("--pretrained-lr-scale", default=0.1, show_default=True, type=many(Floats(0, 10)),
               help="rest head: learning rate of the pretrained layers, as a fraction of --lr.")
-@click.option("--init", type=click.Choice(INITS), default="probe", show_default=True,
+@click.option("--init", type=many(click.Choice(INITS)), default="probe", show_default=True,
               help="rest head: the new layer starts as a logistic-regression probe on the pretrained layers' output "
                    "(then fine-tuning is kept only where it lowers val loss), or random.")
-@click.option("--warmup-epochs", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--warmup-epochs", default=0, show_default=True, type=many(Ints(0, 10**6)),
               help="rest head: epochs that train only the new layer before the pretrained layers join.")
 @click.option("--freeze", default="", help="rest head: comma-separated layer names to keep frozen, e.g. layer4.0.")
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
               help="Train on the set's augmented views (one per image per epoch), when it has them.")
-@click.option("--max-memory", default="auto", show_default=True, type=_AutoOr("auto|SIZE", "a size", parse_size),
+@click.option("--max-memory", default="auto", show_default=True, type=AutoOr("auto|SIZE", "a size", parse_size_text),
               help="Features held in memory, e.g. 8GB; a larger set is streamed chunk by chunk (mlp, linear, rest). "
                    "auto: half of this machine's memory.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots into the run directory.")
+@click.option("--all-plots", is_flag=True, help="In a sweep, plots for every run (default: the best run only).")
 @click.option("--backbone", default=None,
               help="rest head on features from a package.module:factory network: name it to let featcache import it.")
 @click.option("--data", default=None, type=click.Path(file_okay=False),
-              help="The set's image folder, for the plot of misclassified images (read from no other place).")
+              help="The set's image folder: picks the default set (the newest made from it) and feeds the plot of "
+                   "misclassified images (read from no other place).")
 @click.option("--check-data", default=None, type=click.Path(file_okay=False),
               help="Refuse the set if this image folder (the one it was made from) has changed since extraction.")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
-def fit_cmd(quiet: bool, check_data: str | None, **options) -> None:
-    """Train a classifier head on stored features; writes a run directory."""
+@json_option
+def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool, set_: str | None, old_pool: str | None,
+            **options) -> None:
+    """Train a classifier head on stored features; writes a run directory.
+
+    Comma-separated values (--head logreg,mlp --lr 1e-3,3e-3) fit every combination in this
+    process, the features loaded once: one run directory each, and a table sorted by val top-1.
+    """
+    from click.core import ParameterSource
+
+    from .fit import FitConfig, fit
+    from .store import open_store
+    from .store.maintenance import status
+
+    ctx = click.get_current_context()
+    given = {name for name in options if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
+                                                                                  ParameterSource.DEFAULT_MAP)}
+    if old_pool is not None:
+        if options["pool"] is not None and options["pool"] != [old_pool]:
+            raise click.UsageError("--pool is the old spelling of --fit-pool; give one of them")
+        click.echo("note: fit --pool is deprecated: use --fit-pool (train-time pooling; extract --pool pools "
+                   "when features are stored)", err=True)
+        options["pool"] = [old_pool]
+        given.add("pool")
+    options["pool"] = options["pool"] or ["none"]
     options["freeze"] = tuple(f.strip() for f in options["freeze"].split(",") if f.strip())
-    cfg = FitConfig(**options)
+    store = open_store(options["store"], mode="r")
+    options["set"] = store.get_set(set_, data=options["data"]).key  # the default set's rule, said in README
+    grid = {k: v for k, v in options.items() if isinstance(v, list) and len(v) > 1}
+    cfg = FitConfig(**{k: v[0] if isinstance(v, list) else v for k, v in options.items()})
     if check_data:
-        st = status(open_store(cfg.store, mode="r"), cfg.set, check_data)
+        st = status(store, cfg.set, check_data)
         if not st.up_to_date:
             raise FeatcacheError(st.summary())
-    result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs))
+    if grid:
+        from .sweep import sweep
+
+        def done(i: int, n: int, name: str, res) -> None:
+            if not quiet:
+                val = f"val top-1 {res.metrics['val']['top1']:.4f}" if "val" in res.metrics else "no val split"
+                click.echo(f"[{i}/{n}] {name}: {val}, fit {res.seconds['fit']:.2f} s", err=True)
+
+        result = sweep(cfg, grid, given=given, all_plots=all_plots, on_result=done)
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        following = f"featcache report {result.folder / result.rows[0]['run']}"
+        if as_json:
+            echo_json({"sweep": str(result.folder), "runs": result.rows, "best": result.rows[0]["run"],
+                       "seconds": result.seconds, "notes": result.notes, "next": following})
+            return
+        click.echo(result.table())
+        click.echo(result.summary())
+        click.echo(f"next: {following}")
+        return
+    result = fit(cfg, on_epoch=None if quiet else _epoch_line(cfg.epochs, err=as_json), given=given)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    following = f"featcache report {result.run_dir}"
+    if as_json:
+        echo_json({**result.to_dict(), "next": following})
+        return
+    stopping = result.stopping()
+    if stopping:
+        click.echo(stopping)
     click.echo(result.summary())
+    click.echo(f"next: {following}")
 
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+@main.command("runs")
+@click.option("--runs", "root", default="runs", show_default=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of run directories (a sweep's runs included).")
+@click.option("--set", "set_key", default=None, help="Only runs of this set (key or prefix).")
+@click.option("--sort", type=click.Choice(RUN_SORTS), default="time", show_default=True,
+              help="Order: time, val or test top-1 (best first), head, run.")
+@json_option
+def runs_cmd(root: str, set_key: str | None, sort: str, as_json: bool) -> None:
+    """One row per run directory: time, head, set, key parameters, best epoch, val/test top-1."""
+    from .runs import format_runs, list_runs
+
+    rows, skipped = list_runs(root, set_key, sort)
+    for name, reason in skipped:
+        click.echo(f"skipped {name}: {reason}", err=True)
+    if as_json:
+        echo_json(rows)
+        return
+    if rows:
+        click.echo(format_runs(rows))
+    click.echo(f"{len(rows)} runs in {root}" + (f", {len(skipped)} damaged skipped" if skipped else ""), err=True)
 
 
 def _print_metrics(metrics: dict, classes: tuple[str, ...] | list[str], detailed: tuple[str, ...]) -> None:
@@ -285,26 +289,28 @@ _DATA_ONLY = ("no_store", "backbone", "weights", "labels", "labels_from_name", "
               help="A labelled image folder (any layout extract reads) to measure the run on; without it, the "
                    "run's stored metrics are printed.")
 @click.option("--no-store", is_flag=True, help="With --data: do not add the rows computed for new images to the store.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document (without --data: metrics.json as is).")
+@json_option
 @click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
 @click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False),
               help="CSV of labels for --data [default: metadata.csv or labels.csv beside the images, if there].")
 @click.option("--labels-from-name", is_flag=False, flag_value=DEFAULT_NAME_PATTERN, default=None, metavar="[REGEX]",
               help="Labels of --data from file names, as for extract.")
-@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Images per batch for new images [default: 64].")
-@click.option("--workers", default=None, type=click.IntRange(min=0), help="DataLoader workers [default: min(8, CPUs)].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
+@click.option("--batch-size", default=None, type=Ints(1, 2**16), help="Images per batch for new images [default: 64].")
+@click.option("--workers", default=None, type=Ints(0, 256), help="DataLoader workers [default: min(8, CPUs)].")
+@click.option("--device", type=Device(), default=None, help="[default: auto]")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | None, **options) -> None:
     """Print the metrics of a run, or measure it on a labelled folder (--data)."""
     if data is None:
+        from .runs import RunRecord
+
         given = [f"--{k.replace('_', '-')}" for k in _DATA_ONLY if options[k] not in (None, False)]
         if given:
             raise click.UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --data DIR")
         record = RunRecord.read(run)
         if as_json:
-            click.echo(json.dumps(record.metrics, indent=2))
+            echo_json(record.metrics)
             return
         click.echo(f"run {run}: head {record.config.head} on set {record.set} ({record.backbone}/{record.layer})")
         metrics = {s: record.metrics[s] for s in ("train", "val", "test") if s in record.metrics}
@@ -314,15 +320,13 @@ def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | Non
 
     store = not options.pop("no_store")
     options = {k: v for k, v in options.items() if v is not None}
-    with _layout_line():
-        result = evaluate(run, data, store=store, progress=sys.stderr.isatty() if progress is None else progress,
-                          **options)
+    result = evaluate(run, data, store=store, progress=sys.stderr.isatty() if progress is None else progress, **options)
     for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
         click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        echo_json(result.to_dict())
         return
     _print_metrics(result.metrics, result.classes, tuple(result.metrics))
     click.echo(result.summary())
@@ -331,15 +335,15 @@ def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | Non
 @main.command("predict")
 @click.argument("run", type=click.Path())
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--top-k", default=5, show_default=True, type=Ints(1, 10**6))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path,rank,class,probability.")
 @click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
 @click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
-@click.option("--workers", default=None, type=click.IntRange(min=0),
+@click.option("--batch-size", default=32, show_default=True, type=Ints(1, 2**16), help="Images per batch.")
+@click.option("--workers", default=None, type=Ints(0, 256),
               help="DataLoader workers [default: min(8, CPUs); none for a single batch].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=Device(), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_csv: bool, backbone: str | None,
                 weights: str | None, batch_size: int, workers: int | None, device: str, progress: bool | None) -> None:
@@ -355,7 +359,7 @@ def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_
     for note in results.notes:
         click.echo(f"note: {note}", err=True)
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        echo_json([r.to_dict() for r in results])
     elif as_csv:
         import csv
         import io
@@ -381,7 +385,7 @@ def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_
 
 @main.command("export")
 @click.argument("run", type=click.Path())
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=OutputPath("file"))
 @click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
 @click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
 def export_cmd(run: str, out: str, backbone: str | None, weights: str | None) -> None:
@@ -409,6 +413,8 @@ def report_cmd(run: str, data: str | None, backbone: str | None) -> None:
 @main.command("backbones")
 def backbones_cmd() -> None:
     """List backbone names (plus any package.module:factory)."""
+    from .backbones import list_backbones
+
     for name in list_backbones():
         click.echo(name)
 
@@ -418,6 +424,8 @@ def backbones_cmd() -> None:
 @click.option("--match", default=None, metavar="PATTERN", help="Only layers whose name matches, e.g. 'layer*'.")
 def layers_cmd(backbone: str, match: str | None) -> None:
     """List the layers of BACKBONE that --layer accepts, in network order, with each one's output shape."""
+    from .backbones import layer_shapes
+
     shapes, default = layer_shapes(backbone, match)
     width = max((len(n) for n, _ in shapes), default=0)
     for name, shape in shapes:
@@ -426,138 +434,18 @@ def layers_cmd(backbone: str, match: str | None) -> None:
     click.echo(f"{len(shapes)} layers{f' matching {match}' if match else ''}; default: {default or 'none (pass --layer)'}")
 
 
-@main.command("ls")
-@store_option
-def ls_cmd(store: str) -> None:
-    """List the feature sets in a store, oldest first."""
-    st = open_store(store, mode="r")
-    sets = st.sets()
-    for warning in st.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    if not sets:
-        click.echo(f"no feature sets in {store}")
-        return
-    click.echo("set           backbone/layer  pool  dtype  shape  images  on disk  weights  created  by")
-    for fs in sets:
-        r = fs.record
-        splits = " ".join(f"{k}={v}" for k, v in r.splits.items())
-        try:
-            size = human_bytes(st.set_bytes(fs))
-        except StoreError:
-            size = "damaged"
-        click.echo(
-            f"{fs.key}  {r.backbone}/{r.layer}  {r.pool}  {r.dtype}  {'x'.join(map(str, fs.shape))}  "
-            f"{splits}  {size}  {r.weights_id}  {r.created_at}  {r.created_by}"
-        )
-
-
-@main.command("info")
-@click.argument("key")
-@store_option
-def info_cmd(key: str, store: str) -> None:
-    """Everything recorded about a set (JSON)."""
-    st = open_store(store, mode="r")
-    fs = st.get_set(key)
-    click.echo(json.dumps({**fs.attrs, "bytes_on_disk": st.set_bytes(fs)}, indent=2))
-
-
-@main.command("rm")
-@click.argument("key")
-@store_option
-def rm_cmd(key: str, store: str) -> None:
-    """Remove a set (its rows are freed by gc once no other set uses them)."""
-    fs = open_store(store, mode="r+").remove_set(key)
-    click.echo(f"removed set {fs.key}; run featcache gc to free rows no other set uses")
-
-
-@main.command("gc")
-@store_option
-@click.option("--grace", default=3600.0, show_default=True, type=_Floats(min=0),
-              help="Leave anything younger than this many seconds (a running extract may own it).")
-@click.option("--dry-run", is_flag=True, help="Report only.")
-def gc_cmd(store: str, grace: float, dry_run: bool) -> None:
-    """Remove uncommitted leftovers and rows no set refers to."""
-    st = open_store(store, mode="r+")
-    r = gc(st, grace_s=grace, dry_run=dry_run)
-    for warning in st.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    for note in r["notes"]:
-        click.echo(f"note: {note}", err=True)
-    if r["spaces_leased"]:
-        click.echo(f"note: {r['spaces_leased']} space(s) left alone: a running extract holds a lease on them", err=True)
-    verb = "would free" if dry_run else "freed"
-    click.echo(
-        f"gc: {verb} {human_bytes(r['bytes_freed'])}; segments removed {r['segments_removed']}, rewritten "
-        f"{r['segments_rewritten']}, rows removed {r['rows_removed']}, unfinished sets removed {r['sets_removed']}"
-    )
-
-
-@main.command("verify")
-@click.argument("key", required=False)
-@store_option
-@click.option("--sample", default=8, show_default=True, type=click.IntRange(min=0), help="Rows to recompute from the images.")
-@click.option("--data", default=None, type=click.Path(file_okay=False),
-              help="The image folder the set was made from; rows are recomputed only from a folder you name.")
-@click.option("--backbone", default=None, help="The package.module:factory the set was extracted with, if any.")
-@click.option("--weights", default=None, help="The weights file the set was extracted with, if any.")
-def verify_cmd(key: str | None, store: str, sample: int, data: str | None, backbone: str | None,
-               weights: str | None) -> None:
-    """Check every chunk of a set against its integrity record; recompute a sample from the images in --data."""
-    st = open_store(store, mode="r")
-    report = verify(st, key, sample=sample, data=data, backbone=backbone, weights=weights)
-    for warning in st.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    for note in report.notes:
-        click.echo(f"note: {note}", err=True)
-    for error in report.errors:
-        click.echo(f"problem: {error}", err=True)
-    click.echo(report.summary())
-    if not report.ok:
-        raise SystemExit(1)
-
-
-@main.command("status")
-@click.option("--set", "key", default=None, help="Set key or prefix [default: the most recent].")
-@click.option("--data", default=None, type=click.Path(file_okay=False),
-              help="The image folder to compare (required: featcache walks no folder a store names).")
-@store_option
-def status_cmd(key: str | None, data: str | None, store: str) -> None:
-    """Tell whether an image folder and its stored set agree."""
-    st = status(open_store(store, mode="r"), key, data)
-    for label, paths in (("added", st.added), ("removed", st.removed), ("changed", st.changed)):
-        for p in paths[:_MAX_SKIPS_SHOWN]:
-            click.echo(f"{label} {p}")
-    click.echo(st.summary())
-
-
-@main.command("compact")
-@click.option("--set", "key", default=None, help="Compact only the spaces of this set [default: every space].")
-@store_option
-def compact_cmd(key: str | None, store: str) -> None:
-    """Rewrite each feature space's segments into one (readers never see a partial state)."""
-    from .store.maintenance import compact
-
-    r = compact(open_store(store, mode="r+"), key)
-    click.echo(f"compact: {r['segments']} segments of {r['spaces']} space(s) rewritten into {r['spaces']} "
-               f"({r['rows']} rows copied); run featcache gc to free the old files")
-
-
-@main.command("migrate")
-@store_option
-def migrate_cmd(store: str) -> None:
-    """Convert a store of an older format to the current one (features are copied, not recomputed)."""
-    from .store.migrate import migrate
-
-    click.echo(migrate(store).summary())
-
-
 @main.command("sample")
-@click.option("--out", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="data", show_default=True, type=OutputPath("dir"))
 def sample_cmd(out: str) -> None:
     """Write scikit-learn's bundled digits as a PNG ImageFolder (train/val/test)."""
+    from .sample import write_digits
+
     counts = write_digits(out)
     click.echo(f"digits sample in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
+
+for _command in (ls_cmd, info_cmd, rm_cmd, gc_cmd, verify_cmd, status_cmd, compact_cmd, migrate_cmd):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

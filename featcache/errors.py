@@ -13,6 +13,8 @@ __all__ = [
     "SetNotFound",
     "AmbiguousSet",
     "RunError",
+    "os_error_text",
+    "TrainingDiverged",
 ]
 
 
@@ -70,3 +72,16 @@ class AmbiguousSet(StoreError, LookupError):
 
 class RunError(FeatcacheError, OSError):
     """A run directory is missing or incomplete."""
+
+
+def os_error_text(e: OSError) -> str:
+    """What a failed read or write ran into, in words: ``no space left on the device``, ``read-only file system`` ..."""
+    import errno
+
+    known = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EDQUOT: "disk quota exceeded"}
+    return known.get(e.errno, e.strerror or str(e) or e.__class__.__name__)
+
+
+class TrainingDiverged(FeatcacheError, FloatingPointError):
+    """The training loss became NaN or infinite (usually a learning rate that is too high)."""

@@ -9,94 +9,31 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
-from .backbones import POOLS, PRECISIONS, Backbone, create_backbone, module_name, resolve_precision
-from .data import (DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, parse_classes, parse_name_pattern, parse_split,
-                   scan)
+from .backbones import Backbone, create_backbone, module_name, resolve_precision
+from .config import DTYPES, ExtractConfig, default_store_url
+from .data import DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, scan
 from .errors import DataError, FeatcacheError, StoreError
 from .pipeline import Writer, checked, commit_partial, resolve_device, row_key, run_backbone
 from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store, space_key
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "Interrupted", "extract", "default_store_url"]
 
-DTYPES = ("float16", "float32")
-
-
-def default_store_url() -> str:
-    return os.environ.get("FEATCACHE_STORE") or "featcache.zarr"
+_log = logging.getLogger("featcache.extract")  # one INFO line as each phase starts; the CLI shows them
 
 
 class Interrupted(FeatcacheError, KeyboardInterrupt):
     """Ctrl-C during extract; what was computed is committed."""
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything that decides what ``extract`` does; stored with the set it makes."""
-
-    backbone: str
-    data: str = "data"
-    store: str = field(default_factory=default_store_url)
-    layer: str | None = None
-    weights: str = "DEFAULT"
-    pool: str | None = None
-    dtype: str = "float16"
-    split: tuple[float, ...] | None = None
-    seed: int = 0
-    batch_size: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    strict: bool = False
-    checkpoint_s: float = 30.0
-    views: int = 0
-    compile: bool = False
-    precision: str = "auto"
-    labels: str | None = None
-    labels_from_name: str | None = None
-    classes: tuple[str, ...] | None = None
-    exclude_class: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
-        if self.pool is not None and self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {self.pool!r}")
-        if self.views < 0:
-            raise ValueError(f"views must be >= 0; got {self.views}")
-        if not self.checkpoint_s > 0:
-            raise ValueError(f"checkpoint_s must be > 0; got {self.checkpoint_s}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be >= 0; got {self.workers}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
-        object.__setattr__(self, "split", parse_split(self.split))
-        object.__setattr__(self, "labels_from_name", parse_name_pattern(self.labels_from_name))
-        object.__setattr__(self, "classes", parse_classes(self.classes))
-        object.__setattr__(self, "exclude_class", parse_classes(self.exclude_class or None, "--exclude-class") or ())
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["split"] = list(self.split) if self.split else None
-        d["classes"] = list(self.classes) if self.classes is not None else None
-        d["exclude_class"] = list(self.exclude_class)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ExtractConfig":
-        return cls(**d)
 
 
 @dataclass
@@ -115,6 +52,7 @@ class ExtractResult:
     shape: tuple[int, ...]
     views: int = 0
     views_extracted: int = 0
+    set_bytes: int = 0
 
     @property
     def images(self) -> int:
@@ -124,17 +62,33 @@ class ExtractResult:
     def images_per_s(self) -> float:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def cache_hit(self) -> bool:
+        return self.extracted == 0 and self.views_extracted == 0
+
     def summary(self) -> str:
+        """One line: the set, its images, what was computed, time, and the set's own bytes on disk."""
         splits = ", ".join(f"{k} {v}" for k, v in self.splits.items())
-        ratio = self.bytes_raw / self.bytes_stored if self.bytes_stored else 0.0
-        hit = " (cache hit: nothing to compute)" if self.extracted == 0 and self.views_extracted == 0 and self.reused else ""
-        views = f"; {self.views} augmented views per training image ({self.views_extracted} computed)" if self.views else ""
-        return (
-            f"set {self.set_key}: {self.images} images ({splits}); extracted {self.extracted}, "
-            f"reused {self.reused}, skipped {len(self.skipped)}{hit}{views}; {self.seconds:.1f} s, "
-            f"{self.images_per_s:.1f} images/s; space {self.space}: {human_bytes(self.bytes_stored)} on disk, "
-            f"{ratio:.1f}x compression"
-        )
+        if self.cache_hit:
+            work = f"nothing to compute ({self.reused} rows reused)"
+        else:
+            rate = f" ({self.images_per_s:.1f} images/s)" if self.extracted else ""
+            work = f"extracted {self.extracted}{rate}, reused {self.reused}"
+        skipped = f", skipped {len(self.skipped)}" if self.skipped else ""
+        views = f"; {self.views} views per training image ({self.views_extracted} computed)" if self.views else ""
+        return (f"set {self.set_key}: {self.images} images ({splits}); {work}{skipped}{views}; {self.seconds:.1f} s; "
+                f"{human_bytes(self.set_bytes)} on disk")
+
+    def to_dict(self) -> dict:
+        """The result as JSON values (``extract --json``)."""
+        return {
+            "set": self.set_key, "store": self.store, "space": self.space, "splits": dict(self.splits),
+            "images": self.images, "extracted": self.extracted, "reused": self.reused,
+            "skipped": [s.to_dict() for s in self.skipped], "views": self.views, "views_extracted": self.views_extracted,
+            "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 3), "shape": list(self.shape),
+            "set_bytes": self.set_bytes, "space_bytes": self.bytes_stored, "space_bytes_raw": self.bytes_raw,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
 
 
 def augmentation(preprocessing: dict, seed: int) -> dict:
@@ -165,6 +119,7 @@ def _run_model(
     timings = {"read": 0.0, "model": 0.0}
     batches = run_backbone(backbone, manifest.root, todo, device=cfg.device, precision=cfg.precision,
                            batch_size=cfg.batch_size, workers=cfg.workers, compile=cfg.compile, progress=progress,
+                           desc="views" if views is not None else "extract",
                            views=views, augment=augment, timings=timings)
     committed = False
     try:
@@ -277,6 +232,7 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
     if cfg.strict and manifest.skipped:
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
+    _log.info("loading %s%s", cfg.backbone, f" (layer {cfg.layer})" if cfg.layer else "")
     backbone = create_backbone(module if module is not None else cfg.backbone, cfg.layer, cfg.weights, cfg.pool,
                                transform=transform)
     precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
@@ -306,6 +262,12 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
         if it.sha256 not in known and it.sha256 not in todo:
             todo[it.sha256] = it
     _barrier(world)  # every rank has decided what to do before any rank writes
+    if todo:
+        per_split = {s: sum(1 for it in todo.values() if it.split == s) for s in SPLIT_NAMES}
+        _log.info("extracting %s%s", " + ".join(f"{n} {s}" for s, n in per_split.items() if n),
+                  f" ({len(manifest.items) - len(todo)} reused)" if len(manifest.items) > len(todo) else "")
+    else:
+        _log.info("nothing to compute (%d rows reused)", len({it.sha256 for it in manifest.items}))
     failed, timings = _compute(backbone, manifest, [(it, None) for it in list(todo.values())[rank::world]],
                                store, space, cfg, progress)
     failed = _merge_failures(failed, world)
@@ -316,6 +278,8 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
         jobs = [(it, k) for it in train.values() for k in range(cfg.views) if f"{it.sha256}:{k}" not in known_views]
         _barrier(world)
         view_jobs = len(jobs)
+        if jobs:
+            _log.info("computing %d augmented views (%d per training image)", len(jobs), cfg.views)
         _, view_timings = _compute(backbone, manifest, jobs[rank::world], store, view_space, cfg, progress, augment)
         if view_timings:
             timings["views_model"] = view_timings.get("model", 0.0)
@@ -379,6 +343,7 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
     _barrier(world)  # the set is committed before any rank returns
     extracted = len(todo) - len(failed)  # by all ranks together
     stats = store.space_stats(space)
+    set_bytes = store.set_bytes(store.get_set(set_key)) if rank == 0 else 0
     return ExtractResult(
         set_key=set_key,
         space=space,
@@ -394,6 +359,7 @@ def _extract_leased(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, 
         shape=backbone.shape,
         views=cfg.views,
         views_extracted=view_jobs,
+        set_bytes=set_bytes,
     )
 
 

@@ -7,26 +7,29 @@ only: a run directory from someone else can be read without running their code.
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from .errors import FeatcacheError, RunError, StoreError
-from .extract import default_store_url
-from .heads import HEADS, INITS, OPTIMIZERS, make_head
+from .errors import FeatcacheError, RunError, StoreError, os_error_text
+from .config import FIT_POOLS, default_store_url
+from .heads import C_GRID, HEADS, INITS, OPTIMIZERS, head_class
 from .persist import HeadRecord
 from .runs import RunRecord
 from .store import FeatureSet, human_bytes, open_store
 from .runtime import keep_memory
 from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
-__all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "prepare_features"]
+__all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "prepare_features", "HEAD_OPTIONS", "check_head_options"]
 
-FIT_POOLS = ("none", "avg", "max")
+_log = logging.getLogger("featcache.fit")  # one INFO line as each phase starts; the CLI shows them
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,27 @@ class FitResult:
     seconds: dict[str, float]
     chosen_C: float | None = None
     notes: list[str] = field(default_factory=list)
+    best_epoch: int | None = None  # torch heads: the epoch whose weights were kept
+    stopped_early: bool = False
+    head: Any = field(default=None, repr=False)  # the fitted head
+    config: FitConfig | None = None
+    probas: dict | None = field(default=None, repr=False)  # per split, for plots written later (sweeps)
+
+    def stopping(self) -> str | None:
+        """``stopped early at epoch 14 of 30; kept epoch 4 (lowest val loss)``; None for heads without epochs."""
+        if not self.history:
+            return None
+        ran = len(self.history)
+        stop = f"stopped early at epoch {ran}" if self.stopped_early else f"ran {ran} epochs"
+        kept = "the start (epoch 0)" if self.best_epoch == 0 else f"epoch {self.best_epoch}"
+        return f"{stop}; kept {kept} (lowest {'val' if 'val_loss' in self.history[0] else 'train'} loss)"
+
+    def to_dict(self) -> dict:
+        """The result as JSON values (``fit --json``)."""
+        return {"run": str(self.run_dir), "set": self.set_key, "head": self.config.head if self.config else None,
+                "metrics": self.metrics,
+                "epochs_run": len(self.history), "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+                "C": self.chosen_C, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "notes": self.notes}
 
     def summary(self) -> str:
         parts = [f"run {self.run_dir}"]
@@ -135,14 +159,19 @@ def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibr
 
 
 def _new_run_dir(cfg: FitConfig) -> Path:
-    option, path = ("--out", Path(cfg.out)) if cfg.out else ("--runs", None)
+    return new_folder(cfg.out, cfg.runs, cfg.head)
+
+
+def new_folder(out: str | None, runs: str, label: str) -> Path:
+    """``out`` (new or empty), else a new ``runs/<time>-<label>`` folder."""
+    option, path = ("--out", Path(out)) if out else ("--runs", None)
     try:
         if path is not None:
             if path.exists() and (not path.is_dir() or any(path.iterdir())):
                 raise RunError(f"run directory {path} exists and is not an empty folder; choose another --out", option=option)
             path.mkdir(parents=True, exist_ok=True)
             return path
-        base = Path(cfg.runs) / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.head}"
+        base = Path(runs) / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{label}"
         path, n = base, 1
         while True:
             try:
@@ -181,10 +210,11 @@ def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, 
             flat = RowReader(fs.store, fs.attrs["view_space"], fs.view_keys(), fs.shape, cfg.pool, keep_shape).load()
             train_views = flat.reshape((len(labels["train"]), views) + flat.shape[1:])
         return data, train_views, []
-    if cfg.head not in ("mlp", "linear", "rest"):
+    if not head_class(cfg.head).streams:
+        streaming = ", ".join(h for h in HEADS if head_class(h).streams and not head_class(h).takes_maps)
         raise FeatcacheError(
             f"--head {cfg.head} needs the whole set in memory ({human_bytes(need)} as float32) but --max-memory is "
-            f"{human_bytes(budget)}; raise --max-memory or use --head linear or mlp, which stream",
+            f"{human_bytes(budget)}; raise --max-memory or use --head {streaming}, which stream",
             option="--max-memory",
         )
     window = budget // 2  # the window being trained on and the one read ahead
@@ -198,49 +228,129 @@ def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, 
     return data, None, [note]
 
 
+# FitConfig fields that are parameters of some head: giving one the chosen head does not take is an error
+HEAD_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "step_size", "gamma", "hidden",
+                "dropout", "patience", "C", "max_iter", "pretrained_lr_scale", "freeze", "warmup_epochs", "init",
+                "backbone", "device")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_head_options(head: str, given) -> None:
+    """Refuse options in ``given`` (FitConfig field names the user set) that ``head`` does not take."""
+    from .heads import head_params
+
+    takes = set(head_params(head))
+    for name in sorted(given):
+        if name in HEAD_OPTIONS and name not in takes:
+            own = ", ".join(_flag(p) for p in HEAD_OPTIONS if p in takes)
+            raise FeatcacheError(f"{_flag(name)} is not an option of --head {head} (its options: {own})",
+                                 option=_flag(name))
+
+
+def given_options(cfg: FitConfig) -> set[str]:
+    """The head options of ``cfg`` that differ from their defaults (what a library caller set)."""
+    blank = FitConfig(store=cfg.store)
+    return {f.name for f in fields(FitConfig) if f.name in HEAD_OPTIONS and getattr(cfg, f.name) != getattr(blank, f.name)}
+
+
+def open_fit_set(cfg: FitConfig) -> FeatureSet:
+    """The set ``cfg`` names, checked against what its head needs."""
+    if cfg.backbone is not None:
+        from .backbones import check_user_backbone
+
+        check_user_backbone(cfg.backbone)
+    fs = open_store(cfg.store, mode="r").get_set(cfg.set, data=cfg.data)
+    _log.info("loading set %s (%s/%s, %s images)", fs.key, fs.attrs.get("backbone"), fs.attrs.get("layer"),
+              sum(fs.attrs["splits"].values()))
+    check_set_for(cfg, fs)
+    return fs
+
+
+def check_set_for(cfg: FitConfig, fs: FeatureSet) -> None:
+    """Refuse a set ``cfg``'s head cannot train on (a head that takes maps on pooled features)."""
+    cut = (fs.attrs.get("config") or {}).get("layer")
+    if head_class(cfg.head).takes_maps and (fs.attrs["pool"] != "none" or cfg.pool != "none" or not cut):
+        raise FeatcacheError(
+            f"--head {cfg.head} trains the network after the cached layer, so it needs unpooled features; set {fs.key} "
+            f"is pooled ({fs.attrs['pool']}), was cut at the default layer, or --pool was given. Extract with --layer LAYER --pool none.",
+            option="--head",
+        )
+
+
+def load_fit_data(cfg: FitConfig, fs: FeatureSet) -> tuple[dict, np.ndarray | None, list[str]]:
+    """Each labelled split's features and labels, the training views, and notes (see ``_load_data``)."""
+    try:
+        return _load_data(cfg, fs, keep_shape=head_class(cfg.head).takes_maps)
+    except StoreError as e:
+        raise StoreError(str(e) if f"set {fs.key}" in str(e) else f"set {fs.key}: {e}") from None
+
+
 def fit(
     config: FitConfig | None = None,
     *,
     on_epoch: Callable[[dict], None] | None = None,
+    given: set[str] | None = None,
     **kwargs,
 ) -> FitResult:
     """Train a head on a stored feature set and write its run directory.
 
     ``featcache.fit(head="logreg", store="featcache.zarr")`` or pass a :class:`FitConfig`.
-    ``on_epoch`` receives each epoch's row (torch heads).
+    ``on_epoch`` receives each epoch's row (torch heads). ``given``: the options the user set
+    (the CLI knows; by default the keyword arguments, or the fields of ``config`` that differ
+    from their defaults). A head option the head does not take is an error.
     """
     cfg = config if config is not None else FitConfig(**kwargs)
     keep_memory()  # batches and set loads reuse freed memory instead of faulting in fresh pages
-    if cfg.backbone is not None:
-        from .backbones import check_user_backbone
-
-        check_user_backbone(cfg.backbone)
+    if given is None:
+        given = set(kwargs) if config is None else given_options(cfg)
+    check_head_options(cfg.head, given)
     t0 = time.perf_counter()
-    store = open_store(cfg.store, mode="r")
-    fs = store.get_set(cfg.set)
-    rest = cfg.head == "rest"
-    if rest and (fs.attrs["pool"] != "none" or cfg.pool != "none"):
-        raise FeatcacheError(
-            f"--head rest trains the network after the cached layer, so it needs unpooled features; set {fs.key} "
-            f"is pooled ({fs.attrs['pool']}) or --pool was given. Extract with --layer LAYER --pool none.",
-            option="--head",
-        )
-    try:
-        data, train_views, notes = _load_data(cfg, fs, keep_shape=rest)
-    except StoreError as e:
-        raise StoreError(str(e) if f"set {fs.key}" in str(e) else f"set {fs.key}: {e}") from None
-    t_load = time.perf_counter() - t0
+    fs = open_fit_set(cfg)
+    data, train_views, notes = load_fit_data(cfg, fs)
+    return fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0, on_epoch=on_epoch)
+
+
+def _edge_notes(head) -> list[str]:
+    search = getattr(head, "C_search_", None)
+    if not search or len(search["grid"]) <= len(C_GRID):
+        return []
+    tried = ", ".join(f"{c:g} ({s:.4f})" for c, s in zip(search["grid"], search["scores"]) if c not in C_GRID)
+    return [f"C search: the best C of {C_GRID[0]:g} to {C_GRID[-1]:g} was at the edge, so it went on: {tried}; "
+            f"chose C {head.C_:g}"]
+
+
+def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: list[str], t_load: float, *,
+               on_epoch: Callable[[dict], None] | None = None, plots: bool | None = None) -> FitResult:
+    """Fit ``cfg``'s head on splits already loaded from ``fs`` and write its run directory."""
+    cls = head_class(cfg.head)
+    names = set(cls._get_param_names())
+    params = {k: v for k, v in cfg.to_dict().items() if k in names}
+    if "freeze" in names:
+        params["freeze"] = tuple(cfg.freeze)
+    if "rest_of" in names:
+        params["rest_of"] = {k: fs.attrs["config"][k] for k in ("backbone", "layer", "weights")}
+    head = cls(**params)
     x_train, y_train = data["train"]
     x_val, y_val = data.get("val", (None, None))
-    extra = {"rest_of": {k: fs.attrs["config"][k] for k in ("backbone", "layer", "weights")}} if rest else {}
-    head = make_head(cfg.head, **{k: v for k, v in cfg.to_dict().items() if k != "backbone"}, **extra)
-    head.trusted_backbone = cfg.backbone
+    notes = list(notes)
     t1 = time.perf_counter()
-    head.fit(x_train, y_train, x_val, y_val, n_classes=len(fs.classes), on_epoch=on_epoch, train_views=train_views)
+    _log.info("training %s on %d images", cfg.head, len(y_train))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        head.fit(x_train, y_train, x_val, y_val, classes=np.arange(len(fs.classes)), on_epoch=on_epoch,
+                 train_views=train_views)
+    for w in caught:  # the head's own warnings (a C at the edge of its grid) become notes
+        if type(w.message).__name__ == "CEdgeWarning":
+            notes.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes += _edge_notes(head)
     t_fit = time.perf_counter() - t1
-    calibrated = getattr(head, "calibrated", True)
     probas = {s: head.predict_proba(x) for s, (x, _) in data.items()}
-    metrics = {s: compute_metrics(probas[s], y, fs.classes, calibrated) for s, (_, y) in data.items()}
+    metrics = {s: compute_metrics(probas[s], y, fs.classes, cls.calibrated) for s, (_, y) in data.items()}
     record = RunRecord(
         config=cfg,
         set=fs.key,
@@ -271,13 +381,22 @@ def fit(
         raise FeatcacheError(f"the trained head cannot be saved as a run ({e}); check the features with "
                              "featcache verify, or lower --lr") from None
     run = _new_run_dir(cfg)
-    record.write(run)
-    if cfg.plots:
-        from .report import have_matplotlib, write_plots
+    try:
+        record.write(run)
+        if cfg.plots if plots is None else plots:
+            from .report import have_matplotlib, write_plots
 
-        if have_matplotlib():
-            write_plots(run, fs, head, probas, data=cfg.data)
-        else:
-            notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
-    return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None), notes)
+            if have_matplotlib():
+                write_plots(run, fs, head, probas, data=cfg.data)
+            else:
+                notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
+    except OSError as e:
+        if isinstance(e, FeatcacheError):
+            raise
+        shutil.rmtree(run, ignore_errors=True)  # a run directory is whole or absent, never half-written
+        raise RunError(f"writing the run directory {run} failed ({os_error_text(e)}: {e.filename or run}); nothing "
+                       "was left there. Free space or choose another --runs / --out, then re-run fit") from None
+    return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None),
+                     notes, best_epoch=record.best_epoch, stopped_early=record.stopped_early, head=head, config=cfg,
+                     probas=probas)
 

@@ -24,7 +24,7 @@ import numpy as np
 from .errors import RunError
 
 __all__ = ["MAX_JSON_BYTES", "MAX_ARRAY_BYTES", "MAX_JSON_DEPTH", "Fields", "HeadRecord", "read_json", "write_json",
-           "read_arrays", "write_arrays", "check_numeric", "is_int", "is_number"]
+           "read_arrays", "write_arrays", "write_atomic", "check_numeric", "is_int", "is_number"]
 
 MAX_JSON_BYTES = 64 << 20
 MAX_ARRAY_BYTES = 8 << 30  # a rest head of a large backbone is a few hundred MB
@@ -80,6 +80,12 @@ def read_json(path: Path, where: str) -> Any:
     if _depth(doc) > MAX_JSON_DEPTH:
         raise RunError(f"{where}: unreadable run files: {path.name} nests deeper than {MAX_JSON_DEPTH} levels")
     return doc
+
+
+def write_atomic(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it to ``path``: a failed
+    write (a full disk, a read-only place) leaves no partial file, and the temporary one is removed."""
+    _replace(Path(path), write)
 
 
 def _replace(path: Path, write) -> None:
@@ -232,8 +238,8 @@ class HeadRecord:
 
     @classmethod
     def of(cls, head) -> "HeadRecord":
-        """The record of a fitted head (anything with ``kind``, ``get_params``, ``fitted_info``, ``state_arrays``)."""
-        return cls(head.kind, head.get_params(), head.fitted_info(), head.state_arrays())
+        """The record of a fitted head (anything with ``name``, ``saved_params``, ``fitted_info``, ``state_arrays``)."""
+        return cls(head.name, head.saved_params(), head.fitted_info(), head.state_arrays())
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "params": self.params, "fitted": self.fitted}

@@ -22,8 +22,9 @@ from .backbones import Backbone
 from .data import IMAGE_EXTENSIONS
 from .data.manifest import hash_all
 from .errors import DataError
-from .heads import SklearnHead, TorchHead, head_from_record
+from .heads import Head, head_from_record
 from .lookup import RowCounts, load_run, run_rows
+from .persist import write_atomic
 from .runs import RunRecord
 
 __all__ = ["Prediction", "Predictions", "Predictor", "predict", "export"]
@@ -64,27 +65,13 @@ def _expand(paths: list[str | Path]) -> list[Path]:
 
 
 class _Head(nn.Module):
-    """A fitted head as a plain torch module producing class probabilities."""
+    """A fitted head as a plain torch module: stored features → class probabilities."""
 
-    def __init__(self, head: TorchHead | SklearnHead, pool: str, dtype: str):
+    def __init__(self, head: Head, pool: str, dtype: str):
         super().__init__()
         self.pool, self.round_trip = pool, dtype == "float16"
-        self.keep_shape = isinstance(head, TorchHead) and head.kind == "rest"
-        if isinstance(head, TorchHead):
-            self.net = head.module_
-            self.scores_binary = False
-        else:
-            arrays = head.state_arrays()
-            coef = torch.as_tensor(arrays["coef"], dtype=torch.float32)
-            linear = nn.Linear(coef.shape[1], coef.shape[0])
-            with torch.no_grad():
-                linear.weight.copy_(coef)
-                linear.bias.copy_(torch.as_tensor(arrays["intercept"], dtype=torch.float32))
-            self.register_buffer("mean", torch.as_tensor(arrays["scaler_mean"], dtype=torch.float32))
-            self.register_buffer("scale", torch.as_tensor(arrays["scaler_scale"], dtype=torch.float32))
-            self.net = linear
-            self.scores_binary = coef.shape[0] == 1
-        self.sklearn = isinstance(head, SklearnHead)
+        self.keep_shape = head.takes_maps
+        self.net = head.torch_module()
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if self.round_trip:  # the head was trained on float16-stored features
@@ -94,12 +81,7 @@ class _Head(nn.Module):
         elif feats.ndim == 4 and self.pool == "max":
             feats = feats.amax(dim=(2, 3))
         x = feats if self.keep_shape else feats.flatten(1)
-        if self.sklearn:
-            x = (x - self.mean) / self.scale
-        z = self.net(x)
-        if self.sklearn and self.scores_binary:  # one score for class 1, as scikit-learn gives it
-            z = torch.cat([-z, z], dim=1) / 2
-        return torch.softmax(z, dim=1)
+        return torch.softmax(self.net(x), dim=1)
 
 
 class Predictor(nn.Module):
@@ -172,9 +154,14 @@ def export(run: str | Path, out: str | Path, backbone: str | None = None, weight
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     out = Path(out)
-    torch.export.save(program, str(out))
     meta = {"classes": list(record.classes), "preprocessing": backbone.preprocessing, "input": [None, 3, crop, crop],
             "output": "class probabilities", "backbone": record.backbone, "layer": record.layer,
             "weights": record.weights, "head": record.config.head}
-    Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
+    # each file appears whole or not at all; a program without its classes file is removed again
+    write_atomic(out, lambda tmp: torch.export.save(program, str(tmp)))
+    try:
+        write_atomic(Path(str(out) + ".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    except OSError:
+        out.unlink(missing_ok=True)
+        raise
     return out

@@ -14,6 +14,7 @@ import numpy as np
 from .data import load_rgb, safe_join
 from .errors import FeatcacheError, RunError
 from .heads import head_from_record
+from .persist import write_atomic
 from .runs import RunRecord
 from .store import open_store
 from .stream import RowReader
@@ -47,7 +48,7 @@ def _eval_split(metrics: dict) -> str | None:
     return "val" if "val" in metrics else ("test" if "test" in metrics else None)
 
 
-def _curves(plt, history: list[dict], out: Path) -> Path | None:
+def _curves(plt, history: list[dict], out: Path, best_epoch: int | None = None) -> Path | None:
     if not history:
         return None  # scikit-learn heads have no epochs
     epochs = [r["epoch"] for r in history]
@@ -58,12 +59,17 @@ def _curves(plt, history: list[dict], out: Path) -> Path | None:
     for key, label in (("train_acc", "train"), ("val_acc", "val")):
         if key in history[0]:
             ax2.plot(epochs, [r[key] for r in history], label=label)
+    if best_epoch is not None and best_epoch >= 1:
+        for ax in (ax1, ax2):
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"kept (epoch {best_epoch})")
     ax1.set(title="loss", xlabel="epoch")
     ax2.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+    ax1.xaxis.get_major_locator().set_params(integer=True)
+    ax2.xaxis.get_major_locator().set_params(integer=True)
     ax1.legend()
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
 
@@ -83,7 +89,7 @@ def _confusion(plt, cm: list[list[int]], classes: list[str], split: str, out: Pa
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                         color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
 
@@ -96,20 +102,23 @@ def _per_class(plt, per_class: dict, train_counts: dict, split: str, out: Path) 
     for c, x, y in zip(per_class, xs, ys):
         ax.annotate(c, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="training images", ylabel=f"{split} accuracy", ylim=(0, 1.05), title="per-class accuracy")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # counts, never 121.5
+    if len(set(xs)) == 1:
+        ax.set_xlim(xs[0] - 1, xs[0] + 1)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
 
 
 def _misclassified(plt, root: Path, paths: list[str], y: np.ndarray, pred: np.ndarray, classes: list[str],
-                   split: str, out: Path) -> Path | None:
+                   split: str, out: Path, confidence: np.ndarray | None = None) -> Path | None:
     wrong = np.flatnonzero(pred != y)[:_MAX_MISSES]
     if not len(wrong) or not root.is_dir():
         return None
     cols = min(4, len(wrong))
     rows = -(-len(wrong) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
@@ -119,10 +128,13 @@ def _misclassified(plt, root: Path, paths: list[str], y: np.ndarray, pred: np.nd
             ax.imshow(img)
         except Exception:  # a file moved or unreadable since extraction: leave the tile empty
             pass
-        ax.set_title(f"true {classes[y[i]]}\npredicted {classes[pred[i]]}", fontsize=9)
+        sure = f" ({confidence[i]:.0%})" if confidence is not None else ""
+        name = Path(paths[i]).name
+        name = name if len(name) <= 28 else name[:12] + "…" + name[-12:]
+        ax.set_title(f"{name}\ntrue {classes[y[i]]}\npredicted {classes[pred[i]]}{sure}", fontsize=8)
     fig.suptitle(f"misclassified {split} images (first {len(wrong)})")
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
     return out
 
@@ -146,14 +158,14 @@ def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None,
         if list(fs.classes) != list(record.classes) or tuple(fs.shape) != record.feature_shape:
             raise RunError(f"{run}: set {record.set} in {record.store} has other classes or another feature shape "
                            "than the run was fitted on; the run or the store is damaged")
-        if probas is not None:
-            predicted = probas[split].argmax(1)
-        else:
+        if probas is None:
             head = head or head_from_record(record.head, str(run), backbone)
             x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, record.config.pool,
                           keep_shape=record.takes_maps).load()
-            predicted = head.predict(x)
-    written = [_curves(plt, list(record.history), run / "curves.png")]
+            probas = {split: head.predict_proba(x)}
+        predicted = probas[split].argmax(1)
+        confidence = probas[split].max(1)
+    written = [_curves(plt, list(record.history), run / "curves.png", record.best_epoch)]
     if split:
         classes = list(record.classes)
         written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
@@ -162,7 +174,7 @@ def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None,
                                   split, run / "per_class.png"))
         if data is not None:
             written.append(_misclassified(plt, Path(data), fs.paths(split), fs.labels(split), predicted,
-                                          classes, split, run / "misclassified.png"))
+                                          classes, split, run / "misclassified.png", confidence))
     return [p for p in written if p is not None]
 
 
@@ -170,6 +182,29 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _settings(record: RunRecord, data: str | Path | None) -> list[list]:
+    """Every setting of the run: the features, the head's parameters and what fitting chose."""
+    rows = [["backbone", f"{record.backbone} / {record.layer}"], ["weights", record.weights["id"]],
+            ["feature set", record.set], ["store", record.store], ["data folder", data or record.config.data or "-"],
+            ["head", record.config.head]]
+    cfg = record.config.to_dict()
+    params = {k: v for k, v in record.head.params.items() if k not in ("kind", "rest_of")}
+    rows += [[k, _shown(v)] for k, v in params.items()]
+    rows += [[k, _shown(cfg[k])] for k in ("pool", "use_views", "max_memory") if k in cfg]
+    if record.C is not None:
+        rows.append(["chosen C", f"{record.C:g}"])
+    rows += [["epochs run", len(record.history)], ["best epoch (kept)", record.best_epoch or "-"],
+             ["stopped early", record.stopped_early], ["views used", record.views_used],
+             ["created", record.created_at]]
+    return rows
+
+
+def _shown(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v)) or "-"
+    return "-" if v is None else str(v)
 
 
 def write_report(run: str | Path, data: str | Path | None = None, backbone: str | None = None) -> Path:
@@ -187,12 +222,12 @@ def write_report(run: str | Path, data: str | Path | None = None, backbone: str 
     split = _eval_split(metrics)
     per_class = _table([[c, fmt(a)] for c, a in metrics[split]["per_class_accuracy"].items()],
                        ["class", f"{split} accuracy"]) if split else ""
-    settings = _table(
-        [["backbone", f"{record.backbone} / {record.layer}"], ["weights", record.weights["id"]],
-         ["feature set", record.set], ["head", record.config.head], ["chosen C", record.C or "-"],
-         ["epochs run", len(record.history)], ["best epoch", record.best_epoch or "-"]],
-        ["setting", "value"],
-    )
+    settings = _table(_settings(record, data), ["setting", "value"])
+    search = record.C_search
+    if search and search.get("grid"):
+        chosen = lambda c: " (chosen)" if c == record.C else ""  # noqa: E731
+        settings += f"<h2>C search ({html.escape(search['by'])})</h2>" + _table(
+            [[f"{c:g}{chosen(c)}", fmt(s)] for c, s in zip(search["grid"], search["scores"])], ["C", "score"])
     images = "".join(f'<h2>{html.escape(p[:-4].replace("_", " "))}</h2><img src="{p}" alt="{p}">' for p in plots)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>featcache run {html.escape(run.name)}</title>
@@ -201,5 +236,5 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} img{{max-width:10
 <body><h1>Run {html.escape(run.name)}</h1>{settings}<h2>metrics</h2>{summary}{per_class}{images}</body></html>
 """
     out = run / "report.html"
-    out.write_text(page)
+    write_atomic(out, lambda tmp: tmp.write_text(page))
     return out

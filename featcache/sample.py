@@ -6,6 +6,8 @@ No download: the 1,797 8x8 digits ship inside scikit-learn. They are written as
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +22,29 @@ MARKER = ".featcache-sample"
 
 def write_digits(out: str | Path = "data", size: int = 32, seed: int = 0) -> dict[str, int]:
     """Materialise the digits; returns images per split. Re-running on its own output is a no-op."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if (out / MARKER).exists():
             return {s: sum(1 for _ in (out / s).rglob("*.png")) for s in ("train", "val", "test")}
         raise DataError(f"{out} exists and is not the sample folder; choose an empty --out", option="--out")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed to OUT when complete: never a half-written folder
+    try:
+        counts = _write(tmp, size, seed)
+        (tmp / MARKER).write_text("scikit-learn digits, written by featcache sample\n")
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except OSError as e:  # named by the folder asked for, not the temporary one
+        raise OSError(e.errno, e.strerror, str(out)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return counts
+
+
+def _write(out: Path, size: int, seed: int) -> dict[str, int]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     idx = np.arange(len(digits.target))
     train, rest = train_test_split(idx, train_size=0.6, stratify=digits.target, random_state=seed)
@@ -40,5 +57,4 @@ def write_digits(out: str | Path = "data", size: int = 32, seed: int = 0) -> dic
             ink = (255 - digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # dark ink on white
             Image.fromarray(ink, "L").resize((size, size), Image.BILINEAR).save(folder / f"{i:04d}.png")
         counts[split] = len(members)
-    (out / MARKER).write_text("scikit-learn digits, written by featcache sample\n")
     return counts

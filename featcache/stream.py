@@ -56,9 +56,10 @@ def parse_size(text: str | int | float) -> int:
         s = str(text).strip().lower().replace(" ", "")
         digits = s.rstrip("abcdefghijklmnopqrstuvwxyz")
         number, unit = (float(digits) if digits else float("nan")), s[len(digits):]
-    if unit not in _UNITS or not (0 < number < float("inf")):
-        raise ValueError(f"expected a size like 4GB, 512MiB or 2000000 (bytes); got {text!r}")
-    return int(number * _UNITS[unit])
+    size = number * _UNITS.get(unit, float("nan"))
+    if not 1 <= size < 2**63:  # also NaN, a size that rounds to 0 bytes and one that overflows
+        raise ValueError(f"expected a size like 4GB, 512MiB or 2000000 (bytes), at least 1 byte; got {text!r}")
+    return int(size)
 
 
 def memory_budget(setting: str | int = "auto") -> int:

@@ -11,6 +11,14 @@ from benchmarks.transfer import run_transfer
 from .conftest import TINY
 
 
+def test_whole_process_transfer_times_featcache_and_the_plain_script(folder):
+    from benchmarks.transfer import run_transfer_processes
+
+    row = run_transfer_processes(str(folder), "resnet18", "none", "linear", epochs=1, rounds=1, workers=0)
+    assert row["featcache_s"] > row["featcache_extract_s"] > 0 and row["e2e_s"] > 0
+    assert row["speedup"] == row["e2e_s"] / row["featcache_s"] and len(row["speedups"]) == 1
+
+
 def test_transfer_benchmark_runs_both_ways_and_they_agree(folder):
     res = run_transfer(str(folder), TINY, weights="none", epochs=(1, 2), workers=0, batch_size=8)
     assert [r["epochs"] for r in res["rows"]] == [1, 2]
@@ -108,3 +116,21 @@ def test_peers_benchmark_smoke(folder):
     assert load[0]["bytes_per_image"] < load[1]["bytes_per_image"]  # compressed float16 against float32
     fit = fit_ways(store, key, epochs=1, batch_size=8, repeats=1)
     assert fit[0]["rows"] == 24 and fit[0]["featcache_epoch_s"] > 0 and fit[0]["bare_epoch_s"] > 0
+
+
+def test_cli_benchmark_times_whole_processes(folder):
+    from benchmarks.cli import run_cli
+
+    rows = run_cli(str(folder), TINY, "none", rounds=1, workers=0)
+    assert [r["command"] for r in rows][3:] == ["featcache --help", "featcache --version", "featcache ls",
+                                                "featcache fit --head logreg"]
+    assert all(r["median_s"] > 0 and r["over_pass"] > 0 for r in rows)
+
+
+def test_sweep_benchmark_smoke(folder):
+    from benchmarks.sweep import run_sweep
+
+    row = run_sweep(str(folder), TINY, weights="none", grid={"head": ["logreg", "mlp"], "lr": [1e-3]}, epochs=2,
+                    workers=0)
+    assert row["combinations"] == 2 and row["same_val_top1"] == "2/2"
+    assert row["sweep_s"] > 0 and row["separate_s"] > 0 and row["ratio"] > 0

@@ -26,8 +26,10 @@ def test_the_two_product_commands_end_to_end(run, folder, tmp_path):
     """`featcache extract --backbone vgg16 --layer features` then `featcache fit --head mlp --epochs 30`."""
     r = run("extract", "--backbone", "vgg16", "--layer", "features", "--weights", "none", "--data", str(folder))
     assert r.exit_code == 0, r.output
-    assert re.search(r"set \w{12}: 36 images \(train 24, val 12\); extracted 36, reused 0, skipped 0; "
-                     r"[\d.]+ s, [\d.]+ images/s; space \w{16}: [\d.]+ [KM]B on disk, [\d.]+x compression", r.output)
+    assert re.search(r"^layout: split folders .*\nhashing 36 files\nloading vgg16 \(layer features\)\n"
+                     r"extracting 24 train \+ 12 val\n", r.output)  # a phase line as each phase starts
+    assert re.search(r"set (\w{12}): 36 images \(train 24, val 12\); extracted 36 \([\d.]+ images/s\), reused 0; "
+                     r"[\d.]+ s; [\d.]+ [KM]B on disk\nnext: featcache fit --set \1\n$", r.output)
     assert (tmp_path / "featcache.zarr" / "zarr.json").exists()  # the default store
 
     r = run("fit", "--head", "mlp", "--epochs", "30", "--patience", "0")
@@ -36,14 +38,20 @@ def test_the_two_product_commands_end_to_end(run, folder, tmp_path):
     epochs = [line for line in lines if line.startswith("epoch ")]
     assert len(epochs) == 30
     assert re.match(r"epoch  1/30  train loss [\d.]+ acc [\d.]+  val loss [\d.]+ acc [\d.]+  [\d.]+ s", epochs[0])
-    assert re.match(r"run runs/\d{8}-\d{6}-mlp; val top-1 [\d.]+; load [\d.]+ s, fit [\d.]+ s", lines[-1])
-    run_dir = lines[-1].split(";")[0].removeprefix("run ")
+    assert lines[-3] == "ran 30 epochs; kept epoch 30 (lowest val loss)" or re.match(r"ran 30 epochs; kept epoch \d+ ", lines[-3])
+    assert re.match(r"run runs/\d{8}-\d{6}-mlp; val top-1 [\d.]+; load [\d.]+ s, fit [\d.]+ s", lines[-2])
+    run_dir = lines[-2].split(";")[0].removeprefix("run ")
+    assert lines[-1] == f"next: featcache report {run_dir}"
     assert len(json.loads((tmp_path / run_dir / "history.json").read_text())) == 30
 
     r = run("evaluate", run_dir)
     assert r.exit_code == 0 and "val per class: blue" in r.output and "confusion matrix" in r.output
     r = run("ls")
-    assert "vgg16/features  none  float16  512x7x7  train=24 val=12" in r.output
+    header, row = r.output.splitlines()
+    assert header.split() == ["set", "data", "classes", "train/val/test", "backbone/layer", "dtype", "size", "age", "by"]
+    assert row.split()[1:6] == ["data", "3", "24/12/0", "vgg16/features", "f16"]
+    assert [header.index(h) for h in ("data", "backbone/layer", "dtype")] == [row.index(v) for v in ("data ", "vgg16", "f16")]
+    assert max(map(len, r.output.splitlines())) <= 100
 
 
 def test_store_from_environment(run, folder, tmp_path, monkeypatch):
@@ -59,6 +67,7 @@ def test_bad_option_value_is_a_usage_error_for_that_option(run, folder):
     assert r.exit_code == 2
     assert r.output == (
         "layout: split folders train (train), val (val); 3 classes: blue, green, red\n"  # found before the backbone
+        "hashing 36 files\nloading vgg16 (layer feature)\n"
         "Usage: main extract [OPTIONS]\nTry 'main extract --help' for help.\n\n"
         "Error: Invalid value for '--layer': Unknown layer 'feature' for vgg16. Layers: features, avgpool, flatten, "
         "classifier (and their sub-layers, e.g. features.20). See: featcache layers vgg16\n"

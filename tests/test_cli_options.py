@@ -16,7 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 import featcache
+import torch
 from featcache.cli import main
+from featcache.cli_kit import Device, Fractions, OutputPath, StoreURL
 
 from .conftest import TINY, make_folder
 
@@ -39,10 +41,6 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
     ],
     ("extract", "data"): [(["--backbone", TINY, "--data", "missing"], ["does not exist"])],
     ("extract", "store"): [(["--backbone", TINY, "--data", "DATA", "--store", "FILE"], ["cannot create a featcache store"])],
-    ("extract", "split"): [
-        (["--backbone", TINY, "--data", "DATA", "--split", "0.9,0.3"], ["two or three positive fractions", "sum to 1"]),
-        (["--backbone", TINY, "--data", "DATA", "--split", "most,rest"], ["fractions like 0.8,0.2"]),
-    ],
     ("extract", "labels"): [
         (["--backbone", TINY, "--data", "DATA", "--labels", "missing.csv"], ["does not exist", "--labels PATH.csv"]),
         (["--backbone", TINY, "--data", "DATA", "--labels", "FILE"], ["needs a header row", "path", "label"]),
@@ -63,9 +61,8 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
         (["--backbone", TINY, "--data", "DATA", "--exclude-class", "red", "--exclude-class", "green"],
          ["leaves 1 of 3 classes"]),
     ],
-    ("fit", "set"): [(["--store", "STORE", "--set", "zzz"], ["Sets:", "featcache ls"])],
+    ("fit", "set_"): [(["--store", "STORE", "--set", "zzz"], ["Sets:", "featcache ls"])],
     ("fit", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
-    ("fit", "runs"): [(["--store", "STORE", "--runs", "FILE"], ["choose another --runs"])],
     ("fit", "out"): [(["--store", "STORE", "--out", "FULL"], ["not an empty folder"])],
     ("fit", "freeze"): [(["--store", "STORE", "--head", "rest", "--backbone", TINY, "--freeze", "nolayer"],
                          ["matches no layer", "Layers: classifier.1, classifier.3"])],
@@ -92,46 +89,75 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
     ("layers", "match"): [([TINY, "--match", "nothing*"], ["no layer of", "matches 'nothing*'", "Layers: features"])],
     ("ls", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("info", "key"): [(["zzz", "--store", "STORE"], ["Sets:"])],
+    ("info", "set_"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
+    ("rm", "set_"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
+    ("verify", "set_"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
+    ("fit", "data"): [(["--store", "STORE", "--data", "FULL"], ["no set made from", "--set KEY"])],
     ("info", "store"): [(["k", "--store", "missing.zarr"], ["no featcache store"])],
     ("rm", "key"): [(["zzz", "--store", "STORE"], ["Sets:"])],
     ("rm", "store"): [(["k", "--store", "missing.zarr"], ["no featcache store"])],
     ("gc", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("verify", "key"): [(["zzz", "--store", "STORE"], ["Sets:"])],
     ("verify", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
-    ("status", "key"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
+    ("status", "set_"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
     ("status", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("status", "data"): [(["--store", "STORE", "--data", "missing"], ["does not exist"])],
-    ("compact", "key"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
+    ("compact", "set_"): [(["--set", "zzz", "--store", "STORE"], ["Sets:"])],
     ("compact", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("migrate", "store"): [(["--store", "missing.zarr"], ["no featcache store"])],
     ("sample", "out"): [(["--out", "FULL"], ["not the sample folder"])],
+    ("export", "out"): [(["missing", "missing/dir/x.pt2"], ["does not exist; create it first"])],
 }
 
 # Parameters whose bad values are by design not usage errors.
-NOT_USAGE_ERRORS: dict[tuple[str, str], str] = {}
+NOT_USAGE_ERRORS: dict[tuple[str, str], str] = {
+    ("runs", "set_key"): "a filter: a key no run has lists no runs",
+}
 
 
 def _typed_bad_values(param: click.Parameter) -> list[tuple[str, list[str]]] | None:
-    """Bad values and the words their error must contain, from the parameter's click type; None if free text."""
-    t = param.type
+    """Bad values and the words their error must contain, from the parameter's click type; None if free text.
+
+    Classes of value: not a number, NaN and ±inf (alone and inside lists), out of range, huge (overflowing
+    an int64 or a float's use), sizes that round to 0 bytes, a device this machine lacks, an empty path,
+    output paths that are of the wrong kind or whose folder does not exist."""
+    t = getattr(param.type, "inner", param.type)  # fit's comma lists: each value checked as one
+    if isinstance(t, Device):
+        out = [("bogus", ["'auto'", "'cpu'", "'cuda'"])]
+        if not torch.cuda.is_available():
+            out.append(("cuda", ["CUDA is not available", "auto, cpu"]))
+        return out
     if isinstance(t, click.Choice):
         return [("bogus", [repr(c) for c in t.choices])]
     if isinstance(t, click.IntRange):
-        out = [("1.5", ["not a valid integer"]), ("abc", ["not a valid integer"])]
-        out += [(str(b), ["not in the range"]) for b in (t.min - 1 if t.min is not None else None,
-                                                         t.max + 1 if t.max is not None else None) if b is not None]
-        return out
-    if isinstance(t, click.FloatRange):
-        out = [("abc", ["not a valid float"]), ("nan", ["range"]), ("inf", ["range"]), ("-inf", ["range"])]
+        assert t.max is not None, f"{param.name}: an integer option needs an upper bound (a huge value would overflow)"
+        out = [("1.5", ["not a valid integer"]), ("abc", ["not a valid integer"]), ("nan", ["not a valid integer"]),
+               (str(2**40 * 2**40), ["not in the range"]), (str(t.max + 1), ["not in the range"])]
         if t.min is not None:
             out.append((str(t.min - 1), ["not in the range"]))
-        if t.max is not None:
-            out.append((str(t.max + 1), ["not in the range"]))
         return out
+    if isinstance(t, click.FloatRange):
+        assert t.max is not None, f"{param.name}: a float option needs an upper bound (1e300 would overflow)"
+        out = [("abc", ["not a valid float"]), ("nan", ["range"]), ("inf", ["range"]), ("-inf", ["range"]),
+               ("1e300", ["not in the range"]), ("1e999", ["range"]), (str(t.max + 1), ["not in the range"])]
+        if t.min is not None:
+            out.append((str(t.min - 1), ["not in the range"]))
+        return out
+    if isinstance(t, Fractions):
+        return [(v, ["two or three positive fractions", "sum to 1"]) for v in ("nan,nan", "0.5,nan", "0.9,0.3", "inf,-inf",
+                                                                             "1,0", "0.5,0.25,0.125,0.125")] + \
+            [("most,rest", ["fractions like 0.8,0.2"])]
     if t.name == "auto|NUMBER":
-        return [(v, ["'auto'", "number"]) for v in ("0", "-1", "nan", "inf", "abc")]
+        return [(v, ["'auto'", "number"]) for v in ("0", "-1", "nan", "inf", "abc", "1e300")]
     if t.name == "auto|SIZE":
-        return [(v, ["'auto'", "like 4GB"]) for v in ("0", "-1GB", "4XB", "nan", "inf", "lots")]
+        return [(v, ["'auto'", "like 4GB"]) for v in ("0", "-1GB", "4XB", "nan", "inf", "lots", "0.5", "1e308TB")]
+    if isinstance(t, StoreURL):
+        return [("", ["empty store path"]), (" ", ["empty store path"])]
+    if isinstance(t, OutputPath) and t.kind == "dir":
+        return [("FILE", ["exists and is not a folder"]), ("/dev/null", ["exists and is not a folder"]), ("", ["empty path"])]
+    if isinstance(t, OutputPath):
+        return [("FULL", ["exists and is not a regular file"]), ("/dev/null", ["not a regular file"]),
+                ("missing/dir/x", ["does not exist; create it first"]), ("", ["empty path"])]
     if isinstance(t, click.Path) and not t.file_okay:
         return [("FILE", ["is a file"])]
     if isinstance(t, click.Path) and not t.dir_okay:
@@ -151,15 +177,14 @@ def _cases() -> list:
             if _has_no_values(param) or key in NOT_USAGE_ERRORS:
                 continue
             typed = _typed_bad_values(param)
-            if key in FREE_TEXT:
-                entries = FREE_TEXT[key]
-            elif typed is not None:
+            entries = list(FREE_TEXT.get(key, []))
+            if typed is not None:
                 if isinstance(param, click.Option):
                     flag = [param.opts[0]]
                 else:  # the arguments before it, with values click accepts
                     flag = ["missing" for p in command.params[: command.params.index(param)] if isinstance(p, click.Argument)]
-                entries = [(flag + [value], words) for value, words in typed]
-            else:
+                entries += [(flag + [value], words) for value, words in typed]
+            if not entries:
                 entries = [([], None)]  # reported by test_every_parameter_has_bad_values
             for args, words in entries:
                 cases.append(pytest.param(name, param, args, words, id=f"{name}-{param.name}-{'_'.join(args)[-40:]}"))
@@ -172,7 +197,7 @@ CASES = _cases()
 def test_every_parameter_has_bad_values():
     missing = [f"{c.values[0]} {c.values[1].name}" for c in CASES if c.values[3] is None]
     assert not missing, f"add cases to FREE_TEXT or NOT_USAGE_ERRORS for: {', '.join(missing)}"
-    assert len(CASES) > 80  # every command's options, not a handful
+    assert len(CASES) > 250  # every command's options, each with every class of bad value its type has
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +226,8 @@ def test_bad_value_is_a_usage_error_naming_option_and_values(world, tmp_path, mo
     r = CliRunner().invoke(main, argv, catch_exceptions=False)
     label = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
     assert r.exit_code == 2, r.output
-    assert any(f"Invalid value for '{hint}'" in r.output for hint in (label, f"[{label}]", f"{label}...")), r.output
+    hints = (label, f"[{label}]", f"{label}...") + (("--set",) if param.name == "key" else ())  # KEY is an alias of --set
+    assert any(f"Invalid value for '{hint}'" in r.output for hint in hints), r.output
     for word in words:
         assert word in r.output, (word, r.output)
     assert "Traceback" not in r.output

@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 
 import featcache
 
 from .conftest import TINY
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 
 
 def test_extract_on_cuda_matches_cpu_within_autocast_precision(folder, tmp_path):

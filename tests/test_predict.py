@@ -18,7 +18,8 @@ def trained(folder, store_url, tmp_path):
     featcache.extract(backbone=TINY, layer="features", data=str(folder), store=store_url, weights="none", workers=0)
     runs = {}
     for head, pool in (("mlp", "none"), ("logreg", "avg")):
-        runs[head] = featcache.fit(head=head, store=store_url, epochs=20, lr=1e-2, pool=pool, runs=str(tmp_path / "runs")).run_dir
+        torch_options = {"epochs": 20, "lr": 1e-2} if head == "mlp" else {}
+        runs[head] = featcache.fit(head=head, store=store_url, pool=pool, runs=str(tmp_path / "runs"), **torch_options).run_dir
     return runs
 
 

@@ -35,6 +35,9 @@ def test_fit_writes_plots_and_report(confusable, tmp_path):
     for png in ("curves.png", "confusion.png", "per_class.png", "misclassified.png"):
         assert f'src="{png}"' in page
     assert "<td>val</td><td>12</td>" in page
+    for setting in ("<td>hidden</td><td>256</td>", "<td>lr</td><td>0.001</td>", "<td>dropout</td><td>0.4</td>",
+                    "<td>patience</td><td>10</td>", f"<td>data folder</td><td>{tmp_path / 'd'}</td>"):
+        assert setting in page, setting
 
 
 def test_without_matplotlib_fit_says_how_and_report_is_an_error(confusable, tmp_path, monkeypatch):
@@ -50,8 +53,13 @@ def test_sklearn_heads_choose_C_on_validation_and_record_it(confusable, tmp_path
     res = featcache.fit(head="logreg", store=confusable, runs=str(tmp_path / "runs"), plots=False)
     info = json.loads((res.run_dir / "config.json").read_text())
     assert info["C"] in C_GRID and res.chosen_C == info["C"]
-    assert info["C_search"]["by"] == "validation accuracy" and len(info["C_search"]["scores"]) == len(C_GRID)
+    search = info["C_search"]
+    assert search["by"] == "validation accuracy" and len(search["scores"]) == len(search["grid"])
+    assert set(C_GRID) <= set(search["grid"])  # a C at the edge of the grid extends it
     assert load_head(res.run_dir).C_ == info["C"]
+    page = featcache.report.write_report(res.run_dir).read_text() if featcache.report.have_matplotlib() else ""
+    if page:  # every C tried, with its score, the chosen one marked
+        assert "C search (validation accuracy)" in page and f"<td>{info['C']:g} (chosen)</td>" in page
     fixed = featcache.fit(head="svm", store=confusable, C=0.5, runs=str(tmp_path / "runs"), plots=False)
     assert fixed.chosen_C == 0.5
 

@@ -9,7 +9,7 @@ import torch
 import featcache
 from featcache.backbones import create_backbone
 from featcache.errors import FeatcacheError
-from featcache.heads import SklearnHead, TorchHead, load_head
+from featcache.heads import LogRegHead, RestHead, load_head
 from featcache.predict import predict
 
 
@@ -49,8 +49,8 @@ def test_warmup_epochs_train_only_the_new_layer(folder, tmp_path):
     rest_of = {"backbone": "resnet18", "layer": "layer3", "weights": "none"}
 
     def trained(epochs: int, warmup: int) -> dict:
-        head = TorchHead(kind="rest", rest_of=rest_of, epochs=epochs, warmup_epochs=warmup, patience=0, init="random")
-        return head.fit(x, y, n_classes=3).module_.state_dict()  # no val: the lowest train loss is kept
+        head = RestHead(rest_of=rest_of, epochs=epochs, warmup_epochs=warmup, patience=0, init="random")
+        return head.fit(x, y, classes=range(3)).module_.state_dict()  # no val: the lowest train loss is kept
 
     probe = trained(epochs=2, warmup=2)
     assert torch.equal(probe["layer4.1.conv1.weight"], before["layer4.1.conv1.weight"])  # still pretrained
@@ -65,14 +65,15 @@ def test_probe_init_is_a_logistic_regression_on_what_the_new_layer_reads(folder,
     featcache.extract(backbone="resnet18", layer="layer3", weights="none", data=str(folder), store=store, workers=0)
     fs = featcache.open_store(store).get_set()
     x, y = fs.features("train").astype(np.float32), fs.labels("train")
-    head = TorchHead(kind="rest", rest_of={"backbone": "resnet18", "layer": "layer3", "weights": "none"})
-    model = head._build(x.shape[1], 3)
-    info = head._probe_init(model, x, y, torch.device("cpu"), 3)
+    head = RestHead(rest_of={"backbone": "resnet18", "layer": "layer3", "weights": "none"})
+    model = head._build_module(x.shape[1:], 3)
+    head._start(model, x, y, torch.device("cpu"), 3)
+    info = head.probe_
     seen = []
     model.fc.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     with torch.no_grad():
         got = torch.softmax(model.eval()(torch.from_numpy(x)), 1).numpy()
-    want = SklearnHead(kind="logreg", C=1.0).fit(seen[0].numpy(), y, n_classes=3).predict_proba(seen[0].numpy())
+    want = LogRegHead(C=1.0).fit(seen[0].numpy(), y, classes=range(3)).predict_proba(seen[0].numpy())
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert info["C"] == 1.0 and 0 <= info["train_acc"] <= 1
     res = featcache.fit(head="rest", store=store, epochs=2, runs=str(tmp_path / "runs"), plots=False)  # the default

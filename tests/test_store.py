@@ -79,7 +79,8 @@ def test_status_and_check_data(folder, store_url, tmp_path, monkeypatch):
     r = runner.invoke(main, ["status", "--store", store_url, "--data", str(folder)])
     assert r.exit_code == 0 and "1 added, 1 removed, 1 changed; 2 images need extracting" in r.output
     r = runner.invoke(main, ["fit", "--store", store_url, "--check-data", str(folder), "--head", "logreg"])
-    assert r.exit_code == 1 and r.output.startswith("Error: set ") and "1 added, 1 removed" in r.output
+    last = r.output.splitlines()[-1]  # after the phase lines of the scan
+    assert r.exit_code == 1 and last.startswith("Error: set ") and "1 added, 1 removed" in last
     assert runner.invoke(main, ["fit", "--store", store_url, "--head", "logreg"]).exit_code == 0
 
 
@@ -267,7 +268,8 @@ def test_torchrun_two_processes_equal_one(tmp_path):
            "-m", "featcache.cli", *map(str, args), "--store", str(two)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count("extracted 42, reused 0") == 1  # rank 0 reports for both
+    assert p.stdout.count("extracted 42 (") == 1 and "reused 0;" in p.stdout  # rank 0 reports for both
+    assert p.stderr.count("extracting 30 train + 12 val") == 1  # and only rank 0 shows phase lines
     st = featcache.open_store(str(two))
     segments = st.segment_groups(st.spaces()[0])
     assert len({g.attrs["created_by"] for _, g in segments}) >= 1 and len(segments) >= 2  # each rank wrote its own

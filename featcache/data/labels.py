@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from ..config import DEFAULT_NAME_PATTERN  # one source with the command line
 from ..errors import DataError
 
 __all__ = [
@@ -23,7 +24,6 @@ __all__ = [
 
 SPLIT_NAMES = ("train", "val", "test")
 CSV_NAMES = ("metadata.csv", "labels.csv")
-DEFAULT_NAME_PATTERN = r"^([^._]+)[._]"
 """The prefix before the first ``.`` or ``_``: ``cat.0.jpg`` → ``cat``, ``dog_12.png`` → ``dog``."""
 
 _KEYWORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ def parse_split(text: str | Sequence[float] | None) -> tuple[float, ...] | None:
         parts = tuple(float(p) for p in (text.split(",") if isinstance(text, str) else text))
     except ValueError:
         raise DataError(f"split takes two or three fractions like 0.8,0.2 or 0.7,0.15,0.15; got {text!r}", option="--split") from None
-    if len(parts) not in (2, 3) or any(p <= 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
+    if len(parts) not in (2, 3) or not all(math.isfinite(p) and p > 0 for p in parts) or not abs(sum(parts) - 1.0) <= 1e-6:
         raise DataError(
             f"split takes two or three positive fractions that sum to 1 (train,val[,test]); got {text!r}",
             option="--split",
@@ -203,6 +204,7 @@ def scan(
     if not entries:
         raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
 
+    _log.info("hashing %d files", len(entries))
     hashed = hash_all([p for _, _, p in entries])
     kept: list[tuple[str, int, Path, str, int]] = []
     first_seen: dict[str, tuple[int, str]] = {}  # bytes → (label, path) of their first labelled copy

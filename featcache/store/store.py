@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import numpy as np
 import zarr
 
-from ..errors import AmbiguousSet, SetNotFound, StoreError
+from ..errors import AmbiguousSet, DataError, SetNotFound, StoreError
 from .records import SetRecord
-from .rows import (Rows, child_groups, digest_values, encode_strings, group_bytes, hashes_to_array, now_iso,
-                   require_group, write_array)
+from .rows import (Rows, child_groups, created_by, digest_values, encode_strings, group_bytes, hashes_to_array,
+                   now_iso, require_group, write_array)
 from .sets import FeatureSet
 
 __all__ = ["FORMAT_VERSION", "Store", "open_store"]
@@ -106,31 +107,64 @@ class Store(Rows):
         found = self._sound_sets()
         return sorted(found.values(), key=lambda fs: (fs.record.created_at, fs.key))
 
-    def get_set(self, key: str | None = None) -> FeatureSet:
-        """The set whose key starts with ``key``; with no key, the most recently created one."""
+    def get_set(self, key: str | None = None, *, data: str | os.PathLike | None = None) -> FeatureSet:
+        """The set whose key starts with ``key``; with no key, the default set (:meth:`default_set`)."""
         found = self._sound_sets()
         keys = sorted(found, key=lambda k: (found[k].record.created_at, k))
-        matches = keys if key is None else [k for k in keys if k.startswith(key)]
-        if key is not None and not matches:
+        if key is None:
+            return self.default_set(data, found)
+        matches = [k for k in keys if k.startswith(key)]
+        if not matches:
             for k, _, group in self.set_groups():  # a damaged set asked for by name: say why, not "no such set"
                 if k.startswith(key):
                     FeatureSet(self, k, group)  # raises the StoreError naming the set and the field
-        if key is None:  # the most recent committed set, damaged or not: never an older one in its place
-            latest = max(self.set_groups(), key=lambda g: (str(g[2].attrs.get("created_at", "")), g[0]), default=None)
-            if latest is not None and latest[0] not in found:
-                FeatureSet(self, latest[0], latest[2])  # raises the StoreError naming the set and the field
-        if not keys:
-            skipped = [w for w in self.warnings if w.startswith("set ")]
-            if skipped:
-                raise StoreError(f"no readable feature sets in {self.url}; {len(skipped)} damaged: {'; '.join(skipped[:3])}")
-            raise SetNotFound(f"no feature sets in {self.url}. Run featcache extract first.")
-        if key is None:
-            return found[keys[-1]]
-        if not matches:
+            self._no_sets(keys)
             raise SetNotFound(f"no set {key!r} in {self.url}. Sets: {', '.join(keys)}. See: featcache ls", option="--set")
         if len(matches) > 1:
             raise AmbiguousSet(f"{key!r} matches several sets: {', '.join(matches)}. Give more of the key.")
         return found[matches[0]]
+
+    def default_set(self, data: str | os.PathLike | None = None, found: dict[str, FeatureSet] | None = None) -> FeatureSet:
+        """The set a command uses when none is named, on a store that several people share:
+
+        1. with ``data``, the newest set made from that folder;
+        2. else the newest set made by this user (``created_by``, the user name before the ``@``);
+        3. else the only set in the store; with several, an :class:`AmbiguousSet` error listing them.
+
+        The newest candidate is never silently replaced by an older one: if it is damaged, its error is raised.
+        """
+        found = self._sound_sets() if found is None else found
+        groups = self.set_groups()
+        if data is not None:
+            if not Path(data).is_dir():
+                raise DataError(f"the image folder {data} does not exist (or is not a folder); name the folder the set "
+                                "was made from", option="--data")
+            root = str(Path(data).resolve())
+            rule, wanted = f"made from {root}", lambda a: a.get("data_root") == root
+        else:
+            me = created_by().split("@")[0]
+            rule, wanted = f"made by {me}", lambda a: str(a.get("created_by", "")).split("@")[0] == me
+            if not any(wanted(g.attrs) for _, _, g in groups) and len({k for k, _, _ in groups}) == 1:
+                wanted = lambda a: True  # noqa: E731  (one set: nothing to choose between)
+        candidates = [(str(g.attrs.get("created_at", "")), k, g) for k, _, g in groups if wanted(g.attrs)]
+        if candidates:
+            _, k, group = max(candidates, key=lambda c: (c[0], c[1]))
+            return found[k] if k in found else FeatureSet(self, k, group)  # a damaged newest set raises, naming it
+        keys = sorted(found, key=lambda k: (found[k].record.created_at, k))
+        self._no_sets(keys)
+        listed = "; ".join(f"{k} ({found[k].record.data_root}, by {found[k].record.created_by})" for k in reversed(keys[-5:]))
+        others = ("set" if len(keys) == 1 else "sets") + (" by others" if data is None else "")
+        raise AmbiguousSet(f"no set {rule} in {self.url}; it holds {len(keys)} {others}, newest first: {listed}. "
+                           "Choose one with --set KEY (see: featcache ls)" + (", or name its folder with --data" if data is None else ""),
+                           option="--set" if data is None else "--data")
+
+    def _no_sets(self, keys: list[str]) -> None:
+        if keys:
+            return
+        skipped = [w for w in self.warnings if w.startswith("set ")]
+        if skipped:
+            raise StoreError(f"no readable feature sets in {self.url}; {len(skipped)} damaged: {'; '.join(skipped[:3])}")
+        raise SetNotFound(f"no feature sets in {self.url}. Run featcache extract first.")
 
     def unreadable_sets(self) -> list[str]:
         """Names of set groups whose metadata or record cannot be read (gc must not guess what they use)."""

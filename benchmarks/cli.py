@@ -1,0 +1,69 @@
+"""Start-up of the command line, as a user runs it: whole processes, wall time.
+
+``featcache --help``, ``--version``, ``ls`` and ``fit --head logreg`` on a small set, each as a
+ratio to ``python -c pass`` and to ``python -c "import torch"`` (and ``--help`` to ``python -c
+"import click"``). The commands are run in rotation, one of each per round, so a busy machine
+slows them alike; each time is the median over the rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["run_cli"]
+
+ROOT = Path(__file__).resolve().parents[1]
+# what the installed ``featcache`` script runs, with this checkout's package first on the path
+_SCRIPT = "import sys; from featcache.cli import main; sys.exit(main())"
+
+
+def _featcache(*args: str) -> list[str]:
+    return [sys.executable, "-c", _SCRIPT, *args]
+
+
+def _wall(argv: list[str], env: dict, cwd: Path) -> float:
+    t = time.perf_counter()
+    p = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[3:] if argv[1] == '-c' else argv)} failed: {p.stderr[-2000:]}")
+    return seconds
+
+
+def run_cli(data: str, backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", rounds: int = 5,
+            workers: int | None = None) -> list[dict]:
+    """One row per command: median wall seconds and the ratios; the set is extracted first, untimed."""
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-cli-"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "FEATCACHE_STORE": str(tmp / "s.zarr")}
+    try:
+        extract = ["extract", "--backbone", backbone, "--weights", weights, "--data", data, "--no-progress"]
+        if workers is not None:
+            extract += ["--workers", str(workers)]
+        _wall(_featcache(*extract), env, tmp)
+        commands = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            'python -c "import click"': [sys.executable, "-c", "import click"],
+            'python -c "import torch"': [sys.executable, "-c", "import torch"],
+            "featcache --help": _featcache("--help"),
+            "featcache --version": _featcache("--version"),
+            "featcache ls": _featcache("ls"),
+            "featcache fit --head logreg": _featcache("fit", "--head", "logreg", "--runs", str(tmp / "runs")),
+        }
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(rounds):
+            for name, argv in commands.items():
+                times[name].append(_wall(argv, env, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    base, torch_s, click_s = median["python -c pass"], median['python -c "import torch"'], median['python -c "import click"']
+    return [{"command": name, "rounds": rounds, "median_s": s, "min_s": min(times[name]), "max_s": max(times[name]),
+             "over_pass": s / base, "over_torch": s / torch_s, "over_click": s / click_s} for name, s in median.items()]

@@ -1,0 +1,181 @@
+"""Fit every combination of a grid of options in one process: the set is opened and its
+features loaded once (once per ``pool``), each combination writes its own run directory, and
+one table sorted by validation top-1 goes beside them as ``sweep.csv`` and ``sweep.json``::
+
+    SWEEP/
+      sweep.csv  sweep.json        one row per run, best first
+      01-logreg-C=auto/            a run directory (featcache evaluate/report/predict read it)
+      02-mlp-lr=0.001-hidden=64/
+      ...
+
+Plots are written for the best run only, unless ``all_plots``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from .errors import FeatcacheError
+from .fit import (HEAD_OPTIONS, FitConfig, FitResult, check_set_for, fit_loaded, load_fit_data, new_folder,
+                  open_fit_set)
+from .heads import head_class, head_params
+
+__all__ = ["SweepResult", "combinations", "sweep"]
+
+
+def combinations(base: FitConfig, grid: dict[str, list], given: set[str] | None = None) -> list[FitConfig]:
+    """Every combination of ``grid``'s values on top of ``base``, per head only of the options it takes.
+
+    An option (in ``grid`` or ``given``) that none of the heads takes is an error; head options
+    a head does not take are left at their defaults in its runs.
+    """
+    heads = list(grid.get("head", [base.head]))
+    taken = {h: set(head_params(h)) for h in heads}
+    blank = FitConfig(store=base.store)
+    for name in sorted(set(grid) | set(given or ())):
+        if name in HEAD_OPTIONS and not any(name in t for t in taken.values()):
+            flag = "--" + name.replace("_", "-")
+            raise FeatcacheError(f"{flag} is not an option of --head {','.join(heads)}", option=flag)
+    out = []
+    for head in heads:
+        keys = [k for k in grid if k != "head" and (k not in HEAD_OPTIONS or k in taken[head])]
+        unused = {k: getattr(blank, k) for k in HEAD_OPTIONS if k not in taken[head]}
+        for values in itertools.product(*(grid[k] for k in keys)):
+            out.append(replace(base, **unused, head=head, **dict(zip(keys, values))))
+    return out
+
+
+def _label(i: int, cfg: FitConfig, varied: list[str]) -> str:
+    parts = [f"{i:02d}", cfg.head] + [f"{k}={getattr(cfg, k)}" for k in varied if k != "head"
+                                      and (k not in HEAD_OPTIONS or k in head_params(cfg.head))]
+    return "-".join(parts).replace("/", "_")
+
+
+@dataclass
+class SweepResult:
+    """The sweep's folder, one row per run (best first) and the fitted results in fit order."""
+
+    folder: Path
+    rows: list[dict]
+    results: list[FitResult] = field(repr=False)
+    columns: list[str]
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The rows as an aligned text table."""
+        head = self.columns
+        cells = [[_cell(r.get(c)) for c in head] for r in self.rows]
+        widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(head)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+        return "\n".join(line.rstrip() for line in lines)
+
+    def summary(self) -> str:
+        best = self.rows[0]
+        score = f"val top-1 {best['val_top1']:.4f}" if best.get("val_top1") is not None else "no val split"
+        return (f"sweep {self.folder}: {len(self.rows)} runs in {self.seconds['total']:.1f} s (features loaded in "
+                f"{self.seconds['load']:.2f} s); best {best['run']} ({score}); table in {self.folder / 'sweep.csv'}")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def _row(name: str, res: FitResult, varied: list[str]) -> dict:
+    cfg = res.config
+    row = {"run": name, "head": cfg.head}
+    for k in varied:
+        if k != "head":
+            row[k] = getattr(cfg, k) if (k not in HEAD_OPTIONS or k in head_params(cfg.head)) else None
+    if res.chosen_C is not None:
+        row["chosen_C"] = res.chosen_C
+    row["best_epoch"] = getattr(res.head, "best_epoch_", None) if res.head is not None else None
+    for split in ("val", "test"):
+        m = res.metrics.get(split)
+        row[f"{split}_top1"] = m["top1"] if m else None
+    m = res.metrics.get("val")
+    row["val_log_loss"] = m["log_loss"] if m else None
+    row["fit_s"] = res.seconds["fit"]
+    return row
+
+
+def _rank_key(row: dict):
+    top = row.get("val_top1")
+    loss = row.get("val_log_loss")
+    return (-(top if top is not None else -1), loss if loss is not None else float("inf"))
+
+
+def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = None, all_plots: bool = False,
+          on_result: Callable[[int, int, str, FitResult], None] | None = None) -> SweepResult:
+    """Fit ``base`` with every combination of ``grid`` (option name → values) in this process.
+
+    ``given``: options the user set (checked against the heads); ``on_result(i, n, name, result)``
+    is called as each run finishes. Returns the table, sorted by validation top-1.
+    """
+    t0 = time.perf_counter()
+    configs = combinations(base, {k: list(dict.fromkeys(v)) for k, v in grid.items()}, given)
+    varied = [k for k, v in grid.items() if len(set(v)) > 1]
+    fs = open_fit_set(configs[0])
+    for cfg in configs:
+        check_set_for(cfg, fs)
+    folder = new_folder(base.out, base.runs, "sweep")
+    loaded: dict[tuple, tuple] = {}
+    load_s = 0.0
+    results, rows, notes = [], [], []
+    for i, cfg in enumerate(configs, 1):
+        name = _label(i, cfg, varied)
+        key = (cfg.pool, head_class(cfg.head).takes_maps)
+        if key not in loaded:
+            t = time.perf_counter()
+            loaded[key] = load_fit_data(cfg, fs)
+            load_s += time.perf_counter() - t
+            notes += loaded[key][2]
+        data, views, _ = loaded[key]
+        cfg = replace(cfg, out=str(folder / name))
+        res = fit_loaded(cfg, fs, data, views, [], load_s, plots=all_plots and cfg.plots)
+        notes += [f"{name}: {n}" for n in res.notes]
+        rows.append(_row(name, res, varied))
+        if on_result:
+            on_result(i, len(configs), name, res)
+        results.append(res)
+    order = sorted(range(len(rows)), key=lambda j: (_rank_key(rows[j]), j))
+    rows = [{"rank": r + 1, **rows[j]} for r, j in enumerate(order)]
+    best = results[order[0]]
+    if base.plots and not all_plots:
+        from .report import have_matplotlib, write_plots
+
+        if have_matplotlib():
+            write_plots(best.run_dir, fs, best.head, best.probas, data=base.data)
+        else:
+            notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
+    for res in results:  # keep the runs' records, not every fitted network
+        if res is not best:
+            res.head, res.probas = None, None
+    present = {k for r in rows for k in r}
+    columns = [c for c in ("rank", "run", "head", *[k for k in varied if k != "head"], "chosen_C", "best_epoch",
+                           "val_top1", "test_top1", "val_log_loss", "fit_s") if c in present]
+    result = SweepResult(folder, rows, results, columns, {"load": load_s, "total": time.perf_counter() - t0}, notes)
+    _write(result, grid)
+    return result
+
+
+def _write(result: SweepResult, grid: dict[str, list]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=result.columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.rows)
+    (result.folder / "sweep.csv").write_text(buffer.getvalue())
+    doc = {"grid": grid, "best": result.rows[0]["run"], "rows": result.rows, "seconds": result.seconds}
+    (result.folder / "sweep.json").write_text(json.dumps(doc, indent=2))

@@ -1,0 +1,107 @@
+"""The command line answers at once: commands that need no network import no torch, and
+Ctrl-C at any moment is one ``Interrupted`` line (exit status 130), never a traceback.
+
+Each command runs in a fresh process, the way a user runs it; the process reports which
+heavy modules it imported (``sys.modules``) when the command returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import featcache
+
+from .conftest import TINY, make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "torchvision", "sklearn", "matplotlib")
+PROBE = """
+import json, sys
+from featcache.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}), file=sys.stderr)
+""" % (HEAVY,)
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("FEATCACHE_STORE", None)
+    return env
+
+
+def _heavy(args: list[str], cwd: Path) -> tuple[int, list[str], str]:
+    p = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, env=_env(), capture_output=True, text=True)
+    last = json.loads(p.stderr.strip().splitlines()[-1])
+    return last["code"], last["heavy"], p.stdout + p.stderr
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imports")
+    data = make_folder(root / "data")
+    store = root / "s.zarr"
+    key = featcache.extract(backbone=TINY, weights="none", data=str(data), store=str(store), workers=0).set_key
+    return {"root": root, "data": str(data), "store": str(store), "key": key}
+
+
+@pytest.mark.parametrize("args,allowed", [
+    (["--help"], ()),
+    (["--version"], ()),
+    (["fit", "--help"], ()),
+    (["extract", "--help"], ()),
+    (["ls"], ()),
+    (["ls", "--json"], ()),
+    (["status", "--data", "DATA", "--json"], ()),
+    (["info", "KEY"], ()),
+    (["status", "--data", "DATA"], ()),
+    (["gc", "--dry-run"], ()),
+    (["fit", "--head", "logreg", "--no-plots"], ("sklearn",)),
+    (["fit", "--head", "svm"], ("sklearn", "matplotlib")),
+    (["rm", "KEY"], ()),
+])
+def test_commands_import_only_what_they_need(world, args, allowed):
+    argv = [{"KEY": world["key"], "DATA": world["data"]}.get(a, a) for a in args]
+    if argv and argv[0] not in ("--help", "--version") and "--help" not in argv:
+        argv += ["--store", world["store"]]
+    if argv[0] == "fit":
+        argv += ["--runs", str(world["root"] / "runs")]
+    if argv[0] == "rm":  # last: the other commands need the set
+        pytest.importorskip("zarr")
+    code, heavy, output = _heavy(argv, world["root"])
+    assert code == 0, output
+    assert set(heavy) <= set(allowed), (argv, heavy)
+
+
+def _interrupted_at(args: list[str], delay: float, cwd: Path) -> subprocess.CompletedProcess:
+    p = subprocess.Popen([sys.executable, "-m", "featcache.cli", *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_ctrl_c_at_any_moment_is_one_line(world, tmp_path, delay):
+    """While Python starts, while torch imports, while the folder is scanned: one line, exit 130."""
+    r = _interrupted_at(["extract", "--backbone", TINY, "--weights", "none", "--data", world["data"], "--store",
+                         str(tmp_path / "s.zarr"), "--workers", "0", "--no-progress"], delay, tmp_path)
+    if r.returncode == 0:
+        pytest.skip("the extract finished before the signal")  # a fast machine
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr
+    assert [line for line in lines if line.startswith("Interrupted")] == [lines[-1]], r.stderr
