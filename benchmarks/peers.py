@@ -242,7 +242,7 @@ def fit_ways(store: str, key: str, epochs: int = 5, batch_size: int = 64, repeat
     from torch import nn
 
     import featcache
-    from featcache.heads import TorchHead
+    from featcache.heads import MLPHead
 
     st, fs, load = _featcache_rows(store, key)
     tmp = Path(tempfile.mkdtemp(prefix="featcache-fitp-"))
@@ -258,7 +258,7 @@ def fit_ways(store: str, key: str, epochs: int = 5, batch_size: int = 64, repeat
             t = time.perf_counter()
             x = torch.from_numpy(np.load(tmp / "x.npy", allow_pickle=False)).reshape(len(y), -1)
             torch.manual_seed(0)
-            model = TorchHead(kind="mlp")._build(x.shape[1], len(fs.classes))
+            model = MLPHead()._build_module(x.shape[1], len(fs.classes))
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             loss_fn = nn.CrossEntropyLoss()
             for _ in range(epochs):
