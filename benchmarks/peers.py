@@ -62,6 +62,25 @@ def _peak() -> dict:
             "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
+_HF_MODEL: dict = {}
+
+
+def _hf_batch(backbone: str, layer: str | None, weights: str, batch: dict) -> dict:
+    """One HF ``.map`` batch: the model is built once per process, one torch thread each."""
+    import torch
+
+    from featcache.backbones import create_backbone
+    from featcache.data import load_rgb
+
+    if "b" not in _HF_MODEL:
+        torch.set_num_threads(1)
+        _HF_MODEL["b"] = create_backbone(backbone, layer, weights)
+    b = _HF_MODEL["b"]
+    x = torch.stack([b.transform(load_rgb(p)) for p in batch["path"]])
+    with torch.inference_mode():
+        return {"features": b.model(x).reshape(len(x), -1).numpy()}
+
+
 def _way(args: dict) -> dict:
     """One extraction way in this (fresh) process; returns images and seconds of the timed part."""
     import torch
@@ -106,17 +125,13 @@ def _way(args: dict) -> dict:
                 out.append(b.model(x).numpy())
         return {"images": sum(len(o) for o in out), "seconds": time.perf_counter() - t, **_peak()}
     if way == "hf_map":
+        import functools
+
         import datasets
 
         datasets.disable_progress_bars()
-
-        def fn(batch_):
-            torch.set_num_threads(1)
-            x = torch.stack([b.transform(load_rgb(p)) for p in batch_["path"]])
-            with torch.inference_mode():
-                return {"features": b.model(x).reshape(len(x), -1).numpy()}
-
         t = time.perf_counter()
+        fn = functools.partial(_hf_batch, args["backbone"], args["layer"], args["weights"])  # by reference, not pickled
         ds = datasets.Dataset.from_dict({"path": files}).map(fn, batched=True, batch_size=batch,
                                                              num_proc=args["workers"], remove_columns=["path"],
                                                              cache_file_name=args["store"] + ".arrow")
