@@ -10,13 +10,13 @@ with the rows of a window shuffled, while the next window is read in the backgro
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from .errors import StoreError
 
@@ -81,8 +81,10 @@ _GRAIN = 32768  # torch's grain size: a copy this small runs on the calling thre
 
 def _upcast(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src`` (C-contiguous, same shape), float16 → float32 with torch's vectorised conversion
-    (about 20x numpy's), in pieces below the grain size so reading threads never start torch's own."""
-    if src.dtype == dst.dtype:
+    (about 20x numpy's), in pieces below the grain size so reading threads never start torch's own.
+    Where torch is not imported (a scikit-learn head), numpy converts: importing torch costs more."""
+    torch = sys.modules.get("torch")
+    if src.dtype == dst.dtype or torch is None:
         np.copyto(dst, src)
         return
     d, s = torch.from_numpy(dst.reshape(-1)), torch.from_numpy(np.ascontiguousarray(src).reshape(-1))
