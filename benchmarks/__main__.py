@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|peers|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|formats|peers|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -21,6 +21,12 @@ TRANSFER_COLUMNS = [
     ("epoch_speedup", "epoch speedup"), ("e2e_total_s", "e2e total s"), ("cached_total_s", "cached total s"),
     ("total_speedup", "total speedup"), ("total_speedup_per_epoch", "total speedup / E"),
     ("val_acc_e2e", "val acc e2e"), ("val_acc_cached", "val acc cached"), ("val_images_apart", "images apart"),
+]
+FORMAT_COLUMNS = [
+    ("format", "format"), ("code", "written and read by"), ("rounds", "rounds"), ("extract_s", "extract s"),
+    ("extract_vs_old", "vs format 1"), ("read_gbs", "read GB/s (float32)"), ("read_vs_old", "vs format 1"),
+    ("files", "files"), ("files_per_10k", "files / 10k images"), ("bytes", "bytes"), ("bytes_vs_old", "vs format 1"),
+    ("same_rows", "same rows and labels"),
 ]
 PROCESS_COLUMNS = [
     ("backbone", "backbone"), ("weights", "weights"), ("head", "head"), ("epochs", "epochs"), ("rounds", "rounds"),
@@ -104,7 +110,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep",
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep", "formats",
                                                     "peers", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
@@ -118,6 +124,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import compaction, files_per_10k, run_store
+    from .formats import run_formats
     from .memory import run_memory
     from .predict import run_predict
     from .scaleout import run_scaleout
@@ -157,6 +164,12 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(table(res["rows"], STORAGE_COLUMNS))
         path = save("storage", {"machine": info, "data": data, **res}, out)
         click.echo(f"saved {path}")
+    if which == "formats":  # also part of store
+        name, _, weights = _case(cases[-1])
+        frows = run_formats(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        click.echo(table(frows, FORMAT_COLUMNS))
+        path = save("formats", {"machine": info, "data": data, "rows": frows}, out)
+        click.echo(f"saved {path}")
     if which in ("store", "all"):
         rows = []
         for case in cases:
@@ -168,7 +181,12 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         name, layer, weights = _case(cases[-1])
         compacted = [compaction(data, name, layer, weights, workers)]
         click.echo("\n" + table(compacted, COMPACT_COLUMNS))
-        path = save("store", {"machine": info, "data": data, "rows": rows, "files": files, "compaction": compacted}, out)
+        name, _, weights = _case(cases[-1])
+        frows = run_formats(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        click.echo(f"\nstore format 2 against format 1 ({frows[0]['code']}), each written and read by its own code, "
+                   f"alternating; medians of {max(repeats, 1)} rounds")
+        click.echo(table(frows, FORMAT_COLUMNS))
+        path = save("store", {"formats": frows, "machine": info, "data": data, "rows": rows, "files": files, "compaction": compacted}, out)
         click.echo(f"saved {path}")
     if which in ("throughput", "all"):
         rows = []

@@ -19,10 +19,10 @@ import click  # noqa: E402
 from .cli_store import compact_cmd, gc_cmd, info_cmd, ls_cmd, migrate_cmd, rm_cmd, status_cmd, verify_cmd  # noqa: E402
 from . import __version__  # noqa: E402
 from .config import (DEFAULT_NAME_PATTERN, DTYPES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
-                     RUN_SORTS)
+                     RUN_SORTS, TRACKERS)
 from .errors import FeatcacheError  # noqa: E402
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 _MAX_SKIPS_SHOWN = 20
 
@@ -172,6 +172,12 @@ def _positive_float(text: str) -> float:
                    "misclassified images (read from no other place).")
 @click.option("--check-data", default=None, type=click.Path(file_okay=False),
               help="Refuse the set if this image folder (the one it was made from) has changed since extraction.")
+@click.option("--tracker", type=click.Choice(TRACKERS), default=None,
+              help="Also record each run (config, epochs, metrics, plots) in MLflow or TensorBoard "
+                   "(pip install 'featcache[mlflow]' / 'featcache[tensorboard]').")
+@click.option("--tracking-uri", default=None,
+              help="Where --tracker records: an MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else mlruns/ "
+                   "beside --runs], or a folder for TensorBoard's event files [default: RUN/tb].")
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
 @json_option
 def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool, set_: str | None, old_pool: str | None,
@@ -187,6 +193,8 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
     from .store import open_store
     from .store.maintenance import status
 
+    if options["tracking_uri"] is not None and options["tracker"] is None:
+        raise FeatcacheError(f"--tracking-uri needs --tracker ({' or '.join(TRACKERS)})", option="--tracking-uri")
     ctx = click.get_current_context()
     given = {name for name in options if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
                                                                                   ParameterSource.DEFAULT_MAP)}
@@ -447,5 +455,26 @@ def sample_cmd(out: str) -> None:
 for _command in (ls_cmd, info_cmd, rm_cmd, gc_cmd, verify_cmd, status_cmd, compact_cmd, migrate_cmd):
     main.add_command(_command)
 
+
+
+def run() -> None:
+    """The ``featcache`` program: :func:`main` as a process of its own.
+
+    After Ctrl-C (status 130, its one ``Interrupted`` line already written) the process leaves at
+    once: an interrupt that landed inside an extension's start-up (torch's import) can otherwise
+    make the interpreter kill itself with SIGINT on the way out, losing the status."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 130:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -14,7 +14,7 @@ import sys
 
 def _interrupt(signum, frame) -> None:
     """SIGINT: inside a command, KeyboardInterrupt (its clean-up runs); else one line and exit 130 at once."""
-    if Group.running:
+    if getattr(globals().get("Group"), "running", False):  # Group is defined below: a signal may come first
         raise KeyboardInterrupt
     sys.stderr.write("\nInterrupted\n")
     sys.stderr.flush()

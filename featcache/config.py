@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["POOLS", "PRECISIONS", "DTYPES", "HEADS", "INITS", "OPTIMIZERS", "FIT_POOLS",
-           "DEVICES", "RUN_SORTS", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url"]
+           "DEVICES", "RUN_SORTS", "TRACKERS", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url"]
 
 POOLS = ("none", "avg", "max")  # store-time pooling of spatial maps (extract --pool)
 PRECISIONS = ("auto", "float32", "tf32", "bfloat16", "float16")
@@ -21,6 +21,7 @@ OPTIMIZERS = ("adam", "sgd")
 FIT_POOLS = ("none", "avg", "max")  # train-time pooling of stored maps (fit --fit-pool)
 DEVICES = ("auto", "cpu", "cuda")
 RUN_SORTS = ("time", "val", "test", "head", "run")  # featcache runs --sort
+TRACKERS = ("mlflow", "tensorboard")  # fit --tracker; featcache.tracking has one adapter each
 DEFAULT_NAME_PATTERN = r"^([^._]+)[._]"
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import FeatcacheError, RunError, StoreError, os_error_text
-from .config import FIT_POOLS, default_store_url
+from .config import FIT_POOLS, TRACKERS, default_store_url
 from .heads import C_GRID, HEADS, INITS, OPTIMIZERS, head_class
 from .persist import HeadRecord
 from .runs import RunRecord
@@ -66,6 +66,8 @@ class FitConfig:
     max_memory: str | int = "auto"
     backbone: str | None = None  # rest head on a module:factory set: the user names the module to import
     data: str | None = None  # the set's image folder, for the misclassified plot (no folder a store names)
+    tracker: str | None = None  # also record the run in mlflow or tensorboard (featcache.tracking)
+    tracking_uri: str | None = None  # where the tracker records (default: its own, see featcache.tracking)
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +83,10 @@ class FitConfig:
             (self.patience >= 0, f"patience must be >= 0 (0 turns early stopping off); got {self.patience}"),
             (self.pretrained_lr_scale >= 0, f"pretrained_lr_scale must be >= 0; got {self.pretrained_lr_scale}"),
             (self.C == "auto" or (isinstance(self.C, (int, float)) and self.C > 0), f"C must be > 0 or 'auto'; got {self.C!r}"),
+            (self.tracker is None or self.tracker in TRACKERS,
+             f"tracker must be one of {', '.join(TRACKERS)} or None; got {self.tracker!r}"),
+            (self.tracking_uri is None or self.tracker is not None,
+             f"tracking_uri needs a tracker ({' or '.join(TRACKERS)}); got tracking_uri {self.tracking_uri!r} alone"),
             (self.max_memory == "auto" or _is_size(self.max_memory),
              f"max_memory must be 'auto' or a size like 4GB; got {self.max_memory!r}"),
         ]
@@ -307,10 +313,31 @@ def fit(
     if given is None:
         given = set(kwargs) if config is None else given_options(cfg)
     check_head_options(cfg.head, given)
+    tracking = open_tracking_for(cfg)  # a missing library is an error before any work
     t0 = time.perf_counter()
     fs = open_fit_set(cfg)
     data, train_views, notes = load_fit_data(cfg, fs)
-    return fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0, on_epoch=on_epoch)
+    if tracking is None:
+        return fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0, on_epoch=on_epoch)
+    run = tracking.start(Path(cfg.out).name if cfg.out else cfg.head, cfg, fs)
+    try:
+        result = fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0,
+                            on_epoch=tracking.on_epoch(run, on_epoch))
+    except BaseException:
+        tracking.abort(run)
+        raise
+    tracking.finish(run, result)
+    result.notes += tracking.all_notes(result.run_dir)
+    return result
+
+
+def open_tracking_for(cfg: FitConfig):
+    """``cfg``'s tracker (None without one); MLflow's default ``mlruns`` goes beside ``--runs`` (or ``--out``)."""
+    if cfg.tracker is None:
+        return None
+    from .tracking import open_tracking
+
+    return open_tracking(cfg.tracker, cfg.tracking_uri, Path(cfg.out).parent if cfg.out else Path(cfg.runs).parent)
 
 
 def _edge_notes(head) -> list[str]:

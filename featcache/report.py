@@ -62,8 +62,10 @@ def _curves(plt, history: list[dict], out: Path, best_epoch: int | None = None) 
     if best_epoch is not None and best_epoch >= 1:
         for ax in (ax1, ax2):
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"kept (epoch {best_epoch})")
+    accs = [r[k] for r in history for k in ("train_acc", "val_acc") if k in r]
+    low = max(0.0, np.floor(min(accs) * 10) / 10 - 0.1) if accs else 0.0  # zoom in: curves near 1 stay apart
     ax1.set(title="loss", xlabel="epoch")
-    ax2.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+    ax2.set(title="accuracy", xlabel="epoch", ylim=(low, 1.01))
     ax1.xaxis.get_major_locator().set_params(integer=True)
     ax2.xaxis.get_major_locator().set_params(integer=True)
     ax1.legend()
@@ -84,10 +86,11 @@ def _confusion(plt, cm: list[list[int]], classes: list[str], split: str, out: Pa
     ax.set_xticklabels(classes, rotation=45, ha="right")
     ax.set_yticklabels(classes)
     if len(classes) <= 30:
+        font = 14 if len(classes) <= 5 else (10 if len(classes) <= 12 else 8)
         for i in range(len(classes)):
             for j in range(len(classes)):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
+                        color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=font)
     fig.tight_layout()
     write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
@@ -100,11 +103,11 @@ def _per_class(plt, per_class: dict, train_counts: dict, split: str, out: Path) 
     ys = [np.nan if a is None else a for a in per_class.values()]
     ax.scatter(xs, ys)
     for c, x, y in zip(per_class, xs, ys):
-        ax.annotate(c, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="training images", ylabel=f"{split} accuracy", ylim=(0, 1.05), title="per-class accuracy")
+        ax.annotate(c, (x, y), fontsize=9, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="training images", ylabel=f"{split} accuracy", ylim=(0, 1.08), title="per-class accuracy")
     ax.xaxis.get_major_locator().set_params(integer=True)  # counts, never 121.5
-    if len(set(xs)) == 1:
-        ax.set_xlim(xs[0] - 1, xs[0] + 1)
+    pad = max(1.0, 0.1 * (max(xs) - min(xs)))  # points and their names off the frame
+    ax.set_xlim(min(xs) - pad, max(xs) + pad * 2)
     fig.tight_layout()
     write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
@@ -113,12 +116,16 @@ def _per_class(plt, per_class: dict, train_counts: dict, split: str, out: Path) 
 
 def _misclassified(plt, root: Path, paths: list[str], y: np.ndarray, pred: np.ndarray, classes: list[str],
                    split: str, out: Path, confidence: np.ndarray | None = None) -> Path | None:
-    wrong = np.flatnonzero(pred != y)[:_MAX_MISSES]
+    wrong = np.flatnonzero(pred != y)
+    total = len(wrong)
+    if confidence is not None:  # the surest mistakes first: those say most about the data or the labels
+        wrong = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    wrong = wrong[:_MAX_MISSES]
     if not len(wrong) or not root.is_dir():
         return None
     cols = min(4, len(wrong))
     rows = -(-len(wrong) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
@@ -131,10 +138,11 @@ def _misclassified(plt, root: Path, paths: list[str], y: np.ndarray, pred: np.nd
         sure = f" ({confidence[i]:.0%})" if confidence is not None else ""
         name = Path(paths[i]).name
         name = name if len(name) <= 28 else name[:12] + "…" + name[-12:]
-        ax.set_title(f"{name}\ntrue {classes[y[i]]}\npredicted {classes[pred[i]]}{sure}", fontsize=8)
-    fig.suptitle(f"misclassified {split} images (first {len(wrong)})")
+        ax.set_title(f"{name}\ntrue {classes[y[i]]}\npredicted {classes[pred[i]]}{sure}", fontsize=9)
+    order = ", most confident first" if confidence is not None else ""
+    fig.suptitle(f"misclassified {split} images: {len(wrong)} of {total}{order}")
     fig.tight_layout()
-    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return out
 
@@ -195,9 +203,11 @@ def _settings(record: RunRecord, data: str | Path | None) -> list[list]:
     rows += [[k, _shown(cfg[k])] for k in ("pool", "use_views", "max_memory") if k in cfg]
     if record.C is not None:
         rows.append(["chosen C", f"{record.C:g}"])
-    rows += [["epochs run", len(record.history)], ["best epoch (kept)", record.best_epoch or "-"],
-             ["stopped early", record.stopped_early], ["views used", record.views_used],
-             ["created", record.created_at]]
+    if record.history:  # heads trained in epochs
+        rows += [["epochs run", len(record.history)],
+                 ["best epoch (kept)", "0 (the start)" if record.best_epoch == 0 else record.best_epoch or "-"],
+                 ["stopped early", record.stopped_early]]
+    rows += [["views used", record.views_used], ["created", record.created_at]]
     return rows
 
 
@@ -229,11 +239,14 @@ def write_report(run: str | Path, data: str | Path | None = None, backbone: str 
         settings += f"<h2>C search ({html.escape(search['by'])})</h2>" + _table(
             [[f"{c:g}{chosen(c)}", fmt(s)] for c, s in zip(search["grid"], search["scores"])], ["C", "score"])
     images = "".join(f'<h2>{html.escape(p[:-4].replace("_", " "))}</h2><img src="{p}" alt="{p}">' for p in plots)
+    score = f", {split} top-1 {fmt(metrics[split]['top1'])}" if split else ""
+    about = f"{record.config.head} head on {record.backbone} / {record.layer} features{score}"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>featcache run {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} img{{max-width:100%}}</style></head>
-<body><h1>Run {html.escape(run.name)}</h1>{settings}<h2>metrics</h2>{summary}{per_class}{images}</body></html>
+<body><h1>Run {html.escape(run.name)}</h1><p>{html.escape(about)}</p><h2>metrics</h2>{summary}{per_class}
+<h2>settings</h2>{settings}{images}</body></html>
 """
     out = run / "report.html"
     write_atomic(out, lambda tmp: tmp.write_text(page))

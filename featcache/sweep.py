@@ -24,7 +24,7 @@ from typing import Callable
 
 from .errors import FeatcacheError
 from .fit import (HEAD_OPTIONS, FitConfig, FitResult, check_set_for, fit_loaded, load_fit_data, new_folder,
-                  open_fit_set)
+                  open_fit_set, open_tracking_for)
 from .heads import head_class, head_params
 
 __all__ = ["SweepResult", "combinations", "sweep"]
@@ -127,47 +127,63 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     t0 = time.perf_counter()
     configs = combinations(base, {k: list(dict.fromkeys(v)) for k, v in grid.items()}, given)
     varied = [k for k, v in grid.items() if len(set(v)) > 1]
+    tracking = open_tracking_for(base)  # a missing library is an error before any work
     fs = open_fit_set(configs[0])
     for cfg in configs:
         check_set_for(cfg, fs)
     folder = new_folder(base.out, base.runs, "sweep")
     loaded: dict[tuple, tuple] = {}
     load_s = 0.0
-    results, rows, notes = [], [], []
-    for i, cfg in enumerate(configs, 1):
-        name = _label(i, cfg, varied)
-        key = (cfg.pool, head_class(cfg.head).takes_maps)
-        if key not in loaded:
-            t = time.perf_counter()
-            loaded[key] = load_fit_data(cfg, fs)
-            load_s += time.perf_counter() - t
-            notes += loaded[key][2]
-        data, views, _ = loaded[key]
-        cfg = replace(cfg, out=str(folder / name))
-        res = fit_loaded(cfg, fs, data, views, [], load_s, plots=all_plots and cfg.plots)
-        notes += [f"{name}: {n}" for n in res.notes]
-        rows.append(_row(name, res, varied))
-        if on_result:
-            on_result(i, len(configs), name, res)
-        results.append(res)
-    order = sorted(range(len(rows)), key=lambda j: (_rank_key(rows[j]), j))
-    rows = [{"rank": r + 1, **rows[j]} for r, j in enumerate(order)]
-    best = results[order[0]]
-    if base.plots and not all_plots:
-        from .report import have_matplotlib, write_plots
+    results, rows, notes, tracked = [], [], [], []
+    parent = tracking and tracking.start_sweep(folder.name, {**base.to_dict(), **grid, "out": str(folder)})
+    try:
+        for i, cfg in enumerate(configs, 1):
+            name = _label(i, cfg, varied)
+            key = (cfg.pool, head_class(cfg.head).takes_maps)
+            if key not in loaded:
+                t = time.perf_counter()
+                loaded[key] = load_fit_data(cfg, fs)
+                load_s += time.perf_counter() - t
+                notes += loaded[key][2]
+            data, views, _ = loaded[key]
+            cfg = replace(cfg, out=str(folder / name))
+            run = tracking and tracking.start(name, cfg, fs, parent)
+            tracked.append(run)
+            res = fit_loaded(cfg, fs, data, views, [], load_s, plots=all_plots and cfg.plots,
+                             on_epoch=tracking and tracking.on_epoch(run))
+            notes += [f"{name}: {n}" for n in res.notes]
+            rows.append(_row(name, res, varied))
+            if on_result:
+                on_result(i, len(configs), name, res)
+            results.append(res)
+        order = sorted(range(len(rows)), key=lambda j: (_rank_key(rows[j]), j))
+        rows = [{"rank": r + 1, **rows[j]} for r, j in enumerate(order)]
+        best = results[order[0]]
+        if base.plots and not all_plots:
+            from .report import have_matplotlib, write_plots
 
-        if have_matplotlib():
-            write_plots(best.run_dir, fs, best.head, best.probas, data=base.data)
-        else:
-            notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
-    for res in results:  # keep the runs' records, not every fitted network
-        if res is not best:
-            res.head, res.probas = None, None
-    present = {k for r in rows for k in r}
-    columns = [c for c in ("rank", "run", "head", *[k for k in varied if k != "head"], "chosen_C", "best_epoch",
-                           "val_top1", "test_top1", "val_log_loss", "fit_s") if c in present]
+            if have_matplotlib():
+                write_plots(best.run_dir, fs, best.head, best.probas, data=base.data)
+            else:
+                notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
+        for res in results:  # keep the runs' records, not every fitted network
+            if res is not best:
+                res.head, res.probas = None, None
+        present = {k for r in rows for k in r}
+        columns = [c for c in ("rank", "run", "head", *[k for k in varied if k != "head"], "chosen_C", "best_epoch",
+                               "val_top1", "test_top1", "val_log_loss", "fit_s") if c in present]
+    except BaseException:
+        if tracking:  # the tracked runs end as failed; the finished run directories stay
+            for run in (*tracked, parent):
+                tracking.abort(run)
+        raise
     result = SweepResult(folder, rows, results, columns, {"load": load_s, "total": time.perf_counter() - t0}, notes)
     _write(result, grid)
+    if tracking:  # every run ends once the best one's plots are written, so they go with it
+        for run, res in zip(tracked, results):
+            tracking.finish(run, res)
+        tracking.finish_sweep(parent, folder, best)
+        result.notes += tracking.all_notes(folder)
     return result
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from benchmarks.__main__ import main
@@ -134,3 +136,18 @@ def test_sweep_benchmark_smoke(folder):
                     workers=0)
     assert row["combinations"] == 2 and row["same_val_top1"] == "2/2"
     assert row["sweep_s"] > 0 and row["separate_s"] > 0 and row["ratio"] > 0
+
+
+def test_formats_benchmark_writes_and_reads_each_format_with_its_own_code(folder):
+    import shutil
+    import subprocess
+
+    from benchmarks.formats import OLD_REV, ROOT, run_formats
+
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", OLD_REV],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip(f"needs this repository's history (commit {OLD_REV}) and git")
+    rows = run_formats(str(folder), TINY, "none", rounds=1, workers=0)
+    assert [r["format"] for r in rows] == [1, 2] and rows[0]["code"] == OLD_REV
+    assert all(r["same_rows"] for r in rows)  # both versions read back the same features and labels
+    assert all(r["extract_s"] > 0 and r["read_gbs"] > 0 and r["files"] > 0 for r in rows)

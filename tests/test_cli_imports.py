@@ -22,7 +22,7 @@ import featcache
 from .conftest import TINY, make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "sklearn", "matplotlib")
+HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "mlflow", "tensorboard")
 PROBE = """
 import json, sys
 from featcache.cli import main
@@ -70,10 +70,12 @@ def world(tmp_path_factory):
     (["gc", "--dry-run"], ()),
     (["fit", "--head", "logreg", "--no-plots"], ("sklearn",)),
     (["fit", "--head", "svm"], ("sklearn", "matplotlib")),
+    (["fit", "--head", "logreg", "--no-plots", "--tracker", "tensorboard", "--tracking-uri", "TB"],
+     ("sklearn", "torch", "tensorboard")),
     (["rm", "KEY"], ()),
 ])
 def test_commands_import_only_what_they_need(world, args, allowed):
-    argv = [{"KEY": world["key"], "DATA": world["data"]}.get(a, a) for a in args]
+    argv = [{"KEY": world["key"], "DATA": world["data"], "TB": str(world["root"] / "tb")}.get(a, a) for a in args]
     if argv and argv[0] not in ("--help", "--version") and "--help" not in argv:
         argv += ["--store", world["store"]]
     if argv[0] == "fit":
