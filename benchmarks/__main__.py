@@ -223,21 +223,25 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         path = save("views", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
         click.echo(f"saved {path}")
     if which in ("peers", "all"):
-        from .peers import run_peers
+        from .peers import extract_ways, load_and_fit
 
-        name, _, _ = _case(cases[-1])
-        res = run_peers(data, [_case(c) for c in cases], spatial_layer="head" if name == "efficientnet_lite0" else None,
-                        batch_size=batch_size, workers=workers if workers is not None else 2, repeats=repeats)
+        res = {"extract": []}
         click.echo("\nextract: featcache against its peers, alternating, each run in a fresh process")
-        click.echo(table(res["extract"], PEERS_EXTRACT_COLUMNS))
-        for r in res["extract"]:
-            if "over_fastest_peer" in r:
-                click.echo(f"{r['backbone']}: featcache / fastest peer {r['over_fastest_peer']:.2f}, "
-                           f"featcache / bare forward {r['over_bare']:.2f}; stage seconds {r['timings']}")
+        for case in cases:  # each case's table printed and saved as soon as it is measured
+            rows = extract_ways(data, *_case(case), batch_size, workers if workers is not None else 2, repeats)
+            res["extract"] += rows
+            click.echo(table(rows, PEERS_EXTRACT_COLUMNS))
+            click.echo(f"{rows[0]['backbone']}: featcache / fastest peer {rows[0]['over_fastest_peer']:.2f}, "
+                       f"featcache / bare forward {rows[0]['over_bare']:.2f}; stage seconds {rows[0]['timings']}")
+            path = save("peers", {"machine": info, "data": data, **res}, out)
+        name, layer, weights = _case(cases[-1])
+        res.update(load_and_fit(data, name, layer, weights, "head" if name == "efficientnet_lite0" else None,
+                                batch_size, repeats))
         click.echo("\nload: a set's rows as float32, warm cache")
         click.echo(table(res["load"], PEERS_LOAD_COLUMNS))
         click.echo("\nfit: mlp head")
         click.echo(table(res["fit"], PEERS_FIT_COLUMNS))
+        path.unlink()
         path = save("peers", {"machine": info, "data": data, **res}, out)
         click.echo(f"saved {path}")
     if which in ("predict", "all"):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run_peers", "extract_ways", "load_ways", "fit_ways", "has_datasets"]
+__all__ = ["run_peers", "extract_ways", "load_ways", "fit_ways", "load_and_fit", "has_datasets"]
 
 _BIG = str(2**40)
 _REPO = str(Path(__file__).resolve().parents[1])
@@ -291,15 +291,11 @@ def fit_ways(store: str, key: str, epochs: int = 5, batch_size: int = 64, repeat
              "featcache_over_bare": float(np.median(ours)) / float(np.median(bare))}]
 
 
-def run_peers(data: str, cases: list[tuple[str, str | None, str]], spatial_layer: str | None = None,
-              batch_size: int = 64, workers: int = 2, repeats: int = 3, epochs: int = 5) -> dict:
-    """Extraction for every case; load and fit on the last case's features (pooled, and spatial at ``spatial_layer``)."""
+def load_and_fit(data: str, name: str, layer: str | None, weights: str, spatial_layer: str | None = None,
+                 batch_size: int = 64, repeats: int = 3, epochs: int = 5) -> dict:
+    """Load (pooled, and spatial at ``spatial_layer``) and fit on one backbone's features of ``data``."""
     import featcache
 
-    extract = []
-    for name, layer, weights in cases:
-        extract += extract_ways(data, name, layer, weights, batch_size, workers, repeats)
-    name, layer, weights = cases[-1]
     tmp = Path(tempfile.mkdtemp(prefix="featcache-peerstore-"))
     try:
         store = str(tmp / "s.zarr")
@@ -312,4 +308,13 @@ def run_peers(data: str, cases: list[tuple[str, str | None, str]], spatial_layer
         fit = fit_ways(store, pooled, epochs, batch_size, repeats)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"extract": extract, "load": load, "fit": fit}
+    return {"load": load, "fit": fit}
+
+
+def run_peers(data: str, cases: list[tuple[str, str | None, str]], spatial_layer: str | None = None,
+              batch_size: int = 64, workers: int = 2, repeats: int = 3, epochs: int = 5) -> dict:
+    """Extraction for every case; load and fit on the last case's features (pooled, and spatial at ``spatial_layer``)."""
+    extract = []
+    for name, layer, weights in cases:
+        extract += extract_ways(data, name, layer, weights, batch_size, workers, repeats)
+    return {"extract": extract, **load_and_fit(data, *cases[-1], spatial_layer, batch_size, repeats, epochs)}
