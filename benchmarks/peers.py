@@ -56,9 +56,12 @@ def _files(data: str) -> list[str]:
 
 
 def _peak() -> dict:
+    """Peak RSS of this process (VmHWM: ``ru_maxrss`` would carry the parent's peak over exec) and of its
+    largest finished child (forked children count the pages they share with this process)."""
     import resource
 
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    hwm = next((int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")), 0)
+    return {"peak_rss_mb": hwm / 1024,
             "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
