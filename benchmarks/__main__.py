@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|formats|layers|all]``: run,
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|formats|layers|peers|all]``: run,
 print Markdown tables, save JSON.
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -94,6 +94,20 @@ FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows p
                  ("files_per_10k", "files per 10,000 images")]
 
 
+PEERS_EXTRACT_COLUMNS = [
+    ("backbone", "backbone"), ("way", "way"), ("images", "images"), ("ips", "img/s (median)"), ("spread", "spread"),
+    ("featcache_over", "featcache / this"), ("peak_rss_mb", "peak RSS MiB"), ("child_peak_rss_mb", "largest child MiB"),
+]
+PEERS_LOAD_COLUMNS = [
+    ("features", "features"), ("shape", "shape"), ("rows", "rows"), ("way", "way"), ("gbs", "float32 GB/s (median)"),
+    ("spread", "spread"), ("featcache_over", "featcache / this"), ("bytes_per_image", "disk bytes/image"),
+]
+PEERS_FIT_COLUMNS = [
+    ("rows", "rows"), ("epochs", "epochs"), ("featcache_epoch_s", "featcache s/epoch"), ("featcache_spread", "spread"),
+    ("bare_epoch_s", "np.load + bare loop s/epoch"), ("bare_spread", "spread"), ("featcache_over_bare", "featcache / bare"),
+]
+
+
 def _case(text: str) -> tuple[str, str | None, str]:
     name, _, weights = text.partition("@")
     name, _, layer = name.partition("/")
@@ -101,7 +115,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep", "formats", "layers",
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep", "formats", "layers", "peers",
                                                     "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
@@ -218,6 +232,28 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(f"\naugmented views: {name}")
         click.echo(table(rows, VIEWS_COLUMNS))
         path = save("views", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which in ("peers", "all"):
+        from .peers import extract_ways, load_and_fit
+
+        res = {"extract": []}
+        click.echo("\nextract: featcache against its peers, alternating, each run in a fresh process")
+        for case in cases:  # each case's table printed and saved as soon as it is measured
+            rows = extract_ways(data, *_case(case), batch_size, workers if workers is not None else 2, repeats)
+            res["extract"] += rows
+            click.echo(table(rows, PEERS_EXTRACT_COLUMNS))
+            click.echo(f"{rows[0]['backbone']}: featcache / fastest peer {rows[0]['over_fastest_peer']:.2f}, "
+                       f"featcache / bare forward {rows[0]['over_bare']:.2f}; stage seconds {rows[0]['timings']}")
+            path = save("peers", {"machine": info, "data": data, **res}, out)
+        name, layer, weights = _case(cases[-1])
+        res.update(load_and_fit(data, name, layer, weights, "head" if name == "efficientnet_lite0" else None,
+                                batch_size, repeats))
+        click.echo("\nload: a set's rows as float32, warm cache")
+        click.echo(table(res["load"], PEERS_LOAD_COLUMNS))
+        click.echo("\nfit: mlp head")
+        click.echo(table(res["fit"], PEERS_FIT_COLUMNS))
+        path.unlink()
+        path = save("peers", {"machine": info, "data": data, **res}, out)
         click.echo(f"saved {path}")
     if which in ("predict", "all"):
         name, _, weights = _case(cases[-1])

@@ -168,9 +168,8 @@ def _run_model(
         w.start()
     failed: dict[str, str] = {}
     timings = {"read": 0.0, "model": 0.0}
-    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
     batches = run_backbone(joint, manifest.root, todo, device=cfg.device, precision=cfg.precision,
-                           batch_size=cfg.batch_size, workers=workers, compile=cfg.compile, progress=progress,
+                           batch_size=cfg.batch_size, workers=cfg.workers, compile=cfg.compile, progress=progress,
                            desc="views" if views is not None else "extract",
                            views=views, augment=augment, timings=timings)
     closed = 0

@@ -24,6 +24,7 @@ from .heads import C_GRID, HEADS, INITS, OPTIMIZERS, head_class
 from .persist import HeadRecord
 from .runs import RunRecord
 from .store import FeatureSet, human_bytes, open_store
+from .runtime import keep_memory
 from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
 __all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "prepare_features", "HEAD_OPTIONS", "check_head_options"]
@@ -314,6 +315,7 @@ def fit(
     from their defaults). A head option the head does not take is an error.
     """
     cfg = config if config is not None else FitConfig(**kwargs)
+    keep_memory()  # batches and set loads reuse freed memory instead of faulting in fresh pages
     if given is None:
         given = set(kwargs) if config is None else given_options(cfg)
     check_head_options(cfg.head, given)

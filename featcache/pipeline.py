@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from .backbones import Backbone, Joint, autocast, resolve_precision
 from .data import decode_bytes, open_regular
 from .errors import DataError, FeatcacheError
+from .procs import forked_batches, model_processes
+from .runtime import keep_memory
 from .store import Store
 
 __all__ = ["Batch", "Images", "Writer", "run_backbone", "resolve_device", "progress_bar", "checked", "finite_rows",
@@ -121,12 +123,15 @@ def run_backbone(backbone: Backbone | Joint, root: Path, items: Sequence[_Item],
                  precision: str = "auto", batch_size: int = 64, workers: int | None = None, compile: bool = False,
                  progress: bool = False, desc: str = "extract", views: list[int] | None = None,
                  augment: dict | None = None, timings: dict[str, float] | None = None) -> Iterator[Batch]:
-    """Decode ``items`` in DataLoader workers and push them through the backbone, one :class:`Batch` at a time.
+    """Decode ``items`` and push them through the backbone, one :class:`Batch` at a time, in order.
 
-    ``workers=None``: min(8, CPUs), or none for a single batch (workers take longer to start than
-    it takes to decode it). ``timings`` (if given) accumulates seconds waiting for the reader
-    (``read``) and in the model (``model``). The caller's code between batches runs outside
-    inference mode and autocast.
+    ``workers=None`` on the CPU: forked model processes that each decode their own batches
+    (:mod:`featcache.procs`), or, for a single batch, everything in this process. Elsewhere, or
+    with ``workers`` given: DataLoader workers decode (``None``: min(8, CPUs)) and the model
+    runs here. ``timings`` (if given) accumulates seconds this process waited for batches
+    (``read``) and spent in the model (``model``); with model processes also their seconds
+    decoding (``decode``) and in the forward (``forward``), and their number (``processes``).
+    The caller's code between batches runs outside inference mode and autocast.
     """
     if not items:
         return
@@ -137,43 +142,75 @@ def run_backbone(backbone: Backbone | Joint, root: Path, items: Sequence[_Item],
         model = model.to(memory_format=torch.channels_last)
     if compile:  # compiled on the first batch; a smaller last batch compiles once more
         model = torch.compile(model)
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1) if len(items) > batch_size else 0
-    loader = DataLoader(
-        Images(root, items, backbone.transform, views, augment),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=cuda,
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
     precision = resolve_precision(precision, dev)
     spent = timings if timings is not None else {}
     spent.setdefault("read", 0.0)
     spent.setdefault("model", 0.0)
+    keep_memory()  # freed activations stay in the process: no page is faulted in again per batch
+    shapes = [tuple(p.shape) for p in backbone.parts] if isinstance(backbone, Joint) else None
+
+    def split(feats: np.ndarray | None):
+        """A joint's flat rows back into one array per part (each exactly what that part alone gives)."""
+        if shapes is None or feats is None:
+            return feats
+        out, at = [], 0
+        for shape in shapes:
+            size = int(np.prod(shape))
+            out.append(np.ascontiguousarray(feats[:, at:at + size]).reshape(len(feats), *shape))
+            at += size
+        return out
+
+    dataset = Images(root, items, backbone.transform, views, augment)
+    procs = 0 if compile else model_processes(dev, len(items), batch_size, workers)
+    if procs:
+        spent["processes"] = float(procs)
+
+        def forward(x: torch.Tensor) -> np.ndarray:
+            with torch.inference_mode(), autocast(precision, dev):
+                return flat(model(x))
+
+        source = forked_batches(forward, _collate, dataset, len(items), batch_size, procs, spent)
+    else:
+        source = _in_process(model, dataset, len(items), batch_size, workers, dev, precision, spent)
     bar = progress_bar(len(items), progress, desc)
     try:
-        t = time.perf_counter()
-        for indices, batch, bad in loader:
-            spent["read"] += time.perf_counter() - t
-            t = time.perf_counter()
-            feats = None
-            if batch is not None:
-                with torch.inference_mode(), autocast(precision, dev):
-                    x = batch.to(dev, non_blocking=True)
-                    if cuda:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    out = model(x)
-                    # a Joint's model returns one tensor per layer
-                    feats = ([o.float().cpu().numpy() for o in out] if isinstance(out, (tuple, list))
-                             else out.float().cpu().numpy())
-            spent["model"] += time.perf_counter() - t
-            yield Batch(indices, feats, bad)
-            bar.update(len(indices) + len(bad))
-            t = time.perf_counter()
+        with contextlib.closing(source):
+            for indices, feats, bad in source:
+                yield Batch(indices, split(feats), bad)
+                bar.update(len(indices) + len(bad))
     finally:
         bar.close()
+
+
+def flat(out) -> np.ndarray:
+    """The model's output as float32 rows; a joint's tuple (one tensor per part) side by side, flattened."""
+    if isinstance(out, (tuple, list)):
+        return np.concatenate([o.float().cpu().reshape(len(o), -1).numpy() for o in out], axis=1)
+    return out.float().cpu().numpy()
+
+
+def _in_process(model, dataset: Images, n: int, batch_size: int, workers: int | None, dev: torch.device,
+                precision: str, spent: dict[str, float]) -> Iterator[tuple[list[int], np.ndarray | None, list]]:
+    """DataLoader workers decode, the model runs here on all its threads."""
+    cuda = dev.type == "cuda"
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if n > batch_size else 0
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, pin_memory=cuda,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    t = time.perf_counter()
+    for indices, batch, bad in loader:
+        spent["read"] += time.perf_counter() - t
+        t = time.perf_counter()
+        feats = None
+        if batch is not None:
+            with torch.inference_mode(), autocast(precision, dev):
+                x = batch.to(dev, non_blocking=True)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                feats = flat(model(x))
+        spent["model"] += time.perf_counter() - t
+        yield indices, feats, bad
+        t = time.perf_counter()
 
 
 def finite_rows(rows: np.ndarray) -> np.ndarray:

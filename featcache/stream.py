@@ -10,6 +10,8 @@ with the rows of a window shuffled, while the next window is read in the backgro
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -74,6 +76,28 @@ def memory_budget(setting: str | int = "auto") -> int:
     return total // 2
 
 
+_GRAIN = 32768  # torch's grain size: a copy this small runs on the calling thread alone
+
+
+def _upcast(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` (C-contiguous, same shape), float16 → float32 with torch's vectorised conversion
+    (about 20x numpy's), in pieces below the grain size so reading threads never start torch's own.
+    Where torch is not imported (a scikit-learn head), numpy converts: importing torch costs more."""
+    torch = sys.modules.get("torch")
+    if src.dtype == dst.dtype or torch is None:
+        np.copyto(dst, src)
+        return
+    d, s = torch.from_numpy(dst.reshape(-1)), torch.from_numpy(np.ascontiguousarray(src).reshape(-1))
+    for i in range(0, d.numel(), _GRAIN):
+        d[i : i + _GRAIN].copy_(s[i : i + _GRAIN])
+
+
+def _nonfinite_f16(x: np.ndarray) -> bool:
+    """Whether a float16 array holds NaN or inf (exponent bits all set), without a float copy."""
+    bits = x.reshape(-1).view(np.uint16)
+    return bool(((bits & 0x7C00) == 0x7C00).any())
+
+
 @dataclass
 class _Block:
     """The rows one stored chunk contributes: segment rows ``rows`` (ascending) go to positions ``dest``."""
@@ -99,6 +123,7 @@ class RowReader:
         self.segments, located = store.locate(space, keys)
         self.n = len(located)
         self.blocks = self._plan(located)
+        self._local = threading.local()
 
     def _plan(self, located: np.ndarray) -> list[_Block]:
         blocks = []
@@ -119,31 +144,42 @@ class RowReader:
     def row_bytes(self) -> int:
         return int(np.prod(self.row_shape)) * 4
 
-    def _read(self, block: _Block) -> np.ndarray:
+    def _scratch(self, seg) -> np.ndarray:
+        """This thread's buffer for one decoded chunk of ``seg`` (reused chunk after chunk)."""
+        shape = (seg.chunk_rows,) + tuple(seg.features.shape[1:])
+        bufs = self._local.__dict__.setdefault("bufs", {})
+        key = (shape, seg.features.dtype.str)
+        if key not in bufs:
+            bufs[key] = np.empty(shape, dtype=seg.features.dtype)
+        return bufs[key]
+
+    def _read_into(self, block: _Block, out: np.ndarray, positions: np.ndarray) -> None:
+        """Decode the block's chunk into this thread's buffer, check it, and write its rows as float32 to ``out[positions]``."""
         seg = self.segments[block.segment]
-        try:
-            raw = seg.features[block.start : block.stop]
-        except Exception as e:  # checksum mismatch, codec error ...
-            raise StoreError(
-                f"cannot read segment {seg.key} of space {self.space} (chunk of rows {block.start}-{block.stop - 1}): "
-                f"{e.__class__.__name__}: {e}. See: featcache verify"
-            ) from None
-        if tuple(raw.shape[1:]) != self.stored_shape:
-            raise StoreError(f"segment {seg.key} of space {self.space} holds rows of shape {raw.shape[1:]}, not "
-                             f"{self.stored_shape}; the store may be damaged")
-        seg.check_chunk(block.start, raw, self.space)  # the whole chunk against its recorded CRC
+        if tuple(seg.features.shape[1:]) != self.stored_shape:
+            raise StoreError(f"segment {seg.key} of space {self.space} holds rows of shape {seg.features.shape[1:]}, "
+                             f"not {self.stored_shape}; the store may be damaged")
+        raw = seg.read_chunk(block.start // seg.chunk_rows, self.space, self._scratch(seg))  # CRC-checked
         if len(block.rows) != len(raw):
             raw = raw[block.rows - block.start]
-        out = raw.astype(np.float32) if self.keep_shape else prepare_features(raw, self.pool)
-        finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
-        if not finite.all():
-            raise StoreError(f"{int((~finite).sum())} rows in segment {seg.key} of space {self.space} hold non-finite "
+        finite = np.isfinite(raw).all() if raw.dtype == np.float32 else not _nonfinite_f16(raw)
+        if not finite:
+            bad = int((~np.isfinite(raw.reshape(len(raw), -1)).all(axis=1)).sum())
+            raise StoreError(f"{bad} rows in segment {seg.key} of space {self.space} hold non-finite "
                              "values (NaN or inf); they cannot be trained on. See: featcache verify")
-        return out
+        if not self.keep_shape and raw.ndim == 4 and self.pool in ("avg", "max"):
+            out[positions] = prepare_features(raw, self.pool)
+            return
+        rows = raw.reshape(len(raw), -1)
+        flat = out.reshape(len(out), -1)
+        cuts = np.flatnonzero(np.diff(positions) != 1) + 1  # runs of consecutive destination rows
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(positions)]):
+            first = int(positions[a])
+            _upcast(flat[first : first + b - a], rows[a:b])
 
     def _fill(self, out: np.ndarray, blocks: list[_Block], positions: list[np.ndarray], pool: ThreadPoolExecutor) -> None:
         def one(i: int) -> None:
-            out[positions[i]] = self._read(blocks[i])
+            self._read_into(blocks[i], out, positions[i])
 
         for _ in pool.map(one, range(len(blocks))):
             pass

@@ -113,6 +113,26 @@ def test_layers_benchmark_smoke(folder, tmp_path):
     assert bad.exit_code == 2 and "needs a case with several layers" in bad.output
 
 
+def test_peers_benchmark_smoke(folder):
+    from benchmarks.peers import extract_ways, fit_ways, has_datasets, load_ways
+
+    import featcache
+
+    rows = extract_ways(str(folder), TINY, weights="none", batch_size=8, workers=1, repeats=1)
+    ways = [r["way"] for r in rows]
+    assert ways[0] == "featcache extract (no env)" and ways[-1].startswith("bare forward")
+    assert ("HF datasets .map + malloc env" in ways) == has_datasets()
+    assert all(r["images"] == 36 and r["ips"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    assert rows[0]["over_fastest_peer"] > 0 and rows[0]["over_bare"] > 0
+    store = str(folder.parent / "s.zarr")
+    key = featcache.extract(backbone=TINY, weights="none", data=str(folder), store=store, batch_size=8).set_key
+    load = load_ways(store, key, "pooled", repeats=1)  # every way is checked to return the same rows
+    assert [r["way"] for r in load][:2] == ["featcache", "np.load"] and all(r["gbs"] > 0 for r in load)
+    assert load[0]["bytes_per_image"] < load[1]["bytes_per_image"]  # compressed float16 against float32
+    fit = fit_ways(store, key, epochs=1, batch_size=8, repeats=1)
+    assert fit[0]["rows"] == 24 and fit[0]["featcache_epoch_s"] > 0 and fit[0]["bare_epoch_s"] > 0
+
+
 def test_cli_benchmark_times_whole_processes(folder):
     from benchmarks.cli import run_cli
 

@@ -30,7 +30,7 @@ import socket
 import threading
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -39,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..errors import StoreError
+from .chunks import ChunkReader
 
 __all__ = [
     "Rows",
@@ -323,6 +324,7 @@ class Segment:
     sha256: np.ndarray
     chunk_rows: int
     crc32: list[int]
+    _chunks: ChunkReader | None = field(default=None, repr=False, compare=False)
 
     def check_chunk(self, start: int, block: np.ndarray, space: str) -> None:
         """Compare one whole decoded chunk with its recorded CRC."""
@@ -333,6 +335,25 @@ class Segment:
                 "differ from the integrity record. See: featcache verify"
             )
 
+    @property
+    def chunks(self) -> ChunkReader:
+        """Whole chunks of ``features`` decoded straight from the shard files (see ``chunks.py``)."""
+        if self._chunks is None:
+            self._chunks = ChunkReader(self.features)
+        return self._chunks
+
+    def read_chunk(self, chunk: int, space: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows of one chunk, decoded (into ``out`` when given) and compared with the recorded CRC."""
+        try:
+            rows = self.chunks.read(chunk, out)
+        except Exception as e:  # checksum mismatch, codec error, missing shard ...
+            raise StoreError(
+                f"cannot read segment {self.key} of space {space} (chunk {chunk}): {e.__class__.__name__}: {e}. "
+                "See: featcache verify"
+            ) from None
+        self.check_chunk(chunk * self.chunk_rows, rows, space)
+        return rows
+
     def read_rows(self, rows: np.ndarray, space: str) -> np.ndarray:
         """The given rows (sorted ascending), read whole chunk by whole chunk, each chunk compared with its
         recorded CRC first: a row is never returned from a chunk that differs from the integrity record."""
@@ -341,14 +362,11 @@ class Segment:
         if not len(rows):
             return out
         step = self.chunk_rows
-        chunk_of = rows // step
-        needed = np.unique(chunk_of)
-        for run in np.split(needed, np.flatnonzero(np.diff(needed) != 1) + 1):  # consecutive chunks: one read
-            lo, hi = int(run[0]) * step, min((int(run[-1]) + 1) * step, self.features.shape[0])
-            block = self.features[lo:hi]
-            for start in range(lo, hi, step):
-                self.check_chunk(start, block[start - lo : start - lo + step], space)
-            a, b = np.searchsorted(rows, lo), np.searchsorted(rows, hi)  # rows are sorted
+        scratch = np.empty((step,) + tuple(self.features.shape[1:]), dtype=self.features.dtype)
+        for chunk in np.unique(rows // step).tolist():
+            block = self.read_chunk(chunk, space, scratch)
+            lo = chunk * step
+            a, b = np.searchsorted(rows, lo), np.searchsorted(rows, lo + step)  # rows are sorted
             out[a:b] = block[rows[a:b] - lo]
         return out
 

@@ -1,0 +1,151 @@
+"""Model processes for the CPU: N forked processes, each decoding its own batches and running the
+frozen network on them with ``cores / N`` threads.
+
+On a CPU the DataLoader way (decode workers beside one model running on every core) makes the
+decoders and the model's intra-op threads take cores from each other: a network of many small
+layers (efficientnet_lite0) ends each layer in a barrier of its threads, so one preempted
+thread stalls the others at every layer. Processes that each decode and then run their own
+batch keep every core busy with no barrier between them (benchmarks/README.md, "Peers").
+
+Batch ``j`` (the same images a one-process run puts in batch ``j``) is computed by process
+``j % N`` and handed back in order, so the rows and the order the writer sees them in are
+those of a one-process run, bit for bit (a batch's result does not depend on the number of
+threads; it can depend on which images share a batch). The model is shared with the
+processes by fork (no copy of the weights); results come back over pipes as raw float32
+bytes behind a JSON header.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import FeatcacheError
+from .runtime import keep_memory
+
+__all__ = ["model_processes", "forked_batches", "usable_cores"]
+
+_PROC_MEMORY = 3 << 30  # what one process may need for a batch of 64 (activations of a large CNN)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def model_processes(device: torch.device, n_items: int, batch_size: int, workers: int | None) -> int:
+    """How many model processes to run: 0 (the model runs here, DataLoader workers decode) unless the
+    model runs on the CPU, the number of workers is left to featcache, there are two batches or more,
+    fork is available and this is not one rank of several (torchrun)."""
+    if (device.type != "cpu" or workers is not None or n_items <= batch_size or int(os.environ.get("WORLD_SIZE", "1")) > 1
+            or "fork" not in mp.get_all_start_methods() or os.environ.get("FEATCACHE_MODEL_PROCS") == "0"):
+        return 0
+    n = min(usable_cores(), 8, -(-n_items // batch_size))
+    avail = _available_memory()
+    if avail is not None:
+        n = min(n, max(1, avail // _PROC_MEMORY))
+    return n if n >= 2 else 0
+
+
+def _child(rank: int, procs: int, threads: int, run: Callable, collate: Callable, dataset, n: int,
+           batch_size: int, conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it ends us on Ctrl-C
+    torch.set_num_threads(threads)
+    keep_memory()
+    out: queue.Queue = queue.Queue(maxsize=2)  # compute the next batch while this one is sent
+
+    def send() -> None:
+        while (msg := out.get()) is not None:
+            conn.send_bytes(msg[0])
+            if msg[1] is not None:
+                conn.send_bytes(msg[1])
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        for j in range(rank, -(-n // batch_size), procs):
+            t0 = time.perf_counter()
+            indices, x, bad = collate([dataset[i] for i in range(j * batch_size, min(n, (j + 1) * batch_size))])
+            t1 = time.perf_counter()
+            feats = None if x is None else np.ascontiguousarray(run(x), dtype=np.float32)
+            t2 = time.perf_counter()
+            head = {"batch": j, "indices": indices, "bad": bad, "read": t1 - t0, "model": t2 - t1,
+                    "shape": None if feats is None else list(feats.shape)}
+            out.put((json.dumps(head).encode(), None if feats is None else feats.reshape(-1).view(np.uint8)))
+    except BaseException as e:  # reported to the parent, which raises it
+        out.put((json.dumps({"error": f"{e.__class__.__name__}: {e}"}).encode(), None))
+    out.put(None)
+    sender.join()
+    conn.close()
+
+
+def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable, dataset, n: int, batch_size: int,
+                   procs: int, spent: dict[str, float]) -> Iterator[tuple[list[int], np.ndarray | None, list]]:
+    """``(indices, float32 features or None, failures)`` for each batch of ``dataset``, in batch order,
+    computed by ``procs`` forked processes. ``spent`` accumulates the processes' seconds decoding
+    (``decode``) and in the model (``forward``), and this process's seconds waiting (``read``)."""
+    ctx = mp.get_context("fork")
+    threads = max(1, usable_cores() // procs)
+    children, conns = [], []
+    try:
+        for r in range(procs):
+            here, there = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_child, args=(r, procs, threads, run, collate, dataset, n, batch_size, there),
+                            daemon=True, name=f"featcache-model-{r}")
+            p.start()
+            there.close()
+            children.append(p)
+            conns.append(here)
+        for key in ("decode", "forward", "read"):
+            spent.setdefault(key, 0.0)
+        for j in range(-(-n // batch_size)):
+            t = time.perf_counter()
+            conn = conns[j % procs]
+            try:
+                head = json.loads(conn.recv_bytes())
+                if "error" in head:
+                    raise FeatcacheError(f"model process {j % procs} failed: {head['error']}")
+                feats = None
+                if head["shape"] is not None:
+                    feats = np.empty(head["shape"], dtype=np.float32)
+                    if conn.recv_bytes_into(feats.reshape(-1).view(np.uint8)) != feats.nbytes:  # a 1-D view: its length is its bytes
+                        raise EOFError
+            except (EOFError, OSError):
+                code = children[j % procs].exitcode
+                raise FeatcacheError(f"model process {j % procs} ended unexpectedly (exit status {code}; out of "
+                                     "memory?). Re-run the command, or pass --workers N to run the model in one process") from None
+            if head["batch"] != j:
+                raise FeatcacheError(f"model process {j % procs} sent batch {head['batch']}, expected {j}")
+            spent["read"] += time.perf_counter() - t
+            spent["decode"] += head["read"]
+            spent["forward"] += head["model"]
+            yield head["indices"], feats, [tuple(b) for b in head["bad"]]
+    finally:
+        for c in conns:
+            c.close()
+        for p in children:
+            if p.is_alive():
+                p.terminate()
+            p.join()

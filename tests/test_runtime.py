@@ -1,0 +1,129 @@
+"""Speed settings that must not change an answer: kept memory, model processes, the direct chunk reader."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import ZstdCodec
+
+import featcache
+from featcache import procs
+from featcache.errors import FeatcacheError
+from featcache.store.chunks import ChunkReader
+
+from .conftest import TINY, make_folder
+
+_FAULTS = r"""
+import numpy as np, sys
+from featcache.runtime import keep_memory, minor_faults
+kept = keep_memory()
+a = b"\x01" * (64 << 20); del a  # 64 MiB, faulted in once
+before = minor_faults()
+for _ in range(3):
+    a = b"\x01" * (64 << 20); del a
+print(kept, minor_faults() - before)
+"""
+
+
+def _faults(env_value: str) -> tuple[str, int]:
+    env = {**os.environ, "FEATCACHE_KEEP_MEMORY": env_value}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True).stdout
+    kept, faults = out.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_kept_memory_stops_refaulting_large_buffers():
+    kept, faults = _faults("1")
+    off, faults_off = _faults("0")
+    assert (kept, off) == ("True", "False")
+    assert faults_off > 3 * (64 << 20) // 4096 // 2  # every reallocation is faulted in again by default
+    assert faults < faults_off / 20  # ... and not with the memory kept
+
+
+def _rows(store: str, key: str) -> dict[str, np.ndarray]:
+    fs = featcache.open_store(store).get_set(key)
+    return {s: fs.features(s) for s in fs.splits}
+
+
+def test_model_processes_store_the_rows_of_one_process_bit_for_bit(tmp_path, monkeypatch):
+    monkeypatch.setattr(procs, "usable_cores", lambda: 2)  # two model processes whatever the machine
+    data = make_folder(tmp_path / "data", splits=(("train", 14), ("val", 6)))
+    common = dict(backbone=TINY, weights="none", data=str(data), batch_size=4, dtype="float32")
+    many = featcache.extract(store=str(tmp_path / "a.zarr"), **common)
+    one = featcache.extract(store=str(tmp_path / "b.zarr"), workers=0, **common)
+    assert many.timings["processes"] == 2 and "processes" not in one.timings
+    assert many.timings["forward"] > 0 and many.timings["decode"] > 0
+    a, b = _rows(str(tmp_path / "a.zarr"), many.set_key), _rows(str(tmp_path / "b.zarr"), one.set_key)
+    assert a.keys() == b.keys() and all(np.array_equal(a[s], b[s]) for s in a)
+    # and in the same order in their segments
+    sa, sb = (featcache.open_store(str(tmp_path / n)).locate(r.space, [])[0] for n, r in (("a.zarr", many), ("b.zarr", one)))
+    assert [s.sha256.tolist() for s in sa] == [s.sha256.tolist() for s in sb]
+
+
+def test_a_failing_model_process_is_an_error_not_missing_rows(tmp_path, monkeypatch):
+    import contextlib
+
+    from featcache import pipeline
+
+    monkeypatch.setattr(procs, "usable_cores", lambda: 2)
+    data = make_folder(tmp_path / "data", splits=(("train", 14), ("val", 6)))
+    parent = os.getpid()
+
+    @contextlib.contextmanager
+    def breaks_in_children(*args):
+        if os.getpid() != parent:
+            raise RuntimeError("boom in the model")
+        yield
+
+    monkeypatch.setattr(pipeline, "autocast", breaks_in_children)  # entered around each forward
+    with pytest.raises(FeatcacheError, match="model process 0 failed: RuntimeError: boom in the model"):
+        featcache.extract(backbone=TINY, weights="none", data=str(data), store=str(tmp_path / "s.zarr"), batch_size=4)
+    assert featcache.open_store(str(tmp_path / "s.zarr")).sets() == []
+
+
+def test_model_processes_only_where_they_help():
+    import torch
+
+    cpu, n = torch.device("cpu"), 1000
+    assert procs.model_processes(cpu, n, 64, workers=2) == 0  # workers chosen: the DataLoader way
+    assert procs.model_processes(cpu, 64, 64, workers=None) == 0  # one batch
+    assert procs.model_processes(torch.device("cuda"), n, 64, workers=None) == 0
+    expected = min(procs.usable_cores(), 8)
+    assert procs.model_processes(cpu, n, 64, workers=None) == (expected if expected >= 2 else 0)
+
+
+def test_chunk_reader_reads_what_zarr_reads_and_falls_back_for_other_codecs(tmp_path, folder, store_url):
+    r = featcache.extract(backbone=TINY, weights="none", data=str(folder), store=store_url, batch_size=8)
+    seg = featcache.open_store(store_url).locate(r.space, [])[0][0]
+    assert seg.chunks.fast
+    whole = seg.features[:]
+    got = np.concatenate([seg.read_chunk(i, r.space).copy() for i in range(-(-len(whole) // seg.chunk_rows))])
+    assert np.array_equal(got, whole)
+    other = zarr.create_array(str(tmp_path / "other.zarr"), shape=whole.shape, chunks=(5,) + whole.shape[1:],
+                              dtype=whole.dtype, compressors=[ZstdCodec(level=1)])
+    other[:] = whole
+    reader = ChunkReader(other)
+    assert not reader.fast
+    assert np.array_equal(np.concatenate([reader.read(i).copy() for i in range(-(-len(whole) // 5))]), whole)
+
+
+def test_a_flipped_byte_in_a_shard_is_refused_by_the_direct_reader(folder, store_url):
+    from featcache.errors import StoreError
+    from featcache.stream import RowReader
+
+    r = featcache.extract(backbone=TINY, weights="none", data=str(folder), store=store_url, batch_size=8)
+    st = featcache.open_store(store_url)
+    fs = st.get_set(r.set_key)
+    seg = st.locate(r.space, [])[0][0]
+    shard = next(p for p in (seg.chunks._shard_path(0),) if p.exists())
+    raw = bytearray(shard.read_bytes())
+    raw[40] ^= 0xFF  # inside the first chunk's compressed bytes
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="cannot read segment .* chunk 0"):
+        RowReader(st, fs.space, fs.hashes("train"), fs.shape).load()
