@@ -162,3 +162,22 @@ def test_augmented_views_of_several_layers_in_one_pass(tmp_path, monkeypatch):
         a = featcache.open_store(str(tmp_path / "b.zarr")).get_set(r.set_key).view_features()
         b = featcache.open_store(str(tmp_path / f"{r.layer}.zarr")).get_set(alone.set_key).view_features()
         assert r.views_extracted == 12 and a.shape[:2] == (6, 2) and a.tobytes() == b.tobytes()
+
+
+def test_model_processes_carry_several_layers_bit_for_bit(tmp_path, monkeypatch):
+    """Forked model processes (the CPU default) send a joint's outputs as one flat array per batch:
+    split back, each layer's rows equal that layer extracted alone in one process."""
+    from featcache import procs
+
+    monkeypatch.setattr(procs, "usable_cores", lambda: 2)
+    monkeypatch.setattr(procs, "_available_memory", lambda: None)
+    data = make_folder(tmp_path / "data", splits=(("train", 4), ("val", 2)))
+    kw = dict(backbone=TINY, weights="none", data=str(data), dtype="float32", batch_size=4)
+    joint = featcache.extract(layer="features,avgpool", store=str(tmp_path / "joint.zarr"), **kw)
+    assert [r.timings.get("processes") for r in joint] == [2.0, 2.0]
+    for r in joint:
+        alone = featcache.extract(layer=r.layer, store=str(tmp_path / f"{r.layer}.zarr"), workers=0, **kw)
+        for split in ("train", "val"):
+            a = featcache.open_store(str(tmp_path / "joint.zarr")).get_set(r.set_key).to_numpy(split)
+            b = featcache.open_store(str(tmp_path / f"{r.layer}.zarr")).get_set(alone.set_key).to_numpy(split)
+            assert a[0].dtype == np.float32 and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
