@@ -98,6 +98,9 @@ def extract_cmd(progress: bool | None, as_json: bool, **options) -> None:
         echo_json({**result.to_dict(), "next": following})
         return
     click.echo(result.summary())
+    spent = first.time_line()
+    if spent:
+        click.echo(spent, err=True)
     click.echo(f"next: {following}")
 
 

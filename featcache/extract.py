@@ -80,6 +80,20 @@ class ExtractResult:
         return (f"set {self.set_key}: {self.images} images ({splits}); {work}{skipped}{views}; {self.seconds:.1f} s; "
                 f"{human_bytes(self.set_bytes)} on disk")
 
+    def time_line(self) -> str | None:
+        """Where the time went (``None`` when nothing was computed): with model processes, their
+        seconds decoding and in the forward (summed over the processes) and this process's wait
+        for them; else the wait for decoded images and the model; and the background writer."""
+        t = self.timings
+        if self.cache_hit or not t:
+            return None
+        if t.get("processes"):
+            work = (f"{int(t['processes'])} model processes decoding {t.get('decode', 0.0):.1f} s and in the forward "
+                    f"{t.get('forward', 0.0):.1f} s (summed), waited for {t.get('read', 0.0):.1f} s")
+        else:
+            work = f"waiting for decoded images {t.get('read', 0.0):.1f} s, model and checks {t.get('model', 0.0):.1f} s"
+        return f"time: {work}; writer busy {t.get('write', 0.0):.1f} s (alongside)"
+
     def to_dict(self) -> dict:
         """The result as JSON values (``extract --json``)."""
         return {
