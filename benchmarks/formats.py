@@ -110,7 +110,8 @@ def run_formats(data: str, backbone: str = "efficientnet_lite0", weights: str = 
     for version, s in seen.items():
         rows.append({"format": version, "code": old_rev if version == 1 else "this checkout", "rounds": rounds,
                      "extract_s": statistics.median(s["extract_s"]), "read_gbs": statistics.median(s["read_gbs"]),
-                     "files": s["files"], "files_per_10k": s["files"] * 10_000 / max(images, 1), "bytes": s["bytes"]})
+                     "files": s["files"], "files_per_10k": s["files"] * 10_000 / max(images, 1), "bytes": s["bytes"],
+                     "digests": sorted(s["digest"])})
     old = rows[0]
     same = seen[1]["digest"] == seen[2]["digest"] and len(seen[1]["digest"]) == 1
     for row in rows:
