@@ -29,7 +29,7 @@ def test_the_two_product_commands_end_to_end(run, folder, tmp_path):
     assert re.search(r"^layout: split folders .*\nhashing 36 files\nloading vgg16 \(layer features\)\n"
                      r"extracting 24 train \+ 12 val\n", r.output)  # a phase line as each phase starts
     assert re.search(r"set (\w{12}): 36 images \(train 24, val 12\); extracted 36 \([\d.]+ images/s\), reused 0; "
-                     r"[\d.]+ s; [\d.]+ [KM]B on disk\nnext: featcache fit --set \1\n$", r.output)
+                     r"[\d.]+ s; [\d.]+ [KM]B on disk\ntime: [^\n]+\nnext: featcache fit --set \1\n$", r.output)
     assert (tmp_path / "featcache.zarr" / "zarr.json").exists()  # the default store
 
     r = run("fit", "--head", "mlp", "--epochs", "30", "--patience", "0")

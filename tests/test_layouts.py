@@ -102,7 +102,7 @@ def test_the_layout_line_comes_before_the_work(catdog, tmp_path, monkeypatch):
     lines = r.output.splitlines()
     assert lines[0] == ("layout: split folders training_set/training_set (train), test_set/test_set (test); "
                         "2 classes: cats, dogs")
-    assert lines[-2].startswith("set ") and lines[-1].startswith("next: featcache fit --set ")
+    assert lines[-3].startswith("set ") and lines[-2].startswith("time: ") and lines[-1].startswith("next: featcache fit --set ")
 
 
 def test_dogs_vs_cats_labels_from_names_and_an_unlabelled_test_split(dvc, tmp_path, monkeypatch):
