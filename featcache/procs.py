@@ -9,8 +9,14 @@ batch keep every core busy with no barrier between them (benchmarks/README.md, "
 
 Batch ``j`` (the same images a one-process run puts in batch ``j``) is computed by process
 ``j % N`` and handed back in order, so the rows and the order the writer sees them in are
-those of a one-process run, bit for bit (a batch's result does not depend on the number of
-threads; it can depend on which images share a batch). The model is shared with the
+those of a one-process run, bit for bit. That needs care about threads: PyTorch runs a 1x1
+convolution on one thread with another kernel than on several when the batch has fewer than
+16 images (``use_mkldnn`` in ATen's Convolution.cpp), so a smaller last batch on a one-thread
+process would round differently (measured: efficientnet_lite0, 3.7e-5 relative). A short
+batch (the last, or one with a file that failed to decode) is therefore decoded by its
+process and run by this one, on a one-process run's threads (a forked process cannot take
+more threads: OpenMP's pool does not survive fork), and batch sizes under 16 get no model
+processes. The model is shared with the
 processes by fork (no copy of the weights); results come back over pipes as raw float32
 bytes behind a JSON header.
 """
@@ -36,6 +42,7 @@ from .runtime import keep_memory
 __all__ = ["model_processes", "forked_batches", "usable_cores"]
 
 _PROC_MEMORY = 3 << 30  # what one process may need for a batch of 64 (activations of a large CNN)
+MIN_BATCH = 16  # below this, one thread takes other convolution kernels than several (see above)
 
 
 def usable_cores() -> int:
@@ -57,9 +64,10 @@ def _available_memory() -> int | None:
 
 def model_processes(device: torch.device, n_items: int, batch_size: int, workers: int | None) -> int:
     """How many model processes to run: 0 (the model runs here, DataLoader workers decode) unless the
-    model runs on the CPU, the number of workers is left to featcache, there are two batches or more,
-    fork is available and this is not one rank of several (torchrun)."""
-    if (device.type != "cpu" or workers is not None or n_items <= batch_size or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    model runs on the CPU, the number of workers is left to featcache, there are two batches or more of
+    at least ``MIN_BATCH`` images, fork is available and this is not one rank of several (torchrun)."""
+    if (device.type != "cpu" or workers is not None or n_items <= batch_size or batch_size < MIN_BATCH
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1
             or "fork" not in mp.get_all_start_methods() or os.environ.get("FEATCACHE_MODEL_PROCS") == "0"):
         return 0
     n = min(usable_cores(), 8, -(-n_items // batch_size))
@@ -89,16 +97,28 @@ def _child(rank: int, procs: int, threads: int, run: Callable, collate: Callable
             t0 = time.perf_counter()
             indices, x, bad = collate([dataset[i] for i in range(j * batch_size, min(n, (j + 1) * batch_size))])
             t1 = time.perf_counter()
+            head = {"batch": j, "indices": indices, "bad": bad, "read": t1 - t0, "model": 0.0, "shape": None}
+            if x is not None and len(x) < batch_size:  # a short batch: the parent runs it (see above)
+                inputs = np.ascontiguousarray(x.numpy())
+                head["input"] = {"shape": list(inputs.shape), "dtype": inputs.dtype.str}
+                out.put((json.dumps(head).encode(), inputs.reshape(-1).view(np.uint8)))
+                continue
             feats = None if x is None else np.ascontiguousarray(run(x), dtype=np.float32)
-            t2 = time.perf_counter()
-            head = {"batch": j, "indices": indices, "bad": bad, "read": t1 - t0, "model": t2 - t1,
-                    "shape": None if feats is None else list(feats.shape)}
+            head["model"] = time.perf_counter() - t1
+            head["shape"] = None if feats is None else list(feats.shape)
             out.put((json.dumps(head).encode(), None if feats is None else feats.reshape(-1).view(np.uint8)))
     except BaseException as e:  # reported to the parent, which raises it
         out.put((json.dumps({"error": f"{e.__class__.__name__}: {e}"}).encode(), None))
     out.put(None)
     sender.join()
     conn.close()
+
+
+def _receive(conn: Connection, shape: list[int], dtype) -> np.ndarray:
+    arr = np.empty(shape, dtype=dtype)
+    if conn.recv_bytes_into(arr.reshape(-1).view(np.uint8)) != arr.nbytes:  # a 1-D view: its length is its bytes
+        raise EOFError
+    return arr
 
 
 def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable, dataset, n: int, batch_size: int,
@@ -127,11 +147,11 @@ def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable,
                 head = json.loads(conn.recv_bytes())
                 if "error" in head:
                     raise FeatcacheError(f"model process {j % procs} failed: {head['error']}")
-                feats = None
+                feats = inputs = None
                 if head["shape"] is not None:
-                    feats = np.empty(head["shape"], dtype=np.float32)
-                    if conn.recv_bytes_into(feats.reshape(-1).view(np.uint8)) != feats.nbytes:  # a 1-D view: its length is its bytes
-                        raise EOFError
+                    feats = _receive(conn, head["shape"], np.float32)
+                elif "input" in head:
+                    inputs = _receive(conn, head["input"]["shape"], np.dtype(head["input"]["dtype"]))
             except (EOFError, OSError):
                 code = children[j % procs].exitcode
                 raise FeatcacheError(f"model process {j % procs} ended unexpectedly (exit status {code}; out of "
@@ -139,6 +159,10 @@ def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable,
             if head["batch"] != j:
                 raise FeatcacheError(f"model process {j % procs} sent batch {head['batch']}, expected {j}")
             spent["read"] += time.perf_counter() - t
+            if inputs is not None:  # a short batch, run here on a one-process run's threads
+                t = time.perf_counter()
+                feats = np.ascontiguousarray(run(torch.from_numpy(inputs)), dtype=np.float32)
+                head["model"] = time.perf_counter() - t
             spent["decode"] += head["read"]
             spent["forward"] += head["model"]
             yield head["indices"], feats, [tuple(b) for b in head["bad"]]

@@ -171,8 +171,8 @@ def test_model_processes_carry_several_layers_bit_for_bit(tmp_path, monkeypatch)
 
     monkeypatch.setattr(procs, "usable_cores", lambda: 2)
     monkeypatch.setattr(procs, "_available_memory", lambda: None)
-    data = make_folder(tmp_path / "data", splits=(("train", 4), ("val", 2)))
-    kw = dict(backbone=TINY, weights="none", data=str(data), dtype="float32", batch_size=4)
+    data = make_folder(tmp_path / "data", splits=(("train", 8), ("val", 4)))  # 36 images: batches of 16, 16, 4
+    kw = dict(backbone=TINY, weights="none", data=str(data), dtype="float32", batch_size=16)
     joint = featcache.extract(layer="features,avgpool", store=str(tmp_path / "joint.zarr"), **kw)
     assert [r.timings.get("processes") for r in joint] == [2.0, 2.0]
     for r in joint:

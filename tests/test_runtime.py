@@ -53,8 +53,8 @@ def _rows(store: str, key: str) -> dict[str, np.ndarray]:
 
 def test_model_processes_store_the_rows_of_one_process_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setattr(procs, "usable_cores", lambda: 2)  # two model processes whatever the machine
-    data = make_folder(tmp_path / "data", splits=(("train", 14), ("val", 6)))
-    common = dict(backbone=TINY, weights="none", data=str(data), batch_size=4, dtype="float32")
+    data = make_folder(tmp_path / "data", splits=(("train", 14), ("val", 6)))  # 60 images: 3 batches of 16 and one of 12
+    common = dict(backbone=TINY, weights="none", data=str(data), batch_size=16, dtype="float32")
     many = featcache.extract(store=str(tmp_path / "a.zarr"), **common)
     one = featcache.extract(store=str(tmp_path / "b.zarr"), workers=0, **common)
     assert many.timings["processes"] == 2 and "processes" not in one.timings
@@ -64,6 +64,29 @@ def test_model_processes_store_the_rows_of_one_process_bit_for_bit(tmp_path, mon
     # and in the same order in their segments
     sa, sb = (featcache.open_store(str(tmp_path / n)).locate(r.space, [])[0] for n, r in (("a.zarr", many), ("b.zarr", one)))
     assert [s.sha256.tolist() for s in sa] == [s.sha256.tolist() for s in sb]
+
+
+@pytest.mark.slow
+def test_short_batches_of_a_real_network_are_bit_for_bit_those_of_one_process(tmp_path, monkeypatch):
+    """efficientnet_lite0 has 1x1 convolutions, which one thread computes with other kernels than two
+    when a batch has fewer than 16 images: the short batches (the last, and one with a file that
+    does not decode) must still give a one-process run's rows."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    monkeypatch.setattr(procs, "usable_cores", lambda: 2)
+    data = make_folder(tmp_path / "data", splits=(("train", 8), ("val", 4)), size=(64, 64))  # 36 images
+    (data / "train" / "red" / "red_3.png").write_bytes(b"not a png")  # its batch is one image short
+    common = dict(backbone="efficientnet_lite0", data=str(data), batch_size=16, dtype="float32")
+    many = featcache.extract(store=str(tmp_path / "a.zarr"), **common)
+    one = featcache.extract(store=str(tmp_path / "b.zarr"), workers=0, **common)
+    assert many.timings["processes"] == 2 and len(many.skipped) == 1
+    a, b = _rows(str(tmp_path / "a.zarr"), many.set_key), _rows(str(tmp_path / "b.zarr"), one.set_key)
+    assert a.keys() == b.keys() and all(np.array_equal(a[s], b[s]) for s in a)
+
+
+def test_model_processes_need_batches_of_16():
+    import torch
+
+    assert procs.model_processes(torch.device("cpu"), 1000, 8, workers=None) == 0
 
 
 def test_a_failing_model_process_is_an_error_not_missing_rows(tmp_path, monkeypatch):
@@ -83,7 +106,7 @@ def test_a_failing_model_process_is_an_error_not_missing_rows(tmp_path, monkeypa
 
     monkeypatch.setattr(pipeline, "autocast", breaks_in_children)  # entered around each forward
     with pytest.raises(FeatcacheError, match="model process 0 failed: RuntimeError: boom in the model"):
-        featcache.extract(backbone=TINY, weights="none", data=str(data), store=str(tmp_path / "s.zarr"), batch_size=4)
+        featcache.extract(backbone=TINY, weights="none", data=str(data), store=str(tmp_path / "s.zarr"), batch_size=16)
     assert featcache.open_store(str(tmp_path / "s.zarr")).sets() == []
 
 
