@@ -28,6 +28,7 @@ from .backbones import Backbone, Joint, autocast, resolve_precision
 from .data import decode_bytes, open_regular
 from .errors import DataError, FeatcacheError
 from .procs import forked_batches, model_processes
+from .progress import Progress, progress_bar
 from .runtime import keep_memory
 from .store import Store
 
@@ -162,24 +163,25 @@ def run_backbone(backbone: Backbone | Joint, root: Path, items: Sequence[_Item],
 
     dataset = Images(root, items, backbone.transform, views, augment)
     procs = 0 if compile else model_processes(dev, len(items), batch_size, workers)
-    if procs:
-        spent["processes"] = float(procs)
-
-        def forward(x: torch.Tensor) -> np.ndarray:
-            with torch.inference_mode(), autocast(precision, dev):
-                return flat(model(x))
-
-        source = forked_batches(forward, _collate, dataset, len(items), batch_size, procs, spent)
-    else:
-        source = _in_process(model, dataset, len(items), batch_size, workers, dev, precision, spent)
-    bar = progress_bar(len(items), progress, desc)
+    shown = Progress(progress_bar(len(items), progress, desc), procs + 1)
+    if not compile:  # a compiled model is traced once; hooks would be traced into it
+        shown.watch(model)
     try:
+        if procs:
+            spent["processes"] = float(procs)
+
+            def forward(x: torch.Tensor) -> np.ndarray:
+                with torch.inference_mode(), autocast(precision, dev):
+                    return flat(model(x))
+
+            source = forked_batches(forward, _collate, dataset, len(items), batch_size, procs, spent, shown)
+        else:
+            source = _in_process(model, dataset, len(items), batch_size, workers, dev, precision, spent, shown)
         with contextlib.closing(source):
             for indices, feats, bad in source:
                 yield Batch(indices, split(feats), bad)
-                bar.update(len(indices) + len(bad))
     finally:
-        bar.close()
+        shown.close()
 
 
 def flat(out) -> np.ndarray:
@@ -190,8 +192,9 @@ def flat(out) -> np.ndarray:
 
 
 def _in_process(model, dataset: Images, n: int, batch_size: int, workers: int | None, dev: torch.device,
-                precision: str, spent: dict[str, float]) -> Iterator[tuple[list[int], np.ndarray | None, list]]:
+                precision: str, spent: dict[str, float], shown: Progress) -> Iterator[tuple[list[int], np.ndarray | None, list]]:
     """DataLoader workers decode, the model runs here on all its threads."""
+    slot = shown.slot(0, decoding=False)
     cuda = dev.type == "cuda"
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if n > batch_size else 0
@@ -201,6 +204,8 @@ def _in_process(model, dataset: Images, n: int, batch_size: int, workers: int | 
     for indices, batch, bad in loader:
         spent["read"] += time.perf_counter() - t
         t = time.perf_counter()
+        if slot is not None:
+            slot.start(len(indices) + len(bad))
         feats = None
         if batch is not None:
             with torch.inference_mode(), autocast(precision, dev):
@@ -209,6 +214,8 @@ def _in_process(model, dataset: Images, n: int, batch_size: int, workers: int | 
                     x = x.contiguous(memory_format=torch.channels_last)
                 feats = flat(model(x))
         spent["model"] += time.perf_counter() - t
+        if slot is not None:
+            slot.finish()
         yield indices, feats, bad
         t = time.perf_counter()
 
@@ -298,20 +305,3 @@ def commit_partial(writer: Writer) -> None:
     """Keep the rows finished before an error or Ctrl-C; they are valid and save a re-run."""
     with contextlib.suppress(BaseException):  # the original error matters more; the segment stays uncommitted
         writer.close(partial=True)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, enabled: bool, desc: str = "extract"):
-    """A tqdm bar with images/s, or one that shows nothing."""
-    if not enabled or total == 0:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)

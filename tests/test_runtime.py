@@ -150,3 +150,34 @@ def test_a_flipped_byte_in_a_shard_is_refused_by_the_direct_reader(folder, store
     shard.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match="cannot read segment .* chunk 0"):
         RowReader(st, fs.space, fs.hashes("train"), fs.shape).load()
+
+
+class _Bar:
+    """Records what a progress bar was told."""
+
+    def __init__(self, total: int):
+        self.n, self.total, self.seen, self.closed = 0, total, [], False
+
+    def update(self, k: int) -> None:
+        assert k > 0 and not self.closed
+        self.n += k
+        self.seen.append(self.n)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("workers", [None, 0], ids=["model-processes", "one-process"])
+def test_the_bar_moves_within_a_batch_and_ends_at_the_total(tmp_path, monkeypatch, workers):
+    from featcache import pipeline
+
+    monkeypatch.setattr(procs, "usable_cores", lambda: 2)
+    bars: list[_Bar] = []
+    monkeypatch.setattr(pipeline, "progress_bar", lambda total, enabled, desc="extract": bars.append(_Bar(total)) or bars[-1])
+    data = make_folder(tmp_path / "data", splits=(("train", 8), ("val", 4)))  # 36 images: batches of 16, 16, 4
+    r = featcache.extract(backbone="tests.tiny_backbone:stepped_tiny_cnn", weights="none", data=str(data),
+                          store=str(tmp_path / "s.zarr"), batch_size=16, workers=workers, progress=True)
+    assert ("processes" in r.timings) == (workers is None)
+    (bar,) = bars
+    assert bar.closed and bar.total == 36 and bar.seen[-1] == 36 and bar.seen == sorted(set(bar.seen))
+    assert any(n % 16 for n in bar.seen[:-1]), bar.seen  # seen between batch ends: per image, not per batch

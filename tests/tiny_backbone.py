@@ -65,3 +65,23 @@ def huge_tiny_cnn() -> nn.Module:
 def bare_cnn() -> nn.Module:
     """A network without a ``transforms`` attribute: its preprocessing is unknown."""
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def _nap(x):
+    time.sleep(0.05)
+    return x
+
+
+torch.fx.wrap("_nap")
+
+
+class _Wait(nn.Module):
+    def forward(self, x):
+        return _nap(x)
+
+
+def stepped_tiny_cnn() -> nn.Module:
+    """TinyCNN whose forward takes a while, spread over its modules (for progress shown within a batch)."""
+    m = TinyCNN()
+    m.features = nn.Sequential(*(layer for conv in m.features for layer in (conv, _Wait())))
+    return m
