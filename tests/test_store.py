@@ -84,6 +84,28 @@ def test_status_and_check_data(folder, store_url, tmp_path, monkeypatch):
     assert runner.invoke(main, ["fit", "--store", store_url, "--head", "logreg"]).exit_code == 0
 
 
+def test_an_open_store_sees_segments_other_writers_commit_change_and_remove(folder, store_url):
+    """The row index is cached between loads; a commit, a changed segment or a removal by another
+    writer (another Store here, another process in use) is seen on the next lookup."""
+    first = _extract(folder, store_url)
+    st = featcache.open_store(store_url)
+    old = st.known_hashes(first.space)
+    make_folder(folder, splits=(("train", 3),), seed=7)  # 9 images rewritten: 9 new rows
+    second = _extract(folder, store_url)
+    assert second.space == first.space
+    new = st.known_hashes(first.space)
+    assert old < new and len(new) == len(old) + 9  # committed meanwhile: seen without re-opening
+    other = featcache.open_store(store_url)
+    name = other.locate(first.space, [])[0][-1].key
+    group = other.root["spaces"][first.space]["segments"][name]
+    group.attrs["committed"] = False  # no longer committed: its rows count as missing
+    assert st.known_hashes(first.space) == old
+    group.attrs["committed"] = True
+    assert st.known_hashes(first.space) == new
+    other.remove_segment(first.space, name)
+    assert st.known_hashes(first.space) == old
+
+
 def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
     a = make_folder(tmp_path / "a", seed=1)
     b = make_folder(tmp_path / "b", seed=2)

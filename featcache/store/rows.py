@@ -551,13 +551,41 @@ class Rows:
         """Committed segments of ``space`` that do not match their integrity record, with the reason."""
         return dict(self._index(space)[2])
 
+    def _segments_signature(self, space: str) -> tuple | None:
+        """On a store in a local folder: (name, inode, size, mtime) of every segment's metadata file, a
+        listing and a few ``stat`` calls (0.05 ms, where reading the segments' attributes through
+        Zarr takes 3-5 ms). A new, removed or committed segment changes it (a commit rewrites the
+        segment's ``zarr.json``). ``None`` elsewhere, or when anything is unexpected."""
+        from zarr.storage import LocalStore
+
+        store = self.root.store
+        if not isinstance(store, LocalStore):
+            return None
+        folder = os.path.join(str(store.root), self.root.path, "spaces", space, "segments")
+        try:
+            sig = []
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    if e.name != "zarr.json":
+                        st = os.stat(os.path.join(e.path, "zarr.json"))
+                        sig.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns))
+            return tuple(sorted(sig))
+        except OSError:
+            return None
+
     def _index(self, space: str) -> tuple[list[Segment], dict[str, tuple[int, int]], dict[str, str]]:
         """Sound committed segments, content hash → (segment number, row) over them (the oldest
-        segment wins), and the damaged ones. Cached while the committed segments stay the same."""
+        segment wins), and the damaged ones. Cached while the committed segments stay the same:
+        on a local folder while no segment's metadata file changed, elsewhere while the names of
+        the committed segments are the same."""
+        sig = self._segments_signature(space)
+        cached = self._index_cache.get(space)
+        if sig is not None and cached is not None and cached[5] == sig:
+            return cached[1:4]
         committed = [(k, g) for k, g in self.segment_groups(space) if g.attrs.get("committed") is True]
         names = tuple(k for k, _ in committed)
-        cached = self._index_cache.get(space)
         if cached is not None and cached[0] == names:
+            self._index_cache[space] = cached[:5] + (sig,)
             return cached[1:4]
         segments: list[Segment] = []
         damaged: dict[str, str] = {}
@@ -574,7 +602,7 @@ class Rows:
         for s, seg in enumerate(segments):
             for r, h in enumerate(seg.sha256.tolist()):
                 index.setdefault(h, (s, r))
-        self._index_cache[space] = (names, segments, index, damaged, superseded)
+        self._index_cache[space] = (names, segments, index, damaged, superseded, sig)
         return segments, index, damaged
 
     def forget_index(self) -> None:
