@@ -16,7 +16,10 @@ process would round differently (measured: efficientnet_lite0, 3.7e-5 relative).
 batch (the last, or one with a file that failed to decode) is therefore decoded by its
 process and run by this one, on a one-process run's threads (a forked process cannot take
 more threads: OpenMP's pool does not survive fork), and batch sizes under 16 get no model
-processes. The model is shared with the
+processes. The full batches left over when their number does not divide among the processes
+go the same way, so no process works alone at the end while the others wait (2,002 images
+in batches of 64 on 2 processes: 31 full batches, the 31st run here on both cores instead of
+on one process's one). The model is shared with the
 processes by fork (no copy of the weights); results come back over pipes as raw float32
 bytes behind a JSON header.
 """
@@ -94,6 +97,7 @@ def _child(rank: int, procs: int, threads: int, run: Callable, collate: Callable
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     slot = shown.slot(rank, decoding=True) if shown is not None else None
+    here_from = (n // batch_size) // procs * procs  # batches from here on are run by the parent (see above)
     try:
         for j in range(rank, -(-n // batch_size), procs):
             t0 = time.perf_counter()
@@ -109,7 +113,7 @@ def _child(rank: int, procs: int, threads: int, run: Callable, collate: Callable
             del decoded
             t1 = time.perf_counter()
             head = {"batch": j, "indices": indices, "bad": bad, "read": t1 - t0, "model": 0.0, "shape": None}
-            if x is not None and len(x) < batch_size:  # a short batch: the parent runs it (see above)
+            if x is not None and (len(x) < batch_size or j >= here_from):  # the parent runs it (see above)
                 inputs = np.ascontiguousarray(x.numpy())
                 head["input"] = {"shape": list(inputs.shape), "dtype": inputs.dtype.str,
                                  "left": slot.hand_over() if slot is not None else 0.0}
@@ -176,7 +180,7 @@ def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable,
             if head["batch"] != j:
                 raise FeatcacheError(f"model process {j % procs} sent batch {head['batch']}, expected {j}")
             spent["read"] += time.perf_counter() - t
-            if inputs is not None:  # a short batch, run here on a one-process run's threads
+            if inputs is not None:  # a short or left-over batch, run here on a one-process run's threads
                 t = time.perf_counter()
                 if here_slot is not None:
                     here_slot.start(head["input"]["left"])

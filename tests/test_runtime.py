@@ -70,10 +70,11 @@ def test_model_processes_store_the_rows_of_one_process_bit_for_bit(tmp_path, mon
 def test_short_batches_of_a_real_network_are_bit_for_bit_those_of_one_process(tmp_path, monkeypatch):
     """efficientnet_lite0 has 1x1 convolutions, which one thread computes with other kernels than two
     when a batch has fewer than 16 images: the short batches (the last, and one with a file that
-    does not decode) must still give a one-process run's rows."""
+    does not decode) and the left-over full batch must still give a one-process run's rows."""
     pytest.importorskip("efficientnet_lite_pytorch")
     monkeypatch.setattr(procs, "usable_cores", lambda: 2)
-    data = make_folder(tmp_path / "data", splits=(("train", 8), ("val", 4)), size=(64, 64))  # 36 images
+    # 51 images in batches of 16: 3 full (the third left over for the parent) and a short one
+    data = make_folder(tmp_path / "data", splits=(("train", 12), ("val", 5)), size=(64, 64))
     (data / "train" / "red" / "red_3.png").write_bytes(b"not a png")  # its batch is one image short
     common = dict(backbone="efficientnet_lite0", data=str(data), batch_size=16, dtype="float32")
     many = featcache.extract(store=str(tmp_path / "a.zarr"), **common)
