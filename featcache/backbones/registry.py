@@ -126,6 +126,29 @@ def default_layer(name: str) -> str:
     return default
 
 
+def _no_weights(weights: str | None) -> str | None:
+    return None if weights is None or weights.lower() == "none" else weights
+
+
+def _construct(name: str | nn.Module, weights: str | None, pool: str | None, transform: Callable | None,
+               traced: Callable, sourced: Callable):
+    """What ``create_backbone`` and ``create_joint`` share: check ``pool``, then build ``name`` as a module
+    passed in Python, a timm/Hugging Face name or a registry name, and cut it with ``traced(name, model,
+    weights_id, transform, tracer_kwargs)`` or ``sourced(source, inner_name, weights)``."""
+    if pool is not None and pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    if isinstance(name, nn.Module):
+        model, weights_id, transform = factory.from_module(name, transform, _no_weights(weights))
+        return traced(factory.module_name(name), model, weights_id, transform, None)
+    if transform is not None:
+        raise UnknownBackbone(f"transform= is for a module passed in Python; {name} brings its own preprocessing")
+    source, inner = _source(name)
+    if source is not None:
+        return sourced(source, inner, _no_weights(weights))
+    model, weights_id, transform = _build(name, weights)
+    return traced(name, model, weights_id, transform, _tracer_kwargs(name))
+
+
 def create_backbone(
     name: str | nn.Module,
     layer: str | None = None,
@@ -141,19 +164,9 @@ def create_backbone(
     ``layer=None`` takes the penultimate output; ``pool=None`` means ``avg`` there (so the
     default is always a vector) and ``none`` elsewhere.
     """
-    if pool is not None and pool not in POOLS:
-        raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
-    if isinstance(name, nn.Module):
-        weights = None if weights is not None and weights.lower() == "none" else weights
-        model, weights_id, transform = factory.from_module(name, transform, weights)
-        return tv.traced_backbone(factory.module_name(name), model, weights_id, transform, layer, pool)
-    if transform is not None:
-        raise UnknownBackbone(f"transform= is for a module passed in Python; {name} brings its own preprocessing")
-    source, inner = _source(name)
-    if source is not None:
-        return source.create(inner, layer, None if weights is None or weights.lower() == "none" else weights, pool)
-    model, weights_id, transform = _build(name, weights)
-    return tv.traced_backbone(name, model, weights_id, transform, layer, pool, _tracer_kwargs(name))
+    return _construct(name, weights, pool, transform,
+                      lambda n, model, wid, tf, kw: tv.traced_backbone(n, model, wid, tf, layer, pool, kw),
+                      lambda source, inner, w: source.create(inner, layer, w, pool))
 
 
 def create_joint(
@@ -168,21 +181,10 @@ def create_joint(
     Each part is the ``Backbone`` that ``create_backbone(name, layer, ...)`` returns for its layer
     (same provenance, so the same feature space); the joint model returns their outputs as a tuple.
     """
-    if pool is not None and pool not in POOLS:
-        raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
     layers = list(layers)
-    if isinstance(name, nn.Module):
-        weights = None if weights is not None and weights.lower() == "none" else weights
-        model, weights_id, transform = factory.from_module(name, transform, weights)
-        return tv.traced_joint(factory.module_name(name), model, weights_id, transform, layers, pool)
-    if transform is not None:
-        raise UnknownBackbone(f"transform= is for a module passed in Python; {name} brings its own preprocessing")
-    source, inner = _source(name)
-    if source is not None:
-        return source.create_joint(inner, layers, None if weights is None or weights.lower() == "none" else weights,
-                                   pool)
-    model, weights_id, transform = _build(name, weights)
-    return tv.traced_joint(name, model, weights_id, transform, layers, pool, _tracer_kwargs(name))
+    return _construct(name, weights, pool, transform,
+                      lambda n, model, wid, tf, kw: tv.traced_joint(n, model, wid, tf, layers, pool, kw),
+                      lambda source, inner, w: source.create_joint(inner, layers, w, pool))
 
 
 def check_rest(name: str) -> None:
@@ -202,8 +204,7 @@ def create_rest(name: str, layer: str | None, weights: str | None, n_classes: in
     check_rest(name)
     source, inner = _source(name)
     if source is timm_source:
-        return timm_source.rest_after(inner, layer, None if weights is None or weights.lower() == "none" else weights,
-                                      n_classes)
+        return timm_source.rest_after(inner, layer, _no_weights(weights), n_classes)
     model, _, _ = _build(name, weights)
     if layer is None:
         layer = tv.traced_layers(model, _tracer_kwargs(name))[1]
