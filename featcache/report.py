@@ -97,13 +97,23 @@ def _confusion(plt, cm: list[list[int]], classes: list[str], split: str, out: Pa
     return out
 
 
+def point_labels(names: list, xs: list, ys: list) -> dict[tuple, str]:
+    """One label per plotted point: classes on the same point share it ("1, 4"), never drawn over each
+    other; a class without an accuracy (NaN) has no point and no label."""
+    at: dict[tuple, list[str]] = {}
+    for c, x, y in zip(names, xs, ys):
+        if not np.isnan(y):
+            at.setdefault((x, round(float(y), 6)), []).append(str(c))
+    return {xy: ", ".join(cs) for xy, cs in at.items()}
+
+
 def _per_class(plt, per_class: dict, train_counts: dict, split: str, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [train_counts[c] for c in per_class]
     ys = [np.nan if a is None else a for a in per_class.values()]
     ax.scatter(xs, ys)
-    for c, x, y in zip(per_class, xs, ys):
-        ax.annotate(c, (x, y), fontsize=9, xytext=(4, 4), textcoords="offset points")
+    for (x, y), text in point_labels(list(per_class), xs, ys).items():
+        ax.annotate(text, (x, y), fontsize=9, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel="training images", ylabel=f"{split} accuracy", ylim=(0, 1.08), title="per-class accuracy")
     ax.xaxis.get_major_locator().set_params(integer=True)  # counts, never 121.5
     pad = max(1.0, 0.1 * (max(xs) - min(xs)))  # points and their names off the frame

@@ -73,3 +73,10 @@ def test_C_by_cross_validation_without_a_val_split(tmp_path):
     assert info["C_search"]["by"] == "5-fold cross-validated accuracy"
     assert set(res.metrics) == {"train"}
 
+
+
+def test_classes_on_the_same_point_share_one_label():
+    from featcache.report import point_labels
+
+    labels = point_labels(["0", "1", "4", "6", "9"], [107, 109, 109, 109, 108], [1.0, 1.0, 1.0, 1.0, float("nan")])
+    assert labels == {(107, 1.0): "0", (109, 1.0): "1, 4, 6"}
