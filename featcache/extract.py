@@ -269,7 +269,7 @@ def _merge_failures(failed: dict[str, str], world: int) -> dict[str, str]:
 
 
 def _interrupted() -> Interrupted:
-    return Interrupted("interrupted; finished batches are committed. Re-run the same command to resume.")
+    return Interrupted("finished batches are committed. Re-run the same command to resume.")
 
 
 def _compute(joint: Joint, manifest: Manifest, jobs: list[tuple[Item, int | None]], store: Store, spaces: list[str],
