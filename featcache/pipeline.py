@@ -204,8 +204,7 @@ def _in_process(model, dataset: Images, n: int, batch_size: int, workers: int | 
     for indices, batch, bad in loader:
         spent["read"] += time.perf_counter() - t
         t = time.perf_counter()
-        if slot is not None:
-            slot.start(len(indices) + len(bad))
+        slot.start(len(indices) + len(bad))
         feats = None
         if batch is not None:
             with torch.inference_mode(), autocast(precision, dev):
@@ -214,8 +213,7 @@ def _in_process(model, dataset: Images, n: int, batch_size: int, workers: int | 
                     x = x.contiguous(memory_format=torch.channels_last)
                 feats = flat(model(x))
         spent["model"] += time.perf_counter() - t
-        if slot is not None:
-            slot.finish()
+        slot.finish()
         yield indices, feats, bad
         t = time.perf_counter()
 

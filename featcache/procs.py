@@ -82,7 +82,7 @@ def model_processes(device: torch.device, n_items: int, batch_size: int, workers
 
 
 def _child(rank: int, procs: int, threads: int, run: Callable, collate: Callable, dataset, n: int,
-           batch_size: int, conn: Connection, shown: Progress | None) -> None:
+           batch_size: int, conn: Connection, shown: Progress) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it ends us on Ctrl-C
     torch.set_num_threads(threads)
     keep_memory()
@@ -96,19 +96,17 @@ def _child(rank: int, procs: int, threads: int, run: Callable, collate: Callable
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    slot = shown.slot(rank, decoding=True) if shown is not None else None
+    slot = shown.slot(rank, decoding=True)
     here_from = (n // batch_size) // procs * procs  # batches from here on are run by the parent (see above)
     try:
         for j in range(rank, -(-n // batch_size), procs):
             t0 = time.perf_counter()
             span = range(j * batch_size, min(n, (j + 1) * batch_size))
-            if slot is not None:
-                slot.start(len(span))
+            slot.start(len(span))
             decoded = []
             for i in span:
                 decoded.append(dataset[i])
-                if slot is not None:
-                    slot.decoded()
+                slot.decoded()
             indices, x, bad = collate(decoded)
             del decoded
             t1 = time.perf_counter()
@@ -116,12 +114,11 @@ def _child(rank: int, procs: int, threads: int, run: Callable, collate: Callable
             if x is not None and (len(x) < batch_size or j >= here_from):  # the parent runs it (see above)
                 inputs = np.ascontiguousarray(x.numpy())
                 head["input"] = {"shape": list(inputs.shape), "dtype": inputs.dtype.str,
-                                 "left": slot.hand_over() if slot is not None else 0.0}
+                                 "left": slot.hand_over()}
                 out.put((json.dumps(head).encode(), inputs.reshape(-1).view(np.uint8)))
                 continue
             feats = None if x is None else np.ascontiguousarray(run(x), dtype=np.float32)
-            if slot is not None:
-                slot.finish()
+            slot.finish()
             head["model"] = time.perf_counter() - t1
             head["shape"] = None if feats is None else list(feats.shape)
             out.put((json.dumps(head).encode(), None if feats is None else feats.reshape(-1).view(np.uint8)))
@@ -140,8 +137,7 @@ def _receive(conn: Connection, shape: list[int], dtype) -> np.ndarray:
 
 
 def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable, dataset, n: int, batch_size: int,
-                   procs: int, spent: dict[str, float],
-                   shown: Progress | None = None) -> Iterator[tuple[list[int], np.ndarray | None, list]]:
+                   procs: int, spent: dict[str, float], shown: Progress) -> Iterator[tuple[list[int], np.ndarray | None, list]]:
     """``(indices, float32 features or None, failures)`` for each batch of ``dataset``, in batch order,
     computed by ``procs`` forked processes. ``spent`` accumulates the processes' seconds decoding
     (``decode``) and in the model (``forward``), and this process's seconds waiting (``read``).
@@ -160,7 +156,7 @@ def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable,
             conns.append(here)
         for key in ("decode", "forward", "read"):
             spent.setdefault(key, 0.0)
-        here_slot = shown.slot(procs, decoding=False) if shown is not None else None
+        here_slot = shown.slot(procs, decoding=False)
         for j in range(-(-n // batch_size)):
             t = time.perf_counter()
             conn = conns[j % procs]
@@ -182,11 +178,9 @@ def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable,
             spent["read"] += time.perf_counter() - t
             if inputs is not None:  # a short or left-over batch, run here on a one-process run's threads
                 t = time.perf_counter()
-                if here_slot is not None:
-                    here_slot.start(head["input"]["left"])
+                here_slot.start(head["input"]["left"])
                 feats = np.ascontiguousarray(run(torch.from_numpy(inputs)), dtype=np.float32)
-                if here_slot is not None:
-                    here_slot.finish()
+                here_slot.finish()
                 head["model"] = time.perf_counter() - t
             spent["decode"] += head["read"]
             spent["forward"] += head["model"]

@@ -39,6 +39,25 @@ def progress_bar(total: int, enabled: bool, desc: str = "extract"):
     return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)
 
 
+class _NoSlot:
+    """The slot of a bar that is off: counts nothing."""
+
+    def start(self, size: float) -> None:
+        pass
+
+    def decoded(self) -> None:
+        pass
+
+    def module_done(self) -> None:
+        pass
+
+    def hand_over(self) -> float:
+        return 0.0
+
+    def finish(self) -> None:
+        pass
+
+
 class _Slot:
     """One process's count of finished files, fractions included (written by that process only)."""
 
@@ -94,7 +113,7 @@ class Progress:
         self.enabled = not isinstance(bar, _NoBar)
         self.counts = mp.get_context("fork").RawArray("d", slots) if self.enabled and slots > 1 else [0.0] * max(slots, 1)
         self.slots = slots
-        self.current: _Slot | None = None  # this process's slot (set again in each forked process)
+        self.current: _Slot | _NoSlot = _NoSlot()  # this process's slot (set again in each forked process)
         self._hooks: list[Any] = []
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -111,12 +130,11 @@ class Progress:
                 self._hooks.append(m.register_forward_hook(self._module_done))
 
     def _module_done(self, *_) -> None:
-        if self.current is not None:
-            self.current.module_done()
+        self.current.module_done()
 
-    def slot(self, index: int, decoding: bool) -> _Slot | None:
-        """This process's slot (``None`` with the bar off); ``decoding``: whether it decodes its files."""
-        self.current = _Slot(self.counts, index, decoding, len(self._hooks)) if self.enabled else None
+    def slot(self, index: int, decoding: bool) -> _Slot | _NoSlot:
+        """This process's slot (one that counts nothing with the bar off); ``decoding``: whether it decodes its files."""
+        self.current = _Slot(self.counts, index, decoding, len(self._hooks)) if self.enabled else _NoSlot()
         return self.current
 
     def _poll(self) -> None:
