@@ -75,7 +75,7 @@ def main() -> None:
 def extract_cmd(progress: bool | None, as_json: bool, **options) -> None:
     """Push an image folder through a frozen backbone once and store the features."""
     from .config import ExtractConfig
-    from .extract import ExtractResult, extract
+    from .names import check_backbone_name
 
     try:
         cfg = ExtractConfig(**options)
@@ -83,6 +83,9 @@ def extract_cmd(progress: bool | None, as_json: bool, **options) -> None:
         raise  # names its option; the group turns it into a usage error for that option
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    check_backbone_name(cfg.backbone)  # before torch is imported, the folder scanned or a model built
+    from .extract import ExtractResult, extract
+
     if int(os.environ.get("RANK", "0")) != 0:
         extract(cfg, progress=False)
         return  # under torchrun, rank 0 reports for all
@@ -424,11 +427,14 @@ def report_cmd(run: str, data: str | None, backbone: str | None) -> None:
 
 @main.command("backbones")
 def backbones_cmd() -> None:
-    """List backbone names (plus any package.module:factory)."""
-    from .backbones import list_backbones
+    """List backbone names; timm:NAME, hf:HUB_ID_OR_FOLDER and package.module:factory are accepted too."""
+    from .names import PREFIXES, backbone_names
 
-    for name in list_backbones():
+    for name in backbone_names():
         click.echo(name)
+    for form in PREFIXES.values():
+        click.echo(form, err=True)
+    click.echo("package.module:factory (a callable returning an nn.Module with a transforms attribute)", err=True)
 
 
 @main.command("layers")

@@ -66,18 +66,38 @@ class Group(click.Group):
         except FeatcacheError as e:
             raise _as_usage_error(self, ctx, e) from None
         except OSError as e:
+            if e.errno == errno.EPIPE and e.filename is None and _reader_gone():
+                _silence_stdout()  # `featcache backbones | head -1`: the reader has all it wanted
+                ctx.exit(141)  # what a shell reports for a writer stopped by a closed pipe
             raise click.ClickException(_os_error(e)) from None
         finally:
             Group.running = False
+
+
+def _reader_gone() -> bool:
+    """True when standard output is a pipe or socket whose reading end was closed."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null: nothing more may go there, not even Python's flush at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _os_error(e: OSError) -> str:
     """One line for a failed read or write: the path and what happened (or that standard output failed)."""
     what = os_error_text(e)
     if e.filename is None and e.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EFBIG):
-        with contextlib.suppress(OSError, ValueError):  # click.echo failed: nothing more may go there, not even at exit
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()  # click.echo failed: nothing more may go there, not even at exit
         return f"writing to standard output failed ({what})"
     if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
         return f"cannot write {e.filename}: {what}; nothing was left half-written there"

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .names import check_backbone_name
 from .backbones import Joint, create_backbone, create_joint, module_name, resolve_precision
 from .config import DTYPES, ExtractConfig, default_store_url
 from .data import DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, scan
@@ -303,6 +304,8 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
     if module is not None:
         kwargs["backbone"] = module_name(module)  # what the set records; the module itself is used below
     cfg = config if config is not None else ExtractConfig(**kwargs)
+    if module is None:
+        check_backbone_name(cfg.backbone)  # a mistyped name is refused before the folder is scanned
     start = time.perf_counter()
     manifest = scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels, labels_from_name=cfg.labels_from_name,
                     classes=cfg.classes, exclude_class=cfg.exclude_class)

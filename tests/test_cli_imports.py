@@ -72,11 +72,12 @@ def world(tmp_path_factory):
     (["fit", "--head", "svm"], ("sklearn", "matplotlib")),
     (["fit", "--head", "logreg", "--no-plots", "--tracker", "tensorboard", "--tracking-uri", "TB"],
      ("sklearn", "torch", "tensorboard")),
+    (["backbones"], ()),
     (["rm", "KEY"], ()),
 ])
 def test_commands_import_only_what_they_need(world, args, allowed):
     argv = [{"KEY": world["key"], "DATA": world["data"], "TB": str(world["root"] / "tb")}.get(a, a) for a in args]
-    if argv and argv[0] not in ("--help", "--version") and "--help" not in argv:
+    if argv and argv[0] not in ("--help", "--version", "backbones") and "--help" not in argv:
         argv += ["--store", world["store"]]
     if argv[0] == "fit":
         argv += ["--runs", str(world["root"] / "runs")]
@@ -107,3 +108,55 @@ def test_ctrl_c_at_any_moment_is_one_line(world, tmp_path, delay):
     assert r.returncode == 130, r.stderr
     assert "Traceback" not in r.stderr
     assert [line for line in lines if line.startswith("Interrupted")] == [lines[-1]], r.stderr
+
+
+def test_torchvision_names_read_as_text_are_torchvisions_own():
+    """``featcache backbones`` reads torchvision's registry without importing it: the same names."""
+    import torchvision
+
+    from featcache.names import torchvision_names
+
+    assert list(torchvision_names()) == sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def test_backbones_names_every_source(world):
+    p = subprocess.run([sys.executable, "-m", "featcache.cli", "backbones"], cwd=world["root"], env=_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    names = p.stdout.split()
+    assert "resnet18" in names and "efficientnet_lite0" in names and "vit_b_16" in names
+    assert all(":" not in n for n in names)  # standard output stays a plain list of names
+    assert "timm:NAME" in p.stderr and "hf:HUB_ID_OR_FOLDER" in p.stderr and "package.module:factory" in p.stderr
+
+
+def test_a_mistyped_backbone_is_refused_before_the_scan_and_without_torch(world, tmp_path):
+    code, heavy, output = _heavy(["extract", "--backbone", "resnet181", "--data", world["data"], "--store",
+                                  str(tmp_path / "s.zarr")], world["root"])
+    assert code == 2, output
+    assert "Unknown backbone 'resnet181'" in output and "closest: resnet18" in output
+    assert "layout:" not in output and "hashing" not in output  # nothing was scanned
+    assert heavy == [], heavy
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_mistyped_backbone_is_refused_before_the_scan_in_python(tmp_path, monkeypatch):
+    import importlib
+
+    from featcache.errors import UnknownBackbone
+
+    extract_module = importlib.import_module("featcache.extract")
+
+    monkeypatch.setattr(extract_module, "scan", lambda *a, **k: pytest.fail("the folder was scanned"))
+    with pytest.raises(UnknownBackbone, match="closest: resnet18"):
+        featcache.extract(backbone="resnet181", data=str(tmp_path), store=str(tmp_path / "s.zarr"))
+
+
+def test_a_closed_pipe_ends_the_command_quietly(world):
+    """``featcache backbones | head -1``: the reader is gone; no error line, no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has already left
+    with os.fdopen(write, "wb") as out:
+        p = subprocess.run([sys.executable, "-m", "featcache.cli", "backbones"], cwd=world["root"], env=_env(),
+                           stdout=out, stderr=subprocess.PIPE, text=True)
+    assert p.returncode == 141, p.stderr
+    assert "Error" not in p.stderr and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr

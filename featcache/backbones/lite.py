@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from ..errors import UnknownBackbone
+from ..names import OFFLINE as NAME
 from .base import INIT_SEED, load_weights_file, seeded
 
 __all__ = ["NAME", "EfficientNetLite", "load", "tracer_kwargs"]
-
-NAME = "efficientnet_lite0"
 
 
 class EfficientNetLite(nn.Module):

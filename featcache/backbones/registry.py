@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from ..errors import UnknownBackbone, UnknownLayer, WeightsError
+from ..names import backbone_names, torchvision_names, unknown_backbone
 from . import factory, lite
 from . import hf as hf_source
 from . import timm as timm_source
@@ -49,17 +49,8 @@ def _source(name: str):
 
 
 def list_backbones() -> list[str]:
-    """Every name ``create_backbone`` accepts (besides ``module:callable`` factories)."""
-    return sorted(tv.names() + [OFFLINE])
-
-
-def _unknown(name: str) -> UnknownBackbone:
-    close = difflib.get_close_matches(name, list_backbones(), n=5, cutoff=0.5)
-    return UnknownBackbone(
-        f"Unknown backbone {name!r}. Use a torchvision classification model, {OFFLINE}, "
-        f"or package.module:factory{'; closest: ' + ', '.join(close) if close else ''}. "
-        "All names: featcache backbones"
-    )
+    """Every name ``create_backbone`` accepts (besides prefixed names and ``module:callable`` factories)."""
+    return backbone_names()
 
 
 def _build(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
@@ -72,8 +63,8 @@ def _build(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
         return factory.load(name, weights)
     if name == OFFLINE:
         return lite.load(weights)
-    if name not in tv.names():
-        raise _unknown(name)
+    if name not in torchvision_names():
+        raise unknown_backbone(name)
     return tv.load(name, weights)
 
 
@@ -228,10 +219,8 @@ def check_user_backbone(backbone: str | None = None, weights: str | None = None)
     elif backbone is not None:
         if ":" in backbone:
             factory.import_factory(backbone)
-        elif backbone != OFFLINE and backbone not in tv.names():
-            close = difflib.get_close_matches(backbone, list_backbones(), n=5, cutoff=0.5)
-            raise UnknownBackbone(f"Unknown backbone {backbone!r}{'; closest: ' + ', '.join(close) if close else ''}. "
-                                  "All names: featcache backbones")
+        elif backbone not in backbone_names():
+            raise unknown_backbone(backbone)
     if weights is not None and weights.lower() not in ("none", "default") and not Path(weights).is_file():
         raise WeightsError(f"weights file {weights!r} does not exist {WEIGHTS_VALUES}", option="--weights")
 

@@ -18,13 +18,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from ..errors import UnknownLayer, WeightsError
 from .base import INIT_SEED, Backbone, Joint, describe_transform, load_weights_file, pool_map, seeded, state_digest
 
-__all__ = ["names", "load", "traced_backbone", "traced_joint", "traced_layers", "traced_shapes", "rest_after", "FxCut",
+__all__ = ["load", "traced_backbone", "traced_joint", "traced_layers", "traced_shapes", "rest_after", "FxCut",
            "FxJoint", "crop_of"]
-
-
-def names() -> list[str]:
-    """Every torchvision classification model name."""
-    return torchvision.models.list_models(module=torchvision.models)
 
 
 class FxCut(nn.Module):
