@@ -12,7 +12,7 @@ import stat
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -149,7 +149,11 @@ def decode_bytes(data: bytes) -> Image.Image:
     Raises ``OSError``/``ValueError`` (Pillow's, or :class:`ImageTooLarge`) for bytes that
     are not a readable image within the pixel budget.
     """
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # Pillow's own text names the in-memory buffer (<_io.BytesIO object at 0x...>)
+        raise UnidentifiedImageError("not an image in a format Pillow reads (the file's first bytes match none)") from None
+    with img:
         return _decode(img)
 
 
