@@ -205,7 +205,8 @@ def status_cmd(set_: str | None, data: str | None, store: str, as_json: bool) ->
         doc = dataclasses.asdict(st)
         echo_json({"set": doc.pop("set_key"), **doc, "up_to_date": st.up_to_date})
         return
-    for label, paths in (("added", st.added), ("removed", st.removed), ("changed", st.changed)):
+    for label, paths in (("added", st.added), ("removed", st.removed), ("changed", st.changed), ("moved", st.moved),
+                         ("will skip", st.skipped)):
         for p in paths[:_MAX_SHOWN]:
             click.echo(f"{label} {p}")
     click.echo(st.summary())

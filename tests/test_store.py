@@ -84,6 +84,38 @@ def test_status_and_check_data(folder, store_url, tmp_path, monkeypatch):
     assert runner.invoke(main, ["fit", "--store", store_url, "--head", "logreg"]).exit_code == 0
 
 
+def test_status_shows_moves_between_splits_and_files_extract_will_skip(tmp_path, store_url):
+    """A flat folder split by --split: images added next to a cut move others to another split. Each
+    path is named once, as moved with both splits, never as both added and removed; a new empty file
+    that extract would skip is named with its reason."""
+    from PIL import Image
+
+    folder = make_folder(tmp_path / "flat", splits=((None, 10),))
+    _extract(folder, store_url, split=(0.7, 0.3))
+    st = featcache.open_store(store_url)
+    (folder / "green" / "empty.png").write_bytes(b"")
+    rng = np.random.default_rng(1)
+    for i in range(40):  # add red images one at a time until one lands next to a cut and moves another
+        Image.fromarray(rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)).save(folder / "red" / f"more_{i}.png")
+        s = status(st, data=str(folder))
+        added = {p.split("/", 1)[1] for p in s.added}
+        removed = {p.split("/", 1)[1] for p in s.removed}
+        assert not added & removed, (s.added, s.removed)
+        assert removed == set() and len(added) == i + 1
+        if s.moved:
+            break
+    assert s.moved, "40 more red images moved none of the first 10 across the cut"
+    for line in s.moved:
+        path, splits = line.rsplit(" (", 1)
+        assert path.startswith("red/") and splits in ("train -> val)", "val -> train)"), line
+    assert s.skipped == ["green/empty.png: empty file (0 bytes)"]
+    assert not s.up_to_date
+    r = CliRunner().invoke(main, ["status", "--store", store_url, "--data", str(folder)])
+    assert r.exit_code == 0, r.output
+    assert f"moved {s.moved[0]}" in r.output and "will skip green/empty.png: empty file (0 bytes)" in r.output
+    assert f"{len(s.moved)} moved between splits, 1 to be skipped" in r.output
+
+
 def test_an_open_store_sees_segments_other_writers_commit_change_and_remove(folder, store_url):
     """The row index is cached between loads; a commit, a changed segment or a removal by another
     writer (another Store here, another process in use) is seen on the next lookup."""

@@ -29,18 +29,22 @@ class Status:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)  # "path (val -> train)": the same file in another split now
+    skipped: list[str] = field(default_factory=list)  # "path: reason": files extract would newly skip
     to_extract: int = 0
 
     @property
     def up_to_date(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.to_extract)
+        return not (self.added or self.removed or self.changed or self.moved or self.skipped or self.to_extract)
 
     def summary(self) -> str:
         if self.up_to_date:
             return f"set {self.set_key} matches {self.data}: up to date"
+        extra = "".join(f", {len(v)} {k}" for k, v in (("moved between splits", self.moved),
+                                                         ("to be skipped", self.skipped)) if v)
         return (
             f"set {self.set_key} differs from {self.data}: {len(self.added)} added, {len(self.removed)} removed, "
-            f"{len(self.changed)} changed; {self.to_extract} images need extracting. "
+            f"{len(self.changed)} changed{extra}; {self.to_extract} images need extracting. "
             "Run featcache extract with the same options to update."
         )
 
@@ -65,19 +69,26 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
     manifest = scan(data, r.split_fractions, r.split_seed or 0, labels=_labels_inside(fs, text(cfg.get("labels")), data),
                     labels_from_name=text(cfg.get("labels_from_name")), classes=names(cfg.get("classes")),
                     exclude_class=names(cfg.get("exclude_class")) or ())
-    current = {(it.split, it.path): it.sha256 for it in manifest.items}
-    stored = {(s, p): h for s in fs.splits for p, h in zip(fs.paths(s), fs.hashes(s).tolist())}
+    # a path is in one split at a time, in the folder and in the set; a flat folder's split is shown with it
+    current = {it.path: (it.split, it.sha256) for it in manifest.items}
+    stored = {p: (s, h) for s in fs.splits for p, h in zip(fs.paths(s), fs.hashes(s).tolist())}
+    shown = (lambda split, path: f"{split}/{path}") if manifest.layout == "flat" else (lambda split, path: path)
     skipped = {d["path"] for d in r.skipped}
     known = store.known_hashes(fs.space)
     st = Status(fs.key, str(data))
-    for k, h in current.items():
-        if k not in stored:
-            if k[1] not in skipped:
-                st.added.append(f"{k[0]}/{k[1]}" if manifest.layout == "flat" else k[1])
-        elif stored[k] != h:
-            st.changed.append(k[1])
-    st.removed = [p for (s, p) in stored if (s, p) not in current]
-    st.to_extract = len({h for (s, p), h in current.items() if h not in known and p not in skipped})
+    for path, (split, h) in current.items():
+        if path not in stored:
+            if path not in skipped:
+                st.added.append(shown(split, path))
+            continue
+        was, had = stored[path]
+        if had != h:
+            st.changed.append(path)
+        if was != split:
+            st.moved.append(f"{path} ({was} -> {split})")
+    st.removed = [shown(split, path) for path, (split, _) in stored.items() if path not in current]
+    st.skipped = [f"{s.path}: {s.reason}" for s in manifest.skipped if s.path not in skipped]
+    st.to_extract = len({h for path, (_, h) in current.items() if h not in known and path not in skipped})
     return st
 
 
