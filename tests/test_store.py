@@ -116,6 +116,22 @@ def test_status_shows_moves_between_splits_and_files_extract_will_skip(tmp_path,
     assert f"{len(s.moved)} moved between splits, 1 to be skipped" in r.output
 
 
+def test_verify_counts_the_rows_of_the_set_not_every_row_of_the_chunks_it_reads(folder, tmp_path, store_url):
+    import shutil
+
+    _extract(folder, store_url)  # 36 images in one segment
+    part = tmp_path / "part"
+    shutil.copytree(folder / "train", part / "train")
+    shutil.copytree(folder / "val", part / "val")
+    for f in sorted((part / "train" / "red").glob("*.png"))[:5]:
+        f.unlink()
+    small = _extract(part, store_url)
+    assert small.extracted == 0 and small.images == 31
+    v = verify(featcache.open_store(store_url), small.set_key)
+    assert v.ok and v.rows == 31 and v.stored_rows == 36
+    assert "31 rows of the set checksummed (in 36 stored rows read)" in v.summary()
+
+
 def test_an_open_store_sees_segments_other_writers_commit_change_and_remove(folder, store_url):
     """The row index is cached between loads; a commit, a changed segment or a removal by another
     writer (another Store here, another process in use) is seen on the next lookup."""

@@ -145,7 +145,7 @@ def test_a_deleted_shard_is_corruption_named_by_segment_and_is_recomputed(folder
     report = verify(st, sample=0)
     assert not report.ok and "36 rows of set" in report.errors[0] and "shard files are missing" in report.errors[0]
     out = CliRunner().invoke(main, ["verify", "--store", store_url, "--sample", "0"])
-    assert out.exit_code == 1 and "FAILED" in out.output and "0 rows read" in out.output
+    assert out.exit_code == 1 and "FAILED" in out.output and "0 rows of the set checksummed" in out.output
     line = _one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots"]))
     assert f"set {r.set_key}" in line and "missing" in line and "shard files are missing" in line
     again = _extract(folder, store_url)  # the rows count as missing, so a re-run restores them

@@ -112,11 +112,12 @@ def _labels_inside(fs: FeatureSet, labels: str | None, data: str) -> Path | None
 @dataclass
 class VerifyReport:
     set_key: str
-    rows: int
+    rows: int  # the set's rows (images and views) found in chunks that were read and checked
     errors: list[str]
     compared: int
     max_rel_diff: float | None
     notes: list[str]
+    stored_rows: int = 0  # every row of those chunks, the set's and other sets' (a chunk is read whole)
 
     @property
     def ok(self) -> bool:
@@ -125,7 +126,9 @@ class VerifyReport:
     def summary(self) -> str:
         state = "OK" if self.ok else f"FAILED ({len(self.errors)} problems)"
         diff = f", max relative difference {self.max_rel_diff:.2e}" if self.max_rel_diff is not None else ""
-        return f"verify {self.set_key}: {state}; {self.rows} rows read and checksummed; {self.compared} recomputed{diff}"
+        within = f" (in {self.stored_rows} stored rows read)" if self.stored_rows != self.rows else ""
+        return (f"verify {self.set_key}: {state}; {self.rows} rows of the set checksummed{within}; "
+                f"{self.compared} recomputed{diff}")
 
 
 # Relative L2 distance a recomputed row may have from the stored one, by compute precision: the
@@ -136,20 +139,22 @@ _PARTIAL_MIN_AGE_S = 60.0  # one file's write never takes this long: a younger .
 TOLERANCE = {"float32": 5e-3, "tf32": 2e-2, "float16": 5e-2, "bfloat16": 1e-1, "unrecorded": 1e-1}
 
 
-def _read_checked(fs: FeatureSet, store: Store, errors: list[str], notes: list[str]) -> int:
+def _read_checked(fs: FeatureSet, store: Store, errors: list[str], notes: list[str]) -> tuple[int, int]:
     """Read every chunk of every segment the set draws on: each must be present, decode, match the
-    CRC in the segment's integrity record and hold finite values. Errors name segment and chunk."""
+    CRC in the segment's integrity record and hold finite values. Errors name segment and chunk.
+    Returns (the set's distinct rows found in chunks that passed, every row of those chunks)."""
     wanted = set(fs.hashes_all())
     spaces = [fs.space] + ([fs.record.view_space] if fs.views else [])
     if fs.views:
         wanted.update(fs.view_keys())
-    rows = 0
+    rows, found = 0, set()
     for space in spaces:
         segments, _, damaged = store._index(space)
         for name, why in damaged.items():
             notes.append(f"space {space} segment {name} is damaged ({why}); its rows count as missing")
         for seg in segments:
-            if not wanted.intersection(seg.sha256.tolist()):
+            keys = seg.sha256.tolist()
+            if not wanted.intersection(keys):
                 continue
             arr, step = seg.features, seg.chunk_rows
             for start in range(0, arr.shape[0], step):
@@ -165,7 +170,8 @@ def _read_checked(fs: FeatureSet, store: Store, errors: list[str], notes: list[s
                 if bad:
                     errors.append(f"{where}: {bad} rows hold non-finite values (NaN or inf)")
                 rows += len(block)
-    return rows
+                found.update(wanted.intersection(keys[start : start + step]))
+    return len(found), rows
 
 
 def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0, data: str | None = None,
@@ -185,7 +191,7 @@ def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0,
             fs.labels(s), fs.paths(s)
     except StoreError as e:
         return VerifyReport(fs.key, 0, [str(e)], 0, None, notes)
-    rows = _read_checked(fs, store, errors, notes)
+    rows, stored_rows = _read_checked(fs, store, errors, notes)
     known = store.known_hashes(fs.space)
     missing = [h for h in all_hashes if h not in known]
     if missing:
@@ -198,7 +204,7 @@ def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0,
         notes.append(f"rows not recomputed: pass --data with the folder the set was made from ({r.data_root})")
     elif sample and not errors:
         compared, worst = _recompute(fs, Path(data), sample, seed, backbone, weights, errors, notes)
-    return VerifyReport(fs.key, rows, errors, compared, worst, notes)
+    return VerifyReport(fs.key, rows, errors, compared, worst, notes, stored_rows)
 
 
 def _recompute(fs: FeatureSet, root: Path, sample: int, seed: int, backbone: str | None, weights: str | None,
