@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import UnknownBackbone, UnknownLayer, WeightsError
+from .hub import offline_hint, offline_unless_reachable
 from .base import INIT_SEED, Backbone, Joint, load_weights_file, pool_map, seeded, state_digest
 
 __all__ = ["PREFIX", "HFCut", "HFJoint", "ProcessorTransform", "create", "create_joint", "layer_names", "layer_shapes", "check", "rebuildable"]
@@ -35,6 +36,7 @@ def _transformers() -> Any:
         raise UnknownBackbone(
             "hf: backbones need transformers: pip install 'featcache[hf]' (or: pip install transformers)"
         ) from None
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar would cut through featcache's lines
     return transformers
 
 
@@ -111,6 +113,7 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, Any, str]:
         raise UnknownBackbone(f"{where} is neither a folder here nor a Hugging Face hub id (owner/name): "
                               "pass --backbone hf:FOLDER with config.json, preprocessor_config.json and "
                               "model.safetensors, or hf:OWNER/NAME")
+    offline = not local and offline_unless_reachable()
     try:
         processor = tf.AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
         if weights == "DEFAULT":
@@ -126,8 +129,10 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, Any, str]:
     except (OSError, ValueError, KeyError) as e:  # no such id or folder, no network, no safetensors, unknown type
         first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         hint = ("it must hold config.json, preprocessor_config.json and model.safetensors (featcache loads no "
-                "pickled .bin weights)" if local else
+                "pickled .bin weights)" if local else offline_hint(name, "--backbone hf:DIR") if offline else
                 f"with no network, download it elsewhere (hf download {name} --local-dir DIR) and pass --backbone hf:DIR")
+        if offline:  # the client's own text (a missing preprocessor_config.json, ...) would mislead here
+            raise UnknownBackbone(f"cannot load the Hugging Face model {where}: {hint}") from None
         raise UnknownBackbone(f"cannot load the Hugging Face model {where}: {first}; {hint}") from None
     if weights not in (None, "DEFAULT"):
         if Path(weights).suffix != ".safetensors":

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UnknownBackbone, UnknownLayer, WeightsError
+from .hub import offline_hint, offline_unless_reachable
 from .base import INIT_SEED, Backbone, Joint, Separate, load_weights_file, pool_map, seeded, state_digest
 from . import torchvision as tv
 
@@ -79,11 +80,15 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, str]:
             return model, f"none(seed={INIT_SEED})"
         load_weights_file(model, weights, _VALUES)
         return model, f"file:{Path(weights).name}"
+    offline = offline_unless_reachable()
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as e:  # no network, no such tag, a hub error: timm's loader raises many types
         hub = timm.models.get_pretrained_cfg(name.split(".")[0])
         hub_id = getattr(hub, "hf_hub_id", None) if hub is not None else None
+        if offline and hub_id:
+            raise WeightsError(f"cannot load timm's pretrained weights for {name}: "
+                               f"{offline_hint(hub_id, '--weights DIR/model.safetensors')}", option="--weights") from None
         raise WeightsError(
             f"could not get timm's pretrained weights for {name} ({e.__class__.__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). With no network, download "
