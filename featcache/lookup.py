@@ -164,8 +164,8 @@ def _open(record: RunRecord, net: Backbone, write: bool, notes: list[str]) -> tu
     if write and space_key(_here(record, net)) != space_key(record.space_provenance) and (differ or unchecked):
         # when nothing is listed only labels differ (a weights file or a model folder named otherwise), so the
         # rows are the run's space's rows; a field the run does not record leaves that open: nothing is added
-        notes.append("the run does not record every field of its feature space, so the backbone rebuilt here "
-                     "cannot be shown to compute it exactly; computed rows are not added to the store")
+        notes.append("the backbone rebuilt here cannot be shown to compute the run's feature space exactly (see "
+                     "the note above); computed rows are not added to the store")
         write = False
     return store, write
 

@@ -144,6 +144,7 @@ def test_an_edited_config_with_the_same_weights_is_a_new_space_with_fresh_rows(v
     fs = featcache.open_store(store).get_set(second.set_key)
     key = next(iter(changes))
     assert fs.attrs["space_provenance"]["network"]["config"][key] == changes[key]
+    assert {"torch", "torchvision", "timm", "transformers", "pillow"} <= set(fs.attrs["versions"])  # recorded
     x, _ = fs.to_numpy("train")
     want = _reference(model, [data / p for p in fs.paths("train")])
     stale = featcache.open_store(store).get_set(first.set_key).to_numpy("train")[0].astype(np.float32)
