@@ -68,7 +68,8 @@ def test_a_factory_whose_transforms_changed_is_refused_by_predict_evaluate_and_e
         r = runner.invoke(main, args + ["--backbone", TINY])
         errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
         assert r.exit_code == 1 and len(errors) == 1 and "Traceback" not in r.output, r.output
-        assert "preprocessing.mean" in errors[0] and "extract the images again with this one and fit a new run" in errors[0]
+        assert "preprocessing.mean" in errors[0]
+        assert "extract the images again with this one and fit a new run" in errors[0]
 
 
 def test_an_unchanged_factory_is_still_accepted_and_adds_its_rows(tiny_run, folder, tmp_path):
