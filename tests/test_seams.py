@@ -80,7 +80,8 @@ def test_an_unchanged_factory_is_still_accepted_and_adds_its_rows(tiny_run, fold
     assert (res.counts.computed, res.counts.stored) == (3, 3) and not res.notes
 
 
-@pytest.mark.parametrize("name, weights", [("efficientnet_lite0", "DEFAULT"), ("resnet18", "none"), (TINY, "none")])
+@pytest.mark.parametrize("name, weights", [("efficientnet_lite0", "DEFAULT"), ("resnet18", "none"), ("timm:resnet18", "none"),
+                                           (TINY, "none")])
 def test_a_backbone_rebuilt_by_name_has_the_space_it_was_extracted_with(name, weights):
     from types import SimpleNamespace
 
