@@ -9,6 +9,7 @@ __all__ = [
     "UnknownBackbone",
     "UnknownLayer",
     "WeightsError",
+    "BackboneMismatch",
     "StoreError",
     "SetNotFound",
     "AmbiguousSet",
@@ -51,6 +52,11 @@ class UnknownLayer(FeatcacheError, ValueError):
 
 class WeightsError(FeatcacheError, ValueError):
     """Weights that cannot be resolved, downloaded or loaded."""
+
+
+class BackboneMismatch(FeatcacheError, ValueError):
+    """The backbone rebuilt for a run computes another feature space than the run was trained on
+    (other preprocessing, config, layer or library version with the same weights)."""
 
 
 class StoreError(FeatcacheError, OSError):

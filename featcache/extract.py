@@ -226,7 +226,21 @@ def _versions() -> dict[str, str]:
         "zarr": zarr.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
+        **_installed("pillow", "timm", "transformers"),  # recorded, not keyed: see Backbone.provenance
     }
+
+
+def _installed(*names: str) -> dict[str, str]:
+    """The versions of those of ``names`` that are installed, without importing them."""
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def _storage_error(e: OSError, url: str) -> StoreError:

@@ -12,21 +12,22 @@ everything is computed, and a note says so.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .backbones import Backbone, check_user_backbone, rebuild_backbone
 from .data import DECODE_RECIPE
-from .errors import RunError, StoreError, WeightsError
+from .errors import BackboneMismatch, RunError, StoreError, WeightsError
 from .pipeline import Writer, commit_partial, finite_rows, run_backbone
 from .runs import RunRecord
 from .store import Store, open_store, space_key
 from .stream import RowReader, prepare_features
 
-__all__ = ["RowCounts", "load_run", "run_rows"]
+__all__ = ["RowCounts", "load_run", "run_rows", "space_differences"]
 
 _READ_BYTES = 64 << 20  # cached rows are read (as float32) this many bytes at a time
 _CHECKPOINT_S = 30.0
@@ -73,7 +74,77 @@ def load_run(run: str | Path, backbone: str | None = None, weights: str | None =
     if tuple(net.shape) != record.feature_shape:
         raise RunError(f"{run}: the backbone gives features of shape {list(net.shape)} but the run was trained on "
                        f"{list(record.feature_shape)}; the run directory is damaged, re-run featcache fit")
+    differ, _ = space_differences(record, net)
+    if differ:
+        field, ran, here = differ[0]
+        more = f" (and {len(differ) - 1} more: {', '.join(d[0] for d in differ[1:4])})" if len(differ) > 1 else ""
+        raise BackboneMismatch(
+            f"the backbone rebuilt here computes other features than {run} was trained on: {field} is {_short(here)} "
+            f"here but {_short(ran)} in the run{more}. {_fix(field, ran)}"
+        )
     return net, record
+
+
+def _here(record: RunRecord, net: Backbone) -> dict:
+    """The provenance of the space the rebuilt backbone computes, under the run's precision and dtype (as JSON)."""
+    prov = record.space_provenance
+    here = {**net.provenance(), "decode": DECODE_RECIPE, "precision": prov.get("precision"), "dtype": prov.get("dtype")}
+    return json.loads(json.dumps(here))
+
+
+def _walk(ran: Any, here: Any, path: str, differ: list, unrecorded: list) -> None:
+    for key in sorted(set(ran) | set(here)):
+        name = f"{path}{key}"
+        if key not in ran:
+            unrecorded.append(name)
+        elif key not in here:
+            differ.append((name, ran[key], None))
+        elif isinstance(ran[key], dict) and isinstance(here[key], dict):
+            _walk(ran[key], here[key], name + ".", differ, unrecorded)
+        elif ran[key] != here[key]:
+            differ.append((name, ran[key], here[key]))
+
+
+def space_differences(record: RunRecord, net: Backbone) -> tuple[list[tuple[str, Any, Any]], list[str]]:
+    """(each field of the rebuilt backbone's feature space that differs from the run's, as (field, run's value,
+    value here); the notes on what the run does not record and so could not be compared).
+
+    Everything that makes the space key is compared: name, layer, weights digest, preprocessing as applied,
+    pool, shape, decode recipe, and for a Hugging Face model its effective config, attention implementation,
+    processor backend and transformers version. Not compared: the weights' label (a weights file named
+    otherwise, a hub model and the same model from a folder: the digest decides), and a Hugging Face model's
+    name (a folder named by another path: its config, digest and preprocessing decide).
+    """
+    ran, here = record.space_provenance, _here(record, net)
+    differ: list[tuple[str, Any, Any]] = []
+    unrecorded: list[str] = []
+    _walk(ran, here, "", differ, unrecorded)
+    hf = str(ran.get("backbone", "")).startswith("hf:") and net.name.startswith("hf:")
+    differ = [d for d in differ if d[0] != "weights.id" and not (hf and d[0] == "backbone")]
+    notes = []
+    if ran.get("precision") == "unrecorded":  # migrated from format 1, decoded by its recipe
+        if any(d[0].startswith("decode.") for d in differ):
+            notes.append("the run's features were decoded by featcache format 1 (no EXIF orientation); images "
+                         "computed here are decoded as today, so rotated photos may get other features than it "
+                         "was trained on")
+        differ = [d for d in differ if not d[0].startswith("decode.")]
+    if unrecorded:
+        notes.append(f"the run does not record {', '.join(unrecorded)} of its feature space (an older featcache); "
+                     "they are not checked against the backbone rebuilt here")
+    return differ, notes
+
+
+def _short(value: Any) -> str:
+    text = "absent" if value is None else json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _fix(field: str, ran: Any) -> str:
+    if field == "network.version":
+        return (f"Install the transformers the run used (pip install transformers=={ran}), or extract the images "
+                "again with this one and fit a new run.")
+    return ("Pass the backbone the run was extracted with (the same code, config and preprocessing), or extract "
+            "the images again with this one and fit a new run.")
 
 
 def _first_line(e: BaseException) -> str:
@@ -89,13 +160,13 @@ def _open(record: RunRecord, net: Backbone, write: bool, notes: list[str]) -> tu
     except StoreError as e:
         notes.append(f"the run's store {record.store} cannot be opened ({_first_line(e)}); every image is computed")
         return None, False
-    if write:
-        prov = record.space_provenance
-        here = {**net.provenance(), "decode": DECODE_RECIPE, "precision": prov.get("precision"), "dtype": prov["dtype"]}
-        if space_key(here) != space_key(prov):
-            notes.append("the backbone rebuilt here does not match the run's feature space exactly (another "
-                         "torchvision or decode recipe?); computed rows are not added to the store")
-            write = False
+    differ, unchecked = space_differences(record, net)
+    if write and space_key(_here(record, net)) != space_key(record.space_provenance) and (differ or unchecked):
+        # when nothing is listed only labels differ (a weights file or a model folder named otherwise), so the
+        # rows are the run's space's rows; a field the run does not record leaves that open: nothing is added
+        notes.append("the backbone rebuilt here cannot be shown to compute the run's feature space exactly (see "
+                     "the note above); computed rows are not added to the store")
+        write = False
     return store, write
 
 
@@ -109,7 +180,7 @@ def run_rows(record: RunRecord, net: Backbone, root: Path, items: Sequence, on_r
     are computed in batches under the run's recorded precision. Images that cannot be read end
     in ``failed``; with ``write``, computed rows are committed to the run's store.
     """
-    counts = RowCounts()
+    counts = RowCounts(notes=space_differences(record, net)[1])
     prov = record.space_provenance
     space, dtype, precision = space_key(prov), str(prov["dtype"]), str(prov.get("precision", "float32"))
     store, write = _open(record, net, write, counts.notes)

@@ -1,7 +1,9 @@
 """Backbone + trained head on new images: predict, and export as one self-contained module.
 
 The backbone, layer, weights and preprocessing are those recorded with the run's feature
-set; the weights digest is checked so a prediction never silently uses other weights.
+set; the rebuilt backbone's whole feature space (weights digest, preprocessing as applied,
+decode recipe, layer, pool, a Hugging Face model's config and transformers version) is
+checked against the run's, so a prediction never silently uses another network.
 ``predict`` streams: images whose bytes are already in the run's feature space are read from
 its store, the others go through the extract pipeline's reader in batches (DataLoader
 workers, a progress bar), so memory does not grow with the number of images.
@@ -10,6 +12,7 @@ workers, a progress bar), so memory does not grow with the number of images.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +26,13 @@ from .data import IMAGE_EXTENSIONS
 from .data.manifest import hash_all
 from .errors import DataError
 from .heads import Head, head_from_record
-from .lookup import RowCounts, load_run, run_rows
+from .lookup import RowCounts, load_run, run_rows, space_differences
 from .persist import write_atomic
 from .runs import RunRecord
 
 __all__ = ["Prediction", "Predictions", "Predictor", "predict", "export"]
+
+_log = logging.getLogger("featcache.predict")
 
 
 @dataclass
@@ -149,6 +154,8 @@ def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size
 def export(run: str | Path, out: str | Path, backbone: str | None = None, weights: str | None = None) -> Path:
     """Write ``out`` (torch.export program: normalised images → probabilities) and ``out.json`` (classes, preprocessing)."""
     model, backbone, record = _load(run, backbone, weights)
+    for note in space_differences(record, backbone)[1]:
+        _log.warning("note: %s", note)
     crop = backbone.preprocessing.get("crop_size", [224])[0]
     example = torch.zeros(2, 3, crop, crop)
     batch = torch.export.Dim("batch", min=1, max=65536)

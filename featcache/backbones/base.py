@@ -52,10 +52,23 @@ class Backbone:
     weights_sha256: str
     preprocessing: dict
     shape: tuple[int, ...]
+    network: dict | None = None
 
     def provenance(self) -> dict:
-        """What makes two feature sets comparable; its hash keys the feature space."""
-        return {
+        """What makes two feature sets comparable; its hash keys the feature space.
+
+        Besides the name, layer, weights digest, preprocessing as applied, pool and shape, a
+        source whose network is not fixed by its name and weights records what else fixes it
+        under ``network`` (a Hugging Face model: its effective config, attention implementation
+        and the transformers version, whose model code and image processors the network *is*).
+        The versions of torch, torchvision, timm and Pillow are recorded with each set
+        (``versions``) but not keyed: for a fixed name, weights digest and recorded preprocessing,
+        their releases change values at rounding level (kernels, decoders), which verify's
+        tolerance covers, and keying them would make every upgrade re-extract every shared store;
+        a release that changed a model's semantics is what ``verify --data`` reports. ``network``
+        is left out when a source has none, so those spaces keep the keys they always had.
+        """
+        prov = {
             "backbone": self.name,
             "layer": self.layer,
             "weights": {"id": self.weights_id, "sha256": self.weights_sha256},
@@ -63,6 +76,9 @@ class Backbone:
             "pool": self.pool,
             "shape": list(self.shape),
         }
+        if self.network is not None:
+            prov["network"] = self.network
+        return prov
 
 
 @dataclass

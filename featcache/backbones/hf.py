@@ -153,10 +153,46 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+def _backend(processor: Any) -> str:
+    """Which library resizes and normalises: ``torchvision`` or ``pil`` (they differ at float16-rounding level)."""
+    backend = getattr(processor, "backend", None)
+    if isinstance(backend, str):
+        return backend
+    return "torchvision" if type(processor).__name__.endswith("Fast") else "pil"
+
+
 def _preprocessing(processor: Any, size: list[int]) -> dict:
     config = _plain(processor.to_dict())
-    return {"transform": type(processor).__name__, "processor": config, "crop_size": size,
-            "mean": _plain(config.get("image_mean")), "std": _plain(config.get("image_std"))}
+    cls = type(processor)
+    return {"transform": cls.__name__, "processor": config, "crop_size": size,
+            "mean": _plain(config.get("image_mean")), "std": _plain(config.get("image_std")),
+            "backend": _backend(processor), "processor_class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+# config fields that name or label the model but never change what its base model computes: where it was
+# read from, which transformers wrote the file, the task heads' classes, the dtype on disk (featcache
+# always computes in float32)
+_NAMING = frozenset({"_name_or_path", "transformers_version", "architectures", "id2label", "label2id", "dtype",
+                     "torch_dtype", "_commit_hash"})
+
+
+def _effective(config: Any) -> Any:
+    """The config as loaded, without the naming fields, at every level (vision sub-configs too)."""
+    if isinstance(config, dict):
+        return {k: _effective(v) for k, v in config.items() if k not in _NAMING}
+    if isinstance(config, (list, tuple)):
+        return [_effective(v) for v in config]
+    return config
+
+
+def _network(model: nn.Module) -> dict:
+    """What fixes the network besides its weights: the effective config (an edited activation or layer-norm
+    eps changes every row), the attention implementation in use, and the transformers version that holds the
+    model's code and its image processors."""
+    config = model.config
+    return {"library": "transformers", "version": _transformers().__version__,
+            "config": _plain(_effective(config.to_dict())),
+            "attn_implementation": _plain(getattr(config, "_attn_implementation", None))}
 
 
 def _probe(model: nn.Module, processor: Any) -> tuple[torch.Tensor, Any]:
@@ -188,7 +224,7 @@ def _cut(name: str, model: nn.Module, processor: Any, weights_id: str, x: torch.
     shape = (raw.shape[1],) if pool != "none" else tuple(raw.shape[1:])
     return Backbone(name=f"{PREFIX}:{name}", layer=layer, pool=pool, model=cut, transform=ProcessorTransform(processor),
                     weights_id=weights_id, weights_sha256=digest,
-                    preprocessing=_preprocessing(processor, list(x.shape[-2:])), shape=shape)
+                    preprocessing=_preprocessing(processor, list(x.shape[-2:])), shape=shape, network=_network(model))
 
 
 def create(name: str, layer: str | None, weights: str | None, pool: str | None) -> Backbone:
