@@ -9,7 +9,8 @@ The library is imported inside each command, so ``--help`` and the store command
 from __future__ import annotations
 
 from .cli_kit import (AutoOr, Device, Floats, Fractions, Group, Ints, OutputPath, echo_json,  # first: Ctrl-C handler
-                      json_option, many, parse_size_text, set_option, store_arg, store_option)
+                      json_option, many, parse_size_text, recompute_option, run_store_option, set_option, store_arg,
+                      store_option)
 
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -304,6 +305,8 @@ _DATA_ONLY = ("no_store", "backbone", "weights", "labels", "labels_from_name", "
               help="A labelled image folder (any layout extract reads) to measure the run on; without it, the "
                    "run's stored metrics are printed.")
 @click.option("--no-store", is_flag=True, help="With --data: do not add the rows computed for new images to the store.")
+@run_store_option
+@recompute_option
 @json_option
 @click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
 @click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
@@ -320,7 +323,8 @@ def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | Non
     if data is None:
         from .runs import RunRecord
 
-        given = [f"--{k.replace('_', '-')}" for k in _DATA_ONLY if options[k] not in (None, False)]
+        given = [f"--{k.replace('_', '-')}" for k in _DATA_ONLY + ("recompute",) if options[k] not in (None, False)]
+        given += ["--store"] if options["store_url"] is not None else []
         if given:
             raise click.UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --data DIR")
         record = RunRecord.read(run)
@@ -353,6 +357,8 @@ def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | Non
 @click.option("--top-k", default=5, show_default=True, type=Ints(1, 10**6))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path,rank,class,probability.")
+@run_store_option
+@recompute_option
 @click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
 @click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
 @click.option("--batch-size", default=32, show_default=True, type=Ints(1, 2**16), help="Images per batch.")
@@ -360,8 +366,9 @@ def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | Non
               help="DataLoader workers [default: min(8, CPUs); none for a single batch].")
 @click.option("--device", type=Device(), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
-def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_csv: bool, backbone: str | None,
-                weights: str | None, batch_size: int, workers: int | None, device: str, progress: bool | None) -> None:
+def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_csv: bool, store_url: str | None,
+                recompute: bool, backbone: str | None, weights: str | None, batch_size: int, workers: int | None,
+                device: str, progress: bool | None) -> None:
     """Classify images (files or folders) with a run's backbone and head.
 
     Images whose bytes are in the run's store are not recomputed."""
@@ -370,7 +377,8 @@ def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     results = predict(run, list(paths), top_k=top_k, batch_size=batch_size, backbone=backbone, weights=weights,
-                      workers=workers, device=device, progress=sys.stderr.isatty() if progress is None else progress)
+                      workers=workers, device=device, progress=sys.stderr.isatty() if progress is None else progress,
+                      store=store_url, recompute=recompute)
     for note in results.notes:
         click.echo(f"note: {note}", err=True)
     if as_json:
@@ -416,13 +424,18 @@ def export_cmd(run: str, out: str, backbone: str | None, weights: str | None) ->
 @click.option("--data", default=None, type=click.Path(file_okay=False),
               help="The set's image folder, for the grid of misclassified images (read from no other place).")
 @click.option("--backbone", default=None, help="The package.module:factory of a rest head's network, if any.")
-def report_cmd(run: str, data: str | None, backbone: str | None) -> None:
+@run_store_option
+def report_cmd(run: str, data: str | None, backbone: str | None, store_url: str | None) -> None:
     """Write RUN/report.html: settings, metrics, curves, confusion matrix, misclassified images."""
     from .backbones import check_user_backbone
     from .report import write_report
 
     check_user_backbone(backbone)
-    click.echo(f"wrote {write_report(run, data=data, backbone=backbone)}")
+    notes: list[str] = []
+    out = write_report(run, data=data, backbone=backbone, store=store_url, notes=notes)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {out}")
 
 
 @main.command("backbones")

@@ -38,7 +38,7 @@ from .config import DEVICES, default_store_url  # noqa: E402
 from .errors import FeatcacheError, os_error_text  # noqa: E402
 
 __all__ = ["Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "ListOf", "many", "store_option",
-           "json_option", "set_option", "echo_json", "pick_set", "store_arg", "parse_size_text"]
+           "json_option", "run_store_option", "recompute_option", "set_option", "echo_json", "pick_set", "store_arg", "parse_size_text"]
 
 class Group(click.Group):
     """Turns the library's errors into one ``Error:`` line (no traceback) with exit status 1, a
@@ -257,6 +257,10 @@ class StoreURL(click.ParamType):
 
 store_option = click.option("--store", default=default_store_url, type=StoreURL(),
                             show_default="$FEATCACHE_STORE or featcache.zarr", help="Store path or fsspec URL (s3://...).")
+run_store_option = click.option("--store", "store_url", default=None, type=StoreURL(), metavar="URL",
+                                help="Where the run's store is now [default: the store the run records].")
+recompute_option = click.option("--recompute", is_flag=True,
+                                help="Use no store: compute every image's features with the run's backbone.")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="One JSON document on standard output (messages go to standard error).")
 

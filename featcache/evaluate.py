@@ -60,17 +60,18 @@ class Evaluation:
 def evaluate(run: str | Path, data: str | Path, store: bool = True, backbone: str | None = None,
              weights: str | None = None, *, labels: str | None = None, labels_from_name: str | None = None,
              batch_size: int = 64, workers: int | None = None, device: str = "auto",
-             progress: bool = False) -> Evaluation:
+             progress: bool = False, store_url: str | None = None, recompute: bool = False) -> Evaluation:
     """Measure the run's head on the labelled images of ``data``.
 
     Rows whose bytes are in the run's feature space are read from its store; the others are
     computed and, with ``store``, committed to it (under a lease; never as a set). The folder's
     classes must all be classes of the run (matched by name). ``backbone``/``weights``: the
     user's --backbone/--weights for a run whose features came from a ``module:factory`` network
-    or a weights file. ``labels``/``labels_from_name`` as for ``extract``.
+    or a weights file. ``labels``/``labels_from_name`` as for ``extract``. ``store_url`` names where
+    the run's store is now; ``recompute`` uses none (every image is computed, nothing is stored).
     """
     parse_name_pattern(labels_from_name)  # a bad pattern is the user's first mistake to hear about
-    net, record = load_run(run, backbone, weights)
+    net, record = load_run(run, backbone, weights, store=store_url, recompute=recompute)
     head = head_from_record(record.head, str(run), backbone)
     manifest = scan(data, labels=labels, labels_from_name=labels_from_name, whole=True)
     unknown = [c for c in manifest.classes if c not in record.classes]

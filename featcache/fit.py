@@ -23,7 +23,7 @@ from .config import FIT_POOLS, TRACKERS, default_store_url
 from .heads import C_GRID, HEADS, INITS, OPTIMIZERS, head_class
 from .persist import HeadRecord
 from .runs import RunRecord
-from .store import FeatureSet, human_bytes, open_store
+from .store import FeatureSet, human_bytes, open_store, resolved_url
 from .runtime import keep_memory
 from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
@@ -389,7 +389,7 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
     record = RunRecord(
         config=cfg,
         set=fs.key,
-        store=str(cfg.store),
+        store=resolved_url(str(cfg.store)),  # absolute: the run works from any folder
         classes=tuple(fs.classes),
         feature_shape=tuple(fs.shape),
         input_shape=tuple(x_train.shape[1:]),

@@ -12,7 +12,9 @@ everything is computed, and a note says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,10 +26,10 @@ from .data import DECODE_RECIPE
 from .errors import BackboneMismatch, RunError, StoreError, WeightsError
 from .pipeline import Writer, commit_partial, finite_rows, run_backbone
 from .runs import RunRecord
-from .store import Store, open_store, space_key
+from .store import Store, local_path, open_store, space_key
 from .stream import RowReader, prepare_features
 
-__all__ = ["RowCounts", "load_run", "run_rows", "space_differences"]
+__all__ = ["RowCounts", "load_run", "run_rows", "run_store", "space_differences"]
 
 _READ_BYTES = 64 << 20  # cached rows are read (as float32) this many bytes at a time
 _CHECKPOINT_S = 30.0
@@ -55,13 +57,42 @@ class RowCounts:
         return f"computed {self.computed}{added}, from the store {self.from_store}"
 
 
-def load_run(run: str | Path, backbone: str | None = None, weights: str | None = None) -> tuple[Backbone, RunRecord]:
+def run_store(record: RunRecord, run: str | Path, given: str | None = None) -> str:
+    """Where the run's store is now: ``given`` (the user's --store) when named; else the URL the run records.
+
+    Runs record a local store as an absolute path. One recorded as typed (relative, by an older featcache)
+    is looked for from the current folder, then from the folder that held the run's ``runs/`` folder (where
+    ``featcache fit`` ran), so a run keeps working from another folder. A store found nowhere is an error
+    that names it and the fix, never a silent recomputation of every row."""
+    if given is not None:
+        return str(given)
+    recorded = record.store
+    path = local_path(recorded)
+    if path is None or os.path.isabs(path):
+        candidates = [recorded]
+    else:
+        candidates = list(dict.fromkeys([path, str(Path(run).resolve().parent.parent / path)]))
+    for url in candidates:
+        if local_path(url) is None or (Path(local_path(url)) / "zarr.json").is_file():
+            return url
+    raise StoreError(f"the store {recorded} that {run} was fitted from is not here (looked for "
+                     f"{' and '.join(candidates)}). Pass --store with where it is now, or --recompute to compute "
+                     "every image's features without a store")
+
+
+def load_run(run: str | Path, backbone: str | None = None, weights: str | None = None, store: str | None = None,
+             recompute: bool = False) -> tuple[Backbone, RunRecord]:
     """The run's record and the backbone its features came from, rebuilt and checked against the run.
 
     ``backbone``/``weights``: the user's --backbone/--weights, needed when the run's features came
-    from a ``module:factory`` network or a weights file (never imported or read because a run names them)."""
+    from a ``module:factory`` network or a weights file (never imported or read because a run names them).
+    ``store``: where the run's store is now (default: the one the run records, see :func:`run_store`);
+    ``recompute``: use no store at all, every image is computed (the record's ``store`` is then empty)."""
     check_user_backbone(backbone, weights)
+    if store is not None and recompute:
+        raise ValueError("store and recompute exclude each other: a store is read, or every image is computed")
     record = RunRecord.read(run)
+    record = dataclasses.replace(record, store="" if recompute else run_store(record, run, store))
     cfg = record.extract_config
     if cfg is None:
         raise RunError(f"{run} does not record how its features were extracted; re-run featcache fit")
@@ -154,12 +185,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def _open(record: RunRecord, net: Backbone, write: bool, notes: list[str]) -> tuple[Store | None, bool]:
-    """The run's store (None when it cannot be read) and whether computed rows may be added to it."""
+    """The run's store (None with ``recompute``, when the record names none) and whether computed rows may be
+    added to it. A store that cannot be opened is an error: every row computed again is not what a user asked."""
+    if not record.store:
+        return None, False
     try:
         store = open_store(record.store, mode="r+" if write else "r")
     except StoreError as e:
-        notes.append(f"the run's store {record.store} cannot be opened ({_first_line(e)}); every image is computed")
-        return None, False
+        raise StoreError(f"the run's store {record.store} cannot be opened ({_first_line(e)}). Pass --store with "
+                         "where it is now, or --recompute to compute every image's features without a store") from None
     differ, unchecked = space_differences(record, net)
     if write and space_key(_here(record, net)) != space_key(record.space_provenance) and (differ or unchecked):
         # when nothing is listed only labels differ (a weights file or a model folder named otherwise), so the

@@ -101,8 +101,9 @@ class Predictor(nn.Module):
         return self.head(self.backbone(x))
 
 
-def _load(run: str | Path, backbone: str | None = None, weights: str | None = None) -> tuple[Predictor, Backbone, RunRecord]:
-    net, record = load_run(run, backbone, weights)
+def _load(run: str | Path, backbone: str | None = None, weights: str | None = None, store: str | None = None,
+          recompute: bool = True) -> tuple[Predictor, Backbone, RunRecord]:
+    net, record = load_run(run, backbone, weights, store=store, recompute=recompute)
     head = _Head(head_from_record(record.head, str(run), backbone), record.config.pool, record.space_provenance["dtype"])
     return Predictor(net, head).eval(), net, record
 
@@ -115,15 +116,17 @@ class _File:
 
 def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size: int = 32,
             backbone: str | None = None, weights: str | None = None, *, workers: int | None = None,
-            device: str = "auto", progress: bool = False) -> Predictions:
+            device: str = "auto", progress: bool = False, store: str | None = None,
+            recompute: bool = False) -> Predictions:
     """Top-k classes for each image, in the order given; unreadable files come back with ``error`` set.
 
     ``backbone``/``weights``: the user's --backbone/--weights, needed when the run's features came
     from a ``module:factory`` network or a weights file (never imported or read from the run).
-    Rows already in the run's store are read, not computed (``result.counts`` says how many).
+    Rows already in the run's store are read, not computed (``result.counts`` says how many);
+    ``store`` names where that store is now, ``recompute`` uses none (every image is computed).
     A path that does not exist is a :class:`DataError` for ``PATHS``."""
     files = _expand(paths)
-    model, net, record = _load(run, backbone, weights)
+    model, net, record = _load(run, backbone, weights, store, recompute)
     if not files:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, paths))}")
     classes = record.classes
@@ -153,7 +156,7 @@ def predict(run: str | Path, paths: list[str | Path], top_k: int = 5, batch_size
 
 def export(run: str | Path, out: str | Path, backbone: str | None = None, weights: str | None = None) -> Path:
     """Write ``out`` (torch.export program: normalised images → probabilities) and ``out.json`` (classes, preprocessing)."""
-    model, backbone, record = _load(run, backbone, weights)
+    model, backbone, record = _load(run, backbone, weights)  # an exported program reads no store
     for note in space_differences(record, backbone)[1]:
         _log.warning("note: %s", note)
     crop = backbone.preprocessing.get("crop_size", [224])[0]

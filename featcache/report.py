@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_rgb, safe_join
-from .errors import FeatcacheError, RunError
+from .errors import FeatcacheError, RunError, StoreError
 from .heads import head_from_record
+from .lookup import run_store
 from .persist import write_atomic
 from .runs import RunRecord
 from .store import open_store
@@ -158,21 +159,32 @@ def _misclassified(plt, root: Path, paths: list[str], y: np.ndarray, pred: np.nd
 
 
 def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None, data: str | Path | None = None,
-                backbone: str | None = None) -> list[Path]:
+                backbone: str | None = None, store: str | None = None, notes: list[str] | None = None) -> list[Path]:
     """Write the run's PNGs (those that apply) into the run directory and return their paths.
 
     ``fit`` passes the set, head and per-split probabilities it already has; on its own this
     reloads the head and features from the run directory and the store. The misclassified grid
     reads images only under ``data``, a folder the user names (never the root a store records).
-    ``backbone``: the user's --backbone, for a rest head on a ``module:factory`` network.
+    ``backbone``: the user's --backbone, for a rest head on a ``module:factory`` network. ``store``: where
+    the run's store is now (default: the one it records). When the recorded store is not found (a run
+    copied on its own), the plots drawn from the run directory alone are written, and ``notes`` says
+    which were left out.
     """
     plt = _pyplot()
     record = RunRecord.read(run)
     run = Path(run)
     metrics = record.metrics
     split = _eval_split(metrics)
-    if split:  # everything that can fail comes before the first plot is written
-        fs = fs or open_store(record.store, mode="r").get_set(record.set)
+    if split and fs is None:
+        try:
+            fs = open_store(run_store(record, run, store), mode="r").get_set(record.set)
+        except StoreError as e:
+            if store is not None:
+                raise
+            if notes is not None:
+                notes.append(f"{str(e).split('. ')[0]}: the plots that need its rows (per class, misclassified) are "
+                             "left out; pass --store with where it is now to draw them")
+    if split and fs is not None:  # everything that can fail comes before the first plot is written
         if list(fs.classes) != list(record.classes) or tuple(fs.shape) != record.feature_shape:
             raise RunError(f"{run}: set {record.set} in {record.store} has other classes or another feature shape "
                            "than the run was fitted on; the run or the store is damaged")
@@ -187,6 +199,7 @@ def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None,
     if split:
         classes = list(record.classes)
         written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
+    if split and fs is not None:
         counts = np.bincount(fs.labels("train"), minlength=len(classes))
         written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
                                   split, run / "per_class.png"))
@@ -227,13 +240,17 @@ def _shown(v) -> str:
     return "-" if v is None else str(v)
 
 
-def write_report(run: str | Path, data: str | Path | None = None, backbone: str | None = None) -> Path:
+def write_report(run: str | Path, data: str | Path | None = None, backbone: str | None = None,
+                 store: str | None = None, notes: list[str] | None = None) -> Path:
     """Write ``RUN/report.html``: the run's settings, metrics and plots on one page (the grid of
-    misclassified images only with ``data``, the image folder the set was made from)."""
+    misclassified images only with ``data``, the image folder the set was made from). ``store``: where
+    the run's store is now; without it, a run whose store is not found is reported from its own
+    directory, with ``notes`` (also on the page) saying what was left out."""
     record = RunRecord.read(run)
     run = Path(run)
     metrics = record.metrics
-    plots = [p.name for p in write_plots(run, data=data, backbone=backbone)]
+    notes = [] if notes is None else notes
+    plots = [p.name for p in write_plots(run, data=data, backbone=backbone, store=store, notes=notes)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     summary = _table(
         [[s, m["n"], fmt(m["top1"]), fmt(m.get("top5")), fmt(m["log_loss"])] for s, m in metrics.items()],
@@ -255,7 +272,8 @@ def write_report(run: str | Path, data: str | Path | None = None, backbone: str 
 <html><head><meta charset="utf-8"><title>featcache run {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} img{{max-width:100%}}</style></head>
-<body><h1>Run {html.escape(run.name)}</h1><p>{html.escape(about)}</p><h2>metrics</h2>{summary}{per_class}
+<body><h1>Run {html.escape(run.name)}</h1><p>{html.escape(about)}</p>{"".join(f"<p>note: {html.escape(n)}</p>" for n in notes)}
+<h2>metrics</h2>{summary}{per_class}
 <h2>settings</h2>{settings}{images}</body></html>
 """
     out = run / "report.html"

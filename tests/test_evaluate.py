@@ -86,16 +86,17 @@ def test_new_images_are_computed_once_and_stored_unless_no_store(fitted, folder,
     assert len(featcache.open_store(store_url).set_keys()) == 1  # rows only, never a set
 
 
-def test_a_missing_store_is_a_note_and_everything_is_computed(fitted, folder, store_url, tmp_path):
+def test_a_missing_store_is_an_error_and_recompute_computes_everything(fitted, folder, store_url, tmp_path):
     want = evaluate(fitted["mlp"], folder / "val", backbone=TINY, workers=0).metrics
     shutil.move(store_url, tmp_path / "elsewhere.zarr")
-    r = CliRunner().invoke(main, ["evaluate", str(fitted["mlp"]), "--data", str(folder / "val"), "--backbone", TINY,
-                                  "--workers", "0"])
+    args = ["evaluate", str(fitted["mlp"]), "--data", str(folder / "val"), "--backbone", TINY, "--workers", "0"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and r.output.startswith("Error: the store ") and "--recompute" in r.output, r.output
+    r = CliRunner().invoke(main, args + ["--recompute"])
     assert r.exit_code == 0, r.output
-    notes = [line for line in r.output.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "cannot be opened" in notes[0] and "every image is computed" in notes[0]
+    assert not [line for line in r.output.splitlines() if line.startswith("note:")]
     assert "computed 12, from the store 0" in r.output
-    res = evaluate(fitted["mlp"], folder / "val", backbone=TINY, workers=0)
+    res = evaluate(fitted["mlp"], folder / "val", backbone=TINY, workers=0, recompute=True)
     assert res.metrics["all"]["top1"] == want["all"]["top1"]
     assert res.metrics["all"]["log_loss"] == pytest.approx(want["all"]["log_loss"], abs=1e-4)
 

@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import featcache
+from featcache.errors import StoreError
 from featcache.cli import main
 from featcache.data import load_rgb
 from featcache.predict import export, predict
@@ -93,9 +94,11 @@ def test_predict_reads_cached_rows_and_computes_nothing(trained, folder, store_u
     monkeypatch.setattr(lookup, "run_backbone", real)
     import shutil
 
-    shutil.move(store_url, tmp_path / "moved.zarr")  # no store: everything computed, one note, same answers
-    fresh = predict(trained["mlp"], files, top_k=3, backbone=TINY)
-    assert (fresh.counts.from_store, fresh.counts.computed) == (0, 12) and len(fresh.notes) == 1
+    shutil.move(store_url, tmp_path / "moved.zarr")  # the store is gone: an error, never a silent recomputation
+    with pytest.raises(StoreError, match="Pass --store with where it is now, or --recompute"):
+        predict(trained["mlp"], files, top_k=3, backbone=TINY)
+    fresh = predict(trained["mlp"], files, top_k=3, backbone=TINY, recompute=True)  # asked for: same answers
+    assert (fresh.counts.from_store, fresh.counts.computed, fresh.notes) == (0, 12, [])
     for a, b in zip(cached, fresh):
         assert [c for c, _ in a.top] == [c for c, _ in b.top]
         assert np.allclose([p for _, p in a.top], [p for _, p in b.top], atol=1e-3)

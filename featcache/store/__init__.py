@@ -16,7 +16,7 @@ from .rows import (
     space_key,
 )
 from .sets import FeatureSet
-from .store import FORMAT_VERSION, Store, open_store
+from .store import FORMAT_VERSION, Store, local_path, open_store, resolved_url
 
 __all__ = [
     "FORMAT_VERSION",
@@ -28,6 +28,8 @@ __all__ = [
     "Segment",
     "SegmentWriter",
     "open_store",
+    "local_path",
+    "resolved_url",
     "space_key",
     "digest_key",
     "default_compressor",

@@ -201,6 +201,21 @@ def _version_of(root: zarr.Group) -> int | None:
     return meta["format_version"]
 
 
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local store URL (a path or ``file://``); None for any other fsspec URL."""
+    url = str(url)
+    if "://" in url and not url.startswith("file://"):
+        return None
+    return url.removeprefix("file://")
+
+
+def resolved_url(url: str) -> str:
+    """``url`` as a run records it: a local store as an absolute path, so the run works from any folder;
+    any other fsspec URL (``s3://...``) unchanged."""
+    path = local_path(url)
+    return str(url) if path is None else os.path.abspath(os.path.expanduser(path))
+
+
 def _keep_group_writable(url: str) -> None:
     """In a group-writable store directory (a team's shared store), new files stay group-writable."""
     if "://" in url and not url.startswith("file://"):
