@@ -67,7 +67,7 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
                     exclude_class=names(cfg.get("exclude_class")) or ())
     current = {(it.split, it.path): it.sha256 for it in manifest.items}
     stored = {(s, p): h for s in fs.splits for p, h in zip(fs.paths(s), fs.hashes(s).tolist())}
-    skipped = {d["path"] for d in r.skipped}
+    skipped = {d["path"] for d in fs.skipped()}
     known = store.known_hashes(fs.space)
     st = Status(fs.key, str(data))
     for k, h in current.items():
