@@ -142,3 +142,199 @@ def test_old_sets_with_lists_in_attributes_still_read(tmp_path):
     zarr.open_group(str(group.store.root / group.path), mode="r+").attrs.put(attrs)
     fs = featcache.open_store(store_url).get_set(r.set_key)
     assert fs.ignored() == attrs["ignored"] and fs.skipped() == []
+
+
+# ---------------------------------------------------------------- a store one may only read
+
+_READER = r"""
+import json, sys
+from click.testing import CliRunner
+from featcache.cli import main
+out = {}
+for name, args in json.loads(sys.argv[1]).items():
+    r = CliRunner().invoke(main, args)
+    out[name] = [r.exit_code, r.output]
+print(json.dumps(out))
+"""
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
+
+
+def _reader_commands(data, store_url, run, runs):
+    base = ["--backbone", TINY, "--weights", "none", "--workers", "0", "--data", str(data), "--store", store_url]
+    new = data.parent / "new"
+    return {
+        "extract": ["extract", *base],
+        "ls": ["ls", "--store", store_url],
+        "info": ["info", "--store", store_url],
+        "verify": ["verify", "--store", store_url, "--data", str(data), "--backbone", TINY],
+        "fit": ["fit", "--store", store_url, "--head", "logreg", "--runs", str(runs), "--no-plots"],
+        "evaluate": ["evaluate", str(run), "--data", str(data), "--backbone", TINY],
+        "predict": ["predict", str(run), str(data / "val" / "red" / "red_0.png"), "--backbone", TINY],
+        "extract_new_layer": ["extract", *base, "--layer", "avgpool"],
+        "extract_new_images": ["extract", *base[:-4], "--data", str(new), "--store", store_url],
+    }
+
+
+def _prepare_reader_case(tmp_path):
+    data = make_folder(tmp_path / "d", splits=(("train", 4), ("val", 2)))
+    make_folder(tmp_path / "new", splits=(("train", 2), ("val", 1)), seed=5)
+    store_url = str(tmp_path / "s.zarr")
+    featcache.extract(data=str(data), store=store_url, backbone=TINY, weights="none", workers=0)
+    run = featcache.fit(store=store_url, head="logreg", runs=str(tmp_path / "runs"), plots=False).run_dir
+    return data, store_url, run
+
+
+def _check_reader_results(results, store_url):
+    for name in ("extract", "ls", "info", "verify", "fit", "evaluate", "predict"):
+        code, output = results[name]
+        assert code == 0 and "Traceback" not in output, (name, output)
+    assert "nothing to compute" in results["extract"][1]
+    for name in ("extract_new_layer", "extract_new_images"):
+        code, output = results[name]
+        errors = [line for line in output.splitlines() if line.startswith("Error:")]
+        assert code == 1 and len(errors) == 1 and "Traceback" not in output, (name, output)
+        assert errors[0].startswith(f"Error: the store at {store_url} is read-only: "), errors[0]
+
+
+@pytest.mark.slow
+def test_a_read_only_store_serves_every_reader_and_refuses_writes_in_one_line(tmp_path):
+    import json
+    import os
+    import shutil
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data, store_url, run = _prepare_reader_case(tmp_path)
+    store = Path(store_url)
+    before = _tree(store)
+    for p in [store, *store.rglob("*")]:  # chmod -R a-w
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    prefix = []
+    if os.geteuid() == 0:  # root writes through permissions; without CAP_DAC_OVERRIDE it is held to them
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: permissions cannot make the store read-only")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    root = Path(__file__).resolve().parents[1]
+    cmds = _reader_commands(data, store_url, run, tmp_path / "runs2")
+    try:
+        p = subprocess.run([*prefix, sys.executable, "-c", _READER, json.dumps(cmds)], cwd=root, capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}, timeout=600)
+    finally:
+        for q in [store, *store.rglob("*")]:
+            q.chmod(q.stat().st_mode | stat.S_IWUSR)
+    assert p.returncode == 0, p.stderr
+    _check_reader_results(json.loads(p.stdout.strip().splitlines()[-1]), store_url)
+    assert _tree(store) == before  # nothing was written, not even a lease
+
+
+def test_a_store_on_a_read_only_mount_serves_readers(tmp_path, monkeypatch):
+    # EROFS (a read-only mount) from every write the store's Zarr layer makes, in this process
+    import errno
+    import json
+
+    import zarr.storage._local as local
+
+    data, store_url, run = _prepare_reader_case(tmp_path)
+    before = _tree(tmp_path / "s.zarr")
+
+    def read_only_mount(path, *a, **k):
+        if str(path).startswith(store_url):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_put(path, *a, **k)
+
+    real_put = local._put
+    monkeypatch.setattr(local, "_put", read_only_mount)
+    results = {}
+    for name, args in _reader_commands(data, store_url, run, tmp_path / "runs2").items():
+        r = CliRunner().invoke(main, args)
+        results[name] = [r.exit_code, r.output]
+    _check_reader_results(json.loads(json.dumps(results)), store_url)
+    assert "Read-only file system" in results["extract_new_layer"][1]
+    assert _tree(tmp_path / "s.zarr") == before
+
+
+# ---------------------------------------------------------------- a full disk
+
+_FULL_DISK = r"""
+set -e
+mount -t tmpfs -o size=2m tmpfs "$SMALL"
+cp -a "$STORE" "$SMALL/s.zarr"
+dd if=/dev/zero of="$SMALL/fill" bs=4k 2>/dev/null || true   # until the disk is full
+truncate -s -8K "$SMALL/fill"                                 # two pages left
+"$PY" -c "$SCRIPT" "$CMDS" after_full
+rm "$SMALL/fill"
+"$PY" -c "$SCRIPT" "$AGAIN" after_free
+"""
+
+
+@pytest.mark.slow
+def test_extract_on_a_full_disk_is_one_error_line_and_leaves_the_store_sound(tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("no user and mount namespaces here (unshare -rm): a small real file system cannot be made")
+    data = make_folder(tmp_path / "d", splits=(("train", 2), ("val", 1)))
+    new = make_folder(tmp_path / "new", splits=(("train", 12), ("val", 4)), seed=3)
+    featcache.extract(data=str(data), store=str(tmp_path / "s.zarr"), backbone=TINY, layer="features", weights="none",
+                      workers=0)
+    small = tmp_path / "small"
+    small.mkdir()
+    store_url = str(small / "s.zarr")
+    base = ["--backbone", TINY, "--weights", "none", "--workers", "0", "--layer", "features", "--store", store_url]
+    cmds = {"extract": ["extract", *base, "--data", str(new)], "verify": ["verify", "--store", store_url],
+            "ls": ["ls", "--store", store_url]}
+    script = _READER.replace("print(json.dumps(out))", "print(sys.argv[2], json.dumps(out))")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "SMALL": str(small),
+           "STORE": str(tmp_path / "s.zarr"), "PY": sys.executable, "SCRIPT": script, "CMDS": json.dumps(cmds),
+           "AGAIN": json.dumps({"extract": cmds["extract"], "verify": cmds["verify"]})}
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", _FULL_DISK], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    lines = dict(line.split(" ", 1) for line in p.stdout.splitlines() if line.startswith("after_"))
+    full, freed = json.loads(lines["after_full"]), json.loads(lines["after_free"])
+    code, output = full["extract"]
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in output, output
+    assert "no space left on the device" in errors[0] and "Everything committed before is intact" in errors[0]
+    assert full["verify"][0] == 0 and "OK" in full["verify"][1], full["verify"][1]  # the first set, whole
+    assert full["ls"][0] == 0 and "warning" not in full["ls"][1].lower(), full["ls"][1]
+    assert freed["extract"][0] == 0 and "extracted 48" in freed["extract"][1], freed["extract"][1]  # resumes
+    assert freed["verify"][0] == 0, freed["verify"][1]
+
+
+def test_a_write_that_finds_the_disk_full_is_one_error_line(tmp_path, monkeypatch):
+    import errno
+
+    import zarr.storage._local as local
+
+    data = make_folder(tmp_path / "d", splits=(("train", 2), ("val", 1)))
+    store_url = str(tmp_path / "s.zarr")
+    first = featcache.extract(data=str(data), store=store_url, backbone=TINY, weights="none", workers=0)
+    real_put = local._put
+    calls = []
+
+    def full_after_a_few(path, *a, **k):  # the disk fills up part way through the extract
+        calls.append(path)
+        if len(calls) > 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_put(path, *a, **k)
+
+    monkeypatch.setattr(local, "_put", full_after_a_few)
+    r = CliRunner().invoke(main, ["extract", "--backbone", TINY, "--weights", "none", "--workers", "0", "--layer",
+                                  "features", "--data", str(data), "--store", store_url])
+    line = _one_error_line(r)
+    assert "no space left on the device" in line
+    monkeypatch.undo()
+    st = featcache.open_store(store_url)
+    assert st.set_keys() == [first.set_key] and verify(st, sample=0).ok and not st.warnings
