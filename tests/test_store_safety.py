@@ -338,3 +338,131 @@ def test_a_write_that_finds_the_disk_full_is_one_error_line(tmp_path, monkeypatc
     monkeypatch.undo()
     st = featcache.open_store(store_url)
     assert st.set_keys() == [first.set_key] and verify(st, sample=0).ok and not st.warnings
+
+
+# ---------------------------------------------------------------- migrating damaged, hostile or busy format-1 stores
+
+V1 = __import__("pathlib").Path(__file__).parent / "data" / "v1store.zarr"
+
+
+def _v1_copy(tmp_path):
+    import shutil
+
+    url = tmp_path / "old.zarr"
+    shutil.copytree(V1, url)
+    return url
+
+
+def _v1_meta(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _write_meta(path, meta):
+    import json
+
+    path.write_text(json.dumps(meta))
+
+
+def _first_set(url):
+    return sorted((url / "sets").glob("*/zarr.json"))[0].parent
+
+
+def _segment_of_set(url, set_dir):
+    space = _v1_meta(set_dir / "zarr.json")["attributes"]["space"]
+    return sorted((url / "spaces" / space / "segments").glob("*/features"))[0].parent
+
+
+def _lose_features_chunk(url):
+    seg = _segment_of_set(url, _first_set(url))
+    for f in (seg / "features" / "c").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    return seg.name
+
+
+def _lose_sha256_chunk(url):
+    seg = _segment_of_set(url, _first_set(url))
+    for f in (seg / "sha256" / "c").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    return seg.name
+
+
+def _set_without_key(url):
+    meta_path = _first_set(url) / "zarr.json"
+    meta = _v1_meta(meta_path)
+    del meta["attributes"]["key"]
+    _write_meta(meta_path, meta)
+    return _first_set(url).name
+
+
+def _hostile_split(url):
+    meta_path = _first_set(url) / "zarr.json"
+    meta = _v1_meta(meta_path)
+    splits = meta["attributes"]["splits"]
+    splits["../../spaces"] = splits.pop("val")
+    _write_meta(meta_path, meta)
+    return _first_set(url).name
+
+
+def _non_hex_row_key(url):
+    import zarr
+
+    seg = _segment_of_set(url, _first_set(url))
+    arr = zarr.open_array(str(seg / "sha256"), mode="r+")
+    keys = arr[:].tolist()
+    keys[0] = "not-a-hash/../" + "z" * 50
+    arr[:] = np.array(keys, dtype=object)
+    return seg.name
+
+
+def _more_rows_than_keys(url):
+    import zarr
+
+    seg = _segment_of_set(url, _first_set(url))
+    arr = zarr.open_array(str(seg / "sha256"), mode="r+")
+    keys = arr[:].tolist()
+    arr.resize((len(keys) - 1,))
+    return seg.name
+
+
+DAMAGE = {"lost features chunk": (_lose_features_chunk, "chunks of 'features' are missing"),
+          "lost sha256 chunk": (_lose_sha256_chunk, "chunks of 'sha256' are missing"),
+          "set without key": (_set_without_key, "it has no set key"),
+          "split ../../spaces": (_hostile_split, "its splits are not counts per split name"),
+          "non-hex row key": (_non_hex_row_key, "is not a SHA-256 in hex"),
+          "more rows than keys": (_more_rows_than_keys, "rows but")}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_format_1_store_is_refused_in_one_line_and_left_unchanged(tmp_path, damage):
+    url = _v1_copy(tmp_path)
+    make_damage, why = DAMAGE[damage]
+    name = make_damage(url)
+    before = _tree(url)
+    r = CliRunner().invoke(main, ["migrate", "--store", str(url)])
+    line = _one_error_line(r)
+    assert why in line and name in line and "--drop-damaged" in line and "Nothing of the format-1 store was changed" in line
+    assert _tree(url) == before
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_drop_damaged_migrates_the_rest_and_never_writes_a_row_it_could_not_read(tmp_path, damage):
+    url = _v1_copy(tmp_path)
+    make_damage, why = DAMAGE[damage]
+    make_damage(url)
+    r = CliRunner().invoke(main, ["migrate", "--store", str(url), "--drop-damaged"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "left out" in r.output and why in r.output
+    st = featcache.open_store(str(url))
+    for space in st.spaces():  # every row migrated is a row format 1 held, none is a lost chunk's zeros
+        for name, group in st.segment_groups(space):
+            x = group["features"][...]
+            assert not (x.reshape(len(x), -1) == 0).all(axis=1).any(), name
+    report = verify(st, sample=0)
+    if damage in ("lost features chunk", "lost sha256 chunk", "non-hex row key", "more rows than keys"):
+        assert not report.ok and any("missing" in e for e in report.errors), report.errors  # told, not zeros
+    assert "migration_left_out" in st.root.attrs["featcache"]
+
