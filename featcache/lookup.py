@@ -112,6 +112,10 @@ def run_rows(record: RunRecord, net: Backbone, root: Path, items: Sequence, on_r
     counts = RowCounts()
     prov = record.space_provenance
     space, dtype, precision = space_key(prov), str(prov["dtype"]), str(prov.get("precision", "float32"))
+    if precision == "unrecorded":  # rows migrated from format 1: how they were computed is not known
+        counts.notes.append("the run's rows were migrated from store format 1, which did not record the compute "
+                            "precision; images not in the store are computed in float32 and not added to it")
+        precision, write = "float32", False
     store, write = _open(record, net, write, counts.notes)
     with contextlib.ExitStack() as stack:
         if write:

@@ -466,3 +466,99 @@ def test_drop_damaged_migrates_the_rest_and_never_writes_a_row_it_could_not_read
         assert not report.ok and any("missing" in e for e in report.errors), report.errors  # told, not zeros
     assert "migration_left_out" in st.root.attrs["featcache"]
 
+
+
+_SLOW_MIGRATE = r"""
+import sys, time
+from pathlib import Path
+import featcache.store.migrate as m
+real = m.Store.write_set
+def slow(self, *a, **k):  # the migration stops for a while with its segments copied, before its sets
+    Path(sys.argv[2]).touch()
+    time.sleep(float(sys.argv[3]))
+    return real(self, *a, **k)
+m.Store.write_set = slow
+print(m.migrate(sys.argv[1]).summary())
+"""
+
+
+def _start_slow_migrate(url, ready, pause):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_MIGRATE, str(url), str(ready), str(pause)], cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while not ready.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), p.communicate()
+    return p
+
+
+def _reads_as_format_1(url, want):
+    st = featcache.open_store(str(url))
+    assert sorted(st.set_keys()) == sorted({k for k, _ in want})
+    for (key, split), value in want.items():
+        if split != "views":
+            x, y = st.get_set(key).to_numpy(split)
+            assert np.array_equal(x, value[0]) and np.array_equal(y, value[1])
+    assert verify(st, sample=0).ok
+
+
+def test_a_second_migrate_while_one_runs_is_refused_and_the_store_ends_whole(tmp_path):
+    from featcache.errors import StoreError
+    from featcache.store.migrate import migrate
+
+    from .test_format import _v1_rows
+
+    url = _v1_copy(tmp_path)
+    want = _v1_rows(url)
+    first = _start_slow_migrate(url, tmp_path / "ready", 3)
+    with pytest.raises(StoreError, match="another featcache migrate .* is converting"):
+        migrate(str(url))  # a real second migrate, while the first holds the store
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0 and "migrated" in out, err
+    _reads_as_format_1(url, want)
+    assert migrate(str(url)).already and not (url / "migrating").exists()
+
+
+def test_a_killed_migrate_is_finished_by_the_next_one(tmp_path):
+    from featcache.store.migrate import migrate
+
+    from .test_format import _v1_rows
+
+    url = _v1_copy(tmp_path)
+    want = _v1_rows(url)
+    first = _start_slow_migrate(url, tmp_path / "ready", 60)
+    first.kill()  # SIGKILL mid-way: its lock and some new segments are left behind
+    first.communicate()
+    assert (url / "migrating").exists()
+    report = migrate(str(url))  # the lock of a dead process on this machine is taken over
+    assert not report.already and report.sets == 2
+    _reads_as_format_1(url, want)
+    assert not (url / "migrating").exists()
+
+
+def test_runs_fitted_on_a_migrated_set_predict_and_evaluate(tmp_path):
+    from featcache.store.migrate import migrate
+
+    from .conftest import COLOURS
+
+    url = _v1_copy(tmp_path)
+    migrate(str(url))
+    key = featcache.open_store(str(url)).set_keys()[0]
+    run = featcache.fit(store=str(url), set=key, head="logreg", runs=str(tmp_path / "runs"), plots=False).run_dir
+    classes = featcache.open_store(str(url)).get_set(key).classes
+    data = make_folder(tmp_path / "d", splits=(("train", 2), ("val", 2)), classes={c: COLOURS[c] for c in classes})
+    note = "migrated from store format 1, which did not record the compute precision"
+    r = CliRunner().invoke(main, ["predict", str(run), str(data / "val" / classes[0] / f"{classes[0]}_0.png"),
+                                  "--backbone", TINY])
+    assert r.exit_code == 0 and "Traceback" not in r.output and note in r.output, r.output
+    r = CliRunner().invoke(main, ["evaluate", str(run), "--data", str(data), "--backbone", TINY])
+    assert r.exit_code == 0 and "Traceback" not in r.output and note in r.output, r.output
+    assert "evaluated" in r.output
