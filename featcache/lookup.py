@@ -21,7 +21,7 @@ import numpy as np
 from .backbones import Backbone, check_user_backbone, rebuild_backbone
 from .data import DECODE_RECIPE
 from .errors import RunError, StoreError, WeightsError
-from .pipeline import Writer, commit_partial, finite_rows, run_backbone
+from .pipeline import MAX_CAST_ERROR, Writer, cast_error, commit_partial, finite_rows, run_backbone
 from .runs import RunRecord
 from .store import Store, open_store, space_key
 from .stream import RowReader, prepare_features
@@ -187,9 +187,14 @@ def _compute(net: Backbone, root: Path, items: Sequence, todo: list[int], on_row
                     continue
                 rows = b.features.astype(dtype)
                 ok = finite_rows(rows)
+                lost = ok & (cast_error(b.features, rows) > MAX_CAST_ERROR)  # underflow: the cast lost the row
+                ok &= ~lost
                 for j in np.asarray(b.indices)[~ok].tolist():
                     for i in same[unique[j].sha256]:
                         counts.failed[i] = f"the backbone gave non-finite features (NaN or inf, or beyond {dtype})"
+                for j in np.asarray(b.indices)[lost].tolist():
+                    for i in same[unique[j].sha256]:
+                        counts.failed[i] = f"the backbone's features underflow {dtype} (values lost in the cast)"
                 good = np.asarray(b.indices)[ok]
                 rows = rows[ok]
                 if writer is not None and len(good):

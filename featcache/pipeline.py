@@ -252,13 +252,16 @@ MAX_CAST_ERROR = 1e-2  # float16 rounds a normal value within 5e-4; beyond 1% of
 
 def cast_error(out: np.ndarray, stored: np.ndarray) -> np.ndarray:
     """Per row: the relative L2 error of the cast to the stored dtype (0 for an all-zero row)."""
+    if not len(out):
+        return np.zeros(0, np.float32)
     x = out.reshape(len(out), -1).astype(np.float32, copy=False)
-    # each row scaled by its largest |value| first, so squares of tiny values do not underflow in the norm
-    top = np.abs(x).max(axis=1, keepdims=True)
-    scale = np.divide(1.0, top, out=np.zeros_like(top), where=top > 0)
-    diff = np.linalg.norm((x - stored.reshape(len(out), -1).astype(np.float32)) * scale, axis=1)
-    norm = np.linalg.norm(x * scale, axis=1)
-    return np.divide(diff, norm, out=np.zeros_like(diff), where=norm > 0)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are refused elsewhere
+        # each row scaled by its largest |value| first, so squares of tiny values do not underflow in the norm
+        top = np.abs(x).max(axis=1, keepdims=True)
+        scale = np.divide(1.0, top, out=np.zeros_like(top), where=top > 0)
+        diff = np.linalg.norm((x - stored.reshape(len(out), -1).astype(np.float32)) * scale, axis=1)
+        norm = np.linalg.norm(x * scale, axis=1)
+        return np.divide(diff, norm, out=np.zeros_like(diff), where=norm > 0)
 
 
 def row_key(item: _Item, view: int | None) -> str:
