@@ -308,6 +308,13 @@ def _lose_sha256_chunk(url):
     return seg.name
 
 
+def _lose_set_hashes_chunk(url):
+    for f in (_first_set(url) / "train" / "sha256" / "c").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    return _first_set(url).name
+
+
 def _set_without_key(url):
     meta_path = _first_set(url) / "zarr.json"
     meta = _v1_meta(meta_path)
@@ -348,6 +355,7 @@ def _more_rows_than_keys(url):
 
 DAMAGE = {"lost features chunk": (_lose_features_chunk, "chunks of 'features' are missing"),
           "lost sha256 chunk": (_lose_sha256_chunk, "chunks of 'sha256' are missing"),
+          "lost set hashes chunk": (_lose_set_hashes_chunk, "chunks of 'sha256' are missing"),
           "set without key": (_set_without_key, "it has no set key"),
           "split ../../spaces": (_hostile_split, "its splits are not counts per split name"),
           "non-hex row key": (_non_hex_row_key, "is not a SHA-256 in hex"),
