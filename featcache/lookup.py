@@ -120,7 +120,8 @@ def run_rows(record: RunRecord, net: Backbone, root: Path, items: Sequence, on_r
     with contextlib.ExitStack() as stack:
         if write:
             try:  # gc leaves the space alone from before the lookup until the new rows are committed
-                stack.enter_context(store.lease([space]))
+                if not stack.enter_context(store.lease([space])).held:  # a store this process may only read
+                    raise OSError(f"read-only: {store.read_only}")
                 store.ensure_space(prov)
             except (OSError, ValueError) as e:  # a read-only place, a full disk ...
                 counts.notes.append(f"cannot write to the store {record.store} ({_first_line(e)}); computed rows "

@@ -172,6 +172,7 @@ def _reader_commands(data, store_url, run, runs):
         "verify": ["verify", "--store", store_url, "--data", str(data), "--backbone", TINY],
         "fit": ["fit", "--store", store_url, "--head", "logreg", "--runs", str(runs), "--no-plots"],
         "evaluate": ["evaluate", str(run), "--data", str(data), "--backbone", TINY],
+        "evaluate_new_images": ["evaluate", str(run), "--data", str(new), "--backbone", TINY],
         "predict": ["predict", str(run), str(data / "val" / "red" / "red_0.png"), "--backbone", TINY],
         "extract_new_layer": ["extract", *base, "--layer", "avgpool"],
         "extract_new_images": ["extract", *base[:-4], "--data", str(new), "--store", store_url],
@@ -188,9 +189,10 @@ def _prepare_reader_case(tmp_path):
 
 
 def _check_reader_results(results, store_url):
-    for name in ("extract", "ls", "info", "verify", "fit", "evaluate", "predict"):
+    for name in ("extract", "ls", "info", "verify", "fit", "evaluate", "evaluate_new_images", "predict"):
         code, output = results[name]
         assert code == 0 and "Traceback" not in output, (name, output)
+    assert "computed rows are not added to it" in results["evaluate_new_images"][1]
     assert "nothing to compute" in results["extract"][1]
     for name in ("extract_new_layer", "extract_new_images"):
         code, output = results[name]
