@@ -490,3 +490,18 @@ def test_runs_fitted_on_a_migrated_set_predict_and_evaluate(tmp_path):
     r = CliRunner().invoke(main, ["evaluate", str(run), "--data", str(data), "--backbone", TINY])
     assert r.exit_code == 0 and "Traceback" not in r.output and note in r.output, r.output
     assert "evaluated" in r.output
+
+
+def test_the_float16_cast_check_flags_exactly_the_rows_it_loses():
+    from featcache.pipeline import MAX_CAST_ERROR, cast_error
+
+    rng = np.random.default_rng(0)
+    scales = np.logspace(-12, 3, 300)
+    x = (rng.standard_normal((300, 2048)) * scales[:, None]).astype(np.float32)
+    x[::7, : rng.integers(1, 2048)] *= 1e-6  # rows with tiny and ordinary values mixed
+    stored = x.astype(np.float16)
+    x64 = x.astype(np.float64)
+    exact = np.linalg.norm(x64 - stored.astype(np.float64), axis=1) / np.linalg.norm(x64, axis=1)
+    got = cast_error(x, stored)
+    assert ((exact > MAX_CAST_ERROR) == (got > MAX_CAST_ERROR)).all()
+    assert (exact > MAX_CAST_ERROR).any() and (exact <= MAX_CAST_ERROR).any()
