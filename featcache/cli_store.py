@@ -231,12 +231,14 @@ def compact_cmd(set_: str | None, store: str, as_json: bool) -> None:
 
 @click.command("migrate")
 @store_option
+@click.option("--drop-damaged", is_flag=True,
+              help="Migrate a damaged store: leave out its damaged segments and sets (their rows count as missing).")
 @json_option
-def migrate_cmd(store: str, as_json: bool) -> None:
+def migrate_cmd(store: str, drop_damaged: bool, as_json: bool) -> None:
     """Convert a store of an older format to the current one (features are copied, not recomputed)."""
     from .store.migrate import migrate
 
-    report = migrate(store)
+    report = migrate(store, drop_damaged=drop_damaged)
     if as_json:
         echo_json(dataclasses.asdict(report))
         return

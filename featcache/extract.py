@@ -26,7 +26,8 @@ from .config import DTYPES, ExtractConfig, default_store_url
 from .data import DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, scan
 from .errors import DataError, FeatcacheError, StoreError
 from .pipeline import Writer, checked, commit_partial, resolve_device, row_key, run_backbone
-from .store import SetRecord, Store, created_by, digest_key, human_bytes, now_iso, open_store, space_key
+from .store import (SetRecord, Store, created_by, digest_key, human_bytes, is_read_only, now_iso, open_store,
+                    space_key)
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "LayersResult", "Interrupted", "extract", "default_store_url"]
 
@@ -243,8 +244,15 @@ def _installed(*names: str) -> dict[str, str]:
     return found
 
 
-def _storage_error(e: OSError, url: str) -> StoreError:
+def _read_only_error(url: str, why: str, need: str) -> StoreError:
+    return StoreError(f"the store at {url} is read-only: {need} ({why}). Nothing was written; ask for write access, or "
+                      "extract into a store of your own (--store)")
+
+
+def _storage_error(e: OSError, url: str, need: str = "this extract must write to it") -> StoreError:
     """A write that failed (disk full, permissions, network) as a clear error; committed data is untouched."""
+    if is_read_only(e):
+        return _read_only_error(url, f"{e.strerror or e.__class__.__name__}", need)
     what = "no space left on the device" if e.errno == errno.ENOSPC else f"{e.__class__.__name__}: {e.strerror or e}"
     return StoreError(
         f"writing to {url} failed ({what}). Everything committed before is intact; fix the cause and re-run "
@@ -346,9 +354,18 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
     rank, world = _distributed()
     # The lease keeps gc off these spaces from before anything is written or any row is chosen
     # for reuse until the set that refers to them is committed and its rows checked once more.
-    with store.lease([space_key(p) for p in provenances + view_provenances]):
-        spaces = [store.ensure_space(p) for p in provenances]
-        view_spaces = [store.ensure_space(p) for p in view_provenances] if cfg.views else [None] * len(spaces)
+    try:
+        lease = store.lease([space_key(p) for p in provenances + view_provenances])
+    except OSError as e:
+        raise _storage_error(e, cfg.store) from None
+    # on a store this process may only read (no lease), a set already recorded is served as is; anything
+    # that must be written is refused below, before any work
+    with lease:
+        try:
+            spaces = [store.ensure_space(p) for p in provenances]
+            view_spaces = [store.ensure_space(p) for p in view_provenances] if cfg.views else [None] * len(spaces)
+        except OSError as e:
+            raise _storage_error(e, cfg.store, "its feature space is not in it yet") from None
         configs = [replace(cfg, layer=layer) for layer in cfg.layer] if several else [cfg]
         results = _extract_leased(configs, manifest, joint, store, spaces, view_spaces, augment, provenances,
                                   precision, rank, world, progress and rank == 0)
@@ -370,6 +387,9 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
     for it in manifest.items:
         if it.sha256 not in todo and any(it.sha256 not in held for held in known):
             todo[it.sha256] = it
+    if store.read_only and todo:
+        raise _read_only_error(cfg.store, store.read_only, f"{len(todo)} images are not in it yet and would have to "
+                               "be computed and stored")
     _barrier(world)  # every rank has decided what to do before any rank writes
     if todo:
         per_split = {s: sum(1 for it in todo.values() if it.split == s) for s in SPLIT_NAMES}
@@ -386,6 +406,8 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
         train = {it.sha256: it for it in manifest.items if it.split == "train" and it.sha256 not in failed}
         jobs = [(it, k) for it in train.values() for k in range(cfg.views)
                 if any(f"{it.sha256}:{k}" not in held for held in known_views)]
+        if store.read_only and jobs:
+            raise _read_only_error(cfg.store, store.read_only, f"{len(jobs)} augmented views are not in it yet")
         _barrier(world)
         view_jobs = len(jobs)
         if jobs:
@@ -454,7 +476,7 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
             try:
                 store.write_set(set_key, record, arrays)
             except OSError as e:
-                raise _storage_error(e, cfg.store) from None
+                raise _storage_error(e, cfg.store, f"the set {set_key} of this folder is not recorded in it yet") from None
             _restore_missing(one, manifest, kept, store, space, view_space, augment, cfg, progress)
         _barrier(world)  # the set is committed before any rank returns
         set_bytes = store.set_bytes(store.get_set(set_key)) if rank == 0 else 0

@@ -24,7 +24,7 @@ import numpy as np
 from .backbones import Backbone, check_user_backbone, rebuild_backbone
 from .data import DECODE_RECIPE
 from .errors import BackboneMismatch, RunError, StoreError, WeightsError
-from .pipeline import Writer, commit_partial, finite_rows, run_backbone
+from .pipeline import MAX_CAST_ERROR, Writer, cast_error, commit_partial, finite_rows, run_backbone
 from .runs import RunRecord
 from .store import Store, local_path, open_store, space_key
 from .stream import RowReader, prepare_features
@@ -217,11 +217,16 @@ def run_rows(record: RunRecord, net: Backbone, root: Path, items: Sequence, on_r
     counts = RowCounts(notes=space_differences(record, net)[1])
     prov = record.space_provenance
     space, dtype, precision = space_key(prov), str(prov["dtype"]), str(prov.get("precision", "float32"))
+    if precision == "unrecorded":  # rows migrated from format 1: how they were computed is not known
+        counts.notes.append("the run's rows were migrated from store format 1, which did not record the compute "
+                            "precision; images not in the store are computed in float32 and not added to it")
+        precision, write = "float32", False
     store, write = _open(record, net, write, counts.notes)
     with contextlib.ExitStack() as stack:
         if write:
             try:  # gc leaves the space alone from before the lookup until the new rows are committed
-                stack.enter_context(store.lease([space]))
+                if not stack.enter_context(store.lease([space])).held:  # a store this process may only read
+                    raise OSError(f"read-only: {store.read_only}")
                 store.ensure_space(prov)
             except (OSError, ValueError) as e:  # a read-only place, a full disk ...
                 counts.notes.append(f"cannot write to the store {record.store} ({_first_line(e)}); computed rows "
@@ -288,9 +293,14 @@ def _compute(net: Backbone, root: Path, items: Sequence, todo: list[int], on_row
                     continue
                 rows = b.features.astype(dtype)
                 ok = finite_rows(rows)
+                lost = ok & (cast_error(b.features, rows) > MAX_CAST_ERROR)  # underflow: the cast lost the row
+                ok &= ~lost
                 for j in np.asarray(b.indices)[~ok].tolist():
                     for i in same[unique[j].sha256]:
                         counts.failed[i] = f"the backbone gave non-finite features (NaN or inf, or beyond {dtype})"
+                for j in np.asarray(b.indices)[lost].tolist():
+                    for i in same[unique[j].sha256]:
+                        counts.failed[i] = f"the backbone's features underflow {dtype} (values lost in the cast)"
                 good = np.asarray(b.indices)[ok]
                 rows = rows[ok]
                 if writer is not None and len(good):

@@ -33,7 +33,7 @@ from .runtime import keep_memory
 from .store import Store
 
 __all__ = ["Batch", "Images", "Writer", "run_backbone", "resolve_device", "progress_bar", "checked", "finite_rows",
-           "commit_partial", "row_key"]
+           "commit_partial", "row_key", "cast_error", "MAX_CAST_ERROR"]
 
 
 class _Item(Protocol):
@@ -235,7 +235,47 @@ def checked(out: np.ndarray, dtype: str, backbone: Backbone, items: Sequence[_It
         top = float(np.abs(out).max())
         raise DataError(f"features overflow {dtype} at layer {backbone.layer} (largest |value| {top:.3g}); "
                         "pass --dtype float32", option="--dtype")
+    if stored.dtype != out.dtype and len(out):
+        lost = cast_error(out, stored)
+        bad = lost > MAX_CAST_ERROR
+        if bad.any():
+            top = float(np.abs(out[bad]).max())
+            raise DataError(f"features underflow {dtype} at layer {backbone.layer}: {int(bad.sum())} image(s) lose "
+                            f"their values in the cast (relative L2 error up to {float(lost.max()):.3g}, largest "
+                            f"|value| {top:.3g}; first {items[int(np.flatnonzero(bad)[0])].path}); nothing of this "
+                            "batch was stored. Pass --dtype float32", option="--dtype")
     return stored
+
+
+MAX_CAST_ERROR = 1e-2  # float16 rounds a normal value within 5e-4; beyond 1% of a row, values fell into subnormals or 0
+
+
+def cast_error(out: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """Per row: the relative L2 error of the cast to the stored dtype (0 for an all-zero row)."""
+    if not len(out):
+        return np.zeros(0, np.float32)
+    x = out.reshape(len(out), -1).astype(np.float32, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are refused elsewhere
+        if stored.dtype == np.float16:
+            # float16 rounds a normal value within 2^-11 of itself and anything smaller by at most 2^-25, so a
+            # row whose largest |value| is above this bound (nearly every row) is within 1% unchecked
+            top = np.maximum(x.max(axis=1), -x.min(axis=1))
+            suspect = ~(top >= np.sqrt(x.shape[1]) * 2.0**-24 / MAX_CAST_ERROR)
+            errors = np.zeros(len(x), np.float32)
+            if suspect.any():
+                errors[suspect] = _cast_error(x[suspect], stored.reshape(len(x), -1)[suspect])
+            return errors
+        return _cast_error(x, stored.reshape(len(x), -1))
+
+
+def _cast_error(x: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore"):
+        # each row scaled by its largest |value| first, so squares of tiny values do not underflow in the norm
+        top = np.abs(x).max(axis=1, keepdims=True)
+        scale = np.divide(1.0, top, out=np.zeros_like(top), where=top > 0)
+        diff = np.linalg.norm((x - stored.astype(np.float32)) * scale, axis=1)
+        norm = np.linalg.norm(x * scale, axis=1)
+        return np.divide(diff, norm, out=np.zeros_like(diff), where=norm > 0)
 
 
 def row_key(item: _Item, view: int | None) -> str:

@@ -12,6 +12,7 @@ from .rows import (
     digest_key,
     group_bytes,
     human_bytes,
+    is_read_only,
     now_iso,
     space_key,
 )
@@ -37,4 +38,5 @@ __all__ = [
     "created_by",
     "group_bytes",
     "human_bytes",
+    "is_read_only",
 ]

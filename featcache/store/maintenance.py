@@ -73,7 +73,7 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
     current = {it.path: (it.split, it.sha256) for it in manifest.items}
     stored = {p: (s, h) for s in fs.splits for p, h in zip(fs.paths(s), fs.hashes(s).tolist())}
     shown = (lambda split, path: f"{split}/{path}") if manifest.layout == "flat" else (lambda split, path: path)
-    skipped = {d["path"] for d in r.skipped}
+    skipped = {d["path"] for d in fs.skipped()}
     known = store.known_hashes(fs.space)
     st = Status(fs.key, str(data))
     for path, (split, h) in current.items():

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from ..errors import StoreError
 
-__all__ = ["SetRecord", "SPLITS", "MAX_CLASSES", "PRECISIONS"]
+__all__ = ["SetRecord", "SPLITS", "MAX_CLASSES", "PRECISIONS", "parse_files"]
 
 SPLITS = ("train", "val", "test")
 SET_ARRAYS = ("sha256", "labels", "paths_utf8", "paths_offsets")  # per split
@@ -76,6 +76,14 @@ def _files(v: Any, name: str) -> tuple[dict, ...]:
                 and len(d["path"]) <= _MAX_TEXT and len(d["reason"]) <= _MAX_TEXT):
             raise _Bad(name, "a list of {path, reason} objects")
     return tuple({"path": d["path"], "reason": d["reason"]} for d in v)
+
+
+def parse_files(v: Any, name: str, key: str) -> list[dict]:
+    """A list of ``{"path", "reason"}`` objects (a set's skipped or ignored files), or one StoreError."""
+    try:
+        return list(_files(v, name))
+    except _Bad as e:
+        raise StoreError(f"set {key}: {e.name!r} is not {e.want}") from None
 
 
 def _shape(v: Any, name: str) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ never as zeros.
 
 from __future__ import annotations
 
+import errno
 import getpass
 import hashlib
 import json
@@ -66,6 +67,7 @@ __all__ = [
     "require_group",
     "child_groups",
     "MAX_META_BYTES",
+    "is_read_only",
 ]
 
 _CHUNK_BYTES = 2 << 20  # ~2 MiB uncompressed per chunk: large enough for zstd, small for random reads
@@ -466,8 +468,30 @@ def _superseded(segments: list[Segment], groups: dict[str, zarr.Group]) -> dict[
     return claims
 
 
+def is_read_only(e: BaseException) -> bool:
+    """Whether a failed write says the place cannot be written at all (permissions, a read-only mount)."""
+    return isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class _NoLease:
+    """What a reader of a store it cannot write holds instead of a lease: it writes nothing for gc to spare."""
+
+    held = False
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> "_NoLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class Lease:
     """A running extract's claim on spaces: gc leaves them alone while it is renewed."""
+
+    held = True
 
     def __init__(self, parent: zarr.Group, name: str):
         self.parent, self.name = parent, name
@@ -510,6 +534,7 @@ class Rows:
     def __init__(self) -> None:
         self._index_cache: dict[str, tuple] = {}
         self.warnings: list[str] = []  # damaged groups met while reading, one line each
+        self.read_only: str | None = None  # why this process cannot write the store, once a write found out
 
     def _warn(self, line: str) -> None:
         if line not in self.warnings:
@@ -682,11 +707,20 @@ class Rows:
 
     # ------------------------------------------------------------------ leases
 
-    def lease(self, spaces: Iterable[str]) -> Lease:
-        """Claim ``spaces`` for a running extract; ``gc`` removes no row of a claimed space."""
-        parent, name = require_group(self.root, "leases"), uuid.uuid4().hex
-        parent.create_group(name, attributes={"spaces": sorted(set(spaces)), "renewed_at": now_iso(),
-                                              "created_by": created_by(), "pid": os.getpid(), "ttl_s": LEASE_TTL_S})
+    def lease(self, spaces: Iterable[str]) -> Lease | _NoLease:
+        """Claim ``spaces`` for a running extract; ``gc`` removes no row of a claimed space.
+
+        On a store this process cannot write (read access only, a read-only mount) there is no claim to
+        make: ``read_only`` says why, and the caller may go on as long as it writes nothing."""
+        try:
+            parent, name = require_group(self.root, "leases"), uuid.uuid4().hex
+            parent.create_group(name, attributes={"spaces": sorted(set(spaces)), "renewed_at": now_iso(),
+                                                  "created_by": created_by(), "pid": os.getpid(), "ttl_s": LEASE_TTL_S})
+        except OSError as e:
+            if not is_read_only(e):
+                raise
+            self.read_only = f"{e.strerror or e.__class__.__name__}: {getattr(e, 'filename', None) or self.url}"
+            return _NoLease()
         return Lease(parent, name)
 
     def leases(self) -> tuple[set[str], list[str]]:

@@ -21,8 +21,9 @@ from .rows import arrays_to_keys, decode_strings, digest_key, read_checked
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["FeatureSet"]
+__all__ = ["FeatureSet", "FILE_LISTS"]
 
+FILE_LISTS = ("skipped", "ignored")  # (path, reason) lists, in arrays of the set group (in attributes before)
 
 
 class FeatureSet:
@@ -33,9 +34,52 @@ class FeatureSet:
         self.key = key
         self.group = group
         self.record = SetRecord.from_attrs(key, dict(group.attrs))
-        self.attrs: dict = self.record.to_attrs()
+        self._attrs: dict | None = None
         self._arrays: dict[str, tuple[np.ndarray, list[str], np.ndarray]] | None = None
+        self._files: dict[str, list[dict]] = {}
         self._check_key()
+
+    @property
+    def attrs(self) -> dict:
+        """The record as JSON values, with the skipped and ignored files however they are stored."""
+        if self._attrs is None:
+            self._attrs = {**self.record.to_attrs(), "skipped": self.skipped(), "ignored": self.ignored()}
+        return self._attrs
+
+    def skipped(self) -> list[dict]:
+        """Files of the folder that could not be used, as ``{"path", "reason"}``."""
+        return self._file_list("skipped")
+
+    def ignored(self) -> list[dict]:
+        """Files of the folder outside its layout, as ``{"path", "reason"}``."""
+        return self._file_list("ignored")
+
+    def _file_list(self, name: str) -> list[dict]:
+        if name not in self._files:
+            count = self.record.extra.get(f"{name}_count")
+            if count is None:  # written before the lists moved into arrays
+                self._files[name] = list(getattr(self.record, name))
+            else:
+                self._files[name] = self._read_files(name, count)
+        return [dict(d) for d in self._files[name]]
+
+    def _read_files(self, name: str, count) -> list[dict]:
+        digests = self.record.integrity.get(name)
+        try:
+            if not isinstance(count, int) or isinstance(count, bool) or not isinstance(digests, dict):
+                raise ValueError(f"'{name}_count' or its integrity record is malformed")
+            group = self.group[name]
+            parts = [read_checked(group, arr, digests.get(arr), dtype)
+                     for arr, dtype in (("paths_utf8", "uint8"), ("paths_offsets", "int64"),
+                                        ("reasons_utf8", "uint8"), ("reasons_offsets", "int64"))]
+            paths, reasons = decode_strings(parts[0], parts[1]), decode_strings(parts[2], parts[3])
+            if len(paths) != count or len(reasons) != count:
+                raise ValueError(f"it holds {len(paths)} entries, the set says {count}")
+        except (Exception, RecursionError) as e:
+            why = str(e) if isinstance(e, ValueError) else f"cannot read it ({e.__class__.__name__})"
+            raise StoreError(f"set {self.key}, its list of {name} files: {why}; the store is damaged. Re-run "
+                             "featcache extract to record the set again.") from None
+        return [{"path": p, "reason": r} for p, r in zip(paths, reasons)]
 
     def _check_key(self) -> None:
         """The key is a digest of what the set is (its space, its view's digest, its folder, its split): a

@@ -5,6 +5,7 @@ Sets layout (rows are in :mod:`featcache.store.rows`)::
     STORE/                          root attrs: {"featcache": {"format_version": 2}}
       sets/<key>-<8 hex>/           one committed instance of a set; attrs: the SetRecord, then committed=true
         <split>/sha256 (N, 32) uint8, labels (N,) int32, paths_utf8 (M,) uint8 + paths_offsets (N + 1,) int64
+        skipped/, ignored/          files left out: paths_utf8 + paths_offsets, reasons_utf8 + reasons_offsets
 
 Each writer records a set in a group of its own, so concurrent writers never collide; the
 set's integrity record (a digest of each array) is written before the marker.
@@ -12,6 +13,7 @@ set's integrity record (a digest of each array) is written before the marker.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -20,10 +22,12 @@ import numpy as np
 import zarr
 
 from ..errors import AmbiguousSet, DataError, SetNotFound, StoreError
-from .records import SetRecord
-from .rows import (Rows, child_groups, created_by, digest_values, encode_strings, group_bytes, hashes_to_array,
-                   now_iso, require_group, write_array)
-from .sets import FeatureSet
+from .records import SetRecord, parse_files
+from . import rows as _rows
+from .rows import (Rows, child_groups, created_by, digest_values, encode_strings, group_bytes,
+                   hashes_to_array, human_bytes, now_iso, require_group, write_array)
+from .rows import _meta_size
+from .sets import FILE_LISTS, FeatureSet
 
 __all__ = ["FORMAT_VERSION", "Store", "open_store"]
 
@@ -65,11 +69,24 @@ class Store(Rows):
         fields = record.to_attrs() if isinstance(record, SetRecord) else dict(record)
         # created with its space named in the same write, so gc leaves an unfinished set alone while its
         # space is leased (an attribute written after the group would leave a moment without it)
-        group = require_group(self.root, "sets").create_group(
-            f"{key}-{uuid.uuid4().hex[:8]}",
+        parent, gname = require_group(self.root, "sets"), f"{key}-{uuid.uuid4().hex[:8]}"
+        group = parent.create_group(
+            gname,
             attributes={"committed": False, "created_at": now_iso(), "space": fields.get("space")},
         )
         integrity = {}
+        lists = {}
+        for name in FILE_LISTS:  # in arrays, not in the metadata: a list of any length stays readable
+            files = parse_files(fields.pop(name, None) or [], name, key)
+            blob, offsets = encode_strings([str(d["path"]) for d in files])
+            why, why_offsets = encode_strings([str(d["reason"]) for d in files])
+            sub = group.create_group(name)
+            integrity[name] = {}
+            for arr, values in (("paths_utf8", blob), ("paths_offsets", offsets), ("reasons_utf8", why),
+                                ("reasons_offsets", why_offsets)):
+                write_array(sub, arr, values)
+                integrity[name][arr] = digest_values(values)
+            lists[f"{name}_count"] = len(files)
         for split, arrays in splits.items():
             sub = group.create_group(split)
             blob, offsets = encode_strings([str(p) for p in arrays["paths"]])
@@ -79,11 +96,26 @@ class Store(Rows):
             for name, values in stored.items():
                 write_array(sub, name, values)
                 integrity[split][name] = digest_values(values)
-        attrs = {**fields, "integrity": integrity, "key": key, "committed_at": now_iso()}
+        attrs = {**fields, **lists, "integrity": integrity, "key": key, "committed_at": now_iso()}
         SetRecord.from_attrs(key, attrs)  # what is written must read back
         group.attrs.update(attrs)
+        size = _meta_size(parent, gname) or len(json.dumps(dict(group.attrs), indent=2).encode())
+        if size > _rows.MAX_META_BYTES:  # every reader would skip it: never committed
+            self._discard(parent, gname)
+            largest = sorted(attrs, key=lambda k: len(json.dumps(attrs[k])), reverse=True)[:3]
+            raise StoreError(f"the record of set {key} would be {human_bytes(size)} of metadata, over the "
+                             f"{human_bytes(_rows.MAX_META_BYTES)} every reader accepts, so nothing was committed; its "
+                             f"largest attributes: {', '.join(f'{k} ({human_bytes(len(json.dumps(attrs[k])))})' for k in largest)}")
         group.attrs["committed"] = True
-        return FeatureSet(self, key, group)
+        fs = FeatureSet(self, key, group)
+        fs.skipped(), fs.ignored()  # what was written reads back
+        return fs
+
+    def _discard(self, parent: zarr.Group, name: str) -> None:
+        try:
+            del parent[name]
+        except Exception:  # left uncommitted: gc removes it
+            pass
 
     def _sound_sets(self) -> dict[str, FeatureSet]:
         """The first sound instance of every committed set key; damaged instances become warnings."""
