@@ -217,6 +217,15 @@ def _new_run_dir(cfg: FitConfig) -> Path:
     return new_folder(cfg.out, cfg.runs, cfg.head)
 
 
+def discard_run_dir(run_dir: Path, made: bool) -> None:
+    """A run that failed leaves nothing: the folder goes if fit made it, else only what was put in it."""
+    if made:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else ():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
 def new_folder(out: str | None, runs: str, label: str) -> Path:
     """``out`` (new or empty), else a new ``runs/<time>-<label>`` folder."""
     option, path = ("--out", Path(out)) if out else ("--runs", None)
@@ -374,12 +383,15 @@ def fit(
     data, train_views, notes = load_fit_data(cfg, fs)
     if tracking is None:
         return fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0, on_epoch=on_epoch)
-    run = tracking.start(Path(cfg.out).name if cfg.out else cfg.head, cfg, fs)
+    made = not (cfg.out and Path(cfg.out).exists())
+    run_dir = _new_run_dir(cfg)  # made now, so a tracker can write into it while the head trains
+    run = tracking.start(run_dir.name, cfg, fs, run_dir=run_dir)
     try:
         result = fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0,
-                            on_epoch=tracking.on_epoch(run, on_epoch))
+                            on_epoch=tracking.on_epoch(run, on_epoch), run_dir=run_dir)
     except BaseException:
         tracking.abort(run)
+        discard_run_dir(run_dir, made)
         raise
     tracking.finish(run, result)
     result.notes += tracking.all_notes(result.run_dir)
@@ -405,8 +417,10 @@ def _edge_notes(head) -> list[str]:
 
 
 def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: list[str], t_load: float, *,
-               on_epoch: Callable[[dict], None] | None = None, plots: bool | None = None) -> FitResult:
-    """Fit ``cfg``'s head on splits already loaded from ``fs`` and write its run directory."""
+               on_epoch: Callable[[dict], None] | None = None, plots: bool | None = None,
+               run_dir: Path | None = None) -> FitResult:
+    """Fit ``cfg``'s head on splits already loaded from ``fs`` and write its run directory
+    (``run_dir``: a folder the caller made for it, else a new one)."""
     cls = head_class(cfg.head)
     names = set(cls._get_param_names())
     params = {k: v for k, v in cfg.to_dict().items() if k in names}
@@ -467,7 +481,7 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
     except RunError as e:
         raise FeatcacheError(f"the trained head cannot be saved as a run ({e}); check the features with "
                              "featcache verify, or lower --lr") from None
-    run = _new_run_dir(cfg)
+    run = Path(run_dir) if run_dir is not None else _new_run_dir(cfg)
     try:
         record.write(run)
         if cfg.plots if plots is None else plots:

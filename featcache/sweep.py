@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import FeatcacheError
-from .fit import (HEAD_OPTIONS, FitConfig, FitResult, check_set_for, fit_loaded, load_fit_data, new_folder,
-                  open_fit_set, open_tracking_for)
+from .fit import (HEAD_OPTIONS, FitConfig, FitResult, check_set_for, discard_run_dir, fit_loaded, load_fit_data,
+                  new_folder, open_fit_set, open_tracking_for)
 from .heads import head_class, head_params
 
 __all__ = ["SweepResult", "combinations", "sweep"]
@@ -144,7 +144,7 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     loaded: dict[tuple, tuple] = {}
     load_s = 0.0
     results, rows, notes, tracked = [], [], [], []
-    parent = tracking and tracking.start_sweep(folder.name, {**base.to_dict(), **grid, "out": str(folder)})
+    parent = tracking and tracking.start_sweep(folder.name, base, grid)
     try:
         for i, cfg in enumerate(configs, 1):
             name = _label(i, cfg, varied)
@@ -156,10 +156,18 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
                 notes += loaded[key][2]
             data, views, _ = loaded[key]
             cfg = replace(cfg, out=str(folder / name))
-            run = tracking and tracking.start(name, cfg, fs, parent)
+            run_dir = None
+            if tracking:  # made now, so the tracker can write into it while the head trains
+                run_dir = new_folder(cfg.out, base.runs, cfg.head)
+            run = tracking and tracking.start(name, cfg, fs, parent, run_dir=run_dir)
             tracked.append(run)
-            res = fit_loaded(cfg, fs, data, views, [], load_s, plots=all_plots and cfg.plots,
-                             on_epoch=tracking and tracking.on_epoch(run))
+            try:
+                res = fit_loaded(cfg, fs, data, views, [], load_s, plots=all_plots and cfg.plots,
+                                 on_epoch=tracking and tracking.on_epoch(run), run_dir=run_dir)
+            except BaseException:
+                if run_dir is not None:
+                    discard_run_dir(run_dir, True)
+                raise
             notes += [f"{name}: {n}" for n in res.notes]
             rows.append(_row(name, res, varied))
             if on_result:
