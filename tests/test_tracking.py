@@ -17,7 +17,7 @@ from featcache.fit import FitConfig
 from featcache.runs import RunRecord
 from featcache.sweep import sweep
 from featcache.heads import head_params, load_head
-from featcache.tracking import MLflowTracker, final_metrics, grouped_tag, param_value
+from featcache.tracking import MLflowTracker, final_metrics, param_value
 
 from .conftest import TINY, make_folder
 
@@ -51,6 +51,12 @@ def _mlflow(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 opens its file store only when asked
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     return client, client.get_experiment_by_name("featcache").experiment_id
+
+
+def grouped_tag(name: str) -> str:
+    """TensorBoard's tag of a metric: ``train_loss`` -> ``loss/train``, ``val_top1`` -> ``top1/val``."""
+    split, _, rest = name.partition("_")
+    return f"{rest}/{split}" if split in ("train", "val", "test") else {"seconds": "time/epoch_seconds"}.get(name, name)
 
 
 def _head_params(config: dict) -> dict:
@@ -253,7 +259,7 @@ def test_a_failed_tracked_fit_leaves_no_run_directory(world, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         featcache.fit(head="linear", store=world["store"], epochs=3, plots=False, runs=str(tmp_path / "runs"),
                       tracker="tensorboard", on_epoch=boom)
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
     (tmp_path / "mine").mkdir()  # an empty --out the user made stays, empty
     with pytest.raises(KeyboardInterrupt):
         featcache.fit(head="linear", store=world["store"], epochs=3, plots=False, out=str(tmp_path / "mine"),
