@@ -234,7 +234,8 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
         following = f"featcache report {result.folder / result.rows[0]['run']}"
         if as_json:
             echo_json({"sweep": str(result.folder), "runs": result.rows, "best": result.rows[0]["run"],
-                       "selection": result.selection, "seconds": result.seconds, "notes": result.notes, "next": following})
+                       "selection": result.selection, "seconds": result.seconds, "notes": result.notes,
+                       "next": following})
             return
         click.echo(result.table())
         click.echo(result.summary())

@@ -133,7 +133,8 @@ class FitResult:
         return {"run": str(self.run_dir), "set": self.set_key, "head": self.config.head if self.config else None,
                 "metrics": self.metrics,
                 "epochs_run": len(self.history), "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
-                "C": self.chosen_C, "selection": self.selection, "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "C": self.chosen_C, "selection": self.selection,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                 "notes": self.notes}
 
     def summary(self) -> str:
@@ -191,6 +192,11 @@ def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibr
     return out
 
 
+BIASED_VAL_NOTE = ("val numbers are selection-biased: the kept epoch was chosen on val loss and the set has no test "
+                   "split to report instead; extract with a test split (a test/ folder, or --split 0.7,0.15,0.15) "
+                   "for a held-out score")
+
+
 def selection_of(head, splits) -> tuple[dict, list[str]]:
     """What fitting chose and on which rows, which split's numbers are selection-biased, and which
     split holds the held-out score (test when there is one); with a note when only a biased val exists.
@@ -208,8 +214,7 @@ def selection_of(head, splits) -> tuple[dict, list[str]]:
     score = "test" if "test" in splits else ("val" if "val" in splits and not biased else None)
     notes = []
     if biased and "test" not in splits:
-        notes.append("val numbers are selection-biased: the kept epoch was chosen on val loss and the set has no "
-                     "test split to report instead; extract with a test split (a test/ folder, or --split 0.7,0.15,0.15) for a held-out score")
+        notes.append(BIASED_VAL_NOTE)
     return {"chosen": chosen, "biased": biased, "score": score}, notes
 
 

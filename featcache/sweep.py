@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import FeatcacheError
-from .fit import (HEAD_OPTIONS, FitConfig, FitResult, check_set_for, discard_run_dir, fit_loaded, load_fit_data,
-                  new_folder, open_fit_set, open_tracking_for)
+from .fit import (BIASED_VAL_NOTE, HEAD_OPTIONS, FitConfig, FitResult, check_set_for, discard_run_dir, fit_loaded,
+                  load_fit_data, new_folder, open_fit_set, open_tracking_for)
 from .heads import head_class, head_params
 
 __all__ = ["SweepResult", "combinations", "sweep"]
@@ -168,7 +168,7 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
                 if run_dir is not None:
                     discard_run_dir(run_dir, True)
                 raise
-            notes += [f"{name}: {n}" for n in res.notes]
+            notes += [f"{name}: {n}" for n in res.notes if n != BIASED_VAL_NOTE]  # the sweep says it once, below
             rows.append(_row(name, res, varied))
             if on_result:
                 on_result(i, len(configs), name, res)
