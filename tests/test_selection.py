@@ -84,6 +84,7 @@ def test_a_sweep_picks_on_val_and_reports_the_best_runs_test(with_test, val_only
                                                 out=str(tmp_path / "b")), {"lr": [1e-3, 1e-2]})
     assert alone.selection["score"] is None
     assert any(f"the best run {alone.rows[0]['run']} was chosen on val top-1" in n for n in alone.notes)
+    assert sum("selection-biased" in n for n in alone.notes) == 1  # said once for the sweep, not once per run
 
 
 def test_metrics_are_scikit_learns_own():
