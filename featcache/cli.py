@@ -149,7 +149,8 @@ def _positive_float(text: str) -> float:
 @click.option("--patience", default=10, show_default=True, type=many(Ints(0, 10**6)), help="Early-stopping patience on val loss (0: off).")
 @click.option("--seed", default=0, show_default=True, type=many(Ints(0, 2**32 - 1)))
 @click.option("--C", "C", default="auto", show_default=True, type=many(AutoOr("auto|NUMBER", "a number", _positive_float)),
-              help="Inverse regularisation (logreg, svm); auto picks it on the val split (or by CV).")
+              help="Inverse regularisation (logreg, svm); auto picks it by 5-fold cross-validation of train "
+                   "(val and test stay held out).")
 @click.option("--max-iter", default=2000, show_default=True, type=many(Ints(1, 10**7)), help="Solver iterations (logreg, svm).")
 @click.option("--fit-pool", "pool", type=many(click.Choice(FIT_POOLS)), default=None,
               help="Train-time pooling of stored spatial maps instead of flattening them [default: none].")
@@ -237,7 +238,8 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
         following = f"featcache report {result.folder / result.rows[0]['run']}"
         if as_json:
             echo_json({"sweep": str(result.folder), "runs": result.rows, "best": result.rows[0]["run"],
-                       "seconds": result.seconds, "notes": result.notes, "next": following})
+                       "selection": result.selection, "seconds": result.seconds, "notes": result.notes,
+                       "next": following})
             return
         click.echo(result.table())
         click.echo(result.summary())
@@ -287,7 +289,9 @@ def _print_metrics(metrics: dict, classes: tuple[str, ...] | list[str], detailed
     """One line per split, then per-class accuracy and the confusion matrix of the ``detailed`` splits."""
     for split, m in metrics.items():
         top5 = f"  top-5 {_fmt(m['top5'])}" if "top5" in m else ""
-        click.echo(f"{split:5}  n {m['n']:>6}  top-1 {_fmt(m['top1'])}{top5}  log loss {_fmt(m['log_loss'])}")
+        more = (f"  balanced acc {_fmt(m['balanced_accuracy'])}  macro F1 {_fmt(m['macro']['f1'])}"
+                if "macro" in m else "")
+        click.echo(f"{split:5}  n {m['n']:>6}  top-1 {_fmt(m['top1'])}{top5}  log loss {_fmt(m['log_loss'])}{more}")
     for split in (s for s in metrics if s in detailed):
         m = metrics[split]
         click.echo(f"{split} per class: " + ", ".join(f"{c} {_fmt(a)}" for c, a in m["per_class_accuracy"].items()))

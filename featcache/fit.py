@@ -22,12 +22,13 @@ from .errors import FeatcacheError, RunError, StoreError, os_error_text
 from .config import FIT_POOLS, TRACKERS, default_store_url
 from .heads import C_GRID, HEADS, INITS, OPTIMIZERS, head_class
 from .persist import HeadRecord
-from .runs import RunRecord
+from .runs import RunRecord, describe_selection
 from .store import FeatureSet, human_bytes, open_store, resolved_url
 from .runtime import keep_memory
 from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
 
-__all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "prepare_features", "HEAD_OPTIONS", "check_head_options"]
+__all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "selection_of", "describe_selection", "prepare_features",
+           "HEAD_OPTIONS", "check_head_options"]
 
 _log = logging.getLogger("featcache.fit")  # one INFO line as each phase starts; the CLI shows them
 
@@ -116,6 +117,7 @@ class FitResult:
     head: Any = field(default=None, repr=False)  # the fitted head
     config: FitConfig | None = None
     probas: dict | None = field(default=None, repr=False)  # per split, for plots written later (sweeps)
+    selection: dict | None = None  # what was chosen on what, and which split is held out (see selection_of)
 
     def stopping(self) -> str | None:
         """``stopped early at epoch 14 of 30; kept epoch 4 (lowest val loss)``; None for heads without epochs."""
@@ -131,22 +133,33 @@ class FitResult:
         return {"run": str(self.run_dir), "set": self.set_key, "head": self.config.head if self.config else None,
                 "metrics": self.metrics,
                 "epochs_run": len(self.history), "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
-                "C": self.chosen_C, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "notes": self.notes}
+                "C": self.chosen_C, "selection": self.selection,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "notes": self.notes}
 
     def summary(self) -> str:
         parts = [f"run {self.run_dir}"]
+        sel = self.selection or {}
         for split in ("val", "test"):
             if split in self.metrics:
-                parts.append(f"{split} top-1 {self.metrics[split]['top1']:.4f}")
+                why = (" (selection-biased: chose the kept epoch)" if split in sel.get("biased", ()) else
+                       " (held out)" if split == sel.get("score") and sel.get("chosen") else "")
+                parts.append(f"{split} top-1 {self.metrics[split]['top1']:.4f}{why}")
         if self.chosen_C is not None:
-            parts.append(f"C {self.chosen_C:g}")
+            how = next((c["on"] for c in sel.get("chosen", ()) if c["what"] == "C"), None)
+            parts.append(f"C {self.chosen_C:g}" + (f" (by {how})" if how else ""))
         parts.append(f"load {self.seconds['load']:.2f} s, fit {self.seconds['fit']:.2f} s")
         return "; ".join(parts)
 
 
 def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibrated: bool = True) -> dict:
-    """Top-1, top-5 (5+ classes), log loss (calibrated heads), per-class accuracy, confusion matrix."""
-    from sklearn.metrics import confusion_matrix, log_loss
+    """Top-1, top-5 (5+ classes), log loss (calibrated heads), balanced accuracy, precision, recall, F1
+    and support (per class, macro and weighted: scikit-learn's own), per-class accuracy, confusion matrix.
+
+    ``per_class`` holds lists in class order (None where a class has no image or no prediction); the
+    averages run over the classes present in ``y`` or predicted, as scikit-learn's do."""
+    from sklearn.metrics import (balanced_accuracy_score, classification_report, confusion_matrix, log_loss,
+                                 precision_recall_fscore_support)
 
     c = len(classes)
     pred = proba.argmax(1)
@@ -155,6 +168,21 @@ def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibr
         top5 = np.argsort(-proba, axis=1)[:, :5]
         out["top5"] = float((top5 == y[:, None]).any(1).mean())
     out["log_loss"] = float(log_loss(y, np.clip(proba, 1e-7, 1), labels=list(range(c)))) if calibrated else None
+    if len(y):
+        with warnings.catch_warnings():  # "y_pred contains classes not in y_true": the averages say which they cover
+            warnings.simplefilter("ignore", UserWarning)
+            out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
+            report = classification_report(y, pred, output_dict=True, zero_division=0)
+            p, r, f, support = precision_recall_fscore_support(y, pred, labels=list(range(c)), zero_division=np.nan)
+        for avg in ("macro", "weighted"):
+            row = report[f"{avg} avg"]
+            out[avg] = {"precision": float(row["precision"]), "recall": float(row["recall"]),
+                        "f1": float(row["f1-score"])}
+        shown = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731
+        out["per_class"] = {"precision": shown(p), "recall": shown(r), "f1": shown(f),
+                            "support": [int(v) for v in support]}
+    else:
+        out["balanced_accuracy"] = float("nan")
     cm = confusion_matrix(y, pred, labels=list(range(c)))
     support = cm.sum(1)
     out["per_class_accuracy"] = {
@@ -164,8 +192,43 @@ def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibr
     return out
 
 
+BIASED_VAL_NOTE = ("val numbers are selection-biased: the kept epoch was chosen on val loss and the set has no test "
+                   "split to report instead; extract with a test split (a test/ folder, or --split 0.7,0.15,0.15) "
+                   "for a held-out score")
+
+
+def selection_of(head, splits) -> tuple[dict, list[str]]:
+    """What fitting chose and on which rows, which split's numbers are selection-biased, and which
+    split holds the held-out score (test when there is one); with a note when only a biased val exists.
+
+    C = "auto" is chosen by cross-validation of train, so val and test stay held out; the kept
+    epoch of a torch head is chosen on val loss (train loss without val), which biases val."""
+    chosen = []
+    search = getattr(head, "C_search_", None)
+    if search and search.get("grid"):
+        chosen.append({"what": "C", "on": f"{search['by']} of train"})
+    history = getattr(head, "history_", None) or []
+    if history:
+        chosen.append({"what": "epoch", "on": "val loss" if "val_loss" in history[0] else "train loss"})
+    biased = ["val"] if any(c["on"] == "val loss" for c in chosen) else []
+    score = "test" if "test" in splits else ("val" if "val" in splits and not biased else None)
+    notes = []
+    if biased and "test" not in splits:
+        notes.append(BIASED_VAL_NOTE)
+    return {"chosen": chosen, "biased": biased, "score": score}, notes
+
+
 def _new_run_dir(cfg: FitConfig) -> Path:
     return new_folder(cfg.out, cfg.runs, cfg.head)
+
+
+def discard_run_dir(run_dir: Path, made: bool) -> None:
+    """A run that failed leaves nothing: the folder goes if fit made it, else only what was put in it."""
+    if made:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else ():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def new_folder(out: str | None, runs: str, label: str) -> Path:
@@ -325,12 +388,15 @@ def fit(
     data, train_views, notes = load_fit_data(cfg, fs)
     if tracking is None:
         return fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0, on_epoch=on_epoch)
-    run = tracking.start(Path(cfg.out).name if cfg.out else cfg.head, cfg, fs)
+    made = not (cfg.out and Path(cfg.out).exists())
+    run_dir = _new_run_dir(cfg)  # made now, so a tracker can write into it while the head trains
+    run = tracking.start(run_dir.name, cfg, fs, run_dir=run_dir)
     try:
         result = fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0,
-                            on_epoch=tracking.on_epoch(run, on_epoch))
+                            on_epoch=tracking.on_epoch(run, on_epoch), run_dir=run_dir)
     except BaseException:
         tracking.abort(run)
+        discard_run_dir(run_dir, made)
         raise
     tracking.finish(run, result)
     result.notes += tracking.all_notes(result.run_dir)
@@ -356,8 +422,10 @@ def _edge_notes(head) -> list[str]:
 
 
 def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: list[str], t_load: float, *,
-               on_epoch: Callable[[dict], None] | None = None, plots: bool | None = None) -> FitResult:
-    """Fit ``cfg``'s head on splits already loaded from ``fs`` and write its run directory."""
+               on_epoch: Callable[[dict], None] | None = None, plots: bool | None = None,
+               run_dir: Path | None = None) -> FitResult:
+    """Fit ``cfg``'s head on splits already loaded from ``fs`` and write its run directory
+    (``run_dir``: a folder the caller made for it, else a new one)."""
     cls = head_class(cfg.head)
     names = set(cls._get_param_names())
     params = {k: v for k, v in cfg.to_dict().items() if k in names}
@@ -386,6 +454,8 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
     t_fit = time.perf_counter() - t1
     probas = {s: head.predict_proba(x) for s, (x, _) in data.items()}
     metrics = {s: compute_metrics(probas[s], y, fs.classes, cls.calibrated) for s, (_, y) in data.items()}
+    selection, selection_notes = selection_of(head, [s for s, (_, y) in data.items() if len(y)])
+    notes += selection_notes
     record = RunRecord(
         config=cfg,
         set=fs.key,
@@ -407,6 +477,7 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
         C=getattr(head, "C_", None),
         C_search=getattr(head, "C_search_", None),
         stopped_early=getattr(head, "stopped_early_", False),
+        selection=selection,
         seconds={"load": t_load, "fit": t_fit},
         created_at=datetime.now().astimezone().isoformat(timespec="seconds"),
     )
@@ -415,7 +486,7 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
     except RunError as e:
         raise FeatcacheError(f"the trained head cannot be saved as a run ({e}); check the features with "
                              "featcache verify, or lower --lr") from None
-    run = _new_run_dir(cfg)
+    run = Path(run_dir) if run_dir is not None else _new_run_dir(cfg)
     try:
         record.write(run)
         if cfg.plots if plots is None else plots:
@@ -433,5 +504,5 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
                        "was left there. Free space or choose another --runs / --out, then re-run fit") from None
     return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None),
                      notes, best_epoch=record.best_epoch, stopped_early=record.stopped_early, head=head, config=cfg,
-                     probas=probas)
+                     probas=probas, selection=selection)
 

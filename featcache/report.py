@@ -16,7 +16,7 @@ from .errors import FeatcacheError, RunError, StoreError
 from .heads import head_from_record
 from .lookup import run_store
 from .persist import write_atomic
-from .runs import RunRecord
+from .runs import RunRecord, describe_selection
 from .store import open_store
 from .stream import RowReader
 
@@ -226,6 +226,7 @@ def _settings(record: RunRecord, data: str | Path | None) -> list[list]:
     rows += [[k, _shown(cfg[k])] for k in ("pool", "use_views", "max_memory") if k in cfg]
     if record.C is not None:
         rows.append(["chosen C", f"{record.C:g}"])
+    rows.append(["model selection", describe_selection(record.selection)])
     if record.history:  # heads trained in epochs
         rows += [["epochs run", len(record.history)],
                  ["best epoch (kept)", "0 (the start)" if record.best_epoch == 0 else record.best_epoch or "-"],
@@ -253,9 +254,11 @@ def write_report(run: str | Path, data: str | Path | None = None, backbone: str 
     plots = [p.name for p in write_plots(run, data=data, backbone=backbone, store=store, notes=notes)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     summary = _table(
-        [[s, m["n"], fmt(m["top1"]), fmt(m.get("top5")), fmt(m["log_loss"])] for s, m in metrics.items()],
-        ["split", "images", "top-1", "top-5", "log loss"],
-    )
+        [[s, m["n"], fmt(m["top1"]), fmt(m.get("top5")), fmt(m["log_loss"]), fmt(m.get("balanced_accuracy")),
+          fmt(m.get("macro", {}).get("f1")), "selection-biased" if s in (record.selection or {}).get("biased", ())
+          else "held out" if s == (record.selection or {}).get("score") else "-"] for s, m in metrics.items()],
+        ["split", "images", "top-1", "top-5", "log loss", "balanced acc", "macro F1", "score"],
+    ) + f"<p>model selection: {html.escape(describe_selection(record.selection))}</p>"
     split = _eval_split(metrics)
     per_class = _table([[c, fmt(a)] for c, a in metrics[split]["per_class_accuracy"].items()],
                        ["class", f"{split} accuracy"]) if split else ""

@@ -35,7 +35,7 @@ from .stream import prepared_shape
 if TYPE_CHECKING:
     from .fit import FitConfig
 
-__all__ = ["RUN_FILES", "SORTS", "RunRecord", "read_run", "list_runs", "format_runs"]
+__all__ = ["RUN_FILES", "SORTS", "RunRecord", "read_run", "list_runs", "format_runs", "describe_selection"]
 
 RUN_FILES = ("config.json", "metrics.json", "history.json", "head.json", "head.npz")
 SPLITS = ("train", "val", "test")
@@ -85,6 +85,11 @@ def _parse_metrics(doc: Any, classes: tuple[str, ...], where: str) -> dict:
         m.number("top1", 0, 1, nonfinite=n == 0)  # NaN for an empty split
         m.number("top5", 0, 1, optional=True, nonfinite=n == 0)
         m.number("log_loss", 0, optional=True, nonfinite=n == 0)
+        m.number("balanced_accuracy", 0, 1, optional=True, nonfinite=n == 0)
+        for avg in ("macro", "weighted"):
+            a = m.obj(avg, optional=True)
+            for k in ("precision", "recall", "f1") if a is not None else ():
+                a.number(k, 0, 1)
         per_class = m.obj("per_class_accuracy")
         if list(per_class.doc) != list(classes):
             raise m.bad("per_class_accuracy", f"one entry per class of the run ({c})", list(per_class.doc))
@@ -109,6 +114,31 @@ def _parse_c_search(f: Fields) -> dict | None:
     search.get("scores", lambda v: isinstance(v, list) and len(v) == len(grid) and all(is_number(x) for x in v),
                f"a list of {len(grid)} numbers, one per grid value")
     return search.doc
+
+
+def describe_selection(selection: dict | None) -> str:
+    """One line: what was chosen on what, and which split's score is held out."""
+    if not selection:
+        return "-"
+    parts = [f"{c['what']} chosen on {c['on']}" for c in selection["chosen"]] or ["nothing chosen"]
+    held = selection.get("score")
+    parts.append(f"held-out score: {held}" if held else "no held-out split")
+    if selection.get("biased"):
+        parts.append(f"{', '.join(selection['biased'])} selection-biased")
+    return "; ".join(parts)
+
+
+def _parse_selection(f: Fields) -> dict | None:
+    """What fitting chose on which rows (``chosen``), the biased splits and the held-out one (``score``)."""
+    sel = f.obj("selection", optional=True)
+    if sel is None:
+        return None
+    sel.get("chosen", lambda v: isinstance(v, list) and all(
+        isinstance(c, dict) and set(c) == {"what", "on"} and all(isinstance(x, str) for x in c.values()) for c in v),
+        "a list of {what, on} texts")
+    sel.get("biased", lambda v: isinstance(v, list) and all(s in SPLITS for s in v), "a list of split names")
+    sel.get("score", lambda v: v is None or v in SPLITS, "a split name or null")
+    return sel.doc
 
 
 def _parse_history(doc: Any, epochs: int, where: str) -> tuple[dict, ...]:
@@ -156,6 +186,7 @@ class RunRecord:
     C: float | None = None
     C_search: dict | None = None
     stopped_early: bool = False
+    selection: dict | None = None  # what fitting chose on which rows, which split is held out (fit.selection_of)
     seconds: dict = field(default_factory=dict)
     created_at: str = ""
 
@@ -172,7 +203,8 @@ class RunRecord:
             "backbone": self.backbone, "layer": self.layer, "weights": self.weights,
             "preprocessing": self.preprocessing, "space_provenance": self.space_provenance,
             "extract_config": self.extract_config, "views_used": self.views_used, "best_epoch": self.best_epoch,
-            "C": self.C, "C_search": self.C_search, "stopped_early": self.stopped_early, "seconds": self.seconds,
+            "C": self.C, "C_search": self.C_search, "stopped_early": self.stopped_early, "selection": self.selection,
+            "seconds": self.seconds,
             "created_at": self.created_at,
         }
 
@@ -220,6 +252,7 @@ class RunRecord:
             C=f.get("C", lambda v: is_number(v) and 0 < v < np.inf, "a finite number > 0", optional=True),
             C_search=_parse_c_search(f),
             stopped_early=f.flag("stopped_early", optional=True, default=False),
+            selection=_parse_selection(f),
             seconds=f.obj("seconds").doc,
             created_at=f.text("created_at"),
         )

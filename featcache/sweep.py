@@ -1,6 +1,9 @@
 """Fit every combination of a grid of options in one process: the set is opened and its
 features loaded once (once per ``pool``), each combination writes its own run directory, and
-one table sorted by validation top-1 goes beside them as ``sweep.csv`` and ``sweep.json``::
+one table sorted by validation top-1 goes beside them as ``sweep.csv`` and ``sweep.json``.
+The best run is chosen on val, so its val top-1 is selection-biased: the held-out score of the
+sweep is the best run's test top-1, and without a test split a note says so (``selection`` in
+``sweep.json``)::
 
     SWEEP/
       sweep.csv  sweep.json        one row per run, best first
@@ -23,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import FeatcacheError
-from .fit import (HEAD_OPTIONS, FitConfig, FitResult, check_set_for, fit_loaded, load_fit_data, new_folder,
-                  open_fit_set, open_tracking_for)
+from .fit import (BIASED_VAL_NOTE, HEAD_OPTIONS, FitConfig, FitResult, check_set_for, discard_run_dir, fit_loaded,
+                  load_fit_data, new_folder, open_fit_set, open_tracking_for)
 from .heads import head_class, head_params
 
 __all__ = ["SweepResult", "combinations", "sweep"]
@@ -68,6 +71,7 @@ class SweepResult:
     columns: list[str]
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    selection: dict = field(default_factory=dict)  # the best run: chosen on what, and its held-out score
 
     def table(self) -> str:
         """The rows as an aligned text table."""
@@ -80,7 +84,12 @@ class SweepResult:
 
     def summary(self) -> str:
         best = self.rows[0]
-        score = f"val top-1 {best['val_top1']:.4f}" if best.get("val_top1") is not None else "no val split"
+        if best.get("val_top1") is None:
+            score = "no val split: not ranked"
+        else:
+            score = f"chosen on val top-1 {best['val_top1']:.4f}, selection-biased"
+            if best.get("test_top1") is not None:
+                score += f"; held-out test top-1 {best['test_top1']:.4f}"
         return (f"sweep {self.folder}: {len(self.rows)} runs in {self.seconds['total']:.1f} s (features loaded in "
                 f"{self.seconds['load']:.2f} s); best {best['run']} ({score}); table in {self.folder / 'sweep.csv'}")
 
@@ -135,7 +144,7 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     loaded: dict[tuple, tuple] = {}
     load_s = 0.0
     results, rows, notes, tracked = [], [], [], []
-    parent = tracking and tracking.start_sweep(folder.name, {**base.to_dict(), **grid, "out": str(folder)})
+    parent = tracking and tracking.start_sweep(folder.name, base, grid)
     try:
         for i, cfg in enumerate(configs, 1):
             name = _label(i, cfg, varied)
@@ -147,11 +156,19 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
                 notes += loaded[key][2]
             data, views, _ = loaded[key]
             cfg = replace(cfg, out=str(folder / name))
-            run = tracking and tracking.start(name, cfg, fs, parent)
+            run_dir = None
+            if tracking:  # made now, so the tracker can write into it while the head trains
+                run_dir = new_folder(cfg.out, base.runs, cfg.head)
+            run = tracking and tracking.start(name, cfg, fs, parent, run_dir=run_dir)
             tracked.append(run)
-            res = fit_loaded(cfg, fs, data, views, [], load_s, plots=all_plots and cfg.plots,
-                             on_epoch=tracking and tracking.on_epoch(run))
-            notes += [f"{name}: {n}" for n in res.notes]
+            try:
+                res = fit_loaded(cfg, fs, data, views, [], load_s, plots=all_plots and cfg.plots,
+                                 on_epoch=tracking and tracking.on_epoch(run), run_dir=run_dir)
+            except BaseException:
+                if run_dir is not None:
+                    discard_run_dir(run_dir, True)
+                raise
+            notes += [f"{name}: {n}" for n in res.notes if n != BIASED_VAL_NOTE]  # the sweep says it once, below
             rows.append(_row(name, res, varied))
             if on_result:
                 on_result(i, len(configs), name, res)
@@ -177,7 +194,10 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
             for run in (*tracked, parent):
                 tracking.abort(run)
         raise
-    result = SweepResult(folder, rows, results, columns, {"load": load_s, "total": time.perf_counter() - t0}, notes)
+    selection, more = _selection(rows)
+    notes += more
+    result = SweepResult(folder, rows, results, columns, {"load": load_s, "total": time.perf_counter() - t0}, notes,
+                         selection)
     _write(result, grid)
     if tracking:  # every run ends once the best one's plots are written, so they go with it
         for run, res in zip(tracked, results):
@@ -187,11 +207,28 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     return result
 
 
+def _selection(rows: list[dict]) -> tuple[dict, list[str]]:
+    """How the best run was chosen and which of its numbers is held out, with a note when none is."""
+    best = rows[0]
+    if best.get("val_top1") is None:
+        return ({"chosen": [], "biased": [], "score": None},
+                ["no val split: the runs are listed in fit order, not ranked (ranking them on test would make the "
+                 "test numbers selection-biased); extract with a val split to rank them"])
+    selection = {"chosen": [{"what": "best run", "on": "val top-1 (then val log loss)"}], "biased": ["val"],
+                 "score": "test" if best.get("test_top1") is not None else None}
+    if selection["score"] is None:
+        return selection, [f"the best run {best['run']} was chosen on val top-1, so its val top-1 is selection-biased "
+                           "and the set has no test split to report instead; extract with a test split (--split) "
+                           "for a held-out score"]
+    return selection, []
+
+
 def _write(result: SweepResult, grid: dict[str, list]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=result.columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(result.rows)
     (result.folder / "sweep.csv").write_text(buffer.getvalue())
-    doc = {"grid": grid, "best": result.rows[0]["run"], "rows": result.rows, "seconds": result.seconds}
+    doc = {"grid": grid, "best": result.rows[0]["run"], "selection": result.selection, "rows": result.rows,
+           "seconds": result.seconds, "notes": result.notes}
     (result.folder / "sweep.json").write_text(json.dumps(doc, indent=2))

@@ -7,14 +7,19 @@ changes a result or touches a run directory: the failure becomes a note and trac
 
 What a tracked run holds, in both libraries:
 
-- parameters: the run's ``FitConfig`` (``config.json``'s ``config``);
-- per-epoch metrics (torch heads): each ``history.json`` row's values, step = epoch;
-- final metrics: ``{split}_top1``, ``{split}_top5`` (5+ classes), ``{split}_log_loss``, and
-  ``best_epoch`` / ``chosen_C`` where the head has them;
-- the run directory's PNG plots (MLflow artifacts under ``plots/``; TensorBoard images ``plots/NAME``).
+- parameters: ``head`` and the parameters that head takes (asked of its class), nothing else;
+  the set, backbone, layer and fit pooling are tags;
+- per-epoch metrics (torch heads): each ``history.json`` row's values, step = epoch (MLflow:
+  ``train_loss``, ...; TensorBoard groups them: ``loss/train``, ``loss/val``, ``acc/train``, ...);
+- final metrics: ``{split}_top1``, ``{split}_top5`` (5+ classes), ``{split}_log_loss``,
+  ``{split}_balanced_accuracy``, ``{split}_macro_f1`` and ``best_epoch`` / ``chosen_C`` where the
+  head has them (TensorBoard: ``top1/val``, ...);
+- the run directory's PNG plots (MLflow artifacts under ``plots/``; TensorBoard images ``plots/NAME``);
+- MLflow: the fitted head as ``model/head.json`` + ``model/head.npz`` (JSON and arrays, no pickle),
+  loaded back by :func:`featcache.load_head` on the downloaded folder.
 
-MLflow writes live (a run is visible while it trains); TensorBoard event files are written when
-each run ends, into ``RUN/tb`` or, with a tracking URI, ``URI/RUN-NAME`` (``URI/SWEEP/RUN-NAME``).
+Both write live: MLflow logs each epoch as it ends; TensorBoard's event file is flushed each
+epoch, into ``RUN/tb`` or, with a tracking URI, ``URI/RUN-NAME`` (``URI/SWEEP/RUN-NAME``).
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ from .config import TRACKERS
 from .errors import FeatcacheError
 
 __all__ = ["TRACKERS", "Tracker", "MLflowTracker", "TensorBoardTracker", "Tracking", "open_tracking",
-           "final_metrics", "param_value"]
+           "final_metrics", "param_value", "run_params", "grouped_tag"]
 
-_FINAL = ("top1", "top5", "log_loss")
+_FINAL = ("top1", "top5", "log_loss", "balanced_accuracy")
+_SPLITS = ("train", "val", "test")
+_MODEL_FILES = ("head.json", "head.npz")
 
 
 def final_metrics(result) -> dict[str, float]:
     """A fit result's final numbers as flat metric names: ``val_top1``, ..., ``best_epoch``, ``chosen_C``."""
     out = {f"{split}_{k}": float(m[k]) for split, m in result.metrics.items() for k in _FINAL if m.get(k) is not None}
+    out.update({f"{split}_macro_f1": float(m["macro"]["f1"]) for split, m in result.metrics.items() if m.get("macro")})
     if result.best_epoch is not None:
         out["best_epoch"] = float(result.best_epoch)
     if result.chosen_C is not None:
@@ -51,6 +59,23 @@ def param_value(v: Any) -> str:
                                         else json.dumps(v))
 
 
+def run_params(cfg, heads: list[str] | None = None) -> dict:
+    """``head`` and the parameters the head takes (those of ``heads``, in a sweep), from ``cfg``."""
+    from .heads import head_params
+
+    names = {p for h in (heads or [cfg.head]) for p in head_params(h)}
+    return {"head": cfg.head if heads is None else heads, **{k: v for k, v in cfg.to_dict().items() if k in names}}
+
+
+def grouped_tag(name: str) -> str:
+    """``train_loss`` → ``loss/train``, ``val_top1`` → ``top1/val``, ``seconds`` → ``time/epoch_seconds``:
+    TensorBoard shows one chart group per quantity, a curve per split."""
+    split, _, rest = name.partition("_")
+    if split in _SPLITS and rest:
+        return f"{rest}/{split}"
+    return "time/epoch_seconds" if name == "seconds" else name
+
+
 def _epoch_metrics(row: dict) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))}
 
@@ -61,7 +86,9 @@ class Tracker:
     name = ""
     where = ""  # said once after the fit: where to look
 
-    def start(self, name: str, params: dict, tags: dict[str, str], parent: Any = None) -> Any:
+    def start(self, name: str, params: dict, tags: dict[str, str], parent: Any = None,
+              run_dir: Path | None = None) -> Any:
+        """``run_dir``: the run's folder, made before training (empty until the run is written)."""
         raise NotImplementedError
 
     def epoch(self, run: Any, row: dict) -> None:
@@ -125,7 +152,7 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         return [self._Metric(k, v, now, step) for k, v in values.items()]
 
-    def start(self, name, params, tags, parent=None):
+    def start(self, name, params, tags, parent=None, run_dir=None):
         tags = {**tags, **({"mlflow.parentRunId": parent} if parent else {})}
         run = self.client.create_run(self.experiment, run_name=name, tags=tags).info.run_id
         self.client.log_batch(run, params=self._params(params))
@@ -139,6 +166,9 @@ class MLflowTracker(Tracker):
         self.client.set_tag(run, "featcache.run_dir", str(Path(run_dir).resolve()))
         for png in sorted(Path(run_dir).glob("*.png")):
             self.client.log_artifact(run, str(png), "plots")
+        for name in _MODEL_FILES:  # the fitted head: JSON + arrays, loaded by featcache.load_head without pickle
+            self.client.log_artifact(run, str(Path(run_dir) / name), "model")
+        self.client.set_tag(run, "featcache.model", "model (featcache.load_head on the downloaded folder)")
         self.client.update_run(run, name=Path(run_dir).name)  # the run directory's name is known only now
         self.client.set_terminated(run, "FINISHED")
 
@@ -156,13 +186,14 @@ class MLflowTracker(Tracker):
 
 
 class _TensorBoardRun:
-    def __init__(self, params: dict, parent: str | None) -> None:
-        self.params, self.parent, self.rows = params, parent, []
+    def __init__(self, writer, params: dict) -> None:
+        self.writer, self.params, self.last = writer, params, 0
 
 
 class TensorBoardTracker(Tracker):
-    """TensorBoard event files through ``torch.utils.tensorboard.SummaryWriter``, written as a run ends
-    (its run directory exists only then): scalars, the config as hyper-parameters, plots as images."""
+    """TensorBoard event files through ``torch.utils.tensorboard.SummaryWriter``, opened as a run starts
+    and flushed every epoch (live curves): scalars in groups, the head's parameters as hyper-parameters,
+    plots as images when the run ends."""
 
     name = "tensorboard"
 
@@ -181,27 +212,33 @@ class TensorBoardTracker(Tracker):
                       if self.root else "tracked in TensorBoard event files in each run directory's tb/ "
                                         "(see: tensorboard --logdir {folder})")
 
-    def start(self, name, params, tags, parent=None):
-        return _TensorBoardRun(params, parent)
+    def start(self, name, params, tags, parent=None, run_dir=None):
+        run_dir = Path(run_dir) if run_dir is not None else None
+        if self.root is not None:
+            logdir = self.root.joinpath(*filter(None, (parent, run_dir.name if run_dir is not None else name)))
+        elif run_dir is not None:
+            logdir = run_dir / "tb"
+        else:
+            raise ValueError("a TensorBoard run without a tracking folder needs its run directory")
+        return _TensorBoardRun(self._writer(log_dir=str(logdir)), params)
 
     def epoch(self, run, row):
-        run.rows.append((time.time(), dict(row)))
+        step = int(row["epoch"])
+        for k, v in _epoch_metrics(row).items():
+            run.writer.add_scalar(grouped_tag(k), v, step)
+        run.writer.flush()  # on disk now: tensorboard shows the curve while the head trains
+        run.last = step
 
     def finish(self, run, run_dir, final):
         import numpy as np
         from PIL import Image
 
-        run_dir = Path(run_dir)
-        logdir = run_dir / "tb" if self.root is None else self.root.joinpath(*filter(None, (run.parent, run_dir.name)))
-        last = int(run.rows[-1][1]["epoch"]) if run.rows else 0
-        writer = self._writer(log_dir=str(logdir))
+        writer, last = run.writer, run.last
         try:
-            for walltime, row in run.rows:
-                for k, v in _epoch_metrics(row).items():
-                    writer.add_scalar(k, v, int(row["epoch"]), walltime=walltime)
+            final = {grouped_tag(k): v for k, v in final.items()}
             for k, v in final.items():
                 writer.add_scalar(k, v, last)
-            for png in sorted(run_dir.glob("*.png")):
+            for png in sorted(Path(run_dir).glob("*.png")):
                 with Image.open(png) as img:
                     writer.add_image(f"plots/{png.stem}", np.asarray(img.convert("RGB")), last, dataformats="HWC")
             shown = {k: v if isinstance(v, (int, float, str)) else param_value(v) for k, v in run.params.items()}
@@ -209,6 +246,9 @@ class TensorBoardTracker(Tracker):
                 writer.file_writer.add_summary(summary)
         finally:
             writer.close()
+
+    def abort(self, run):
+        run.writer.close()
 
     def start_sweep(self, name, params):
         return name
@@ -236,10 +276,10 @@ class Tracking:
                               "the run directories are complete and their results unchanged")
             return None
 
-    def start(self, name: str, cfg, fs, parent: Any = None) -> Any:
+    def start(self, name: str, cfg, fs, parent: Any = None, run_dir: Path | None = None) -> Any:
         tags = {"featcache.set": fs.key, "featcache.backbone": str(fs.attrs.get("backbone")),
-                "featcache.layer": str(fs.attrs.get("layer"))}
-        return self._call(f"starting run {name}", self.tracker.start, name, cfg.to_dict(), tags, parent)
+                "featcache.layer": str(fs.attrs.get("layer")), "featcache.fit_pool": str(cfg.pool)}
+        return self._call(f"starting run {name}", self.tracker.start, name, run_params(cfg), tags, parent, run_dir)
 
     def on_epoch(self, run: Any, then: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
         """An ``on_epoch`` callback that logs the row, then calls ``then``."""
@@ -259,7 +299,10 @@ class Tracking:
         if run is not None:
             self._call("marking the run failed", self.tracker.abort, run)
 
-    def start_sweep(self, name: str, params: dict) -> Any:
+    def start_sweep(self, name: str, base, grid: dict[str, list]) -> Any:
+        """A sweep's parent run: its heads' parameters from ``base``, the varied ones as their lists of values."""
+        heads = list(grid.get("head", [base.head]))
+        params = {**run_params(base, heads), **{k: v for k, v in grid.items() if k != "head"}}
         return self._call(f"starting sweep {name}", self.tracker.start_sweep, name, params)
 
     def finish_sweep(self, sweep: Any, folder: Path, best) -> None:

@@ -22,7 +22,7 @@ def test_extract_stores_features_labels_paths_and_provenance(folder, store_url):
     assert (r.extracted, r.reused, r.splits) == (36, 0, {"train": 24, "val": 12})
     fs = featcache.open_store(store_url).get_set()
     x, y = fs.to_numpy("train")
-    assert x.shape == (24, 16, 16, 16) and x.dtype == np.float16
+    assert x.shape == (24, 16, 16, 16) and x.dtype == np.float32 and fs.features("train").dtype == np.float16
     assert y.tolist() == [0] * 8 + [1] * 8 + [2] * 8
     assert fs.paths("val")[0] == "val/blue/blue_0.png"
     assert fs.classes == ["blue", "green", "red"]
@@ -97,7 +97,8 @@ def test_run_directory_is_json_and_arrays_and_reloads(folder, store_url, tmp_pat
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "seconds"} <= set(epochs[0])
     metrics = json.loads((r.run_dir / "metrics.json").read_text())
     val = metrics["val"]
-    assert set(val) == {"n", "top1", "log_loss", "per_class_accuracy", "confusion_matrix"}  # 3 classes: no top-5
+    assert set(val) == {"n", "top1", "log_loss", "balanced_accuracy", "macro", "weighted", "per_class",
+                        "per_class_accuracy", "confusion_matrix"}  # 3 classes: no top-5
     assert np.array(val["confusion_matrix"]).sum() == 12
     with np.load(r.run_dir / "head.npz", allow_pickle=False) as z:
         assert z["0.weight"].shape == (256, 32)

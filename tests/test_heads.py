@@ -14,25 +14,24 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import featcache
 from featcache.cli import main
 from featcache.fit import HEAD_OPTIONS, FitConfig
-from featcache.heads import (HEADS, LinearHead, LogRegHead, MLPHead, RestHead, SVMHead, head_class, head_params,
+from featcache.heads import (C_GRID, HEADS, LinearHead, LogRegHead, MLPHead, RestHead, SVMHead, head_class, head_params,
                              load_head, make_head, save_head)
 from featcache.heads._linear import CEdgeWarning
 
 from .conftest import TINY, make_folder
 
-# check_estimator on the heads that take flat arrays; no check is skipped by us. scikit-learn
-# skips 2 per head by itself (check_sample_weight_equivalence_on_dense_data and
-# ..._on_sparse_data): no head takes sample_weight. The torch heads run 8 epochs at a higher
-# learning rate (and mlp 32 hidden units) so the ~55 checks take seconds instead of minutes;
-# check_classifiers_train still asks them for 0.83 accuracy. The rest head takes feature maps
-# of a network, not arrays check_estimator can make up, so it runs the shared contract below.
-ARRAY_HEADS = [MLPHead(hidden=32, epochs=8, lr=1e-2, device="cpu"), LinearHead(epochs=8, lr=3e-2, device="cpu"),
-               LogRegHead(), SVMHead()]
+# check_estimator on the heads that take flat arrays, each at its defaults (what a user who types
+# LinearHead() gets); no check is skipped by us. scikit-learn skips 2 per head by itself
+# (check_sample_weight_equivalence_on_dense_data and ..._on_sparse_data): no head takes
+# sample_weight. check_classifiers_train asks each for 0.83 accuracy on blobs. The rest head takes
+# feature maps of a network, not arrays check_estimator can make up, so it runs the shared contract below.
+ARRAY_HEADS = [MLPHead(), LinearHead(), LogRegHead(), SVMHead()]
 
 
 @parametrize_with_checks(ARRAY_HEADS)
@@ -152,13 +151,15 @@ class TestRestHead(HeadContract):
 
 
 # Val top-1 and best epoch of the heads before they became one class each (featcache 7e065bc),
-# on _blobs() with the same settings and seed; the heads must give exactly these.
+# on _blobs() with the same settings and seed; the heads must give exactly these. Two changes since,
+# on purpose: linear starts from zeros (0.55 -> 0.8167 and 0.7833 -> 0.8 on these settings), and
+# logreg's default is scikit-learn's plain C = 1.0 (C "auto" used to pick C on this val split).
 BEFORE = [
     ("mlp", {}, 0.8, 15),
-    ("linear", {}, 0.55, 15),
+    ("linear", {}, 0.8166666666666667, 15),
     ("mlp", {"optimizer": "sgd", "lr": 0.05, "hidden": 16, "dropout": 0.2}, 0.8166666666666667, 3),
-    ("linear", {"patience": 3, "lr": 0.05}, 0.7833333333333333, 2),
-    ("logreg", {}, 0.8, None),
+    ("linear", {"patience": 3, "lr": 0.05}, 0.8, 2),
+    ("logreg", {}, 0.7833333333333333, None),
     ("svm", {"C": 0.001}, 0.8333333333333334, None),
 ]
 
@@ -182,11 +183,44 @@ def test_a_C_at_the_edge_of_the_grid_extends_the_search():
     X, y, Xv, yv = _blobs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CEdgeWarning)  # said only when the last C tried still wins
-        head = SVMHead().fit(X, y, Xv, yv)
+        head = SVMHead(C="auto").fit(X, y, Xv, yv)
     grid, scores = head.C_search_["grid"], head.C_search_["scores"]
     assert grid[0] < 0.001  # 0.001 won on the grid, so smaller Cs were tried
-    assert len(grid) == len(scores) > 6 and scores[grid.index(head.C_)] == max(scores) > scores[grid.index(0.001)]
-    assert head.C_ == 1e-4  # a smaller C is taken only where it scores higher: 1e-5 ties with 1e-4
+    assert len(grid) == len(scores) > 6 and scores[grid.index(head.C_)] == max(scores)
+    # a C beyond the grid is taken only where it scores strictly higher than the grid's best
+    beyond = [s for c, s in zip(grid, scores) if c not in C_GRID]
+    assert (head.C_ in C_GRID) == all(s <= max(scores[grid.index(c)] for c in C_GRID) for s in beyond)
+
+
+def test_logreg_and_svm_default_to_scikit_learns_plain_C():
+    """LogRegHead() is StandardScaler + LogisticRegression() with no hidden search (it used to run
+    a cross-validation of every C of the grid, 23-42x a plain fit)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    X, y, Xv, _ = _blobs()
+    for head, plain in ((LogRegHead(), LogisticRegression(max_iter=2000, random_state=0)),
+                        (SVMHead(), LinearSVC(max_iter=2000, random_state=0))):
+        assert head.get_params()["C"] == plain.get_params()["C"] == 1.0
+        head.fit(X, y)
+        want = make_pipeline(StandardScaler(), plain).fit(X, y)
+        assert head.C_search_ is None and head.C_ == 1.0
+        np.testing.assert_allclose(head.decision_function(Xv), want.decision_function(Xv), rtol=1e-6, atol=1e-8)
+
+
+def test_C_auto_never_looks_at_the_val_split():
+    """C is chosen by cross-validation of train: val labels, even wrong ones, change nothing."""
+    X, y, Xv, yv = _blobs()
+    rng = np.random.default_rng(1)
+    for cls in (LogRegHead, SVMHead):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CEdgeWarning)
+            alone = cls(C="auto").fit(X, y)
+            with_val = cls(C="auto").fit(X, y, Xv, yv)
+            wrong = cls(C="auto").fit(X, y, Xv, rng.permutation(yv))
+        assert alone.C_search_["by"] == "5-fold cross-validated accuracy"
+        assert alone.C_search_ == with_val.C_search_ == wrong.C_search_
+        assert alone.C_ == with_val.C_ == wrong.C_
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def test_fit_writes_plots_and_report(confusable, tmp_path):
     res = featcache.fit(head="mlp", store=confusable, epochs=5, runs=str(tmp_path / "runs"), data=str(tmp_path / "d"))
     names = {p.name for p in res.run_dir.iterdir()}
     assert {"curves.png", "confusion.png", "per_class.png", "misclassified.png"} <= names
-    assert res.notes == []
+    assert len(res.notes) == 1 and res.notes[0].startswith("val numbers are selection-biased")  # no test split
     (res.run_dir / "misclassified.png").unlink()
     r = CliRunner().invoke(main, ["report", str(res.run_dir)])  # images are read only from a folder the user names
     assert r.exit_code == 0 and not (res.run_dir / "misclassified.png").exists()
@@ -43,23 +43,27 @@ def test_fit_writes_plots_and_report(confusable, tmp_path):
 def test_without_matplotlib_fit_says_how_and_report_is_an_error(confusable, tmp_path, monkeypatch):
     monkeypatch.setattr(featcache.report, "have_matplotlib", lambda: False)
     res = featcache.fit(head="linear", store=confusable, epochs=2, runs=str(tmp_path / "runs"))
-    assert res.notes == ["plots skipped: matplotlib is not installed (pip install 'featcache[plots]')"]
+    assert res.notes[-1] == "plots skipped: matplotlib is not installed (pip install 'featcache[plots]')"
     assert not any(p.suffix == ".png" for p in res.run_dir.iterdir())
     r = CliRunner().invoke(main, ["report", str(res.run_dir)])
     assert r.exit_code == 1 and r.output == "Error: plots need matplotlib: pip install 'featcache[plots]'\n"
 
 
-def test_sklearn_heads_choose_C_on_validation_and_record_it(confusable, tmp_path):
+def test_sklearn_heads_choose_C_by_cross_validation_of_train_and_record_it(confusable, tmp_path):
     res = featcache.fit(head="logreg", store=confusable, runs=str(tmp_path / "runs"), plots=False)
     info = json.loads((res.run_dir / "config.json").read_text())
     assert info["C"] in C_GRID and res.chosen_C == info["C"]
     search = info["C_search"]
-    assert search["by"] == "validation accuracy" and len(search["scores"]) == len(search["grid"])
+    assert search["by"] == "5-fold cross-validated accuracy" and len(search["scores"]) == len(search["grid"])
+    # C was chosen on train alone, so val is held out (and says so); nothing warns
+    assert info["selection"] == {"chosen": [{"what": "C", "on": "5-fold cross-validated accuracy of train"}],
+                                 "biased": [], "score": "val"}
+    assert res.notes == [] and "val top-1" in res.summary() and "(held out)" in res.summary()
     assert set(C_GRID) <= set(search["grid"])  # a C at the edge of the grid extends it
     assert load_head(res.run_dir).C_ == info["C"]
     page = featcache.report.write_report(res.run_dir).read_text() if featcache.report.have_matplotlib() else ""
     if page:  # every C tried, with its score, the chosen one marked
-        assert "C search (validation accuracy)" in page and f"<td>{info['C']:g} (chosen)</td>" in page
+        assert "C search (5-fold cross-validated accuracy)" in page and f"<td>{info['C']:g} (chosen)</td>" in page
     fixed = featcache.fit(head="svm", store=confusable, C=0.5, runs=str(tmp_path / "runs"), plots=False)
     assert fixed.chosen_C == 0.5
 

@@ -1,4 +1,4 @@
-"""StandardScaler + a linear scikit-learn model, with C chosen on the validation split.
+"""StandardScaler + a linear scikit-learn model; C fixed (1.0 by default) or chosen by cross-validation of train.
 
 No torch here: fitting ``logreg`` or ``svm`` never imports it (``torch_module`` does, for export).
 """
@@ -27,10 +27,12 @@ class CEdgeWarning(UserWarning):
 
 
 class LinearModelHead(Head):
-    """Base of ``logreg`` and ``svm``: standardise, then a linear model; C = "auto" picks C from
-    ``C_GRID`` by validation accuracy (stratified k-fold CV without a validation split), ties to
-    the smaller C. A C at the edge of the grid extends the search a factor of 10 at a time while
-    the score rises, and warns (:class:`CEdgeWarning`) when it stays at the edge."""
+    """Base of ``logreg`` and ``svm``: standardise, then a linear model with scikit-learn's defaults
+    (C = 1.0). C = "auto" picks C from ``C_GRID`` by stratified k-fold cross-validation of the
+    training rows (scikit-learn's ``GridSearchCV`` over a scaler + model pipeline), never on a
+    validation split, so val and test stay held out; ties go to the smaller C. A C at the edge of
+    the grid extends the search a factor of 10 at a time while the score rises, and warns
+    (:class:`CEdgeWarning`) when it stays at the edge."""
 
     key_params = ("C",)
     _parameter_constraints = {"C": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
@@ -38,7 +40,7 @@ class LinearModelHead(Head):
                               "seed": [Interval(Integral, 0, 2**32 - 1, closed="both")]}
     _legacy = {"kind": ""}
 
-    def __init__(self, C: float | str = "auto", max_iter: int = 2000, seed: int = 0):
+    def __init__(self, C: float | str = 1.0, max_iter: int = 2000, seed: int = 0):
         self.C = C
         self.max_iter = max_iter
         self.seed = seed
@@ -46,34 +48,38 @@ class LinearModelHead(Head):
     def _estimator(self, C: float):
         raise NotImplementedError
 
-    def _score_C(self, C: float, Xs, y, Xv, yv, cv) -> float:
-        if cv is None:
-            return float((self._estimator(C).fit(Xs, y).predict(Xv) == yv).mean())
-        from sklearn.model_selection import cross_val_score
+    def _cv_scores(self, grid: list[float], X: np.ndarray, y: np.ndarray, cv, groups=None) -> list[float]:
+        """Mean cross-validated accuracy of each C in ``grid``; the scaler is fitted inside each fold."""
+        from sklearn.model_selection import GridSearchCV
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
 
-        return float(cross_val_score(self._estimator(C), Xs, y, cv=cv).mean())
+        pipe = Pipeline([("scale", StandardScaler()), ("model", self._estimator(1.0))])
+        search = GridSearchCV(pipe, {"model__C": list(grid)}, cv=cv, refit=False).fit(X, y, groups=groups)
+        return [float(s) for s in search.cv_results_["mean_test_score"]]
 
-    def _choose_C(self, Xs: np.ndarray, y: np.ndarray, Xv: np.ndarray | None, yv: np.ndarray | None) -> float:
-        """The best C; the search (every C tried and its score) is kept in ``C_search_``."""
-        from sklearn.model_selection import StratifiedKFold
+    def _choose_C(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> float:
+        """The best C by cross-validation of (X, y); the search (every C tried, its score) is kept in ``C_search_``.
 
-        if Xv is not None and len(Xv):
-            how, cv = "validation accuracy", None
-        else:
-            folds = int(min(5, np.bincount(y).min()))
-            if folds < 2:
-                self.C_search_ = {"by": "default (too few images per class to cross-validate)", "grid": [], "scores": []}
-                return 1.0
-            how, cv = f"{folds}-fold cross-validated accuracy", StratifiedKFold(folds, shuffle=True, random_state=self.seed)
+        ``groups``: the image of each row (augmented views of one image stay in one fold)."""
+        from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+        counts = np.bincount(y if groups is None else y[np.unique(groups, return_index=True)[1]])
+        folds = int(min(5, counts[counts > 0].min()))
+        if folds < 2:
+            self.C_search_ = {"by": "default (too few images per class to cross-validate)", "grid": [], "scores": []}
+            return 1.0
+        kind = StratifiedKFold if groups is None else StratifiedGroupKFold
+        how, cv = f"{folds}-fold cross-validated accuracy", kind(folds, shuffle=True, random_state=self.seed)
         grid = list(C_GRID)
-        scores = [self._score_C(c, Xs, y, Xv, yv, cv) for c in grid]
+        scores = self._cv_scores(grid, X, y, cv, groups)
         best = int(np.argmax(scores))
         chosen, top = grid[best], scores[best]
         if best in (0, len(grid) - 1):
             low = best == 0
             for _ in range(_MORE):  # beyond the edge, a factor of 10 at a time while the score rises
                 c = grid[0] / 10 if low else grid[-1] * 10
-                s = self._score_C(c, Xs, y, Xv, yv, cv)
+                s = self._cv_scores([c], X, y, cv, groups)[0]
                 grid.insert(0 if low else len(grid), c)
                 scores.insert(0 if low else len(scores), s)
                 if s <= top:
@@ -87,31 +93,32 @@ class LinearModelHead(Head):
         return chosen
 
     def fit(self, X, y, X_val=None, y_val=None, *, classes=None, on_epoch=None, train_views=None) -> "LinearModelHead":
-        """Fit on (X, y), C chosen on (X_val, y_val) when C is "auto".
+        """Fit on (X, y); C = "auto" is chosen by cross-validation of (X, y). (X_val, y_val) are not
+        used: they stay held out for the caller's measurement.
 
         ``train_views`` (N, K, D): every view becomes a training sample with its image's label.
         """
         from sklearn.preprocessing import StandardScaler
 
         self._validate_params()
+        groups = None
         if train_views is not None:
             views = check_array(train_views, dtype=[np.float64, np.float32], allow_nd=True)
             X, y = views.reshape(-1, views.shape[-1]), np.repeat(np.asarray(y), views.shape[1])
+            groups = np.repeat(np.arange(views.shape[0]), views.shape[1])
         X, y = self._check_train(X, y, classes, dtype=[np.float64, np.float32])
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got 1 class")
         self.scaler_ = StandardScaler().fit(X)
         Xs = self.scaler_.transform(X)
-        Xv = yv = None
-        if X_val is not None and len(X_val):
-            Xv = self.scaler_.transform(check_array(X_val, dtype=[np.float64, np.float32]))
-            yv = self._encode(y_val)
+        if self.C == "auto":
+            with warnings.catch_warnings():  # a fold's fit that stops at max_iter says nothing of the final fit
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                self.C_ = self._choose_C(X, y, groups)
+        else:
+            self.C_, self.C_search_ = float(self.C), None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            if self.C == "auto":
-                self.C_ = self._choose_C(Xs, y, Xv, yv)
-            else:
-                self.C_, self.C_search_ = float(self.C), None
             self.estimator_ = self._estimator(self.C_).fit(Xs, y)
         self.n_iter_ = self.estimator_.n_iter_
         self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)

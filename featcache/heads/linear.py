@@ -11,7 +11,7 @@ __all__ = ["LinearHead"]
 
 
 class LinearHead(TorchHead):
-    """Linear(D, C) trained with cross-entropy; streams sets larger than memory."""
+    """Linear(D, C), started at zeros and trained with cross-entropy; streams sets larger than memory."""
 
     name = "linear"
     key_params = ("lr",)
@@ -32,7 +32,12 @@ class LinearHead(TorchHead):
         self.device = device
 
     def _build_module(self, n_features: int, n_classes: int, weights: str | None = None) -> nn.Module:
-        return nn.Sequential(nn.Linear(n_features, n_classes))
+        # zeros, as scikit-learn's LogisticRegression starts: the loss is convex, so a random start only
+        # adds noise, and from zeros even a few small steps point every class the right way
+        layer = nn.Linear(n_features, n_classes)
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+        return nn.Sequential(layer)
 
     @classmethod
     def _check_arrays(cls, record, p, info, c: int, where: str) -> int:

@@ -14,7 +14,7 @@ class SVMHead(LinearModelHead):
     name = "svm"
     calibrated = False
 
-    def __init__(self, C: float | str = "auto", max_iter: int = 2000, seed: int = 0):
+    def __init__(self, C: float | str = 1.0, max_iter: int = 2000, seed: int = 0):
         self.C = C
         self.max_iter = max_iter
         self.seed = seed
