@@ -49,10 +49,17 @@ class Group(click.Group):
 
     def main(self, *args, **kwargs):
         signal.signal(signal.SIGINT, _interrupt)
+        # SIGTERM (kill, a job scheduler's time limit) ends a command like Ctrl-C: its clean-up runs and
+        # its model processes end; a handler the hosting program installed is left alone
+        outer_term = signal.getsignal(signal.SIGTERM)
+        if outer_term == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             return super().main(*args, **kwargs)
         finally:
             signal.signal(signal.SIGINT, _OUTER_SIGINT)
+            if outer_term == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, outer_term)
 
     def invoke(self, ctx: click.Context):
         Group.running = True

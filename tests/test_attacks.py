@@ -1,0 +1,118 @@
+"""Attacks that used to end in a traceback, an abort, a hang or orphaned processes: each now ends
+in the right result, one ``Error:`` line with the fix, or a note."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import featcache
+from featcache.cli import main
+
+from .conftest import TINY, make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOW = "tests.tiny_backbone:slow_tiny_cnn"
+
+
+def _python(code: str, *args, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    data = make_folder(tmp_path / "data")
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone=TINY, layer="features", data=str(data), store=store, weights="none", workers=0)
+    return featcache.fit(head="logreg", store=store, pool="avg", runs=str(tmp_path / "runs")).run_dir
+
+
+# -- export to a full disk ---------------------------------------------------------------------------
+
+def test_export_past_a_file_size_limit_is_one_error_and_leaves_nothing(run_dir, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) makes the writes really fail (EFBIG), as a full disk does
+    (ENOSPC): torch's archive writer used to abort the whole process (SIGABRT, a C++ trace)."""
+    out = tmp_path / "out" / "model.pt2"
+    out.parent.mkdir()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    p = subprocess.run([sys.executable, "-m", "featcache.cli", "export", str(run_dir), str(out), "--backbone", TINY],
+                       cwd=ROOT, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("Error: cannot write") and "Traceback" not in p.stderr, p.stderr
+    assert "file too large" in p.stderr and "re-run export" in p.stderr
+    assert list(out.parent.iterdir()) == []  # nothing half-written, no temporary file left
+    r = CliRunner().invoke(main, ["export", str(run_dir), str(out), "--backbone", TINY])  # room again: it works
+    assert r.exit_code == 0, r.output
+    assert sorted(q.name for q in out.parent.iterdir()) == ["model.pt2", "model.pt2.json"]
+
+
+# -- killed or terminated extract with model processes -----------------------------------------------
+
+_EXTRACT_WITH_PROCESSES = """
+import sys
+import featcache.procs as procs
+procs.usable_cores = lambda: 2          # two model processes whatever the machine
+procs._available_memory = lambda: None
+from featcache.cli import run
+sys.argv = ["featcache", *sys.argv[1:]]
+run()
+"""
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_extract_leaves_no_model_processes_behind(tmp_path, sig):
+    data = make_folder(tmp_path / "data", splits=(("train", 30), ("val", 10)))  # 120 images: 8 batches of 16
+    p = _python(_EXTRACT_WITH_PROCESSES, "extract", "--backbone", SLOW, "--weights", "none", "--data", data,
+                "--store", tmp_path / "s.zarr", "--batch-size", "16")
+    children: set[int] = set()
+    deadline = time.monotonic() + 120
+    while len(children) < 2 and p.poll() is None and time.monotonic() < deadline:
+        children = _children(p.pid)
+        time.sleep(0.05)
+    assert len(children) >= 2, p.communicate()  # the model processes run
+    time.sleep(0.5)  # they are busy with (or blocked on) their batches
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    gone_by = time.monotonic() + 10
+    while any(map(_alive, children)) and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    left = [c for c in children if _alive(c)]
+    for c in left:  # clean up after a failure
+        os.kill(c, signal.SIGKILL)
+    assert not left, f"model processes {left} outlived their extract"
+    if sig == signal.SIGTERM:
+        assert p.returncode == 130 and "Interrupted" in err and "Traceback" not in err, err
