@@ -26,14 +26,11 @@ bytes behind a JSON header.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import multiprocessing as mp
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -44,12 +41,11 @@ import torch
 
 from .errors import FeatcacheError
 from .progress import Progress
-from .runtime import keep_memory
+from .runtime import die_with_parent, keep_memory
 
 __all__ = ["model_processes", "forked_batches", "usable_cores"]
 
 _PROC_MEMORY = 3 << 30  # what one process may need for a batch of 64 (activations of a large CNN)
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MIN_BATCH = 16  # below this, one thread takes other convolution kernels than several (see above)
 
 
@@ -85,28 +81,9 @@ def model_processes(device: torch.device, n_items: int, batch_size: int, workers
     return n if n >= 2 else 0
 
 
-def _die_with(parent: int) -> None:
-    """End this process when ``parent`` ends, however it ends (SIGKILL included): a model process left
-    behind would block forever on a pipe nobody reads. The kernel's parent-death signal on Linux, and a
-    watchdog on the parent's pid everywhere (it also covers a parent that died before the signal was set)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True, name="featcache-parent-watch").start()
-
-
 def _child(rank: int, procs: int, threads: int, run: Callable, collate: Callable, dataset, n: int,
            batch_size: int, conn: Connection, shown: Progress, parent: int) -> None:
-    _die_with(parent)
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it ends us on Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(threads)

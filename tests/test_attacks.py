@@ -116,3 +116,39 @@ def test_a_killed_extract_leaves_no_model_processes_behind(tmp_path, sig):
     assert not left, f"model processes {left} outlived their extract"
     if sig == signal.SIGTERM:
         assert p.returncode == 130 and "Interrupted" in err and "Traceback" not in err, err
+
+
+# -- a catastrophic --labels-from-name ---------------------------------------------------------------
+
+def test_a_catastrophic_label_pattern_is_refused_not_a_hang(tmp_path):
+    """``(a+)+$`` on a name of 40 a's takes 2^40 steps in Python's ``re``, which not even Ctrl-C interrupts."""
+    data = tmp_path / "data"
+    data.mkdir()
+    from PIL import Image
+
+    for name in ("a" * 40 + "_1.png", "cat_2.png", "dog_3.png"):
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(data / name)
+    p = subprocess.Popen([sys.executable, "-m", "featcache.cli", "extract", "--backbone", TINY, "--weights", "none",
+                          "--data", str(data), "--store", str(tmp_path / "s.zarr"), "--workers", "0",
+                          "--labels-from-name", "^(a+)+$"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        _, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("extract hung on a catastrophic --labels-from-name")
+    assert p.returncode == 2 and "Traceback" not in err, err
+    assert "backtracks catastrophically" in err and "a" * 40 + "_1.png" in err and "Error:" in err
+    assert not (tmp_path / "s.zarr").exists() or not featcache.open_store(str(tmp_path / "s.zarr")).set_keys()
+
+
+def test_labels_by_pattern_gives_the_labels_of_re():
+    from featcache.data.labels import labels_by_pattern
+
+    import re
+
+    names = ["cat.1.jpg", "dog_2.png", "x.png", "Bird-3.jpg", "_.png"]
+    for pattern in (r"^([a-z]+)[._]", r"^([A-Za-z]+)\W", r"^([^._]*)[._]", r"(\d)"):
+        want = [m.group(1) if (m := re.search(pattern, n)) and m.group(1) else None for n in names]
+        assert labels_by_pattern(pattern, names) == want

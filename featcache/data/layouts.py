@@ -20,15 +20,14 @@ and label files mean is in :mod:`.labels`.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
 from .images import is_image_name
-from .labels import (CSV_NAMES, DEFAULT_NAME_PATTERN, SPLIT_NAMES, is_store_dir, parse_classes, parse_name_pattern,
-                     read_labels_csv, split_of)
+from .labels import (CSV_NAMES, DEFAULT_NAME_PATTERN, SPLIT_NAMES, is_store_dir, labels_by_pattern, parse_classes,
+                     parse_name_pattern, read_labels_csv, split_of)
 
 __all__ = ["Skip", "Layout", "find_layout"]
 
@@ -168,11 +167,9 @@ class _Finder:
 
 
 def _labels_by_name(paths: list[Path], pattern: str) -> dict[str | None, list[Path]]:
-    regex = re.compile(pattern)
     out: dict[str | None, list[Path]] = {}
-    for p in paths:
-        m = regex.search(p.name)
-        out.setdefault(m.group(1) if m and m.group(1) else None, []).append(p)
+    for p, label in zip(paths, labels_by_pattern(pattern, [p.name for p in paths])):
+        out.setdefault(label, []).append(p)
     return out
 
 
