@@ -152,3 +152,43 @@ def test_labels_by_pattern_gives_the_labels_of_re():
     for pattern in (r"^([a-z]+)[._]", r"^([A-Za-z]+)\W", r"^([^._]*)[._]", r"(\d)"):
         want = [m.group(1) if (m := re.search(pattern, n)) and m.group(1) else None for n in names]
         assert labels_by_pattern(pattern, names) == want
+
+
+# -- an MLflow server that does not answer -----------------------------------------------------------
+
+@pytest.fixture
+def tiny_store(tmp_path):
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone=TINY, data=str(make_folder(tmp_path / "data")), store=store, weights="none", workers=0)
+    return store
+
+
+@pytest.mark.parametrize("server", ["closed port", "silent listener"])
+def test_an_unreachable_mlflow_server_fails_in_seconds(tiny_store, tmp_path, server):
+    pytest.importorskip("mlflow")
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    if server == "closed port":
+        sock.close()
+    else:
+        sock.listen(8)  # takes connections (the kernel's backlog) and never answers one
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    p = subprocess.Popen([sys.executable, "-m", "featcache.cli", "fit", "--store", tiny_store, "--head", "logreg",
+                          "--runs", str(tmp_path / "runs"), "--tracker", "mlflow", "--tracking-uri",
+                          f"http://127.0.0.1:{port}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        _, err = p.communicate(timeout=90)  # MLflow's own retries take about 4 minutes
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("fit waited on an MLflow server that does not answer")
+    finally:
+        sock.close()
+    assert p.returncode == 1 and "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("Error:")]
+    assert f"http://127.0.0.1:{port}" in line and "leave out --tracker" in line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
