@@ -192,3 +192,62 @@ def test_an_unreachable_mlflow_server_fails_in_seconds(tiny_store, tmp_path, ser
     (line,) = [x for x in err.splitlines() if x.startswith("Error:")]
     assert f"http://127.0.0.1:{port}" in line and "leave out --tracker" in line
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# -- an S3 endpoint that goes away mid-extract -------------------------------------------------------
+
+def _committed_segments(client) -> int:
+    import json
+
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="feats")
+            for o in page.get("Contents", [])]
+    n = 0
+    for k in keys:
+        parts = k.split("/")
+        if len(parts) == 6 and parts[3] == "segments" and parts[5] == "zarr.json":
+            attrs = json.loads(client.get_object(Bucket="feats", Key=k)["Body"].read()).get("attributes", {})
+            n += attrs.get("committed") is True
+    return n
+
+
+@pytest.mark.slow
+def test_an_s3_endpoint_gone_mid_extract_is_one_error_and_the_rerun_resumes(tmp_path):
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_MAX_ATTEMPTS": "2"}  # botocore's retries: seconds, not half a minute
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    client.create_bucket(Bucket="feats")
+    data = make_folder(tmp_path / "data", splits=(("train", 20), ("val", 6)))
+    args = [sys.executable, "-m", "featcache.cli", "extract", "--backbone", SLOW, "--weights", "none", "--data",
+            str(data), "--store", "s3://feats/store.zarr", "--workers", "0", "--batch-size", "4",
+            "--checkpoint-every", "0.1"]
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while p.poll() is None and time.monotonic() < deadline and _committed_segments(client) < 1:
+            time.sleep(0.3)
+        assert p.poll() is None, p.communicate()  # the endpoint goes while the extract still runs
+        server.stop()
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("Error:")]
+    assert "stopped answering" in line and "committed and kept" in line and "re-run the same command" in line
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # the endpoint is back
+    server.start()
+    try:
+        again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    assert again.returncode == 0, again.stderr
+    reused = int(again.stdout.split("reused ")[1].split()[0].rstrip(",;"))
+    assert reused >= 4, again.stdout  # the committed batches were kept and not computed again
