@@ -251,3 +251,17 @@ def test_an_s3_endpoint_gone_mid_extract_is_one_error_and_the_rerun_resumes(tmp_
     assert again.returncode == 0, again.stderr
     reused = int(again.stdout.split("reused ")[1].split()[0].rstrip(",;"))
     assert reused >= 4, again.stdout  # the committed batches were kept and not computed again
+
+
+# -- a sweep over a set larger than --max-memory -----------------------------------------------------
+
+@pytest.mark.parametrize("heads", ["mlp,logreg", "logreg,mlp"])
+def test_a_sweep_with_a_head_that_cannot_stream_is_refused_before_any_fit(tiny_store, tmp_path, heads):
+    r = CliRunner().invoke(main, ["fit", "--store", tiny_store, "--head", heads, "--max-memory", "1KB", "--epochs", "2",
+                                  "--runs", str(tmp_path / "runs")])
+    assert r.exit_code == 2, r.output
+    assert "--head logreg needs the whole set in memory" in r.output and "raise --max-memory" in r.output, r.output
+    assert not (tmp_path / "runs").exists()  # refused before any run was written
+    ok = CliRunner().invoke(main, ["fit", "--store", tiny_store, "--head", "mlp,linear", "--max-memory", "1KB",
+                                   "--epochs", "2", "--runs", str(tmp_path / "runs")])
+    assert ok.exit_code == 0 and "streaming" in ok.output, ok.output  # heads that stream still sweep
