@@ -265,3 +265,55 @@ def test_a_sweep_with_a_head_that_cannot_stream_is_refused_before_any_fit(tiny_s
     ok = CliRunner().invoke(main, ["fit", "--store", tiny_store, "--head", "mlp,linear", "--max-memory", "1KB",
                                    "--epochs", "2", "--runs", str(tmp_path / "runs")])
     assert ok.exit_code == 0 and "streaming" in ok.output, ok.output  # heads that stream still sweep
+
+
+# -- Hugging Face folders that do not fit, a timm tag that does not exist ----------------------------
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("hf")
+    vit = transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=32))
+    vit.save_pretrained(root / "vit")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "vit")
+
+    def edited(name: str, file: str, **changes) -> str:
+        shutil.copytree(root / "vit", root / name)
+        doc = json.loads((root / name / file).read_text())
+        doc.update(changes)
+        (root / name / file).write_text(json.dumps(doc))
+        return str(root / name)
+
+    return {"vit": str(root / "vit"),
+            "wider": edited("wider", "config.json", hidden_size=32, intermediate_size=64),  # shapes differ
+            "deeper": edited("deeper", "config.json", num_hidden_layers=2),  # a layer the weights do not have
+            "huge": edited("huge", "preprocessor_config.json", size={"height": 1_000_000, "width": 1_000_000})}
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("wider", "do not fit its config.json (the shapes of its layers differ)"),
+    ("deeper", "do not fit its config.json: 16 parameters are not in them"),
+    ("huge", "is not an image size of 1 to 4096 pixels"),
+])
+def test_a_hugging_face_folder_that_does_not_fit_is_one_error(hf_folders, tmp_path, kind, says):
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)))
+    store = tmp_path / "s.zarr"
+    r = CliRunner().invoke(main, ["extract", "--backbone", f"hf:{hf_folders[kind]}", "--data", str(data),
+                                  "--store", str(store), "--workers", "0"])
+    assert r.exit_code in (1, 2) and says in r.output and "save_pretrained" in r.output, r.output
+    assert not store.exists() or not featcache.open_store(str(store)).set_keys()  # nothing stored from such a model
+    ok = CliRunner().invoke(main, ["extract", "--backbone", f"hf:{hf_folders['vit']}", "--data", str(data),
+                                   "--store", str(store), "--workers", "0"])
+    assert ok.exit_code == 0, ok.output  # the folder as saved works
+
+
+def test_a_timm_tag_that_does_not_exist_is_one_error_listing_the_tags():
+    pytest.importorskip("timm")
+    r = CliRunner().invoke(main, ["layers", "timm:resnet18.no_such_tag"])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert "timm model resnet18 has no pretrained tag 'no_such_tag'" in r.output and "a1_in1k" in r.output
+    assert "timm:resnet18 for its default" in r.output
