@@ -317,3 +317,26 @@ def test_a_timm_tag_that_does_not_exist_is_one_error_listing_the_tags():
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert "timm model resnet18 has no pretrained tag 'no_such_tag'" in r.output and "a1_in1k" in r.output
     assert "timm:resnet18 for its default" in r.output
+
+
+# -- names with two $ in plots -----------------------------------------------------------------------
+
+def test_class_and_file_names_with_dollars_are_drawn_as_written(tmp_path):
+    """mathtext parsed ``a$_$b`` as a formula and failed: fit's plots and every report crashed."""
+    pytest.importorskip("matplotlib")
+    classes = {"pay$_$red": (220, 40, 40), "$^$green": (40, 200, 40), "blue": (40, 40, 220)}
+    data = make_folder(tmp_path / "data", classes=classes)
+    for f in (data / "val" / "blue").iterdir():  # a blue image among the green ones: one misclassified tile
+        f.rename(f.with_name("cost$_$" + f.name))
+        break
+    (data / "val" / "blue" / next(p.name for p in (data / "val" / "blue").iterdir())).rename(
+        data / "val" / "$^$green" / "odd$_$one.png")
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone=TINY, data=str(data), store=store, weights="none", workers=0)
+    r = CliRunner().invoke(main, ["fit", "--store", store, "--head", "logreg", "--runs", str(tmp_path / "runs"),
+                                  "--data", str(data)])
+    assert r.exit_code == 0, r.output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert {"confusion.png", "per_class.png", "misclassified.png"} <= {p.name for p in run.iterdir()}, r.output
+    rep = CliRunner().invoke(main, ["report", str(run), "--data", str(data)])
+    assert rep.exit_code == 0, rep.output
