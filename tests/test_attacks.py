@@ -340,3 +340,26 @@ def test_class_and_file_names_with_dollars_are_drawn_as_written(tmp_path):
     assert {"confusion.png", "per_class.png", "misclassified.png"} <= {p.name for p in run.iterdir()}, r.output
     rep = CliRunner().invoke(main, ["report", str(run), "--data", str(data)])
     assert rep.exit_code == 0, rep.output
+
+
+# -- featcache sample --out . ------------------------------------------------------------------------
+
+def test_sample_into_the_current_empty_folder(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    here = tmp_path / "project"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    r = CliRunner().invoke(main, ["sample", "--out", "."])
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert sorted(p.name for p in here.iterdir()) == [".featcache-sample", "test", "train", "val"]  # no temporary left
+    n = {s: sum(1 for _ in (here / s).rglob("*.png")) for s in ("train", "val", "test")}
+    assert r.output.strip() == f"digits sample in .: train {n['train']}, val {n['val']}, test {n['test']}"
+    assert sum(n.values()) == 1797
+    again = CliRunner().invoke(main, ["sample", "--out", "."])  # its own output: nothing to do
+    assert again.exit_code == 0 and again.output == r.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "other")
+    refused = CliRunner().invoke(main, ["sample", "--out", "."])
+    assert refused.exit_code == 2 and "exists and is not the sample folder" in refused.output
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
