@@ -363,3 +363,26 @@ def test_sample_into_the_current_empty_folder(tmp_path, monkeypatch):
     refused = CliRunner().invoke(main, ["sample", "--out", "."])
     assert refused.exit_code == 2 and "exists and is not the sample folder" in refused.output
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
+# -- 9: a run's weights file with another suffix -----------------------------------------------------
+
+def test_a_weights_file_a_run_names_is_read_only_when_the_user_names_it(tmp_path, monkeypatch):
+    """``--weights model.ckpt`` at extract: predict and export later, in the same folder, used to read
+    ``./model.ckpt`` because the run names it (only .pth/.pt/.bin/.safetensors or a / counted as files)."""
+    import torch
+
+    from tests.tiny_backbone import tiny_cnn
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(5)
+    torch.save(tiny_cnn().state_dict(), "model.ckpt")
+    data = make_folder(tmp_path / "data")
+    featcache.extract(backbone=TINY, data=str(data), store="s.zarr", weights="model.ckpt", workers=0)
+    run = str(featcache.fit(head="logreg", store="s.zarr", runs="runs").run_dir)
+    images = str(data / "val" / "red")
+    for args in (["predict", run, images], ["export", run, "m.pt2"]):
+        r = CliRunner().invoke(main, [*args, "--backbone", TINY])
+        assert r.exit_code == 2 and "weights file 'model.ckpt'" in r.output and "Pass --weights PATH" in r.output, r.output
+        ok = CliRunner().invoke(main, [*args, "--backbone", TINY, "--weights", "model.ckpt"])
+        assert ok.exit_code == 0, ok.output
