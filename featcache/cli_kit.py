@@ -38,7 +38,7 @@ from .config import DEVICES, default_store_url  # noqa: E402
 from .errors import FeatcacheError, os_error_text  # noqa: E402
 
 __all__ = ["Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "ListOf", "many", "store_option",
-           "json_option", "set_option", "echo_json", "pick_set", "store_arg", "parse_size_text"]
+           "json_option", "set_option", "echo_json", "pick_set", "store_arg", "parse_size_text", "csv_cell"]
 
 class Group(click.Group):
     """Turns the library's errors into one ``Error:`` line (no traceback) with exit status 1, a
@@ -89,6 +89,12 @@ def _os_error(e: OSError) -> str:
     if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
         return f"cannot write {e.filename}: {what}; nothing was left half-written there"
     return f"{e.filename}: {what}" if e.filename else what
+
+
+def csv_cell(text: str) -> str:
+    """A text cell no spreadsheet runs as a formula: one that starts with = + - @, a tab or a carriage
+    return gets a leading ``'`` (OWASP, CSV injection). Class names and paths come from folder names."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _as_usage_error(group: click.Group, ctx: click.Context, error: FeatcacheError) -> click.ClickException:

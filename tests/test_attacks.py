@@ -386,3 +386,27 @@ def test_a_weights_file_a_run_names_is_read_only_when_the_user_names_it(tmp_path
         assert r.exit_code == 2 and "weights file 'model.ckpt'" in r.output and "Pass --weights PATH" in r.output, r.output
         ok = CliRunner().invoke(main, [*args, "--backbone", TINY, "--weights", "model.ckpt"])
         assert ok.exit_code == 0, ok.output
+
+
+# -- 9: predict --csv and spreadsheet formulas -------------------------------------------------------
+
+def test_predict_csv_cells_are_never_formulas(tmp_path, monkeypatch):
+    import csv
+    import io
+
+    classes = {"=1+2": (220, 40, 40), "@SUM(A1)": (40, 200, 40), "-2+3": (40, 40, 220)}
+    data = make_folder(tmp_path / "data", classes=classes)
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone=TINY, data=str(data), store=store, weights="none", workers=0)
+    run = str(featcache.fit(head="logreg", store=store, runs=str(tmp_path / "runs")).run_dir)
+    monkeypatch.chdir(data / "val" / "=1+2")
+    (data / "val" / "=1+2" / "=1+2_0.png").rename(data / "val" / "=1+2" / "=cmd.png")
+    r = CliRunner().invoke(main, ["predict", run, "=cmd.png", str(data / "val" / "@SUM(A1)"), "--csv", "--top-k", "3",
+                                  "--backbone", TINY])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert rows[0] == ["path", "rank", "class", "probability", "error"] and len(rows) == 1 + 5 * 3
+    for row in rows[1:]:
+        assert all(cell[:1] not in ("=", "+", "-", "@") for cell in row), row
+    assert rows[1][0] == "'=cmd.png"
+    assert {row[2] for row in rows[1:]} == {"'=1+2", "'@SUM(A1)", "'-2+3"}  # the names, one quote in front
