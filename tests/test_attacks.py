@@ -410,3 +410,38 @@ def test_predict_csv_cells_are_never_formulas(tmp_path, monkeypatch):
         assert all(cell[:1] not in ("=", "+", "-", "@") for cell in row), row
     assert rows[1][0] == "'=cmd.png"
     assert {row[2] for row in rows[1:]} == {"'=1+2", "'@SUM(A1)", "'-2+3"}  # the names, one quote in front
+
+
+# -- 9: café written composed and decomposed ---------------------------------------------------------
+
+NFC, NFD = "caf\u00e9", "cafe\u0301"
+
+
+def test_a_class_written_composed_in_one_split_and_decomposed_in_another_is_one_class(tmp_path):
+    import unicodedata
+
+    data = make_folder(tmp_path / "data", classes={NFC: (220, 40, 40), "tea": (40, 200, 40)})
+    (data / "val" / NFC).rename(data / "val" / NFD)  # the val split copied from a Mac
+    store = str(tmp_path / "s.zarr")
+    r = featcache.extract(backbone=TINY, data=str(data), store=store, weights="none", workers=0,
+                          classes=f"{NFD},tea")  # --classes as a Mac terminal types it
+    fs = featcache.open_store(store).get_set(r.set_key)
+    assert list(fs.classes) == [NFC, "tea"]
+    for split in ("train", "val"):
+        folders = [unicodedata.normalize("NFC", p.split("/")[-2]) for p in fs.paths(split)]
+        assert [fs.classes[i] for i in fs.labels(split)] == folders and set(folders) == {NFC, "tea"}
+    fit = featcache.fit(head="logreg", store=store, runs=str(tmp_path / "runs"))
+    assert fit.metrics["val"]["top1"] == 1.0  # café's val images are café's, not a class of their own
+
+
+def test_two_folders_whose_names_differ_only_in_unicode_form_are_refused(tmp_path):
+    data = make_folder(tmp_path / "data", classes={NFC: (220, 40, 40), "tea": (40, 200, 40)})
+    (data / "train" / NFD).mkdir()
+    for f in list((data / "train" / NFC).iterdir())[:3]:
+        f.rename(data / "train" / NFD / f.name)
+    r = CliRunner().invoke(main, ["extract", "--backbone", TINY, "--weights", "none", "--data", str(data),
+                                  "--store", str(tmp_path / "s.zarr"), "--workers", "0"])
+    assert r.exit_code == 1, r.output
+    (line,) = [x for x in r.output.splitlines() if x.startswith("Error:")]
+    assert ascii(NFC) in line and ascii(NFD) in line and "Merge them" in line
+    assert not (tmp_path / "s.zarr").exists()

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -130,7 +131,7 @@ def parse_classes(value: str | Sequence[str] | None, option: str = "--classes") 
     """``"cats,dogs"`` → ``("cats", "dogs")``; None stays None; an empty list is refused."""
     if value is None:
         return None
-    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    names = [unicodedata.normalize("NFC", n.strip()) for n in (value.split(",") if isinstance(value, str) else value)]
     if not names or not all(names):
         raise DataError(f"{option} takes class names like cats,dogs; got {value!r}", option=option)
     return tuple(dict.fromkeys(names))
