@@ -245,6 +245,11 @@ class StoreURL(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             self.fail("an empty store path; name a store, e.g. featcache.zarr or s3://bucket/featcache.zarr.", param, ctx)
+        if isinstance(value, str) and value.strip().lower().startswith("memory://"):
+            self.fail(f"{value} (from --store or $FEATCACHE_STORE) is a store in this process's memory: a command "
+                      "starts with it empty and what it writes is gone when it ends. Name a folder or an fsspec URL "
+                      "that outlives the process (featcache.zarr, s3://bucket/featcache.zarr); in Python, "
+                      "featcache.extract(store='memory://...') keeps it for that process", param, ctx)
         return value
 
 

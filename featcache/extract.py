@@ -78,8 +78,10 @@ class ExtractResult:
             work = f"extracted {self.extracted}{rate}, reused {self.reused}"
         skipped = f", skipped {len(self.skipped)}" if self.skipped else ""
         views = f"; {self.views} views per training image ({self.views_extracted} computed)" if self.views else ""
+        where = ("in memory, gone when this process ends" if str(self.store).lower().startswith("memory://")
+                 else "on disk")
         return (f"set {self.set_key}: {self.images} images ({splits}); {work}{skipped}{views}; {self.seconds:.1f} s; "
-                f"{human_bytes(self.set_bytes)} on disk")
+                f"{human_bytes(self.set_bytes)} {where}")
 
     def time_line(self) -> str | None:
         """Where the time went (``None`` when nothing was computed): with model processes, their

@@ -445,3 +445,16 @@ def test_two_folders_whose_names_differ_only_in_unicode_form_are_refused(tmp_pat
     (line,) = [x for x in r.output.splitlines() if x.startswith("Error:")]
     assert ascii(NFC) in line and ascii(NFD) in line and "Merge them" in line
     assert not (tmp_path / "s.zarr").exists()
+
+
+# -- 9: FEATCACHE_STORE=memory://... -----------------------------------------------------------------
+
+def test_a_memory_store_is_refused_on_the_command_line_and_said_in_python(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)))
+    monkeypatch.setenv("FEATCACHE_STORE", "memory://feats")
+    r = CliRunner().invoke(main, ["extract", "--backbone", TINY, "--weights", "none", "--data", str(data),
+                                  "--workers", "0"])
+    assert r.exit_code == 2 and "what it writes is gone when it ends" in r.output and "on disk" not in r.output, r.output
+    assert "Traceback" not in r.output
+    res = featcache.extract(backbone=TINY, data=str(data), store="memory://feats", weights="none", workers=0)
+    assert res.summary().endswith("in memory, gone when this process ends") and "on disk" not in res.summary()
