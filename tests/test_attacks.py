@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -458,3 +459,44 @@ def test_a_memory_store_is_refused_on_the_command_line_and_said_in_python(tmp_pa
     assert "Traceback" not in r.output
     res = featcache.extract(backbone=TINY, data=str(data), store="memory://feats", weights="none", workers=0)
     assert res.summary().endswith("in memory, gone when this process ends") and "on disk" not in res.summary()
+
+
+# -- 6 (runs): a fit on thousands of classes writes a run every reader can read ----------------------
+
+@pytest.mark.slow
+def test_a_run_on_1800_classes_is_readable(tmp_path):
+    """Its confusion matrices (1800 x 1800 per split) made metrics.json about 70 MB, over the 64 MiB every
+    reader accepts: the run was written and then refused by every command."""
+    from PIL import Image
+
+    from featcache.persist import MAX_JSON_BYTES
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(1800):
+            folder = tmp_path / "data" / split / f"c{c:04d}"
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / "0.png")
+    store = str(tmp_path / "s.zarr")
+    featcache.extract(backbone=TINY, data=str(tmp_path / "data"), store=store, weights="none", workers=0,
+                      batch_size=256)
+    res = featcache.fit(head="mlp", store=store, epochs=1, runs=str(tmp_path / "runs"), plots=False)
+    assert all((res.run_dir / name).stat().st_size <= MAX_JSON_BYTES for name in ("metrics.json", "config.json"))
+    record = featcache.read_run(res.run_dir)
+    assert len(record.classes) == 1800
+    table = np.asarray(record.metrics["val"]["confusion_matrix"])
+    assert table.shape == (1800, 1800) and table.sum() == 1800
+    r = CliRunner().invoke(main, ["evaluate", str(res.run_dir)])
+    assert r.exit_code == 0, r.output
+
+
+def test_a_json_record_over_the_read_cap_is_refused_when_written(tmp_path):
+    from featcache.errors import RunError
+    from featcache.persist import MAX_JSON_BYTES, read_json, write_json
+
+    small = tmp_path / "ok.json"
+    write_json(small, {"a": "x" * 100})
+    assert read_json(small, "here") == {"a": "x" * 100}
+    with pytest.raises(RunError, match="over the .* bytes every reader accepts"):
+        write_json(tmp_path / "big.json", {"a": "x" * (MAX_JSON_BYTES + 1)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json"]  # nothing written, no temporary left
