@@ -119,9 +119,13 @@ def _reachable(uri: str) -> None:
     import socket
     from urllib.parse import urlsplit
 
+    import urllib.request
+
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return
+    if parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname):
+        return  # reached through a proxy: the first request (a few seconds at most, see _quick_requests) tells
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         socket.create_connection((parts.hostname, port), timeout=_ANSWER_SECONDS).close()
