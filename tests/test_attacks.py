@@ -39,6 +39,7 @@ def run_dir(tmp_path):
 
 # -- export to a full disk ---------------------------------------------------------------------------
 
+@pytest.mark.slow  # a separate process (startup included)
 def test_export_past_a_file_size_limit_is_one_error_and_leaves_nothing(run_dir, tmp_path):
     """A file-size limit (RLIMIT_FSIZE) makes the writes really fail (EFBIG), as a full disk does
     (ENOSPC): torch's archive writer used to abort the whole process (SIGABRT, a C++ trace)."""
@@ -93,6 +94,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow  # a separate process (startup included)
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_extract_leaves_no_model_processes_behind(tmp_path, sig):
@@ -121,6 +123,7 @@ def test_a_killed_extract_leaves_no_model_processes_behind(tmp_path, sig):
 
 # -- a catastrophic --labels-from-name ---------------------------------------------------------------
 
+@pytest.mark.slow  # a separate process (startup included)
 def test_a_catastrophic_label_pattern_is_refused_not_a_hang(tmp_path):
     """``(a+)+$`` on a name of 40 a's takes 2^40 steps in Python's ``re``, which not even Ctrl-C interrupts."""
     data = tmp_path / "data"
@@ -164,6 +167,7 @@ def tiny_store(tmp_path):
     return store
 
 
+@pytest.mark.slow  # a separate process (startup included)
 @pytest.mark.parametrize("server", ["closed port", "silent listener"])
 def test_an_unreachable_mlflow_server_fails_in_seconds(tiny_store, tmp_path, server):
     pytest.importorskip("mlflow")
