@@ -9,8 +9,8 @@ The library is imported inside each command, so ``--help`` and the store command
 from __future__ import annotations
 
 from .cli_kit import (AutoOr, Device, Floats, Fractions, Group, Ints, OutputPath, echo_json,  # first: Ctrl-C handler
-                      json_option, many, parse_size_text, recompute_option, run_store_option, set_option, store_arg,
-                      store_option)
+                      csv_cell, json_option, many, parse_size_text, recompute_option, run_store_option, set_option,
+                      store_arg, store_option)
 
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -396,8 +396,8 @@ def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_
         writer.writerow(["path", "rank", "class", "probability", "error"])
         for r in results:
             rows = [(i + 1, c, f"{p:.6f}", "") for i, (c, p) in enumerate(r.top)] or [("", "", "", r.error)]
-            for row in rows:
-                writer.writerow([r.path, *row])
+            for rank, cls, proba, error in rows:
+                writer.writerow([csv_cell(r.path), rank, csv_cell(cls), proba, csv_cell(error)])
         click.echo(buffer.getvalue(), nl=False)
     else:
         for r in results:

@@ -38,7 +38,8 @@ from .config import DEVICES, default_store_url  # noqa: E402
 from .errors import FeatcacheError, os_error_text  # noqa: E402
 
 __all__ = ["Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "ListOf", "many", "store_option",
-           "json_option", "run_store_option", "recompute_option", "set_option", "echo_json", "pick_set", "store_arg", "parse_size_text"]
+           "json_option", "run_store_option", "recompute_option", "set_option", "echo_json", "pick_set", "store_arg",
+           "parse_size_text", "csv_cell"]
 
 class Group(click.Group):
     """Turns the library's errors into one ``Error:`` line (no traceback) with exit status 1, a
@@ -49,10 +50,17 @@ class Group(click.Group):
 
     def main(self, *args, **kwargs):
         signal.signal(signal.SIGINT, _interrupt)
+        # SIGTERM (kill, a job scheduler's time limit) ends a command like Ctrl-C: its clean-up runs and
+        # its model processes end; a handler the hosting program installed is left alone
+        outer_term = signal.getsignal(signal.SIGTERM)
+        if outer_term == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             return super().main(*args, **kwargs)
         finally:
             signal.signal(signal.SIGINT, _OUTER_SIGINT)
+            if outer_term == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, outer_term)
 
     def invoke(self, ctx: click.Context):
         Group.running = True
@@ -102,6 +110,12 @@ def _os_error(e: OSError) -> str:
     if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
         return f"cannot write {e.filename}: {what}; nothing was left half-written there"
     return f"{e.filename}: {what}" if e.filename else what
+
+
+def csv_cell(text: str) -> str:
+    """A text cell no spreadsheet runs as a formula: one that starts with = + - @, a tab or a carriage
+    return gets a leading ``'`` (OWASP, CSV injection). Class names and paths come from folder names."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _as_usage_error(group: click.Group, ctx: click.Context, error: FeatcacheError) -> click.ClickException:
@@ -252,6 +266,11 @@ class StoreURL(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             self.fail("an empty store path; name a store, e.g. featcache.zarr or s3://bucket/featcache.zarr.", param, ctx)
+        if isinstance(value, str) and value.strip().lower().startswith("memory://"):
+            self.fail(f"{value} (from --store or $FEATCACHE_STORE) is a store in this process's memory: a command "
+                      "starts with it empty and what it writes is gone when it ends. Name a folder or an fsspec URL "
+                      "that outlives the process (featcache.zarr, s3://bucket/featcache.zarr); in Python, "
+                      "featcache.extract(store='memory://...') keeps it for that process", param, ctx)
         return value
 
 

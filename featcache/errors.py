@@ -14,6 +14,7 @@ __all__ = [
     "SetNotFound",
     "AmbiguousSet",
     "RunError",
+    "OutputError",
     "os_error_text",
     "TrainingDiverged",
 ]
@@ -80,12 +81,17 @@ class RunError(FeatcacheError, OSError):
     """A run directory is missing or incomplete."""
 
 
+class OutputError(FeatcacheError, OSError):
+    """A file the user asked for (an export, a CSV) could not be written: a full disk, a read-only place."""
+
+
 def os_error_text(e: OSError) -> str:
     """What a failed read or write ran into, in words: ``no space left on the device``, ``read-only file system`` ..."""
     import errno
 
     known = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
-             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EDQUOT: "disk quota exceeded"}
+             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large (a file-size limit or the file system's)"}
     return known.get(e.errno, e.strerror or str(e) or e.__class__.__name__)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import platform
@@ -79,8 +80,10 @@ class ExtractResult:
             work = f"extracted {self.extracted}{rate}, reused {self.reused}"
         skipped = f", skipped {len(self.skipped)}" if self.skipped else ""
         views = f"; {self.views} views per training image ({self.views_extracted} computed)" if self.views else ""
+        where = ("in memory, gone when this process ends" if str(self.store).lower().startswith("memory://")
+                 else "on disk")
         return (f"set {self.set_key}: {self.images} images ({splits}); {work}{skipped}{views}; {self.seconds:.1f} s; "
-                f"{human_bytes(self.set_bytes)} on disk")
+                f"{human_bytes(self.set_bytes)} {where}")
 
     def time_line(self) -> str | None:
         """Where the time went (``None`` when nothing was computed): with model processes, their
@@ -311,6 +314,31 @@ def _compute(joint: Joint, manifest: Manifest, jobs: list[tuple[Item, int | None
         raise _storage_error(e, cfg.store) from None
 
 
+_REMOTE_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "azure", "google", "requests",
+                     "urllib3")
+
+
+def _remote_failures(fn):
+    """A remote store that stops answering mid-run (an endpoint gone, a network down) is one
+    :class:`StoreError` saying what is kept, not the storage library's traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if isinstance(e, FeatcacheError) or not any(t.__module__.split(".")[0] in _REMOTE_LIBRARIES
+                                                       for t in type(e).__mro__):
+                raise
+            cfg = args[0] if args else kwargs.get("config")
+            url = cfg.store if isinstance(cfg, ExtractConfig) else kwargs.get("store") or default_store_url()
+            text = " ".join(str(e).split())[:300]
+            raise StoreError(f"the store {url} stopped answering ({type(e).__name__}: {text}). Batches finished "
+                             "before that are committed and kept; re-run the same command when the store is back "
+                             "to resume (it reuses them)") from None
+    return wrapper
+
+
+@_remote_failures
 def extract(config: ExtractConfig | None = None, *, progress: bool = False, transform=None,
             **kwargs) -> ExtractResult | LayersResult:
     """Extract features for a folder into the store and record the dataset view.

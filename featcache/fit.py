@@ -263,13 +263,33 @@ def _is_size(value) -> bool:
         return False
 
 
+def _memory_need(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> int:
+    """Bytes the labelled splits (and the training views) take in memory as prepared float32 features."""
+    views = fs.views if cfg.use_views else 0
+    counts = fs.attrs["splits"]
+    rows = sum(counts[s] for s in fs.labelled_splits) + views * counts["train"]
+    return rows * int(np.prod(prepared_shape(fs.shape, cfg.pool, keep_shape))) * 4
+
+
+def check_memory_for(cfg: FitConfig, fs: FeatureSet) -> None:
+    """Refuse a head that needs the whole set in memory when the set is over ``--max-memory`` (a sweep asks
+    for each of its heads before any fit, so no head is handed streamed data it cannot take)."""
+    head = head_class(cfg.head)
+    need, budget = _memory_need(cfg, fs, head.takes_maps), memory_budget(cfg.max_memory)
+    if need > budget and not head.streams:
+        streaming = ", ".join(h for h in HEADS if head_class(h).streams and not head_class(h).takes_maps)
+        raise FeatcacheError(
+            f"--head {cfg.head} needs the whole set in memory ({human_bytes(need)} as float32) but --max-memory is "
+            f"{human_bytes(budget)}; raise --max-memory or use --head {streaming}, which stream",
+            option="--max-memory",
+        )
+
+
 def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, np.ndarray | Streamed | None, list[str]]:
     """Each split's prepared features and labels, and the training views: in memory when they fit
     in ``--max-memory``, else as :class:`Streamed` splits (torch heads only)."""
     views = fs.views if cfg.use_views else 0
-    counts = fs.attrs["splits"]
-    need = (sum(counts[s] for s in fs.labelled_splits) + views * counts["train"]) * int(np.prod(prepared_shape(fs.shape, cfg.pool, keep_shape))) * 4
-    budget = memory_budget(cfg.max_memory)
+    need, budget = _memory_need(cfg, fs, keep_shape), memory_budget(cfg.max_memory)
     labels = {s: fs.labels(s) for s in fs.labelled_splits}
     if need <= budget:
         data = {s: (RowReader(fs.store, fs.space, fs.hashes(s), fs.shape, cfg.pool, keep_shape).load(), labels[s])
@@ -279,13 +299,7 @@ def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, 
             flat = RowReader(fs.store, fs.attrs["view_space"], fs.view_keys(), fs.shape, cfg.pool, keep_shape).load()
             train_views = flat.reshape((len(labels["train"]), views) + flat.shape[1:])
         return data, train_views, []
-    if not head_class(cfg.head).streams:
-        streaming = ", ".join(h for h in HEADS if head_class(h).streams and not head_class(h).takes_maps)
-        raise FeatcacheError(
-            f"--head {cfg.head} needs the whole set in memory ({human_bytes(need)} as float32) but --max-memory is "
-            f"{human_bytes(budget)}; raise --max-memory or use --head {streaming}, which stream",
-            option="--max-memory",
-        )
+    check_memory_for(cfg, fs)
     window = budget // 2  # the window being trained on and the one read ahead
     data = {
         s: (Streamed(fs.store, fs.space, fs.hashes(s).tolist(), labels[s], fs.shape, cfg.pool, keep_shape, window,

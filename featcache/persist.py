@@ -24,6 +24,7 @@ import numpy as np
 from .errors import RunError
 
 __all__ = ["MAX_JSON_BYTES", "MAX_ARRAY_BYTES", "MAX_JSON_DEPTH", "Fields", "HeadRecord", "read_json", "write_json",
+           "json_text", "write_table", "read_table",
            "read_arrays", "write_arrays", "write_atomic", "check_numeric", "is_int", "is_number"]
 
 MAX_JSON_BYTES = 64 << 20
@@ -97,10 +98,56 @@ def _replace(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: Path, doc: Any) -> None:
-    """Write ``doc`` as indented JSON, published by a rename."""
+def json_text(doc: Any, where: str) -> str:
+    """``doc`` as indented JSON, refused when it is over ``MAX_JSON_BYTES``: every reader would refuse it,
+    so nothing is written (``where`` names the file in the message)."""
     text = json.dumps(doc, indent=2)
+    size = len(text.encode())
+    if size > MAX_JSON_BYTES:
+        raise RunError(f"{where} would be {size} bytes, over the {MAX_JSON_BYTES} bytes every reader accepts, so "
+                       "it is not written; large tables belong in .npy arrays")
+    return text
+
+
+def write_json(path: Path, doc: Any, text: str | None = None) -> None:
+    """Write ``doc`` (or its ``text`` from :func:`json_text`) as indented JSON, published by a rename;
+    a document over the read cap is refused before anything is written."""
+    text = json_text(doc, str(path)) if text is None else text
     _replace(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_table(path: Path, table: np.ndarray) -> None:
+    """Write one numeric array as ``.npy`` (no pickle), published by a rename."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(table), allow_pickle=False)
+
+    _replace(Path(path), write)
+
+
+def read_table(path: Path, where: str) -> np.ndarray:
+    """The square table of non-negative integers in an ``.npy`` file, its header checked against the
+    file's size before anything is read, loaded without pickle."""
+    path = Path(path)
+    _regular_file(path, where)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            got, _, dtype = header(f)
+            short = int(np.prod(got, dtype=np.int64)) * dtype.itemsize > _regular_file(path, where) - f.tell()
+            if len(got) != 2 or got[0] != got[1] or dtype.kind not in "iu" or short:
+                raise RunError(f"{where}: {path.name} holds a {dtype} array of shape {list(got)}"
+                               f"{' (the file is shorter)' if short else ''}, not a square integer table; the run "
+                               "directory is damaged, re-run featcache fit")
+        table = np.load(path, allow_pickle=False)
+    except RunError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise RunError(f"{where}: unreadable run files: {path.name} is not a valid .npy file ({e})") from None
+    if (table < 0).any():
+        raise RunError(f"{where}: {path.name} holds negative counts; the run directory is damaged, re-run featcache fit")
+    return table
 
 
 def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -11,6 +11,7 @@ workers, a progress bar), so memory does not grow with the number of images.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from torch import nn
 from .backbones import Backbone
 from .data import IMAGE_EXTENSIONS
 from .data.manifest import hash_all
-from .errors import DataError
+from .errors import DataError, OutputError, os_error_text
 from .heads import Head, head_from_record
 from .lookup import RowCounts, load_run, run_rows, space_differences
 from .persist import write_atomic
@@ -167,11 +168,19 @@ def export(run: str | Path, out: str | Path, backbone: str | None = None, weight
     meta = {"classes": list(record.classes), "preprocessing": backbone.preprocessing, "input": [None, 3, crop, crop],
             "output": "class probabilities", "backbone": record.backbone, "layer": record.layer,
             "weights": record.weights, "head": record.config.head}
+    # torch's archive writer aborts the process (a C++ exception in its destructor) when a write
+    # fails, so it writes into memory and this process writes the bytes, where a full disk is an OSError
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
     # each file appears whole or not at all; a program without its classes file is removed again
-    write_atomic(out, lambda tmp: torch.export.save(program, str(tmp)))
     try:
-        write_atomic(Path(str(out) + ".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
-    except OSError:
-        out.unlink(missing_ok=True)
-        raise
+        write_atomic(out, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+        try:
+            write_atomic(Path(str(out) + ".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise OutputError(f"cannot write {e.filename or out}: {os_error_text(e)}; nothing was left there. "
+                          "Free space or choose another OUT, then re-run export") from None
     return out

@@ -41,7 +41,7 @@ import torch
 
 from .errors import FeatcacheError
 from .progress import Progress
-from .runtime import keep_memory
+from .runtime import die_with_parent, keep_memory
 
 __all__ = ["model_processes", "forked_batches", "usable_cores"]
 
@@ -82,17 +82,22 @@ def model_processes(device: torch.device, n_items: int, batch_size: int, workers
 
 
 def _child(rank: int, procs: int, threads: int, run: Callable, collate: Callable, dataset, n: int,
-           batch_size: int, conn: Connection, shown: Progress) -> None:
+           batch_size: int, conn: Connection, shown: Progress, parent: int) -> None:
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it ends us on Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(threads)
     keep_memory()
     out: queue.Queue = queue.Queue(maxsize=2)  # compute the next batch while this one is sent
 
     def send() -> None:
-        while (msg := out.get()) is not None:
-            conn.send_bytes(msg[0])
-            if msg[1] is not None:
-                conn.send_bytes(msg[1])
+        try:
+            while (msg := out.get()) is not None:
+                conn.send_bytes(msg[0])
+                if msg[1] is not None:
+                    conn.send_bytes(msg[1])
+        except OSError:  # the parent closed its end (it stopped or ended): nobody waits for the rest
+            os._exit(1)
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
@@ -148,7 +153,7 @@ def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable,
     try:
         for r in range(procs):
             here, there = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, args=(r, procs, threads, run, collate, dataset, n, batch_size, there, shown),
+            p = ctx.Process(target=_child, args=(r, procs, threads, run, collate, dataset, n, batch_size, there, shown, os.getpid()),
                             daemon=True, name=f"featcache-model-{r}")
             p.start()
             there.close()

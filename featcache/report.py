@@ -195,17 +195,20 @@ def write_plots(run: str | Path, fs=None, head=None, probas: dict | None = None,
             probas = {split: head.predict_proba(x)}
         predicted = probas[split].argmax(1)
         confidence = probas[split].max(1)
-    written = [_curves(plt, list(record.history), run / "curves.png", record.best_epoch)]
-    if split:
-        classes = list(record.classes)
-        written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
-    if split and fs is not None:
-        counts = np.bincount(fs.labels("train"), minlength=len(classes))
-        written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
-                                  split, run / "per_class.png"))
-        if data is not None:
-            written.append(_misclassified(plt, Path(data), fs.paths(split), fs.labels(split), predicted,
-                                          classes, split, run / "misclassified.png", confidence))
+    # class and file names are drawn as written: a name with two $ is not a formula (mathtext would
+    # parse it, and fail on one like a$_$b)
+    with plt.rc_context({"text.parse_math": False}):
+        written = [_curves(plt, list(record.history), run / "curves.png", record.best_epoch)]
+        if split:
+            classes = list(record.classes)
+            written.append(_confusion(plt, metrics[split]["confusion_matrix"], classes, split, run / "confusion.png"))
+        if split and fs is not None:
+            counts = np.bincount(fs.labels("train"), minlength=len(classes))
+            written.append(_per_class(plt, metrics[split]["per_class_accuracy"], dict(zip(classes, counts.tolist())),
+                                      split, run / "per_class.png"))
+            if data is not None:
+                written.append(_misclassified(plt, Path(data), fs.paths(split), fs.labels(split), predicted,
+                                              classes, split, run / "misclassified.png", confidence))
     return [p for p in written if p is not None]
 
 

@@ -5,7 +5,8 @@ A run directory (written by ``fit``)::
     RUN/
       head.npz       the learned arrays (plain numbers; loaded without pickle)
       head.json      the head's kind, parameters and fitted facts
-      metrics.json   per split: images, top-1, top-5, log loss, per-class accuracy, confusion matrix
+      metrics.json   per split: images, top-1, top-5, log loss, per-class accuracy
+      confusion_matrix.SPLIT.npy   per split: the confusion matrix (classes x classes counts, int64)
       history.json   one row per epoch (empty for scikit-learn heads)
       config.json    everything else below; written last, so a run without it is no run
 
@@ -29,7 +30,7 @@ import numpy as np
 from .errors import RunError
 from .config import RUN_SORTS, ExtractConfig
 from .heads import MAX_CLASSES, check_head
-from .persist import Fields, HeadRecord, is_int, is_number, read_json, write_json
+from .persist import Fields, HeadRecord, is_int, is_number, json_text, read_json, read_table, write_json, write_table
 from .stream import prepared_shape
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RUN_FILES", "SORTS", "RunRecord", "read_run", "list_runs", "format_runs", "describe_selection"]
 
-RUN_FILES = ("config.json", "metrics.json", "history.json", "head.json", "head.npz")
+RUN_FILES = ("config.json", "metrics.json", "history.json", "head.json", "head.npz")  # + confusion_matrix.SPLIT.npy
 SPLITS = ("train", "val", "test")
 _HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
 _TYPES = {  # dataclass annotations (as strings) -> JSON value check
@@ -297,6 +298,7 @@ class RunRecord:
         info = read_json(run / "config.json", where)
         metrics = read_json(run / "metrics.json", where)
         history = read_json(run / "history.json", where)
+        _read_tables(run, where, metrics)
         return cls.from_dict(info, metrics, history, HeadRecord.read(run, where), where)
 
     def check(self, where: str) -> None:
@@ -306,17 +308,37 @@ class RunRecord:
         type(self).from_dict(info, metrics, history, HeadRecord.from_dict(head, self.head.arrays, where), where)
 
     def write(self, run_dir: str | Path) -> None:
-        """Check, then write the run's files; ``config.json`` last, so a run directory without it is incomplete."""
+        """Check, then write the run's files; ``config.json`` last, so a run directory without it is incomplete.
+        The confusion matrices go into ``confusion_matrix.SPLIT.npy`` (a table of classes x classes is too
+        large for JSON with thousands of classes); a JSON file over the read cap is refused before any file."""
         run = Path(run_dir)
         self.check(str(run))
+        metrics = {split: {k: v for k, v in m.items() if k != "confusion_matrix"} for split, m in self.metrics.items()}
+        docs = {"metrics.json": metrics, "history.json": list(self.history), "config.json": self.to_dict()}
+        texts = {name: json_text(doc, str(run / name)) for name, doc in docs.items()}
         try:
             run.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot create run directory {run}: {e.strerror or e}") from None
         self.head.write(run)
-        write_json(run / "metrics.json", self.metrics)
-        write_json(run / "history.json", list(self.history))
-        write_json(run / "config.json", self.to_dict())
+        for split, m in self.metrics.items():
+            write_table(run / _TABLE.format(split=split), np.asarray(m["confusion_matrix"], dtype=np.int64))
+        for name in ("metrics.json", "history.json", "config.json"):
+            write_json(run / name, docs[name], texts[name])
+
+
+_TABLE = "confusion_matrix.{split}.npy"
+
+
+def _read_tables(run: Path, where: str, metrics: Any) -> None:
+    """Put each split's confusion matrix, kept in ``confusion_matrix.SPLIT.npy``, back into ``metrics``
+    (runs written before kept it in metrics.json, which stays readable); its size against the classes is
+    checked with the rest of the record."""
+    if not isinstance(metrics, dict):
+        return  # the record's own checks say what is wrong
+    for split, m in metrics.items():
+        if split in SPLITS and isinstance(m, dict) and "confusion_matrix" not in m:
+            m["confusion_matrix"] = read_table(run / _TABLE.format(split=split), where).tolist()
 
 
 def read_run(run_dir: str | Path) -> RunRecord:

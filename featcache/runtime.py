@@ -16,12 +16,19 @@ without ``mallopt`` (musl, macOS) nothing changes. ``FEATCACHE_KEEP_MEMORY=0`` t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import resource
+import signal
+import sys
+import threading
+import time
 
-__all__ = ["keep_memory", "memory_kept", "peak_rss_mb", "minor_faults"]
+__all__ = ["keep_memory", "memory_kept", "peak_rss_mb", "minor_faults", "die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -70,3 +77,21 @@ def peak_rss_mb(children: bool = False) -> float:
 def minor_faults() -> int:
     """Minor page faults of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def die_with_parent(parent: int) -> None:
+    """In a forked helper process: end it when ``parent`` ends, however it ends (SIGKILL included), so
+    nothing is left blocked on a pipe nobody reads or busy for nobody. The kernel's parent-death signal
+    on Linux, and a watchdog on the parent's pid everywhere (it also covers a parent gone before)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="featcache-parent-watch").start()

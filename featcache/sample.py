@@ -27,13 +27,21 @@ def write_digits(out: str | Path = "data", size: int = 32, seed: int = 0) -> dic
         if (out / MARKER).exists():
             return {s: sum(1 for _ in (out / s).rglob("*.png")) for s in ("train", "val", "test")}
         raise DataError(f"{out} exists and is not the sample folder; choose an empty --out", option="--out")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed to OUT when complete: never a half-written folder
+    if out.is_dir():
+        # an empty folder that exists (``--out .``, the current one) stays that folder: the sample is written
+        # into a hidden folder inside it and moved up, the marker last (a re-run then sees the sample)
+        tmp, inside = out / f".featcache-sample.{os.getpid()}.tmp", True
+    else:
+        absolute = Path(os.path.abspath(out))
+        tmp, inside = absolute.with_name(f".{absolute.name}.{os.getpid()}.tmp"), False  # renamed to OUT when complete
     try:
         counts = _write(tmp, size, seed)
         (tmp / MARKER).write_text("scikit-learn digits, written by featcache sample\n")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
+        if inside:
+            for split in ("train", "val", "test", MARKER):
+                os.replace(tmp / split, out / split)
+        else:
+            os.replace(tmp, out)
     except OSError as e:  # named by the folder asked for, not the temporary one
         raise OSError(e.errno, e.strerror, str(out)) from None
     finally:

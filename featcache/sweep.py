@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import FeatcacheError
-from .fit import (BIASED_VAL_NOTE, HEAD_OPTIONS, FitConfig, FitResult, check_set_for, discard_run_dir, fit_loaded,
-                  load_fit_data, new_folder, open_fit_set, open_tracking_for)
+from .fit import (BIASED_VAL_NOTE, HEAD_OPTIONS, FitConfig, FitResult, check_memory_for, check_set_for,
+                  discard_run_dir, fit_loaded, load_fit_data, new_folder, open_fit_set, open_tracking_for)
 from .heads import head_class, head_params
 
 __all__ = ["SweepResult", "combinations", "sweep"]
@@ -140,6 +140,7 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     fs = open_fit_set(configs[0])
     for cfg in configs:
         check_set_for(cfg, fs)
+        check_memory_for(cfg, fs)  # every head takes the data it will be handed, before any fit
     folder = new_folder(base.out, base.runs, "sweep")
     loaded: dict[tuple, tuple] = {}
     load_s = 0.0

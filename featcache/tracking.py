@@ -121,6 +121,48 @@ def _file_store_allowed():
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = old
 
 
+_ANSWER_SECONDS = 5  # how long an MLflow server may take to accept a connection and to answer at start
+
+
+@contextlib.contextmanager
+def _quick_requests():
+    """MLflow retries a failed request for minutes (7 times, with backoff); while a run is opened a server
+    that does not answer is one failed request, in seconds. Values the user set are kept."""
+    keep = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(_ANSWER_SECONDS))
+    try:
+        yield
+    finally:
+        for k, v in keep.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _reachable(uri: str) -> None:
+    """A server URI whose host does not take a connection within seconds is refused at once."""
+    import socket
+    from urllib.parse import urlsplit
+
+    import urllib.request
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    if parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname):
+        return  # reached through a proxy: the first request (a few seconds at most, see _quick_requests) tells
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=_ANSWER_SECONDS).close()
+    except (OSError, ValueError) as e:
+        why = "no answer" if isinstance(e, TimeoutError) else (getattr(e, "strerror", None) or str(e))
+        raise FeatcacheError(f"--tracker mlflow cannot reach the MLflow server at {uri} ({why} within "
+                             f"{_ANSWER_SECONDS} s); start the server, fix --tracking-uri (or MLFLOW_TRACKING_URI) "
+                             "or leave out --tracker") from None
+
+
 class MLflowTracker(Tracker):
     """MLflow through ``MlflowClient`` (no global active run): a sweep is a parent run, its fits child runs."""
 
@@ -136,11 +178,13 @@ class MLflowTracker(Tracker):
         self._Metric, self._Param = Metric, Param
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or (home / "mlruns").resolve().as_uri()
         local = "://" not in self.uri or self.uri.startswith("file:")
+        _reachable(self.uri)
         with _file_store_allowed() if local else contextlib.nullcontext():
             self.client = MlflowClient(tracking_uri=self.uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "featcache"
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment = found.experiment_id if found else self.client.create_experiment(experiment)
+        with _quick_requests():
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment = found.experiment_id if found else self.client.create_experiment(experiment)
         view = (self.uri if self.uri.startswith(("http:", "https:")) else
                 f"{'MLFLOW_ALLOW_FILE_STORE=true ' if local else ''}mlflow ui --backend-store-uri {self.uri}")
         self.where = f"tracked in MLflow experiment {experiment} at {self.uri} (see: {view})"

@@ -57,6 +57,27 @@ def _arrays(change):
     return damage
 
 
+def _metrics(change):
+    """Damage: rewrite the metrics (metrics.json and the confusion_matrix.SPLIT.npy tables) with ``change(doc)``."""
+    def damage(run: Path) -> Path:
+        doc = json.loads((run / "metrics.json").read_text())
+        for split, m in doc.items():
+            m["confusion_matrix"] = np.load(run / f"confusion_matrix.{split}.npy").tolist()
+        change(doc)
+        for split, m in doc.items():
+            np.save(run / f"confusion_matrix.{split}.npy", np.array(m.pop("confusion_matrix"), dtype=np.int64))
+        (run / "metrics.json").write_text(json.dumps(doc))
+        return run
+    return damage
+
+
+def _write_table(name, table):
+    def damage(run: Path) -> Path:
+        np.save(run / name, table, allow_pickle=True)
+        return run
+    return damage
+
+
 def _delete(name):
     def damage(run: Path) -> Path:
         (run / name).unlink()
@@ -164,10 +185,10 @@ CASES = [
     ("fewer classes", "mlp", _json("config.json", lambda d: {**d, "classes": d["classes"][:2]}), 1,
      ["metrics.json field 'train.per_class_accuracy' must be one entry per class of the run (2)"]),
     ("fewer classes, metrics to match", "mlp",
-     _both(_json("config.json", lambda d: {**d, "classes": d["classes"][:2]}), _json("metrics.json", _drop_class)), 1,
+     _both(_json("config.json", lambda d: {**d, "classes": d["classes"][:2]}), _metrics(_drop_class)), 1,
      ["the head has 3 outputs but config.json names 2 classes"]),
     ("more classes, metrics to match", "logreg",
-     _both(_json("config.json", lambda d: {**d, "classes": d["classes"] + ["purple"]}), _json("metrics.json", _add_class)),
+     _both(_json("config.json", lambda d: {**d, "classes": d["classes"] + ["purple"]}), _metrics(_add_class)),
      1, ["the head has 3 outputs but config.json names 4 classes"]),
     ("duplicate class names", "mlp", _json("config.json", _set("classes", ["red", "red", "blue"])), 1,
      ["config.json field 'classes' must be a non-empty list of distinct class names"]),
@@ -217,8 +238,14 @@ CASES = [
      ["config.json field 'run_this'"]),
     ("counts off", "logreg", _json("metrics.json", _set("val.n", 99)), 1,
      ["metrics.json field 'val.confusion_matrix' must be counts adding up to n = 99"]),
-    ("negative count", "mlp", _json("metrics.json", lambda m: m["val"]["confusion_matrix"][0].__setitem__(0, -1)), 1,
+    ("negative count", "mlp", _metrics(lambda m: m["val"]["confusion_matrix"][0].__setitem__(0, -1)), 1,
+     ["confusion_matrix.val.npy holds negative counts"]),
+    ("confusion matrix missing", "mlp", _delete("confusion_matrix.val.npy"), 1,
+     ["confusion_matrix.val.npy is missing"]),
+    ("confusion matrix of another size", "logreg", _write_table("confusion_matrix.val.npy", np.zeros((4, 4), np.int64)), 1,
      ["metrics.json field 'val.confusion_matrix' must be a 3x3 table of counts"]),
+    ("confusion matrix of objects", "logreg", _write_table("confusion_matrix.val.npy", np.array([[None]], object)), 1,
+     ["confusion_matrix.val.npy holds a object array"]),
     ("NaN top-1", "mlp", _write("metrics.json", b'{"val": {"n": 12, "top1": NaN}}'), 1,
      ["metrics.json field 'val.top1' must be a finite number"]),
     ("unknown split", "mlp", _json("metrics.json", _set("holdout", {})), 1, ["metrics.json field 'holdout'"]),
@@ -274,10 +301,14 @@ def test_a_healthy_run_reads_back_and_every_command_works(runs, tmp_path, head):
     record = featcache.read_run(run)
     assert isinstance(record, RunRecord) and record.classes == ("blue", "green", "red")
     assert record.to_dict() == json.loads((run / "config.json").read_text())
-    assert record.metrics == json.loads((run / "metrics.json").read_text())
+    stored = json.loads((run / "metrics.json").read_text())
+    for split, m in stored.items():  # the confusion matrices are arrays beside the JSON
+        m["confusion_matrix"] = np.load(run / f"confusion_matrix.{split}.npy", allow_pickle=False).tolist()
+    assert record.metrics == stored
     record.write(tmp_path / "again")
     assert featcache.read_run(tmp_path / "again") == record
-    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(RUN_FILES)
+    tables = [f"confusion_matrix.{split}.npy" for split in record.metrics]
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted([*RUN_FILES, *tables])
     runner = CliRunner()
     r = runner.invoke(main, ["evaluate", str(run)])
     assert r.exit_code == 0 and f"run {run}: head {head} on set {record.set}" in r.output

@@ -114,11 +114,13 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, Any, str]:
                               "pass --backbone hf:FOLDER with config.json, preprocessor_config.json and "
                               "model.safetensors, or hf:OWNER/NAME")
     offline = not local and offline_unless_reachable()
+    missing: list[str] = []
     try:
         processor = tf.AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
         if weights == "DEFAULT":
-            model = tf.AutoModel.from_pretrained(name, use_safetensors=True, trust_remote_code=False,
-                                                 dtype=torch.float32)
+            model, info = tf.AutoModel.from_pretrained(name, use_safetensors=True, trust_remote_code=False,
+                                                       dtype=torch.float32, output_loading_info=True)
+            missing = sorted(info.get("missing_keys") or ())  # transformers starts them at random
             weights_id = f"hf-dir:{Path(name).name}" if local else f"hf:{name}"
         else:
             config = tf.AutoConfig.from_pretrained(name, trust_remote_code=False)
@@ -126,6 +128,11 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, Any, str]:
                 model = tf.AutoModel.from_config(config, trust_remote_code=False)
             model = model.float()
             weights_id = f"none(seed={INIT_SEED})"
+    except RuntimeError as e:  # transformers refuses weights whose shapes are not those of the config
+        text = " ".join(str(e).split())
+        first = "the shapes of its layers differ" if "mismatch" in text.lower() else text[:300]
+        raise WeightsError(f"the weights of {where} do not fit its config.json ({first}); use the config.json "
+                           "saved with these weights (save_pretrained writes both)") from None
     except (OSError, ValueError, KeyError) as e:  # no such id or folder, no network, no safetensors, unknown type
         first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         hint = ("it must hold config.json, preprocessor_config.json and model.safetensors (featcache loads no "
@@ -134,12 +141,33 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, Any, str]:
         if offline:  # the client's own text (a missing preprocessor_config.json, ...) would mislead here
             raise UnknownBackbone(f"cannot load the Hugging Face model {where}: {hint}") from None
         raise UnknownBackbone(f"cannot load the Hugging Face model {where}: {first}; {hint}") from None
+    if missing:  # rows from randomly started parameters: nobody could compute them again
+        raise WeightsError(f"the weights of {where} do not fit its config.json: {len(missing)} parameters are not in "
+                           f"them ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); use the config.json "
+                           "saved with these weights (save_pretrained writes both)")
+    _check_sizes(processor, where)
     if weights not in (None, "DEFAULT"):
         if Path(weights).suffix != ".safetensors":
             raise WeightsError(f"unknown weights {weights!r} for {where} {_VALUES}", option="--weights")
         load_weights_file(model, weights, _VALUES)
         weights_id = f"file:{Path(weights).name}"
     return model.eval(), processor, weights_id
+
+
+MAX_SIDE = 4096  # pixels: above any vision model's input (SAM: 1024); a bigger size is a damaged config
+
+
+def _check_sizes(processor: Any, where: str) -> None:
+    """Refuse a processor whose image size is not a plausible one (it would allocate gigabytes per image)."""
+    config = processor.to_dict()
+    for key in ("size", "crop_size"):
+        value = config.get(key)
+        sides = value.values() if isinstance(value, dict) else [value]
+        for side in sides:
+            if side is not None and (not isinstance(side, int) or isinstance(side, bool) or not 0 < side <= MAX_SIDE):
+                raise UnknownBackbone(f"{where}: its image processor's {key} {value!r} is not an image size of 1 to "
+                                      f"{MAX_SIDE} pixels; fix preprocessor_config.json (the model's own is saved with "
+                                      "it by save_pretrained)")
 
 
 def _plain(value: Any) -> Any:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -225,6 +226,9 @@ def check_user_backbone(backbone: str | None = None, weights: str | None = None)
         raise WeightsError(f"weights file {weights!r} does not exist {WEIGHTS_VALUES}", option="--weights")
 
 
+_WEIGHTS_NAME = re.compile(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*")
+
+
 def _rebuildable(name: str) -> bool:
     """A registry name the store may name (``timm:NAME``, an ``hf:`` hub id), as opposed to code or a folder."""
     source, inner = _source(name)
@@ -262,8 +266,9 @@ def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, w
     stored_weights = config.get("weights", "DEFAULT") if isinstance(config, dict) else "DEFAULT"
     if not isinstance(stored_weights, str):
         stored_weights = "DEFAULT"
-    is_file = stored_weights.lower() != "none" and (Path(stored_weights).suffix in (".pth", ".pt", ".bin", ".safetensors")
-                                                    or "/" in stored_weights)
+    # anything but DEFAULT, none or a torchvision weights name (IMAGENET1K_V1) names a file, whatever its suffix
+    # (model.ckpt): it is read only where the user names it, never from wherever the command runs
+    is_file = stored_weights.lower() not in ("none", "default") and not _WEIGHTS_NAME.fullmatch(stored_weights)
     if weights is None and is_file:
         raise WeightsError(
             f"these features were extracted with the weights file {stored_weights!r}; featcache reads no file named "

@@ -58,6 +58,16 @@ def check(name: str) -> None:
             f"Unknown timm model {name!r}{'; closest: ' + ', '.join('timm:' + c for c in close) if close else ''}. "
             "All names: python -c \"import timm; print(timm.list_models('*PATTERN*'))\""
         )
+    arch, _, tag = name.partition(".")
+    if tag:  # timm knows the architecture; the pretrained tag must be one of its own
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        if tag not in tags:
+            raise UnknownBackbone(
+                f"timm model {arch} has no pretrained tag {tag!r}; "
+                + (f"its tags: {', '.join(tags[:8])}{', ...' if len(tags) > 8 else ''} (timm:{arch}.{tags[0]}), "
+                   if tags else "it has no pretrained tags; ")
+                + f"or pass timm:{arch} for its default"
+            )
 
 
 def tracer_kwargs() -> dict:

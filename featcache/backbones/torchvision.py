@@ -72,8 +72,9 @@ def load(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
 
     enum = _weights_enum(name)
     default = enum.DEFAULT if enum is not None else None
-    is_file = weights not in (None, "DEFAULT") and (Path(weights).suffix in (".pth", ".pt", ".bin", ".safetensors")
-                                                    or Path(weights).is_file())
+    named = enum is not None and weights in enum.__members__  # a weights name, even where a file has that name
+    is_file = weights not in (None, "DEFAULT") and not named and (
+        Path(weights).suffix in (".pth", ".pt", ".bin", ".safetensors") or Path(weights).is_file())
     if weights is None or is_file:
         with seeded():
             model = torchvision.models.get_model(name, weights=None)

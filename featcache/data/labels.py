@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import multiprocessing as mp
 import os
 import re
+import signal
+import time
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
 from ..config import DEFAULT_NAME_PATTERN  # one source with the command line
 from ..errors import DataError
+from ..runtime import die_with_parent
 
 __all__ = [
     "SPLIT_NAMES",
@@ -18,6 +23,7 @@ __all__ = [
     "split_of",
     "is_store_dir",
     "parse_name_pattern",
+    "labels_by_pattern",
     "parse_classes",
     "read_labels_csv",
 ]
@@ -60,11 +66,72 @@ def parse_name_pattern(text: str | None) -> str | None:
     return text
 
 
+MATCH_SECONDS = 5.0
+"""How long one file name may keep ``--labels-from-name`` busy: a usable expression takes microseconds."""
+
+
+def _match_all(pattern: str, names: Sequence[str], conn, at, parent: int) -> None:
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it ends this process
+    regex, labels = re.compile(pattern), []
+    for i, name in enumerate(names):
+        at.value = i
+        m = regex.search(name)
+        labels.append(m.group(1) if m and m.group(1) else None)
+    at.value = len(names)
+    conn.send(labels)
+    conn.close()
+
+
+def labels_by_pattern(pattern: str, names: Sequence[str]) -> list[str | None]:
+    """The label ``pattern``'s group gives each name (None where it does not match or the group is empty).
+
+    Python's ``re`` cannot be interrupted while it matches (not even by Ctrl-C), and an expression
+    with nested repeats such as ``(a+)+$`` takes exponential time on a long name. So the names are
+    matched in a helper process, watched: one name busy for more than :data:`MATCH_SECONDS` is a
+    :class:`DataError` naming the name and the fix, and Ctrl-C ends the helper at once."""
+    if not names:
+        return []
+    if pattern == DEFAULT_NAME_PATTERN:  # known to be linear: no helper process
+        regex = re.compile(pattern)
+        return [m.group(1) if (m := regex.search(n)) and m.group(1) else None for n in names]
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    here, there = ctx.Pipe(duplex=False)
+    at = ctx.Value("q", -1, lock=False)
+    proc = ctx.Process(target=_match_all, args=(pattern, list(names), there, at, os.getpid()), daemon=True,
+                       name="featcache-labels")
+    proc.start()
+    there.close()
+    try:
+        last, since = -2, time.monotonic()
+        while not here.poll(0.1):
+            if not proc.is_alive():
+                raise DataError(f"matching the file names with --labels-from-name {pattern!r} failed "
+                                f"(exit status {proc.exitcode}); re-run the command", option="--labels-from-name")
+            if at.value != last:
+                last, since = at.value, time.monotonic()
+            elif time.monotonic() - since > MATCH_SECONDS and 0 <= last < len(names):
+                raise DataError(f"--labels-from-name {pattern!r} was still matching the file name {names[last]!r} "
+                                f"after {MATCH_SECONDS:g} s: the expression backtracks catastrophically (a repeat inside "
+                                "a repeat like (a+)+, or alternatives that overlap like (a|ab)*). Write it without nested "
+                                f"repeats, like {DEFAULT_NAME_PATTERN!r}", option="--labels-from-name")
+        try:
+            return here.recv()
+        except EOFError:
+            raise DataError(f"matching the file names with --labels-from-name {pattern!r} failed; re-run the command",
+                            option="--labels-from-name") from None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        here.close()
+
+
 def parse_classes(value: str | Sequence[str] | None, option: str = "--classes") -> tuple[str, ...] | None:
     """``"cats,dogs"`` → ``("cats", "dogs")``; None stays None; an empty list is refused."""
     if value is None:
         return None
-    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    names = [unicodedata.normalize("NFC", n.strip()) for n in (value.split(",") if isinstance(value, str) else value)]
     if not names or not all(names):
         raise DataError(f"{option} takes class names like cats,dogs; got {value!r}", option=option)
     return tuple(dict.fromkeys(names))

@@ -20,15 +20,15 @@ and label files mean is in :mod:`.labels`.
 from __future__ import annotations
 
 import os
-import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
 from .images import is_image_name
-from .labels import (CSV_NAMES, DEFAULT_NAME_PATTERN, SPLIT_NAMES, is_store_dir, parse_classes, parse_name_pattern,
-                     read_labels_csv, split_of)
+from .labels import (CSV_NAMES, DEFAULT_NAME_PATTERN, SPLIT_NAMES, is_store_dir, labels_by_pattern, parse_classes,
+                     parse_name_pattern, read_labels_csv, split_of)
 
 __all__ = ["Skip", "Layout", "find_layout"]
 
@@ -168,11 +168,9 @@ class _Finder:
 
 
 def _labels_by_name(paths: list[Path], pattern: str) -> dict[str | None, list[Path]]:
-    regex = re.compile(pattern)
     out: dict[str | None, list[Path]] = {}
-    for p in paths:
-        m = regex.search(p.name)
-        out.setdefault(m.group(1) if m and m.group(1) else None, []).append(p)
+    for p, label in zip(paths, labels_by_pattern(pattern, [p.name for p in paths])):
+        out.setdefault(label, []).append(p)
     return out
 
 
@@ -201,6 +199,26 @@ def _from_csv(finder: _Finder, csv_path: Path) -> tuple[str, list[tuple[str, str
             finder.ignore(p, f"not listed in {csv_path.name}")
     finder.ignored = [k for k in finder.ignored if k.path != csv_rel]
     return ("flat" if "" in groups else "splits"), [(s, "", g) for s, g in groups.items()]
+
+
+def _composed(group: dict[str | None, list[Path]], where: Path) -> dict[str | None, list[Path]]:
+    """The group with its class names in Unicode's composed form (NFC): ``café`` is one class whether a
+    folder or a CSV writes its é as one character or as e plus an accent (macOS writes the latter), so a
+    split written on one system and one on another agree. Two names in one split that differ only so look
+    identical to anyone: refused, naming both."""
+    out: dict[str | None, list[Path]] = {}
+    seen: dict[str, str] = {}
+    for label, paths in group.items():
+        name = unicodedata.normalize("NFC", label) if label is not None else None
+        if name is not None and name in seen:
+            raise DataError(f"{where}: the classes {seen[name]!r} ({ascii(seen[name])}) and {label!r} ({ascii(label)}) "
+                            "are the same name written with other Unicode characters (one composed, one decomposed); "
+                            "they would be two classes that look identical. Merge them into one folder (or one label), "
+                            "or rename one")
+        if name is not None:
+            seen[name] = label
+        out.setdefault(name, []).extend(paths)
+    return out
 
 
 def _split_folders(finder: _Finder, base: Path, dirs: list[Path]) -> list[tuple[str, Path]]:
@@ -407,6 +425,7 @@ def find_layout(
         for split, folder in folders:
             group = _labels_by_name(finder.images_below(folder), pattern) if pattern else _by_folders(finder, folder)
             groups.append((split, _rel(folder, root) if folder != root else "", group))
+    groups = [(split, folder, _composed(group, root / folder if folder else root)) for split, folder, group in groups]
     names, entries, unlabelled = _resolve(finder, root, base, kind, how, groups, pattern, csv_path)
     chosen = parse_classes(classes)
     keep = _filter(names, chosen, parse_classes(exclude_class or None, "--exclude-class"))
