@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,11 +24,11 @@ from .backbones import Backbone, check_user_backbone, rebuild_backbone
 from .data import DECODE_RECIPE
 from .errors import BackboneMismatch, RunError, StoreError, WeightsError
 from .pipeline import MAX_CAST_ERROR, Writer, cast_error, commit_partial, finite_rows, run_backbone
-from .runs import RunRecord
-from .store import Store, local_path, open_store, space_key
+from .runs import RunRecord, run_store
+from .store import Store, open_store, space_key
 from .stream import RowReader, prepare_features
 
-__all__ = ["RowCounts", "load_run", "run_rows", "run_store", "space_differences"]
+__all__ = ["RowCounts", "load_run", "run_rows", "space_differences"]
 
 _READ_BYTES = 64 << 20  # cached rows are read (as float32) this many bytes at a time
 _CHECKPOINT_S = 30.0
@@ -55,29 +54,6 @@ class RowCounts:
         """``computed 0, from the store 153`` (+ how many were added to the store)."""
         added = f" (added {self.stored} rows to the store)" if self.stored else ""
         return f"computed {self.computed}{added}, from the store {self.from_store}"
-
-
-def run_store(record: RunRecord, run: str | Path, given: str | None = None) -> str:
-    """Where the run's store is now: ``given`` (the user's --store) when named; else the URL the run records.
-
-    Runs record a local store as an absolute path. One recorded as typed (relative, by an older featcache)
-    is looked for from the current folder, then from the folder that held the run's ``runs/`` folder (where
-    ``featcache fit`` ran), so a run keeps working from another folder. A store found nowhere is an error
-    that names it and the fix, never a silent recomputation of every row."""
-    if given is not None:
-        return str(given)
-    recorded = record.store
-    path = local_path(recorded)
-    if path is None or os.path.isabs(path):
-        candidates = [recorded]
-    else:
-        candidates = list(dict.fromkeys([path, str(Path(run).resolve().parent.parent / path)]))
-    for url in candidates:
-        if local_path(url) is None or (Path(local_path(url)) / "zarr.json").is_file():
-            return url
-    raise StoreError(f"the store {recorded} that {run} was fitted from is not here (looked for "
-                     f"{' and '.join(candidates)}). Pass --store with where it is now, or --recompute to compute "
-                     "every image's features without a store")
 
 
 def load_run(run: str | Path, backbone: str | None = None, weights: str | None = None, store: str | None = None,

@@ -14,9 +14,8 @@ import numpy as np
 from .data import load_rgb, safe_join
 from .errors import FeatcacheError, RunError, StoreError
 from .heads import head_from_record
-from .lookup import run_store
 from .persist import write_atomic
-from .runs import RunRecord, describe_selection
+from .runs import RunRecord, describe_selection, run_store
 from .store import open_store
 from .stream import RowReader
 

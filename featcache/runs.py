@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import RunError
+from .errors import RunError, StoreError
 from .config import RUN_SORTS, ExtractConfig
 from .heads import MAX_CLASSES, check_head
 from .persist import Fields, HeadRecord, is_int, is_number, json_text, read_json, read_table, write_json, write_table
@@ -36,7 +36,7 @@ from .stream import prepared_shape
 if TYPE_CHECKING:
     from .fit import FitConfig
 
-__all__ = ["RUN_FILES", "SORTS", "RunRecord", "read_run", "list_runs", "format_runs", "describe_selection"]
+__all__ = ["RUN_FILES", "SORTS", "RunRecord", "read_run", "run_store", "list_runs", "format_runs", "describe_selection"]
 
 RUN_FILES = ("config.json", "metrics.json", "history.json", "head.json", "head.npz")  # + confusion_matrix.SPLIT.npy
 SPLITS = ("train", "val", "test")
@@ -378,6 +378,33 @@ def _key_params(record: RunRecord) -> str:
         value = record.C if name == "C" and record.C is not None else params.get(name)
         shown.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
     return " ".join(shown)
+
+
+def run_store(record: RunRecord, run: str | Path, given: str | None = None) -> str:
+    """Where the run's store is now: ``given`` (the user's --store) when named; else the URL the run records.
+
+    Runs record a local store as an absolute path. One recorded as typed (relative, by an older featcache)
+    is looked for from the current folder, then from the folder that held the run's ``runs/`` folder (where
+    ``featcache fit`` ran), so a run keeps working from another folder. A store found nowhere is an error
+    that names it and the fix, never a silent recomputation of every row."""
+    import os
+
+    from .store import local_path
+
+    if given is not None:
+        return str(given)
+    recorded = record.store
+    path = local_path(recorded)
+    if path is None or os.path.isabs(path):
+        candidates = [recorded]
+    else:
+        candidates = list(dict.fromkeys([path, str(Path(run).resolve().parent.parent / path)]))
+    for url in candidates:
+        if local_path(url) is None or (Path(local_path(url)) / "zarr.json").is_file():
+            return url
+    raise StoreError(f"the store {recorded} that {run} was fitted from is not here (looked for "
+                     f"{' and '.join(candidates)}). Pass --store with where it is now, or --recompute to compute "
+                     "every image's features without a store")
 
 
 def list_runs(root: str | Path = "runs", set_key: str | None = None,
