@@ -222,14 +222,16 @@ def test_every_layer_in_one_pass_is_bit_for_bit_that_layer_alone(tmp_path, backb
     assert len(layers) > 5
     joint = create_joint(name, layers, "none")
     assert [p.layer for p in joint.parts] == layers
-    if backbone in ("resnet18", "vgg16"):
-        assert _passes_apart(joint.model) == 0  # nothing needed a pass of its own: the copies are enough
     side = 32 if backbone == "vit" else 64  # aliasing does not depend on the input size; 64 px keeps it fast
     x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         outs = joint.model(x)
         wrong = [p.layer for p, out in zip(joint.parts, outs) if not torch.equal(out, p.model(x))]
     assert wrong == []
+    if backbone in ("resnet18", "vgg16"):
+        assert _passes_apart(joint.model) == 0  # nothing needed a pass of its own: the copies are enough
+    if backbone == "timm:resnet18":
+        assert _passes_apart(joint.model) < len(layers) // 4  # most layers hooked beside the embedding
     if backbone == "resnet18":  # the parts are the cuts create_backbone makes
         with torch.no_grad():
             for layer in ("layer1.0.bn1", "layer1.0.bn2", "layer1"):
