@@ -284,7 +284,7 @@ def test_torchrun_ranks(tmp_path, data):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     st_ = featcache.open_store(str(store))
-    assert len({g.attrs["created_by"] for space in st_.spaces() for _, g in st_.segment_groups(space)}) == 2
+    assert all(len(st_.segment_groups(space)) >= 2 for space in st_.spaces())  # each rank wrote its own rows
     for key in st_.set_keys():
         layer = st_.get_set(key).attrs["layer"]
         _check_set(str(store), key, data, _tiny_fresh(layer, "avg"), "float32", f"torchrun {layer}")
