@@ -20,8 +20,8 @@ from . import exact
 from .base import (INIT_SEED, Assembled, Backbone, Joint, Separate, describe_transform, load_weights_file, pool_map,
                    seeded, state_digest)
 
-__all__ = ["names", "load", "traced_backbone", "traced_joint", "traced_parts", "traced_pass", "traced_layers", "traced_shapes", "rest_after", "FxCut",
-           "FxJoint", "crop_of"]
+__all__ = ["names", "load", "traced_backbone", "traced_joint", "traced_parts", "traced_pass", "traced_layers",
+           "traced_shapes", "rest_after", "FxCut", "FxJoint", "crop_of"]
 
 
 def names() -> list[str]:
