@@ -5,10 +5,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import featcache
-from featcache.backbones import create_backbone, create_joint, parse_layers
+from featcache.backbones import create_backbone, create_joint, list_layers, parse_layers
 from featcache.cli import main
 from featcache.errors import UnknownLayer
 
@@ -181,3 +182,107 @@ def test_model_processes_carry_several_layers_bit_for_bit(tmp_path, monkeypatch)
             a = featcache.open_store(str(tmp_path / "joint.zarr")).get_set(r.set_key).to_numpy(split)
             b = featcache.open_store(str(tmp_path / f"{r.layer}.zarr")).get_set(alone.set_key).to_numpy(split)
             assert a[0].dtype == np.float32 and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def _vit(folder):
+    """A tiny Hugging Face ViT folder (random weights, 32 px), as a user's local model."""
+    transformers = pytest.importorskip("transformers")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def _passes_apart(model) -> int:
+    """How many parts a joint model computes outside its first pass (0: all in one pass)."""
+    from featcache.backbones.base import Assembled, Separate
+
+    if isinstance(model, Separate):
+        return len(model.cuts)
+    if isinstance(model, Assembled):
+        return sum(len(p) for p in model.places[1:])
+    return 0
+
+
+@pytest.mark.parametrize("backbone", [
+    pytest.param("resnet18", marks=pytest.mark.slow),
+    pytest.param("vgg16", marks=pytest.mark.slow),
+    pytest.param("timm:resnet18", marks=pytest.mark.slow),  # pre_logits (hooks) beside every traced layer
+    "vit",
+])
+def test_every_layer_in_one_pass_is_bit_for_bit_that_layer_alone(tmp_path, backbone):
+    """The attack of issue 24: one pass over every layer ``featcache layers`` lists (in-place ReLU after a batch
+    norm, ``x += shortcut``, a module prefix and its last node, views), each part against its own cut."""
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm")
+    name = _vit(tmp_path / "vit") if backbone == "vit" else backbone
+    layers = list_layers(name)
+    assert len(layers) > 5
+    joint = create_joint(name, layers, "none")
+    assert [p.layer for p in joint.parts] == layers
+    side = 32 if backbone == "vit" else 64  # aliasing does not depend on the input size; 64 px keeps it fast
+    x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = joint.model(x)
+        wrong = [p.layer for p, out in zip(joint.parts, outs) if not torch.equal(out, p.model(x))]
+    assert wrong == []
+    if backbone in ("resnet18", "vgg16"):
+        assert _passes_apart(joint.model) == 0  # nothing needed a pass of its own: the copies are enough
+    if backbone == "timm:resnet18":
+        assert _passes_apart(joint.model) < len(layers) // 4  # most layers hooked beside the embedding
+    if backbone == "resnet18":  # the parts are the cuts create_backbone makes
+        with torch.no_grad():
+            for layer in ("layer1.0.bn1", "layer1.0.bn2", "layer1"):
+                assert torch.equal(create_backbone(name, layer, "none").model(x), outs[layers.index(layer)])
+
+
+class _Aliased(torch.nn.Module):
+    """A view returned beside an in-place op on its base, and a node that reads a tensor after a node it does not
+    need alone (``act``, in place) wrote to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        flat = y.flatten(1)  # a view of y
+        z = self.act(y)  # writes y, so flat, in place
+        scaled = flat * 2  # alone: 2 * conv; after act ran: 2 * relu(conv)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(z, 1), 1)) + scaled.mean()
+
+
+def test_in_place_writes_on_views_and_inputs_never_reach_another_layer():
+    from torchvision.transforms._presets import ImageClassification
+
+    tf = ImageClassification(crop_size=8, resize_size=8)
+    layers = ["flatten", "act", "mul"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _Aliased()
+    joint = create_joint(model, layers, transform=tf)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) - 0.5
+    with torch.no_grad():
+        outs = joint.model(x)
+        alone = [create_backbone(model, layer, transform=tf).model(x) for layer in layers]
+    for layer, a, b in zip(layers, alone, outs):
+        assert torch.equal(a, b), layer
+    assert (alone[0] < 0).any()  # the view alone keeps the negatives the in-place ReLU removes later
+    assert _passes_apart(joint.model) == 1  # mul reads y after act wrote it: computed on its own
+
+
+def test_joint_extract_then_one_layer_computes_the_right_rows(tmp_path):
+    """Issue 24, end to end: ``--layer layer1.0.bn1,layer4`` stored rows after the in-place ReLU under
+    layer1.0.bn1's space, and a later ``--layer layer1.0.bn1`` reused them."""
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)), size=(20, 28))
+    kw = dict(backbone="resnet18", weights="none", data=str(data), workers=0, dtype="float32")
+    shared = str(tmp_path / "shared.zarr")
+    featcache.extract(layer="layer1.0.bn1,layer4", store=shared, **kw)
+    again = featcache.extract(layer="layer1.0.bn1", store=shared, **kw)
+    assert again.extracted == 0  # the rows are the cache ...
+    fresh = featcache.extract(layer="layer1.0.bn1", store=str(tmp_path / "fresh.zarr"), **kw)
+    _same_rows(_rows(shared, again.set_key), _rows(str(tmp_path / "fresh.zarr"), fresh.set_key))  # ... and right

@@ -25,6 +25,7 @@ __all__ = [
     "Backbone",
     "Joint",
     "Separate",
+    "Assembled",
     "autocast",
     "resolve_precision",
     "seeded",
@@ -103,6 +104,22 @@ class Separate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(cut(x) for cut in self.cuts)
+
+
+class Assembled(nn.Module):
+    """Parts computed by several passes, put back in the order asked: each pass returns a tuple with its
+    parts' outputs, ``places`` says which parts those are."""
+
+    def __init__(self, passes: list[nn.Module], places: list[list[int]]):
+        super().__init__()
+        self.passes = nn.ModuleList(passes)
+        self.places = [list(p) for p in places]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out: dict[int, torch.Tensor] = {}
+        for one, places in zip(self.passes, self.places):
+            out.update(zip(places, one(x)))
+        return tuple(out[i] for i in range(len(out)))
 
 
 @contextmanager

@@ -18,8 +18,9 @@ from torch import nn
 
 from ..errors import UnknownBackbone, UnknownLayer, WeightsError
 from .hub import offline_hint, offline_unless_reachable
-from .base import INIT_SEED, Backbone, Joint, Separate, load_weights_file, pool_map, seeded, state_digest
+from . import exact
 from . import torchvision as tv
+from .base import INIT_SEED, Assembled, Backbone, Joint, Separate, load_weights_file, pool_map, seeded, state_digest
 
 __all__ = ["PREFIX", "EMBEDDING", "TimmEmbedding", "EmbeddingJoint", "create", "create_joint", "rest_after", "layer_names",
            "layer_shapes", "check", "tracer_kwargs"]
@@ -146,27 +147,84 @@ def create(name: str, layer: str | None, weights: str | None, pool: str | None) 
 
 
 class EmbeddingJoint(nn.Module):
-    """The embedding and the outputs of named modules, from one forward pass (forward hooks)."""
+    """The embedding and the outputs of module calls, from one forward pass (forward hooks).
 
-    def __init__(self, model: nn.Module, layers: list[str], pools: list[str]):
+    ``calls`` names, for each layer but the embedding, the module and which of its calls (0: the first)
+    gives that layer's node; the output is copied in the hook, before any later in-place op reaches it.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], calls: list[tuple[str, int] | None], pools: list[str]):
         super().__init__()
-        self.model, self.layers, self.pools = model, layers, pools
+        self.model, self.layers, self.calls, self.pools = model, layers, calls, pools
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        seen: dict[str, torch.Tensor] = {}
-        hooks = [self.model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o))
-                 for n in dict.fromkeys(self.layers) if n != EMBEDDING]
+        embedding, seen = self.run(x)
+        return tuple(embedding if c is None else pool_map(seen[c], p) for c, p in zip(self.calls, self.pools))
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[tuple[str, int], torch.Tensor]]:
+        """(the embedding, a copy of each wanted call's output that took place)."""
+        wanted = {c for c in self.calls if c is not None}
+        seen: dict[tuple[str, int], torch.Tensor] = {}
+        count: dict[str, int] = {}
+
+        def hook(name: str, out: Any) -> None:
+            k = count[name] = count.get(name, -1) + 1
+            if (name, k) in wanted and isinstance(out, torch.Tensor):
+                seen[(name, k)] = out.clone()
+
+        hooks = [self.model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(n, o))
+                 for n in dict.fromkeys(name for name, _ in wanted)]
         try:
             embedding = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         finally:
-            for hook in hooks:
-                hook.remove()
-        return tuple(embedding if n == EMBEDDING else pool_map(seen[n], p) for n, p in zip(self.layers, self.pools))
+            for h in hooks:
+                h.remove()
+        return embedding, seen
+
+
+def _module_call(node: str, modules: dict) -> tuple[str, int] | None:
+    """(module, call) whose output is the traced node ``node`` (``act_1`` is the second call of ``act``), or None."""
+    if node in modules:
+        return node, 0
+    base, _, k = node.rpartition("_")
+    return (base, int(k)) if k.isdigit() and base in modules else None
+
+
+def _embedding_pass(model: nn.Module, parts: tuple[Backbone, ...], size: list[int]) -> nn.Module:
+    """The embedding's own forward, with hooks on the module calls that give the other parts' nodes. A part
+    with no such call, one that an in-place write of a node it does not run alone reaches, or one whose hooked
+    value differs from its own cut on a random probe is computed in one traced pass of those parts."""
+    kw = tracer_kwargs()
+    emb = [i for i, p in enumerate(parts) if p.layer == EMBEDDING]
+    inner = [i for i, p in enumerate(parts) if p.layer != EMBEDDING]
+    nodes = tv._node_names(model, kw)
+    qual = exact.resolve_all(nodes, [parts[i].layer for i in inner])
+    modules = dict(model.named_modules())
+    calls = {i: _module_call(q, modules) for i, q in zip(inner, qual)}
+    whole = tv._graph(model, nodes, kw)  # every node returned: the network as the eager pass runs it
+    writes, _ = exact.written(whole, torch.zeros(1, 3, *size))
+    own = exact.needs_own_pass(whole.graph, [exact.alone_graph(parts[i].model) for i in inner], writes)
+    hooked = [i for i, o in zip(inner, own) if not o and calls[i] is not None]
+    key = dict(zip(inner, qual))
+    if hooked:  # each hooked value against the traced nodes (what each part alone computes) on a random probe
+        with seeded(), torch.no_grad():
+            probe = torch.rand(1, 3, *size)
+            _, seen = EmbeddingJoint(model, [], [calls[i] for i in hooked], []).run(probe)
+            traced = exact.snapshot(tv._graph(model, [key[i] for i in hooked], kw))(probe)
+        hooked = [i for i in hooked if calls[i] in seen  # a module the embedding's forward never calls: no hook
+                  and torch.equal(seen[calls[i]], traced[key[i]])]
+    places = emb + hooked
+    joint = EmbeddingJoint(model, [parts[i].layer for i in places], [None] * len(emb) + [calls[i] for i in hooked],
+                           [parts[i].pool for i in places]).eval().requires_grad_(False)
+    rest = [i for i in inner if i not in hooked]
+    if not rest:
+        return Assembled([joint], [places]).eval()
+    return Assembled([joint, tv.traced_pass(model, tuple(parts[i] for i in rest), kw, nodes)], [places, rest]).eval()
 
 
 def create_joint(name: str, layers: list[str | None], weights: str | None, pool: str | None) -> Joint:
     """Several layers of one timm model in one pass: one traced graph for inner layers; the embedding
-    with hooks on the modules asked for beside it (a layer that is no module: its own pass)."""
+    with hooks on the module calls asked for beside it (what no hook can serve exactly: one more traced pass)."""
     timm = _timm()
     model, weights_id = _load(name, weights)
     model.eval()
@@ -176,12 +234,15 @@ def create_joint(name: str, layers: list[str | None], weights: str | None, pool:
         return tv.traced_joint(full, model, weights_id, transform, layers, pool, tracer_kwargs(), preprocessing,
                                extra=(EMBEDDING,))
     digest = state_digest(model)
-    parts = tuple(_cut(full, model, weights_id, transform, preprocessing, layer, pool, digest) for layer in layers)
-    modules = dict(model.named_modules())
-    if all(p.layer == EMBEDDING or p.layer in modules for p in parts):
-        joint = EmbeddingJoint(model, [p.layer for p in parts], [p.pool for p in parts])
-        return Joint(parts, joint.eval().requires_grad_(False))
-    return Joint(parts, Separate([p.model for p in parts]).eval())
+    inner = [layer for layer in layers if layer not in (None, EMBEDDING)]
+    if not inner:
+        parts = tuple(_cut(full, model, weights_id, transform, preprocessing, layer, pool, digest) for layer in layers)
+        return Joint(parts, Separate([p.model for p in parts]).eval())
+    cuts = iter(tv.traced_parts(full, model, weights_id, transform, inner, pool, tracer_kwargs(), preprocessing,
+                                (EMBEDDING,), digest)[0])
+    parts = tuple(_cut(full, model, weights_id, transform, preprocessing, layer, pool, digest)
+                  if layer in (None, EMBEDDING) else next(cuts) for layer in layers)
+    return Joint(parts, _embedding_pass(model, parts, preprocessing["crop_size"]))
 
 
 def rest_after(name: str, layer: str | None, weights: str | None, n_classes: int) -> tuple[nn.Module, str]:

@@ -16,10 +16,12 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ..errors import UnknownLayer, WeightsError
-from .base import INIT_SEED, Backbone, Joint, describe_transform, load_weights_file, pool_map, seeded, state_digest
+from . import exact
+from .base import (INIT_SEED, Assembled, Backbone, Joint, Separate, describe_transform, load_weights_file, pool_map,
+                   seeded, state_digest)
 
-__all__ = ["load", "traced_backbone", "traced_joint", "traced_layers", "traced_shapes", "rest_after", "FxCut",
-           "FxJoint", "crop_of"]
+__all__ = ["load", "traced_backbone", "traced_joint", "traced_parts", "traced_pass", "traced_layers",
+           "traced_shapes", "rest_after", "FxCut", "FxJoint", "crop_of"]
 
 
 class FxCut(nn.Module):
@@ -36,17 +38,18 @@ class FxCut(nn.Module):
 
 
 class FxJoint(nn.Module):
-    """One traced graph returning several nodes: a tuple with each one as its own ``FxCut`` returns it."""
+    """One traced graph returning several nodes (by their qualified names): a tuple with each one as its own
+    ``FxCut`` returns it."""
 
-    def __init__(self, graph: nn.Module, layers: list[str], pools: list[str]):
+    def __init__(self, graph: nn.Module, nodes: list[str], pools: list[str]):
         super().__init__()
         self.graph = graph
-        self.layers = layers
+        self.nodes = nodes
         self.pools = pools
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.graph(x)
-        return tuple(pool_map(out[layer], pool) for layer, pool in zip(self.layers, self.pools))
+        return tuple(pool_map(out[node], pool) for node, pool in zip(self.nodes, self.pools))
 
 
 def _weights_enum(name: str):
@@ -176,38 +179,28 @@ def crop_of(preprocessing: dict) -> int:
 
 def traced_backbone(name: str, model: nn.Module, weights_id: str, transform: Callable, layer: str | None,
                     pool: str | None, tracer_kwargs: dict | None = None, preprocessing: dict | None = None,
-                    extra: tuple[str, ...] = (), digest: str | None = None) -> Backbone:
+                    extra: tuple[str, ...] = (), digest: str | None = None, nodes: list[str] | None = None,
+                    raw: Any = None) -> Backbone:
     """Cut a traceable ``model`` at ``layer`` (default: the pooled penultimate output).
 
     ``preprocessing`` is the record of ``transform`` when the source describes it itself;
     ``extra`` names layers the source serves itself (listed in the error for an unknown layer);
-    ``digest`` is the model's ``state_digest`` when the caller has it already.
+    ``digest`` is the model's ``state_digest``, ``nodes`` its traced node names and ``raw`` the layer's
+    output for a zero input, when the caller has them already.
     """
     tracer_kwargs = tracer_kwargs or {}
     model.eval()
-    try:
-        nodes = _node_names(model, tracer_kwargs)
-    except Exception as e:  # fx cannot trace every model; say so instead of a long traceback
-        raise UnknownLayer(f"{name} cannot be cut at an inner layer ({e.__class__.__name__} while tracing it); "
-                           f"use {' or '.join(extra) or 'the default layer'}") from None
-    if layer is None:
-        layer = _default_layer(model, nodes)
-        pool = pool or "avg"
-    elif layer not in set(_prefixes(nodes)):
-        top = list(extra) + [n for n in _prefixes(nodes) if "." not in n]
-        raise UnknownLayer(
-            f"Unknown layer {layer!r} for {name}. Layers: {', '.join(top)} "
-            f"(and their sub-layers, e.g. {nodes[len(nodes) // 2]}). See: featcache layers {name}"
-        )
-    pool = pool or "none"
+    nodes = nodes or _traced_nodes(name, model, tracer_kwargs, extra)
+    layer, pool = _checked(name, model, nodes, layer, pool, extra)
     digest = digest or state_digest(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = create_feature_extractor(model, return_nodes=[layer], tracer_kwargs=tracer_kwargs)
+        graph = exact.snapshot(create_feature_extractor(model, return_nodes=[layer], tracer_kwargs=tracer_kwargs))
     preprocessing = preprocessing or describe_transform(transform)
     crop = crop_of(preprocessing)
-    with torch.no_grad():
-        raw = graph(torch.zeros(1, 3, crop, crop))[layer]
+    if raw is None:
+        with torch.no_grad():
+            raw = graph(torch.zeros(1, 3, crop, crop))[layer]
     if not isinstance(raw, torch.Tensor):
         raise UnknownLayer(f"layer {layer!r} of {name} does not output a single tensor; choose another --layer")
     if raw.ndim != 4:
@@ -218,19 +211,91 @@ def traced_backbone(name: str, model: nn.Module, weights_id: str, transform: Cal
                     weights_sha256=digest, preprocessing=preprocessing, shape=shape)
 
 
+def _traced_nodes(name: str, model: nn.Module, tracer_kwargs: dict, extra: tuple[str, ...]) -> list[str]:
+    try:
+        return _node_names(model, tracer_kwargs)
+    except Exception as e:  # fx cannot trace every model; say so instead of a long traceback
+        raise UnknownLayer(f"{name} cannot be cut at an inner layer ({e.__class__.__name__} while tracing it); "
+                           f"use {' or '.join(extra) or 'the default layer'}") from None
+
+
+def _checked(name: str, model: nn.Module, nodes: list[str], layer: str | None, pool: str | None,
+             extra: tuple[str, ...]) -> tuple[str, str]:
+    """(the layer, its pool before the output is seen): the default layer pooled ``avg``, else ``layer`` checked."""
+    if layer is None:
+        return _default_layer(model, nodes), pool or "avg"
+    if layer not in set(_prefixes(nodes)):
+        top = list(extra) + [n for n in _prefixes(nodes) if "." not in n]
+        raise UnknownLayer(
+            f"Unknown layer {layer!r} for {name}. Layers: {', '.join(top)} "
+            f"(and their sub-layers, e.g. {nodes[len(nodes) // 2]}). See: featcache layers {name}"
+        )
+    return layer, pool or "none"
+
+
+def traced_parts(name: str, model: nn.Module, weights_id: str, transform: Callable, layers: list[str | None],
+                 pool: str | None, tracer_kwargs: dict | None = None, preprocessing: dict | None = None,
+                 extra: tuple[str, ...] = (), digest: str | None = None):
+    """(the ``traced_backbone`` of each layer, the model's traced node names, the graph returning every layer's
+    node with its in-place writes): one trace and one probe for all the parts' shapes."""
+    tracer_kwargs = tracer_kwargs or {}
+    model.eval()
+    digest = digest or state_digest(model)
+    nodes = _traced_nodes(name, model, tracer_kwargs, extra)
+    checked = [_checked(name, model, nodes, layer, pool, extra) for layer in layers]
+    keys = exact.resolve_all(nodes, [layer for layer, _ in checked])
+    graph = _graph(model, keys, tracer_kwargs)
+    crop = crop_of(preprocessing or describe_transform(transform))
+    writes, out = exact.written(graph, torch.zeros(1, 3, crop, crop))
+    parts = tuple(traced_backbone(name, model, weights_id, transform, layer, p, tracer_kwargs, preprocessing, extra,
+                                  digest, nodes=nodes, raw=out[key]) for (layer, p), key in zip(checked, keys))
+    return parts, nodes, (graph, writes)
+
+
 def traced_joint(name: str, model: nn.Module, weights_id: str, transform: Callable, layers: list[str | None],
                  pool: str | None, tracer_kwargs: dict | None = None, preprocessing: dict | None = None,
                  extra: tuple[str, ...] = ()) -> Joint:
     """``layers`` of a traceable ``model``, each cut as ``traced_backbone`` cuts it, all in one traced pass."""
-    digest = state_digest(model)
-    parts = tuple(traced_backbone(name, model, weights_id, transform, layer, pool, tracer_kwargs, preprocessing, extra,
-                                  digest) for layer in layers)
+    parts, nodes, probed = traced_parts(name, model, weights_id, transform, layers, pool, tracer_kwargs,
+                                        preprocessing, extra)
+    return Joint(parts, traced_pass(model, parts, tracer_kwargs or {}, nodes, probed))
+
+
+def _graph(model: nn.Module, nodes: list[str], tracer_kwargs: dict) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = create_feature_extractor(model.eval(), return_nodes=list(dict.fromkeys(p.layer for p in parts)),
-                                         tracer_kwargs=tracer_kwargs or {})
-    joint = FxJoint(graph, [p.layer for p in parts], [p.pool for p in parts]).eval().requires_grad_(False)
-    return Joint(parts, joint)
+        return create_feature_extractor(model.eval(), return_nodes=list(dict.fromkeys(nodes)),
+                                        tracer_kwargs=tracer_kwargs)
+
+
+def traced_pass(model: nn.Module, parts: tuple[Backbone, ...], tracer_kwargs: dict, nodes: list[str] | None = None,
+                probed: tuple[nn.Module, dict] | None = None) -> nn.Module:
+    """The model that computes ``parts`` (traced cuts of ``model``) together, each exactly as its own cut does.
+
+    ``nodes``: the model's traced node names; ``probed``: the graph that returns every part's node and the
+    writes ``exact.written`` found in it, when the caller has them. One traced graph returns every part's
+    node, copied right after it runs; a part that an in-place
+    write of a node it does not run alone would reach is computed on its own (see ``exact``).
+    """
+    nodes = exact.resolve_all(nodes or _node_names(model, tracer_kwargs), [p.layer for p in parts])
+    if probed is None:
+        graph = _graph(model, nodes, tracer_kwargs)
+        crop = crop_of(parts[0].preprocessing)
+        writes, _ = exact.written(graph, torch.zeros(1, 3, crop, crop))
+    else:  # the graph of these parts' nodes and its writes, from the caller's probe
+        graph, writes = probed
+    own = exact.needs_own_pass(graph.graph, [exact.alone_graph(p.model) for p in parts], writes)
+    shared = [i for i, o in enumerate(own) if not o]
+    if not shared:
+        return Separate([p.model for p in parts]).eval()
+    if len(shared) < len(parts):  # fewer outputs, fewer nodes: no new write can reach the rest
+        graph = _graph(model, [nodes[i] for i in shared], tracer_kwargs)
+    one = FxJoint(exact.snapshot(graph), [nodes[i] for i in shared], [parts[i].pool for i in shared])
+    one = one.eval().requires_grad_(False)
+    if len(shared) == len(parts):
+        return one
+    alone = [i for i, o in enumerate(own) if o]
+    return Assembled([one] + [Separate([parts[i].model]) for i in alone], [shared] + [[i] for i in alone]).eval()
 
 
 def rest_after(model: nn.Module, name: str, layer: str, n_classes: int,
