@@ -12,8 +12,9 @@ in a fresh process so that its peak memory (VmHWM) is its own:
 * files in the store per 10,000 rows.
 
 Then the growth of each number from one size to the next. ``code`` chooses the featcache the
-measuring processes import (``PYTHONPATH``), so two versions are measured by the same script on
-the same machine: ``python -m benchmarks scale --code /path/to/other/checkout``.
+measuring processes import (``PYTHONPATH``); ``against`` measures a second checkout on the same
+folder and store, alternating with the first, and the ratios are printed:
+``python -m benchmarks scale --against /path/to/main``.
 """
 
 from __future__ import annotations
@@ -120,41 +121,63 @@ def _count_files(path: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(path))
 
 
+def _measure(n: int, job: dict, store: Path, code: Path, env: dict, rounds: int, first_set: str) -> dict:
+    reruns = [_child(job, code, env) for _ in range(rounds)]
+    return _row(n, reruns, _child({"op": "ls", "store": str(store)}, code, env),
+                _child({"op": "load", "store": str(store), "set": first_set}, code, env))
+
+
+def _row(n: int, reruns: list[dict], ls: dict, load: dict) -> dict:
+    if any(r["extracted"] for r in reruns):
+        raise RuntimeError("a re-run with nothing changed computed rows")
+    mid = sorted(reruns, key=lambda r: r["seconds"])[len(reruns) // 2]
+    return {
+        "images": n, "rerun_s": mid["seconds"], "rerun_runs_s": [r["seconds"] for r in reruns],
+        "rerun_scan_s": mid["scan_s"], "scan_share": mid["scan_s"] / mid["seconds"],
+        "rerun_peak_mb": mid["peak_rss"] / 2**20, "plan_bytes_per_image": (mid["peak_rss"] - mid["base_rss"]) / n,
+        "ls_s": ls["seconds"], "ls_peak_mb": ls["peak_rss"] / 2**20,
+        "load_s": load["seconds"], "load_peak_mb": load["peak_rss"] / 2**20, "load_rows": load["rows"],
+    }
+
+
 def run_scale(sizes=(10_000, 100_000), code: str | os.PathLike | None = None, rounds: int = 3,
-              workers: int | None = None, tmp: str | None = None) -> list[dict]:
-    """One row per size (see the module docstring); ``code`` is the checkout whose featcache is measured."""
-    code = Path(code or REPO).resolve()
-    rows = []
+              workers: int | None = None, tmp: str | None = None,
+              against: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+    """Rows per size (see the module docstring) for ``code`` (default: this checkout) and, when given,
+    ``against``: another checkout measured on the same folder and store, their re-runs alternating
+    (the first extract is made by ``against``; a warm-up re-run of each fills any cache it keeps)."""
+    codes = {"code": Path(code or REPO).resolve()}
+    if against is not None:
+        codes = {"against": Path(against).resolve(), **codes}
+    out: dict[str, list[dict]] = {k: [] for k in codes}
     for n in sizes:
         top = Path(tempfile.mkdtemp(prefix="featcache-scale-", dir=tmp))
         try:
             data, store = top / "data", top / "s.zarr"
-            env = {**os.environ, "FEATCACHE_SCAN_CACHE": str(top / "scan-cache"), "HF_HUB_OFFLINE": "1"}
+            envs = {k: {**os.environ, "FEATCACHE_SCAN_CACHE": str(top / f"scan-cache-{k}"), "HF_HUB_OFFLINE": "1"}
+                    for k in codes}
             t = time.perf_counter()
             make_images(data, n)
             make_s = time.perf_counter() - t
             time.sleep(2.5)  # the folder exists before the first extract, as a downloaded data set does
             job = {"op": "extract", "data": str(data), "store": str(store), "backbone": TINY, "workers": workers}
-            first = _child(job, code, env)
-            reruns = [_child(job, code, env) for _ in range(rounds)]
-            assert all(r["extracted"] == 0 for r in reruns), "a re-run with nothing changed computed rows"
-            mid = sorted(reruns, key=lambda r: r["seconds"])[len(reruns) // 2]
-            ls = _child({"op": "ls", "store": str(store)}, code, env)
-            load = _child({"op": "load", "store": str(store), "set": first["set"]}, code, env)
+            first_code = next(iter(codes))
+            first = _child(job, codes[first_code], envs[first_code])
+            warm = {k: _child(job, c, envs[k]) for k, c in codes.items()}
+            reruns: dict[str, list[dict]] = {k: [] for k in codes}
+            for _ in range(rounds):  # alternating, so both see the same load on a shared machine
+                for k, c in codes.items():
+                    reruns[k].append(_child(job, c, envs[k]))
+            for k, c in codes.items():
+                ls = _child({"op": "ls", "store": str(store)}, c, envs[k])
+                load = _child({"op": "load", "store": str(store), "set": first["set"]}, c, envs[k])
+                out[k].append({**_row(n, reruns[k], ls, load), "warm_rerun_s": warm[k]["seconds"]})
             files = _count_files(store)
         finally:
             shutil.rmtree(top, ignore_errors=True)
-        rows.append({
-            "images": n, "make_s": make_s, "first_s": first["seconds"],
-            "rerun_s": mid["seconds"], "rerun_runs_s": [r["seconds"] for r in reruns],
-            "rerun_scan_s": mid["scan_s"], "scan_share": mid["scan_s"] / mid["seconds"],
-            "rerun_peak_mb": mid["peak_rss"] / 2**20,
-            "plan_bytes_per_image": (mid["peak_rss"] - mid["base_rss"]) / n,
-            "ls_s": ls["seconds"], "ls_peak_mb": ls["peak_rss"] / 2**20,
-            "load_s": load["seconds"], "load_peak_mb": load["peak_rss"] / 2**20, "load_rows": load["rows"],
-            "files": files, "files_per_10k": files * 10_000 / n,
-        })
-    return rows
+        for k in codes:
+            out[k][-1].update(make_s=make_s, first_s=first["seconds"], files=files, files_per_10k=files * 10_000 / n)
+    return out
 
 
 GROWTH_KEYS = ("rerun_s", "rerun_scan_s", "rerun_peak_mb", "plan_bytes_per_image", "ls_s", "load_s", "files")
