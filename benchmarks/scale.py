@@ -109,6 +109,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
 
 
 def _child(job: dict, code: Path, env: dict) -> dict:
+    print(f"  {job['op']} ({code.name})", file=sys.stderr, flush=True)
     run = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(job)], capture_output=True, text=True,
                          env={**env, "PYTHONPATH": str(code)}, cwd=str(code))
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -156,6 +157,7 @@ def run_scale(sizes=(10_000, 100_000), code: str | os.PathLike | None = None, ro
             data, store = top / "data", top / "s.zarr"
             envs = {k: {**os.environ, "FEATCACHE_SCAN_CACHE": str(top / f"scan-cache-{k}"), "HF_HUB_OFFLINE": "1"}
                     for k in codes}
+            print(f"{n} images", file=sys.stderr, flush=True)
             t = time.perf_counter()
             make_images(data, n)
             make_s = time.perf_counter() - t

@@ -134,11 +134,8 @@ def _hash_cached(root: Path, rels: list[str], paths: list[Path], rehash: bool) -
     """:func:`hash_all`, served from the scan cache for files whose signature it holds, and the
     cache rewritten with what this scan saw."""
     cache = ScanCache.open(root, rehash=rehash)
-    found = cache.lookup(rels, paths)
-    out: list = [r and r[:2] for r in found]
-    sigs: list[tuple[int, ...] | None] = [r and r[2] for r in found]
-    misses = [i for i, r in enumerate(found) if r is None]
-    del found
+    out: list = cache.lookup(rels, paths)
+    misses = [i for i, r in enumerate(out) if r is None]
     _log.info("hashing %d files%s", len(misses),
               f" ({len(paths) - len(misses)} unchanged since the last scan)" if len(misses) < len(paths) else "")
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
@@ -146,8 +143,10 @@ def _hash_cached(root: Path, rels: list[str], paths: list[Path], rehash: bool) -
             if isinstance(r, OSError):
                 out[i] = r
             else:
-                out[i], sigs[i] = r[:2], r[2]
-    cache.save(rels, sigs, [r[0] if isinstance(r, tuple) else None for r in out])
+                out[i] = r[:2]
+                if r[2] is not None:
+                    cache.learn(i, r[2], r[0])
+    cache.save(rels)
     return out
 
 

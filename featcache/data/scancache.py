@@ -105,53 +105,74 @@ class ScanCache:
         arrays, ref_ns = (None, 0) if rehash else _read(file, root, device)
         return cls(root, file, arrays, ref_ns, device)
 
-    def lookup(self, rels: Sequence[str], paths: Sequence[Path]) -> list[tuple[str, int, tuple[int, ...]] | None]:
-        """For each file, (hex SHA-256, size, signature) when the cache holds a trusted entry whose
-        signature matches the file's ``stat`` now; else ``None`` (hash it)."""
-        out: list[tuple[str, int, tuple[int, ...]] | None] = [None] * len(rels)
+    def lookup(self, rels: Sequence[str], paths: Sequence[Path]) -> list[tuple[str, int] | None]:
+        """For each file, (hex SHA-256, size) when the cache holds a trusted entry whose signature
+        matches the file's ``stat`` now; else ``None`` (hash it, then :meth:`learn` the result)."""
+        n = len(rels)
+        out: list[tuple[str, int] | None] = [None] * n
+        self._keys = _path_keys(rels)
+        self._sigs = np.zeros((n, 5), dtype=np.int64)
+        self._digests = np.zeros((n, 32), dtype=np.uint8)
+        self._known = np.zeros(n, dtype=bool)
+        self._changed = True
         a = self._a
-        if a is None or not len(a["keys"]) or not rels:
+        if a is None or not len(a["keys"]) or not n:
             return out
-        keys = a["keys"]
-        where = np.minimum(np.searchsorted(keys, _path_keys(rels)), len(keys) - 1)
-        stats, offsets, blob, digests = a["stats"], a["offsets"], a["paths"], a["digests"]
+        where = np.minimum(np.searchsorted(a["keys"], self._keys), len(a["keys"]) - 1)
+        stats = a["stats"][where]
         safe = np.maximum(stats[:, 1], stats[:, 2]) < self._ref_ns - RACY_NS
-        for i, (rel, p) in enumerate(zip(rels, paths)):
-            j = int(where[i])
-            if not safe[j]:
-                continue
-            raw = rel.encode("utf-8", "surrogateescape")
-            if blob[offsets[j]:offsets[j + 1]].tobytes() != raw:
-                continue
+        blob = a["paths"].tobytes()
+        starts, ends = a["offsets"][where].tolist(), a["offsets"][where + 1].tolist()
+        current, sigs = self._sigs, []
+        for i in np.flatnonzero(safe).tolist():
+            if blob[starts[i]:ends[i]] != rels[i].encode("utf-8", "surrogateescape"):
+                continue  # another path with the same 8-byte key, or none
             try:
-                st = os.stat(p)
+                st = os.stat(paths[i])
             except OSError:
                 continue  # hashing it reports why
-            sig = signature(st)
-            if not stat.S_ISREG(st.st_mode) or sig != tuple(stats[j].tolist()):
-                continue
-            out[i] = digests[j].tobytes().hex(), st.st_size, sig
+            if stat.S_ISREG(st.st_mode):
+                sigs.append((i, *signature(st)))
+        candidate = np.zeros(n, dtype=bool)
+        if sigs:
+            found = np.array(sigs, dtype=np.int64)
+            current[found[:, 0]] = found[:, 1:]
+            candidate[found[:, 0]] = True
+        hit = np.flatnonzero(candidate & np.all(current == stats, axis=1))
+        self._known[hit] = True
+        self._digests[hit] = a["digests"][where[hit]]
+        hexes = self._digests[hit].tobytes().hex()
+        sizes = current[hit, 0].tolist()
+        for k, i in enumerate(hit.tolist()):
+            out[i] = hexes[64 * k:64 * k + 64], sizes[k]
+        self._changed = len(hit) != n or len(a["keys"]) != n
         return out
 
-    def save(self, rels: Sequence[str], sigs: Sequence[tuple[int, ...] | None], hexes: Sequence[str | None]) -> None:
-        """Write the entries of this scan (files whose signature or hash is ``None`` are left out), atomically."""
-        if self.file is None:
+    def learn(self, i: int, sig: tuple[int, ...], hexdigest: str) -> None:
+        """Remember the hash of file ``i`` (of the last :meth:`lookup`), read with stat signature ``sig``."""
+        self._sigs[i] = sig
+        self._digests[i] = np.frombuffer(bytes.fromhex(hexdigest), dtype=np.uint8)
+        self._known[i] = True
+        self._changed = True
+
+    def save(self, rels: Sequence[str]) -> None:
+        """Write what this scan knows (the files of the last :meth:`lookup`), atomically; nothing when every
+        file was served from the cache as it is."""
+        if self.file is None or not self._changed:
             return
-        keep = [i for i, (s, h) in enumerate(zip(sigs, hexes)) if s is not None and h is not None]
-        keys = _path_keys([rels[i] for i in keep])
-        order = np.argsort(keys, kind="stable")
-        keep = [keep[i] for i in order]
-        raw = [rels[i].encode("utf-8", "surrogateescape") for i in keep]
+        keep = np.flatnonzero(self._known)
+        order = keep[np.argsort(self._keys[keep], kind="stable")]
+        raw = [rels[i].encode("utf-8", "surrogateescape") for i in order.tolist()]
         offsets = np.zeros(len(raw) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in raw], out=offsets[1:])
         header = {"format": FORMAT, "version": VERSION, "root": str(self.root), "device": self.device,
-                  "started_ns": self.started_ns, "entries": len(keep)}
+                  "started_ns": self.started_ns, "entries": len(order)}
         arrays = {
-            "keys": keys[order],
+            "keys": self._keys[order],
             "offsets": offsets,
             "paths": np.frombuffer(b"".join(raw), dtype=np.uint8),
-            "stats": np.array([sigs[i] for i in keep], dtype=np.int64).reshape(len(keep), 5),
-            "digests": np.frombuffer(b"".join(bytes.fromhex(hexes[i]) for i in keep), dtype=np.uint8).reshape(-1, 32),
+            "stats": self._sigs[order],
+            "digests": self._digests[order],
             "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
         }
         try:
