@@ -173,6 +173,6 @@ def test_scale_benchmark_smoke(tmp_path):
     assert r.exit_code == 0, r.output
     assert "| images | re-run, nothing changed s |" in r.output
     saved = json.loads(next(tmp_path.glob("scale-*.json")).read_text())
-    row = saved["rows"][0]
+    row = saved["code"]["rows"][0]
     assert row["images"] == 24 and row["load_rows"] == 24 and row["files"] > 0
     assert 0 < row["rerun_scan_s"] < row["rerun_s"] and row["rerun_peak_mb"] > 0 and row["ls_s"] > 0
