@@ -1,5 +1,5 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|formats|layers|peers|all]``: run,
-print Markdown tables, save JSON.
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|formats|layers|peers|scale|all]``:
+run, print Markdown tables, save JSON (``scale`` runs only when named: it takes minutes and GBs of temporary files).
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
 ``vgg16/features@DEFAULT``. Results go to benchmarks/results/<bench>-<machine>-<time>.json.
@@ -90,6 +90,17 @@ SWEEP_COLUMNS = [("backbone", "backbone"), ("combinations", "combinations"), ("e
                  ("separate_no_plots_s", "separate fits --no-plots s"), ("ratio", "separate / sweep"),
                  ("ratio_no_plots", "separate --no-plots / sweep"), ("same_val_top1", "same val top-1"),
                  ("best", "best run"), ("best_val_top1", "best val top-1")]
+SCALE_COLUMNS = [("images", "images"), ("rerun_s", "re-run, nothing changed s"), ("scan_share", "of which scan + hash"),
+                 ("rerun_peak_mb", "re-run peak MiB"), ("plan_bytes_per_image", "re-run peak above start, bytes/image"),
+                 ("ls_s", "ls s"), ("ls_peak_mb", "ls peak MiB"), ("load_s", "load set for fit s"),
+                 ("load_peak_mb", "load peak MiB"), ("files_per_10k", "files / 10k rows"), ("first_s", "first extract s"),
+                 ("warm_rerun_s", "first re-run s")]
+GROWTH_COLUMNS = [("step", "step"), ("images_x", "images x"), ("rerun_s", "re-run"), ("rerun_scan_s", "scan + hash"),
+                  ("rerun_peak_mb", "re-run peak"), ("plan_bytes_per_image", "bytes/image"), ("ls_s", "ls"),
+                  ("load_s", "load"), ("files", "files")]
+RATIO_COLUMNS = [("images", "images"), ("rerun_s", "re-run, nothing changed"), ("rerun_scan_s", "scan + hash"),
+                 ("rerun_peak_mb", "re-run peak"), ("ls_s", "ls"), ("load_s", "load set for fit")]
+RATIO_KEYS = [k for k, _ in RATIO_COLUMNS[1:]]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
 
@@ -116,7 +127,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 @click.command()
 @click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep", "formats", "layers", "peers",
-                                                    "all"]), default="all")
+                                                    "scale", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
 @click.option("--head", default="mlp", show_default=True)
@@ -126,7 +137,13 @@ def _case(text: str) -> tuple[str, str | None, str]:
 @click.option("--repeats", default=3, show_default=True, type=int,
               help="Storage: best of N; cli: rounds (median); layers: alternating pairs (median).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Results folder [default: benchmarks/results].")
-def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) -> None:
+@click.option("--sizes", default="10000,100000", show_default=True, help="scale: image counts.")
+@click.option("--million", is_flag=True, help="scale: also 1,000,000 images (about 5 GB of temporary files).")
+@click.option("--code", default=None, type=click.Path(exists=True, file_okay=False),
+              help="scale: the checkout whose featcache is measured [default: this one].")
+@click.option("--against", default=None, type=click.Path(exists=True, file_okay=False),
+              help="scale: another checkout measured side by side on the same images and store (e.g. main).")
+def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, sizes, million, code, against) -> None:
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import compaction, files_per_10k, run_store
@@ -141,6 +158,9 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
     from .transfer import run_transfer, run_transfer_processes
     from .cli import run_cli
 
+    if which == "scale":
+        _scale(sizes, million, code, against, repeats, workers, out)
+        return
     if not Path(data).is_dir():
         raise click.UsageError(f"--data {data} does not exist")
     layer_cases = [c for c in cases if "," in (_case(c)[1] or "")] if cases else list(LAYER_CASES)
@@ -288,6 +308,44 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out) ->
         click.echo(table([row], SWEEP_COLUMNS))
         path = save("sweep", {"machine": info, "data": data, "rows": [row]}, out)
         click.echo(f"saved {path}")
+
+
+def _scale(sizes: str, million: bool, code: str | None, against: str | None, repeats: int, workers: int | None,
+           out) -> None:
+    import subprocess
+
+    from .scale import REPO, growth, run_scale
+
+    def rev(path: Path) -> str:
+        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip() or "no git"
+
+    counts = [int(x) for x in sizes.split(",")] + ([1_000_000] if million else [])
+    info = machine()
+    where = {"code": Path(code or REPO).resolve()}
+    if against:
+        where["against"] = Path(against).resolve()
+    click.echo(f"machine: {machine_label(info)}")
+    click.echo("; ".join(f"{k}: {p} ({rev(p)})" for k, p in where.items()) +
+               f"; tiny 8x8 PNGs, tests.tiny_backbone, each step a fresh process; re-run: median of {max(repeats, 1)}")
+    res = run_scale(counts, code=where["code"], rounds=max(repeats, 1), workers=workers, against=against)
+    payload = {"machine": info, "sizes": counts, "rounds": max(repeats, 1)}
+    for k, rows in res.items():
+        click.echo(f"\n{k}: {where[k]} ({rev(where[k])})")
+        click.echo(table(rows, SCALE_COLUMNS))
+        steps = growth(rows)
+        if steps:
+            click.echo("growth from step to step (each number over the one at the size before)")
+            click.echo(table(steps, GROWTH_COLUMNS))
+        payload[k] = {"path": str(where[k]), "rev": rev(where[k]), "rows": rows, "growth": steps}
+    if against:
+        ratios = [{"images": a["images"], **{key: b[key] / a[key] if a[key] else None for key in RATIO_KEYS}}
+                  for a, b in zip(res["against"], res["code"])]
+        click.echo("\ncode / against, same images and store, alternating")
+        click.echo(table(ratios, RATIO_COLUMNS))
+        payload["ratios"] = ratios
+    path = save("scale", payload, out)
+    click.echo(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -71,9 +71,12 @@ def main() -> None:
                    "float32 on the CPU. Part of the feature space.")
 @click.option("--compile", is_flag=True,
               help="torch.compile the backbone first: slower start, faster batches on large runs (mostly GPUs).")
+@click.option("--rehash", is_flag=True,
+              help="Read and hash every file again instead of trusting the scan cache for files whose size, "
+                   "times and inode are unchanged.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 @json_option
-def extract_cmd(progress: bool | None, as_json: bool, **options) -> None:
+def extract_cmd(progress: bool | None, as_json: bool, rehash: bool, **options) -> None:
     """Push an image folder through a frozen backbone once and store the features."""
     from .config import ExtractConfig
     from .names import check_backbone_name
@@ -88,9 +91,9 @@ def extract_cmd(progress: bool | None, as_json: bool, **options) -> None:
     from .extract import ExtractResult, extract
 
     if int(os.environ.get("RANK", "0")) != 0:
-        extract(cfg, progress=False)
+        extract(cfg, progress=False, rehash=rehash)
         return  # under torchrun, rank 0 reports for all
-    result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress)
+    result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress, rehash=rehash)
     first = result if isinstance(result, ExtractResult) else result[0]  # several layers: one set each
     for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
         click.echo(f"skipped {skip.path}: {skip.reason}", err=True)

@@ -339,7 +339,7 @@ def _remote_failures(fn):
 
 
 @_remote_failures
-def extract(config: ExtractConfig | None = None, *, progress: bool = False, transform=None,
+def extract(config: ExtractConfig | None = None, *, progress: bool = False, transform=None, rehash: bool = False,
             **kwargs) -> ExtractResult | LayersResult:
     """Extract features for a folder into the store and record the dataset view.
 
@@ -348,7 +348,8 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
     preprocessing (PIL image → tensor). Returns what was done; ``result.summary()`` is one line.
     Several layers (``layer=["layer3", "layer4"]`` or ``"layer3,layer4"``) run the images through
     the network once and make one set per layer, each as its own extract would; then the result
-    is a :class:`LayersResult` with one :class:`ExtractResult` per layer.
+    is a :class:`LayersResult` with one :class:`ExtractResult` per layer. Files unchanged since the
+    last scan of the folder (same stat signature) are not read to be hashed; ``rehash=True`` reads them all.
     """
     module = kwargs.get("backbone") if isinstance(kwargs.get("backbone"), torch.nn.Module) else None
     if module is not None:
@@ -358,7 +359,7 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
         check_backbone_name(cfg.backbone)  # a mistyped name is refused before the folder is scanned
     start = time.perf_counter()
     manifest = scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels, labels_from_name=cfg.labels_from_name,
-                    classes=cfg.classes, exclude_class=cfg.exclude_class)
+                    classes=cfg.classes, exclude_class=cfg.exclude_class, rehash=rehash)
     if cfg.strict and manifest.skipped:
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")

@@ -35,6 +35,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _own_scan_cache(tmp_path_factory, monkeypatch):
+    """Each test's scans remember their hashes in a folder of its own, never in the user's cache."""
+    monkeypatch.setenv("FEATCACHE_SCAN_CACHE", str(tmp_path_factory.mktemp("scan-cache")))
+
+
+@pytest.fixture(autouse=True)
 def _no_leaking_rng():
     """Each test leaves the global random generators (torch, NumPy, random) as it found them."""
     states = torch.get_rng_state(), np.random.get_state(), random.getstate()

@@ -164,3 +164,15 @@ def test_formats_benchmark_writes_and_reads_each_format_with_its_own_code(folder
     assert [r["format"] for r in rows] == [1, 2] and rows[0]["code"] == OLD_REV
     assert all(r["same_rows"] for r in rows)  # both versions read back the same features and labels
     assert all(r["extract_s"] > 0 and r["read_gbs"] > 0 and r["files"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_scale_benchmark_smoke(tmp_path):
+    """One tiny size through the command: every step runs in its own process and the table and JSON come out."""
+    r = CliRunner().invoke(main, ["scale", "--sizes", "24", "--repeats", "1", "--workers", "0", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "| images | re-run, nothing changed s |" in r.output
+    saved = json.loads(next(tmp_path.glob("scale-*.json")).read_text())
+    row = saved["code"]["rows"][0]
+    assert row["images"] == 24 and row["load_rows"] == 24 and row["files"] > 0
+    assert 0 < row["rerun_scan_s"] < row["rerun_s"] and row["rerun_peak_mb"] > 0 and row["ls_s"] > 0

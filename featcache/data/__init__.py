@@ -2,7 +2,8 @@
 
 ``layouts`` finds splits, classes and labels (``labels`` says what names and label files
 mean); ``images`` opens and decodes one file safely;
-``manifest`` hashes the files and makes the stable seeded split. The names below are the
+``manifest`` hashes the files (``scancache`` remembers the hashes of files whose stat signature
+has not changed) and makes the stable seeded split. The names below are the
 package's public API (the rest of featcache imports them from here).
 """
 

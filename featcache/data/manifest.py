@@ -6,7 +6,8 @@ conflicting files with a recorded reason, and carves val (and test) out of train
 membership end up in the store.
 
 Every file is identified by the SHA-256 of its bytes, so the store never pushes the
-same bytes through the same network twice, whatever the file is called.
+same bytes through the same network twice, whatever the file is called. A file whose stat
+signature has not changed since the last scan is not read again (:mod:`.scancache`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from ..errors import DataError
 from .images import IMAGE_EXTENSIONS, NotRegularFile, open_regular
 from .layouts import SPLIT_NAMES, Layout, Skip, find_layout
+from .scancache import ScanCache, signature
 
 __all__ = [
     "hash_all", "Item", "Manifest", "scan", "parse_split", "safe_join", "hash_file"]
@@ -105,15 +107,47 @@ def hash_file(path: str | os.PathLike) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def hash_all(paths: list[Path]) -> list[tuple[str, int] | OSError]:
-    def one(p: Path) -> tuple[str, int] | OSError:
-        try:
-            return hash_file(p)
-        except OSError as e:
-            return e
+def _hash_signed(path: Path) -> tuple[str, int, tuple[int, ...] | None] | OSError:
+    """(hex digest, size, stat signature) of a file; the signature is ``None`` when the file changed
+    while it was read (then its hash is not worth remembering)."""
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open_regular(path) as f:
+            before = signature(os.fstat(f.fileno()))
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+            after = signature(os.fstat(f.fileno()))
+    except OSError as e:
+        return e
+    return h.hexdigest(), size, before if before == after and before[0] == size else None
 
+
+def hash_all(paths: list[Path]) -> list[tuple[str, int] | OSError]:
+    """(hex SHA-256, size) of every file, or the error that stopped its reading (read on threads)."""
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        return list(pool.map(one, paths))
+        return [r if isinstance(r, OSError) else r[:2] for r in pool.map(_hash_signed, paths)]
+
+
+def _hash_cached(root: Path, rels: list[str], paths: list[Path], rehash: bool) -> list[tuple[str, int] | OSError]:
+    """:func:`hash_all`, served from the scan cache for files whose signature it holds, and the
+    cache rewritten with what this scan saw."""
+    cache = ScanCache.open(root, rehash=rehash)
+    out: list = cache.lookup(rels, paths)
+    misses = [i for i, r in enumerate(out) if r is None]
+    _log.info("hashing %d files%s", len(misses),
+              f" ({len(paths) - len(misses)} unchanged since the last scan)" if len(misses) < len(paths) else "")
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        for i, r in zip(misses, pool.map(_hash_signed, [paths[i] for i in misses])):
+            if isinstance(r, OSError):
+                out[i] = r
+            else:
+                out[i] = r[:2]
+                if r[2] is not None:
+                    cache.learn(i, r[2], r[0])
+    cache.save(rels)
+    return out
 
 
 def _stratified_split(labels: np.ndarray, hashes: list[str], fractions: tuple[float, ...], seed: int) -> list[str]:
@@ -184,12 +218,14 @@ def scan(
     classes: str | Sequence[str] | None = None,
     exclude_class: Sequence[str] = (),
     whole: bool = False,
+    rehash: bool = False,
 ) -> Manifest:
     """Find the layout of ``root`` and return its manifest (hashes included; nothing is decoded here).
 
     The layout found is logged (logger ``featcache.data``, level INFO) before hashing starts.
     ``whole``: a flat folder without ``split`` is taken as it is, one labelled set whose items'
-    split is ``""`` (to evaluate on), instead of being refused.
+    split is ``""`` (to evaluate on), instead of being refused. Files whose stat signature is the
+    one the last scan recorded are not read again (:mod:`.scancache`); ``rehash`` reads every file.
     """
     fractions = parse_split(split)
     found = find_layout(root, labels=labels, labels_from_name=labels_from_name, classes=classes,
@@ -204,12 +240,11 @@ def scan(
     if not entries:
         raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
 
-    _log.info("hashing %d files", len(entries))
-    hashed = hash_all([p for _, _, p in entries])
-    kept: list[tuple[str, int, Path, str, int]] = []
+    rels = _relative(root, [p for _, _, p in entries])
+    hashed = _hash_cached(root, rels, [p for _, _, p in entries], rehash)
+    kept: list[tuple[str, int, str, str, int]] = []
     first_seen: dict[str, tuple[int, str]] = {}  # bytes → (label, path) of their first labelled copy
-    for (name, label, p), h in zip(entries, hashed):
-        rel = p.relative_to(root).as_posix()
+    for (name, label, _), rel, h in zip(entries, rels, hashed):
         if isinstance(h, NotRegularFile):
             skipped.append(Skip(rel, str(h)))
         elif isinstance(h, OSError):
@@ -222,7 +257,7 @@ def scan(
         else:
             if label >= 0:
                 first_seen.setdefault(h[0], (label, rel))
-            kept.append((name, label, p, h[0], h[1]))
+            kept.append((name, label, rel, h[0], h[1]))
 
     counts: dict[tuple[str, int], int] = {}
     for name, label, *_ in kept:
@@ -247,7 +282,7 @@ def scan(
         carved = iter(assigned)
         kept = [(next(carved), *k[1:]) if k[0] == first else k for k in kept]
 
-    items = [Item(p.relative_to(root).as_posix(), name, label, h, n) for name, label, p, h, n in kept]
+    items = [Item(rel, name, label, h, n) for name, label, rel, h, n in kept]
     items.sort(key=lambda it: (SPLIT_NAMES.index(it.split) if it.split in SPLIT_NAMES else -1, it.label, it.path))
     return Manifest(
         root=root,
@@ -261,6 +296,16 @@ def scan(
         unlabelled=[s for s in SPLIT_NAMES if s in found.unlabelled],
         found=found,
     )
+
+
+def _relative(root: Path, paths: list[Path]) -> list[str]:
+    """Each path relative to ``root`` with ``/`` separators (``Path.relative_to`` by string prefix: 20x faster)."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+    out = []
+    for p in paths:
+        s = str(p)
+        out.append(s[len(prefix):].replace(os.sep, "/") if s.startswith(prefix) else p.relative_to(root).as_posix())
+    return out
 
 
 def safe_join(root: str | os.PathLike, rel: str) -> Path:

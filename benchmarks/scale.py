@@ -1,0 +1,194 @@
+"""How featcache's own costs grow with the number of images: tiny 8x8 PNGs, the tiny test backbone.
+
+For each size (10k and 100k images by default, 1M with ``--million``), in a fresh temporary
+folder (never in the repository): generate the images, extract them once, then measure, each
+in a fresh process so that its peak memory (VmHWM) is its own:
+
+* a re-run with nothing changed (median of ``rounds``), the share of it spent scanning and
+  hashing the folder, its peak memory, and that peak above the process's memory before the
+  extract started, per image (what planning an extract holds);
+* ``featcache ls``;
+* loading the set for fit (``load_fit_data``, what ``featcache fit`` does before training);
+* files in the store per 10,000 rows.
+
+Then the growth of each number from one size to the next. ``code`` chooses the featcache the
+measuring processes import (``PYTHONPATH``); ``against`` measures a second checkout on the same
+folder and store, alternating with the first, and the ratios are printed:
+``python -m benchmarks scale --against /path/to/main``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["run_scale", "make_images", "growth"]
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tests.tiny_backbone:tiny_cnn"
+CLASSES = ("a", "b")
+
+# Runs in a fresh interpreter: argv[1] is a JSON job; prints one JSON line of results.
+_CHILD = r"""
+import json, os, sys, time
+
+def mem(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+job = json.loads(sys.argv[1])
+import featcache
+import importlib
+E = importlib.import_module("featcache.extract")
+from featcache.fit import FitConfig, load_fit_data
+
+out = {}
+base = mem("VmRSS")
+if job["op"] == "extract":
+    spent = {"scan": 0.0}
+    real = E.scan
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            spent["scan"] += time.perf_counter() - t
+    E.scan = timed
+    t = time.perf_counter()
+    r = featcache.extract(data=job["data"], store=job["store"], backbone=job["backbone"], weights="none",
+                          workers=job.get("workers"))
+    out.update(seconds=time.perf_counter() - t, scan_s=spent["scan"], set=r.set_key, extracted=r.extracted,
+               images=r.images)
+elif job["op"] == "ls":
+    from featcache.cli import main
+    t = time.perf_counter()
+    stdout = sys.stdout
+    sys.stdout = open(os.devnull, "w")
+    try:
+        main(["ls", "--store", job["store"]], standalone_mode=False)
+    finally:
+        sys.stdout = stdout
+    out["seconds"] = time.perf_counter() - t
+elif job["op"] == "load":
+    t = time.perf_counter()
+    fs = featcache.open_store(job["store"]).get_set(job["set"])
+    data, _, _ = load_fit_data(FitConfig(head="logreg", set=job["set"], store=job["store"]), fs)
+    out.update(seconds=time.perf_counter() - t, rows=sum(len(y) for _, y in data.values()))
+out.update(base_rss=base, peak_rss=mem("VmHWM"))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> None:
+    """``n`` distinct random 8x8 PNGs in train/ and val/ (80/20) class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    n_train = int(n * 0.8)
+    dirs = {}
+    for split in ("train", "val"):
+        for c in CLASSES:
+            (folder / split / c).mkdir(parents=True, exist_ok=True)
+            dirs[split, c] = folder / split / c
+    pixels = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    pixels[:, 0, 0, :] = np.stack([np.arange(n) % 256, np.arange(n) // 256 % 256, np.arange(n) // 65536], axis=1)
+    for i in range(n):  # pixel (0, 0) numbers the image, so every file's bytes differ
+        split = "train" if i < n_train else "val"
+        Image.fromarray(pixels[i]).save(dirs[split, CLASSES[i % 2]] / f"{i:07d}.png")
+
+
+def _child(job: dict, code: Path, env: dict) -> dict:
+    print(f"  {job['op']} ({code.name})", file=sys.stderr, flush=True)
+    run = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(job)], capture_output=True, text=True,
+                         env={**env, "PYTHONPATH": str(code)}, cwd=str(code))
+    line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if run.returncode != 0 or line is None:
+        raise RuntimeError(f"{job['op']} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def _count_files(path: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def _measure(n: int, job: dict, store: Path, code: Path, env: dict, rounds: int, first_set: str) -> dict:
+    reruns = [_child(job, code, env) for _ in range(rounds)]
+    return _row(n, reruns, _child({"op": "ls", "store": str(store)}, code, env),
+                _child({"op": "load", "store": str(store), "set": first_set}, code, env))
+
+
+def _row(n: int, reruns: list[dict], ls: dict, load: dict) -> dict:
+    if any(r["extracted"] for r in reruns):
+        raise RuntimeError("a re-run with nothing changed computed rows")
+    mid = sorted(reruns, key=lambda r: r["seconds"])[len(reruns) // 2]
+    return {
+        "images": n, "rerun_s": mid["seconds"], "rerun_runs_s": [r["seconds"] for r in reruns],
+        "rerun_scan_s": mid["scan_s"], "scan_share": mid["scan_s"] / mid["seconds"],
+        "rerun_peak_mb": mid["peak_rss"] / 2**20, "plan_bytes_per_image": (mid["peak_rss"] - mid["base_rss"]) / n,
+        "ls_s": ls["seconds"], "ls_peak_mb": ls["peak_rss"] / 2**20,
+        "load_s": load["seconds"], "load_peak_mb": load["peak_rss"] / 2**20, "load_rows": load["rows"],
+    }
+
+
+def run_scale(sizes=(10_000, 100_000), code: str | os.PathLike | None = None, rounds: int = 3,
+              workers: int | None = None, tmp: str | None = None,
+              against: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+    """Rows per size (see the module docstring) for ``code`` (default: this checkout) and, when given,
+    ``against``: another checkout measured on the same folder and store, their re-runs alternating
+    (the first extract is made by ``against``; a warm-up re-run of each fills any cache it keeps)."""
+    codes = {"code": Path(code or REPO).resolve()}
+    if against is not None:
+        codes = {"against": Path(against).resolve(), **codes}
+    out: dict[str, list[dict]] = {k: [] for k in codes}
+    for n in sizes:
+        top = Path(tempfile.mkdtemp(prefix="featcache-scale-", dir=tmp))
+        try:
+            data, store = top / "data", top / "s.zarr"
+            envs = {k: {**os.environ, "FEATCACHE_SCAN_CACHE": str(top / f"scan-cache-{k}"), "HF_HUB_OFFLINE": "1"}
+                    for k in codes}
+            print(f"{n} images", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            make_images(data, n)
+            make_s = time.perf_counter() - t
+            time.sleep(2.5)  # the folder exists before the first extract, as a downloaded data set does
+            job = {"op": "extract", "data": str(data), "store": str(store), "backbone": TINY, "workers": workers}
+            first_code = next(iter(codes))
+            first = _child(job, codes[first_code], envs[first_code])
+            warm = {k: _child(job, c, envs[k]) for k, c in codes.items()}
+            reruns: dict[str, list[dict]] = {k: [] for k in codes}
+            for _ in range(rounds):  # alternating, so both see the same load on a shared machine
+                for k, c in codes.items():
+                    reruns[k].append(_child(job, c, envs[k]))
+            for k, c in codes.items():
+                ls = _child({"op": "ls", "store": str(store)}, c, envs[k])
+                load = _child({"op": "load", "store": str(store), "set": first["set"]}, c, envs[k])
+                out[k].append({**_row(n, reruns[k], ls, load), "warm_rerun_s": warm[k]["seconds"]})
+            files = _count_files(store)
+        finally:
+            shutil.rmtree(top, ignore_errors=True)
+        for k in codes:
+            out[k][-1].update(make_s=make_s, first_s=first["seconds"], files=files, files_per_10k=files * 10_000 / n)
+    return out
+
+
+GROWTH_KEYS = ("rerun_s", "rerun_scan_s", "rerun_peak_mb", "plan_bytes_per_image", "ls_s", "load_s", "files")
+
+
+def growth(rows: list[dict]) -> list[dict]:
+    """Each measured number at one size over the same number at the size before."""
+    out = []
+    for a, b in zip(rows, rows[1:]):
+        out.append({"step": f"{a['images']} -> {b['images']}", "images_x": b["images"] / a["images"],
+                    **{k: b[k] / a[k] if a[k] else None for k in GROWTH_KEYS}})
+    return out

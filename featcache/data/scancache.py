@@ -1,0 +1,234 @@
+"""A scan cache: a re-run does not re-read files whose stat signature has not changed.
+
+What it remembers, per image folder: each file's path (relative to the folder), its stat
+signature (size, ``mtime_ns``, ``ctime_ns``, inode, device) and the SHA-256 of its bytes,
+as git's index does. A file is served from the cache only when all five still match, and
+only when the entry was safely old when it was written (git's racy-entry rule, stricter):
+an entry whose ``mtime`` or ``ctime`` is not at least :data:`RACY_NS` older than the moment
+the scan that wrote it *started* is re-hashed next time, because a write in the same clock
+tick as the hash could leave every field as it was. ``ctime`` cannot be set back by a user
+(``os.utime``, ``touch -d``, ``cp -p`` and ``rsync -t`` restore ``mtime`` only), so a
+same-size rewrite whose ``mtime`` was put back is still seen; a rename, a copy over the file
+or a deleted-and-recreated file changes the inode or ``ctime``. ``rehash=True``
+(``extract --rehash``) ignores the cache and hashes every file again. The reader still
+hashes the bytes it decodes (:mod:`featcache.pipeline`), so a file that changes after the
+scan is caught whatever the cache said.
+
+Where it lives: ``$FEATCACHE_SCAN_CACHE`` if set (``off`` turns the cache off), else
+``$XDG_CACHE_HOME/featcache/scans`` (``~/.cache/featcache/scans``), one file per folder,
+named by a hash of the folder's resolved path and device. Not beside the data: image
+folders are often read-only or shared, and a cache file a colleague can write is a list of
+hashes you would trust without reading. Not in the store: a store is shared across
+machines (``s3://``), while inodes, devices and paths are facts of one machine's mounts. A
+user's own cache folder holds only what that user's runs measured on that machine.
+
+Format: one ``.npz`` (``allow_pickle=False``) of plain arrays: sorted 8-byte path keys,
+the paths as one UTF-8 blob with offsets, the signatures as int64, the hashes as 32-byte
+binary, and a JSON header (format, folder, device, start time of the scan). It is written
+to a temporary file and renamed over the old one, so concurrent runs leave one whole
+file (the last writer's, whose entries are validated like any other). A file that does
+not read back as exactly that is ignored with a note: never a wrong hash, at worst a
+re-hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["RACY_NS", "ScanCache", "cache_dir", "signature"]
+
+RACY_NS = 2_000_000_000
+"""An entry is trusted only if its file's mtime and ctime are this much older than the start of
+the scan that hashed it: covers coarse timestamps (FAT's 2 s, a kernel's clock tick) and a
+small clock skew between this machine and a file server."""
+
+FORMAT = "featcache-scan-cache"
+VERSION = 1
+_log = logging.getLogger("featcache.data")
+_FIELDS = ("keys", "offsets", "paths", "stats", "digests", "header")
+
+
+def cache_dir() -> Path | None:
+    """The folder of scan caches, or ``None`` when ``FEATCACHE_SCAN_CACHE=off``."""
+    env = os.environ.get("FEATCACHE_SCAN_CACHE")
+    if env is not None and env.strip().lower() in ("off", "0", "none", "false"):
+        return None
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "featcache" / "scans"
+
+
+def signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """(size, mtime_ns, ctime_ns, inode, device): what must not change for a cached hash to hold."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+def _path_keys(rels: Sequence[str]) -> np.ndarray:
+    return np.fromiter((int.from_bytes(hashlib.blake2b(r.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                                       "little") for r in rels), dtype=np.uint64, count=len(rels))
+
+
+class ScanCache:
+    """The cached hashes of one folder's files; :meth:`lookup` serves them, :meth:`save` writes the new ones.
+
+    ``ScanCache.open(root)`` reads what the last scan of ``root`` wrote (nothing with
+    ``rehash=True``, or when the cache is off, unreadable or for another folder).
+    """
+
+    def __init__(self, root: Path, file: Path | None, arrays: dict[str, np.ndarray] | None, ref_ns: int,
+                 device: int):
+        self.root, self.file, self.device = root, file, device
+        self._ref_ns = ref_ns
+        self._a = arrays
+        self.started_ns = time.time_ns()  # before any file is looked at: the reference of what this scan writes
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, rehash: bool = False) -> "ScanCache":
+        root = Path(root).resolve()
+        device = os.stat(root).st_dev
+        folder = cache_dir()
+        if folder is None:
+            return cls(root, None, None, 0, device)
+        name = hashlib.sha256(f"{root}\0{device}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        file = folder / f"{name}.npz"
+        arrays, ref_ns = (None, 0) if rehash else _read(file, root, device)
+        return cls(root, file, arrays, ref_ns, device)
+
+    def lookup(self, rels: Sequence[str], paths: Sequence[Path]) -> list[tuple[str, int] | None]:
+        """For each file, (hex SHA-256, size) when the cache holds a trusted entry whose signature
+        matches the file's ``stat`` now; else ``None`` (hash it, then :meth:`learn` the result)."""
+        n = len(rels)
+        out: list[tuple[str, int] | None] = [None] * n
+        self._keys = _path_keys(rels)
+        self._sigs = np.zeros((n, 5), dtype=np.int64)
+        self._digests = np.zeros((n, 32), dtype=np.uint8)
+        self._known = np.zeros(n, dtype=bool)
+        self._changed = True
+        a = self._a
+        if a is None or not len(a["keys"]) or not n:
+            return out
+        where = np.minimum(np.searchsorted(a["keys"], self._keys), len(a["keys"]) - 1)
+        stats = a["stats"][where]
+        safe = np.maximum(stats[:, 1], stats[:, 2]) < self._ref_ns - RACY_NS
+        blob = a["paths"].tobytes()
+        starts, ends = a["offsets"][where].tolist(), a["offsets"][where + 1].tolist()
+        current, sigs = self._sigs, []
+        for i in np.flatnonzero(safe).tolist():
+            if blob[starts[i]:ends[i]] != rels[i].encode("utf-8", "surrogateescape"):
+                continue  # another path with the same 8-byte key, or none
+            try:
+                st = os.stat(paths[i])
+            except OSError:
+                continue  # hashing it reports why
+            if stat.S_ISREG(st.st_mode):
+                sigs.append((i, *signature(st)))
+        candidate = np.zeros(n, dtype=bool)
+        if sigs:
+            found = np.array(sigs, dtype=np.int64)
+            current[found[:, 0]] = found[:, 1:]
+            candidate[found[:, 0]] = True
+        hit = np.flatnonzero(candidate & np.all(current == stats, axis=1))
+        self._known[hit] = True
+        self._digests[hit] = a["digests"][where[hit]]
+        hexes = self._digests[hit].tobytes().hex()
+        sizes = current[hit, 0].tolist()
+        for k, i in enumerate(hit.tolist()):
+            out[i] = hexes[64 * k:64 * k + 64], sizes[k]
+        self._changed = len(hit) != n or len(a["keys"]) != n
+        return out
+
+    def learn(self, i: int, sig: tuple[int, ...], hexdigest: str) -> None:
+        """Remember the hash of file ``i`` (of the last :meth:`lookup`), read with stat signature ``sig``."""
+        self._sigs[i] = sig
+        self._digests[i] = np.frombuffer(bytes.fromhex(hexdigest), dtype=np.uint8)
+        self._known[i] = True
+        self._changed = True
+
+    def save(self, rels: Sequence[str]) -> None:
+        """Write what this scan knows (the files of the last :meth:`lookup`), atomically; nothing when every
+        file was served from the cache as it is."""
+        if self.file is None or not self._changed:
+            return
+        keep = np.flatnonzero(self._known)
+        order = keep[np.argsort(self._keys[keep], kind="stable")]
+        raw = [rels[i].encode("utf-8", "surrogateescape") for i in order.tolist()]
+        offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in raw], out=offsets[1:])
+        header = {"format": FORMAT, "version": VERSION, "root": str(self.root), "device": self.device,
+                  "started_ns": self.started_ns, "entries": len(order)}
+        arrays = {
+            "keys": self._keys[order],
+            "offsets": offsets,
+            "paths": np.frombuffer(b"".join(raw), dtype=np.uint8),
+            "stats": self._sigs[order],
+            "digests": self._digests[order],
+            "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+        }
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=f".{self.file.stem}-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, **arrays)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.file)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as e:
+            _log.warning("note: could not write the scan cache %s (%s); the next run hashes every file again",
+                         self.file, e.strerror or e)
+
+
+def _read(file: Path, root: Path, device: int) -> tuple[dict[str, np.ndarray] | None, int]:
+    """The arrays of a cache file and the start time of the scan that wrote it, or (None, 0) with a note."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            a = {k: z[k] for k in _FIELDS}
+    except FileNotFoundError:
+        return None, 0
+    except Exception as e:  # noqa: BLE001 - any damage (truncated zip, bad header, missing array) means: hash
+        _log.warning("note: ignoring the damaged scan cache %s (%s); hashing every file", file, e)
+        return None, 0
+    problem = _check(a, root, device)
+    if problem:
+        _log.warning("note: ignoring the scan cache %s (%s); hashing every file", file, problem)
+        return None, 0
+    return a, int(json.loads(a["header"].tobytes())["started_ns"])
+
+
+def _check(a: dict[str, np.ndarray], root: Path, device: int) -> str | None:
+    try:
+        header = json.loads(a["header"].tobytes())
+    except ValueError:
+        return "its header is not JSON"
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        return "not a scan cache of this version"
+    if header.get("root") != str(root) or header.get("device") != device:
+        return "written for another folder"
+    n = header.get("entries")
+    started = header.get("started_ns")
+    if not isinstance(n, int) or not isinstance(started, int) or isinstance(started, bool):
+        return "its header lacks entries or started_ns"
+    keys, offsets, blob, stats, digests = (a[k] for k in ("keys", "offsets", "paths", "stats", "digests"))
+    shapes = (keys.dtype == np.uint64 and keys.shape == (n,) and offsets.dtype == np.int64
+              and offsets.shape == (n + 1,) and blob.dtype == np.uint8 and blob.ndim == 1
+              and stats.dtype == np.int64 and stats.shape == (n, 5)
+              and digests.dtype == np.uint8 and digests.shape == (n, 32))
+    if not shapes:
+        return "its arrays do not have the shapes of its header"
+    if offsets[0] != 0 or offsets[-1] != len(blob) or np.any(offsets[1:] < offsets[:-1]) or np.any(keys[1:] < keys[:-1]):
+        return "its paths or keys are out of order"
+    return None
