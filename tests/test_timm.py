@@ -99,3 +99,17 @@ def test_timm_efficientnet_lite0_is_another_feature_space_than_the_offline_one()
     assert ours.provenance() != theirs.provenance()
     shapes = [tuple(v.shape) for v in _build("efficientnet_lite0", "none")[0].state_dict().values()]
     assert shapes == [tuple(v.shape) for v in timm.create_model("efficientnet_lite0").state_dict().values()]
+
+
+def test_layers_of_a_timm_model_list_its_stages_first_and_no_parameters():
+    """What a timm user looks for: the embedding, then feature_info's stages; no parameter nodes without a shape."""
+    from featcache.backbones import layer_shapes
+
+    shapes, default = layer_shapes("timm:convnext_atto")
+    names = [n for n, _ in shapes]
+    stages = [info["module"] for info in timm.create_model("convnext_atto", pretrained=False).feature_info]
+    assert default == "pre_logits" and names[0] == "pre_logits"
+    assert names[1 : 1 + len(stages)] == stages == ["stages.0", "stages.1", "stages.2", "stages.3"]
+    assert dict(shapes)["stages.3"] == (320, 7, 7)
+    assert all(shape for _, shape in shapes), [n for n, s in shapes if not s]
+    assert not [n for n in names if n.endswith(("_weight", "_gamma", "_bias"))]

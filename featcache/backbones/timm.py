@@ -290,4 +290,11 @@ def layer_shapes(name: str) -> tuple[list[tuple[str, tuple[int, ...] | None]], s
         shapes = tv.traced_shapes(model, size, tracer_kwargs())
     except Exception:  # not traceable: only the embedding
         layers, shapes = [], {}
-    return [(EMBEDDING, embedding)] + [(n, shapes.get(n)) for n in layers], EMBEDDING
+    # what a timm user looks for first: the embedding, then the stages timm itself names (feature_info, the
+    # outputs features_only returns), then every other node; nodes that are no image's output (parameters,
+    # constants) are left out of the listing
+    stages = [info.get("module") for info in getattr(model, "feature_info", None) or [] if isinstance(info, dict)]
+    image = lambda n: bool(shapes.get(n))  # noqa: E731  (a parameter's node has no per-image shape)
+    stages = [n for n in dict.fromkeys(stages) if image(n)]
+    rest = [n for n in layers if n not in stages and image(n)]
+    return [(EMBEDDING, embedding)] + [(n, shapes[n]) for n in stages + rest], EMBEDDING
