@@ -1,6 +1,7 @@
 """Start-up of the command line, as a user runs it: whole processes, wall time.
 
-``featcache --help``, ``--version``, ``ls`` and ``fit --head logreg`` on a small set, each as a
+``featcache --help``, ``--version``, ``ls``, ``fit --head logreg``, ``runs``, ``backbones``, an extract
+with a mistyped ``--backbone`` and an extract with nothing to compute, on a small set, each as a
 ratio to ``python -c pass`` and to ``python -c "import torch"`` (and ``--help`` to ``python -c
 "import click"``). The commands are run in rotation, one of each per round, so a busy machine
 slows them alike; each time is the median over the rounds.
@@ -28,11 +29,11 @@ def _featcache(*args: str) -> list[str]:
     return [sys.executable, "-c", _SCRIPT, *args]
 
 
-def _wall(argv: list[str], env: dict, cwd: Path) -> float:
+def _wall(argv: list[str], env: dict, cwd: Path, code: int = 0) -> float:
     t = time.perf_counter()
     p = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t
-    if p.returncode != 0:
+    if p.returncode != code:
         raise RuntimeError(f"{' '.join(argv[3:] if argv[1] == '-c' else argv)} failed: {p.stderr[-2000:]}")
     return seconds
 
@@ -56,11 +57,16 @@ def run_cli(data: str, backbone: str = "efficientnet_lite0", weights: str = "DEF
             "featcache --version": _featcache("--version"),
             "featcache ls": _featcache("ls"),
             "featcache fit --head logreg": _featcache("fit", "--head", "logreg", "--runs", str(tmp / "runs")),
+            "featcache runs": _featcache("runs", "--runs", str(tmp / "runs")),
+            "featcache backbones": _featcache("backbones"),
+            "featcache extract (a mistyped --backbone)": _featcache("extract", "--backbone", "resnet181", "--data", data),
+            "featcache extract (nothing to compute)": _featcache(*extract),
         }
+        refused = {"featcache extract (a mistyped --backbone)": 2}  # a usage error is the expected answer
         times: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(rounds):
             for name, argv in commands.items():
-                times[name].append(_wall(argv, env, tmp))
+                times[name].append(_wall(argv, env, tmp, refused.get(name, 0)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     median = {name: statistics.median(t) for name, t in times.items()}

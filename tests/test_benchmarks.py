@@ -138,7 +138,9 @@ def test_cli_benchmark_times_whole_processes(folder):
 
     rows = run_cli(str(folder), TINY, "none", rounds=1, workers=0)
     assert [r["command"] for r in rows][3:] == ["featcache --help", "featcache --version", "featcache ls",
-                                                "featcache fit --head logreg"]
+                                                "featcache fit --head logreg", "featcache runs", "featcache backbones",
+                                                "featcache extract (a mistyped --backbone)",
+                                                "featcache extract (nothing to compute)"]
     assert all(r["median_s"] > 0 and r["over_pass"] > 0 for r in rows)
 
 
