@@ -98,3 +98,26 @@ def test_a_stored_local_folder_is_loaded_only_when_the_user_names_it(tiny_models
     with pytest.raises(UnknownBackbone, match="local model folder .*Pass --backbone hf:"):
         rebuild_backbone({"weights": "DEFAULT"}, name)
     assert rebuild_backbone({"weights": "DEFAULT"}, name, given=name).layer == "pooler_output"
+
+
+def test_a_classifiers_checkpoint_without_pooler_weights_gives_the_first_token_not_random_rows(tmp_path):
+    """ViTForImageClassification saves no pooler: the base model is loaded without one (not with a pooler
+    started at random), and the default layer is the first token of the last hidden state."""
+    torch.manual_seed(3)
+    clf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        num_labels=3))
+    clf.save_pretrained(tmp_path / "vitc")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vitc")
+    data = make_folder(tmp_path / "data", splits=(("train", 2),))
+    r = featcache.extract(backbone=f"hf:{tmp_path / 'vitc'}", data=str(data), store=str(tmp_path / "s.zarr"), workers=0,
+                          dtype="float32")
+    fs = featcache.open_store(str(tmp_path / "s.zarr")).get_set(r.set_key)
+    assert fs.record.layer == "cls"
+    model = transformers.ViTModel.from_pretrained(tmp_path / "vitc", add_pooling_layer=False).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "vitc")
+    paths = [data / p for p in fs.paths("train")]
+    x = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want = model(pixel_values=x).last_hidden_state[:, 0].numpy()
+    np.testing.assert_allclose(fs.to_numpy("train")[0], want, rtol=1e-4, atol=1e-5)

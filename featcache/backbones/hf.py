@@ -37,6 +37,7 @@ def _transformers() -> Any:
             "hf: backbones need transformers: pip install 'featcache[hf]' (or: pip install transformers)"
         ) from None
     transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar would cut through featcache's lines
+    transformers.utils.logging.set_verbosity_error()  # and its load report ("UNEXPECTED ... can be ignored") too
     return transformers
 
 
@@ -121,6 +122,16 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, Any, str]:
             model, info = tf.AutoModel.from_pretrained(name, use_safetensors=True, trust_remote_code=False,
                                                        dtype=torch.float32, output_loading_info=True)
             missing = sorted(info.get("missing_keys") or ())  # transformers starts them at random
+            if missing and all(k.startswith("pooler.") for k in missing):
+                # a classifier's checkpoint (ViTForImageClassification, ...) holds no pooler: the model
+                # without one gives the same hidden states, and its default layer is the first token
+                try:
+                    model, info = tf.AutoModel.from_pretrained(name, use_safetensors=True, trust_remote_code=False,
+                                                               dtype=torch.float32, output_loading_info=True,
+                                                               add_pooling_layer=False)
+                    missing = sorted(info.get("missing_keys") or ())
+                except TypeError:  # a model class without that switch: refused below
+                    pass
             weights_id = f"hf-dir:{Path(name).name}" if local else f"hf:{name}"
         else:
             config = tf.AutoConfig.from_pretrained(name, trust_remote_code=False)
