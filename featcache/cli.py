@@ -81,7 +81,8 @@ def main() -> None:
 @click.option("--ray-decode-cpus", default=None, type=Floats(min=0, min_open=True, max=256),
               help="CPUs each read-and-decode task asks for [default: 1].")
 @click.option("--ray-max-actors", default=None, type=Ints(1, 100000),
-              help="Most model actors at once [default: one per CPU, or per GPUs-per-actor].")
+              help="Run this many model actors [default: a pool that grows from one to one per CPU, or per "
+                   "GPUs-per-actor, as work waits].")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 @json_option
 def extract_cmd(progress: bool | None, as_json: bool, **options) -> None:

@@ -83,7 +83,7 @@ class ExtractConfig:
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local instance on 127.0.0.1
     ray_gpus_per_actor: float = 0.0
     ray_decode_cpus: float | None = None  # CPUs per decode task (None: 1)
-    ray_max_actors: int | None = None  # None: one per CPU (per GPUs-per-actor with GPUs)
+    ray_max_actors: int | None = None  # that many actors; None: a pool growing from one to one per CPU (or GPUs)
 
     def __post_init__(self) -> None:
         from .data import parse_classes, parse_name_pattern, parse_split

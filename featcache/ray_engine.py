@@ -319,7 +319,8 @@ def run_model(joint, manifest, todo: Sequence, store, spaces: list[str], have: l
                 num_cpus=decode_cpus)
     ds = ds.map_batches(_Forward, batch_size=1, batch_format="numpy",
                         fn_constructor_kwargs={"spec": spec, "shipped": shipped},
-                        compute=ActorPoolStrategy(min_size=1, max_size=most, max_tasks_in_flight_per_actor=2),
+                        compute=ActorPoolStrategy(min_size=most if cfg.ray_max_actors else 1, max_size=most,
+                                                  max_tasks_in_flight_per_actor=2),
                         **actor_args)
     sink = _sink_class(Datasink)(store.url, list(spaces), [tuple(p.shape) for p in joint.parts], cfg.dtype,
                                  [p.layer for p in joint.parts], cfg.checkpoint_s, max(1, SEGMENT_IMAGES // bs))
