@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from .errors import UnknownLayer  # the error family imports nothing
+from .errors import FeatcacheError, UnknownLayer  # the error family imports nothing
 
 __all__ = ["POOLS", "PRECISIONS", "DTYPES", "HEADS", "INITS", "OPTIMIZERS", "FIT_POOLS",
            "DEVICES", "ENGINES", "RUN_SORTS", "TRACKERS", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url",
@@ -106,9 +106,11 @@ class ExtractConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
-        if self.engine != "ray" and (self.ray_address or self.ray_gpus_per_actor or self.ray_decode_cpus
-                                     or self.ray_max_actors):
-            raise ValueError("the --ray-* options need --engine ray")
+        given = [name for name, value in (("--ray-address", self.ray_address), ("--ray-gpus-per-actor",
+                 self.ray_gpus_per_actor), ("--ray-decode-cpus", self.ray_decode_cpus),
+                 ("--ray-max-actors", self.ray_max_actors)) if value]
+        if self.engine != "ray" and given:
+            raise FeatcacheError(f"{given[0]} needs --engine ray", option=given[0])
         if self.ray_gpus_per_actor < 0:
             raise ValueError(f"ray_gpus_per_actor must be >= 0; got {self.ray_gpus_per_actor}")
         if self.ray_decode_cpus is not None and not self.ray_decode_cpus > 0:
