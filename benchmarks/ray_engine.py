@@ -91,7 +91,10 @@ def _run(cmd: list[str], kill_actor_after_s: float | None = None) -> dict:
     sampler.join()
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    result = json.loads(out)
+    try:
+        result = json.loads(out)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"{' '.join(cmd)} printed no JSON on stdout:\n{out[-2000:]}\n{err[-3000:]}") from None
     return {"wall_s": wall, "cpu_s": sum(sampler.cpu.values()), "peak_rss_mb": sampler.peak / 2**20,
             "set": result["set"], "extracted": result["extracted"], "actor_killed": sampler.killed is not None,
             "extract_s": result["seconds"]}

@@ -105,7 +105,7 @@ class _Forward:
     def __init__(self, spec: dict, shipped=None):
         import torch
 
-        from .backbones import Joint, create_backbone, create_joint, resolve_precision
+        from .backbones import Joint, create_backbone, create_joint
         from .pipeline import resolve_device
         from .runtime import keep_memory
 
@@ -122,10 +122,14 @@ class _Forward:
         if digests != spec["digests"]:  # rows must belong to the space the driver keys them under
             raise FeatcacheError(f"the backbone built on this worker has other weights ({digests}) than the "
                                  f"driver's ({spec['digests']}); give every node the same weights file")
+        built = [json.dumps(p.provenance(), sort_keys=True, default=str) for p in joint.parts]
+        if shipped is None and built != spec["provenances"]:
+            raise FeatcacheError(f"the backbone built on this worker is not the driver's (provenance {built} against "
+                                 f"{spec['provenances']}); give every node the same featcache, torch and weights")
         gpus = spec["gpus"]
         device = "cuda" if gpus else spec["device"]
         self.dev = resolve_device(device)
-        self.precision = resolve_precision(spec["precision"], self.dev)
+        self.precision = spec["precision"]
         self.model = joint.model.to(self.dev).eval()
         if self.dev.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -289,14 +293,13 @@ def run_model(joint, manifest, todo: Sequence, store, spaces: list[str], have: l
         plans.append({"batch": j, "plan": json.dumps(plan)})
 
     several = len(joint.parts) > 1
-    first = joint.parts[0]
-    spec = {"backbone": cfg.backbone, "layer": tuple(p.layer for p in joint.parts) if several else cfg.layer,
-            "several": several, "weights": cfg.weights, "pool": cfg.pool,
-            "digests": [p.weights_sha256 for p in joint.parts], "device": cfg.device,
-            "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)) if not cfg.ray_gpus_per_actor
-            else cfg.precision, "gpus": cfg.ray_gpus_per_actor}
-    if several and isinstance(cfg.layer, tuple):
-        spec["layer"] = cfg.layer
+    layer = tuple(p.layer for p in joint.parts) if several else None if cfg.layer is None else joint.parts[0].layer
+    # The precision the driver resolved is the one the space records: the actors compute at it, wherever they run.
+    spec = {"backbone": cfg.backbone, "layer": layer, "several": several, "weights": cfg.weights, "pool": cfg.pool,
+            "digests": [p.weights_sha256 for p in joint.parts],
+            "provenances": [json.dumps(p.provenance(), sort_keys=True, default=str) for p in joint.parts],
+            "device": cfg.device, "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
+            "gpus": cfg.ray_gpus_per_actor}
     shipped = ray.put(joint) if cfg.backbone.startswith(f"{PYTHON}:") else None
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
