@@ -68,7 +68,24 @@ def connect(address: str | None = None) -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         where = address or "a local instance"
         raise FeatcacheError(f"cannot connect to Ray at {where}: {first}", option="--ray-address") from None
+    _messages_to_stderr(ray)
     return ray
+
+
+def _messages_to_stderr(ray) -> None:
+    """What the cluster reports (a lost actor, a retried task) Ray prints on standard output, whenever it
+    arrives; in a Ray this process started for featcache it goes to standard error, so standard output
+    stays the command's own (``extract --json``)."""
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    show = getattr(worker, "print_to_stdstream", None)
+    if show is None or getattr(show, "to_stderr", False):
+        return
+
+    def to_stderr(data, *args, **kwargs):
+        return show({**data, "is_err": True}, *args, **kwargs)
+
+    to_stderr.to_stderr = True
+    worker.print_to_stdstream = to_stderr
 
 
 @dataclass(frozen=True)
