@@ -204,6 +204,24 @@ def test_ray_gives_the_local_set_and_rows(cluster, tmp_path, dtype):
     assert {ip for _, ip, _ in found} <= LOOPBACK, sorted(found)
 
 
+def test_several_layers_and_a_module_passed_in_python(cluster, tmp_path):
+    """Several layers in one pass (each set as the one-process engine makes it), and a module object
+    (shipped to the actors as it is, since no name rebuilds it)."""
+    from tests.tiny_backbone import TinyCNN
+
+    data = make_folder(tmp_path / "data", splits=(("train", 7), ("val", 3)))  # 30 images: a batch of 16 and 14
+    kw = {"batch_size": 16, "layer": "features,avgpool", "pool": "none"}
+    local = extract_tiny(data, tmp_path / "a.zarr", **kw)
+    remote = extract_tiny(data, tmp_path / "b.zarr", engine="ray", **kw)
+    assert [r.layer for r in remote] == ["features", "avgpool"]
+    for a, b in zip(local, remote):
+        _same(str(tmp_path / "a.zarr"), a, str(tmp_path / "b.zarr"), b)
+    module = TinyCNN()  # its own random weights: the same object both ways
+    local = extract_tiny(data, tmp_path / "c.zarr", backbone=module, weights="DEFAULT", batch_size=16)
+    remote = extract_tiny(data, tmp_path / "d.zarr", backbone=module, weights="DEFAULT", batch_size=16, engine="ray")
+    _same(str(tmp_path / "c.zarr"), local, str(tmp_path / "d.zarr"), remote)
+
+
 def test_a_killed_model_actor_is_restarted_and_the_rows_are_the_same(cluster, faults, tmp_path):
     data = make_folder(tmp_path / "data", splits=(("train", 16), ("val", 6)))  # 66 images: 5 batches
     (faults / "kill-forward").touch()
