@@ -1,4 +1,4 @@
-"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|views|predict|cli|sweep|formats|layers|peers|scale|all]``:
+"""``python -m benchmarks [transfer|storage|store|throughput|memory|scaleout|ray|views|predict|cli|sweep|formats|layers|peers|scale|all]``:
 run, print Markdown tables, save JSON (``scale`` runs only when named: it takes minutes and GBs of temporary files).
 
 A case is ``NAME[/LAYER][@WEIGHTS]``, e.g. ``resnet18@none``, ``efficientnet_lite0``,
@@ -83,6 +83,11 @@ LAYERS_COLUMNS = [("backbone", "backbone"), ("weights", "weights"), ("layers", "
                   ("separate_s", "k extracts s (median)"), ("ratio", "k extracts / one pass (median)"),
                   ("ratios", "per pair")]
 LAYER_CASES = ("resnet18/layer3,layer4@none", "resnet18/layer2,layer3,layer4@none", "efficientnet_lite0/blocks.10,head")
+RAY_COLUMNS = [
+    ("engine", "engine"), ("backbone", "backbone"), ("images", "images"), ("wall_s", "wall s"),
+    ("images_per_s", "images/s"), ("wall_vs_default", "wall / default"), ("cpu_s", "CPU s (process tree)"),
+    ("peak_rss_mb", "peak RSS MB (tree)"), ("actor_killed", "actor killed"), ("same_set", "same set key"),
+]
 CLI_COLUMNS = [("command", "command"), ("median_s", "median s"), ("min_s", "min s"), ("max_s", "max s"),
                ("over_pass", "/ python -c pass"), ("over_torch", "/ import torch"), ("over_click", "/ import click")]
 SWEEP_COLUMNS = [("backbone", "backbone"), ("combinations", "combinations"), ("epochs", "epochs"),
@@ -126,7 +131,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "views", "predict", "cli", "sweep", "formats", "layers", "peers",
+@click.argument("which", type=click.Choice(["transfer", "storage", "store", "throughput", "memory", "scaleout", "ray", "views", "predict", "cli", "sweep", "formats", "layers", "peers",
                                                     "scale", "all"]), default="all")
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="ImageFolder with train/ and val/.")
 @click.option("--case", "cases", multiple=True, help="NAME[/LAYER][@WEIGHTS]; repeatable [default: resnet18@none, efficientnet_lite0].")
@@ -236,6 +241,18 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, si
         click.echo("\nfit memory: mlp on a synthetic float16 set, each fit in a fresh process")
         click.echo(table(rows, MEMORY_COLUMNS))
         path = save("memory", {"machine": info, "rows": rows}, out)
+        click.echo(f"saved {path}")
+    if which == "ray":  # needs the ray extra, so not part of all
+        from .ray_engine import run_ray
+
+        rows = []
+        for case in cases[:1]:
+            name, layer, weights = _case(case)
+            rows += run_ray(data, name, layer, weights, batch_size=batch_size)
+        click.echo("\nthe same extract, default engine against --engine ray (a local Ray instance on this machine's "
+                   "CPUs), whole commands, start-up included; CPU and memory over the process tree")
+        click.echo(table(rows, RAY_COLUMNS))
+        path = save("ray", {"machine": info, "data": data, "rows": rows}, out)
         click.echo(f"saved {path}")
     if which in ("scaleout", "all"):
         rows = []

@@ -19,7 +19,7 @@ import click  # noqa: E402
 
 from .cli_store import compact_cmd, gc_cmd, info_cmd, ls_cmd, migrate_cmd, rm_cmd, status_cmd, verify_cmd  # noqa: E402
 from . import __version__  # noqa: E402
-from .config import (DEFAULT_NAME_PATTERN, DTYPES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
+from .config import (DEFAULT_NAME_PATTERN, DTYPES, ENGINES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
                      RUN_SORTS, TRACKERS)
 from .errors import FeatcacheError  # noqa: E402
 
@@ -74,6 +74,19 @@ def main() -> None:
 @click.option("--rehash", is_flag=True,
               help="Read and hash every file again instead of trusting the scan cache for files whose size, "
                    "times and inode are unchanged.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="local: this process (and its model processes); ray: Ray Data on a cluster, surviving lost "
+                   "workers and nodes (pip install 'featcache[ray]'). The rows are the same.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster to join (ray://HOST:10001, HOST:6379, auto) [default: $RAY_ADDRESS, else a local "
+                   "instance on 127.0.0.1].")
+@click.option("--ray-gpus-per-actor", default=0.0, type=Floats(min=0, max=64), show_default=True,
+              help="GPUs each model actor asks for (0: the actors run on CPUs).")
+@click.option("--ray-decode-cpus", default=None, type=Floats(min=0, min_open=True, max=256),
+              help="CPUs each read-and-decode task asks for [default: 1].")
+@click.option("--ray-max-actors", default=None, type=Ints(1, 100000),
+              help="Run this many model actors [default: a pool that grows from one to one per CPU, or per "
+                   "GPUs-per-actor, as work waits].")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 @json_option
 def extract_cmd(progress: bool | None, as_json: bool, rehash: bool, **options) -> None:

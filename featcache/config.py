@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from .errors import UnknownLayer  # the error family imports nothing
+from .errors import FeatcacheError, UnknownLayer  # the error family imports nothing
 
 __all__ = ["POOLS", "PRECISIONS", "DTYPES", "HEADS", "INITS", "OPTIMIZERS", "FIT_POOLS",
-           "DEVICES", "RUN_SORTS", "TRACKERS", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url",
+           "DEVICES", "ENGINES", "RUN_SORTS", "TRACKERS", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url",
            "parse_layers"]
 
 POOLS = ("none", "avg", "max")  # store-time pooling of spatial maps (extract --pool)
@@ -23,6 +23,7 @@ INITS = ("random", "probe")
 OPTIMIZERS = ("adam", "sgd")
 FIT_POOLS = ("none", "avg", "max")  # train-time pooling of stored maps (fit --fit-pool)
 DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("local", "ray")  # extract --engine
 RUN_SORTS = ("time", "val", "test", "head", "run")  # featcache runs --sort
 TRACKERS = ("mlflow", "tensorboard")  # fit --tracker; featcache.tracking has one adapter each
 DEFAULT_NAME_PATTERN = r"^([^._]+)[._]"
@@ -77,6 +78,12 @@ class ExtractConfig:
     labels_from_name: str | None = None
     classes: tuple[str, ...] | None = None
     exclude_class: tuple[str, ...] = ()
+    # how the rows are computed, not what they are: recorded with the set, never part of a space's provenance
+    engine: str = "local"  # local: the one-process pipeline; ray: Ray Data (featcache.ray_engine)
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local instance on 127.0.0.1
+    ray_gpus_per_actor: float = 0.0
+    ray_decode_cpus: float | None = None  # CPUs per decode task (None: 1)
+    ray_max_actors: int | None = None  # that many actors; None: a pool growing from one to one per CPU (or GPUs)
 
     def __post_init__(self) -> None:
         from .data import parse_classes, parse_name_pattern, parse_split
@@ -97,6 +104,19 @@ class ExtractConfig:
             raise ValueError(f"workers must be >= 0; got {self.workers}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        given = [name for name, value in (("--ray-address", self.ray_address), ("--ray-gpus-per-actor",
+                 self.ray_gpus_per_actor), ("--ray-decode-cpus", self.ray_decode_cpus),
+                 ("--ray-max-actors", self.ray_max_actors)) if value]
+        if self.engine != "ray" and given:
+            raise FeatcacheError(f"{given[0]} needs --engine ray", option=given[0])
+        if self.ray_gpus_per_actor < 0:
+            raise ValueError(f"ray_gpus_per_actor must be >= 0; got {self.ray_gpus_per_actor}")
+        if self.ray_decode_cpus is not None and not self.ray_decode_cpus > 0:
+            raise ValueError(f"ray_decode_cpus must be > 0; got {self.ray_decode_cpus}")
+        if self.ray_max_actors is not None and self.ray_max_actors < 1:
+            raise ValueError(f"ray_max_actors must be >= 1; got {self.ray_max_actors}")
         if not str(self.store):
             raise ValueError("store must be a path or URL; got ''")
         object.__setattr__(self, "layer", parse_layers(self.layer))

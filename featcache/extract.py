@@ -16,6 +16,7 @@ import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -92,6 +93,10 @@ class ExtractResult:
         t = self.timings
         if self.cache_hit or not t:
             return None
+        if t.get("actors"):
+            work = (f"{int(t['actors'])} Ray model actors; decode tasks {t.get('decode', 0.0):.1f} s, forward "
+                    f"{t.get('forward', 0.0):.1f} s, write tasks {t.get('write', 0.0):.1f} s (summed over the cluster)")
+            return f"time: {work}"
         if t.get("processes"):
             work = (f"{int(t['processes'])} model processes decoding {t.get('decode', 0.0):.1f} s and in the forward "
                     f"{t.get('forward', 0.0):.1f} s (summed), waited for {t.get('read', 0.0):.1f} s")
@@ -298,6 +303,26 @@ def _interrupted() -> Interrupted:
     return Interrupted("finished batches are committed. Re-run the same command to resume.")
 
 
+class Engine(Protocol):
+    """What computes rows: ``todo`` (with ``views``, a view number each, for augmented views) through ``joint``
+    into new committed segments of each part's space, except the rows that space holds (``have``, by row key).
+    Returns the reasons of images that failed to decode (by content hash) and seconds spent per stage.
+    Planning, keys and the set record stay with the caller; ``local`` is :func:`_run_model`, ``ray`` is
+    :func:`featcache.ray_engine.run_model`."""
+
+    def __call__(self, joint: Joint, manifest: Manifest, todo: list[Item], store: Store, spaces: list[str],
+                 have: list[set[str]], cfg: ExtractConfig, progress: bool, views: list[int] | None = None,
+                 augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]: ...
+
+
+def _engine(cfg: ExtractConfig) -> Engine:
+    if cfg.engine == "ray":
+        from .ray_engine import run_model  # imports ray only when it is asked for
+
+        return run_model
+    return _run_model
+
+
 def _compute(joint: Joint, manifest: Manifest, jobs: list[tuple[Item, int | None]], store: Store, spaces: list[str],
              have: list[set[str]], cfg: ExtractConfig, progress: bool,
              augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]:
@@ -306,8 +331,9 @@ def _compute(joint: Joint, manifest: Manifest, jobs: list[tuple[Item, int | None
     if not jobs:
         return {}, {}
     views = [k for _, k in jobs] if augment is not None else None
+    engine = _engine(cfg)
     try:
-        return _run_model(joint, manifest, [it for it, _ in jobs], store, spaces, have, cfg, progress, views, augment)
+        return engine(joint, manifest, [it for it, _ in jobs], store, spaces, have, cfg, progress, views, augment)
     except KeyboardInterrupt:
         raise _interrupted() from None
     except OSError as e:
@@ -357,6 +383,12 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
     cfg = config if config is not None else ExtractConfig(**kwargs)
     if module is None:
         check_backbone_name(cfg.backbone)  # a mistyped name is refused before the folder is scanned
+    if cfg.engine == "ray":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise FeatcacheError("--engine ray runs from one driver; start it without torchrun", option="--engine")
+        from .ray_engine import import_ray
+
+        import_ray()  # a missing extra is one clear error before anything is scanned or written
     start = time.perf_counter()
     manifest = scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels, labels_from_name=cfg.labels_from_name,
                     classes=cfg.classes, exclude_class=cfg.exclude_class, rehash=rehash)

@@ -46,6 +46,8 @@ FREE_TEXT: dict[tuple[str, str], list[tuple[list[str], list[str]]]] = {
         (["--backbone", "resnet18", "--weights", "missing.pth", "--data", "DATA"], ["DEFAULT", "none", "state-dict file"]),
     ],
     ("extract", "data"): [(["--backbone", TINY, "--data", "missing"], ["does not exist"])],
+    ("extract", "ray_address"): [(["--backbone", TINY, "--data", "DATA", "--ray-address", "127.0.0.1:6379"],
+                                  ["needs --engine ray"])],
     ("extract", "store"): [(["--backbone", TINY, "--data", "DATA", "--store", "FILE"], ["cannot create a featcache store"])],
     ("extract", "labels"): [
         (["--backbone", TINY, "--data", "DATA", "--labels", "missing.csv"], ["does not exist", "--labels PATH.csv"]),
