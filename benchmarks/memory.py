@@ -37,7 +37,7 @@ def _child(store: str, key: str, max_memory: str, epochs: int, runs: str) -> Non
     res = featcache.fit(store=store, set=key, head="mlp", epochs=epochs, patience=0, plots=False, device="cpu",
                         max_memory=max_memory, runs=runs)
     total = time.perf_counter() - t
-    print(json.dumps({"base_rss_mb": base, "peak_rss_mb": _status_mb("VmHWM"), "streamed": bool(res.notes),
+    print(json.dumps({"base_rss_mb": base, "peak_rss_mb": _status_mb("VmHWM"), "streamed": any(n.startswith("streaming") for n in res.notes),
                       "load_s": res.seconds["load"], "epoch_s": sum(r["seconds"] for r in res.history) / len(res.history),
                       "total_s": total, "val_acc": res.metrics["val"]["top1"]}))
 

@@ -152,6 +152,7 @@ def run_transfer(
         )
         extract_s = time.perf_counter() - t0
         fs = featcache.open_store(store).get_set(ext.set_key)
+        layer_text = ext_layer(fs)  # read while the store is there (it is removed below)
         split_items = {s: (fs.paths(s), fs.labels(s)) for s in ("train", "val")}
         head_params = {"kind": head, "lr": 1e-3, "batch_size": batch_size, "seed": seed, "patience": 0, "device": "cpu"}
         cached = {}
@@ -181,7 +182,7 @@ def run_transfer(
         rows.append(
             {
                 "backbone": backbone,
-                "layer": ext_layer(fs),
+                "layer": layer_text,
                 "head": head,
                 "epochs": e,
                 "images": ext.images,
