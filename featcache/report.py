@@ -166,7 +166,8 @@ def _table(rows: list[list], head: list[str], classes: list[str] | None = None, 
         cells = "".join(f'<td class="n">{_e(_fmt(c))}</td>' if isinstance(c, (int, float)) and not isinstance(c, bool)
                         else f"<td>{c.html if isinstance(c, _Html) else _e(_fmt(c))}</td>" for c in r)
         body.append(f"<tr{cls}>{cells}</tr>")
-    return f'<table{" class=sortable" if sortable else ""}><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    kind = " class=sortable" if sortable else ""
+    return f'<table{kind}><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 class _Html(str):
@@ -195,11 +196,9 @@ def _selection_html(selection: dict | None, metrics: dict) -> str:
     held = selection.get("score")
     if held and held in metrics:
         m = metrics[held]
-        other = [f"{c['what']} chosen on {c['on']}" for c in selection["chosen"] if not c["on"].startswith(held)]
-        chose = "; ".join(other) or "nothing was chosen on it"
-        parts.insert(0, f'<p class="held headline"><b>{_e(held)} is held out</b> ({_e(chose)}): top-1 '
-                        f'<b>{_e(_fmt(m["top1"]))}</b>, balanced accuracy {_e(_fmt(m.get("balanced_accuracy")))}, macro '
-                        f'F1 {_e(_fmt(m.get("macro", {}).get("f1")))} on {_e(m["n"])} images.</p>')
+        parts.insert(0, f'<p class="held headline"><b>{_e(held)} is held out</b> (nothing was chosen on it): top-1 '
+                        f'<b>{_e(_fmt(m["top1"]))}</b>, balanced accuracy {_e(_fmt(m.get("balanced_accuracy")))}, '
+                        f'macro F1 {_e(_fmt(m.get("macro", {}).get("f1")))} on {_e(m["n"])} images.</p>')
     else:
         parts.insert(0, '<p class="biased headline"><b>No held-out split</b>: every number below is on rows that '
                         "trained the head or chose a setting. Extract with a test split (a test/ folder, or --split "
@@ -221,7 +220,7 @@ def _classification_report(m: dict, classes: list[str]) -> str:
     support = _support(m)
     pc = m.get("per_class")
     if pc:
-        rows = [[c, p, r, f, n] for c, p, r, f, n in zip(classes, pc["precision"], pc["recall"], pc["f1"], pc["support"])]
+        rows = [list(r) for r in zip(classes, pc["precision"], pc["recall"], pc["f1"], pc["support"])]
     else:
         rows = [[c, None, a, None, n] for (c, a), n in zip(m["per_class_accuracy"].items(), support)]
     kinds = [""] * len(rows)
@@ -380,6 +379,8 @@ def write_sweep_report(folder: str | Path) -> Path:
         name = r["run"]
         if c == "run" and "/" not in name and name not in ("", ".", "..") and (folder / name / "report.html").is_file():
             return _Html(f'<a href="{_e(name)}/report.html">{_e(name)}</a>')
+        if c in varied or c == "chosen_C":  # a setting as typed (1e-05), never rounded to 0.0000
+            return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
         return v
 
     table = _table([[cell(r, c) for c in columns] for r in rows], [c.replace("_", " ") for c in columns],

@@ -1,0 +1,86 @@
+"""Time ``featcache report RUN`` as a user runs it (a whole process, wall time), this checkout
+against another one (``--before``, e.g. ``git archive <commit> | tar -x -C /tmp/before``), with
+``python -c "import torch"`` for scale.
+
+    python -m benchmarks.report RUN [--data DIR] [--before CHECKOUT] [--rounds 3]
+
+The ways run in rotation, one of each per round, so a busy machine slows them alike; each time
+is the median over the rounds. The run is copied once per checkout, so neither overwrites the
+other's pictures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from .common import machine, machine_label, save, table
+
+__all__ = ["run_report"]
+
+ROOT = Path(__file__).resolve().parents[1]
+_SCRIPT = "import sys; from featcache.cli import main; sys.exit(main())"
+COLUMNS = [("way", "way"), ("rounds", "rounds"), ("median_s", "median wall s"), ("per_round", "per round s"),
+           ("vs_torch", "/ import torch")]
+
+
+def _wall(argv: list[str], checkout: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
+    t = time.perf_counter()
+    p = subprocess.run(argv, env=env, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[3:])} failed: {p.stderr[-2000:]}")
+    return seconds
+
+
+def run_report(run: str, data: str | None = None, before: str | None = None, rounds: int = 3) -> list[dict]:
+    """One row per way: the median wall seconds over ``rounds`` and the ratio to ``import torch``."""
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-report-"))
+    try:
+        extra = ["--data", str(Path(data).resolve())] if data else []
+        ways = {'python -c "import torch"': ([sys.executable, "-c", "import torch"], ROOT)}
+        checkouts = {"this checkout": ROOT, **({"before": Path(before).resolve()} if before else {})}
+        for name, checkout in checkouts.items():
+            copy = tmp / name.replace(" ", "-")
+            shutil.copytree(run, copy)
+            ways[f"featcache report ({name})"] = ([sys.executable, "-c", _SCRIPT, "report", str(copy), *extra],
+                                                  checkout)
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(rounds):
+            for name, (argv, checkout) in ways.items():
+                times[name].append(_wall(argv, checkout))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch_s = statistics.median(times['python -c "import torch"'])
+    return [{"way": name, "rounds": rounds, "median_s": statistics.median(ts),
+             "per_round": ", ".join(f"{t:.1f}" for t in ts), "vs_torch": statistics.median(ts) / torch_s}
+            for name, ts in times.items()]
+
+
+@click.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="The set's image folder (the misclassified grid).")
+@click.option("--before", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Another checkout of featcache to time the same command with.")
+@click.option("--rounds", default=3, show_default=True, type=int)
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Results folder [default: benchmarks/results].")
+def main(run, data, before, rounds, out) -> None:
+    info = machine()
+    click.echo(f"machine: {machine_label(info)}")
+    rows = run_report(run, data, before, rounds)
+    click.echo(table(rows, COLUMNS))
+    click.echo(f"saved {save('report', {'machine': info, 'run': run, 'data': data, 'rows': rows}, out)}")
+
+
+if __name__ == "__main__":
+    main()
