@@ -281,3 +281,12 @@ def test_in_a_browser_a_sweep_page_shows_its_plot(confusable, tmp_path):
     seen = _browser_sees(res.folder / "report.html", tmp_path)
     assert {"summary", "runs", "sweep-plot", "grid"} <= {s for s, _ in seen["sections"]}
     assert len(seen["images"]) == 1 and seen["images"][0][2] > 0
+
+
+@pytest.mark.slow
+def test_report_benchmark_runs(mlp_run):
+    from benchmarks.report import run_report
+
+    rows = run_report(str(mlp_run.run_dir), rounds=1)
+    assert [r["way"] for r in rows] == ['python -c "import torch"', "featcache report (this checkout)"]
+    assert all(r["median_s"] > 0 for r in rows)
