@@ -2,7 +2,10 @@
 against another one (``--before``, e.g. ``git archive <commit> | tar -x -C /tmp/before``), with
 ``python -c "import torch"`` for scale.
 
-    python -m benchmarks.report RUN [--data DIR] [--before CHECKOUT] [--rounds 3]
+    python -m benchmarks.report RUN [--data DIR] [--before CHECKOUT] [--rounds 3] [--in-fit STORE]
+
+``--in-fit STORE`` also times what ``fit`` spends on the report once its head is fitted (the
+pictures and, in this checkout, report.html from the record in memory).
 
 The ways run in rotation, one of each per round, so a busy machine slows them alike; each time
 is the median over the rounds. The run is copied once per checkout, so neither overwrites the
@@ -11,6 +14,7 @@ other's pictures.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -77,6 +81,46 @@ def run_report(run: str, data: str | None = None, before: str | None = None, rou
     return rows
 
 
+_IN_FIT = """
+import json, statistics, sys, time
+import featcache, featcache.report as rep
+store, data, rounds = sys.argv[1], sys.argv[2] or None, int(sys.argv[3])
+res = featcache.fit(head="mlp", store=store, epochs=5, runs=sys.argv[4], plots=False, data=data)
+fs = featcache.open_store(store).get_set(res.set_key)
+walls, cpus = [], []
+for _ in range(rounds):
+    t, c = time.perf_counter(), time.process_time()
+    if hasattr(rep, "write_sweep_report"):  # this checkout: the page and its PNGs, from the record in memory
+        rep.write_report(res.run_dir, data=data, record=res.record, fs=fs, head=res.head, probas=res.probas)
+    else:  # before: fit wrote the PNGs only (report.html was a second command)
+        rep.write_plots(res.run_dir, fs, res.head, res.probas, data=data)
+    walls.append(time.perf_counter() - t)
+    cpus.append(time.process_time() - c)
+print(json.dumps({"wall": walls, "cpu": cpus}))
+"""
+
+
+def run_in_fit(store: str, data: str | None = None, before: str | None = None, rounds: int = 5) -> list[dict]:
+    """What ``fit`` spends on its pictures (and, in this checkout, report.html) once the head is fitted:
+    an mlp head fitted once per checkout, then the step timed ``rounds`` times in that process."""
+    checkouts = {"this checkout": ROOT, **({"before": Path(before).resolve()} if before else {})}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="featcache-report-") as tmp:
+        for name, checkout in checkouts.items():
+            env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
+            p = subprocess.run([sys.executable, "-c", _IN_FIT, str(Path(store).resolve()),
+                                str(Path(data).resolve()) if data else "", str(rounds), str(Path(tmp) / name)],
+                               env=env, cwd=checkout, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"fit's report step with {name} failed: {p.stderr[-2000:]}")
+            got = json.loads(p.stdout.strip().splitlines()[-1])
+            rows.append({"way": f"fit's report step ({name})", "rounds": rounds,
+                         "median_s": statistics.median(got["wall"]),
+                         "per_round": ", ".join(f"{t:.1f}" for t in got["wall"]),
+                         "cpu_s": statistics.median(got["cpu"])})
+    return rows
+
+
 @click.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
@@ -84,12 +128,17 @@ def run_report(run: str, data: str | None = None, before: str | None = None, rou
 @click.option("--before", default=None, type=click.Path(exists=True, file_okay=False),
               help="Another checkout of featcache to time the same command with.")
 @click.option("--rounds", default=3, show_default=True, type=int)
+@click.option("--in-fit", "store", default=None, help="Also time fit's report step on this store's set (an mlp head).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Results folder [default: benchmarks/results].")
-def main(run, data, before, rounds, out) -> None:
+def main(run, data, before, rounds, store, out) -> None:
     info = machine()
     click.echo(f"machine: {machine_label(info)}")
     rows = run_report(run, data, before, rounds)
     click.echo(table(rows, COLUMNS))
+    if store:
+        fitted = run_in_fit(store, data, before, rounds)
+        click.echo(table(fitted, [c for c in COLUMNS if "torch" not in c[0]]))
+        rows += fitted
     click.echo(f"saved {save('report', {'machine': info, 'run': run, 'data': data, 'rows': rows}, out)}")
 
 
