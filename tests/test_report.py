@@ -290,3 +290,47 @@ def test_report_benchmark_runs(mlp_run):
     rows = run_report(str(mlp_run.run_dir), rounds=1)
     assert [r["way"] for r in rows] == ['python -c "import torch"', "featcache report (this checkout)"]
     assert all(r["median_s"] > 0 for r in rows)
+
+
+def test_a_run_of_an_older_featcache_is_reported_with_what_it_recorded(mlp_run, tmp_path):
+    """Runs from before precision/recall/F1 and model selection were recorded: recall (per-class accuracy)
+    and support from the confusion matrix, and a note that no selection is recorded."""
+    run = Path(shutil.copytree(mlp_run.run_dir, tmp_path / "old"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    for m in metrics.values():
+        for key in ("per_class", "macro", "weighted", "balanced_accuracy"):
+            m.pop(key, None)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    config = json.loads((run / "config.json").read_text())
+    config.pop("selection")
+    (run / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(main, ["report", str(run)])
+    assert r.exit_code == 0, r.output
+    page = (run / "report.html").read_text()
+    _check_self_contained(page)
+    assert "records no model selection" in page and 'id="per-class"' in page
+    recall = metrics["val"]["per_class_accuracy"]["b"]
+    assert f"<tr><td>b</td><td>-</td><td class=\"n\">{recall:.4f}</td><td>-</td>" in page
+
+
+def test_a_damaged_or_hostile_sweep_file_is_one_error_and_text_is_never_markup(mlp_run, tmp_path):
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    (folder / "sweep.json").write_text(json.dumps({"grid": {"lr": [1, 2]}, "best": "x", "rows": "many"}))
+    r = CliRunner().invoke(main, ["report", str(folder)])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {folder}: sweep.json field 'rows'"), r.output
+    assert not (folder / "report.html").exists()
+    name = '<img src=x onerror="alert(1)">'
+    row = {"rank": 1, "run": name, "head": "mlp", "lr": 1.0, "val_top1": 0.5, "test_top1": None}
+    (folder / "sweep.json").write_text(json.dumps({"grid": {"lr": [1.0]}, "best": name, "rows": [row],
+                                                   "notes": ["<script>x</script>"]}))
+    r = CliRunner().invoke(main, ["report", str(folder)])
+    assert r.exit_code == 0, r.output
+    page = (folder / "report.html").read_text()
+    assert "<img" not in page and "<script>x" not in page and html_escape(name) in page
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
