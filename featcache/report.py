@@ -396,14 +396,19 @@ def write_sweep_report(folder: str | Path) -> Path:
                                       next(i for i, r in enumerate(rows) if r["run"] == best))
             picture = (f'<section id="sweep-plot"><h2>top-1 against {_e(param)}</h2>'
                        f'{_img("sweep.png", png, f"top-1 against {param}")}</section>')
-    sel = doc.get("selection") if isinstance(doc.get("selection"), dict) else None
+    sel = doc.get("selection")
+    if not (isinstance(sel, dict) and isinstance(sel.get("chosen"), list) and all(
+            isinstance(c, dict) and isinstance(c.get("what"), str) and isinstance(c.get("on"), str)
+            for c in sel["chosen"]) and isinstance(sel.get("biased", []), list)
+            and all(isinstance(b, str) for b in sel.get("biased", [])) and isinstance(sel.get("score"), (str, type(None)))):
+        sel = None  # a sweep of an older featcache, or a damaged record: said as "-"
     best_row = next(r for r in rows if r["run"] == best)
     headline = (f'<p class="biased">The best run <b>{_e(best)}</b> was chosen on val top-1 '
                 f'({_e(_fmt(best_row.get("val_top1")))}): val is selection-biased.</p>')
     if best_row.get("test_top1") is not None:
         headline = (f'<p class="held headline"><b>test is held out</b>: the best run\'s test top-1 is '
                     f'<b>{_e(_fmt(best_row["test_top1"]))}</b>.</p>') + headline
-    notes = [n for n in doc.get("notes", []) if isinstance(n, str)]
+    notes = [n for n in doc["notes"] if isinstance(n, str)] if isinstance(doc.get("notes"), list) else []
     grid = [[k, ", ".join(map(str, v)) if isinstance(v, list) else str(v)] for k, v in doc["grid"].items()]
     body = (f'<section id="summary"><h1>Sweep {_e(folder.name)}</h1><p class="sub">{len(rows)} runs; best '
             f'{_e(best)}</p>{headline}<p>model selection: {_e(describe_selection(sel))}</p>'

@@ -323,7 +323,7 @@ def test_a_damaged_or_hostile_sweep_file_is_one_error_and_text_is_never_markup(m
     name = '<img src=x onerror="alert(1)">'
     row = {"rank": 1, "run": name, "head": "mlp", "lr": 1.0, "val_top1": 0.5, "test_top1": None}
     (folder / "sweep.json").write_text(json.dumps({"grid": {"lr": [1.0]}, "best": name, "rows": [row],
-                                                   "notes": ["<script>x</script>"]}))
+                                                   "notes": ["<script>x</script>"], "selection": {"chosen": 5}}))
     r = CliRunner().invoke(main, ["report", str(folder)])
     assert r.exit_code == 0, r.output
     page = (folder / "report.html").read_text()
