@@ -105,7 +105,7 @@ def confusion(plt, cm, classes: list[str], split: str) -> bytes:
         font = 12 if c <= 5 else (9 if c <= 12 else 6)
         for i in range(c):
             for j in range(c):
-                if np.isnan(share[i, j]):
+                if np.isnan(share[i, j]) or (counts[i, j] == 0 and i != j):  # empty cells stay blank
                     continue
                 text = f"{share[i, j]:.2f}\n({counts[i, j]})" if c <= 12 else f"{counts[i, j]}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=font,
@@ -154,6 +154,9 @@ def _thumbnail(path: Path):
         img.draft("RGB", (256, 256))
         img = ImageOps.exif_transpose(img).convert("RGB")
     img.thumbnail((256, 256))
+    if max(img.size) < 256:  # a small image (digits, icons) fills the tile, its pixels kept sharp
+        scale = 256 / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.NEAREST)
     return img
 
 
