@@ -446,13 +446,20 @@ def export_cmd(run: str, out: str, backbone: str | None, weights: str | None) ->
 @click.option("--backbone", default=None, help="The package.module:factory of a rest head's network, if any.")
 @run_store_option
 def report_cmd(run: str, data: str | None, backbone: str | None, store_url: str | None) -> None:
-    """Write RUN/report.html: settings, metrics, curves, confusion matrix, misclassified images."""
-    from .backbones import check_user_backbone
-    from .report import write_report
+    """Write RUN/report.html, one self-contained page: held-out scores, classification report, confusion
+    matrices, per-class F1, curves, settings, misclassified images (with --data). For a sweep's folder
+    (it holds sweep.json), SWEEP/report.html compares its runs."""
+    from .report import is_sweep_folder, write_report, write_sweep_report
 
-    check_user_backbone(backbone)
+    if backbone is not None:  # torchvision is imported only when there is a backbone to check
+        from .backbones import check_user_backbone
+
+        check_user_backbone(backbone)
     notes: list[str] = []
-    out = write_report(run, data=data, backbone=backbone, store=store_url, notes=notes)
+    if is_sweep_folder(run):
+        out = write_sweep_report(run)
+    else:
+        out = write_report(run, data=data, backbone=backbone, store=store_url, notes=notes)
     for note in notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {out}")

@@ -117,6 +117,7 @@ class FitResult:
     head: Any = field(default=None, repr=False)  # the fitted head
     config: FitConfig | None = None
     probas: dict | None = field(default=None, repr=False)  # per split, for plots written later (sweeps)
+    record: Any = field(default=None, repr=False)  # the RunRecord written, for a report written later (sweeps)
     selection: dict | None = None  # what was chosen on what, and which split is held out (see selection_of)
 
     def stopping(self) -> str | None:
@@ -504,10 +505,10 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
     try:
         record.write(run)
         if cfg.plots if plots is None else plots:
-            from .report import have_matplotlib, write_plots
+            from .report import have_matplotlib, write_report
 
-            if have_matplotlib():
-                write_plots(run, fs, head, probas, data=cfg.data)
+            if have_matplotlib():  # from what is in memory: nothing is read back or predicted again
+                write_report(run, data=cfg.data, record=record, fs=fs, head=head, probas=probas)
             else:
                 notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
     except OSError as e:
@@ -518,5 +519,5 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
                        "was left there. Free space or choose another --runs / --out, then re-run fit") from None
     return FitResult(run, fs.key, metrics, head.history_, {"load": t_load, "fit": t_fit}, getattr(head, "C_", None),
                      notes, best_epoch=record.best_epoch, stopped_early=record.stopped_early, head=head, config=cfg,
-                     probas=probas, selection=selection)
+                     probas=probas, selection=selection, record=record)
 

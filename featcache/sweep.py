@@ -7,11 +7,12 @@ sweep is the best run's test top-1, and without a test split a note says so (``s
 
     SWEEP/
       sweep.csv  sweep.json        one row per run, best first
+      report.html                  the runs compared on one page (featcache report SWEEP writes it again)
       01-logreg-C=auto/            a run directory (featcache evaluate/report/predict read it)
       02-mlp-lr=0.001-hidden=64/
       ...
 
-Plots are written for the best run only, unless ``all_plots``.
+Plots and report.html are written for the best run only, unless ``all_plots``.
 """
 
 from __future__ import annotations
@@ -178,10 +179,11 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
         rows = [{"rank": r + 1, **rows[j]} for r, j in enumerate(order)]
         best = results[order[0]]
         if base.plots and not all_plots:
-            from .report import have_matplotlib, write_plots
+            from .report import have_matplotlib, write_report
 
             if have_matplotlib():
-                write_plots(best.run_dir, fs, best.head, best.probas, data=base.data)
+                write_report(best.run_dir, data=base.data, record=best.record, fs=fs, head=best.head,
+                             probas=best.probas)
             else:
                 notes.append("plots skipped: matplotlib is not installed (pip install 'featcache[plots]')")
         for res in results:  # keep the runs' records, not every fitted network
@@ -200,6 +202,11 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     result = SweepResult(folder, rows, results, columns, {"load": load_s, "total": time.perf_counter() - t0}, notes,
                          selection)
     _write(result, grid)
+    if base.plots:
+        from .report import have_matplotlib, write_sweep_report
+
+        if have_matplotlib():  # the page comparing the runs, beside sweep.csv
+            write_sweep_report(folder)
     if tracking:  # every run ends once the best one's plots are written, so they go with it
         for run, res in zip(tracked, results):
             tracking.finish(run, res)

@@ -265,7 +265,8 @@ COMMANDS = {
     "evaluate --json": lambda run, runs, tmp: ["evaluate", run, "--json"],
     "predict": lambda run, runs, tmp: ["predict", run, str(runs["image"]), "--backbone", TINY],
     "export": lambda run, runs, tmp: ["export", run, str(tmp / "model.pt2"), "--backbone", TINY],
-    "report": lambda run, runs, tmp: ["report", run, "--backbone", TINY],
+    # with --data the report predicts the misclassified grid, so it builds the head
+    "report": lambda run, runs, tmp: ["report", run, "--backbone", TINY, "--data", str(runs["image"].parents[2])],
 }
 
 

@@ -43,7 +43,7 @@ def test_a_sweep_fits_every_combination_once_loaded_and_matches_separate_fits(st
     tops = [r["val_top1"] for r in res.rows]
     assert tops == sorted(tops, reverse=True)
     names = sorted(p.name for p in res.folder.iterdir())
-    assert names == ["01-logreg", "02-mlp-lr=0.001", "03-mlp-lr=0.01", "sweep.csv", "sweep.json"]
+    assert names == ["01-logreg", "02-mlp-lr=0.001", "03-mlp-lr=0.01", "report.html", "sweep.csv", "sweep.json"]
     for row in res.rows:  # every run directory reads back, and equals a separate fit with its settings
         record = RunRecord.read(res.folder / row["run"])
         assert record.metrics["val"]["top1"] == row["val_top1"]
