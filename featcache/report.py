@@ -44,7 +44,7 @@ def _predictions(record: RunRecord, run: Path, split: str, fs, head, probas, bac
     """(set, predicted, confidence) of ``split`` for the misclassified grid; (None, ...) when the rows are
     not at hand (a store that is not found is a note, unless the user named it). Nothing is written yet."""
     if fs is None:
-        from .lookup import run_store
+        from .runs import run_store
         from .store import open_store
 
         try:
