@@ -507,6 +507,18 @@ for _command in (ls_cmd, info_cmd, rm_cmd, gc_cmd, verify_cmd, status_cmd, compa
 
 
 
+def _quiet_teardown() -> None:
+    """After an ``Error:`` line, the interpreter's exit says nothing more: a storage library's coroutines
+    left unfinished by the failure (an S3 endpoint gone mid-write) would otherwise print 'Exception
+    ignored ... Traceback', 'never awaited' and 'Task was destroyed' when they are collected."""
+    import logging
+    import warnings
+
+    sys.unraisablehook = lambda unraisable: None
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    logging.getLogger("asyncio").disabled = True  # "Task was destroyed but it is pending!"
+
+
 def run() -> None:
     """The ``featcache`` program: :func:`main` as a process of its own.
 
@@ -516,6 +528,8 @@ def run() -> None:
     try:
         main()
     except SystemExit as e:
+        if e.code not in (0, None, 130):
+            _quiet_teardown()
         if e.code == 130:
             for stream in (sys.stdout, sys.stderr):
                 try:

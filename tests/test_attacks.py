@@ -504,3 +504,29 @@ def test_a_json_record_over_the_read_cap_is_refused_when_written(tmp_path):
     with pytest.raises(RunError, match="over the .* bytes every reader accepts"):
         write_json(tmp_path / "big.json", {"a": "x" * (MAX_JSON_BYTES + 1)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json"]  # nothing written, no temporary left
+
+
+def test_after_an_error_line_the_exit_prints_no_storage_library_traceback(tmp_path):
+    """A storage library's coroutines left pending by a failure are collected at exit; after featcache's one
+    Error line they print nothing ('Exception ignored ... Traceback', 'never awaited')."""
+    script = (
+        "import asyncio, sys\n"
+        "async def wait():\n"
+        "    await asyncio.sleep(60)\n"
+        "async def write():\n"
+        "    try:\n"
+        "        await wait()\n"
+        "    finally:\n"
+        "        raise ConnectionError('the endpoint went away')\n"
+        "loop = asyncio.new_event_loop()\n"
+        "loop.create_task(write())\n"
+        "loop.run_until_complete(asyncio.sleep(0))  # left pending, as zarr's writes are when S3 goes\n"
+        "from featcache.cli import run\n"
+        f"sys.argv = ['featcache', 'info', '--store', {str(tmp_path / 'none.zarr')!r}]\n"
+        "run()\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr  # a usage error: no store there
+    assert p.stderr.strip().splitlines()[-1].startswith("Error: "), p.stderr
+    for noise in ("Traceback", "Exception ignored", "never awaited", "Task was destroyed"):
+        assert noise not in p.stderr, p.stderr

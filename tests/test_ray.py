@@ -129,6 +129,9 @@ def cluster(tmp_path_factory):
         constants.ENABLE_RAY_CLUSTER = cluster_ips
         if server is not None:
             server.stop()
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems by their arguments, not the endpoint
         os.environ.clear()
         os.environ.update(saved)
 

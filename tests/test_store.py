@@ -304,8 +304,11 @@ def test_shared_directory_stays_group_writable(folder, tmp_path):
 
 @pytest.fixture
 def s3(monkeypatch):
-    pytest.importorskip("s3fs")
+    s3fs = pytest.importorskip("s3fs")
     moto_server = pytest.importorskip("moto.server")
+    # fsspec keeps a filesystem per set of arguments, not per endpoint: one made for an earlier test's
+    # server (stopped since) would otherwise be handed back here
+    s3fs.S3FileSystem.clear_instance_cache()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -317,6 +320,7 @@ def s3(monkeypatch):
     boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="feats")
     yield "s3://feats/store.zarr"
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_s3_store_on_loopback(folder, s3, tmp_path):
