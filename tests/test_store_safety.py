@@ -12,16 +12,9 @@ from featcache.cli import main
 from featcache.store.maintenance import verify
 
 from .conftest import TINY, make_folder
+from .test_trust import _one_error_line
 
 TINY_VALUES = "tests.tiny_backbone:tiny_tiny_cnn"
-
-
-def _one_error_line(r, exit_code=1):
-    assert r.exit_code == exit_code, r.output
-    assert "Traceback" not in r.output
-    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, r.output
-    return errors[0]
 
 
 def _no_rows(store_url):
