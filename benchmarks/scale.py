@@ -51,7 +51,8 @@ job = json.loads(sys.argv[1])
 import featcache
 import importlib
 E = importlib.import_module("featcache.extract")
-from featcache.fit import FitConfig, load_fit_data
+from featcache.config import FitConfig
+from featcache.fit import load_fit_data
 
 out = {}
 base = mem("VmRSS")

@@ -36,7 +36,8 @@ def _cli(args: list[str]) -> float:
 def run_sweep(data: str, backbone: str = "efficientnet_lite0", layer: str | None = None, weights: str = "DEFAULT",
               grid: dict | None = None, epochs: int = 30, workers: int | None = None) -> dict:
     import featcache
-    from featcache.fit import HEAD_OPTIONS, FitConfig
+    from featcache.config import FitConfig
+    from featcache.fit import HEAD_OPTIONS
     from featcache.heads import head_params
     from featcache.sweep import combinations
 

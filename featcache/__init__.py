@@ -25,7 +25,7 @@ _LAZY = {  # public name -> module that defines it
     "ExtractResult": "extract",
     "LayersResult": "extract",
     "extract": "extract",
-    "FitConfig": "fit",
+    "FitConfig": "config",
     "FitResult": "fit",
     "fit": "fit",
     "RunRecord": "runs",

@@ -19,7 +19,7 @@ import click  # noqa: E402
 
 from .cli_store import compact_cmd, gc_cmd, info_cmd, ls_cmd, migrate_cmd, rm_cmd, status_cmd, verify_cmd  # noqa: E402
 from . import __version__  # noqa: E402
-from .config import (DEFAULT_NAME_PATTERN, DTYPES, ENGINES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
+from .choices import (DEFAULT_NAME_PATTERN, DTYPES, ENGINES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
                      RUN_SORTS, TRACKERS)
 from .errors import FeatcacheError  # noqa: E402
 
@@ -214,7 +214,8 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
     """
     from click.core import ParameterSource
 
-    from .fit import FitConfig, fit
+    from .config import FitConfig
+    from .fit import fit
     from .store import open_store
     from .store.maintenance import status
 

@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
-from .config import DEVICES, default_store_url  # noqa: E402
+from .choices import DEVICES, default_store_url  # noqa: E402
 from .errors import FeatcacheError, os_error_text  # noqa: E402
 
 __all__ = ["Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "ListOf", "many", "store_option",
@@ -174,7 +174,7 @@ class Ints(click.IntRange):
 
 
 def parse_size_text(text: str) -> int:
-    from .stream import parse_size
+    from .units import parse_size
 
     return parse_size(text)
 

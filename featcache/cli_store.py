@@ -74,7 +74,8 @@ def _set_doc(fs, size: int | None) -> dict:
 def ls_cmd(store: str, wide: bool, as_json: bool) -> None:
     """List the feature sets in a store, oldest first."""
     from .errors import StoreError
-    from .store import human_bytes, open_store
+    from .store import open_store
+    from .units import human_bytes
 
     st = open_store(store, mode="r")
     sets = st.sets()
@@ -135,7 +136,8 @@ def rm_cmd(key: str | None, set_: str | None, store: str) -> None:
 @json_option
 def gc_cmd(store: str, grace: float, dry_run: bool, as_json: bool) -> None:
     """Remove uncommitted leftovers and rows no set refers to."""
-    from .store import human_bytes, open_store
+    from .store import open_store
+    from .units import human_bytes
     from .store.maintenance import gc
 
     st = open_store(store, mode="r+")

@@ -1,37 +1,24 @@
-"""The values options take, and the extract config: importable without torch or numpy.
+"""What a command is asked to do, validated: the extract and fit configs and their option parsers.
 
-The command line builds its ``--help`` from these names, so this module imports nothing
-heavy; the library modules take their vocabularies from here (one source for both).
+Importable without torch or numpy (the command line builds ``--help`` and checks options from
+here); the vocabularies come from :mod:`.choices`. A config is stored with what it made (a set
+record, a run's ``config.json``) and read back through ``from_dict``.
 """
 
 from __future__ import annotations
 
-import os
+import math
+import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
-from .errors import FeatcacheError, UnknownLayer  # the error family imports nothing
+from .choices import (DEFAULT_NAME_PATTERN, DTYPES, ENGINES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,
+                      TRACKERS, default_store_url)
+from .errors import DataError, FeatcacheError, UnknownLayer
+from .units import parse_size
 
-__all__ = ["POOLS", "PRECISIONS", "DTYPES", "HEADS", "INITS", "OPTIMIZERS", "FIT_POOLS",
-           "DEVICES", "ENGINES", "RUN_SORTS", "TRACKERS", "DEFAULT_NAME_PATTERN", "ExtractConfig", "default_store_url",
-           "parse_layers"]
-
-POOLS = ("none", "avg", "max")  # store-time pooling of spatial maps (extract --pool)
-PRECISIONS = ("auto", "float32", "tf32", "bfloat16", "float16")
-DTYPES = ("float16", "float32")
-HEADS = ("mlp", "linear", "rest", "logreg", "svm")  # --head names; featcache.heads maps each to its class
-INITS = ("random", "probe")
-OPTIMIZERS = ("adam", "sgd")
-FIT_POOLS = ("none", "avg", "max")  # train-time pooling of stored maps (fit --fit-pool)
-DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("local", "ray")  # extract --engine
-RUN_SORTS = ("time", "val", "test", "head", "run")  # featcache runs --sort
-TRACKERS = ("mlflow", "tensorboard")  # fit --tracker; featcache.tracking has one adapter each
-DEFAULT_NAME_PATTERN = r"^([^._]+)[._]"
-
-
-def default_store_url() -> str:
-    """``$FEATCACHE_STORE`` or ``featcache.zarr`` (an empty variable counts as unset)."""
-    return os.environ.get("FEATCACHE_STORE") or "featcache.zarr"
+__all__ = ["ExtractConfig", "FitConfig", "parse_layers", "parse_split", "parse_classes", "parse_name_pattern"]
 
 
 def parse_layers(value: str | list[str] | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
@@ -86,8 +73,6 @@ class ExtractConfig:
     ray_max_actors: int | None = None  # that many actors; None: a pool growing from one to one per CPU (or GPUs)
 
     def __post_init__(self) -> None:
-        from .data import parse_classes, parse_name_pattern, parse_split
-
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.dtype not in DTYPES:
@@ -136,3 +121,122 @@ class ExtractConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ExtractConfig":
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How to train a head; written to the run directory as ``config.json``."""
+
+    head: str = "mlp"
+    set: str | None = None
+    store: str = field(default_factory=default_store_url)
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    step_size: int = 10
+    gamma: float = 0.1
+    hidden: int = 256
+    dropout: float = 0.4
+    patience: int = 10
+    seed: int = 0
+    C: float | str = "auto"
+    max_iter: int = 2000
+    pool: str = "none"
+    device: str = "auto"
+    runs: str = "runs"
+    out: str | None = None
+    plots: bool = True
+    use_views: bool = True
+    pretrained_lr_scale: float = 0.1
+    freeze: tuple[str, ...] = ()
+    warmup_epochs: int = 0
+    init: str = "probe"
+    max_memory: str | int = "auto"
+    backbone: str | None = None  # rest head on a module:factory set: the user names the module to import
+    data: str | None = None  # the set's image folder, for the misclassified plot (no folder a store names)
+    tracker: str | None = None  # also record the run in mlflow or tensorboard (featcache.tracking)
+    tracking_uri: str | None = None  # where the tracker records (default: its own, see featcache.tracking)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}; got {self.head!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"),
+            (self.pool in FIT_POOLS, f"pool must be one of {', '.join(FIT_POOLS)}; got {self.pool!r}"),
+            (self.init in INITS, f"init must be one of {', '.join(INITS)}; got {self.init!r}"),
+            (self.epochs >= 1, f"epochs must be >= 1; got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0; got {self.lr}"),
+            (self.hidden >= 1, f"hidden must be >= 1; got {self.hidden}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1); got {self.dropout}"),
+            (self.patience >= 0, f"patience must be >= 0 (0 turns early stopping off); got {self.patience}"),
+            (self.pretrained_lr_scale >= 0, f"pretrained_lr_scale must be >= 0; got {self.pretrained_lr_scale}"),
+            (self.C == "auto" or (isinstance(self.C, (int, float)) and self.C > 0), f"C must be > 0 or 'auto'; got {self.C!r}"),
+            (self.tracker is None or self.tracker in TRACKERS,
+             f"tracker must be one of {', '.join(TRACKERS)} or None; got {self.tracker!r}"),
+            (self.tracking_uri is None or self.tracker is not None,
+             f"tracking_uri needs a tracker ({' or '.join(TRACKERS)}); got tracking_uri {self.tracking_uri!r} alone"),
+            (self.max_memory == "auto" or _is_size(self.max_memory),
+             f"max_memory must be 'auto' or a size like 4GB; got {self.max_memory!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "freeze": list(self.freeze)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitConfig":
+        return cls(**{**d, "freeze": tuple(d.get("freeze", ()))})
+
+
+def _is_size(value) -> bool:
+    try:
+        parse_size(value)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_name_pattern(text: str | None) -> str | None:
+    """Check a ``--labels-from-name`` regular expression: it must compile and have one group."""
+    if text is None:
+        return None
+    try:
+        groups = re.compile(text).groups
+    except re.error as e:
+        raise DataError(f"--labels-from-name takes a regular expression with one group like {DEFAULT_NAME_PATTERN!r}; "
+                        f"{text!r} does not compile ({e})", option="--labels-from-name") from None
+    if groups != 1:
+        raise DataError(f"--labels-from-name takes a regular expression with exactly one group (the label), like "
+                        f"{DEFAULT_NAME_PATTERN!r}; {text!r} has {groups}", option="--labels-from-name")
+    return text
+
+
+def parse_classes(value: str | Sequence[str] | None, option: str = "--classes") -> tuple[str, ...] | None:
+    """``"cats,dogs"`` → ``("cats", "dogs")``; None stays None; an empty list is refused."""
+    if value is None:
+        return None
+    names = [unicodedata.normalize("NFC", n.strip()) for n in (value.split(",") if isinstance(value, str) else value)]
+    if not names or not all(names):
+        raise DataError(f"{option} takes class names like cats,dogs; got {value!r}", option=option)
+    return tuple(dict.fromkeys(names))
+
+
+def parse_split(text: str | Sequence[float] | None) -> tuple[float, ...] | None:
+    """``"0.8,0.2"`` → ``(0.8, 0.2)``; two or three positive fractions summing to 1."""
+    if text is None or text == "":
+        return None
+    try:
+        parts = tuple(float(p) for p in (text.split(",") if isinstance(text, str) else text))
+    except ValueError:
+        raise DataError(f"split takes two or three fractions like 0.8,0.2 or 0.7,0.15,0.15; got {text!r}", option="--split") from None
+    if len(parts) not in (2, 3) or not all(math.isfinite(p) and p > 0 for p in parts) or not abs(sum(parts) - 1.0) <= 1e-6:
+        raise DataError(
+            f"split takes two or three positive fractions that sum to 1 (train,val[,test]); got {text!r}",
+            option="--split",
+        )
+    return parts

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import SPLIT_NAMES, Skip, parse_name_pattern, scan
+from .choices import SPLITS
+from .config import parse_name_pattern
+from .data import Skip, scan
 from .errors import DataError
-from .fit import compute_metrics
+from .metrics import compute_metrics
 from .heads import head_from_record
 from .lookup import RowCounts, load_run, run_rows
 
@@ -100,7 +102,7 @@ def evaluate(run: str | Path, data: str | Path, store: bool = True, backbone: st
     skipped = list(manifest.skipped) + [Skip(items[i].path, why) for i, why in sorted(counts.failed.items())]
     calibrated = getattr(head, "calibrated", True)
     metrics = {}
-    for split in sorted({it.split for it in items}, key=lambda s: SPLIT_NAMES.index(s) if s in SPLIT_NAMES else -1):
+    for split in sorted({it.split for it in items}, key=lambda s: SPLITS.index(s) if s in SPLITS else -1):
         mask = ok & np.array([it.split == split for it in items])
         if mask.any():
             metrics[split or WHOLE] = compute_metrics(proba[mask], y[mask], list(record.classes), calibrated)

@@ -24,11 +24,13 @@ import torch
 from . import __version__
 from .names import check_backbone_name
 from .backbones import Joint, create_backbone, create_joint, module_name, resolve_precision
-from .config import DTYPES, ExtractConfig, default_store_url
-from .data import DECODE_RECIPE, SPLIT_NAMES, Item, Manifest, Skip, scan
+from .choices import DTYPES, SPLITS, default_store_url
+from .config import ExtractConfig
+from .data import DECODE_RECIPE, Item, Manifest, Skip, scan
+from .units import human_bytes, now_iso
 from .errors import DataError, FeatcacheError, StoreError
 from .pipeline import Writer, checked, commit_partial, resolve_device, row_key, run_backbone
-from .store import (SetRecord, Store, created_by, digest_key, human_bytes, is_read_only, now_iso, open_store,
+from .store import (SetRecord, Store, created_by, digest_key, is_read_only, open_store,
                     space_key)
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "LayersResult", "Interrupted", "extract", "default_store_url"]
@@ -453,7 +455,7 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
                                "be computed and stored")
     _barrier(world)  # every rank has decided what to do before any rank writes
     if todo:
-        per_split = {s: sum(1 for it in todo.values() if it.split == s) for s in SPLIT_NAMES}
+        per_split = {s: sum(1 for it in todo.values() if it.split == s) for s in SPLITS}
         _log.info("extracting %s%s", " + ".join(f"{n} {s}" for s, n in per_split.items() if n),
                   f" ({len(manifest.items) - len(todo)} reused)" if len(manifest.items) > len(todo) else "")
     else:
@@ -480,7 +482,7 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
 
     kept = [it for it in manifest.items if it.sha256 not in failed]
     skipped = manifest.skipped + [Skip(it.path, failed[it.sha256]) for it in manifest.items if it.sha256 in failed]
-    splits = [s for s in SPLIT_NAMES if any(it.split == s for it in kept)]
+    splits = [s for s in SPLITS if any(it.split == s for it in kept)]
     for s in (s for s in splits if s not in manifest.unlabelled):
         present = {it.label for it in kept if it.split == s}
         missing = [c for i, c in enumerate(manifest.classes) if i not in present]

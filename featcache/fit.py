@@ -11,7 +11,7 @@ import logging
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -19,88 +19,20 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import FeatcacheError, RunError, StoreError, os_error_text
-from .config import FIT_POOLS, TRACKERS, default_store_url
-from .heads import C_GRID, HEADS, INITS, OPTIMIZERS, head_class
+from .config import FitConfig
+from .metrics import compute_metrics
+from .pooling import prepared_shape
+from .units import human_bytes
+from .heads import C_GRID, HEADS, head_class
 from .persist import HeadRecord
-from .runs import RunRecord, describe_selection
-from .store import FeatureSet, human_bytes, open_store, resolved_url
+from .runs import RunRecord
+from .store import FeatureSet, open_store, resolved_url
 from .runtime import keep_memory
-from .stream import RowReader, Streamed, memory_budget, parse_size, prepare_features, prepared_shape
+from .stream import RowReader, Streamed, memory_budget
 
-__all__ = ["FitConfig", "FitResult", "fit", "compute_metrics", "selection_of", "describe_selection", "prepare_features",
-           "HEAD_OPTIONS", "check_head_options"]
+__all__ = ["FitResult", "fit", "selection_of", "HEAD_OPTIONS", "check_head_options"]
 
 _log = logging.getLogger("featcache.fit")  # one INFO line as each phase starts; the CLI shows them
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """How to train a head; written to the run directory as ``config.json``."""
-
-    head: str = "mlp"
-    set: str | None = None
-    store: str = field(default_factory=default_store_url)
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    step_size: int = 10
-    gamma: float = 0.1
-    hidden: int = 256
-    dropout: float = 0.4
-    patience: int = 10
-    seed: int = 0
-    C: float | str = "auto"
-    max_iter: int = 2000
-    pool: str = "none"
-    device: str = "auto"
-    runs: str = "runs"
-    out: str | None = None
-    plots: bool = True
-    use_views: bool = True
-    pretrained_lr_scale: float = 0.1
-    freeze: tuple[str, ...] = ()
-    warmup_epochs: int = 0
-    init: str = "probe"
-    max_memory: str | int = "auto"
-    backbone: str | None = None  # rest head on a module:factory set: the user names the module to import
-    data: str | None = None  # the set's image folder, for the misclassified plot (no folder a store names)
-    tracker: str | None = None  # also record the run in mlflow or tensorboard (featcache.tracking)
-    tracking_uri: str | None = None  # where the tracker records (default: its own, see featcache.tracking)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}; got {self.head!r}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"),
-            (self.pool in FIT_POOLS, f"pool must be one of {', '.join(FIT_POOLS)}; got {self.pool!r}"),
-            (self.init in INITS, f"init must be one of {', '.join(INITS)}; got {self.init!r}"),
-            (self.epochs >= 1, f"epochs must be >= 1; got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0; got {self.lr}"),
-            (self.hidden >= 1, f"hidden must be >= 1; got {self.hidden}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1); got {self.dropout}"),
-            (self.patience >= 0, f"patience must be >= 0 (0 turns early stopping off); got {self.patience}"),
-            (self.pretrained_lr_scale >= 0, f"pretrained_lr_scale must be >= 0; got {self.pretrained_lr_scale}"),
-            (self.C == "auto" or (isinstance(self.C, (int, float)) and self.C > 0), f"C must be > 0 or 'auto'; got {self.C!r}"),
-            (self.tracker is None or self.tracker in TRACKERS,
-             f"tracker must be one of {', '.join(TRACKERS)} or None; got {self.tracker!r}"),
-            (self.tracking_uri is None or self.tracker is not None,
-             f"tracking_uri needs a tracker ({' or '.join(TRACKERS)}); got tracking_uri {self.tracking_uri!r} alone"),
-            (self.max_memory == "auto" or _is_size(self.max_memory),
-             f"max_memory must be 'auto' or a size like 4GB; got {self.max_memory!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "freeze": list(self.freeze)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FitConfig":
-        return cls(**{**d, "freeze": tuple(d.get("freeze", ()))})
 
 
 @dataclass
@@ -151,46 +83,6 @@ class FitResult:
             parts.append(f"C {self.chosen_C:g}" + (f" (by {how})" if how else ""))
         parts.append(f"load {self.seconds['load']:.2f} s, fit {self.seconds['fit']:.2f} s")
         return "; ".join(parts)
-
-
-def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibrated: bool = True) -> dict:
-    """Top-1, top-5 (5+ classes), log loss (calibrated heads), balanced accuracy, precision, recall, F1
-    and support (per class, macro and weighted: scikit-learn's own), per-class accuracy, confusion matrix.
-
-    ``per_class`` holds lists in class order (None where a class has no image or no prediction); the
-    averages run over the classes present in ``y`` or predicted, as scikit-learn's do."""
-    from sklearn.metrics import (balanced_accuracy_score, classification_report, confusion_matrix, log_loss,
-                                 precision_recall_fscore_support)
-
-    c = len(classes)
-    pred = proba.argmax(1)
-    out: dict = {"n": int(len(y)), "top1": float((pred == y).mean()) if len(y) else float("nan")}
-    if c >= 5:
-        top5 = np.argsort(-proba, axis=1)[:, :5]
-        out["top5"] = float((top5 == y[:, None]).any(1).mean())
-    out["log_loss"] = float(log_loss(y, np.clip(proba, 1e-7, 1), labels=list(range(c)))) if calibrated else None
-    if len(y):
-        with warnings.catch_warnings():  # "y_pred contains classes not in y_true": the averages say which they cover
-            warnings.simplefilter("ignore", UserWarning)
-            out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
-            report = classification_report(y, pred, output_dict=True, zero_division=0)
-            p, r, f, support = precision_recall_fscore_support(y, pred, labels=list(range(c)), zero_division=np.nan)
-        for avg in ("macro", "weighted"):
-            row = report[f"{avg} avg"]
-            out[avg] = {"precision": float(row["precision"]), "recall": float(row["recall"]),
-                        "f1": float(row["f1-score"])}
-        shown = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731
-        out["per_class"] = {"precision": shown(p), "recall": shown(r), "f1": shown(f),
-                            "support": [int(v) for v in support]}
-    else:
-        out["balanced_accuracy"] = float("nan")
-    cm = confusion_matrix(y, pred, labels=list(range(c)))
-    support = cm.sum(1)
-    out["per_class_accuracy"] = {
-        name: (float(cm[i, i] / support[i]) if support[i] else None) for i, name in enumerate(classes)
-    }
-    out["confusion_matrix"] = cm.tolist()
-    return out
 
 
 BIASED_VAL_NOTE = ("val numbers are selection-biased: the kept epoch was chosen on val loss and the set has no test "
@@ -254,14 +146,6 @@ def new_folder(out: str | None, runs: str, label: str) -> Path:
                 path = base.with_name(f"{base.name}-{n}")
     except OSError as e:
         raise RunError(f"cannot create run directory {path}: {e.strerror or e}; choose another {option}", option=option) from None
-
-
-def _is_size(value) -> bool:
-    try:
-        parse_size(value)
-        return True
-    except ValueError:
-        return False
 
 
 def _memory_need(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> int:

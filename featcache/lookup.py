@@ -26,7 +26,8 @@ from .errors import BackboneMismatch, RunError, StoreError, WeightsError
 from .pipeline import MAX_CAST_ERROR, Writer, cast_error, commit_partial, finite_rows, run_backbone
 from .runs import RunRecord, run_store
 from .store import Store, open_store, space_key
-from .stream import RowReader, prepare_features
+from .pooling import prepare_features
+from .stream import RowReader
 
 __all__ = ["RowCounts", "load_run", "run_rows", "space_differences"]
 

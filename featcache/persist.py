@@ -10,9 +10,7 @@ file renamed into place, so a reader never sees half a file.
 from __future__ import annotations
 
 import json
-import math
 import os
-import reprlib
 import stat
 import zipfile
 from dataclasses import dataclass, field
@@ -22,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from .errors import RunError
+from .fields import Fields
 
-__all__ = ["MAX_JSON_BYTES", "MAX_ARRAY_BYTES", "MAX_JSON_DEPTH", "Fields", "HeadRecord", "read_json", "write_json",
+__all__ = ["MAX_JSON_BYTES", "MAX_ARRAY_BYTES", "MAX_JSON_DEPTH", "HeadRecord", "read_json", "write_json",
            "json_text", "write_table", "read_table",
-           "read_arrays", "write_arrays", "write_atomic", "check_numeric", "is_int", "is_number"]
+           "read_arrays", "write_arrays", "write_atomic", "check_numeric"]
 
 MAX_JSON_BYTES = 64 << 20
 MAX_ARRAY_BYTES = 8 << 30  # a rest head of a large backbone is a few hundred MB
@@ -198,76 +197,6 @@ def check_numeric(arrays: dict[str, np.ndarray], where: str, file: str) -> None:
                            "the run directory is damaged, re-run featcache fit")
 
 
-_short = reprlib.Repr()
-_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 40, 40, 4, 4
-_MISSING = object()
-
-
-class Fields:
-    """Typed access to one JSON object of a run file; a bad field is a RunError naming run, file and field."""
-
-    def __init__(self, doc: Any, where: str, file: str, prefix: str = ""):
-        self.where, self.file, self.prefix = where, file, prefix
-        if not isinstance(doc, dict):
-            raise RunError(f"{where}: {file}{' field ' + repr(prefix) if prefix else ''} must be a JSON object; "
-                           f"got {_short.repr(doc)}. The run directory is damaged; re-run featcache fit")
-        self.doc = doc
-
-    def bad(self, name: str, want: str, got: Any = _MISSING) -> RunError:
-        shown = "nothing (missing)" if got is _MISSING else _short.repr(got)
-        return RunError(f"{self.where}: {self.file} field {self.prefix + name!r} must be {want}; got {shown}. "
-                        "The run directory is damaged; re-run featcache fit")
-
-    def get(self, name: str, check, want: str, optional: bool = False, default: Any = None) -> Any:
-        """The value of ``name`` if ``check(value)``; ``default`` when ``optional`` and missing or null."""
-        if name not in self.doc:
-            if optional:
-                return default
-            raise self.bad(name, want)
-        value = self.doc[name]
-        if value is None and optional:
-            return default
-        if not check(value):
-            raise self.bad(name, want, value)
-        return value
-
-    def integer(self, name: str, lo: int = 0, hi: int = 2**62, optional: bool = False) -> int | None:
-        return self.get(name, lambda v: is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi}]", optional)
-
-    def number(self, name: str, lo: float = -math.inf, hi: float = math.inf, optional: bool = False,
-               nonfinite: bool = False) -> float | None:
-        """A finite number in [lo, hi]; also NaN or ±inf when ``nonfinite`` (a loss that diverged)."""
-        def ok(v):
-            return is_number(v) and ((math.isfinite(v) and lo <= v <= hi) or (nonfinite and not math.isfinite(v)))
-
-        want = f"a finite number in [{lo}, {hi}]" + (" (or NaN/inf)" if nonfinite else "")
-        return self.get(name, ok, want, optional)
-
-    def text(self, name: str, optional: bool = False, choices: tuple[str, ...] | None = None) -> str | None:
-        if choices:
-            return self.get(name, lambda v: v in choices, "one of " + ", ".join(choices), optional)
-        return self.get(name, lambda v: isinstance(v, str), "a string", optional)
-
-    def flag(self, name: str, optional: bool = False, default: bool | None = None) -> bool | None:
-        return self.get(name, lambda v: isinstance(v, bool), "true or false", optional, default)
-
-    def obj(self, name: str, optional: bool = False) -> "Fields | None":
-        value = self.get(name, lambda v: isinstance(v, dict), "a JSON object", optional)
-        return None if value is None else Fields(value, self.where, self.file, f"{self.prefix}{name}.")
-
-    def shape(self, name: str, max_dims: int = 8) -> tuple[int, ...]:
-        def ok(v):
-            return isinstance(v, list) and 0 < len(v) <= max_dims and all(is_int(d) and 0 < d < 2**31 for d in v)
-
-        return tuple(self.get(name, ok, f"a list of 1 to {max_dims} positive integers"))
-
-
-def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)

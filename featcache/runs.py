@@ -23,23 +23,21 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import RunError, StoreError
-from .config import RUN_SORTS, ExtractConfig
-from .heads import MAX_CLASSES, check_head
-from .persist import Fields, HeadRecord, is_int, is_number, json_text, read_json, read_table, write_json, write_table
-from .stream import prepared_shape
-
-if TYPE_CHECKING:
-    from .fit import FitConfig
+from .choices import MAX_CLASSES, RUN_SORTS, SPLITS
+from .config import ExtractConfig, FitConfig
+from .heads import check_head
+from .fields import Fields, is_int, is_number
+from .persist import HeadRecord, json_text, read_json, read_table, write_json, write_table
+from .pooling import prepared_shape
 
 __all__ = ["RUN_FILES", "SORTS", "RunRecord", "read_run", "run_store", "list_runs", "format_runs", "describe_selection"]
 
 RUN_FILES = ("config.json", "metrics.json", "history.json", "head.json", "head.npz")  # + confusion_matrix.SPLIT.npy
-SPLITS = ("train", "val", "test")
 _HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
 _TYPES = {  # dataclass annotations (as strings) -> JSON value check
     "int": is_int,
@@ -212,8 +210,6 @@ class RunRecord:
     @classmethod
     def from_dict(cls, info: Any, metrics: Any, history: Any, head: HeadRecord, where: str) -> "RunRecord":
         """Parse and check the run's documents; each failure is a RunError naming ``where``, the file and the field."""
-        from .fit import FitConfig  # fit writes runs through this module
-
         f = Fields(info, where, "config.json")
         known = {x.name for x in dataclasses.fields(cls)} - {"metrics", "history", "head"}
         for key in info:

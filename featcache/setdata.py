@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import FIT_POOLS
+from .choices import FIT_POOLS
 from .errors import FeatcacheError
 from .stream import RowReader, memory_budget
 

@@ -19,47 +19,13 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from .errors import StoreError
+from .pooling import prepare_features, prepared_shape
+from .units import parse_size
 
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["prepare_features", "prepared_shape", "RowReader", "Streamed", "memory_budget", "parse_size"]
-
-
-def prepare_features(x: np.ndarray, pool: str = "none") -> np.ndarray:
-    """Stored rows → float32 2-D matrix: spatial maps pooled (``avg``/``max``) or flattened."""
-    if x.ndim == 4 and pool == "avg":
-        x = x.mean(axis=(2, 3), dtype=np.float32)
-    elif x.ndim == 4 and pool == "max":
-        x = x.max(axis=(2, 3))
-    return x.reshape(len(x), -1).astype(np.float32, copy=False)
-
-
-def prepared_shape(shape: tuple[int, ...], pool: str, keep_shape: bool) -> tuple[int, ...]:
-    """Shape of one row after ``prepare_features`` (or as stored, for heads that take maps)."""
-    if keep_shape:
-        return tuple(shape)
-    if len(shape) == 3 and pool in ("avg", "max"):
-        return (shape[0],)
-    return (int(np.prod(shape)),)
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str | int | float) -> int:
-    """``"4GB"``, ``"512MiB"``, ``"1.5g"``, ``2_000_000`` → bytes (> 0)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        number, unit = float(text), ""
-    else:
-        s = str(text).strip().lower().replace(" ", "")
-        digits = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-        number, unit = (float(digits) if digits else float("nan")), s[len(digits):]
-    size = number * _UNITS.get(unit, float("nan"))
-    if not 1 <= size < 2**63:  # also NaN, a size that rounds to 0 bytes and one that overflows
-        raise ValueError(f"expected a size like 4GB, 512MiB or 2000000 (bytes), at least 1 byte; got {text!r}")
-    return int(size)
+__all__ = ["RowReader", "Streamed", "memory_budget"]
 
 
 def memory_budget(setting: str | int = "auto") -> int:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import FeatcacheError
-from .fit import (BIASED_VAL_NOTE, HEAD_OPTIONS, FitConfig, FitResult, check_memory_for, check_set_for,
+from .config import FitConfig
+from .fit import (BIASED_VAL_NOTE, HEAD_OPTIONS, FitResult, check_memory_for, check_set_for,
                   discard_run_dir, fit_loaded, load_fit_data, new_folder, open_fit_set, open_tracking_for)
 from .heads import head_class, head_params
 

@@ -31,14 +31,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import TRACKERS
+from .choices import SPLITS, TRACKERS
 from .errors import FeatcacheError
 
 __all__ = ["TRACKERS", "Tracker", "MLflowTracker", "TensorBoardTracker", "Tracking", "open_tracking",
            "final_metrics", "param_value", "run_params", "grouped_tag"]
 
 _FINAL = ("top1", "top5", "log_loss", "balanced_accuracy")
-_SPLITS = ("train", "val", "test")
 _MODEL_FILES = ("head.json", "head.npz")
 
 
@@ -71,7 +70,7 @@ def grouped_tag(name: str) -> str:
     """``train_loss`` → ``loss/train``, ``val_top1`` → ``top1/val``, ``seconds`` → ``time/epoch_seconds``:
     TensorBoard shows one chart group per quantity, a curve per split."""
     split, _, rest = name.partition("_")
-    if split in _SPLITS and rest:
+    if split in SPLITS and rest:
         return f"{rest}/{split}"
     return "time/epoch_seconds" if name == "seconds" else name
 

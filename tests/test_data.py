@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.data import load_rgb, parse_split, scan
+from featcache.config import parse_split
+from featcache.data import load_rgb, scan
 from featcache.errors import DataError
 
 from .conftest import make_folder

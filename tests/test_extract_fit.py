@@ -10,7 +10,7 @@ import featcache
 from featcache.backbones import create_backbone
 from featcache.data import load_rgb
 from featcache.errors import AmbiguousSet, DataError, SetNotFound, StoreError
-from featcache.fit import FitConfig
+from featcache.config import FitConfig
 from featcache.heads import load_head
 
 from .conftest import TINY, make_folder

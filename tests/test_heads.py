@@ -19,7 +19,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import featcache
 from featcache.cli import main
-from featcache.fit import HEAD_OPTIONS, FitConfig
+from featcache.config import FitConfig
+from featcache.fit import HEAD_OPTIONS
 from featcache.heads import (C_GRID, HEADS, LinearHead, LogRegHead, MLPHead, RestHead, SVMHead, head_class, head_params,
                              load_head, make_head, save_head)
 from featcache.heads._linear import CEdgeWarning

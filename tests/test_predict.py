@@ -28,7 +28,7 @@ def trained(folder, store_url, tmp_path):
 def test_predict_matches_the_head_on_stored_features(trained, folder, store_url, head):
     run = trained[head]
     fs = featcache.open_store(store_url).get_set()
-    from featcache.fit import prepare_features
+    from featcache.pooling import prepare_features
 
     stored = featcache.load_head(run).predict_proba(prepare_features(fs.features("val"), "avg" if head == "logreg" else "none"))
     results = predict(run, [folder / p for p in fs.paths("val")], top_k=3, backbone=TINY)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import featcache
 import featcache.report
 from featcache.cli import main
-from featcache.fit import compute_metrics
+from featcache.metrics import compute_metrics
 from featcache.runs import RunRecord
 from featcache.sweep import sweep
 

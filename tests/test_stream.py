@@ -12,7 +12,9 @@ import featcache
 import featcache.store
 from benchmarks.throughput import synthetic_set
 from featcache.cli import main
-from featcache.stream import RowReader, Streamed, parse_size, prepare_features
+from featcache.pooling import prepare_features
+from featcache.stream import RowReader, Streamed
+from featcache.units import parse_size
 
 from .conftest import TINY
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import featcache
 from featcache.cli import main
-from featcache.fit import FitConfig
+from featcache.config import FitConfig
 from featcache.runs import RunRecord, list_runs
 from featcache.sweep import combinations, sweep
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import featcache
 from featcache.cli import main
-from featcache.fit import FitConfig
+from featcache.config import FitConfig
 from featcache.runs import RunRecord
 from featcache.sweep import sweep
 from featcache.heads import head_params, load_head

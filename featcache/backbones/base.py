@@ -35,7 +35,7 @@ __all__ = [
     "describe_transform",
 ]
 
-from ..config import POOLS, PRECISIONS  # noqa: E402  (one source for the command line and the library)
+from ..choices import POOLS, PRECISIONS  # noqa: E402  (one source for the command line and the library)
 INIT_SEED = 0  # random-init ("none") weights are seeded so the same name means the same network
 WEIGHTS_VALUES = "(--weights takes DEFAULT, a torchvision weights name, none, or a state-dict file)"
 

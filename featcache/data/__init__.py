@@ -20,15 +20,11 @@ from .images import (
 )
 from .labels import (
     CSV_NAMES,
-    DEFAULT_NAME_PATTERN,
-    SPLIT_NAMES,
-    parse_classes,
-    parse_name_pattern,
     read_labels_csv,
     split_of,
 )
 from .layouts import Layout, Skip, find_layout
-from .manifest import Item, Manifest, hash_file, parse_split, safe_join, scan
+from .manifest import Item, Manifest, hash_file, safe_join, scan
 
 __all__ = [
     "DECODE_RECIPE",
@@ -41,19 +37,14 @@ __all__ = [
     "load_rgb",
     "open_regular",
     "CSV_NAMES",
-    "DEFAULT_NAME_PATTERN",
-    "SPLIT_NAMES",
     "Layout",
     "Skip",
     "find_layout",
-    "parse_classes",
-    "parse_name_pattern",
     "split_of",
     "read_labels_csv",
     "Item",
     "Manifest",
     "hash_file",
-    "parse_split",
     "safe_join",
     "scan",
 ]

@@ -8,27 +8,21 @@ import os
 import re
 import signal
 import time
-import unicodedata
 from pathlib import Path
 from typing import Sequence
 
-from ..config import DEFAULT_NAME_PATTERN  # one source with the command line
+from ..choices import DEFAULT_NAME_PATTERN  # one source with the command line
 from ..errors import DataError
 from ..runtime import die_with_parent
 
 __all__ = [
-    "SPLIT_NAMES",
     "CSV_NAMES",
-    "DEFAULT_NAME_PATTERN",
     "split_of",
     "is_store_dir",
-    "parse_name_pattern",
     "labels_by_pattern",
-    "parse_classes",
     "read_labels_csv",
 ]
 
-SPLIT_NAMES = ("train", "val", "test")
 CSV_NAMES = ("metadata.csv", "labels.csv")
 """The prefix before the first ``.`` or ``_``: ``cat.0.jpg`` → ``cat``, ``dog_12.png`` → ``dog``."""
 
@@ -49,21 +43,6 @@ def split_of(name: str) -> str | None:
 def is_store_dir(path: Path) -> bool:
     """A Zarr store (``*.zarr`` or a folder holding ``zarr.json``): never scanned as data."""
     return path.name.lower().endswith(".zarr") or (path / "zarr.json").exists() or (path / ".zgroup").exists()
-
-
-def parse_name_pattern(text: str | None) -> str | None:
-    """Check a ``--labels-from-name`` regular expression: it must compile and have one group."""
-    if text is None:
-        return None
-    try:
-        groups = re.compile(text).groups
-    except re.error as e:
-        raise DataError(f"--labels-from-name takes a regular expression with one group like {DEFAULT_NAME_PATTERN!r}; "
-                        f"{text!r} does not compile ({e})", option="--labels-from-name") from None
-    if groups != 1:
-        raise DataError(f"--labels-from-name takes a regular expression with exactly one group (the label), like "
-                        f"{DEFAULT_NAME_PATTERN!r}; {text!r} has {groups}", option="--labels-from-name")
-    return text
 
 
 MATCH_SECONDS = 5.0
@@ -125,16 +104,6 @@ def labels_by_pattern(pattern: str, names: Sequence[str]) -> list[str | None]:
             proc.kill()
         proc.join()
         here.close()
-
-
-def parse_classes(value: str | Sequence[str] | None, option: str = "--classes") -> tuple[str, ...] | None:
-    """``"cats,dogs"`` → ``("cats", "dogs")``; None stays None; an empty list is refused."""
-    if value is None:
-        return None
-    names = [unicodedata.normalize("NFC", n.strip()) for n in (value.split(",") if isinstance(value, str) else value)]
-    if not names or not all(names):
-        raise DataError(f"{option} takes class names like cats,dogs; got {value!r}", option=option)
-    return tuple(dict.fromkeys(names))
 
 
 def read_labels_csv(path: Path, root: Path) -> list[tuple[str | None, str | None, Path]]:

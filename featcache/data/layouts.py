@@ -27,8 +27,9 @@ from typing import Sequence
 
 from ..errors import DataError
 from .images import is_image_name
-from .labels import (CSV_NAMES, DEFAULT_NAME_PATTERN, SPLIT_NAMES, is_store_dir, labels_by_pattern, parse_classes,
-                     parse_name_pattern, read_labels_csv, split_of)
+from ..choices import DEFAULT_NAME_PATTERN, SPLITS
+from ..config import parse_classes, parse_name_pattern
+from .labels import CSV_NAMES, is_store_dir, labels_by_pattern, read_labels_csv, split_of
 
 __all__ = ["Skip", "Layout", "find_layout"]
 
@@ -70,7 +71,7 @@ class Layout:
             return f"{folder or '.'} ({split}{extra})"
 
         if self.labels_from == "csv":
-            splits = [s for s in SPLIT_NAMES if any(s == sp for sp, _ in self.sources)]
+            splits = [s for s in SPLITS if any(s == sp for sp, _ in self.sources)]
             parts = [f"labels from {self.labels_file}" + (
                 f", splits {', '.join(s + (' (unlabelled)' if s in self.unlabelled else '') for s in splits)}"
                 if splits else "")]
@@ -236,7 +237,7 @@ def _split_folders(finder: _Finder, base: Path, dirs: list[Path]) -> list[tuple[
             raise DataError(f"two folders for the {split} split in {base}: {names}. Keep one: merge them, "
                             f"or move or rename the other so that it is not read as a split.")
     out = []
-    for split in SPLIT_NAMES:
+    for split in SPLITS:
         if split not in found:
             continue
         folder = found[split][0]

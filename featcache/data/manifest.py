@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,11 +25,13 @@ import numpy as np
 
 from ..errors import DataError
 from .images import IMAGE_EXTENSIONS, NotRegularFile, open_regular
-from .layouts import SPLIT_NAMES, Layout, Skip, find_layout
+from ..choices import SPLITS
+from ..config import parse_split
+from .layouts import Layout, Skip, find_layout
 from .scancache import ScanCache, signature
 
 __all__ = [
-    "hash_all", "Item", "Manifest", "scan", "parse_split", "safe_join", "hash_file"]
+    "hash_all", "Item", "Manifest", "scan", "safe_join", "hash_file"]
 
 _HASH_THREADS = 8
 _log = logging.getLogger("featcache.data")
@@ -64,7 +65,7 @@ class Manifest:
 
     def split_names(self) -> list[str]:
         present = {it.split for it in self.items}
-        return [s for s in SPLIT_NAMES if s in present]
+        return [s for s in SPLITS if s in present]
 
     def items_in(self, split: str) -> list[Item]:
         return [it for it in self.items if it.split == split]
@@ -78,22 +79,6 @@ class Manifest:
     def describe(self) -> str:
         """One line saying what was found, e.g. ``layout: split folders train (train), val (val); 3 classes: ...``."""
         return self.found.describe(_split_note(self.found, self.split_fractions, self.split_seed)) if self.found else ""
-
-
-def parse_split(text: str | Sequence[float] | None) -> tuple[float, ...] | None:
-    """``"0.8,0.2"`` → ``(0.8, 0.2)``; two or three positive fractions summing to 1."""
-    if text is None or text == "":
-        return None
-    try:
-        parts = tuple(float(p) for p in (text.split(",") if isinstance(text, str) else text))
-    except ValueError:
-        raise DataError(f"split takes two or three fractions like 0.8,0.2 or 0.7,0.15,0.15; got {text!r}", option="--split") from None
-    if len(parts) not in (2, 3) or not all(math.isfinite(p) and p > 0 for p in parts) or not abs(sum(parts) - 1.0) <= 1e-6:
-        raise DataError(
-            f"split takes two or three positive fractions that sum to 1 (train,val[,test]); got {text!r}",
-            option="--split",
-        )
-    return parts
 
 
 def hash_file(path: str | os.PathLike) -> tuple[str, int]:
@@ -157,7 +142,7 @@ def _stratified_split(labels: np.ndarray, hashes: list[str], fractions: tuple[fl
     fractions. The same seed gives the same split, and adding n images to a class moves only
     existing images next to a cut (at most n per cut), where a reshuffle could move any.
     """
-    names = SPLIT_NAMES[: len(fractions)]
+    names = SPLITS[: len(fractions)]
     out = np.empty(len(labels), dtype=object)
     bounds = np.cumsum(fractions)
     for label in np.unique(labels):
@@ -283,7 +268,7 @@ def scan(
         kept = [(next(carved), *k[1:]) if k[0] == first else k for k in kept]
 
     items = [Item(rel, name, label, h, n) for name, label, rel, h, n in kept]
-    items.sort(key=lambda it: (SPLIT_NAMES.index(it.split) if it.split in SPLIT_NAMES else -1, it.label, it.path))
+    items.sort(key=lambda it: (SPLITS.index(it.split) if it.split in SPLITS else -1, it.label, it.path))
     return Manifest(
         root=root,
         classes=classes_,
@@ -293,7 +278,7 @@ def scan(
         layout=found.kind,
         split_fractions=fractions,
         split_seed=seed if fractions is not None else None,
-        unlabelled=[s for s in SPLIT_NAMES if s in found.unlabelled],
+        unlabelled=[s for s in SPLITS if s in found.unlabelled],
         found=found,
     )
 

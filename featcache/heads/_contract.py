@@ -17,15 +17,15 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from ..config import INITS, OPTIMIZERS
+from ..choices import INITS, MAX_CLASSES, OPTIMIZERS
 from ..errors import RunError
-from ..persist import Fields, HeadRecord
+from ..fields import Fields
+from ..persist import HeadRecord
 from ..stream import Streamed
 
 __all__ = ["C_GRID", "INITS", "OPTIMIZERS", "MAX_CLASSES", "Head", "softmax", "check_arrays"]
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-MAX_CLASSES = 1_000_000
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 over them (:mod:`.sets`, :mod:`.records`), opening and listing (:mod:`.store`), and looking after
 it (:mod:`.maintenance`: status, verify, gc)."""
 
-from .records import PRECISIONS, SetRecord
+from .records import SetRecord
 from .rows import (
     LEASE_TTL_S,
     Segment,
@@ -11,9 +11,7 @@ from .rows import (
     default_compressor,
     digest_key,
     group_bytes,
-    human_bytes,
     is_read_only,
-    now_iso,
     space_key,
 )
 from .sets import FeatureSet
@@ -22,7 +20,6 @@ from .store import FORMAT_VERSION, Store, local_path, open_store, resolved_url
 __all__ = [
     "FORMAT_VERSION",
     "LEASE_TTL_S",
-    "PRECISIONS",
     "Store",
     "FeatureSet",
     "SetRecord",
@@ -34,9 +31,7 @@ __all__ = [
     "space_key",
     "digest_key",
     "default_compressor",
-    "now_iso",
     "created_by",
     "group_bytes",
-    "human_bytes",
     "is_read_only",
 ]

@@ -13,7 +13,8 @@ import zarr
 
 from ..data import safe_join, scan
 from ..errors import DataError, StoreError
-from .rows import child_groups, group_bytes, parse_time
+from ..units import parse_time
+from .rows import child_groups, group_bytes
 from .sets import FeatureSet
 from .store import Store
 

@@ -36,8 +36,9 @@ import numpy as np
 import zarr
 
 from ..errors import StoreError
-from .records import SPLITS
-from .rows import child_groups, created_by, is_read_only, now_iso, require_group
+from ..choices import SPLITS
+from ..units import now_iso
+from .rows import child_groups, created_by, is_read_only, require_group
 from .store import FORMAT_VERSION, Store, _version_of
 
 __all__ = ["MigrationReport", "migrate", "V1_DECODE", "LOCK"]

@@ -13,14 +13,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from ..choices import MAX_CLASSES, RECORDED_PRECISIONS, SPLITS
 from ..errors import StoreError
 
-__all__ = ["SetRecord", "SPLITS", "MAX_CLASSES", "PRECISIONS", "parse_files"]
+__all__ = ["SetRecord", "parse_files"]
 
-SPLITS = ("train", "val", "test")
 SET_ARRAYS = ("sha256", "labels", "paths_utf8", "paths_offsets")  # per split
-MAX_CLASSES = 100_000
-PRECISIONS = ("float32", "tf32", "bfloat16", "float16", "unrecorded")  # unrecorded: migrated from format 1
 _MAX_DIMS = 8
 _MAX_TEXT = 4096
 _MAX_LIST = 1_000_000
@@ -176,8 +174,8 @@ class SetRecord:
         if dtype not in ("float16", "float32") or prov.get("dtype") != dtype:
             raise _Bad("dtype", "float16 or float32, as in space_provenance")
         precision = a.get("precision")
-        if precision not in PRECISIONS or prov.get("precision") != precision:
-            raise _Bad("precision", f"one of {', '.join(PRECISIONS)}, as in space_provenance")
+        if precision not in RECORDED_PRECISIONS or prov.get("precision") != precision:
+            raise _Bad("precision", f"one of {', '.join(RECORDED_PRECISIONS)}, as in space_provenance")
         pool = a.get("pool")
         if pool not in ("none", "avg", "max"):
             raise _Bad("pool", "none, avg or max")

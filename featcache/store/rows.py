@@ -39,6 +39,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from ..units import human_bytes, now_iso, parse_time
 from ..errors import StoreError
 from .chunks import ChunkReader
 
@@ -59,11 +60,8 @@ __all__ = [
     "write_array",
     "read_checked",
     "default_compressor",
-    "now_iso",
     "created_by",
     "group_bytes",
-    "human_bytes",
-    "parse_time",
     "require_group",
     "child_groups",
     "MAX_META_BYTES",
@@ -75,28 +73,6 @@ _CHUNKS_PER_SHARD = 32  # one file per ~64 MiB of rows
 MAX_META_BYTES = 8 << 20  # a zarr.json larger than this is refused unread (a damaged or hostile store)
 LEASE_TTL_S = 600.0  # a lease not renewed for this long belongs to a process that is gone
 _LEASE_RENEW_S = 60.0
-
-
-def human_bytes(n: float) -> str:
-    """1234567 → '1.2 MB' (decimal units)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An ISO time stamp written by ``now_iso``, or None when it is not one."""
-    try:
-        stamp = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=timezone.utc)
 
 
 def created_by() -> str:

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ..units import human_bytes, now_iso
 from ..errors import AmbiguousSet, DataError, SetNotFound, StoreError
 from .records import SetRecord, parse_files
 from . import rows as _rows
 from .rows import (Rows, child_groups, created_by, digest_values, encode_strings, group_bytes,
-                   hashes_to_array, human_bytes, now_iso, require_group, write_array)
+                   hashes_to_array, require_group, write_array)
 from .rows import _meta_size
 from .sets import FILE_LISTS, FeatureSet
 

@@ -1,0 +1,30 @@
+"""Pooling of stored rows, in one place: spatial maps to vectors for heads that take vectors.
+
+``extract --pool`` pools before storing (the backbones' own pooling modules); ``fit --fit-pool``
+and every reader of stored rows pool here, so a run's rows are prepared the same way wherever
+they are read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["prepare_features", "prepared_shape"]
+
+
+def prepare_features(x: np.ndarray, pool: str = "none") -> np.ndarray:
+    """Stored rows → float32 2-D matrix: spatial maps pooled (``avg``/``max``) or flattened."""
+    if x.ndim == 4 and pool == "avg":
+        x = x.mean(axis=(2, 3), dtype=np.float32)
+    elif x.ndim == 4 and pool == "max":
+        x = x.max(axis=(2, 3))
+    return x.reshape(len(x), -1).astype(np.float32, copy=False)
+
+
+def prepared_shape(shape: tuple[int, ...], pool: str, keep_shape: bool) -> tuple[int, ...]:
+    """Shape of one row after ``prepare_features`` (or as stored, for heads that take maps)."""
+    if keep_shape:
+        return tuple(shape)
+    if len(shape) == 3 and pool in ("avg", "max"):
+        return (shape[0],)
+    return (int(np.prod(shape)),)
