@@ -24,7 +24,7 @@ import featcache
 from featcache.backbones import create_backbone
 from featcache.data import load_rgb, scan
 from featcache.heads import MLPHead
-from featcache.store import digest_key
+from featcache.keys import digest_key
 from featcache.stream import RowReader
 
 __all__ = ["extract_vs_forward", "reader_vs_path", "fit_vs_bare", "synthetic_set"]

@@ -28,10 +28,10 @@ from .choices import DTYPES, SPLITS, default_store_url
 from .config import ExtractConfig
 from .data import DECODE_RECIPE, Item, Manifest, Skip, scan
 from .units import human_bytes, now_iso
+from .keys import row_key, set_key, space_key
 from .errors import DataError, FeatcacheError, StoreError
-from .pipeline import Writer, checked, commit_partial, resolve_device, row_key, run_backbone
-from .store import (SetRecord, Store, created_by, digest_key, is_read_only, open_store,
-                    space_key)
+from .pipeline import Writer, checked, commit_partial, resolve_device, run_backbone
+from .store import SetRecord, Store, created_by, is_read_only, open_store
 
 __all__ = ["DTYPES", "ExtractConfig", "ExtractResult", "LayersResult", "Interrupted", "extract", "default_store_url"]
 
@@ -187,7 +187,7 @@ def _run_model(
 
     Returns the reasons of images that failed to decode (by content hash) and stage timings.
     """
-    keys = [row_key(it, views[i] if views else None) for i, it in enumerate(todo)]
+    keys = [row_key(it.sha256, views[i] if views else None) for i, it in enumerate(todo)]
     writers = [Writer(store, space, sum(k not in held for k in keys), part.shape, cfg.dtype, cfg.checkpoint_s)
                for part, space, held in zip(joint.parts, spaces, have)]
     for w in writers:
@@ -468,7 +468,7 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
         known_views = [store.known_hashes(space) for space in view_spaces]
         train = {it.sha256: it for it in manifest.items if it.split == "train" and it.sha256 not in failed}
         jobs = [(it, k) for it in train.values() for k in range(cfg.views)
-                if any(f"{it.sha256}:{k}" not in held for held in known_views)]
+                if any(row_key(it.sha256, k) not in held for held in known_views)]
         if store.read_only and jobs:
             raise _read_only_error(cfg.store, store.read_only, f"{len(jobs)} augmented views are not in it yet")
         _barrier(world)
@@ -507,19 +507,10 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
     results = []
     for part, space, view_space, provenance, part_cfg, held in zip(joint.parts, spaces, view_spaces, provenances,
                                                                   configs, known):
-        set_key = digest_key(
-            {
-                "space": space,
-                "view": view.digest(),
-                "data_root": data_root,  # identical copies in two folders share rows, not a set record
-                "split_fractions": list(manifest.split_fractions) if manifest.split_fractions else None,
-                "split_seed": manifest.split_seed,
-                **({"views": cfg.views, "view_space": view_space} if cfg.views else {}),
-            },
-            12,
-        )
+        key = set_key(space, view.digest(), data_root, manifest.split_fractions, manifest.split_seed, cfg.views,
+                      view_space)
         record = SetRecord(
-            key=set_key, space=space, space_provenance=provenance, backbone=part.name, layer=part.layer,
+            key=key, space=space, space_provenance=provenance, backbone=part.name, layer=part.layer,
             pool=part.pool, dtype=cfg.dtype, precision=precision, weights_id=part.weights_id,
             weights_sha256=part.weights_sha256, preprocessing=part.preprocessing,
             classes=tuple(manifest.classes), splits={s: sum(1 for it in kept if it.split == s) for s in splits},
@@ -537,16 +528,16 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
             one = Joint((part,), part.model)
             _restore_missing(one, manifest, kept, store, space, view_space, augment, cfg, progress)
             try:
-                store.write_set(set_key, record, arrays)
+                store.write_set(key, record, arrays)
             except OSError as e:
-                raise _storage_error(e, cfg.store, f"the set {set_key} of this folder is not recorded in it yet") from None
+                raise _storage_error(e, cfg.store, f"the set {key} of this folder is not recorded in it yet") from None
             _restore_missing(one, manifest, kept, store, space, view_space, augment, cfg, progress)
         _barrier(world)  # the set is committed before any rank returns
-        set_bytes = store.set_bytes(store.get_set(set_key)) if rank == 0 else 0
+        set_bytes = store.set_bytes(store.get_set(key)) if rank == 0 else 0
         extracted = sum(1 for h in todo if h not in held and h not in failed)  # by all ranks together
         stats = store.space_stats(space)
         results.append(ExtractResult(
-            set_key=set_key,
+            set_key=key,
             space=space,
             store=cfg.store,
             splits=record.splits,
@@ -578,7 +569,7 @@ def _restore_missing(joint: Joint, manifest: Manifest, kept: list[Item], store: 
         if view_space:
             known_views = store.known_hashes(view_space)
             view_jobs = [(it, k) for it in {i.sha256: i for i in kept if i.split == "train"}.values()
-                         for k in range(cfg.views) if f"{it.sha256}:{k}" not in known_views]
+                         for k in range(cfg.views) if row_key(it.sha256, k) not in known_views]
         if not jobs and not view_jobs:
             return
         failed, _ = _compute(joint, manifest, jobs, store, [space], [known], cfg, progress)

@@ -25,7 +25,8 @@ from .data import DECODE_RECIPE
 from .errors import BackboneMismatch, RunError, StoreError, WeightsError
 from .pipeline import MAX_CAST_ERROR, Writer, cast_error, commit_partial, finite_rows, run_backbone
 from .runs import RunRecord, run_store
-from .store import Store, open_store, space_key
+from .keys import space_key
+from .store import Store, open_store
 from .pooling import prepare_features
 from .stream import RowReader
 

@@ -33,7 +33,7 @@ from .runtime import keep_memory
 from .store import Store
 
 __all__ = ["Batch", "Images", "Writer", "run_backbone", "resolve_device", "progress_bar", "checked", "finite_rows",
-           "commit_partial", "row_key", "cast_error", "MAX_CAST_ERROR"]
+           "commit_partial", "cast_error", "MAX_CAST_ERROR"]
 
 
 class _Item(Protocol):
@@ -276,11 +276,6 @@ def _cast_error(x: np.ndarray, stored: np.ndarray) -> np.ndarray:
         diff = np.linalg.norm((x - stored.astype(np.float32)) * scale, axis=1)
         norm = np.linalg.norm(x * scale, axis=1)
         return np.divide(diff, norm, out=np.zeros_like(diff), where=norm > 0)
-
-
-def row_key(item: _Item, view: int | None) -> str:
-    """The key a row is stored under: the image's SHA-256, with ``:<view>`` for an augmented view."""
-    return item.sha256 if view is None else f"{item.sha256}:{view}"
 
 
 class Writer(threading.Thread):

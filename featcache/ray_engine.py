@@ -288,7 +288,8 @@ def run_model(joint, manifest, todo: Sequence, store, spaces: list[str], have: l
     seconds summed over the cluster (``decode``, ``forward``, ``write``) and the model actors seen."""
     from .backbones import resolve_precision
     from .backbones.factory import PYTHON
-    from .pipeline import resolve_device, row_key
+    from .keys import row_key
+    from .pipeline import resolve_device
 
     ray = connect(cfg.ray_address)
     from ray.data import ActorPoolStrategy, DataContext, Datasink
@@ -300,7 +301,7 @@ def run_model(joint, manifest, todo: Sequence, store, spaces: list[str], have: l
         ctx.enable_operator_progress_bars = bool(progress)
 
     bs = cfg.batch_size
-    keys = [row_key(it, views[i] if views else None) for i, it in enumerate(todo)]
+    keys = [row_key(it.sha256, views[i] if views else None) for i, it in enumerate(todo)]
     plans = []
     for j in range(-(-len(todo) // bs)):
         span = range(j * bs, min(len(todo), (j + 1) * bs))

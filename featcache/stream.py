@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from .errors import StoreError
+from .keys import row_key
 from .pooling import prepare_features, prepared_shape
 from .units import parse_size
 
@@ -235,7 +236,7 @@ class Streamed:
     def _reader(self, rng: np.random.Generator | None) -> RowReader:
         if rng is not None and self.views:  # one augmented view per image this epoch
             picks = rng.integers(self.views, size=len(self.hashes))
-            return RowReader(self.store, self.view_space, [f"{h}:{k}" for h, k in zip(self.hashes, picks.tolist())],
+            return RowReader(self.store, self.view_space, [row_key(h, k) for h, k in zip(self.hashes, picks.tolist())],
                              self.stored_shape, self.pool, self.keep_shape)
         return RowReader(self.store, self.space, self.hashes, self.stored_shape, self.pool, self.keep_shape)
 

@@ -11,7 +11,7 @@ import featcache
 from featcache import lookup
 from featcache.cli import main
 from featcache.evaluate import evaluate
-from featcache.store import space_key
+from featcache.keys import space_key
 
 from .conftest import COLOURS, TINY, make_folder
 

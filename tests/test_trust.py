@@ -18,7 +18,7 @@ from PIL import Image
 import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
-from featcache.store import digest_key
+from featcache.keys import digest_key
 from featcache.store.maintenance import gc, status, verify
 
 from .conftest import TINY, make_folder

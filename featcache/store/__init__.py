@@ -9,10 +9,8 @@ from .rows import (
     SegmentWriter,
     created_by,
     default_compressor,
-    digest_key,
     group_bytes,
     is_read_only,
-    space_key,
 )
 from .sets import FeatureSet
 from .store import FORMAT_VERSION, Store, local_path, open_store, resolved_url
@@ -28,8 +26,6 @@ __all__ = [
     "open_store",
     "local_path",
     "resolved_url",
-    "space_key",
-    "digest_key",
     "default_compressor",
     "created_by",
     "group_bytes",

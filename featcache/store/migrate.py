@@ -353,7 +353,7 @@ def _migrate(root: zarr.Group, url: str, report: MigrationReport, drop_damaged: 
 
 
 def _new_key(prov: dict) -> str:
-    from .rows import space_key
+    from ..keys import space_key
 
     return space_key(_new_provenance(prov))
 

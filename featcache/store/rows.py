@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import getpass
 import hashlib
-import json
 import math
 import os
 import socket
@@ -40,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..units import human_bytes, now_iso, parse_time
+from ..keys import row_key, space_key
 from ..errors import StoreError
 from .chunks import ChunkReader
 
@@ -49,8 +49,6 @@ __all__ = [
     "SegmentWriter",
     "Lease",
     "LEASE_TTL_S",
-    "space_key",
-    "digest_key",
     "digest_values",
     "keys_to_arrays",
     "arrays_to_keys",
@@ -83,16 +81,6 @@ def created_by() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def digest_key(obj: Any, length: int = 16) -> str:
-    """The first ``length`` hex digits of the SHA-256 of ``obj`` as canonical JSON."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
-
-
-def space_key(provenance: dict) -> str:
-    """Short, stable key of a feature space (backbone, layer, weights digest, preprocessing, precision, pool, dtype)."""
-    return digest_key(provenance, 16)
-
-
 def digest_values(values: np.ndarray) -> str:
     """SHA-256 hex of an array's bytes in C order, little-endian: what any reader can recompute."""
     arr = np.asarray(values)
@@ -114,7 +102,7 @@ def arrays_to_keys(digests: np.ndarray, views: np.ndarray | None = None) -> list
     """The inverse of :func:`keys_to_arrays`."""
     text = np.ascontiguousarray(digests, dtype=np.uint8).tobytes().hex()
     base = [text[i : i + 64] for i in range(0, len(text), 64)]
-    return base if views is None else [f"{b}:{int(v)}" for b, v in zip(base, views.tolist())]
+    return base if views is None else [row_key(b, v) for b, v in zip(base, views.tolist())]
 
 
 def hashes_to_array(hashes) -> np.ndarray:

@@ -16,7 +16,8 @@ import zarr
 
 from ..errors import SetNotFound, StoreError
 from .records import SetRecord
-from .rows import arrays_to_keys, decode_strings, digest_key, read_checked
+from ..keys import row_key, set_key
+from .rows import arrays_to_keys, decode_strings, read_checked
 
 if TYPE_CHECKING:
     from .store import Store
@@ -87,10 +88,7 @@ class FeatureSet:
         r = self.record
         if "migrated_from" in r.extra:  # format 1 keyed sets differently; the view digest is still checked
             return
-        want = digest_key({"space": r.space, "view": r.manifest_sha256, "data_root": r.data_root,
-                           "split_fractions": list(r.split_fractions) if r.split_fractions else None,
-                           "split_seed": r.split_seed, **({"views": r.views, "view_space": r.view_space} if r.views else {})},
-                          12)
+        want = set_key(r.space, r.manifest_sha256, r.data_root, r.split_fractions, r.split_seed, r.views, r.view_space)
         if want != self.key:
             raise StoreError(f"set {self.key}: its record hashes to the key {want}, not {self.key}; the store is "
                              "damaged or the set was altered")
@@ -216,7 +214,7 @@ class FeatureSet:
         """Row keys of the training views in the view space, image by image: view k of image i at i * views + k."""
         if not self.views:
             raise SetNotFound(f"set {self.key} has no augmented views; extract with --views K")
-        return [f"{h}:{k}" for h in self.hashes("train").tolist() for k in range(self.views)]
+        return [row_key(h, k) for h in self.hashes("train").tolist() for k in range(self.views)]
 
     def view_features(self) -> np.ndarray:
         """Training rows as (N, views, *shape): view k of image i at [i, k]."""
