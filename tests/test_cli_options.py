@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import featcache
 import torch
 from featcache.cli import main
-from featcache.cli_kit import Device, Fractions, OutputPath, StoreURL
+from featcache.cli.kit import Device, Fractions, OutputPath, StoreURL
 
 from .conftest import TINY, make_folder
 

@@ -1,4 +1,5 @@
-"""The ``featcache`` command: a thin click layer over the library.
+"""The program and its core commands: the ``featcache`` group, ``run`` (the console script), and the
+commands that make and inspect features and runs from images: extract, fit, backbones, layers, sample.
 
 Every command parses options, calls one library function and prints its result, as text or,
 with ``--json``, as one JSON document on standard output (messages go to standard error). A
@@ -8,24 +9,20 @@ The library is imported inside each command, so ``--help`` and the store command
 
 from __future__ import annotations
 
-from .cli_kit import (AutoOr, Device, Floats, Fractions, Group, Ints, OutputPath, echo_json,  # first: Ctrl-C handler
-                      csv_cell, json_option, many, parse_size_text, recompute_option, run_store_option, set_option,
-                      store_arg, store_option)
+from .kit import (MAX_SKIPS_SHOWN, AutoOr, Device, Floats, Fractions, Group, Ints, OutputPath,  # first: Ctrl-C handler
+                  echo_json, json_option, many, parse_size_text, set_option, store_arg, store_option)
 
 import os  # noqa: E402
 import sys  # noqa: E402
 
 import click  # noqa: E402
 
-from .cli_store import compact_cmd, gc_cmd, info_cmd, ls_cmd, migrate_cmd, rm_cmd, status_cmd, verify_cmd  # noqa: E402
-from . import __version__  # noqa: E402
-from .choices import (DEFAULT_NAME_PATTERN, DTYPES, ENGINES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
-                     RUN_SORTS, TRACKERS)
-from .errors import FeatcacheError  # noqa: E402
+from .. import __version__  # noqa: E402
+from ..choices import (DEFAULT_NAME_PATTERN, DTYPES, ENGINES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
+                       TRACKERS)
+from ..errors import FeatcacheError  # noqa: E402
 
 __all__ = ["main", "run"]
-
-_MAX_SKIPS_SHOWN = 20
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,8 +88,8 @@ def main() -> None:
 @json_option
 def extract_cmd(progress: bool | None, as_json: bool, rehash: bool, **options) -> None:
     """Push an image folder through a frozen backbone once and store the features."""
-    from .config import ExtractConfig
-    from .names import check_backbone_name
+    from ..config import ExtractConfig
+    from ..names import check_backbone_name
 
     try:
         cfg = ExtractConfig(**options)
@@ -101,17 +98,17 @@ def extract_cmd(progress: bool | None, as_json: bool, rehash: bool, **options) -
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     check_backbone_name(cfg.backbone)  # before torch is imported, the folder scanned or a model built
-    from .extract import ExtractResult, extract
+    from ..extract import ExtractResult, extract
 
     if int(os.environ.get("RANK", "0")) != 0:
         extract(cfg, progress=False, rehash=rehash)
         return  # under torchrun, rank 0 reports for all
     result = extract(cfg, progress=sys.stderr.isatty() if progress is None else progress, rehash=rehash)
     first = result if isinstance(result, ExtractResult) else result[0]  # several layers: one set each
-    for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
+    for skip in result.skipped[:MAX_SKIPS_SHOWN]:
         click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
-    if len(result.skipped) > _MAX_SKIPS_SHOWN:
-        click.echo(f"... and {len(result.skipped) - _MAX_SKIPS_SHOWN} more skipped (see: featcache info --set "
+    if len(result.skipped) > MAX_SKIPS_SHOWN:
+        click.echo(f"... and {len(result.skipped) - MAX_SKIPS_SHOWN} more skipped (see: featcache info --set "
                    f"{first.set_key})", err=True)
     following = f"featcache fit --set {first.set_key}{store_arg(cfg.store)}"
     if as_json:
@@ -214,10 +211,10 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
     """
     from click.core import ParameterSource
 
-    from .config import FitConfig
-    from .fit import fit
-    from .store import open_store
-    from .store.maintenance import status
+    from ..config import FitConfig
+    from ..fit import fit
+    from ..store import open_store
+    from ..store.maintenance import status
 
     if options["tracking_uri"] is not None and options["tracker"] is None:
         raise FeatcacheError(f"--tracking-uri needs --tracker ({' or '.join(TRACKERS)})", option="--tracking-uri")
@@ -242,7 +239,7 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
         if not st.up_to_date:
             raise FeatcacheError(st.summary())
     if grid:
-        from .sweep import sweep
+        from ..sweep import sweep
 
         def done(i: int, n: int, name: str, res) -> None:
             if not quiet:
@@ -276,200 +273,10 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
     click.echo(f"next: {following}")
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
-@main.command("runs")
-@click.option("--runs", "root", default="runs", show_default=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder of run directories (a sweep's runs included).")
-@click.option("--set", "set_key", default=None, help="Only runs of this set (key or prefix).")
-@click.option("--sort", type=click.Choice(RUN_SORTS), default="time", show_default=True,
-              help="Order: time, val or test top-1 (best first), head, run.")
-@json_option
-def runs_cmd(root: str, set_key: str | None, sort: str, as_json: bool) -> None:
-    """One row per run directory: time, head, set, key parameters, best epoch, val/test top-1."""
-    from .runs import format_runs, list_runs
-
-    rows, skipped = list_runs(root, set_key, sort)
-    for name, reason in skipped:
-        click.echo(f"skipped {name}: {reason}", err=True)
-    if as_json:
-        echo_json(rows)
-        return
-    if rows:
-        click.echo(format_runs(rows))
-    click.echo(f"{len(rows)} runs in {root}" + (f", {len(skipped)} damaged skipped" if skipped else ""), err=True)
-
-
-def _print_metrics(metrics: dict, classes: tuple[str, ...] | list[str], detailed: tuple[str, ...]) -> None:
-    """One line per split, then per-class accuracy and the confusion matrix of the ``detailed`` splits."""
-    for split, m in metrics.items():
-        top5 = f"  top-5 {_fmt(m['top5'])}" if "top5" in m else ""
-        more = (f"  balanced acc {_fmt(m['balanced_accuracy'])}  macro F1 {_fmt(m['macro']['f1'])}"
-                if "macro" in m else "")
-        click.echo(f"{split:5}  n {m['n']:>6}  top-1 {_fmt(m['top1'])}{top5}  log loss {_fmt(m['log_loss'])}{more}")
-    for split in (s for s in metrics if s in detailed):
-        m = metrics[split]
-        click.echo(f"{split} per class: " + ", ".join(f"{c} {_fmt(a)}" for c, a in m["per_class_accuracy"].items()))
-        click.echo(f"{split} confusion matrix (rows: true {', '.join(classes)}):")
-        for row in m["confusion_matrix"]:
-            click.echo("  " + " ".join(f"{v:>5}" for v in row))
-
-
-_DATA_ONLY = ("no_store", "backbone", "weights", "labels", "labels_from_name", "batch_size", "workers", "device")
-
-
-@main.command("evaluate")
-@click.argument("run", type=click.Path())
-@click.option("--data", default=None, type=click.Path(file_okay=False),
-              help="A labelled image folder (any layout extract reads) to measure the run on; without it, the "
-                   "run's stored metrics are printed.")
-@click.option("--no-store", is_flag=True, help="With --data: do not add the rows computed for new images to the store.")
-@run_store_option
-@recompute_option
-@json_option
-@click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
-@click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
-@click.option("--labels", default=None, type=click.Path(dir_okay=False),
-              help="CSV of labels for --data [default: metadata.csv or labels.csv beside the images, if there].")
-@click.option("--labels-from-name", is_flag=False, flag_value=DEFAULT_NAME_PATTERN, default=None, metavar="[REGEX]",
-              help="Labels of --data from file names, as for extract.")
-@click.option("--batch-size", default=None, type=Ints(1, 2**16), help="Images per batch for new images [default: 64].")
-@click.option("--workers", default=None, type=Ints(0, 256), help="DataLoader workers [default: min(8, CPUs)].")
-@click.option("--device", type=Device(), default=None, help="[default: auto]")
-@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
-def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | None, **options) -> None:
-    """Print the metrics of a run, or measure it on a labelled folder (--data)."""
-    if data is None:
-        from .runs import RunRecord
-
-        given = [f"--{k.replace('_', '-')}" for k in _DATA_ONLY + ("recompute",) if options[k] not in (None, False)]
-        given += ["--store"] if options["store_url"] is not None else []
-        if given:
-            raise click.UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --data DIR")
-        record = RunRecord.read(run)
-        if as_json:
-            echo_json(record.metrics)
-            return
-        click.echo(f"run {run}: head {record.config.head} on set {record.set} ({record.backbone}/{record.layer})")
-        metrics = {s: record.metrics[s] for s in ("train", "val", "test") if s in record.metrics}
-        _print_metrics(metrics, record.classes, ("val", "test"))
-        return
-    from .evaluate import evaluate
-
-    store = not options.pop("no_store")
-    options = {k: v for k, v in options.items() if v is not None}
-    result = evaluate(run, data, store=store, progress=sys.stderr.isatty() if progress is None else progress, **options)
-    for skip in result.skipped[:_MAX_SKIPS_SHOWN]:
-        click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    if as_json:
-        echo_json(result.to_dict())
-        return
-    _print_metrics(result.metrics, result.classes, tuple(result.metrics))
-    click.echo(result.summary())
-
-
-@main.command("predict")
-@click.argument("run", type=click.Path())
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--top-k", default=5, show_default=True, type=Ints(1, 10**6))
-@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
-@click.option("--csv", "as_csv", is_flag=True, help="CSV: path,rank,class,probability.")
-@run_store_option
-@recompute_option
-@click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
-@click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
-@click.option("--batch-size", default=32, show_default=True, type=Ints(1, 2**16), help="Images per batch.")
-@click.option("--workers", default=None, type=Ints(0, 256),
-              help="DataLoader workers [default: min(8, CPUs); none for a single batch].")
-@click.option("--device", type=Device(), default="auto", show_default=True)
-@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
-def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_csv: bool, store_url: str | None,
-                recompute: bool, backbone: str | None, weights: str | None, batch_size: int, workers: int | None,
-                device: str, progress: bool | None) -> None:
-    """Classify images (files or folders) with a run's backbone and head.
-
-    Images whose bytes are in the run's store are not recomputed."""
-    from .predict import predict
-
-    if as_json and as_csv:
-        raise click.UsageError("choose one of --json and --csv")
-    results = predict(run, list(paths), top_k=top_k, batch_size=batch_size, backbone=backbone, weights=weights,
-                      workers=workers, device=device, progress=sys.stderr.isatty() if progress is None else progress,
-                      store=store_url, recompute=recompute)
-    for note in results.notes:
-        click.echo(f"note: {note}", err=True)
-    if as_json:
-        echo_json([r.to_dict() for r in results])
-    elif as_csv:
-        import csv
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", "rank", "class", "probability", "error"])
-        for r in results:
-            rows = [(i + 1, c, f"{p:.6f}", "") for i, (c, p) in enumerate(r.top)] or [("", "", "", r.error)]
-            for rank, cls, proba, error in rows:
-                writer.writerow([csv_cell(r.path), rank, csv_cell(cls), proba, csv_cell(error)])
-        click.echo(buffer.getvalue(), nl=False)
-    else:
-        for r in results:
-            shown = "  ".join(f"{c} {p:.3f}" for c, p in r.top) if r.error is None else f"error: {r.error}"
-            click.echo(f"{r.path}  {shown}")
-    failed = sum(r.error is not None for r in results)
-    if failed == len(results):
-        raise click.ClickException(f"none of the {len(results)} file(s) could be read (first: {results[0].path}: "
-                                   f"{results[0].error})")
-    click.echo(f"{len(results) - failed} predicted, {failed} could not be read; {results.counts.line()}", err=True)
-
-
-@main.command("export")
-@click.argument("run", type=click.Path())
-@click.argument("out", type=OutputPath("file"))
-@click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
-@click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
-def export_cmd(run: str, out: str, backbone: str | None, weights: str | None) -> None:
-    """Write RUN as one torch.export program (normalised images → probabilities) plus OUT.json."""
-    from .predict import export
-
-    path = export(run, out, backbone=backbone, weights=weights)
-    click.echo(f"exported {path} (load: torch.export.load('{path}').module()); classes in {path}.json")
-
-
-@main.command("report")
-@click.argument("run", type=click.Path())
-@click.option("--data", default=None, type=click.Path(file_okay=False),
-              help="The set's image folder, for the grid of misclassified images (read from no other place).")
-@click.option("--backbone", default=None, help="The package.module:factory of a rest head's network, if any.")
-@run_store_option
-def report_cmd(run: str, data: str | None, backbone: str | None, store_url: str | None) -> None:
-    """Write RUN/report.html, one self-contained page: held-out scores, classification report, confusion
-    matrices, per-class F1, curves, settings, misclassified images (with --data). For a sweep's folder
-    (it holds sweep.json), SWEEP/report.html compares its runs."""
-    from .report import is_sweep_folder, write_report, write_sweep_report
-
-    if backbone is not None:  # torchvision is imported only when there is a backbone to check
-        from .backbones import check_user_backbone
-
-        check_user_backbone(backbone)
-    notes: list[str] = []
-    if is_sweep_folder(run):
-        out = write_sweep_report(run)
-    else:
-        out = write_report(run, data=data, backbone=backbone, store=store_url, notes=notes)
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(f"wrote {out}")
-
-
 @main.command("backbones")
 def backbones_cmd() -> None:
     """List backbone names; timm:NAME, hf:HUB_ID_OR_FOLDER and package.module:factory are accepted too."""
-    from .names import PREFIXES, backbone_names
+    from ..names import PREFIXES, backbone_names
 
     for name in backbone_names():
         click.echo(name)
@@ -483,7 +290,7 @@ def backbones_cmd() -> None:
 @click.option("--match", default=None, metavar="PATTERN", help="Only layers whose name matches, e.g. 'layer*'.")
 def layers_cmd(backbone: str, match: str | None) -> None:
     """List the layers of BACKBONE that --layer accepts, in network order, with each one's output shape."""
-    from .backbones import layer_shapes
+    from ..backbones import layer_shapes
 
     shapes, default = layer_shapes(backbone, match)
     width = max((len(n) for n, _ in shapes), default=0)
@@ -497,15 +304,10 @@ def layers_cmd(backbone: str, match: str | None) -> None:
 @click.option("--out", default="data", show_default=True, type=OutputPath("dir"))
 def sample_cmd(out: str) -> None:
     """Write scikit-learn's bundled digits as a PNG ImageFolder (train/val/test)."""
-    from .sample import write_digits
+    from ..sample import write_digits
 
     counts = write_digits(out)
     click.echo(f"digits sample in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-
-
-for _command in (ls_cmd, info_cmd, rm_cmd, gc_cmd, verify_cmd, status_cmd, compact_cmd, migrate_cmd):
-    main.add_command(_command)
-
 
 
 def _quiet_teardown() -> None:
@@ -539,7 +341,3 @@ def run() -> None:
                     pass
             os._exit(130)
         raise
-
-
-if __name__ == "__main__":
-    run()

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import click
 
-from .cli_kit import Floats, Ints, echo_json, json_option, pick_set, set_option, store_option
+from .kit import Floats, Ints, echo_json, json_option, pick_set, set_option, store_option
 
 __all__ = ["ls_cmd", "info_cmd", "rm_cmd", "gc_cmd", "verify_cmd", "status_cmd", "compact_cmd", "migrate_cmd", "set_table"]
 
@@ -73,9 +73,9 @@ def _set_doc(fs, size: int | None) -> dict:
 @json_option
 def ls_cmd(store: str, wide: bool, as_json: bool) -> None:
     """List the feature sets in a store, oldest first."""
-    from .errors import StoreError
-    from .store import open_store
-    from .units import human_bytes
+    from ..errors import StoreError
+    from ..store import open_store
+    from ..units import human_bytes
 
     st = open_store(store, mode="r")
     sets = st.sets()
@@ -106,7 +106,7 @@ def ls_cmd(store: str, wide: bool, as_json: bool) -> None:
 @json_option
 def info_cmd(key: str | None, set_: str | None, store: str, as_json: bool) -> None:
     """Everything recorded about a set, as JSON (KEY is the same as --set KEY)."""
-    from .store import open_store
+    from ..store import open_store
 
     st = open_store(store, mode="r")
     fs = st.get_set(pick_set(key, set_))
@@ -119,7 +119,7 @@ def info_cmd(key: str | None, set_: str | None, store: str, as_json: bool) -> No
 @store_option
 def rm_cmd(key: str | None, set_: str | None, store: str) -> None:
     """Remove a set (its rows are freed by gc once no other set uses them); KEY is the same as --set KEY."""
-    from .store import open_store
+    from ..store import open_store
 
     chosen = pick_set(key, set_)
     if chosen is None:
@@ -136,9 +136,9 @@ def rm_cmd(key: str | None, set_: str | None, store: str) -> None:
 @json_option
 def gc_cmd(store: str, grace: float, dry_run: bool, as_json: bool) -> None:
     """Remove uncommitted leftovers and rows no set refers to."""
-    from .store import open_store
-    from .units import human_bytes
-    from .store.maintenance import gc
+    from ..store import open_store
+    from ..units import human_bytes
+    from ..store.maintenance import gc
 
     st = open_store(store, mode="r+")
     r = gc(st, grace_s=grace, dry_run=dry_run)
@@ -171,8 +171,8 @@ def gc_cmd(store: str, grace: float, dry_run: bool, as_json: bool) -> None:
 def verify_cmd(key: str | None, set_: str | None, store: str, sample: int, data: str | None, backbone: str | None,
                weights: str | None, as_json: bool) -> None:
     """Check every chunk of a set against its integrity record; recompute a sample from the images in --data."""
-    from .store import open_store
-    from .store.maintenance import verify
+    from ..store import open_store
+    from ..store.maintenance import verify
 
     st = open_store(store, mode="r")
     report = verify(st, pick_set(key, set_), sample=sample, data=data, backbone=backbone, weights=weights)
@@ -199,8 +199,8 @@ def verify_cmd(key: str | None, set_: str | None, store: str, sample: int, data:
 @json_option
 def status_cmd(set_: str | None, data: str | None, store: str, as_json: bool) -> None:
     """Tell whether an image folder and its stored set agree."""
-    from .store import open_store
-    from .store.maintenance import status
+    from ..store import open_store
+    from ..store.maintenance import status
 
     st = status(open_store(store, mode="r"), set_, data)
     if as_json:
@@ -220,8 +220,8 @@ def status_cmd(set_: str | None, data: str | None, store: str, as_json: bool) ->
 @json_option
 def compact_cmd(set_: str | None, store: str, as_json: bool) -> None:
     """Rewrite each feature space's segments into one (readers never see a partial state)."""
-    from .store import open_store
-    from .store.maintenance import compact
+    from ..store import open_store
+    from ..store.maintenance import compact
 
     r = compact(open_store(store, mode="r+"), set_)
     if as_json:
@@ -238,7 +238,7 @@ def compact_cmd(set_: str | None, store: str, as_json: bool) -> None:
 @json_option
 def migrate_cmd(store: str, drop_damaged: bool, as_json: bool) -> None:
     """Convert a store of an older format to the current one (features are copied, not recomputed)."""
-    from .store.migrate import migrate
+    from ..store.migrate import migrate
 
     report = migrate(store, drop_damaged=drop_damaged)
     if as_json:

@@ -34,10 +34,12 @@ from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
-from .choices import DEVICES, default_store_url  # noqa: E402
-from .errors import FeatcacheError, os_error_text  # noqa: E402
+from ..choices import DEVICES, default_store_url  # noqa: E402
+from ..errors import FeatcacheError, os_error_text  # noqa: E402
 
-__all__ = ["Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "ListOf", "many", "store_option",
+MAX_SKIPS_SHOWN = 20  # skipped files listed one per line; the rest are counted
+
+__all__ = ["MAX_SKIPS_SHOWN", "Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "ListOf", "many", "store_option",
            "json_option", "run_store_option", "recompute_option", "set_option", "echo_json", "pick_set", "store_arg",
            "parse_size_text", "csv_cell"]
 
@@ -174,7 +176,7 @@ class Ints(click.IntRange):
 
 
 def parse_size_text(text: str) -> int:
-    from .units import parse_size
+    from ..units import parse_size
 
     return parse_size(text)
 
