@@ -209,10 +209,10 @@ def parse_name_pattern(text: str | None) -> str | None:
         groups = re.compile(text).groups
     except re.error as e:
         raise DataError(f"--labels-from-name takes a regular expression with one group like {DEFAULT_NAME_PATTERN!r}; "
-                        f"{text!r} does not compile ({e})", option="--labels-from-name") from None
+                        f"{text!r} does not compile ({e})", param="labels_from_name") from None
     if groups != 1:
         raise DataError(f"--labels-from-name takes a regular expression with exactly one group (the label), like "
-                        f"{DEFAULT_NAME_PATTERN!r}; {text!r} has {groups}", option="--labels-from-name")
+                        f"{DEFAULT_NAME_PATTERN!r}; {text!r} has {groups}", param="labels_from_name")
     return text
 
 
@@ -233,10 +233,10 @@ def parse_split(text: str | Sequence[float] | None) -> tuple[float, ...] | None:
     try:
         parts = tuple(float(p) for p in (text.split(",") if isinstance(text, str) else text))
     except ValueError:
-        raise DataError(f"split takes two or three fractions like 0.8,0.2 or 0.7,0.15,0.15; got {text!r}", option="--split") from None
+        raise DataError(f"split takes two or three fractions like 0.8,0.2 or 0.7,0.15,0.15; got {text!r}", param="split") from None
     if len(parts) not in (2, 3) or not all(math.isfinite(p) and p > 0 for p in parts) or not abs(sum(parts) - 1.0) <= 1e-6:
         raise DataError(
             f"split takes two or three positive fractions that sum to 1 (train,val[,test]); got {text!r}",
-            option="--split",
+            param="split",
         )
     return parts

@@ -23,16 +23,21 @@ __all__ = [
 class FeatcacheError(Exception):
     """Base of every error featcache raises for a user's mistake or a bad input.
 
-    ``option`` names the command-line option (``"--layer"``) or argument (``"RUN"``) whose
-    value caused the error, when one did; the CLI then reports a usage error for it.
+    ``param`` names the Python parameter whose value caused the error, when one did: the name a
+    library function or config takes it by (``"layer"``, ``"split"``, ``"run"``). The command line
+    maps it to its own option or argument in one place (``featcache.cli.kit.cli_param``) and
+    reports a usage error for that option. ``option="--layer"``, a flag, is the older spelling and
+    still accepted: it is read as the parameter click would name after that flag.
     """
 
-    option: str | None = None
+    param: str | None = None
 
-    def __init__(self, *args: object, option: str | None = None) -> None:
+    def __init__(self, *args: object, param: str | None = None, option: str | None = None) -> None:
         super().__init__(*args)
-        if option is not None:
-            self.option = option
+        if param is None and option is not None:
+            param = option.lstrip("-").replace("-", "_").lower()  # click's rule: --labels-from-name -> labels_from_name
+        if param is not None:
+            self.param = param
 
 
 class DataError(FeatcacheError, ValueError):
@@ -42,13 +47,13 @@ class DataError(FeatcacheError, ValueError):
 class UnknownBackbone(FeatcacheError, ValueError):
     """A backbone name that is neither in the registry nor an importable factory."""
 
-    option = "--backbone"
+    param = "backbone"
 
 
 class UnknownLayer(FeatcacheError, ValueError):
     """A layer name that the backbone does not have."""
 
-    option = "--layer"
+    param = "layer"
 
 
 class WeightsError(FeatcacheError, ValueError):
@@ -74,7 +79,7 @@ class SetNotFound(StoreError, KeyError):
 class AmbiguousSet(StoreError, LookupError):
     """Several feature sets match and the user must choose one."""
 
-    option = "--set"
+    param = "set"
 
 
 class RunError(FeatcacheError, OSError):

@@ -26,7 +26,7 @@ def write_digits(out: str | Path = "data", size: int = 32, seed: int = 0) -> dic
     if out.exists() and any(out.iterdir()):
         if (out / MARKER).exists():
             return {s: sum(1 for _ in (out / s).rglob("*.png")) for s in ("train", "val", "test")}
-        raise DataError(f"{out} exists and is not the sample folder; choose an empty --out", option="--out")
+        raise DataError(f"{out} exists and is not the sample folder; choose an empty --out", param="out")
     if out.is_dir():
         # an empty folder that exists (``--out .``, the current one) stays that folder: the sample is written
         # into a hidden folder inside it and moved up, the marker last (a re-run then sees the sample)

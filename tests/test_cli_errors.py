@@ -96,3 +96,44 @@ def test_an_empty_store_path_never_makes_the_current_folder_a_store(tmp_path, mo
     monkeypatch.setenv("FEATCACHE_STORE", "")  # an empty variable counts as unset
     assert featcache.config.default_store_url() == "featcache.zarr"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ------------------------------------------------- library parameter names -> the command line's flags
+
+
+def test_every_config_field_is_found_as_its_commands_option():
+    """The map from library parameter names to flags is read from click: every field of the configs the
+    commands build is found, including those click keeps under another name or spells otherwise."""
+    import dataclasses
+
+    from featcache.cli.kit import cli_param, flag
+    from featcache.config import ExtractConfig, FitConfig
+
+    for config, command in ((ExtractConfig, main.commands["extract"]), (FitConfig, main.commands["fit"])):
+        missing = [f.name for f in dataclasses.fields(config) if cli_param(command, f.name) is None]
+        assert missing == [], (command.name, missing)
+    spelled = {("extract", "checkpoint_s"): "--checkpoint-every", ("fit", "pool"): "--fit-pool",
+               ("fit", "use_views"): "--views", ("fit", "set"): "--set", ("fit", "C"): "--C",
+               ("runs", "set"): "--set", ("evaluate", "store"): "--store", ("predict", "run"): "RUN",
+               ("predict", "paths"): "PATHS", ("extract", "--labels-from-name"): "--labels-from-name"}
+    assert {key: flag(main.commands[key[0]], key[1]) for key in spelled} == spelled
+
+
+def test_an_error_naming_a_python_parameter_is_a_usage_error_for_its_flag(tmp_path, monkeypatch):
+    """A library error says ``param="store"``; report keeps that option as ``store_url``: the usage
+    error names ``--store``. A parameter the command does not have is a plain ``Error:`` line."""
+    import featcache.report
+    from featcache.errors import FeatcacheError, RunError
+
+    def refuse(run, **kwargs):
+        raise FeatcacheError(f"no store for {run}", param=refused)
+
+    monkeypatch.setattr(featcache.report, "write_report", refuse)
+    for refused, named in (("store", "'--store'"), ("run", "'RUN'"), ("backbone", "'--backbone'")):
+        r = _invoke("report", str(tmp_path / "run"))
+        assert r.exit_code == 2 and f"Error: Invalid value for {named}: no store for " in r.output, r.output
+    refused = "layer"  # report has no --layer
+    r = _invoke("report", str(tmp_path / "run"))
+    assert r.exit_code == 1 and r.output == f"Error: no store for {tmp_path / 'run'}\n"
+    assert RunError("x", option="--labels-from-name").param == "labels_from_name"  # the older spelling still maps
+    assert RunError("x", option="RUN").param == "run"

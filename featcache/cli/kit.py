@@ -41,7 +41,7 @@ MAX_SKIPS_SHOWN = 20  # skipped files listed one per line; the rest are counted
 
 __all__ = ["MAX_SKIPS_SHOWN", "Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "ListOf", "many", "store_option",
            "json_option", "run_store_option", "recompute_option", "set_option", "echo_json", "pick_set", "store_arg",
-           "parse_size_text", "csv_cell"]
+           "parse_size_text", "csv_cell", "cli_param", "flag"]
 
 class Group(click.Group):
     """Turns the library's errors into one ``Error:`` line (no traceback) with exit status 1, a
@@ -120,16 +120,47 @@ def csv_cell(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
+def _flag_names(param: click.Parameter) -> list[str]:
+    """The names click derives from ``param``'s flags, lower case (``--store`` -> ``store`` for a parameter
+    kept as ``store_url``, ``--set`` -> ``set`` for ``set_``, ``--checkpoint-every`` -> ``checkpoint_every``)."""
+    if not isinstance(param, click.Option):
+        return []
+    return [o.lstrip("-").replace("-", "_").lower() for o in param.opts + param.secondary_opts]
+
+
+def cli_param(command: click.Command, name: str) -> click.Parameter | None:
+    """The option or argument of ``command`` that takes the library parameter ``name`` (``"split"``,
+    ``"store"``, ``"run"``), or None: the one map from the library's parameter names to the command
+    line's flags, read from click's own parameters. A parameter's Python name wins (``pool`` is
+    ``fit --fit-pool``, not the hidden old ``--pool``), then a name derived from a flag, so an
+    old-style flag (``"--split"``) works too."""
+    wanted = name.lstrip("-").replace("-", "_").lower()
+    for param in command.params:
+        if param.name is not None and param.name.lower() == wanted:
+            return param
+    for param in command.params:
+        if wanted in _flag_names(param):
+            return param
+    return None
+
+
+def flag(command: click.Command, name: str) -> str:
+    """How the command line spells the library parameter ``name`` in ``command``: ``--fit-pool``, ``RUN``."""
+    param = cli_param(command, name)
+    if param is None:
+        raise LookupError(f"{command.name} has no option for {name!r}")
+    return param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+
+
 def _as_usage_error(group: click.Group, ctx: click.Context, error: FeatcacheError) -> click.ClickException:
-    """A bad option value becomes click's usage error for that option (exit 2); anything else ``Error:`` (exit 1)."""
+    """A bad parameter value (``error.param``) becomes click's usage error for its option (exit 2);
+    anything else ``Error:`` (exit 1)."""
     name = ctx.invoked_subcommand
     command = group.get_command(ctx, name) if name else None
-    if error.option and command is not None:
-        wanted = error.option.lstrip("-").replace("-", "_").lower()
-        for param in command.params:
-            if param.name.lower() == wanted or any(o.lstrip("-").replace("-", "_") == wanted for o in param.opts):
-                sub = click.Context(command, info_name=name, parent=ctx)
-                return click.BadParameter(str(error), ctx=sub, param=param)
+    param = cli_param(command, error.param) if error.param and command is not None else None
+    if param is not None:
+        sub = click.Context(command, info_name=name, parent=ctx)
+        return click.BadParameter(str(error), ctx=sub, param=param)
     return click.ClickException(str(error))
 
 

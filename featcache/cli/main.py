@@ -217,7 +217,7 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
     from ..store.maintenance import status
 
     if options["tracking_uri"] is not None and options["tracker"] is None:
-        raise FeatcacheError(f"--tracking-uri needs --tracker ({' or '.join(TRACKERS)})", option="--tracking-uri")
+        raise FeatcacheError(f"--tracking-uri needs --tracker ({' or '.join(TRACKERS)})", param="tracking_uri")
     ctx = click.get_current_context()
     given = {name for name in options if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
                                                                                   ParameterSource.DEFAULT_MAP)}

@@ -11,7 +11,7 @@ import sys
 import click
 
 from ..choices import DEFAULT_NAME_PATTERN, RUN_SORTS
-from .kit import (MAX_SKIPS_SHOWN, Device, Ints, OutputPath, csv_cell, echo_json, json_option, recompute_option,
+from .kit import (MAX_SKIPS_SHOWN, Device, Ints, OutputPath, cli_param, csv_cell, echo_json, json_option, recompute_option,
                   run_store_option)
 
 __all__ = ["runs_cmd", "evaluate_cmd", "predict_cmd", "export_cmd", "report_cmd"]
@@ -85,8 +85,8 @@ def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | Non
     if data is None:
         from ..runs import RunRecord
 
-        given = [f"--{k.replace('_', '-')}" for k in _DATA_ONLY + ("recompute",) if options[k] not in (None, False)]
-        given += ["--store"] if options["store_url"] is not None else []
+        params = [cli_param(click.get_current_context().command, k) for k in _DATA_ONLY + ("recompute", "store")]
+        given = [p.opts[0] for p in params if p is not None and options[p.name] not in (None, False)]
         if given:
             raise click.UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --data DIR")
         record = RunRecord.read(run)
