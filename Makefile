@@ -1,4 +1,4 @@
-# Quick start: `make demo` (sample data → extract → fit) and `make test`.
+# Quick start: `make demo` (sample data → extract → fit) and `make test`; `make docs` writes docs/cli.md from --help.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STORE ?= featcache.zarr
 
-.PHONY: install demo test clean
+.PHONY: install demo test docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+docs: install
+	$(BIN)/python -m featcache.cli.docs > docs/cli.md
 
 clean:
 	rm -rf data runs $(STORE) .pytest_cache

@@ -40,7 +40,7 @@ from ..errors import FeatcacheError, os_error_text  # noqa: E402
 MAX_SKIPS_SHOWN = 20  # skipped files listed one per line; the rest are counted
 
 __all__ = ["MAX_SKIPS_SHOWN", "Group", "Floats", "Ints", "AutoOr", "Fractions", "Device", "OutputPath", "StoreURL", "ListOf", "many", "store_option",
-           "json_option", "run_store_option", "recompute_option", "set_option", "echo_json", "pick_set", "store_arg",
+           "json_option", "workers_option", "run_store_option", "recompute_option", "set_option", "echo_json", "pick_set", "store_arg",
            "parse_size_text", "csv_cell", "cli_param", "flag"]
 
 class Group(click.Group):
@@ -313,6 +313,10 @@ run_store_option = click.option("--store", "store_url", default=None, type=Store
                                 help="Where the run's store is now [default: the store the run records].")
 recompute_option = click.option("--recompute", is_flag=True,
                                 help="Use no store: compute every image's features with the run's backbone.")
+workers_option = click.option(
+    "--workers", default=None, type=Ints(0, 256),
+    help="N DataLoader decode workers beside the model in this process [default: featcache chooses: on the CPU, "
+         "one model process per core (at most 8) decoding its own batches; on a GPU, min(8, CPUs) decode workers].")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="One JSON document on standard output (messages go to standard error).")
 
@@ -342,7 +346,7 @@ def many(type_: click.ParamType) -> ListOf:
     return ListOf(type_)
 
 
-def set_option(default_help: str = "the default set (see README)"):
+def set_option(default_help: str = "the default set (see docs/guide.md)"):
     return click.option("--set", "set_", default=None, metavar="KEY", help=f"Set key or unique prefix [default: {default_help}].")
 
 

@@ -10,7 +10,7 @@ The library is imported inside each command, so ``--help`` and the store command
 from __future__ import annotations
 
 from .kit import (MAX_SKIPS_SHOWN, AutoOr, Device, Floats, Fractions, Group, Ints, OutputPath,  # first: Ctrl-C handler
-                  echo_json, json_option, many, parse_size_text, set_option, store_arg, store_option)
+                  echo_json, json_option, many, parse_size_text, set_option, store_arg, store_option, workers_option)
 
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, type=Ints(0, 2**32 - 1), help="Seed of --split.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=Ints(1, 2**16))
-@click.option("--workers", default=None, type=Ints(0, 256), help="DataLoader workers [default: min(8, CPUs)].")
+@workers_option
 @click.option("--device", type=Device(), default="auto", show_default=True)
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--views", default=0, show_default=True, type=Ints(0, 1000),
@@ -231,7 +231,7 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
     options["pool"] = options["pool"] or ["none"]
     options["freeze"] = tuple(f.strip() for f in options["freeze"].split(",") if f.strip())
     store = open_store(options["store"], mode="r")
-    options["set"] = store.get_set(set_, data=options["data"]).key  # the default set's rule, said in README
+    options["set"] = store.get_set(set_, data=options["data"]).key  # the default set's rule, said in docs/guide.md
     grid = {k: v for k, v in options.items() if isinstance(v, list) and len(v) > 1}
     cfg = FitConfig(**{k: v[0] if isinstance(v, list) else v for k, v in options.items()})
     if check_data:

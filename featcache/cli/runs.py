@@ -12,7 +12,7 @@ import click
 
 from ..choices import DEFAULT_NAME_PATTERN, RUN_SORTS
 from .kit import (MAX_SKIPS_SHOWN, Device, Ints, OutputPath, cli_param, csv_cell, echo_json, json_option, recompute_option,
-                  run_store_option)
+                  run_store_option, workers_option)
 
 __all__ = ["runs_cmd", "evaluate_cmd", "predict_cmd", "export_cmd", "report_cmd"]
 
@@ -77,7 +77,7 @@ _DATA_ONLY = ("no_store", "backbone", "weights", "labels", "labels_from_name", "
 @click.option("--labels-from-name", is_flag=False, flag_value=DEFAULT_NAME_PATTERN, default=None, metavar="[REGEX]",
               help="Labels of --data from file names, as for extract.")
 @click.option("--batch-size", default=None, type=Ints(1, 2**16), help="Images per batch for new images [default: 64].")
-@click.option("--workers", default=None, type=Ints(0, 256), help="DataLoader workers [default: min(8, CPUs)].")
+@workers_option
 @click.option("--device", type=Device(), default=None, help="[default: auto]")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | None, **options) -> None:
@@ -124,8 +124,7 @@ def evaluate_cmd(run: str, data: str | None, as_json: bool, progress: bool | Non
 @click.option("--backbone", default=None, help="The package.module:factory the run's features came from, if any.")
 @click.option("--weights", default=None, help="The weights file the run's features came from, if any.")
 @click.option("--batch-size", default=32, show_default=True, type=Ints(1, 2**16), help="Images per batch.")
-@click.option("--workers", default=None, type=Ints(0, 256),
-              help="DataLoader workers [default: min(8, CPUs); none for a single batch].")
+@workers_option
 @click.option("--device", type=Device(), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 def predict_cmd(run: str, paths: tuple[str, ...], top_k: int, as_json: bool, as_csv: bool, store_url: str | None,
