@@ -8,6 +8,10 @@
 - :mod:`.store`: the commands that read or tend a store: ls, info, rm, gc, verify, status,
   compact, migrate (none imports torch);
 - :mod:`.docs`: ``docs/cli.md`` written from the commands' own help.
+
+As in ``unittest``, the name ``featcache.cli.main`` is the program (the click group) once the
+package is imported; the module itself is ``sys.modules["featcache.cli.main"]``
+(``from featcache.cli.main import run`` works either way).
 """
 
 from __future__ import annotations
