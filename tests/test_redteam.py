@@ -20,7 +20,8 @@ from featcache.cli import main
 from featcache.errors import StoreError
 from featcache.keys import digest_key
 from featcache.store.maintenance import gc, status, verify
-from featcache.store.rows import chunk_crc, digest_values
+from featcache.store.groups import digest_values
+from featcache.store.segments import chunk_crc
 
 from .conftest import make_folder
 from .test_trust import ROOT, _extract, _one_error_line

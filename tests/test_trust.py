@@ -167,7 +167,7 @@ def test_a_deleted_labels_chunk_is_corruption_not_class_zero(folder, store_url):
 
 def _poison(store_url, space, value):
     """Overwrite a segment's first chunk with ``value`` and record its CRC, as a hostile writer could."""
-    from featcache.store.rows import chunk_crc
+    from featcache.store.segments import chunk_crc
 
     st = featcache.open_store(store_url)
     name, group = [(n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed")][0]

@@ -14,7 +14,7 @@ import zarr
 from ..data import safe_join, scan
 from ..errors import DataError, StoreError
 from ..units import parse_time
-from .rows import child_groups, group_bytes
+from .groups import child_groups, committed_at, group_bytes, is_committed
 from .sets import FeatureSet
 from .store import Store
 
@@ -267,8 +267,8 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
     """
     now = datetime.now(timezone.utc)
 
-    def old(group: zarr.Group, key: str) -> bool:
-        stamp = parse_time(group.attrs.get(key))
+    def old(recorded) -> bool:
+        stamp = parse_time(recorded)
         return stamp is None or (now - stamp).total_seconds() > grace_s
 
     def leased(space: str) -> bool:  # asked again right before each removal: a lease may be new
@@ -299,7 +299,7 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
     sets = store.root["sets"] if "sets" in store.root else None
     if sets is not None:
         for name, group in child_groups(sets):
-            if group.attrs.get("committed") is not True and old(group, "created_at") and group.attrs.get("space") not in live:
+            if not is_committed(group) and old(group.attrs.get("created_at")) and group.attrs.get("space") not in live:
                 report["sets_removed"] += 1
                 report["bytes_freed"] += group_bytes(group)
                 if not dry_run:
@@ -316,8 +316,8 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
         sound = {seg.key: seg for seg in store.locate(space, [])[0]}
         superseded = store.superseded_segments(space)
         for name, group in store.segment_groups(space):
-            if group.attrs.get("committed") is not True:
-                if old(group, "created_at") and not leased(space):
+            if not is_committed(group):
+                if old(group.attrs.get("created_at")) and not leased(space):
                     freed = group_bytes(group)
                     if dry_run or _remove(store, space, name, report):
                         report["segments_removed"] += 1
@@ -325,7 +325,7 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
                 continue
             if name in superseded and not unreadable:  # compacted into another: free it once that one is old
                 newer = dict(store.segment_groups(space)).get(superseded[name])
-                if newer is not None and old(newer, "committed_at") and not leased(space):
+                if newer is not None and old(committed_at(newer)) and not leased(space):
                     freed = group_bytes(group)
                     if dry_run or _remove(store, space, name, report):
                         report["segments_removed"] += 1
@@ -336,7 +336,7 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
             hashes = np.asarray(sound[name].sha256)
             keep = [i for i, h in enumerate(hashes.tolist()) if h in referenced.get(space, ()) and h not in seen]
             seen.update(hashes[keep].tolist())
-            if len(keep) == len(hashes) or not old(group, "committed_at") or leased(space):
+            if len(keep) == len(hashes) or not old(committed_at(group)) or leased(space):
                 continue
             before = group_bytes(group)
             if keep and not dry_run:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ..choices import MAX_CLASSES, RECORDED_PRECISIONS, SPLITS
 from ..errors import StoreError
+from .groups import MARKER_ATTRS
 
 __all__ = ["SetRecord", "parse_files"]
 
@@ -212,7 +213,7 @@ class SetRecord:
                                                      for n in SET_ARRAYS)):
                 raise _Bad(f"integrity.{s}", f"digests of the split's arrays {', '.join(SET_ARRAYS)}")
         seed = a.get("split_seed")
-        known = {f.name for f in cls.__dataclass_fields__.values()} | {"weights", "committed", "committed_at"}
+        known = {f.name for f in cls.__dataclass_fields__.values()} | {"weights", *MARKER_ATTRS}
         return cls(
             key=key,
             space=space,

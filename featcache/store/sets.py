@@ -17,7 +17,8 @@ import zarr
 from ..errors import SetNotFound, StoreError
 from .records import SetRecord
 from ..keys import row_key, set_key
-from .rows import arrays_to_keys, decode_strings, read_checked
+from .groups import read_checked
+from .segments import arrays_to_keys, decode_strings
 
 if TYPE_CHECKING:
     from .store import Store
