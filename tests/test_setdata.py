@@ -66,7 +66,7 @@ def test_len_and_a_map_style_dataset(maps):
 
 
 def test_float16_on_request_is_refused_where_values_do_not_fit():
-    from featcache.setdata import as_dtype
+    from featcache.stream import as_dtype
 
     assert as_dtype(np.array([1.5, -2.0], np.float32), "float16", "x").dtype == np.float16
     with pytest.raises(FeatcacheError, match="values up to 1e\\+06 do not fit float16 .*use dtype='float32'"):

@@ -1,7 +1,8 @@
 """The shared store: feature spaces of content-addressed rows (:mod:`.rows` the index, :mod:`.segments`
 how rows lie on disk, :mod:`.groups` defensive group access and the commit marker, :mod:`.leases`), the dataset views
-over them (:mod:`.sets`, :mod:`.records`), opening and listing (:mod:`.store`), and looking after
-it (:mod:`.maintenance`: status, verify, gc)."""
+over them (:mod:`.sets`, :mod:`.records`; their rows as NumPy, torch, pandas or Hugging Face data in
+:mod:`.convert` and :mod:`.torchdata`), opening and listing (:mod:`.store`), and looking after it
+(:mod:`.maintenance`: gc and compact; :mod:`.migrate`)."""
 
 from .groups import default_compressor, group_bytes, is_read_only
 from .leases import LEASE_TTL_S, created_by
