@@ -243,7 +243,10 @@ def _version_of(root: zarr.Group) -> int | None:
 
 
 def local_path(url: str) -> str | None:
-    """The filesystem path of a local store URL (a path or ``file://``); None for any other fsspec URL."""
+    """The filesystem path of a local store URL (a path or ``file://``); None for any other fsspec URL.
+
+    The one place that decides from a URL whether a store is local: everything that treats a local
+    store differently (group-writable folders, leftover ``.partial`` files, a run's store path) asks here."""
     url = str(url)
     if "://" in url and not url.startswith("file://"):
         return None
@@ -259,9 +262,9 @@ def resolved_url(url: str) -> str:
 
 def _keep_group_writable(url: str) -> None:
     """In a group-writable store directory (a team's shared store), new files stay group-writable."""
-    if "://" in url and not url.startswith("file://"):
+    path = local_path(url)
+    if path is None:
         return
-    path = url.removeprefix("file://")
     try:
         shared = os.stat(path).st_mode & 0o020
     except OSError:
