@@ -16,7 +16,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 import featcache
-from featcache.store.rows import _row_layout
+from featcache.store.segments import _row_layout
 
 __all__ = ["CODECS", "run_storage"]
 

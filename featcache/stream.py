@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .errors import StoreError
+from .errors import FeatcacheError, StoreError
 from .keys import row_key
 from .pooling import prepare_features, prepared_shape
 from .units import parse_size
@@ -26,7 +26,7 @@ from .units import parse_size
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["RowReader", "Streamed", "memory_budget"]
+__all__ = ["RowReader", "Streamed", "memory_budget", "as_dtype"]
 
 
 def memory_budget(setting: str | int = "auto") -> int:
@@ -41,6 +41,19 @@ def memory_budget(setting: str | int = "auto") -> int:
     except OSError:
         pass
     return total // 2
+
+
+def as_dtype(x: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    """``x`` as the ``dtype`` a reader asked for: float32 as it is; float16 as stored, or cast from a float32
+    store only where every value fits (a value past 65504 would become inf: refused, naming ``where``)."""
+    if dtype == "float32" or x.dtype == np.float16:
+        return x
+    with np.errstate(over="ignore"):
+        half = x.astype(np.float16)
+    if not np.isfinite(half).all() and np.isfinite(x).all():
+        raise FeatcacheError(f"{where}: values up to {float(np.abs(x).max()):.4g} do not fit float16 (max 65504); "
+                             "use dtype='float32'")
+    return half
 
 
 _GRAIN = 32768  # torch's grain size: a copy this small runs on the calling thread alone

@@ -86,9 +86,9 @@ def probe_cnn() -> torch.nn.Module:
 
 def setup_worker() -> None:
     """``worker_process_setup_hook``: a write task that takes ``kill-commit`` dies between its rows and its marker."""
-    from featcache.store import rows
+    from featcache.store import segments
 
-    commit = rows.SegmentWriter.commit
+    commit = segments.SegmentWriter.commit
 
     def killed_before_marker(self, **attrs):
         if _claim("kill-commit"):
@@ -96,4 +96,4 @@ def setup_worker() -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # ... and the marker never will be
         return commit(self, **attrs)
 
-    rows.SegmentWriter.commit = killed_before_marker
+    segments.SegmentWriter.commit = killed_before_marker

@@ -16,7 +16,7 @@ from featcache.cli import main
 from featcache.data import safe_join, scan
 from featcache.errors import DataError, StoreError
 from featcache.store import SetRecord
-from featcache.store.rows import digest_values
+from featcache.store.groups import digest_values
 
 from .conftest import TINY, make_folder
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import featcache
 from featcache.cli import main
-from featcache.store.maintenance import verify
+from featcache.audit import verify
 
 from .conftest import TINY, make_folder
 from .test_store import SLOW, _all_rows, _cli

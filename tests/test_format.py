@@ -183,16 +183,16 @@ def test_compact_rewrites_a_checkpointed_space_into_one_segment_and_gc_frees_the
     space = st.get_set().space
     n_before = len([g for _, g in st.segment_groups(space) if g.attrs.get("committed")])
     r = compact(featcache.open_store(url, mode="r+"))
-    assert r["segments"] == n_before and r["spaces"] == 1
+    assert r.segments == n_before and r.spaces == 1
     st = featcache.open_store(url)
     assert len(st.locate(space, [])[0]) == 1  # readers now see only the compacted segment
     for k, splits in before.items():
         for s, (x, y) in splits.items():
             got = st.get_set(k).to_numpy(s)
             assert np.array_equal(got[0], x) and np.array_equal(got[1], y)
-    assert gc(st, grace_s=3600)["segments_removed"] == 0  # the old files wait for the grace
+    assert gc(st, grace_s=3600).segments_removed == 0  # the old files wait for the grace
     freed = gc(featcache.open_store(url, mode="r+"), grace_s=0)
-    assert freed["segments_removed"] == n_before
+    assert freed.segments_removed == n_before
     st = featcache.open_store(url)
     assert len([g for _, g in st.segment_groups(space)]) == 1 and featcache.verify(st, sample=0).ok
     assert _zarr_python(url).keys() == {(k, s) for k in before for s in before[k]}

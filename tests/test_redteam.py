@@ -19,8 +19,10 @@ import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
 from featcache.keys import digest_key
-from featcache.store.maintenance import gc, status, verify
-from featcache.store.rows import chunk_crc, digest_values
+from featcache.audit import status, verify
+from featcache.store.maintenance import gc
+from featcache.store.groups import digest_values
+from featcache.store.segments import chunk_crc
 
 from .conftest import make_folder
 from .test_trust import ROOT, _extract, _one_error_line
@@ -155,7 +157,7 @@ def test_compaction_still_frees_the_segments_it_replaces(tmp_path):
     assert CliRunner().invoke(main, ["compact", "--store", str(store)]).exit_code == 0
     st = featcache.open_store(str(store))
     assert len(st.superseded_segments(a.space)) == 2
-    assert gc(st, grace_s=0)["segments_removed"] == 2
+    assert gc(st, grace_s=0).segments_removed == 2
     st = featcache.open_store(str(store))
     assert len(st.segment_groups(a.space)) == 1 and all(verify(st, k, sample=0).ok for k in st.set_keys())
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import featcache
-import featcache.store
+import featcache.store.segments
 from benchmarks.throughput import synthetic_set
 from featcache.errors import FeatcacheError
 
@@ -66,7 +66,7 @@ def test_len_and_a_map_style_dataset(maps):
 
 
 def test_float16_on_request_is_refused_where_values_do_not_fit():
-    from featcache.setdata import as_dtype
+    from featcache.stream import as_dtype
 
     assert as_dtype(np.array([1.5, -2.0], np.float32), "float16", "x").dtype == np.float16
     with pytest.raises(FeatcacheError, match="values up to 1e\\+06 do not fit float16 .*use dtype='float32'"):
@@ -76,7 +76,7 @@ def test_float16_on_request_is_refused_where_values_do_not_fit():
 @pytest.fixture
 def chunked(tmp_path, monkeypatch):
     """400 train rows in chunks of 16 rows: a split that spans many chunks."""
-    monkeypatch.setattr(featcache.store.rows, "_CHUNK_BYTES", 16 * 64 * 2)
+    monkeypatch.setattr(featcache.store.segments, "_CHUNK_BYTES", 16 * 64 * 2)
     store = str(tmp_path / "s.zarr")
     key = synthetic_set(store, rows=400, dim=64, classes=4, val=200)
     return featcache.open_store(store).get_set(key)

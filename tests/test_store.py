@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 import featcache
 from featcache.cli import main
-from featcache.store.maintenance import gc, status, verify
+from featcache.audit import status, verify
+from featcache.store.maintenance import gc
 
 from .conftest import TINY, make_folder
 
@@ -264,9 +265,9 @@ def test_gc_keeps_young_leftovers_and_rewrites_partly_used_segments(folder, stor
     st = featcache.open_store(store_url)
     first = [k for k in st.set_keys() if k != keep][0]
     st.remove_set(first)
-    assert gc(st, grace_s=3600)["rows_removed"] == 0  # all too young
+    assert gc(st, grace_s=3600).rows_removed == 0  # all too young
     r = gc(st, grace_s=0)
-    assert (r["segments_rewritten"], r["rows_removed"]) == (1, 1)
+    assert (r.segments_rewritten, r.rows_removed) == (1, 1)
     assert featcache.open_store(store_url).get_set(keep).to_numpy("val")[0].shape[0] == 11
 
 
@@ -361,4 +362,4 @@ def test_gc_removes_partial_writes_a_killed_process_left(folder, store_url):
     fresh = Path(store_url) / "zarr.4567.partial"
     fresh.write_bytes(b"y")
     r = gc(featcache.open_store(store_url), grace_s=3600)
-    assert not stale.exists() and fresh.exists() and r["bytes_freed"] >= 100
+    assert not stale.exists() and fresh.exists() and r.bytes_freed >= 100

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import featcache
 from featcache.cli import main
-from featcache.store.maintenance import verify
+from featcache.audit import verify
 
 from .conftest import TINY, make_folder
 from .test_trust import _one_error_line
@@ -59,9 +59,9 @@ def test_float16_underflow_of_mobilenet_v3_small_without_weights_is_refused(tmp_
 
 
 def _lower_cap(monkeypatch, cap):
-    import featcache.store.rows as rows
+    import featcache.store.groups as groups
 
-    monkeypatch.setattr(rows, "MAX_META_BYTES", cap)  # writers and readers take it from here
+    monkeypatch.setattr(groups, "MAX_META_BYTES", cap)  # writers and readers take it from here
 
 
 def test_a_folder_with_thousands_of_ignored_files_makes_a_readable_set(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import featcache
-import featcache.store
+import featcache.store.segments
 from benchmarks.throughput import synthetic_set
 from featcache.cli import main
 from featcache.pooling import prepare_features
@@ -22,7 +22,7 @@ from .conftest import TINY
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 16 rows of 64 float16 features, so a few hundred rows span many chunks and shards."""
-    monkeypatch.setattr(featcache.store.rows, "_CHUNK_BYTES", 16 * 64 * 2)
+    monkeypatch.setattr(featcache.store.segments, "_CHUNK_BYTES", 16 * 64 * 2)
 
 
 @pytest.fixture

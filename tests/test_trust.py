@@ -19,7 +19,8 @@ import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
 from featcache.keys import digest_key
-from featcache.store.maintenance import gc, status, verify
+from featcache.audit import status, verify
+from featcache.store.maintenance import gc
 
 from .conftest import TINY, make_folder
 
@@ -67,11 +68,11 @@ def test_gc_never_collects_rows_a_running_extract_reuses(tmp_path):
     out, err = p.communicate()
     assert p.returncode == 0, err
     assert "reused 24" in out
-    assert collected and all(r["rows_removed"] == 0 for r in collected)
-    assert any(r["spaces_leased"] for r in collected)
+    assert collected and all(r.rows_removed == 0 for r in collected)
+    assert any(r.spaces_leased for r in collected)
     st = featcache.open_store(str(store))
     assert verify(st, sample=0).ok
-    assert gc(st, grace_s=0)["rows_removed"] == 0  # the committed set now holds them
+    assert gc(st, grace_s=0).rows_removed == 0  # the committed set now holds them
     assert st.leases() == (set(), [])  # the lease went with the extract
 
 
@@ -167,7 +168,7 @@ def test_a_deleted_labels_chunk_is_corruption_not_class_zero(folder, store_url):
 
 def _poison(store_url, space, value):
     """Overwrite a segment's first chunk with ``value`` and record its CRC, as a hostile writer could."""
-    from featcache.store.rows import chunk_crc
+    from featcache.store.segments import chunk_crc
 
     st = featcache.open_store(store_url)
     name, group = [(n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed")][0]

@@ -214,7 +214,7 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
     from ..config import FitConfig
     from ..fit import fit
     from ..store import open_store
-    from ..store.maintenance import status
+    from ..audit import status
 
     if options["tracking_uri"] is not None and options["tracker"] is None:
         raise FeatcacheError(f"--tracking-uri needs --tracker ({' or '.join(TRACKERS)})", param="tracking_uri")

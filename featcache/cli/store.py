@@ -144,17 +144,17 @@ def gc_cmd(store: str, grace: float, dry_run: bool, as_json: bool) -> None:
     r = gc(st, grace_s=grace, dry_run=dry_run)
     for warning in st.warnings:
         click.echo(f"warning: {warning}", err=True)
-    for note in r["notes"]:
+    for note in r.notes:
         click.echo(f"note: {note}", err=True)
-    if r["spaces_leased"]:
-        click.echo(f"note: {r['spaces_leased']} space(s) left alone: a running extract holds a lease on them", err=True)
+    if r.spaces_leased:
+        click.echo(f"note: {r.spaces_leased} space(s) left alone: a running extract holds a lease on them", err=True)
     if as_json:
-        echo_json({**r, "dry_run": dry_run, "warnings": list(st.warnings)})
+        echo_json({**r.to_dict(), "dry_run": dry_run, "warnings": list(st.warnings)})
         return
     verb = "would free" if dry_run else "freed"
     click.echo(
-        f"gc: {verb} {human_bytes(r['bytes_freed'])}; segments removed {r['segments_removed']}, rewritten "
-        f"{r['segments_rewritten']}, rows removed {r['rows_removed']}, unfinished sets removed {r['sets_removed']}"
+        f"gc: {verb} {human_bytes(r.bytes_freed)}; segments removed {r.segments_removed}, rewritten "
+        f"{r.segments_rewritten}, rows removed {r.rows_removed}, unfinished sets removed {r.sets_removed}"
     )
 
 
@@ -172,7 +172,7 @@ def verify_cmd(key: str | None, set_: str | None, store: str, sample: int, data:
                weights: str | None, as_json: bool) -> None:
     """Check every chunk of a set against its integrity record; recompute a sample from the images in --data."""
     from ..store import open_store
-    from ..store.maintenance import verify
+    from ..audit import verify
 
     st = open_store(store, mode="r")
     report = verify(st, pick_set(key, set_), sample=sample, data=data, backbone=backbone, weights=weights)
@@ -200,7 +200,7 @@ def verify_cmd(key: str | None, set_: str | None, store: str, sample: int, data:
 def status_cmd(set_: str | None, data: str | None, store: str, as_json: bool) -> None:
     """Tell whether an image folder and its stored set agree."""
     from ..store import open_store
-    from ..store.maintenance import status
+    from ..audit import status
 
     st = status(open_store(store, mode="r"), set_, data)
     if as_json:
@@ -225,10 +225,10 @@ def compact_cmd(set_: str | None, store: str, as_json: bool) -> None:
 
     r = compact(open_store(store, mode="r+"), set_)
     if as_json:
-        echo_json(r)
+        echo_json(r.to_dict())
         return
-    click.echo(f"compact: {r['segments']} segments of {r['spaces']} space(s) rewritten into {r['spaces']} "
-               f"({r['rows']} rows copied); run featcache gc to free the old files")
+    click.echo(f"compact: {r.segments} segments of {r.spaces} space(s) rewritten into {r.spaces} "
+               f"({r.rows} rows copied); run featcache gc to free the old files")
 
 
 @click.command("migrate")

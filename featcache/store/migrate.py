@@ -38,7 +38,8 @@ import zarr
 from ..errors import StoreError
 from ..choices import SPLITS
 from ..units import now_iso
-from .rows import child_groups, created_by, is_read_only, require_group
+from .groups import MARKER_ATTRS, child_groups, is_committed, is_read_only, require_group
+from .leases import created_by
 from .store import FORMAT_VERSION, Store, _version_of
 
 __all__ = ["MigrationReport", "migrate", "V1_DECODE", "LOCK"]
@@ -287,7 +288,7 @@ def _migrate(root: zarr.Group, url: str, report: MigrationReport, drop_damaged: 
         provenances[old_key], segments[old_key] = prov, []
         where = f"space {old_key} segment"
         for name, seg in child_groups(group["segments"], damaged, where) if "segments" in group else []:
-            if seg.attrs.get("committed") is not True:
+            if not is_committed(seg):
                 continue
             try:
                 segments[old_key].append((name, *_v1_segment(seg)))
@@ -297,7 +298,7 @@ def _migrate(root: zarr.Group, url: str, report: MigrationReport, drop_damaged: 
     v1_sets: list[tuple[str, dict, dict]] = []
     for name, group in (child_groups(sets, damaged, "set") if sets is not None else []):
         a = dict(group.attrs)
-        if a.get("committed") is not True or "integrity" in a:
+        if not is_committed(a) or "integrity" in a:
             continue
         try:
             v1_sets.append((name, a, _v1_set(group, a, moved)))
@@ -310,7 +311,7 @@ def _migrate(root: zarr.Group, url: str, report: MigrationReport, drop_damaged: 
         new_key = store.ensure_space(_new_provenance(prov))
         require_group(spaces, new_key).attrs["migrated_from"] = old_key
         done = {g.attrs.get("migrated_from") for _, g in store.segment_groups(new_key)
-                if g.attrs.get("committed") is True}
+                if is_committed(g)}
         for name, feats, keys in segments[old_key]:
             if name in done:
                 continue
@@ -329,7 +330,7 @@ def _migrate(root: zarr.Group, url: str, report: MigrationReport, drop_damaged: 
                  "precision": "unrecorded", "unlabelled": [], "migrated_from": name}
         if a.get("views") and a.get("view_space") in moved:
             attrs["view_space"] = moved[a["view_space"]]
-        for key in ("committed", "committed_at", "integrity"):
+        for key in (*MARKER_ATTRS, "integrity"):
             attrs.pop(key, None)
         if name not in written:
             try:

@@ -13,8 +13,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from ..choices import MAX_CLASSES, RECORDED_PRECISIONS, SPLITS
+from ..choices import DTYPES, MAX_CLASSES, POOLS, RECORDED_PRECISIONS, SPLITS
 from ..errors import StoreError
+from ..fields import Fields
+from .groups import MARKER_ATTRS
 
 __all__ = ["SetRecord", "parse_files"]
 
@@ -26,16 +28,28 @@ _HEX16 = re.compile(r"[0-9a-f]{16}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+class _Attrs(Fields):
+    """A set's attributes read through :class:`~featcache.fields.Fields`; a bad one is the StoreError
+    ``set K has a malformed attribute 'F' (expected W); the store may be damaged``."""
+
+    def __init__(self, doc: dict, key: str, prefix: str = ""):
+        super().__init__(doc, f"set {key}", "attributes", prefix, error=StoreError, fix="the store may be damaged")
+        self.key = key
+
+    def bad(self, name: str, want: str, got: Any = None) -> StoreError:
+        return self.error(f"{self.where} has a malformed attribute {self.prefix + name!r} (expected {want}); {self.fix}")
+
+    def obj(self, name: str, optional: bool = False) -> "_Attrs | None":
+        value = self.get(name, lambda v: isinstance(v, dict), "an object", optional)
+        return None if value is None else _Attrs(value, self.key, f"{self.prefix}{name}.")
+
+
 class _Bad(Exception):
+    """A check written here (what :class:`Fields` has no reader for); reported through :meth:`_Attrs.bad`."""
+
     def __init__(self, name: str, want: str):
         super().__init__(name, want)
         self.name, self.want = name, want
-
-
-def _int(v: Any, name: str, lo: int = 0, hi: int = 2**53) -> int:
-    if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
-        raise _Bad(name, f"an integer in {lo}..{hi}")
-    return v
 
 
 def _str(v: Any, name: str, pattern: re.Pattern | None = None, limit: int = _MAX_TEXT) -> str:
@@ -82,15 +96,6 @@ def parse_files(v: Any, name: str, key: str) -> list[dict]:
         return list(_files(v, name))
     except _Bad as e:
         raise StoreError(f"set {key}: {e.name!r} is not {e.want}") from None
-
-
-def _shape(v: Any, name: str) -> tuple[int, ...]:
-    if not (isinstance(v, list) and 0 < len(v) <= _MAX_DIMS):
-        raise _Bad(name, "a list of positive integers")
-    dims = tuple(_int(d, name, 1, 2**31 - 1) for d in v)
-    if math.prod(dims) > 2**31:
-        raise _Bad(name, "at most 2^31 values per row")
-    return dims
 
 
 def _fractions(v: Any, name: str) -> tuple[float, ...] | None:
@@ -155,30 +160,30 @@ class SetRecord:
     @classmethod
     def from_attrs(cls, key: str, a: Mapping) -> "SetRecord":
         """Parse and check every field; a failure is one StoreError naming the set and the field."""
+        if not isinstance(a, Mapping):
+            raise _Attrs({}, key).bad("attributes", "an object")
+        f = _Attrs(dict(a), key)
         try:
-            return cls._parse(key, a)
+            return cls._parse(key, f)
         except _Bad as e:
-            raise StoreError(
-                f"set {key} has a malformed attribute {e.name!r} (expected {e.want}); the store may be damaged"
-            ) from None
+            raise f.bad(e.name, e.want) from None
 
     @classmethod
-    def _parse(cls, key: str, a: Mapping) -> "SetRecord":
-        if not isinstance(a, Mapping):
-            raise _Bad("attributes", "an object")
+    def _parse(cls, key: str, f: _Attrs) -> "SetRecord":
+        a = f.doc
         _str(a.get("key"), "key", re.compile(r"[0-9a-f]{12}"))
         space = _str(a.get("space"), "space", _HEX16)
         prov = _dict(a.get("space_provenance"), "space_provenance")
-        _shape(prov.get("shape"), "space_provenance.shape")
+        p = f.obj("space_provenance")
+        if math.prod(p.shape("shape", _MAX_DIMS)) > 2**31:
+            raise p.bad("shape", "at most 2^31 values per row")
         dtype = a.get("dtype")
-        if dtype not in ("float16", "float32") or prov.get("dtype") != dtype:
-            raise _Bad("dtype", "float16 or float32, as in space_provenance")
+        if dtype not in DTYPES or prov.get("dtype") != dtype:
+            raise _Bad("dtype", f"{' or '.join(DTYPES)}, as in space_provenance")
         precision = a.get("precision")
         if precision not in RECORDED_PRECISIONS or prov.get("precision") != precision:
             raise _Bad("precision", f"one of {', '.join(RECORDED_PRECISIONS)}, as in space_provenance")
-        pool = a.get("pool")
-        if pool not in ("none", "avg", "max"):
-            raise _Bad("pool", "none, avg or max")
+        pool = f.text("pool", choices=POOLS)
         weights = a.get("weights")
         if not isinstance(weights, dict):
             raise _Bad("weights", "an object {id, sha256}")
@@ -191,14 +196,15 @@ class SetRecord:
         splits = a.get("splits")
         if not (isinstance(splits, dict) and "train" in splits and set(splits) <= set(SPLITS)):
             raise _Bad("splits", "counts per split name train/val/test")
-        splits = {s: _int(splits[s], f"splits.{s}", 0, 2**40) for s in SPLITS if s in splits}
+        counts = f.obj("splits")
+        splits = {s: counts.integer(s, 0, 2**40) for s in SPLITS if s in splits}
         unlabelled = a.get("unlabelled", [])
         if not (isinstance(unlabelled, list) and all(isinstance(u, str) for u in unlabelled)
                 and set(unlabelled) <= set(splits) - {"train"}):
             raise _Bad("unlabelled", "a list of split names other than train")
         if len(classes) > splits["train"]:
             raise _Bad("classes", f"no more classes than training images ({splits['train']})")
-        views = _int(a.get("views", 0) or 0, "views", 0, 10_000)
+        views = f.integer("views", 0, 10_000) if a.get("views") else 0
         view_space = a.get("view_space")
         if views and not (isinstance(view_space, str) and _HEX16.fullmatch(view_space)):
             raise _Bad("view_space", "a 16-digit hex key when views > 0")
@@ -211,8 +217,7 @@ class SetRecord:
             if not (isinstance(arrays, dict) and all(isinstance(arrays.get(n), str) and _HEX64.fullmatch(arrays[n])
                                                      for n in SET_ARRAYS)):
                 raise _Bad(f"integrity.{s}", f"digests of the split's arrays {', '.join(SET_ARRAYS)}")
-        seed = a.get("split_seed")
-        known = {f.name for f in cls.__dataclass_fields__.values()} | {"weights", "committed", "committed_at"}
+        known = {f.name for f in cls.__dataclass_fields__.values()} | {"weights", *MARKER_ATTRS}
         return cls(
             key=key,
             space=space,
@@ -231,7 +236,7 @@ class SetRecord:
             data_root=_str(a.get("data_root"), "data_root"),
             layout=_str(a.get("layout", ""), "layout", limit=1024),
             split_fractions=_fractions(a.get("split_fractions"), "split_fractions"),
-            split_seed=None if seed is None else _int(seed, "split_seed", 0, 2**32 - 1),
+            split_seed=f.integer("split_seed", 0, 2**32 - 1, optional=True),
             manifest_sha256=_str(a.get("manifest_sha256"), "manifest_sha256", _HEX64),
             views=views,
             view_space=view_space if views else None,

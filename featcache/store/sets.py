@@ -17,7 +17,8 @@ import zarr
 from ..errors import SetNotFound, StoreError
 from .records import SetRecord
 from ..keys import row_key, set_key
-from .rows import arrays_to_keys, decode_strings, read_checked
+from .groups import read_checked
+from .segments import arrays_to_keys, decode_strings
 
 if TYPE_CHECKING:
     from .store import Store
@@ -225,40 +226,40 @@ class FeatureSet:
         """Images in the set, every split."""
         return sum(self.record.splits.values())
 
-    # Where users work (featcache.setdata): float32 rows by default, pooled on request.
+    # Where users work (featcache.store.convert): float32 rows by default, pooled on request.
     def to_numpy(self, split: str, dtype: str = "float32", pool: str = "none") -> tuple[np.ndarray, np.ndarray]:
         """(rows, int64 labels) of ``split``: float32 (``dtype="float16"``: as stored), ``pool`` avg/max over maps."""
-        from ..setdata import to_numpy
+        from .convert import to_numpy
 
         return to_numpy(self, split, dtype, pool)
 
     def to_torch(self, split: str, dtype: str = "float32", pool: str = "none"):
         """(rows, labels) as torch tensors, float32 and int64 by default."""
-        from ..setdata import to_torch
+        from .convert import to_torch
 
         return to_torch(self, split, dtype, pool)
 
     def dataset(self, split: str, dtype: str = "float32", pool: str = "none"):
         """A map-style torch ``Dataset`` of (row, label), held in memory."""
-        from ..setdata import dataset
+        from .convert import dataset
 
         return dataset(self, split, dtype, pool)
 
     def iterable_dataset(self, split: str, dtype: str = "float32", pool: str = "none", shuffle: bool = True,
                          seed: int = 0, max_memory: str | int = "auto"):
         """A torch ``IterableDataset`` of (row, label) read a window of chunks at a time (sets larger than memory)."""
-        from ..setdata import iterable_dataset
+        from .convert import iterable_dataset
 
         return iterable_dataset(self, split, dtype, pool, shuffle, seed, max_memory)
 
     def to_pandas(self, split: str | None = None, dtype: str = "float32", pool: str = "none"):
         """A pandas DataFrame, one row per image (needs pandas)."""
-        from ..setdata import to_pandas
+        from .convert import to_pandas
 
         return to_pandas(self, split, dtype, pool)
 
     def to_hf(self, split: str | None = None, dtype: str = "float32", pool: str = "none"):
         """A Hugging Face ``datasets.Dataset`` (a ``DatasetDict`` without ``split``; needs datasets)."""
-        from ..setdata import to_hf
+        from .convert import to_hf
 
         return to_hf(self, split, dtype, pool)

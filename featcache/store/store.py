@@ -1,6 +1,6 @@
 """The store: open it, and list, get, write and remove the dataset views (sets) in it.
 
-Sets layout (rows are in :mod:`featcache.store.rows`)::
+Sets layout (rows are in :mod:`featcache.store.rows` and :mod:`featcache.store.segments`)::
 
     STORE/                          root attrs: {"featcache": {"format_version": 2}}
       sets/<key>-<8 hex>/           one committed instance of a set; attrs: the SetRecord, then committed=true
@@ -24,10 +24,12 @@ import zarr
 from ..units import human_bytes, now_iso
 from ..errors import AmbiguousSet, DataError, SetNotFound, StoreError
 from .records import SetRecord, parse_files
-from . import rows as _rows
-from .rows import (Rows, child_groups, created_by, digest_values, encode_strings, group_bytes,
-                   hashes_to_array, require_group, write_array)
-from .rows import _meta_size
+from . import groups as _groups
+from .groups import (child_groups, commit_stamp, digest_values, group_bytes, is_committed, mark_committed, meta_size,
+                     require_group, uncommitted, write_array)
+from .leases import Leases, created_by
+from .rows import Rows
+from .segments import encode_strings, hashes_to_array
 from .sets import FILE_LISTS, FeatureSet
 
 __all__ = ["FORMAT_VERSION", "Store", "open_store"]
@@ -35,13 +37,19 @@ __all__ = ["FORMAT_VERSION", "Store", "open_store"]
 FORMAT_VERSION = 2
 
 
-class Store(Rows):
-    """A featcache store at a local path or fsspec URL."""
+class Store(Rows, Leases):
+    """A featcache store at a local path or fsspec URL.
+
+    Its jobs are mixed in, one module each: :class:`~.rows.Rows` (spaces, segments, the row index,
+    ``locate``/``gather``) and :class:`~.leases.Leases` (``lease``/``leases``/``remove_lease``); this
+    class adds the sets. Mixins, not members: ``store.gather``, ``store.lease`` ... are the API the
+    extract, fit, gc and stream code call, and mixins keep it whole without forwarding methods."""
 
     def __init__(self, url: str, root: zarr.Group):
         super().__init__()
         self.url = url
         self.root = root
+        self.read_only: str | None = None  # why this process cannot write the store, once a write found out
 
     def set_groups(self) -> list[tuple[str, str, zarr.Group]]:
         """(key, group name, group) of committed sets whose metadata can be read; a key may have several
@@ -53,7 +61,7 @@ class Store(Rows):
         out = []
         for name, group in child_groups(sets, self.warnings, "set"):
             attrs = group.attrs
-            if attrs.get("committed") is True and isinstance(attrs.get("key"), str):
+            if is_committed(attrs) and isinstance(attrs.get("key"), str):
                 out.append((attrs["key"], name, group))
         return out
 
@@ -73,7 +81,7 @@ class Store(Rows):
         parent, gname = require_group(self.root, "sets"), f"{key}-{uuid.uuid4().hex[:8]}"
         group = parent.create_group(
             gname,
-            attributes={"committed": False, "created_at": now_iso(), "space": fields.get("space")},
+            attributes=uncommitted(created_at=now_iso(), space=fields.get("space")),
         )
         integrity = {}
         lists = {}
@@ -97,17 +105,17 @@ class Store(Rows):
             for name, values in stored.items():
                 write_array(sub, name, values)
                 integrity[split][name] = digest_values(values)
-        attrs = {**fields, **lists, "integrity": integrity, "key": key, "committed_at": now_iso()}
+        attrs = {**fields, **lists, "integrity": integrity, "key": key, **commit_stamp()}
         SetRecord.from_attrs(key, attrs)  # what is written must read back
         group.attrs.update(attrs)
-        size = _meta_size(parent, gname) or len(json.dumps(dict(group.attrs), indent=2).encode())
-        if size > _rows.MAX_META_BYTES:  # every reader would skip it: never committed
+        size = meta_size(parent, gname) or len(json.dumps(dict(group.attrs), indent=2).encode())
+        if size > _groups.MAX_META_BYTES:  # every reader would skip it: never committed
             self._discard(parent, gname)
             largest = sorted(attrs, key=lambda k: len(json.dumps(attrs[k])), reverse=True)[:3]
             raise StoreError(f"the record of set {key} would be {human_bytes(size)} of metadata, over the "
-                             f"{human_bytes(_rows.MAX_META_BYTES)} every reader accepts, so nothing was committed; its "
+                             f"{human_bytes(_groups.MAX_META_BYTES)} every reader accepts, so nothing was committed; its "
                              f"largest attributes: {', '.join(f'{k} ({human_bytes(len(json.dumps(attrs[k])))})' for k in largest)}")
-        group.attrs["committed"] = True
+        mark_committed(group)
         fs = FeatureSet(self, key, group)
         fs.skipped(), fs.ignored()  # what was written reads back
         return fs
@@ -235,7 +243,10 @@ def _version_of(root: zarr.Group) -> int | None:
 
 
 def local_path(url: str) -> str | None:
-    """The filesystem path of a local store URL (a path or ``file://``); None for any other fsspec URL."""
+    """The filesystem path of a local store URL (a path or ``file://``); None for any other fsspec URL.
+
+    The one place that decides from a URL whether a store is local: everything that treats a local
+    store differently (group-writable folders, leftover ``.partial`` files, a run's store path) asks here."""
     url = str(url)
     if "://" in url and not url.startswith("file://"):
         return None
@@ -251,9 +262,9 @@ def resolved_url(url: str) -> str:
 
 def _keep_group_writable(url: str) -> None:
     """In a group-writable store directory (a team's shared store), new files stay group-writable."""
-    if "://" in url and not url.startswith("file://"):
+    path = local_path(url)
+    if path is None:
         return
-    path = url.removeprefix("file://")
     try:
         shared = os.stat(path).st_mode & 0o020
     except OSError:

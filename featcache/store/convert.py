@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .choices import FIT_POOLS
-from .errors import FeatcacheError
-from .stream import RowReader, memory_budget
+from ..choices import FIT_POOLS
+from ..errors import FeatcacheError
+from ..stream import RowReader, as_dtype, memory_budget
 
 if TYPE_CHECKING:
-    from .store import FeatureSet
+    from .sets import FeatureSet
 
-__all__ = ["DTYPES", "as_dtype", "rows", "to_numpy", "to_torch", "dataset", "iterable_dataset", "to_pandas", "to_hf"]
+__all__ = ["DTYPES", "rows", "to_numpy", "to_torch", "dataset", "iterable_dataset", "to_pandas", "to_hf"]
 
 DTYPES = ("float32", "float16")
 
@@ -34,17 +34,6 @@ def _check(fs: "FeatureSet", split: str | None, dtype: str, pool: str) -> None:
         raise ValueError(f"pool must be one of {', '.join(FIT_POOLS)}; got {pool!r}")
     if split is not None and split not in fs.splits:
         fs.labels(split)  # the set's own SetNotFound, naming the splits it has
-
-
-def as_dtype(x: np.ndarray, dtype: str, where: str) -> np.ndarray:
-    if dtype == "float32" or x.dtype == np.float16:
-        return x
-    with np.errstate(over="ignore"):
-        half = x.astype(np.float16)
-    if not np.isfinite(half).all() and np.isfinite(x).all():
-        raise FeatcacheError(f"{where}: values up to {float(np.abs(x).max()):.4g} do not fit float16 (max 65504); "
-                             "use dtype='float32'")
-    return half
 
 
 def rows(fs: "FeatureSet", split: str, dtype: str = "float32", pool: str = "none") -> np.ndarray:

@@ -1,4 +1,4 @@
-"""torch datasets of a set's rows (see :mod:`featcache.setdata`): one held in memory, one streamed
+"""torch datasets of a set's rows (see :mod:`featcache.store.convert`): one held in memory, one streamed
 from the store a window of stored chunks at a time. Imported only when asked for."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
 
-from .stream import RowReader
+from ..stream import RowReader, as_dtype
 
 if TYPE_CHECKING:
-    from .store import FeatureSet
+    from .sets import FeatureSet
 
 __all__ = ["InMemoryRows", "StreamingRows"]
 
@@ -44,8 +44,6 @@ class StreamingRows(IterableDataset):
         return RowReader(fs.store, fs.space, hashes, fs.shape, self.pool, keep_shape=self.pool == "none")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from .setdata import as_dtype
-
         reader, keep = self._reader(self.hashes), np.arange(len(self.hashes))
         info = get_worker_info()
         if info is not None and info.num_workers > 1:  # this worker's share of the stored chunks

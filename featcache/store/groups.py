@@ -1,0 +1,190 @@
+"""Defensive access to the store's groups and small arrays, and the commit marker.
+
+A store may be shared by another team, damaged or hostile: a child group whose metadata cannot
+be read, or is larger than :data:`MAX_META_BYTES` (8 MiB), is named in a warning and left out,
+so one damaged group never takes the others down. Small arrays (keys, labels, offsets, blobs)
+are written whole with every chunk present and read back whole against a recorded SHA-256.
+
+The commit marker: a segment or a set group is created with the attribute ``committed=false``,
+its arrays and integrity record are written, then ``committed_at``, and ``committed=true`` last.
+A group counts only once the marker is ``true``. This module alone reads or writes the marker
+(:func:`uncommitted`, :func:`commit_stamp`, :func:`mark_committed`, :func:`is_committed`,
+:func:`committed_at`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from ..errors import StoreError
+from ..units import human_bytes, now_iso
+
+__all__ = [
+    "ARRAY_CONFIG",
+    "MAX_META_BYTES",
+    "MARKER_ATTRS",
+    "default_compressor",
+    "require_group",
+    "child_groups",
+    "meta_size",
+    "write_array",
+    "read_checked",
+    "digest_values",
+    "group_bytes",
+    "is_read_only",
+    "uncommitted",
+    "commit_stamp",
+    "mark_committed",
+    "is_committed",
+    "committed_at",
+]
+
+MAX_META_BYTES = 8 << 20  # a zarr.json larger than this is refused unread (a damaged or hostile store)
+_MARKER = "committed"
+_COMMITTED_AT = "committed_at"
+MARKER_ATTRS = (_MARKER, _COMMITTED_AT)  # what the commit protocol adds to a group's own attributes
+
+
+# ------------------------------------------------------------------ the commit marker
+
+def uncommitted(**attrs: Any) -> dict:
+    """The attributes a segment or set group is created with: ``attrs`` and the marker, false."""
+    return {**attrs, _MARKER: False}
+
+
+def commit_stamp() -> dict:
+    """The commit time, written with the integrity record before the marker."""
+    return {_COMMITTED_AT: now_iso()}
+
+
+def mark_committed(group: zarr.Group) -> None:
+    """Write the marker: the group counts from now on. Called last, after everything it vouches for."""
+    group.attrs[_MARKER] = True
+
+
+def is_committed(group: zarr.Group | Mapping) -> bool:
+    """Whether a group (or its attributes) carries the marker, true."""
+    attrs = group.attrs if isinstance(group, zarr.Group) else group
+    return attrs.get(_MARKER) is True
+
+
+def committed_at(group: zarr.Group) -> Any:
+    """The recorded commit time (unparsed, as stored: a damaged store may hold anything)."""
+    return group.attrs.get(_COMMITTED_AT)
+
+
+# ------------------------------------------------------------------ groups
+
+def default_compressor() -> list:
+    """Blosc-zstd level 1, no shuffle (chosen from benchmarks/README.md: the smallest files at the
+    fastest zstd write speed for CNN features), then a CRC32C checksum so a corrupted chunk is
+    detected on read."""
+    return [BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle"), Crc32cCodec()]
+
+
+# Every chunk is written, even one equal to the fill value, so a chunk that is absent is a
+# chunk that was lost, never one that was implicit.
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``require_group`` that tolerates another writer creating the same group at the same moment."""
+    try:
+        return parent.require_group(name)
+    except zarr.errors.ContainsGroupError:
+        return parent[name]
+
+
+def meta_size(parent: zarr.Group, name: str) -> int | None:
+    """Bytes of the child ``name``'s ``zarr.json``; None when it is not there (yet) or the store cannot tell."""
+    from zarr.core.sync import sync
+
+    key = f"{parent.path}/{name}/zarr.json" if parent.path else f"{name}/zarr.json"
+    try:
+        return sync(parent.store.getsize(key))
+    except Exception:  # not there (yet), or a store that cannot tell
+        return None
+
+
+def _list_dir(parent: zarr.Group) -> list[str]:
+    from zarr.core.sync import sync
+
+    async def names() -> list[str]:
+        return [n async for n in parent.store.list_dir(parent.path)]
+
+    return sync(names())
+
+
+def child_groups(parent: zarr.Group, warnings: list[str] | None = None, what: str = "group") -> list[tuple[str, zarr.Group]]:
+    """The child groups of ``parent``, sorted by name; one that cannot be read is named in ``warnings``
+    and left out, so one damaged group never takes the others down."""
+    try:  # names from the store's listing: no child's metadata is parsed to list them
+        names = sorted(n for n in _list_dir(parent) if n != "zarr.json")
+    except Exception as e:
+        raise StoreError(f"cannot list {parent.path or 'the store root'}: {e.__class__.__name__}: {e}") from None
+    out = []
+    for name in names:
+        size = meta_size(parent, name)
+        if size is not None and size > MAX_META_BYTES:
+            if warnings is not None and not any(w.startswith(f"{what} {name}:") for w in warnings):
+                warnings.append(f"{what} {name}: metadata is {human_bytes(size)}, over the {human_bytes(MAX_META_BYTES)} cap; skipped")
+            continue
+        try:
+            member = parent[name]
+            if isinstance(member, zarr.Group):
+                dict(member.attrs)  # parsed now, so a damaged one fails here
+                out.append((name, member))
+        except (Exception, RecursionError) as e:
+            if warnings is not None and not any(w.startswith(f"{what} {name}:") for w in warnings):
+                warnings.append(f"{what} {name}: unreadable metadata ({e.__class__.__name__}); skipped")
+    return out
+
+
+def group_bytes(group: zarr.Group) -> int:
+    """Bytes stored under a group (all its arrays, recursively)."""
+    total = 0
+    for _, member in group.members():
+        total += int(member.nbytes_stored()) if isinstance(member, zarr.Array) else group_bytes(member)
+    return total
+
+
+def is_read_only(e: BaseException) -> bool:
+    """Whether a failed write says the place cannot be written at all (permissions, a read-only mount)."""
+    return isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+# ------------------------------------------------------------------ small arrays
+
+def digest_values(values: np.ndarray) -> str:
+    """SHA-256 hex of an array's bytes in C order, little-endian: what any reader can recompute."""
+    arr = np.asarray(values)
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()).hexdigest()
+
+
+def write_array(group: zarr.Group, name: str, values: np.ndarray, chunk_bytes: int = 4 << 20) -> zarr.Array:
+    """A small core-typed array (keys, labels, offsets, a blob), every chunk written."""
+    values = np.ascontiguousarray(values)
+    row = max(1, int(np.prod(values.shape[1:])) * values.dtype.itemsize)
+    rows = max(1, min(len(values), chunk_bytes // row))
+    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(rows,) + values.shape[1:],
+                             fill_value=0, compressors=default_compressor(), config=ARRAY_CONFIG)
+    if len(values):
+        arr[...] = values
+    return arr
+
+
+def read_checked(group: zarr.Group, name: str, digest: str | None, dtype: str, trailing: tuple[int, ...] = ()) -> np.ndarray:
+    """A core-typed array read whole and compared with its recorded digest; ValueError says what is wrong."""
+    arr = group[name]
+    if not isinstance(arr, zarr.Array) or arr.dtype != np.dtype(dtype) or tuple(arr.shape[1:]) != trailing:
+        raise ValueError(f"{name!r} is not a {dtype} array of rows of shape {trailing}")
+    values = arr[...]
+    if digest is None or digest_values(values) != digest:
+        raise ValueError(f"{name!r} differs from its integrity record")
+    return values
