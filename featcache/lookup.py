@@ -23,7 +23,7 @@ import numpy as np
 from .backbones import Backbone, check_user_backbone, rebuild_backbone
 from .data import DECODE_RECIPE
 from .errors import BackboneMismatch, RunError, StoreError, WeightsError
-from .pipeline import MAX_CAST_ERROR, Writer, cast_error, commit_partial, finite_rows, run_backbone
+from .compute import Writers, first_line, run_local, storage_errors
 from .runs import RunRecord, run_store
 from .keys import space_key
 from .store import Store, open_store
@@ -156,12 +156,6 @@ def _fix(field: str, ran: Any) -> str:
             "the images again with this one and fit a new run.")
 
 
-def _first_line(e: BaseException) -> str:
-    """The first sentence of an error: what went wrong, without the fix meant for another command."""
-    text = str(e).strip()
-    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else e.__class__.__name__
-
-
 def _open(record: RunRecord, net: Backbone, write: bool, notes: list[str]) -> tuple[Store | None, bool]:
     """The run's store (None with ``recompute``, when the record names none) and whether computed rows may be
     added to it. A store that cannot be opened is an error: every row computed again is not what a user asked."""
@@ -170,7 +164,7 @@ def _open(record: RunRecord, net: Backbone, write: bool, notes: list[str]) -> tu
     try:
         store = open_store(record.store, mode="r+" if write else "r")
     except StoreError as e:
-        raise StoreError(f"the run's store {record.store} cannot be opened ({_first_line(e)}). Pass --store with "
+        raise StoreError(f"the run's store {record.store} cannot be opened ({first_line(e)}). Pass --store with "
                          "where it is now, or --recompute to compute every image's features without a store") from None
     differ, unchecked = space_differences(record, net)
     if write and space_key(_here(record, net)) != space_key(record.space_provenance) and (differ or unchecked):
@@ -207,7 +201,7 @@ def run_rows(record: RunRecord, net: Backbone, root: Path, items: Sequence, on_r
                     raise OSError(f"read-only: {store.read_only}")
                 store.ensure_space(prov)
             except (OSError, ValueError) as e:  # a read-only place, a full disk ...
-                counts.notes.append(f"cannot write to the store {record.store} ({_first_line(e)}); computed rows "
+                counts.notes.append(f"cannot write to the store {record.store} ({first_line(e)}); computed rows "
                                     "are not added to it")
                 write = False
         known: set[str] = set()
@@ -215,13 +209,15 @@ def run_rows(record: RunRecord, net: Backbone, root: Path, items: Sequence, on_r
             try:
                 known = store.known_hashes(space)
             except StoreError as e:
-                counts.notes.append(f"the run's store {record.store} cannot be read ({_first_line(e)}); every "
+                counts.notes.append(f"the run's store {record.store} cannot be read ({first_line(e)}); every "
                                     "image is computed")
         cached = [i for i, it in enumerate(items) if it.sha256 in known]
         rest = [i for i, it in enumerate(items) if it.sha256 not in known]
         rest += _read_cached(store, space, record.feature_shape, items, cached, on_rows, pool, keep_shape, counts)
-        _compute(net, root, items, rest, on_rows, store if write else None, space, dtype, precision, pool, keep_shape,
-                 device, batch_size, workers, progress, desc, counts)
+        if rest:
+            _compute(net, root, items, rest, on_rows, store if write else None, space, dtype, pool, keep_shape, counts,
+                     device=device, precision=precision, batch_size=batch_size, workers=workers, progress=progress,
+                     desc=desc)
     return counts
 
 
@@ -237,7 +233,7 @@ def _read_cached(store: Store | None, space: str, shape: tuple[int, ...], items:
         try:
             feats = RowReader(store, space, [items[i].sha256 for i in part], shape, pool, keep_shape).load()
         except StoreError as e:  # removed by gc since the lookup, or damaged: compute them instead
-            counts.notes.append(f"cached rows could not be read ({_first_line(e)}); they are computed instead")
+            counts.notes.append(f"cached rows could not be read ({first_line(e)}); they are computed instead")
             return cached[start:]
         on_rows(np.asarray(part), feats)
         counts.from_store += len(part)
@@ -245,56 +241,27 @@ def _read_cached(store: Store | None, space: str, shape: tuple[int, ...], items:
 
 
 def _compute(net: Backbone, root: Path, items: Sequence, todo: list[int], on_rows, store: Store | None, space: str,
-             dtype: str, precision: str, pool: str, keep_shape: bool, device: str, batch_size: int,
-             workers: int | None, progress: bool, desc: str, counts: RowCounts) -> None:
-    """Push each distinct image of ``todo`` through the backbone once; hand its rows to every item with its bytes."""
-    if not todo:
-        return
+             dtype: str, pool: str, keep_shape: bool, counts: RowCounts, **run) -> None:
+    """Push each distinct image of ``todo`` through the backbone once (:func:`featcache.compute.run_local`);
+    hand its rows to every item with its bytes, and add them to ``store`` when one is given."""
     same: dict[str, list[int]] = {}
     for i in todo:
         same.setdefault(items[i].sha256, []).append(i)
     unique = [_Image(items[group[0]].path, h) for h, group in same.items()]
-    writer = None
-    if store is not None:
-        writer = Writer(store, space, len(unique), net.shape, dtype, _CHECKPOINT_S)
-        writer.start()
-    closed = False
-    try:
-        batches = run_backbone(net, root, unique, device=device, precision=precision, batch_size=batch_size,
-                               workers=workers, progress=progress, desc=desc)
-        with contextlib.closing(batches):
-            for b in batches:
-                for j, reason in b.failed:
-                    for i in same[unique[j].sha256]:
-                        counts.failed[i] = reason
-                if b.features is None:
-                    continue
-                rows = b.features.astype(dtype)
-                ok = finite_rows(rows)
-                lost = ok & (cast_error(b.features, rows) > MAX_CAST_ERROR)  # underflow: the cast lost the row
-                ok &= ~lost
-                for j in np.asarray(b.indices)[~ok].tolist():
-                    for i in same[unique[j].sha256]:
-                        counts.failed[i] = f"the backbone gave non-finite features (NaN or inf, or beyond {dtype})"
-                for j in np.asarray(b.indices)[lost].tolist():
-                    for i in same[unique[j].sha256]:
-                        counts.failed[i] = f"the backbone's features underflow {dtype} (values lost in the cast)"
-                good = np.asarray(b.indices)[ok]
-                rows = rows[ok]
-                if writer is not None and len(good):
-                    writer.put(rows, [unique[j].sha256 for j in good.tolist()])
-                feats = rows.astype(np.float32) if keep_shape else prepare_features(rows, pool)
-                where = [(k, i) for k, j in enumerate(good.tolist()) for i in same[unique[j].sha256]]
-                if where:
-                    on_rows(np.array([i for _, i in where]), feats[[k for k, _ in where]])
-                    counts.computed += len(where)
-        if writer is not None:
-            writer.close()
-            counts.stored = writer.committed_rows
-        closed = True
-    except OSError as e:  # disk full, permissions, network: what was committed stays intact
-        raise StoreError(f"writing to {store.url if store else 'the store'} failed ({_first_line(e)}); pass --no-store "
-                         "to evaluate without adding rows") from None
-    finally:
-        if writer is not None and not closed:
-            commit_partial(writer)
+
+    def computed(good: list[int], rows: np.ndarray) -> None:
+        feats = rows.astype(np.float32) if keep_shape else prepare_features(rows, pool)
+        where = [(k, i) for k, j in enumerate(good) for i in same[unique[j].sha256]]
+        if where:
+            on_rows(np.array([i for _, i in where]), feats[[k for k, _ in where]])
+            counts.computed += len(where)
+
+    fix = "pass --no-store to evaluate without adding rows"
+    with storage_errors(store.url if store else "the store", optional=fix):
+        with Writers(store, [space], [len(unique)], [net.shape], dtype, _CHECKPOINT_S) as writers:
+            failed = run_local(net, root, unique, [u.sha256 for u in unique], writers, [set()], dtype=dtype,
+                               skip_bad_rows=True, on_rows=computed, **run)
+        counts.stored = writers.committed_rows
+    for j, reason in failed.items():
+        for i in same[unique[j].sha256]:
+            counts.failed[i] = reason

@@ -1,11 +1,11 @@
-"""The stages every command that pushes images through a backbone shares: reader → model → writer.
+"""The stages every command that pushes images through a backbone shares: reader → model.
 
 :class:`Images` reads each file once, checks its bytes against the SHA-256 they were looked
 up (or stored) under and decodes those bytes; :func:`run_backbone` feeds it through DataLoader
 workers in batches to the model, with a progress bar, and yields the features batch by batch
-(so memory stays bounded by a batch, whatever the number of images); :class:`Writer`
-compresses and commits them in the background. ``extract``, ``evaluate`` and ``predict``
-all run on these.
+(so memory stays bounded by a batch, whatever the number of images); :func:`checked` keeps
+anything non-finite or lost in the cast out of the store. ``extract``, ``evaluate`` and
+``predict`` all run on these, through :mod:`featcache.compute` (whose writer commits the rows).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +28,9 @@ from .errors import DataError, FeatcacheError
 from .procs import forked_batches, model_processes
 from .progress import Progress, progress_bar
 from .runtime import keep_memory
-from .store import Store
 
-__all__ = ["Batch", "Images", "Writer", "run_backbone", "resolve_device", "progress_bar", "checked", "finite_rows",
-           "commit_partial", "cast_error", "MAX_CAST_ERROR"]
+__all__ = ["Batch", "Images", "run_backbone", "resolve_device", "progress_bar", "checked", "finite_rows",
+           "cast_error", "MAX_CAST_ERROR"]
 
 
 class _Item(Protocol):
@@ -276,65 +273,3 @@ def _cast_error(x: np.ndarray, stored: np.ndarray) -> np.ndarray:
         diff = np.linalg.norm((x - stored.astype(np.float32)) * scale, axis=1)
         norm = np.linalg.norm(x * scale, axis=1)
         return np.divide(diff, norm, out=np.zeros_like(diff), where=norm > 0)
-
-
-class Writer(threading.Thread):
-    """Compresses and writes in the background so the model never waits on storage.
-
-    Every ``checkpoint_s`` seconds the current segment is committed and a new one started,
-    so a killed run loses at most that much work.
-    """
-
-    def __init__(self, store: Store, space: str, total: int, shape: tuple[int, ...], dtype: str, checkpoint_s: float):
-        super().__init__(daemon=True)
-        self.store, self.space, self.remaining = store, space, total
-        self.shape, self.dtype, self.checkpoint_s = shape, dtype, checkpoint_s
-        self.segment = None
-        self.started = 0.0
-        self.queue: queue.Queue = queue.Queue(maxsize=8)
-        self.error: BaseException | None = None
-        self.busy = 0.0
-        self.committed_rows = 0
-
-    def _append(self, features: np.ndarray, hashes: list[str]) -> None:
-        if self.segment is None:
-            self.segment = self.store.new_segment(self.space, self.remaining, self.shape, self.dtype)
-            self.started = time.monotonic()
-        self.segment.append(features, hashes)
-        self.remaining -= len(hashes)
-        if time.monotonic() - self.started >= self.checkpoint_s:
-            self._commit()
-
-    def _commit(self, **attrs) -> None:
-        if self.segment is not None:
-            self.committed_rows += self.segment.commit(**attrs)
-            self.segment = None
-
-    def run(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.error is None:
-                t = time.perf_counter()
-                try:
-                    self._append(*job)
-                except BaseException as e:  # re-raised in the main thread by close()
-                    self.error = e
-                self.busy += time.perf_counter() - t
-
-    def put(self, features: np.ndarray, hashes: list[str]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((features, hashes))
-
-    def close(self, **attrs) -> None:
-        """Drain the queue and commit what is left (also after an error or Ctrl-C)."""
-        self.queue.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-        self._commit(**attrs)
-
-
-def commit_partial(writer: Writer) -> None:
-    """Keep the rows finished before an error or Ctrl-C; they are valid and save a re-run."""
-    with contextlib.suppress(BaseException):  # the original error matters more; the segment stays uncommitted
-        writer.close(partial=True)

@@ -43,7 +43,7 @@ from .errors import FeatcacheError
 from .progress import Progress
 from .runtime import die_with_parent, keep_memory
 
-__all__ = ["model_processes", "forked_batches", "usable_cores"]
+__all__ = ["model_processes", "forked_batches", "usable_cores", "distributed", "barrier", "merge_failures"]
 
 _PROC_MEMORY = 3 << 30  # what one process may need for a batch of 64 (activations of a large CNN)
 MIN_BATCH = 16  # below this, one thread takes other convolution kernels than several (see above)
@@ -197,3 +197,39 @@ def forked_batches(run: Callable[[torch.Tensor], np.ndarray], collate: Callable,
             if p.is_alive():
                 p.terminate()
             p.join()
+
+
+# ---------------------------------------------------------------- ranks (torchrun)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise. Ranks split the images to extract."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier(world: int) -> None:
+    """Under torchrun, wait until every rank is here."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def merge_failures(failed: dict[str, str], world: int) -> dict[str, str]:
+    """Under torchrun, every rank's failures (by content hash) together."""
+    if world <= 1:
+        return failed
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, failed)  # in-process messages between ranks, never stored
+    return {k: v for part in parts for k, v in part.items()}

@@ -2,7 +2,7 @@
 
 The driver scans, plans and leases as a one-process extract does (featcache's manifest, its row
 keys, its lease); this module only computes the rows it is handed, through the same seam as the
-one-process pipeline (:func:`featcache.extract._compute`):
+one-process pipeline (:func:`featcache.compute.compute`):
 
 * one dataset row per planned batch (batch ``j`` holds the images a one-process run puts in batch
   ``j``), never one Ray task per file;
@@ -204,7 +204,8 @@ def _sink_class(base):
         def write(self, blocks, ctx) -> dict:
             import pyarrow as pa
 
-            from .pipeline import Writer, checked, commit_partial
+            from .compute import Writers
+            from .pipeline import checked
             from .store import open_store
 
             t = time.perf_counter()
@@ -251,16 +252,10 @@ def _sink_class(base):
                 total = sum(len(k) for _, k in parts)
                 if not total:
                     continue
-                writer = Writer(store, space, total, shape, self.dtype, self.checkpoint_s)
-                writer.start()
-                try:
+                with Writers(store, [space], [total], [shape], self.dtype, self.checkpoint_s) as writers:
                     for feats, keys in parts:
-                        writer.put(feats, keys)
-                    writer.close()
-                except BaseException:
-                    commit_partial(writer)
-                    raise
-                committed += writer.committed_rows
+                        writers.put(0, feats, keys)
+                committed += writers.committed_rows
             return {"rows": committed, "batches": len(rows), "failed": failed, "errors": errors,
                     "decode": decode_s, "forward": forward_s, "write": time.perf_counter() - t,
                     "pids": sorted(pids)}
@@ -280,10 +275,10 @@ def _as_array(value) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float32)
 
 
-def run_model(joint, manifest, todo: Sequence, store, spaces: list[str], have: list[set[str]], cfg,
+def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have: list[set[str]], cfg,
               progress: bool, views: list[int] | None = None,
               augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]:
-    """The Ray engine behind :func:`featcache.extract._compute`: rows of ``todo`` into new segments of each
+    """The Ray engine behind :func:`featcache.compute.compute`: rows of ``todo`` into new segments of each
     part's space (those ``have`` misses), committed by write tasks; returns failures by content hash and
     seconds summed over the cluster (``decode``, ``forward``, ``write``) and the model actors seen."""
     from .backbones import resolve_precision
@@ -336,7 +331,7 @@ def run_model(joint, manifest, todo: Sequence, store, spaces: list[str], have: l
         actor_args["num_cpus"] = 0.5
 
     ds = ray.data.from_items(plans, override_num_blocks=max(1, min(len(plans), 4 * max(1, cpus))))
-    ds = ds.map(_decode, fn_kwargs={"root": str(manifest.root), "transform": joint.transform, "augment": augment},
+    ds = ds.map(_decode, fn_kwargs={"root": str(root), "transform": joint.transform, "augment": augment},
                 num_cpus=decode_cpus)
     ds = ds.map_batches(_Forward, batch_size=1, batch_format="numpy",
                         fn_constructor_kwargs={"spec": spec, "shipped": shipped},

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import featcache
-from featcache import lookup
+from featcache import compute
 from featcache.cli import main
 from featcache.evaluate import evaluate
 from featcache.keys import space_key
@@ -31,7 +31,7 @@ def _no_compute(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the backbone was run although every row is in the store")
 
-    monkeypatch.setattr(lookup, "run_backbone", refuse)
+    monkeypatch.setattr(compute, "run_backbone", refuse)
 
 
 @pytest.mark.parametrize("head", ["mlp", "logreg"])

@@ -16,17 +16,18 @@ from featcache.errors import UnknownLayer
 from .conftest import TINY, make_folder
 
 EXTRACT = importlib.import_module("featcache.extract")  # the module, not the function featcache.extract
+COMPUTE = importlib.import_module("featcache.compute")
 
 
 def _count_forward(monkeypatch) -> list[int]:
     """The number of images each pass through the network was given."""
-    real, passes = EXTRACT.run_backbone, []
+    real, passes = COMPUTE.run_backbone, []
 
     def counted(backbone, root, items, **kw):
         passes.append(len(items))
         return real(backbone, root, items, **kw)
 
-    monkeypatch.setattr(EXTRACT, "run_backbone", counted)
+    monkeypatch.setattr(COMPUTE, "run_backbone", counted)
     return passes
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 import featcache
 from featcache.cli import main
 from featcache.data import DECODE_RECIPE, ImageTooLarge, decode_bytes, load_rgb, scan
-from featcache.extract import ExtractConfig
+from featcache.config import ExtractConfig
 
 from .conftest import TINY
 

@@ -80,18 +80,18 @@ def test_predict_and_export_commands(trained, folder, tmp_path):
 
 
 def test_predict_reads_cached_rows_and_computes_nothing(trained, folder, store_url, tmp_path, monkeypatch):
-    from featcache import lookup
+    from featcache import compute
 
     files = sorted((folder / "val").rglob("*.png"))
-    real = lookup.run_backbone
+    real = compute.run_backbone
 
     def refuse(*args, **kwargs):
         raise AssertionError("the backbone was run although every row is in the store")
 
-    monkeypatch.setattr(lookup, "run_backbone", refuse)
+    monkeypatch.setattr(compute, "run_backbone", refuse)
     cached = predict(trained["mlp"], files, top_k=3, backbone=TINY)
     assert (cached.counts.from_store, cached.counts.computed, cached.notes) == (12, 0, [])
-    monkeypatch.setattr(lookup, "run_backbone", real)
+    monkeypatch.setattr(compute, "run_backbone", real)
     import shutil
 
     shutil.move(store_url, tmp_path / "moved.zarr")  # the store is gone: an error, never a silent recomputation

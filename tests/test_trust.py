@@ -84,7 +84,7 @@ def test_extract_recomputes_reused_rows_that_vanished_before_the_set_commit(tmp_
     first = _extract(folder, store)
     st = featcache.open_store(str(store))
     st.remove_set(first.set_key)
-    real = EXTRACT._compute
+    real = EXTRACT.compute
     lost = []
 
     def compute_then_lose_rows(*args, **kw):
@@ -99,7 +99,7 @@ def test_extract_recomputes_reused_rows_that_vanished_before_the_set_commit(tmp_
                     s.remove_segment(space, name)  # what a lease-blind gc would do
         return out
 
-    monkeypatch.setattr(EXTRACT, "_compute", compute_then_lose_rows)
+    monkeypatch.setattr(EXTRACT, "compute", compute_then_lose_rows)
     r = _extract(folder, store)
     monkeypatch.undo()
     assert r.reused == 12

@@ -1,7 +1,7 @@
 """Image folders as people download them: layouts, safe decoding, and the hashed manifest.
 
 ``layouts`` finds splits, classes and labels (``labels`` says what names and label files
-mean); ``images`` opens and decodes one file safely;
+mean, ``walk`` lists the folders); ``images`` opens and decodes one file safely;
 ``manifest`` hashes the files (``scancache`` remembers the hashes of files whose stat signature
 has not changed) and makes the stable seeded split. The names below are the
 package's public API (the rest of featcache imports them from here).
@@ -23,8 +23,9 @@ from .labels import (
     read_labels_csv,
     split_of,
 )
-from .layouts import Layout, Skip, find_layout
+from .layouts import Layout, find_layout
 from .manifest import Item, Manifest, hash_file, safe_join, scan
+from .walk import Skip
 
 __all__ = [
     "DECODE_RECIPE",

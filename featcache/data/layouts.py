@@ -14,7 +14,7 @@ In the spirit of torchvision's ``ImageFolder`` and Hugging Face's ``imagefolder`
   like splits, fewer than two classes.
 
 Nothing here reads an image's bytes: :mod:`.manifest` hashes what this finds. What names
-and label files mean is in :mod:`.labels`.
+and label files mean is in :mod:`.labels`; the listings come from :mod:`.walk`.
 """
 
 from __future__ import annotations
@@ -26,25 +26,14 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
-from .images import is_image_name
 from ..choices import DEFAULT_NAME_PATTERN, SPLITS
 from ..config import parse_classes, parse_name_pattern
 from .labels import CSV_NAMES, is_store_dir, labels_by_pattern, read_labels_csv, split_of
+from .walk import Finder, Skip, rel_path
 
 __all__ = ["Skip", "Layout", "find_layout"]
 
 _SHOWN_CLASSES = 10
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A file left out, and why."""
-
-    path: str
-    reason: str
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -99,75 +88,6 @@ class Layout:
         return "layout: " + "; ".join(parts)
 
 
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # os gives undecodable bytes back as lone surrogates
-        return False
-
-
-def _rel(path: Path, root: Path) -> str:
-    rel = os.path.relpath(path, root).replace(os.sep, "/")
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-class _Finder:
-    """The walk of one folder: listings, and what was ignored or skipped on the way."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.ignored: list[Skip] = []
-        self.skipped: list[Skip] = []
-
-    def ignore(self, path: Path, reason: str) -> None:
-        self.ignored.append(Skip(_rel(path, self.root) + ("/" if path.is_dir() else ""), reason))
-
-    def list(self, folder: Path, record: bool = True) -> tuple[list[Path], list[Path], list[Path]]:
-        """(images, other files, folders) directly in ``folder``; hidden names and stores left out."""
-        images, others, dirs = [], [], []
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as e:
-            raise DataError(f"cannot list {folder}: {e.strerror or e}. Check the folder's permissions.") from None
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            path = Path(e.path)
-            try:
-                is_dir = e.is_dir()
-            except OSError:  # a link loop: listed as a file, so that hashing records why it cannot be read
-                is_dir = False
-            if not _utf8(e.name):
-                if record:
-                    self.skipped.append(Skip(_rel(path, self.root) + ("/" if is_dir else ""),
-                                             "name is not valid UTF-8; rename it to include it"))
-            elif is_dir:
-                if not is_store_dir(path):
-                    dirs.append(path)
-            elif is_image_name(e.name):
-                images.append(path)
-            else:
-                others.append(path)
-        return images, others, dirs
-
-    def images_below(self, folder: Path) -> list[Path]:
-        """Every image below ``folder``, sorted; other files are ignored, linked folders not followed."""
-        images, others, dirs = self.list(folder)
-        for p in others:
-            self.ignore(p, "not an image file (extension)")
-        for d in dirs:
-            if d.is_symlink():
-                self.ignore(d, "link to a folder (not followed)")
-            else:
-                images.extend(self.images_below(d))
-        return images
-
-    def ignore_all(self, paths: list[Path], reason: str) -> None:
-        for p in paths:
-            self.ignore(p, reason)
-
-
 def _labels_by_name(paths: list[Path], pattern: str) -> dict[str | None, list[Path]]:
     out: dict[str | None, list[Path]] = {}
     for p, label in zip(paths, labels_by_pattern(pattern, [p.name for p in paths])):
@@ -175,13 +95,13 @@ def _labels_by_name(paths: list[Path], pattern: str) -> dict[str | None, list[Pa
     return out
 
 
-def _from_csv(finder: _Finder, csv_path: Path) -> tuple[str, list[tuple[str, str, dict]]]:
+def _from_csv(finder: Finder, csv_path: Path) -> tuple[str, list[tuple[str, str, dict]]]:
     rows = read_labels_csv(csv_path, finder.root)
     labels: dict[Path, str | None] = {}
     groups: dict[str, dict[str | None, list[Path]]] = {}
     for split, label, full in rows:
         if full in labels and labels[full] != label:
-            raise DataError(f"{csv_path} gives {_rel(full, finder.root)} two labels ({labels[full]}, {label}); "
+            raise DataError(f"{csv_path} gives {rel_path(full, finder.root)} two labels ({labels[full]}, {label}); "
                             "keep one row per file", option="--labels")
         if full in labels:
             continue
@@ -194,7 +114,7 @@ def _from_csv(finder: _Finder, csv_path: Path) -> tuple[str, list[tuple[str, str
         raise DataError(f"{csv_path} mixes files in split folders with files outside them; "
                         "give every row a split (a split column, or paths under train/, val/, test/)",
                         option="--labels")
-    csv_rel = _rel(csv_path, finder.root)
+    csv_rel = rel_path(csv_path, finder.root)
     for p in finder.images_below(finder.root):
         if p not in labels:
             finder.ignore(p, f"not listed in {csv_path.name}")
@@ -222,7 +142,7 @@ def _composed(group: dict[str | None, list[Path]], where: Path) -> dict[str | No
     return out
 
 
-def _split_folders(finder: _Finder, base: Path, dirs: list[Path]) -> list[tuple[str, Path]]:
+def _split_folders(finder: Finder, base: Path, dirs: list[Path]) -> list[tuple[str, Path]]:
     """Each split's folder below ``base`` (unwrapping ``training_set/training_set``); two for one split is refused."""
     found: dict[str, list[Path]] = {}
     for d in dirs:
@@ -251,7 +171,7 @@ def _split_folders(finder: _Finder, base: Path, dirs: list[Path]) -> list[tuple[
     return out
 
 
-def _by_folders(finder: _Finder, folder: Path) -> dict[str | None, list[Path]]:
+def _by_folders(finder: Finder, folder: Path) -> dict[str | None, list[Path]]:
     """Class folders of ``folder``; loose images with no class folders beside them are unlabelled."""
     images, others, dirs = finder.list(folder)
     finder.ignore_all(others, "outside the class folders")
@@ -261,7 +181,7 @@ def _by_folders(finder: _Finder, folder: Path) -> dict[str | None, list[Path]]:
     return {d.name: finder.images_below(d) for d in dirs}
 
 
-def _descend(finder: _Finder, root: Path, csv_path: Path | None) -> tuple[Path, Path | None, list[Path]]:
+def _descend(finder: Finder, root: Path, csv_path: Path | None) -> tuple[Path, Path | None, list[Path]]:
     """Go down single wrapper folders until split folders, a labels CSV, images or several folders appear."""
     base = root
     while True:
@@ -315,7 +235,7 @@ def _no_labels(folder: Path, root: Path, group: dict, how: str, pattern: str | N
                      "CSV (--labels); see docs/layouts.md.")
 
 
-def _resolve(finder: _Finder, root: Path, base: Path, kind: str, how: str, groups: list, pattern: str | None,
+def _resolve(finder: Finder, root: Path, base: Path, kind: str, how: str, groups: list, pattern: str | None,
              csv_path: Path | None) -> tuple[list[str], list[tuple[str, int, Path]], list[str]]:
     """Class names (from the training files), labelled entries, and the splits that have no labels."""
     first = "" if kind == "flat" else "train"
@@ -407,7 +327,7 @@ def find_layout(
     if csv_path is not None and not csv_path.is_file():
         raise DataError(f"labels file {str(csv_path)!r} does not exist or is not a file. Pass --labels PATH.csv "
                         "(a header row, then path,label rows).", option="--labels")
-    finder = _Finder(root)
+    finder = Finder(root)
     base, csv_path, dirs = _descend(finder, root, csv_path)
     if csv_path is not None:
         kind, groups = _from_csv(finder, csv_path)
@@ -425,7 +345,7 @@ def find_layout(
         groups = []
         for split, folder in folders:
             group = _labels_by_name(finder.images_below(folder), pattern) if pattern else _by_folders(finder, folder)
-            groups.append((split, _rel(folder, root) if folder != root else "", group))
+            groups.append((split, rel_path(folder, root) if folder != root else "", group))
     groups = [(split, folder, _composed(group, root / folder if folder else root)) for split, folder, group in groups]
     names, entries, unlabelled = _resolve(finder, root, base, kind, how, groups, pattern, csv_path)
     chosen = parse_classes(classes)
@@ -438,6 +358,6 @@ def find_layout(
     return Layout(
         root=root, kind=kind, labels_from=how, sources=tuple((f, s) for s, f, _ in groups), classes=tuple(keep),
         entries=kept, unlabelled=tuple(unlabelled), ignored=tuple(finder.ignored), skipped=tuple(finder.skipped),
-        excluded=tuple(n for n in names if n not in keep), labels_file=_rel(csv_path, root) if csv_path else None,
+        excluded=tuple(n for n in names if n not in keep), labels_file=rel_path(csv_path, root) if csv_path else None,
         name_pattern=pattern,
     )

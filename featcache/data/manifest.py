@@ -27,7 +27,8 @@ from ..errors import DataError
 from .images import IMAGE_EXTENSIONS, NotRegularFile, open_regular
 from ..choices import SPLITS
 from ..config import parse_split
-from .layouts import Layout, Skip, find_layout
+from .layouts import Layout, find_layout
+from .walk import Skip
 from .scancache import ScanCache, signature
 
 __all__ = [
