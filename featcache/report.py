@@ -61,8 +61,9 @@ def _predictions(record: RunRecord, run: Path, split: str, fs, head, probas, bac
     if probas is None or split not in probas:
         from .heads import head_from_record
         from .stream import RowReader
+        from .tails import RestNetwork
 
-        head = head or head_from_record(record.head, str(run), backbone)
+        head = head or head_from_record(record.head, str(run), RestNetwork(backbone))
         x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, record.config.pool,
                       keep_shape=record.takes_maps).load()
         probas = {split: head.predict_proba(x)}

@@ -30,7 +30,7 @@ import numpy as np
 from .errors import RunError, StoreError
 from .choices import MAX_CLASSES, RUN_SORTS, SPLITS
 from .config import ExtractConfig, FitConfig
-from .heads import check_head
+from .heads import KINDS, check_head
 from .fields import Fields, is_int, is_number
 from .persist import HeadRecord, json_text, read_json, read_table, write_json, write_table
 from .pooling import prepared_shape
@@ -366,11 +366,9 @@ def _run_dirs(root: Path, depth: int = 3) -> list[Path]:
 
 
 def _key_params(record: RunRecord) -> str:
-    from .heads import head_class
-
     params = record.head.params
     shown = []
-    for name in head_class(record.head.kind).key_params:
+    for name in KINDS[record.head.kind].key_params:  # a checked record names a kind of the table
         value = record.C if name == "C" and record.C is not None else params.get(name)
         shown.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
     return " ".join(shown)

@@ -20,10 +20,11 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import featcache
 from featcache.cli import main
 from featcache.config import FitConfig
-from featcache.fit import HEAD_OPTIONS
+from featcache.prepare import HEAD_OPTIONS
 from featcache.heads import (C_GRID, HEADS, LinearHead, LogRegHead, MLPHead, RestHead, SVMHead, head_class, head_params,
-                             load_head, make_head, save_head)
+                             make_head, read_head, save_head)
 from featcache.heads._linear import CEdgeWarning
+from featcache.tails import RestNetwork
 
 from .conftest import TINY, make_folder
 
@@ -83,7 +84,7 @@ class HeadContract:
     def test_save_load_round_trip(self, fitted, tmp_path):
         head, Xv = fitted
         save_head(head, tmp_path)
-        again = load_head(tmp_path, getattr(head, "backbone", None))
+        again = read_head(tmp_path, getattr(head, "network", None))
         params = {k: v for k, v in head.get_params().items() if k != "device"}  # loaded heads run on the CPU
         assert type(again) is type(head) and {k: again.get_params()[k] for k in params} == params
         np.testing.assert_allclose(again.predict_proba(Xv), head.predict_proba(Xv), atol=1e-6)
@@ -140,7 +141,7 @@ class TestRestHead(HeadContract):
     """The tiny test network cut after ``features``: 16x16x16 maps into avgpool + classifier."""
 
     def make(self):
-        return RestHead(rest_of={"backbone": TINY, "layer": "features", "weights": "none"}, backbone=TINY, epochs=2,
+        return RestHead(rest_of={"backbone": TINY, "layer": "features", "weights": "none"}, network=RestNetwork(TINY), epochs=2,
                         device="cpu")
 
     def data(self):
