@@ -204,12 +204,13 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     notes += more
     result = SweepResult(folder, rows, results, columns, {"load": load_s, "total": time.perf_counter() - t0}, notes,
                          selection)
-    _write(result, grid)
+    doc = _write(result, grid)
     if base.plots:
-        from .report import have_matplotlib, write_sweep_report
+        from .plots import have_matplotlib
+        from .sweep_page import write_sweep_report
 
-        if have_matplotlib():  # the page comparing the runs, beside sweep.csv
-            write_sweep_report(folder)
+        if have_matplotlib():  # the page comparing the runs, beside sweep.csv, from the document in memory
+            write_sweep_report(folder, doc)
     if tracking:  # every run ends once the best one's plots are written, so they go with it
         for run, res in zip(tracked, results):
             tracking.finish(run, res)
@@ -234,12 +235,14 @@ def _selection(rows: list[dict]) -> tuple[dict, list[str]]:
     return selection, []
 
 
-def _write(result: SweepResult, grid: dict[str, list]) -> None:
+def _write(result: SweepResult, grid: dict[str, list]) -> dict:
+    """Write ``sweep.csv`` and ``sweep.json``; returns the document of ``sweep.json``."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=result.columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(result.rows)
     (result.folder / "sweep.csv").write_text(buffer.getvalue())
-    doc = {"grid": grid, "best": result.rows[0]["run"], "selection": result.selection, "rows": result.rows,
+    doc = {"grid": {k: list(v) for k, v in grid.items()}, "best": result.rows[0]["run"], "selection": result.selection, "rows": result.rows,
            "seconds": result.seconds, "notes": result.notes}
     (result.folder / "sweep.json").write_text(json.dumps(doc, indent=2))
+    return doc

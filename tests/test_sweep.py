@@ -11,7 +11,8 @@ from click.testing import CliRunner
 import featcache
 from featcache.cli import main
 from featcache.config import FitConfig
-from featcache.runs import RunRecord, list_runs
+from featcache.runlist import list_runs
+from featcache.runs import RunRecord
 from featcache.sweep import combinations, sweep
 
 from .conftest import TINY, make_folder

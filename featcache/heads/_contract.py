@@ -124,13 +124,6 @@ class Head(ClassifierMixin, BaseEstimator):
                              "encode the labels first (featcache.fit does)")
 
     @classmethod
-    def params_in_effect(cls, params: dict) -> dict:
-        """The saved ``params`` that shaped this head's fit, in ``__init__`` order: those of the class only
-        (no ``kind``, nothing an older featcache wrote for every head); a subclass drops the ones its
-        other settings made unused (SGD's momentum under Adam)."""
-        return {k: params[k] for k in cls._get_param_names() if k in params}
-
-    @classmethod
     def _init_params(cls, params: dict) -> dict:
         """The saved parameters this class takes (legacy ones and ``kind`` dropped; JSON lists back to tuples)."""
         defaults = cls().get_params(deep=False)

@@ -188,15 +188,6 @@ class TorchHead(Head):
     _eval_step: ClassVar[int] = 4096
     _parameter_constraints: ClassVar[dict] = _TORCH_CONSTRAINTS
 
-    _sgd_only: ClassVar[tuple[str, ...]] = ("momentum", "step_size", "gamma")  # Adam takes none of these (fit)
-
-    @classmethod
-    def params_in_effect(cls, params: dict) -> dict:
-        used = super().params_in_effect(params)
-        if used.get("optimizer") == "adam":  # as _fit builds the optimizer
-            used = {k: v for k, v in used.items() if k not in cls._sgd_only}
-        return used
-
     def _build_module(self, n_features: int | tuple[int, ...], n_classes: int, weights: str | None = None) -> nn.Module:
         raise NotImplementedError
 

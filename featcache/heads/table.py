@@ -45,6 +45,7 @@ class HeadKind:
     unsaved: tuple[str, ...] = ()  # parameters never written to a run (chosen by the user each time)
     legacy: dict[str, Any] = field(default_factory=dict)  # written by older runs: accepted, checked, unused
     more_options: tuple[str, ...] = ()  # fit options that reach the head other than as a parameter
+    unused_with: dict[tuple[str, Any], tuple[str, ...]] = field(default_factory=dict)  # (param, value) -> unused
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -56,6 +57,16 @@ class HeadKind:
         """The fit options (FitConfig fields) this head takes, sorted: its saved parameters and ``more_options``
         (rest: --backbone, which its network builder may import)."""
         return tuple(sorted({p for p in self.params if p not in self.unsaved} | set(self.more_options)))
+
+    def params_in_effect(self, params: dict) -> dict:
+        """The saved ``params`` that shaped this head's fit, in parameter order: this kind's only (no ``kind``,
+        nothing an older featcache wrote for every head), less those its other settings left unused
+        (SGD's momentum, step size and gamma under Adam)."""
+        used = {k: params[k] for k in self.param_names if k in params}
+        for (name, value), unused in self.unused_with.items():
+            if used.get(name) == value:
+                used = {k: v for k, v in used.items() if k not in unused}
+        return used
 
     def check_state(self, record: HeadRecord, where: str) -> tuple[Shape, int]:
         """(inputs, classes) of a saved head whose parameters and arrays fit this kind; else a RunError."""
@@ -182,18 +193,19 @@ _TORCH_LEGACY = {"kind": "", "hidden": 256, "dropout": 0.4, "lr": 1e-3, "optimiz
                  "weight_decay": 0.0, "step_size": 10, "gamma": 0.1, "epochs": 30, "batch_size": 64, "patience": 10,
                  "seed": 0, "device": "auto", "rest_of": None, "pretrained_lr_scale": 0.1, "freeze": [],
                  "warmup_epochs": 0, "init": "probe"}
+_ADAM = {("optimizer", "adam"): ("momentum", "step_size", "gamma")}  # torch.optim.Adam takes none of these (base._fit)
 _LINEAR_MODEL = {"C": 1.0, "max_iter": 2000, "seed": 0}
 
 KINDS: dict[str, HeadKind] = {k.name: k for k in (
     HeadKind("mlp", "mlp", "MLPHead", {"hidden": 256, "dropout": 0.4, **_TORCH}, _torch_state(_mlp_arrays),
-             key_params=("lr", "hidden", "dropout"), streams=True, legacy=_TORCH_LEGACY),
+             key_params=("lr", "hidden", "dropout"), streams=True, legacy=_TORCH_LEGACY, unused_with=_ADAM),
     HeadKind("linear", "linear", "LinearHead", dict(_TORCH), _torch_state(_linear_arrays), key_params=("lr",),
-             streams=True, legacy=_TORCH_LEGACY),
+             streams=True, legacy=_TORCH_LEGACY, unused_with=_ADAM),
     HeadKind("rest", "rest", "RestHead",
              {"rest_of": None, "pretrained_lr_scale": 0.1, "freeze": (), "warmup_epochs": 0, "init": "probe",
               "network": None, **_TORCH}, _torch_state(_rest_arrays),
              key_params=("lr", "init", "warmup_epochs"), takes_maps=True, streams=True, unsaved=("network",),
-             legacy=_TORCH_LEGACY, more_options=("backbone",)),
+             legacy=_TORCH_LEGACY, more_options=("backbone",), unused_with=_ADAM),
     HeadKind("logreg", "logreg", "LogRegHead", dict(_LINEAR_MODEL), _linear_model_state, key_params=("C",),
              legacy={"kind": ""}),
     HeadKind("svm", "svm", "SVMHead", dict(_LINEAR_MODEL), _linear_model_state, key_params=("C",), calibrated=False,
