@@ -181,6 +181,33 @@ def test_head_options_match_the_fit_options():
     assert taken - {"seed"} == set(HEAD_OPTIONS)
 
 
+def test_one_head_table():
+    """The command line's head names and the head table are one list (checked on import), and every class
+    takes its capabilities and parameters from its row (checked when the class is defined)."""
+    import subprocess
+    import sys
+
+    from featcache import choices
+    from featcache.heads import KINDS
+
+    assert tuple(KINDS) == choices.HEADS == HEADS
+    for name, kind in KINDS.items():
+        cls = head_class(name)
+        assert cls.kind is kind and cls.name == name
+        assert (cls.takes_maps, cls.streams, cls.calibrated, cls.key_params) == (
+            kind.takes_maps, kind.streams, kind.calibrated, kind.key_params)
+        assert cls().get_params(deep=False) == kind.params
+    with pytest.raises(TypeError, match="head table"):
+        class Drifted(LogRegHead):  # noqa: F841  (a class whose defaults left its row)
+            name = "logreg"
+
+            def __init__(self, C=1.0, max_iter=10, seed=0):
+                self.C, self.max_iter, self.seed = C, max_iter, seed
+    code = "import featcache.choices as c; c.HEADS = c.HEADS + ('knn',); import featcache.heads"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode != 0 and "they must be the same list" in p.stderr, p.stderr
+
+
 def test_a_C_at_the_edge_of_the_grid_extends_the_search():
     X, y, Xv, yv = _blobs()
     with warnings.catch_warnings():
