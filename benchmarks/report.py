@@ -82,7 +82,7 @@ def run_report(run: str, data: str | None = None, before: str | None = None, rou
 
 
 _IN_FIT = """
-import json, statistics, sys, time
+import inspect, json, statistics, sys, time
 import featcache, featcache.report as rep
 store, data, rounds = sys.argv[1], sys.argv[2] or None, int(sys.argv[3])
 res = featcache.fit(head="mlp", store=store, epochs=5, runs=sys.argv[4], plots=False, data=data)
@@ -90,7 +90,7 @@ fs = featcache.open_store(store).get_set(res.set_key)
 walls, cpus = [], []
 for _ in range(rounds):
     t, c = time.perf_counter(), time.process_time()
-    if hasattr(rep, "write_sweep_report"):  # this checkout: the page and its PNGs, from the record in memory
+    if "record" in inspect.signature(getattr(rep, "write_report", lambda: None)).parameters:  # this checkout: the page and its PNGs, from the record in memory
         rep.write_report(res.run_dir, data=data, record=res.record, fs=fs, head=res.head, probas=res.probas)
     else:  # before: fit wrote the PNGs only (report.html was a second command)
         rep.write_plots(res.run_dir, fs, res.head, res.probas, data=data)

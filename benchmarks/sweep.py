@@ -37,7 +37,7 @@ def run_sweep(data: str, backbone: str = "efficientnet_lite0", layer: str | None
               grid: dict | None = None, epochs: int = 30, workers: int | None = None) -> dict:
     import featcache
     from featcache.config import FitConfig
-    from featcache.fit import HEAD_OPTIONS
+    from featcache.prepare import HEAD_OPTIONS
     from featcache.heads import head_params
     from featcache.sweep import combinations
 

@@ -31,7 +31,7 @@ _LAZY = {  # public name -> module that defines it
     "RunRecord": "runs",
     "read_run": "runs",
     "make_head": "heads",
-    "load_head": "heads",
+    "load_head": "tails",
     "status": "audit",
     "verify": "audit",
     "gc": "store.maintenance",

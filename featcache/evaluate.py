@@ -20,6 +20,7 @@ from .data import Skip, scan
 from .errors import DataError
 from .metrics import compute_metrics
 from .heads import head_from_record
+from .tails import RestNetwork
 from .lookup import RowCounts, load_run, run_rows
 
 __all__ = ["Evaluation", "evaluate"]
@@ -74,7 +75,7 @@ def evaluate(run: str | Path, data: str | Path, store: bool = True, backbone: st
     """
     parse_name_pattern(labels_from_name)  # a bad pattern is the user's first mistake to hear about
     net, record = load_run(run, backbone, weights, store=store_url, recompute=recompute)
-    head = head_from_record(record.head, str(run), backbone)
+    head = head_from_record(record.head, str(run), RestNetwork(backbone))
     manifest = scan(data, labels=labels, labels_from_name=labels_from_name, whole=True)
     unknown = [c for c in manifest.classes if c not in record.classes]
     if unknown:

@@ -1,5 +1,10 @@
 """Load a feature set, train a head on it, measure it, and write a run directory.
 
+``fit`` resolves the ``--head`` name to its class once, then ``prepare`` (``featcache.prepare``:
+the set opened and checked, its splits loaded) and ``train`` (the class given: fit, measure, build
+the :class:`RunRecord`, write it; the report is drawn from that record in memory). ``sweep`` does
+the same for a grid, each head name resolved once.
+
 A run directory holds ``config.json``, ``head.json`` + ``head.npz`` (the learned arrays),
 ``metrics.json`` (val and test) and ``history.json`` (one row per epoch). JSON and arrays
 only: a run directory from someone else can be read without running their code.
@@ -11,26 +16,25 @@ import logging
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .errors import FeatcacheError, RunError, StoreError, os_error_text
+from .errors import FeatcacheError, RunError, os_error_text
 from .config import FitConfig
 from .metrics import compute_metrics
-from .pooling import prepared_shape
-from .units import human_bytes
-from .heads import C_GRID, HEADS, head_class
+from .heads import C_GRID, head_class
 from .persist import HeadRecord
+from .prepare import Prepared, check_head_options, given_options, prepare
 from .runs import RunRecord
-from .store import FeatureSet, open_store, resolved_url
+from .store import resolved_url
 from .runtime import keep_memory
-from .stream import RowReader, Streamed, memory_budget
+from .tails import RestNetwork
 
-__all__ = ["FitResult", "fit", "selection_of", "HEAD_OPTIONS", "check_head_options"]
+__all__ = ["FitResult", "fit", "train", "selection_of"]
 
 _log = logging.getLogger("featcache.fit")  # one INFO line as each phase starts; the CLI shows them
 
@@ -148,120 +152,6 @@ def new_folder(out: str | None, runs: str, label: str) -> Path:
         raise RunError(f"cannot create run directory {path}: {e.strerror or e}; choose another {option}", option=option) from None
 
 
-def _memory_need(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> int:
-    """Bytes the labelled splits (and the training views) take in memory as prepared float32 features."""
-    views = fs.views if cfg.use_views else 0
-    counts = fs.attrs["splits"]
-    rows = sum(counts[s] for s in fs.labelled_splits) + views * counts["train"]
-    return rows * int(np.prod(prepared_shape(fs.shape, cfg.pool, keep_shape))) * 4
-
-
-def check_memory_for(cfg: FitConfig, fs: FeatureSet) -> None:
-    """Refuse a head that needs the whole set in memory when the set is over ``--max-memory`` (a sweep asks
-    for each of its heads before any fit, so no head is handed streamed data it cannot take)."""
-    head = head_class(cfg.head)
-    need, budget = _memory_need(cfg, fs, head.takes_maps), memory_budget(cfg.max_memory)
-    if need > budget and not head.streams:
-        streaming = ", ".join(h for h in HEADS if head_class(h).streams and not head_class(h).takes_maps)
-        raise FeatcacheError(
-            f"--head {cfg.head} needs the whole set in memory ({human_bytes(need)} as float32) but --max-memory is "
-            f"{human_bytes(budget)}; raise --max-memory or use --head {streaming}, which stream",
-            option="--max-memory",
-        )
-
-
-def _load_data(cfg: FitConfig, fs: FeatureSet, keep_shape: bool) -> tuple[dict, np.ndarray | Streamed | None, list[str]]:
-    """Each split's prepared features and labels, and the training views: in memory when they fit
-    in ``--max-memory``, else as :class:`Streamed` splits (torch heads only)."""
-    views = fs.views if cfg.use_views else 0
-    need, budget = _memory_need(cfg, fs, keep_shape), memory_budget(cfg.max_memory)
-    labels = {s: fs.labels(s) for s in fs.labelled_splits}
-    if need <= budget:
-        data = {s: (RowReader(fs.store, fs.space, fs.hashes(s), fs.shape, cfg.pool, keep_shape).load(), labels[s])
-                for s in fs.labelled_splits}
-        train_views = None
-        if views:
-            flat = RowReader(fs.store, fs.attrs["view_space"], fs.view_keys(), fs.shape, cfg.pool, keep_shape).load()
-            train_views = flat.reshape((len(labels["train"]), views) + flat.shape[1:])
-        return data, train_views, []
-    check_memory_for(cfg, fs)
-    window = budget // 2  # the window being trained on and the one read ahead
-    data = {
-        s: (Streamed(fs.store, fs.space, fs.hashes(s).tolist(), labels[s], fs.shape, cfg.pool, keep_shape, window,
-                     views=views if s == "train" else 0, view_space=fs.attrs.get("view_space")), labels[s])
-        for s in fs.labelled_splits
-    }
-    note = (f"streaming: the set needs {human_bytes(need)} as float32, over --max-memory {human_bytes(budget)}; "
-            f"chunks are read in shuffled windows of up to {human_bytes(window)}")
-    return data, None, [note]
-
-
-# FitConfig fields that are parameters of some head: giving one the chosen head does not take is an error
-HEAD_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "step_size", "gamma", "hidden",
-                "dropout", "patience", "C", "max_iter", "pretrained_lr_scale", "freeze", "warmup_epochs", "init",
-                "backbone", "device")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_head_options(head: str, given) -> None:
-    """Refuse options in ``given`` (FitConfig field names the user set) that ``head`` does not take."""
-    from .heads import head_params
-
-    takes = set(head_params(head))
-    for name in sorted(given):
-        if name in HEAD_OPTIONS and name not in takes:
-            own = ", ".join(_flag(p) for p in HEAD_OPTIONS if p in takes)
-            raise FeatcacheError(f"{_flag(name)} is not an option of --head {head} (its options: {own})",
-                                 option=_flag(name))
-
-
-def given_options(cfg: FitConfig) -> set[str]:
-    """The head options of ``cfg`` that differ from their defaults (what a library caller set)."""
-    blank = FitConfig(store=cfg.store)
-    return {f.name for f in fields(FitConfig) if f.name in HEAD_OPTIONS and getattr(cfg, f.name) != getattr(blank, f.name)}
-
-
-def open_fit_set(cfg: FitConfig) -> FeatureSet:
-    """The set ``cfg`` names, checked against what its head needs."""
-    if cfg.backbone is not None:
-        from .backbones import check_user_backbone
-
-        check_user_backbone(cfg.backbone)
-    fs = open_store(cfg.store, mode="r").get_set(cfg.set, data=cfg.data)
-    _log.info("loading set %s (%s/%s, %s images)", fs.key, fs.attrs.get("backbone"), fs.attrs.get("layer"),
-              sum(fs.attrs["splits"].values()))
-    check_set_for(cfg, fs)
-    return fs
-
-
-def check_set_for(cfg: FitConfig, fs: FeatureSet) -> None:
-    """Refuse a set ``cfg``'s head cannot train on (a head that takes maps on pooled features, or a
-    network it cannot continue). The default layer has a name too (flatten, pre_logits, ...): the
-    rest after it is the network's last Linear, replaced."""
-    if not head_class(cfg.head).takes_maps:
-        return
-    if fs.attrs["pool"] != "none" or cfg.pool != "none":
-        raise FeatcacheError(
-            f"--head {cfg.head} trains the network after the cached layer, so it needs unpooled features; set {fs.key} "
-            f"is pooled ({fs.attrs['pool']}) or --pool was given. Extract with --layer {fs.attrs['layer']} --pool none.",
-            option="--head",
-        )
-    from .backbones import check_rest
-
-    check_rest(fs.attrs["backbone"])
-
-
-def load_fit_data(cfg: FitConfig, fs: FeatureSet) -> tuple[dict, np.ndarray | None, list[str]]:
-    """Each labelled split's features and labels, the training views, and notes (see ``_load_data``)."""
-    try:
-        return _load_data(cfg, fs, keep_shape=head_class(cfg.head).takes_maps)
-    except StoreError as e:
-        raise StoreError(str(e) if f"set {fs.key}" in str(e) else f"set {fs.key}: {e}") from None
-
-
 def fit(
     config: FitConfig | None = None,
     *,
@@ -280,19 +170,17 @@ def fit(
     keep_memory()  # batches and set loads reuse freed memory instead of faulting in fresh pages
     if given is None:
         given = set(kwargs) if config is None else given_options(cfg)
-    check_head_options(cfg.head, given)
+    head = head_class(cfg.head)  # the one place the --head name becomes a class
+    check_head_options(head, given)
     tracking = open_tracking_for(cfg)  # a missing library is an error before any work
-    t0 = time.perf_counter()
-    fs = open_fit_set(cfg)
-    data, train_views, notes = load_fit_data(cfg, fs)
+    prepared = prepare(cfg, head)
     if tracking is None:
-        return fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0, on_epoch=on_epoch)
+        return train(cfg, head, prepared, on_epoch=on_epoch)
     made = not (cfg.out and Path(cfg.out).exists())
     run_dir = _new_run_dir(cfg)  # made now, so a tracker can write into it while the head trains
-    run = tracking.start(run_dir.name, cfg, fs, run_dir=run_dir)
+    run = tracking.start(run_dir.name, cfg, prepared.fs, run_dir=run_dir)
     try:
-        result = fit_loaded(cfg, fs, data, train_views, notes, time.perf_counter() - t0,
-                            on_epoch=tracking.on_epoch(run, on_epoch), run_dir=run_dir)
+        result = train(cfg, head, prepared, on_epoch=tracking.on_epoch(run, on_epoch), run_dir=run_dir)
     except BaseException:
         tracking.abort(run)
         discard_run_dir(run_dir, made)
@@ -320,24 +208,34 @@ def _edge_notes(head) -> list[str]:
             f"chose C {head.C_:g}"]
 
 
-def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: list[str], t_load: float, *,
-               on_epoch: Callable[[dict], None] | None = None, plots: bool | None = None,
-               run_dir: Path | None = None) -> FitResult:
-    """Fit ``cfg``'s head on splits already loaded from ``fs`` and write its run directory
-    (``run_dir``: a folder the caller made for it, else a new one)."""
-    cls = head_class(cfg.head)
-    names = set(cls._get_param_names())
+def _head_params(cfg: FitConfig, cls: type, fs) -> dict:
+    """The head's parameters from ``cfg`` (those its class takes), with what the set and the user add:
+    the layer the set was cut at (a default-layer set's config names none) and the builder of the
+    network after it, which imports only the user's own --backbone."""
+    names = set(cls.kind.params)
     params = {k: v for k, v in cfg.to_dict().items() if k in names}
     if "freeze" in names:
         params["freeze"] = tuple(cfg.freeze)
     if "rest_of" in names:
-        # the layer the set was cut at, as resolved: a default-layer set's config names none
-        params["rest_of"] = {"backbone": fs.attrs["config"]["backbone"], "layer": fs.attrs["layer"],
-                             "weights": fs.attrs["config"]["weights"]}
-    head = cls(**params)
+        r = fs.record
+        params["rest_of"] = {"backbone": r.config["backbone"], "layer": r.layer, "weights": r.config["weights"]}
+    if "network" in names:
+        params["network"] = RestNetwork(cfg.backbone)
+    return params
+
+
+def train(cfg: FitConfig, cls: type, prepared: Prepared, *, on_epoch: Callable[[dict], None] | None = None,
+          plots: bool | None = None, run_dir: Path | None = None, t_load: float | None = None) -> FitResult:
+    """Fit ``cls`` (the head class ``cfg.head`` names, resolved by the caller) on the prepared splits,
+    measure it, and write its run directory (``run_dir``: a folder the caller made for it, else a new
+    one); the report is drawn from the run record in memory. ``t_load``: the load seconds to record
+    (a sweep's shared load), else ``prepared.seconds``."""
+    fs, data, train_views = prepared.fs, prepared.data, prepared.train_views
+    t_load = prepared.seconds if t_load is None else t_load
+    head = cls(**_head_params(cfg, cls, fs))
     x_train, y_train = data["train"]
     x_val, y_val = data.get("val", (None, None))
-    notes = list(notes)
+    notes = list(prepared.notes)
     t1 = time.perf_counter()
     _log.info("training %s on %d images", cfg.head, len(y_train))
     with warnings.catch_warnings(record=True) as caught:
@@ -355,6 +253,7 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
     metrics = {s: compute_metrics(probas[s], y, fs.classes, cls.calibrated) for s, (_, y) in data.items()}
     selection, selection_notes = selection_of(head, [s for s, (_, y) in data.items() if len(y)])
     notes += selection_notes
+    r = fs.record
     record = RunRecord(
         config=cfg,
         set=fs.key,
@@ -362,12 +261,12 @@ def fit_loaded(cfg: FitConfig, fs: FeatureSet, data: dict, train_views, notes: l
         classes=tuple(fs.classes),
         feature_shape=tuple(fs.shape),
         input_shape=tuple(x_train.shape[1:]),
-        backbone=fs.attrs.get("backbone"),
-        layer=fs.attrs.get("layer"),
-        weights=fs.attrs.get("weights"),
-        preprocessing=fs.attrs.get("preprocessing"),
-        space_provenance=fs.attrs.get("space_provenance"),
-        extract_config=fs.attrs.get("config"),
+        backbone=r.backbone,
+        layer=r.layer,
+        weights={"id": r.weights_id, "sha256": r.weights_sha256},
+        preprocessing=r.preprocessing,
+        space_provenance=r.space_provenance,
+        extract_config=r.config,
         metrics=metrics,
         history=tuple(head.history_),
         head=HeadRecord.of(head),

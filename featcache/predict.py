@@ -30,6 +30,7 @@ from .heads import Head, head_from_record
 from .lookup import RowCounts, load_run, run_rows, space_differences
 from .persist import write_atomic
 from .runs import RunRecord
+from .tails import RestNetwork
 
 __all__ = ["Prediction", "Predictions", "Predictor", "predict", "export"]
 
@@ -105,7 +106,7 @@ class Predictor(nn.Module):
 def _load(run: str | Path, backbone: str | None = None, weights: str | None = None, store: str | None = None,
           recompute: bool = True) -> tuple[Predictor, Backbone, RunRecord]:
     net, record = load_run(run, backbone, weights, store=store, recompute=recompute)
-    head = _Head(head_from_record(record.head, str(run), backbone), record.config.pool, record.space_provenance["dtype"])
+    head = _Head(head_from_record(record.head, str(run), RestNetwork(backbone)), record.config.pool, record.space_provenance["dtype"])
     return Predictor(net, head).eval(), net, record
 
 

@@ -28,9 +28,9 @@ from typing import Callable
 
 from .errors import FeatcacheError
 from .config import FitConfig
-from .fit import (BIASED_VAL_NOTE, HEAD_OPTIONS, FitResult, check_memory_for, check_set_for,
-                  discard_run_dir, fit_loaded, load_fit_data, new_folder, open_fit_set, open_tracking_for)
+from .fit import BIASED_VAL_NOTE, FitResult, discard_run_dir, new_folder, open_tracking_for, train
 from .heads import head_class, head_params
+from .prepare import HEAD_OPTIONS, Prepared, check_memory_for, check_set_for, load_fit_data, open_fit_set
 
 __all__ = ["SweepResult", "combinations", "sweep"]
 
@@ -104,12 +104,12 @@ def _cell(v) -> str:
     return str(v)
 
 
-def _row(name: str, res: FitResult, varied: list[str]) -> dict:
+def _row(name: str, res: FitResult, varied: list[str], takes: set[str]) -> dict:
     cfg = res.config
     row = {"run": name, "head": cfg.head}
     for k in varied:
         if k != "head":
-            row[k] = getattr(cfg, k) if (k not in HEAD_OPTIONS or k in head_params(cfg.head)) else None
+            row[k] = getattr(cfg, k) if (k not in HEAD_OPTIONS or k in takes) else None
     if res.chosen_C is not None:
         row["chosen_C"] = res.chosen_C
     row["best_epoch"] = getattr(res.head, "best_epoch_", None) if res.head is not None else None
@@ -139,10 +139,11 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     configs = combinations(base, {k: list(dict.fromkeys(v)) for k, v in grid.items()}, given)
     varied = [k for k, v in grid.items() if len(set(v)) > 1]
     tracking = open_tracking_for(base)  # a missing library is an error before any work
+    classes = {h: head_class(h) for h in dict.fromkeys(cfg.head for cfg in configs)}  # each name resolved once
     fs = open_fit_set(configs[0])
     for cfg in configs:
-        check_set_for(cfg, fs)
-        check_memory_for(cfg, fs)  # every head takes the data it will be handed, before any fit
+        check_set_for(cfg, classes[cfg.head], fs)
+        check_memory_for(cfg, classes[cfg.head], fs)  # every head takes the data it will be handed, before any fit
     folder = new_folder(base.out, base.runs, "sweep")
     loaded: dict[tuple, tuple] = {}
     load_s = 0.0
@@ -151,13 +152,14 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     try:
         for i, cfg in enumerate(configs, 1):
             name = _label(i, cfg, varied)
-            key = (cfg.pool, head_class(cfg.head).takes_maps)
+            cls = classes[cfg.head]
+            key = (cfg.pool, cls.takes_maps)
             if key not in loaded:
                 t = time.perf_counter()
-                loaded[key] = load_fit_data(cfg, fs)
+                data, views, more = load_fit_data(cfg, cls, fs)
+                loaded[key] = Prepared(fs, data, views)
                 load_s += time.perf_counter() - t
-                notes += loaded[key][2]
-            data, views, _ = loaded[key]
+                notes += more
             cfg = replace(cfg, out=str(folder / name))
             run_dir = None
             if tracking:  # made now, so the tracker can write into it while the head trains
@@ -165,14 +167,14 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
             run = tracking and tracking.start(name, cfg, fs, parent, run_dir=run_dir)
             tracked.append(run)
             try:
-                res = fit_loaded(cfg, fs, data, views, [], load_s, plots=all_plots and cfg.plots,
-                                 on_epoch=tracking and tracking.on_epoch(run), run_dir=run_dir)
+                res = train(cfg, cls, loaded[key], plots=all_plots and cfg.plots, t_load=load_s,
+                            on_epoch=tracking and tracking.on_epoch(run), run_dir=run_dir)
             except BaseException:
                 if run_dir is not None:
                     discard_run_dir(run_dir, True)
                 raise
             notes += [f"{name}: {n}" for n in res.notes if n != BIASED_VAL_NOTE]  # the sweep says it once, below
-            rows.append(_row(name, res, varied))
+            rows.append(_row(name, res, varied, set(cls.kind.options)))
             if on_result:
                 on_result(i, len(configs), name, res)
             results.append(res)
@@ -202,12 +204,13 @@ def sweep(base: FitConfig, grid: dict[str, list], *, given: set[str] | None = No
     notes += more
     result = SweepResult(folder, rows, results, columns, {"load": load_s, "total": time.perf_counter() - t0}, notes,
                          selection)
-    _write(result, grid)
+    doc = _write(result, grid)
     if base.plots:
-        from .report import have_matplotlib, write_sweep_report
+        from .plots import have_matplotlib
+        from .sweep_page import write_sweep_report
 
-        if have_matplotlib():  # the page comparing the runs, beside sweep.csv
-            write_sweep_report(folder)
+        if have_matplotlib():  # the page comparing the runs, beside sweep.csv, from the document in memory
+            write_sweep_report(folder, doc)
     if tracking:  # every run ends once the best one's plots are written, so they go with it
         for run, res in zip(tracked, results):
             tracking.finish(run, res)
@@ -232,12 +235,14 @@ def _selection(rows: list[dict]) -> tuple[dict, list[str]]:
     return selection, []
 
 
-def _write(result: SweepResult, grid: dict[str, list]) -> None:
+def _write(result: SweepResult, grid: dict[str, list]) -> dict:
+    """Write ``sweep.csv`` and ``sweep.json``; returns the document of ``sweep.json``."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=result.columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(result.rows)
     (result.folder / "sweep.csv").write_text(buffer.getvalue())
-    doc = {"grid": grid, "best": result.rows[0]["run"], "selection": result.selection, "rows": result.rows,
+    doc = {"grid": {k: list(v) for k, v in grid.items()}, "best": result.rows[0]["run"], "selection": result.selection, "rows": result.rows,
            "seconds": result.seconds, "notes": result.notes}
     (result.folder / "sweep.json").write_text(json.dumps(doc, indent=2))
+    return doc

@@ -320,8 +320,8 @@ class Tracking:
             return None
 
     def start(self, name: str, cfg, fs, parent: Any = None, run_dir: Path | None = None) -> Any:
-        tags = {"featcache.set": fs.key, "featcache.backbone": str(fs.attrs.get("backbone")),
-                "featcache.layer": str(fs.attrs.get("layer")), "featcache.fit_pool": str(cfg.pool)}
+        tags = {"featcache.set": fs.key, "featcache.backbone": str(fs.record.backbone),
+                "featcache.layer": str(fs.record.layer), "featcache.fit_pool": str(cfg.pool)}
         return self._call(f"starting run {name}", self.tracker.start, name, run_params(cfg), tags, parent, run_dir)
 
     def on_epoch(self, run: Any, then: Callable[[dict], None] | None = None) -> Callable[[dict], None]:

@@ -160,3 +160,32 @@ def test_a_closed_pipe_ends_the_command_quietly(world):
                            stdout=out, stderr=subprocess.PIPE, text=True)
     assert p.returncode == 141, p.stderr
     assert "Error" not in p.stderr and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
+
+
+def test_runs_checks_every_run_without_torch_or_scikit_learn(world, tmp_path):
+    """``featcache runs`` reads and checks each run's head (mlp, logreg, rest) from the head table:
+    damaged heads are still named and skipped, and neither torch nor scikit-learn is imported."""
+    import shutil
+
+    import numpy as np
+
+    root, flat, maps = tmp_path / "runs", str(tmp_path / "flat.zarr"), str(tmp_path / "maps.zarr")
+    featcache.extract(backbone=TINY, weights="none", data=world["data"], store=flat, workers=0)
+    featcache.extract(backbone=TINY, layer="features", weights="none", data=world["data"], store=maps, workers=0)
+    for head, store, options in (("mlp", flat, {"epochs": 1}), ("logreg", flat, {}),
+                                 ("rest", maps, {"epochs": 1, "backbone": TINY})):
+        featcache.fit(head=head, store=store, out=str(root / head), plots=False, **options)
+    damage = {"mlp": ("0.weight", lambda a: a[:, :-1]), "logreg": ("scaler_scale", lambda a: -a),
+              "rest": ("classifier.3.weight", lambda a: np.full_like(a, np.nan))}
+    for head, (name, change) in damage.items():
+        bad = Path(shutil.copytree(root / head, root / f"bad-{head}"))
+        with np.load(bad / "head.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays[name] = change(arrays[name])
+        np.savez(bad / "head.npz", **arrays)
+    code, heavy, output = _heavy(["runs", "--runs", str(root)], tmp_path)
+    assert code == 0, output
+    assert heavy == [], heavy
+    assert "3 runs in" in output and "3 damaged skipped" in output, output
+    for head, (name, _) in damage.items():
+        assert f"skipped bad-{head}: " in output and name in output.split(f"skipped bad-{head}: ")[1].splitlines()[0]

@@ -11,7 +11,7 @@ from featcache.backbones import create_backbone
 from featcache.data import load_rgb
 from featcache.errors import AmbiguousSet, DataError, SetNotFound, StoreError
 from featcache.config import FitConfig
-from featcache.heads import load_head
+from featcache.tails import load_head
 
 from .conftest import TINY, make_folder
 from .conftest import extract_tiny

@@ -20,10 +20,11 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import featcache
 from featcache.cli import main
 from featcache.config import FitConfig
-from featcache.fit import HEAD_OPTIONS
+from featcache.prepare import HEAD_OPTIONS
 from featcache.heads import (C_GRID, HEADS, LinearHead, LogRegHead, MLPHead, RestHead, SVMHead, head_class, head_params,
-                             load_head, make_head, save_head)
+                             make_head, read_head, save_head)
 from featcache.heads._linear import CEdgeWarning
+from featcache.tails import RestNetwork
 
 from .conftest import TINY, make_folder
 
@@ -83,7 +84,7 @@ class HeadContract:
     def test_save_load_round_trip(self, fitted, tmp_path):
         head, Xv = fitted
         save_head(head, tmp_path)
-        again = load_head(tmp_path, getattr(head, "backbone", None))
+        again = read_head(tmp_path, getattr(head, "network", None))
         params = {k: v for k, v in head.get_params().items() if k != "device"}  # loaded heads run on the CPU
         assert type(again) is type(head) and {k: again.get_params()[k] for k in params} == params
         np.testing.assert_allclose(again.predict_proba(Xv), head.predict_proba(Xv), atol=1e-6)
@@ -140,7 +141,7 @@ class TestRestHead(HeadContract):
     """The tiny test network cut after ``features``: 16x16x16 maps into avgpool + classifier."""
 
     def make(self):
-        return RestHead(rest_of={"backbone": TINY, "layer": "features", "weights": "none"}, backbone=TINY, epochs=2,
+        return RestHead(rest_of={"backbone": TINY, "layer": "features", "weights": "none"}, network=RestNetwork(TINY), epochs=2,
                         device="cpu")
 
     def data(self):
@@ -178,6 +179,33 @@ def test_head_options_match_the_fit_options():
     fields = set(FitConfig.__dataclass_fields__)
     taken = {p for h in HEADS for p in head_params(h)} & fields
     assert taken - {"seed"} == set(HEAD_OPTIONS)
+
+
+def test_one_head_table():
+    """The command line's head names and the head table are one list (checked on import), and every class
+    takes its capabilities and parameters from its row (checked when the class is defined)."""
+    import subprocess
+    import sys
+
+    from featcache import choices
+    from featcache.heads import KINDS
+
+    assert tuple(KINDS) == choices.HEADS == HEADS
+    for name, kind in KINDS.items():
+        cls = head_class(name)
+        assert cls.kind is kind and cls.name == name
+        assert (cls.takes_maps, cls.streams, cls.calibrated, cls.key_params) == (
+            kind.takes_maps, kind.streams, kind.calibrated, kind.key_params)
+        assert cls().get_params(deep=False) == kind.params
+    with pytest.raises(TypeError, match="head table"):
+        class Drifted(LogRegHead):  # noqa: F841  (a class whose defaults left its row)
+            name = "logreg"
+
+            def __init__(self, C=1.0, max_iter=10, seed=0):
+                self.C, self.max_iter, self.seed = C, max_iter, seed
+    code = "import featcache.choices as c; c.HEADS = c.HEADS + ('knn',); import featcache.heads"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode != 0 and "they must be the same list" in p.stderr, p.stderr
 
 
 def test_a_C_at_the_edge_of_the_grid_extends_the_search():
@@ -282,7 +310,7 @@ def test_the_scikit_learn_heads_import_no_torch():
     import featcache.heads
 
     folder = Path(featcache.heads.__file__).parent
-    for name in ("__init__.py", "_contract.py", "_linear.py", "logreg.py", "svm.py"):
+    for name in ("__init__.py", "table.py", "_contract.py", "_linear.py", "logreg.py", "svm.py"):
         tree = ast.parse((folder / name).read_text())
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         modules = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]

@@ -21,7 +21,8 @@ import featcache
 import featcache.plots
 import featcache.report
 from featcache.cli import main
-from featcache.heads import C_GRID, load_head
+from featcache.heads import C_GRID
+from featcache.tails import load_head
 from featcache.sweep import sweep
 
 from .conftest import TINY, make_folder

@@ -9,7 +9,8 @@ import torch
 import featcache
 from featcache.backbones import create_backbone
 from featcache.errors import FeatcacheError
-from featcache.heads import LogRegHead, RestHead, load_head
+from featcache.heads import LogRegHead, RestHead
+from featcache.tails import RestNetwork, load_head
 from featcache.predict import predict
 
 
@@ -49,7 +50,7 @@ def test_warmup_epochs_train_only_the_new_layer(folder, tmp_path):
     rest_of = {"backbone": "resnet18", "layer": "layer3", "weights": "none"}
 
     def trained(epochs: int, warmup: int) -> dict:
-        head = RestHead(rest_of=rest_of, epochs=epochs, warmup_epochs=warmup, patience=0, init="random")
+        head = RestHead(rest_of=rest_of, network=RestNetwork(), epochs=epochs, warmup_epochs=warmup, patience=0, init="random")
         return head.fit(x, y, classes=range(3)).module_.state_dict()  # no val: the lowest train loss is kept
 
     probe = trained(epochs=2, warmup=2)
@@ -65,7 +66,7 @@ def test_probe_init_is_a_logistic_regression_on_what_the_new_layer_reads(folder,
     featcache.extract(backbone="resnet18", layer="layer3", weights="none", data=str(folder), store=store, workers=0)
     fs = featcache.open_store(store).get_set()
     x, y = fs.features("train").astype(np.float32), fs.labels("train")
-    head = RestHead(rest_of={"backbone": "resnet18", "layer": "layer3", "weights": "none"})
+    head = RestHead(rest_of={"backbone": "resnet18", "layer": "layer3", "weights": "none"}, network=RestNetwork())
     model = head._build_module(x.shape[1:], 3)
     head._start(model, x, y, torch.device("cpu"), 3)
     info = head.probe_

@@ -15,7 +15,7 @@ import featcache
 import featcache.persist
 from featcache.cli import main
 from featcache.errors import RunError
-from featcache.heads import load_head
+from featcache.tails import load_head
 from featcache.runs import RUN_FILES, RunRecord
 
 from .conftest import TINY, make_folder

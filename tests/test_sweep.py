@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,8 @@ from click.testing import CliRunner
 import featcache
 from featcache.cli import main
 from featcache.config import FitConfig
-from featcache.runs import RunRecord, list_runs
+from featcache.runlist import list_runs
+from featcache.runs import RunRecord
 from featcache.sweep import combinations, sweep
 
 from .conftest import TINY, make_folder
@@ -24,6 +26,28 @@ def store(tmp_path_factory):
     url = str(root / "s.zarr")
     featcache.extract(backbone=TINY, data=str(folder), store=url, weights="none", workers=0)
     return url
+
+
+def test_fit_and_sweep_resolve_each_head_name_once(store, tmp_path, monkeypatch):
+    """From ``fit`` or ``sweep`` down to the estimator, a --head name becomes its class once."""
+    import featcache.heads
+
+    calls = []
+    real = featcache.heads.head_class
+
+    def counting(name):
+        calls.append(name)
+        return real(name)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("featcache") and getattr(module, "head_class", None) is real:
+            monkeypatch.setattr(module, "head_class", counting)
+    featcache.fit(head="mlp", store=store, epochs=1, plots=False, runs=str(tmp_path / "one"))
+    assert calls == ["mlp"]
+    calls.clear()
+    sweep(FitConfig(store=store, epochs=1, plots=False, runs=str(tmp_path / "many")),
+          {"head": ["mlp", "logreg", "linear"], "lr": [1e-3, 1e-2]})
+    assert sorted(calls) == ["linear", "logreg", "mlp"]
 
 
 def test_combinations_vary_each_head_only_in_what_it_takes():

@@ -16,7 +16,8 @@ from featcache.cli import main
 from featcache.config import FitConfig
 from featcache.runs import RunRecord
 from featcache.sweep import sweep
-from featcache.heads import head_params, load_head
+from featcache.heads import head_params
+from featcache.tails import load_head
 from featcache.tracking import MLflowTracker, final_metrics, param_value
 
 from .conftest import TINY, make_folder

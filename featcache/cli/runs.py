@@ -30,7 +30,7 @@ def _fmt(v) -> str:
 @json_option
 def runs_cmd(root: str, set_key: str | None, sort: str, as_json: bool) -> None:
     """One row per run directory: time, head, set, key parameters, best epoch, val/test top-1."""
-    from ..runs import format_runs, list_runs
+    from ..runlist import format_runs, list_runs
 
     rows, skipped = list_runs(root, set_key, sort)
     for name, reason in skipped:
@@ -190,7 +190,8 @@ def report_cmd(run: str, data: str | None, backbone: str | None, store_url: str 
     """Write RUN/report.html, one self-contained page: held-out scores, classification report, confusion
     matrices, per-class F1, curves, settings, misclassified images (with --data). For a sweep's folder
     (it holds sweep.json), SWEEP/report.html compares its runs."""
-    from ..report import is_sweep_folder, write_report, write_sweep_report
+    from ..report import write_report
+    from ..sweep_page import is_sweep_folder, write_sweep_report
 
     if backbone is not None:  # torchvision is imported only when there is a backbone to check
         from ..backbones import check_user_backbone

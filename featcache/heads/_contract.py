@@ -10,22 +10,18 @@ probabilities, so a log loss means something).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import inspect
+from typing import ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from ..choices import INITS, MAX_CLASSES, OPTIMIZERS
-from ..errors import RunError
-from ..fields import Fields
-from ..persist import HeadRecord
 from ..stream import Streamed
+from .table import HeadKind, kind_of
 
-__all__ = ["C_GRID", "INITS", "OPTIMIZERS", "MAX_CLASSES", "Head", "softmax", "check_arrays"]
-
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+__all__ = ["Head", "softmax"]
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -38,12 +34,29 @@ class Head(ClassifierMixin, BaseEstimator):
     """Base of every head: label encoding, input validation, and the head's saved form."""
 
     name: ClassVar[str] = ""  # the --head name, and ``kind`` in head.json
+    kind: ClassVar[HeadKind | None] = None  # its row of the head table (``heads.table``), set from ``name``
+    # capabilities, copied from the row when the class is defined
     takes_maps: ClassVar[bool] = False
     streams: ClassVar[bool] = False
     calibrated: ClassVar[bool] = True
-    key_params: ClassVar[tuple[str, ...]] = ()  # shown by ``featcache runs`` and sweep tables
-    _unsaved: ClassVar[tuple[str, ...]] = ()  # parameters never written to a run (chosen by the user each time)
-    _legacy: ClassVar[dict[str, Any]] = {}  # parameters older runs wrote for this kind: accepted, checked, unused
+    key_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A class that names its ``--head`` takes its row of the head table; its ``__init__`` parameters and
+        defaults must be the row's (one head table: a class and its row cannot disagree)."""
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if not name:
+            return
+        kind = kind_of(name)
+        cls.kind = kind
+        cls.takes_maps, cls.streams, cls.calibrated, cls.key_params = (kind.takes_maps, kind.streams,
+                                                                       kind.calibrated, kind.key_params)
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        got = {p.name: p.default for p in params}
+        if got != kind.params:
+            raise TypeError(f"{cls.__name__}.__init__ takes {got}, but the head table's row {name!r} says "
+                            f"{kind.params}; change both together")
 
     # -- fitting -------------------------------------------------------------------------------
     def _check_train(self, X, y, classes=None, dtype=np.float32):
@@ -101,7 +114,7 @@ class Head(ClassifierMixin, BaseEstimator):
     # -- the saved form (head.json + head.npz) -------------------------------------------------
     def saved_params(self) -> dict:
         """The parameters written to head.json: ``kind`` and every parameter but the unsaved ones."""
-        params = {k: v for k, v in self.get_params(deep=False).items() if k not in self._unsaved}
+        params = {k: v for k, v in self.get_params(deep=False).items() if k not in self.kind.unsaved}
         return {"kind": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}}
 
     def _check_saved(self) -> None:
@@ -111,58 +124,9 @@ class Head(ClassifierMixin, BaseEstimator):
                              "encode the labels first (featcache.fit does)")
 
     @classmethod
-    def _check_params(cls, record: HeadRecord, where: str) -> tuple[Fields, Fields]:
-        """Every saved parameter is one the class takes (or took), of the type of its default."""
-        p = Fields(record.params, where, "head.json", "params.")
-        own = {k: v for k, v in cls().get_params(deep=False).items() if k not in cls._unsaved}
-        defaults = {**cls._legacy, **own, "kind": cls.name}
-        for name, value in record.params.items():
-            if name not in defaults:
-                raise p.bad(name, f"absent (not a parameter of a {record.kind} head)", value)
-            default = defaults[name]
-            if name == "C":
-                ok = value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
-            elif isinstance(default, bool) or default is None or isinstance(default, (list, tuple)):
-                ok = True  # checked by the class where it matters
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-            else:
-                ok = type(value) is type(default)
-            if not ok:
-                raise p.bad(name, f"of the type of {default!r}", value)
-        if p.doc.get("kind", record.kind) != record.kind:
-            raise p.bad("kind", f"the head's kind {record.kind!r}", p.doc["kind"])
-        return p, Fields(record.fitted, where, "head.json", "fitted.")
-
-    @classmethod
-    def params_in_effect(cls, params: dict) -> dict:
-        """The saved ``params`` that shaped this head's fit, in ``__init__`` order: those of the class only
-        (no ``kind``, nothing an older featcache wrote for every head); a subclass drops the ones its
-        other settings made unused (SGD's momentum under Adam)."""
-        return {k: params[k] for k in cls._get_param_names() if k in params}
-
-    @classmethod
     def _init_params(cls, params: dict) -> dict:
         """The saved parameters this class takes (legacy ones and ``kind`` dropped; JSON lists back to tuples)."""
         defaults = cls().get_params(deep=False)
         return {k: tuple(v) if isinstance(defaults[k], tuple) and isinstance(v, list) else v
                 for k, v in params.items() if k in defaults}
 
-
-def check_arrays(arrays: dict[str, np.ndarray], want: dict[str, tuple], where: str, exact: bool = True) -> None:
-    """``arrays`` has each name in ``want`` with that shape (None: any size); with ``exact``, nothing else."""
-    missing = [n for n in want if n not in arrays]
-    extra = sorted(set(arrays) - set(want)) if exact else []
-    if missing or extra:
-        what = f"lacks array {missing[0]!r}" if missing else f"has an unexpected array {extra[0]!r}"
-        raise RunError(f"{where}: head.npz {what}; the run directory is damaged, re-run featcache fit")
-    for name, shape in want.items():
-        a = arrays[name]
-        fits = a.ndim == len(shape) and all(s is None or s == n for s, n in zip(shape, a.shape))
-        if not fits:
-            shown = "x".join("N" if s is None else str(s) for s in shape)
-            raise RunError(f"{where}: head.npz array {name!r} has shape {'x'.join(map(str, a.shape)) or 'scalar'}, "
-                           f"expected {shown}; the run directory is damaged, re-run featcache fit")
-        if name != "classes" and a.dtype.kind != "f":
-            raise RunError(f"{where}: head.npz array {name!r} has dtype {a.dtype}, expected floats; "
-                           "the run directory is damaged")

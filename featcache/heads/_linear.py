@@ -13,9 +13,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from ..errors import RunError
-from ..persist import HeadRecord
-from ._contract import C_GRID, MAX_CLASSES, Head, check_arrays, softmax
+from ._contract import Head, softmax
+from .table import C_GRID
 
 __all__ = ["LinearModelHead", "CEdgeWarning"]
 
@@ -34,11 +33,9 @@ class LinearModelHead(Head):
     the grid extends the search a factor of 10 at a time while the score rises, and warns
     (:class:`CEdgeWarning`) when it stays at the edge."""
 
-    key_params = ("C",)
     _parameter_constraints = {"C": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
                               "max_iter": [Interval(Integral, 1, None, closed="left")],
                               "seed": [Interval(Integral, 0, 2**32 - 1, closed="both")]}
-    _legacy = {"kind": ""}
 
     def __init__(self, C: float | str = 1.0, max_iter: int = 2000, seed: int = 0):
         self.C = C
@@ -171,27 +168,7 @@ class LinearModelHead(Head):
                 "converged": self.converged_, "C": self.C_, "C_search": self.C_search_}
 
     @classmethod
-    def check_state(cls, record: HeadRecord, where: str) -> tuple[int, int]:
-        """(inputs, classes) of a saved head whose parameters and arrays fit this class; else a RunError."""
-        p, info = cls._check_params(record, where)
-        d = info.integer("n_features_in", 1, 2**31)
-        c = info.integer("n_classes", 2, MAX_CLASSES)
-        info.get("C", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < np.inf,
-                 "a finite number > 0")
-        info.flag("converged", optional=True)
-        info.obj("C_search", optional=True)
-        k = 1 if c == 2 else c  # scikit-learn's binary form: one score for class 1
-        check_arrays(record.arrays, {"scaler_mean": (d,), "scaler_scale": (d,), "coef": (k, d), "intercept": (k,),
-                                     "classes": (c,)}, where)
-        if not (record.arrays["scaler_scale"] > 0).all():
-            raise RunError(f"{where}: head.npz array 'scaler_scale' must be positive; the run directory is damaged")
-        if not np.array_equal(record.arrays["classes"], np.arange(c)):
-            raise RunError(f"{where}: head.npz array 'classes' must be 0..{c - 1}, one per class of the run; "
-                           "the run directory is damaged")
-        return d, c
-
-    @classmethod
-    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray], backbone: str | None = None):
+    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray], network=None):
         from sklearn.preprocessing import StandardScaler
 
         head = cls(**cls._init_params(params))

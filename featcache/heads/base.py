@@ -21,9 +21,9 @@ from sklearn.utils.validation import check_array, check_is_fitted
 from torch import nn
 
 from ..errors import TrainingDiverged
-from ..persist import HeadRecord
 from ..stream import Streamed
-from ._contract import MAX_CLASSES, OPTIMIZERS, Head
+from ..choices import MAX_CLASSES, OPTIMIZERS
+from ._contract import Head
 
 __all__ = ["train_one_epoch", "evaluate", "logits_of", "Callback", "EarlyStopping", "WarmUp", "FrozenBatchNorm",
            "EpochLog", "FiniteLoss", "TorchHead"]
@@ -185,23 +185,8 @@ _TORCH_CONSTRAINTS = {
 class TorchHead(Head):
     """A head trained with cross-entropy by the loop above; subclasses build the module."""
 
-    streams = True
     _eval_step: ClassVar[int] = 4096
     _parameter_constraints: ClassVar[dict] = _TORCH_CONSTRAINTS
-    # parameters every torch head wrote before the heads were split into classes
-    _legacy = {"kind": "", "hidden": 256, "dropout": 0.4, "lr": 1e-3, "optimizer": "adam", "momentum": 0.9,
-               "weight_decay": 0.0, "step_size": 10, "gamma": 0.1, "epochs": 30, "batch_size": 64, "patience": 10,
-               "seed": 0, "device": "auto", "rest_of": None, "pretrained_lr_scale": 0.1, "freeze": [],
-               "warmup_epochs": 0, "init": "probe"}
-
-    _sgd_only: ClassVar[tuple[str, ...]] = ("momentum", "step_size", "gamma")  # Adam takes none of these (fit)
-
-    @classmethod
-    def params_in_effect(cls, params: dict) -> dict:
-        used = super().params_in_effect(params)
-        if used.get("optimizer") == "adam":  # as _fit builds the optimizer
-            used = {k: v for k, v in used.items() if k not in cls._sgd_only}
-        return used
 
     def _build_module(self, n_features: int | tuple[int, ...], n_classes: int, weights: str | None = None) -> nn.Module:
         raise NotImplementedError
@@ -347,25 +332,11 @@ class TorchHead(Head):
                 "best_epoch": self.best_epoch_}
 
     @classmethod
-    def check_state(cls, record: HeadRecord, where: str) -> tuple[int | tuple[int, ...], int]:
-        """(inputs, classes) of a saved head whose parameters and arrays fit this class; else a RunError."""
-        p, info = cls._check_params(record, where)
-        p.get("freeze", lambda v: isinstance(v, list) and all(isinstance(f, str) for f in v), "a list of layer names",
-              optional=True)
-        c = info.integer("n_classes", 1, MAX_CLASSES)
-        info.integer("best_epoch", -1, 2**31, optional=True)
-        return cls._check_arrays(record, p, info, c, where), c
-
-    @classmethod
-    def _check_arrays(cls, record: HeadRecord, p, info, c: int, where: str):
-        raise NotImplementedError
-
-    @classmethod
-    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray], backbone: str | None = None) -> "TorchHead":
-        """The fitted head of a checked record (on the CPU)."""
+    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray], network=None) -> "TorchHead":
+        """The fitted head of a checked record (on the CPU); ``network``: see :class:`~featcache.heads.rest.RestHead`."""
         kwargs = {**cls._init_params(params), "device": "cpu"}
-        if "backbone" in cls._get_param_names():
-            kwargs["backbone"] = backbone
+        if "network" in cls.kind.unsaved:
+            kwargs["network"] = network
         head = cls(**kwargs)
         d = info["n_features_in"]
         shape = tuple(d) if isinstance(d, list) else (d,)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._contract import check_arrays
 from .base import TorchHead
 
 __all__ = ["LinearHead"]
@@ -14,7 +13,6 @@ class LinearHead(TorchHead):
     """Linear(D, C), started at zeros and trained with cross-entropy; streams sets larger than memory."""
 
     name = "linear"
-    key_params = ("lr",)
 
     def __init__(self, lr: float = 1e-3, optimizer: str = "adam", momentum: float = 0.9, weight_decay: float = 0.0,
                  step_size: int = 10, gamma: float = 0.1, epochs: int = 30, batch_size: int = 64, patience: int = 10,
@@ -38,9 +36,3 @@ class LinearHead(TorchHead):
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
         return nn.Sequential(layer)
-
-    @classmethod
-    def _check_arrays(cls, record, p, info, c: int, where: str) -> int:
-        d = info.integer("n_features_in", 1, 2**31)
-        check_arrays(record.arrays, {"0.weight": (c, d), "0.bias": (c,)}, where)
-        return d

@@ -11,7 +11,6 @@ class LogRegHead(LinearModelHead):
     """Multinomial logistic regression on standardised features; calibrated probabilities."""
 
     name = "logreg"
-    calibrated = True
 
     def __init__(self, C: float | str = 1.0, max_iter: int = 2000, seed: int = 0):
         self.C = C

@@ -7,7 +7,6 @@ from numbers import Integral, Real
 from sklearn.utils._param_validation import Interval
 from torch import nn
 
-from ._contract import check_arrays
 from .base import TorchHead
 
 __all__ = ["MLPHead"]
@@ -17,7 +16,6 @@ class MLPHead(TorchHead):
     """Two layers with ReLU and dropout between, trained with cross-entropy (Adam or SGD + StepLR)."""
 
     name = "mlp"
-    key_params = ("lr", "hidden", "dropout")
     _parameter_constraints = {**TorchHead._parameter_constraints,
                               "hidden": [Interval(Integral, 1, None, closed="left")],
                               "dropout": [Interval(Real, 0, 1, closed="left")]}
@@ -42,11 +40,3 @@ class MLPHead(TorchHead):
     def _build_module(self, n_features: int, n_classes: int, weights: str | None = None) -> nn.Module:
         return nn.Sequential(nn.Linear(n_features, self.hidden), nn.ReLU(), nn.Dropout(self.dropout),
                              nn.Linear(self.hidden, n_classes))
-
-    @classmethod
-    def _check_arrays(cls, record, p, info, c: int, where: str) -> int:
-        d = info.integer("n_features_in", 1, 2**31)
-        h = p.integer("hidden", 1, 2**31)
-        p.number("dropout", 0, 1)
-        check_arrays(record.arrays, {"0.weight": (h, d), "0.bias": (h,), "3.weight": (c, h), "3.bias": (c,)}, where)
-        return d

@@ -1,5 +1,9 @@
 """``rest``: the pretrained remainder of the backbone after the cached layer, its last Linear
-replaced for the set's classes, fine-tuned on cached feature maps."""
+replaced for the set's classes, fine-tuned on cached feature maps.
+
+The network is built by the ``network`` it is handed (``featcache.tails.RestNetwork`` in fit,
+evaluate, predict and report), so this wing imports no backbone code and nothing read from a run
+chooses code to run: the builder carries the user's own ``--backbone``."""
 
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
-from ..errors import UnknownBackbone, UnknownLayer
+from ..errors import UnknownLayer
 from ..stream import Streamed
-from ._contract import INITS, check_arrays
+from ..choices import INITS
 from .base import Callback, FrozenBatchNorm, TorchHead, WarmUp, logits_of
 
 __all__ = ["RestHead"]
@@ -23,15 +27,13 @@ class RestHead(TorchHead):
     layers fixed, batch-norm statistics kept; the new layer starts as a logistic-regression
     probe (``init="probe"``) or random, and ``warmup_epochs`` train it alone first.
 
-    ``rest_of`` names the set's backbone, layer and weights. ``backbone`` is the user's
-    ``--backbone``: a ``module:factory`` network named by a store or run is imported only when
-    it equals this (it is never saved with the head).
+    ``rest_of`` names the set's backbone, layer and weights. ``network(rest_of, weights, n_classes)``
+    builds the network after the cut with a new last layer and returns ``(module, name of the new
+    layer)``; it is never saved with the head (``featcache.tails.RestNetwork(backbone)`` imports a
+    ``module:factory`` network only when it is the user's own ``--backbone``).
     """
 
     name = "rest"
-    takes_maps = True
-    key_params = ("lr", "init", "warmup_epochs")
-    _unsaved = ("backbone",)
     _eval_step = 256
     _parameter_constraints = {**TorchHead._parameter_constraints,
                               "rest_of": [dict, None],
@@ -39,10 +41,10 @@ class RestHead(TorchHead):
                               "freeze": [tuple, list],
                               "warmup_epochs": [Interval(Integral, 0, None, closed="left")],
                               "init": [StrOptions(set(INITS))],
-                              "backbone": [str, None]}
+                              "network": [callable, None]}
 
     def __init__(self, rest_of: dict | None = None, pretrained_lr_scale: float = 0.1, freeze: tuple[str, ...] = (),
-                 warmup_epochs: int = 0, init: str = "probe", backbone: str | None = None, lr: float = 1e-3,
+                 warmup_epochs: int = 0, init: str = "probe", network=None, lr: float = 1e-3,
                  optimizer: str = "adam", momentum: float = 0.9, weight_decay: float = 0.0, step_size: int = 10,
                  gamma: float = 0.1, epochs: int = 30, batch_size: int = 64, patience: int = 10, seed: int = 0,
                  device: str = "auto"):
@@ -51,7 +53,7 @@ class RestHead(TorchHead):
         self.freeze = freeze
         self.warmup_epochs = warmup_epochs
         self.init = init
-        self.backbone = backbone
+        self.network = network
         self.lr = lr
         self.optimizer = optimizer
         self.momentum = momentum
@@ -65,18 +67,14 @@ class RestHead(TorchHead):
         self.device = device
 
     def _build_module(self, n_features, n_classes: int, weights: str | None = None) -> nn.Module:
-        from ..backbones import create_rest, trusted_only
-
         spec = self.rest_of or {}
         if not {"backbone", "layer", "weights"} <= set(spec):
             raise ValueError("the rest head needs rest_of={'backbone', 'layer', 'weights'} of the feature set")
+        if self.network is None:
+            raise ValueError("the rest head needs network=, a builder of the network after the cut "
+                             "(featcache.tails.RestNetwork(backbone))")
         name = spec["backbone"]
-        if not isinstance(name, str) or (trusted_only(name) and name != self.backbone):
-            raise UnknownBackbone(
-                f"the rest head continues the user module {name!r}; featcache never imports code named by a "
-                f"store or a run. Pass --backbone {name} to import it (installed or on PYTHONPATH)."
-            )
-        module, new_layer = create_rest(name, spec["layer"], weights or spec["weights"], n_classes)
+        module, new_layer = self.network(spec, weights or spec["weights"], n_classes)
         if not new_layer:
             raise UnknownLayer(f"nothing after {spec['layer']!r} in {name} is left to train; cut at an earlier layer "
                                "or use --head linear")
@@ -154,17 +152,7 @@ class RestHead(TorchHead):
         return info
 
     @classmethod
-    def _check_arrays(cls, record, p, info, c: int, where: str) -> tuple[int, ...]:
-        d = info.shape("n_features_in")
-        new = info.text("new_layer")
-        rest_of = p.obj("rest_of")
-        for key in ("backbone", "layer", "weights"):
-            rest_of.text(key)
-        check_arrays(record.arrays, {f"{new}.weight": (c, None), f"{new}.bias": (c,)}, where, exact=False)
-        return d
-
-    @classmethod
-    def from_state(cls, params: dict, info: dict, arrays: dict, backbone: str | None = None) -> "RestHead":
-        head = super().from_state(params, info, arrays, backbone)
+    def from_state(cls, params: dict, info: dict, arrays: dict, network=None) -> "RestHead":
+        head = super().from_state(params, info, arrays, network)
         head.probe_ = info.get("probe")
         return head

@@ -12,7 +12,6 @@ class SVMHead(LinearModelHead):
     scores, not calibrated, so no log loss is reported for it."""
 
     name = "svm"
-    calibrated = False
 
     def __init__(self, C: float | str = 1.0, max_iter: int = 2000, seed: int = 0):
         self.C = C
