@@ -18,10 +18,7 @@ from click.testing import CliRunner
 import featcache
 from featcache.cli import main
 
-from .conftest import TINY, make_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-SLOW = "tests.tiny_backbone:slow_tiny_cnn"
+from .helpers import ROOT, SLOW, TINY, make_folder
 
 
 def _python(code: str, *args, **popen) -> subprocess.Popen:

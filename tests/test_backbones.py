@@ -6,7 +6,7 @@ import torch
 from featcache.backbones import create_backbone, default_layer, list_backbones, list_layers
 from featcache.errors import UnknownBackbone, UnknownLayer, WeightsError
 
-from .conftest import TINY
+from .helpers import TINY
 
 
 def test_registry_lists_torchvision_and_offline_models():

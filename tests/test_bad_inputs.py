@@ -18,7 +18,7 @@ from featcache.errors import DataError, StoreError
 from featcache.store import SetRecord
 from featcache.store.rows import digest_values
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from benchmarks.__main__ import main
 from benchmarks.storage import run_storage
 from benchmarks.transfer import run_transfer
 
-from .conftest import TINY
+from .helpers import TINY
 
 
 def test_whole_process_transfer_times_featcache_and_the_plain_script(folder):

@@ -19,9 +19,8 @@ import pytest
 
 import featcache
 
-from .conftest import TINY, make_folder
+from .helpers import ROOT, TINY, make_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "mlflow", "tensorboard")
 PROBE = """
 import json, sys

@@ -20,7 +20,7 @@ import torch
 from featcache.cli import main
 from featcache.cli_kit import Device, Fractions, OutputPath, StoreURL
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 # Parameters whose values are free text: (command, parameter) → cases of (arguments, words the error must contain).
 # Paths in the arguments: DATA is a good image folder, STORE a store with one set, FILE a regular file,

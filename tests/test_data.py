@@ -8,7 +8,7 @@ from featcache.config import parse_split
 from featcache.data import load_rgb, scan
 from featcache.errors import DataError
 
-from .conftest import make_folder
+from .helpers import make_folder
 
 
 def test_scan_split_layout(folder: Path):

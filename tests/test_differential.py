@@ -30,10 +30,9 @@ from PIL import Image
 
 import featcache
 
-from .conftest import TINY, make_folder
+from .helpers import ROOT, TINY, make_folder
 
 EXTRACT = importlib.import_module("featcache.extract")  # the module, not the function featcache.extract
-ROOT = Path(__file__).resolve().parents[1]
 TOL = {"float16": 1e-3, "float32": 1e-4}  # relative: float16 keeps 11 bits (2**-11 = 4.9e-4 per value)
 
 

@@ -13,8 +13,7 @@ from featcache.errors import AmbiguousSet, DataError, SetNotFound, StoreError
 from featcache.config import FitConfig
 from featcache.heads import load_head
 
-from .conftest import TINY, make_folder
-from .conftest import extract_tiny
+from .helpers import TINY, extract_tiny, make_folder
 
 
 def test_extract_stores_features_labels_paths_and_provenance(folder, store_url):

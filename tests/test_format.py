@@ -14,7 +14,7 @@ import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 V1 = Path(__file__).parent / "data" / "v1store.zarr"
 

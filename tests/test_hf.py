@@ -9,7 +9,7 @@ import featcache
 from featcache.backbones import create_backbone, list_layers, rebuild_backbone
 from featcache.errors import UnknownBackbone, UnknownLayer
 
-from .conftest import make_folder
+from .helpers import make_folder
 
 transformers = pytest.importorskip("transformers")
 

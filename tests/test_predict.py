@@ -11,7 +11,7 @@ from featcache.cli import main
 from featcache.data import load_rgb
 from featcache.predict import export, predict
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from featcache.cli import main
 from featcache.heads import C_GRID, load_head
 from featcache.sweep import sweep
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
 CHROMIUM = Path("/usr/bin/chromium")

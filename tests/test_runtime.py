@@ -14,7 +14,7 @@ from featcache import procs
 from featcache.errors import FeatcacheError
 from featcache.store.chunks import ChunkReader
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 _FAULTS = r"""
 import numpy as np, sys

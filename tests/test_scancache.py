@@ -29,7 +29,7 @@ from featcache.data import scancache as SCANCACHE
 from featcache.data import scan
 from featcache.data.scancache import ScanCache
 
-from .conftest import TINY, extract_tiny
+from .helpers import TINY, extract_tiny
 
 RACY_TEST_NS = 50_000_000  # 50 ms: far above a clock tick, so tests need not wait 2 s for entries to be trusted
 

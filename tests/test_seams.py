@@ -22,7 +22,7 @@ from featcache.evaluate import evaluate
 from featcache.predict import export, predict
 
 from . import tiny_backbone
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 def _files(folder: Path, split: str = "val") -> list[Path]:

@@ -18,7 +18,7 @@ from featcache.metrics import compute_metrics
 from featcache.runs import RunRecord
 from featcache.sweep import sweep
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 BIASED = "val numbers are selection-biased: the kept epoch was chosen on val loss"
 

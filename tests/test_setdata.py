@@ -16,7 +16,7 @@ import featcache.store
 from benchmarks.throughput import synthetic_set
 from featcache.errors import FeatcacheError
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from featcache.pooling import prepare_features
 from featcache.stream import RowReader, Streamed
 from featcache.units import parse_size
 
-from .conftest import TINY
+from .helpers import TINY
 
 
 @pytest.fixture

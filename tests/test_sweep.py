@@ -14,7 +14,7 @@ from featcache.config import FitConfig
 from featcache.runs import RunRecord, list_runs
 from featcache.sweep import combinations, sweep
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import featcache
 from featcache.backbones import create_backbone, list_layers
 from featcache.errors import UnknownBackbone, UnknownLayer, WeightsError
 
-from .conftest import make_folder
+from .helpers import make_folder
 
 timm = pytest.importorskip("timm")
 import timm.data  # noqa: E402

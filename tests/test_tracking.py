@@ -19,7 +19,7 @@ from featcache.sweep import sweep
 from featcache.heads import head_params, load_head
 from featcache.tracking import MLflowTracker, final_metrics, param_value
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 PLOTS = ["confusion.png", "curves.png", "misclassified.png", "per_class.png"]
 
