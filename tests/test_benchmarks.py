@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from click.testing import CliRunner
 
 from benchmarks.__main__ import main
@@ -114,9 +113,8 @@ def test_layers_benchmark_smoke(folder, tmp_path):
 
 
 def test_peers_benchmark_smoke(folder):
-    from benchmarks.peers import extract_ways, fit_ways, has_datasets, load_ways
-
     import featcache
+    from benchmarks.peers import extract_ways, fit_ways, has_datasets, load_ways
 
     rows = extract_ways(str(folder), TINY, weights="none", batch_size=8, workers=1, repeats=1)
     ways = [r["way"] for r in rows]

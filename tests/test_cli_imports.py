@@ -22,7 +22,7 @@ import featcache
 from .helpers import ROOT, TINY, make_folder
 
 HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "mlflow", "tensorboard")
-PROBE = """
+PROBE = f"""
 import json, sys
 from featcache.cli import main
 try:
@@ -31,8 +31,8 @@ except SystemExit as e:
     code = e.code
 else:
     code = 0
-print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}), file=sys.stderr)
-""" % (HEAVY,)
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}), file=sys.stderr)
+"""
 
 
 def _env() -> dict:

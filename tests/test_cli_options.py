@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 import featcache
-import torch
 from featcache.cli import main
 from featcache.cli_kit import Device, Fractions, OutputPath, StoreURL
 
@@ -177,7 +177,7 @@ def _typed_bad_values(param: click.Parameter) -> list[tuple[str, list[str]]] | N
 
 
 def _has_no_values(param: click.Parameter) -> bool:
-    return isinstance(param, click.Option) and (param.is_flag or param.count) or param.name in ("help", "version")
+    return (isinstance(param, click.Option) and (param.is_flag or param.count)) or param.name in ("help", "version")
 
 
 def _cases() -> list:

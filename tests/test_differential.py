@@ -177,7 +177,7 @@ def test_timm(tmp_path, data, model_processes):
     def fresh_for(layer):
         def run(images):
             x = torch.stack([tf(im) for im in images])
-            embed = lambda: model.forward_head(model.forward_features(x), pre_logits=True)  # noqa: E731
+            embed = lambda: model.forward_head(model.forward_features(x), pre_logits=True)
             return embed() if layer == "pre_logits" else _pool(_hooked(model, layer, embed), "avg")
         return run
 

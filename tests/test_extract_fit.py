@@ -8,9 +8,9 @@ import zarr
 
 import featcache
 from featcache.backbones import create_backbone
+from featcache.config import FitConfig
 from featcache.data import load_rgb
 from featcache.errors import AmbiguousSet, DataError, SetNotFound, StoreError
-from featcache.config import FitConfig
 from featcache.heads import load_head
 
 from .helpers import TINY, extract_tiny, make_folder

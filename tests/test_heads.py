@@ -21,8 +21,20 @@ import featcache
 from featcache.cli import main
 from featcache.config import FitConfig
 from featcache.fit import HEAD_OPTIONS
-from featcache.heads import (C_GRID, HEADS, LinearHead, LogRegHead, MLPHead, RestHead, SVMHead, head_class, head_params,
-                             load_head, make_head, save_head)
+from featcache.heads import (
+    C_GRID,
+    HEADS,
+    LinearHead,
+    LogRegHead,
+    MLPHead,
+    RestHead,
+    SVMHead,
+    head_class,
+    head_params,
+    load_head,
+    make_head,
+    save_head,
+)
 from featcache.heads._linear import CEdgeWarning
 
 from .helpers import TINY, make_folder

@@ -18,7 +18,6 @@ from PIL import Image
 import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
-from featcache.keys import digest_key
 from featcache.store.maintenance import gc, status, verify
 from featcache.store.rows import chunk_crc, digest_values
 
@@ -36,7 +35,7 @@ def _subset(big: Path, dest: Path, n: int = 1) -> Path:
 
 def _segment(store, space):
     st = featcache.open_store(str(store))
-    return [(n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed") is True][0]
+    return next((n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed") is True)
 
 
 def _shard(store, space, name):
@@ -248,7 +247,7 @@ def test_a_stored_catastrophic_name_pattern_does_not_hang_status(folder, store_u
     p = subprocess.Popen([sys.executable, "-m", "featcache.cli", "status", "--store", store_url, "--data", str(folder)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        out, err = p.communicate(timeout=120)  # a hang, not a slow machine: the pattern is given 5 s per name
+        _out, err = p.communicate(timeout=120)  # a hang, not a slow machine: the pattern is given 5 s per name
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import featcache
-from featcache.backbones import create_backbone
 from featcache.errors import FeatcacheError
 from featcache.heads import LogRegHead, RestHead, load_head
 from featcache.predict import predict

@@ -141,13 +141,13 @@ def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
         for d, extra in ((a, ()), (a, ()), (b, ()), (b, ("--dtype", "float32")))
     ]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     st = featcache.open_store(str(store))
     assert len(st.set_keys()) == 3  # a, b in float16 and b in float32
     for key in st.set_keys():
         fs = st.get_set(key)
-        x, y = fs.to_numpy("train")
+        x, _y = fs.to_numpy("train")
         assert x.shape[0] == 24 and np.isfinite(x).all()
     # a reader sees each image once per space, whichever writer finished first
     for space in st.spaces():
@@ -237,7 +237,7 @@ def test_gc_keeps_young_leftovers_and_rewrites_partly_used_segments(folder, stor
     (folder / "val" / "red" / "red_0.png").unlink()
     keep = extract_tiny(folder, store_url).set_key
     st = featcache.open_store(store_url)
-    first = [k for k in st.set_keys() if k != keep][0]
+    first = next(k for k in st.set_keys() if k != keep)
     st.remove_set(first)
     assert gc(st, grace_s=3600)["rows_removed"] == 0  # all too young
     r = gc(st, grace_s=0)

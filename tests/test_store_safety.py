@@ -438,7 +438,7 @@ def test_a_second_migrate_while_one_runs_is_refused_and_the_store_ends_whole(tmp
     url = _v1_copy(tmp_path)
     want = _v1_rows(url)
     first = _start_slow_migrate(url, tmp_path / "ready", 3)
-    with pytest.raises(StoreError, match="another featcache migrate .* is converting"):
+    with pytest.raises(StoreError, match=r"another featcache migrate .* is converting"):
         migrate(str(url))  # a real second migrate, while the first holds the store
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0 and "migrated" in out, err

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 import featcache
 from featcache.cli import main
 from featcache.config import FitConfig
+from featcache.heads import head_params, load_head
 from featcache.runs import RunRecord
 from featcache.sweep import sweep
-from featcache.heads import head_params, load_head
 from featcache.tracking import MLflowTracker, final_metrics, param_value
 
 from .helpers import TINY, make_folder

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from click.testing import CliRunner
 from PIL import Image
 
@@ -155,7 +154,7 @@ def _poison(store_url, space, value):
     from featcache.store.rows import chunk_crc
 
     st = featcache.open_store(store_url)
-    name, group = [(n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed")][0]
+    name, group = next((n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed"))
     feats = group["features"]
     block = feats[: feats.chunks[0]]
     block[0] = value
