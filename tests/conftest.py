@@ -1,5 +1,6 @@
 """Fixtures and pytest hooks only (what test modules import lives in ``tests/helpers.py``): a tiny
-generated image folder, a store path, the real photo set when present; the ``slow`` and ``gpu``
+generated image folder, a store path, the real photo set when present (and its efficientnet_lite0
+store, extracted once per session); the ``slow`` and ``gpu``
 markers; a private scan cache per test; a guard that no test leaks RNG state.
 
 ``pytest -q`` (``make test``, what CI runs) runs every test, slow ones included; ``--skip-slow``
@@ -63,3 +64,23 @@ def hymenoptera() -> Path:
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"real photo set not present at {HYMENOPTERA}")
     return HYMENOPTERA
+
+
+@pytest.fixture(scope="session")
+def lite0_hymenoptera(tmp_path_factory):
+    """The real photo set through pretrained efficientnet_lite0 at the defaults (pooled), extracted
+    once for the tests that only read it (fit opens the store read-only): ``(store URL, result)``."""
+    if not HYMENOPTERA.is_dir():
+        pytest.skip(f"real photo set not present at {HYMENOPTERA}")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import featcache
+
+    store = str(tmp_path_factory.mktemp("lite0-hymenoptera") / "s.zarr")
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:  # made before any test's own RNG guard starts: it guards itself
+        result = featcache.extract(backbone="efficientnet_lite0", data=str(HYMENOPTERA), store=store)
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+    return store, result
