@@ -19,8 +19,9 @@ def test_vgg16_features_then_mlp(hymenoptera, tmp_path):
     assert "train/ants/imageNotFound.gif" in fs.paths("train")
     assert set(y.tolist()) == {0, 1} and fs.classes == ["ants", "bees"]
     rows = []
-    fit = featcache.fit(head="mlp", epochs=30, store=store, runs=str(tmp_path / "runs"), on_epoch=rows.append)
-    assert 1 <= len(rows) <= 30 and (fit.run_dir / "metrics.json").exists()
+    # 3 epochs of an mlp on the flattened 25,088 values: what is checked is that it trains on the maps
+    fit = featcache.fit(head="mlp", epochs=3, store=store, runs=str(tmp_path / "runs"), on_epoch=rows.append)
+    assert 1 <= len(rows) <= 3 and (fit.run_dir / "metrics.json").exists()
 
 
 def test_pretrained_efficientnet_lite0_logreg_reaches_92_percent(lite0_hymenoptera, tmp_path):
