@@ -11,6 +11,8 @@ from featcache.errors import FeatcacheError
 from featcache.heads import LogRegHead, RestHead, load_head
 from featcache.predict import predict
 
+from .helpers import make_folder
+
 
 def _reference(name):
     from featcache.backbones import _build
@@ -89,7 +91,8 @@ def test_rest_needs_unpooled_features(folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_vgg16_features_cache_trains_the_classifier_block(folder, tmp_path):
+def test_vgg16_features_cache_trains_the_classifier_block(tmp_path):
+    folder = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)))  # 9 images: vgg16 is 15 GFLOPs each
     store = str(tmp_path / "s.zarr")
     featcache.extract(backbone="vgg16", layer="features", weights="none", data=str(folder), store=store, workers=0)
     res = featcache.fit(head="rest", store=store, epochs=1, runs=str(tmp_path / "runs"), plots=False)
