@@ -38,13 +38,14 @@ def test_storage_benchmark_round_trips_every_codec(folder):
 def test_command_writes_json(folder, tmp_path, monkeypatch):
     import benchmarks.transfer
 
-    # The command's whole-process comparison trains 10 epochs of resnet18 from pixels; one epoch runs
-    # the same code (test_whole_process_transfer_times_featcache_and_the_plain_script checks its figures).
+    # The command's whole-process comparison trains 10 epochs of resnet18 from pixels, 3 rounds by
+    # default; one epoch, one round runs the same code (its figures are checked by
+    # test_whole_process_transfer_times_featcache_and_the_plain_script).
     whole = benchmarks.transfer.run_transfer_processes
     monkeypatch.setattr(benchmarks.transfer, "run_transfer_processes",
                         lambda data, backbone, weights, head, epochs, **kw: whole(data, backbone, weights, head, 1, **kw))
     r = CliRunner().invoke(main, ["transfer", "--data", str(folder), "--case", f"{TINY}@none", "--epochs", "1",
-                                  "--workers", "0", "--batch-size", "8", "--out", str(tmp_path)])
+                                  "--repeats", "1", "--workers", "0", "--batch-size", "8", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert r.output.startswith("machine: ") and "| backbone |" in r.output
     saved = list(tmp_path.glob("transfer-*.json"))
