@@ -1,4 +1,4 @@
-# Quick start: `make demo` (sample data → extract → fit) and `make test`; `make docs` writes docs/cli.md from --help.
+# Quick start: `make demo` (sample data → extract → fit), `make test` (`make lint`, then the tests); `make docs` writes docs/cli.md from --help.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STORE ?= featcache.zarr
 
-.PHONY: install demo test docs clean
+.PHONY: install demo lint test docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,17 @@ demo: install
 	$(BIN)/featcache extract --backbone efficientnet_lite0 --data data --store $(STORE)
 	$(BIN)/featcache fit --head mlp --epochs 30 --store $(STORE)
 
-test: install
+# ruff and mypy read their settings from pyproject.toml ([tool.ruff], [tool.mypy]: mypy checks featcache/).
+lint: install
+	$(BIN)/ruff check featcache tests
+	$(BIN)/ruff format --check featcache tests
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 docs: install
 	$(BIN)/python -m featcache.cli.docs > docs/cli.md
 
 clean:
-	rm -rf data runs $(STORE) .pytest_cache
+	rm -rf data runs $(STORE) .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,7 @@
-"""Shared fixtures and helpers: tiny generated image folders, ``extract_tiny``, the real photo
-set when present; the ``slow`` and ``gpu`` markers; a guard that no test leaks RNG state.
+"""Fixtures and pytest hooks only (what test modules import lives in ``tests/helpers.py``): a tiny
+generated image folder, a store path, the real photo set when present (and its efficientnet_lite0
+store, extracted once per session); the ``slow`` and ``gpu``
+markers; a private scan cache per test; a guard that no test leaks RNG state.
 
 ``pytest -q`` (``make test``, what CI runs) runs every test, slow ones included; ``--skip-slow``
 is the quick local loop. ``gpu`` tests are skipped, and reported as such, without CUDA.
@@ -13,11 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-TINY = "tests.tiny_backbone:tiny_cnn"
-HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera"
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220)}
+from .helpers import HYMENOPTERA, make_folder
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,29 +49,6 @@ def _no_leaking_rng():
     random.setstate(states[2])
 
 
-def extract_tiny(data, store, **kw):
-    """``featcache.extract`` with the tiny test backbone, random weights and no worker processes."""
-    import featcache
-
-    kw.setdefault("backbone", TINY)
-    kw.setdefault("weights", "none")
-    kw.setdefault("workers", 0)
-    return featcache.extract(data=str(data), store=str(store), **kw)
-
-
-def make_folder(root: Path, splits=(("train", 8), ("val", 4)), classes=COLOURS, size=(24, 30), seed=0) -> Path:
-    """ImageFolder of noisy solid-colour PNGs: classes separable by colour alone."""
-    rng = np.random.default_rng(seed)
-    for split, n in splits:
-        for name, colour in classes.items():
-            folder = root / split / name if split else root / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = np.clip(np.array(colour) + rng.integers(-30, 30, size + (3,)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
-    return root
-
-
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data")
@@ -88,3 +64,23 @@ def hymenoptera() -> Path:
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"real photo set not present at {HYMENOPTERA}")
     return HYMENOPTERA
+
+
+@pytest.fixture(scope="session")
+def lite0_hymenoptera(tmp_path_factory):
+    """The real photo set through pretrained efficientnet_lite0 at the defaults (pooled), extracted
+    once for the tests that only read it (fit opens the store read-only): ``(store URL, result)``."""
+    if not HYMENOPTERA.is_dir():
+        pytest.skip(f"real photo set not present at {HYMENOPTERA}")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import featcache
+
+    store = str(tmp_path_factory.mktemp("lite0-hymenoptera") / "s.zarr")
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:  # made before any test's own RNG guard starts: it guards itself
+        result = featcache.extract(backbone="efficientnet_lite0", data=str(HYMENOPTERA), store=store)
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+    return store, result

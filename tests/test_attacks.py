@@ -18,10 +18,7 @@ from click.testing import CliRunner
 import featcache
 from featcache.cli import main
 
-from .conftest import TINY, make_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-SLOW = "tests.tiny_backbone:slow_tiny_cnn"
+from .helpers import ROOT, SLOW, TINY, make_folder
 
 
 def _python(code: str, *args, **popen) -> subprocess.Popen:
@@ -148,9 +145,9 @@ def test_a_catastrophic_label_pattern_is_refused_not_a_hang(tmp_path):
 
 
 def test_labels_by_pattern_gives_the_labels_of_re():
-    from featcache.data.labels import labels_by_pattern
-
     import re
+
+    from featcache.data.labels import labels_by_pattern
 
     names = ["cat.1.jpg", "dog_2.png", "x.png", "Bird-3.jpg", "_.png"]
     for pattern in (r"^([a-z]+)[._]", r"^([A-Za-z]+)\W", r"^([^._]*)[._]", r"(\d)"):
@@ -240,7 +237,7 @@ def test_an_s3_endpoint_gone_mid_extract_is_one_error_and_the_rerun_resumes(tmp_
             time.sleep(0.3)
         assert p.poll() is None, p.communicate()  # the endpoint goes while the extract still runs
         server.stop()
-        out, err = p.communicate(timeout=300)
+        _out, err = p.communicate(timeout=300)
     finally:
         if p.poll() is None:
             p.kill()
@@ -501,7 +498,7 @@ def test_a_json_record_over_the_read_cap_is_refused_when_written(tmp_path):
     small = tmp_path / "ok.json"
     write_json(small, {"a": "x" * 100})
     assert read_json(small, "here") == {"a": "x" * 100}
-    with pytest.raises(RunError, match="over the .* bytes every reader accepts"):
+    with pytest.raises(RunError, match=r"over the .* bytes every reader accepts"):
         write_json(tmp_path / "big.json", {"a": "x" * (MAX_JSON_BYTES + 1)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json"]  # nothing written, no temporary left
 

@@ -6,7 +6,7 @@ import torch
 from featcache.backbones import create_backbone, default_layer, list_backbones, list_layers
 from featcache.errors import UnknownBackbone, UnknownLayer, WeightsError
 
-from .conftest import TINY
+from .helpers import TINY
 
 
 def test_registry_lists_torchvision_and_offline_models():
@@ -46,7 +46,7 @@ def test_unknown_names_list_the_choices():
         "Unknown layer 'feature' for vgg16. Layers: features, avgpool, flatten, classifier "
         "(and their sub-layers, e.g. features.20). See: featcache layers vgg16"
     )
-    with pytest.raises(UnknownBackbone, match="closest: resnet18, .*All names: featcache backbones"):
+    with pytest.raises(UnknownBackbone, match=r"closest: resnet18, .*All names: featcache backbones"):
         create_backbone("resnet19")
     with pytest.raises(WeightsError, match="Choose one of: DEFAULT, IMAGENET1K_V1, none"):
         create_backbone("resnet18", weights="IMAGENET_V9")
@@ -104,19 +104,19 @@ def test_offline_pretrained_efficientnet_lite0():
 
 
 def test_factory_backbone_errors():
-    with pytest.raises(UnknownBackbone, match="cannot import backbone factory 'nope.mod:f'"):
+    with pytest.raises(UnknownBackbone, match=r"cannot import backbone factory 'nope\.mod:f'"):
         create_backbone("nope.mod:f")
-    with pytest.raises(UnknownBackbone, match="expected a torch.nn.Module"):
+    with pytest.raises(UnknownBackbone, match=r"expected a torch\.nn\.Module"):
         create_backbone("builtins:dict")
 
 
 def test_a_module_in_python_with_its_transform(folder, tmp_path):
     import numpy as np
+    from torchvision.transforms._presets import ImageClassification
 
     import featcache
     from featcache.data import load_rgb
     from tests.tiny_backbone import TinyCNN
-    from torchvision.transforms._presets import ImageClassification
 
     torch.manual_seed(3)
     model = TinyCNN()

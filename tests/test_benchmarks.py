@@ -3,14 +3,13 @@
 import json
 
 import pytest
-
 from click.testing import CliRunner
 
 from benchmarks.__main__ import main
 from benchmarks.storage import run_storage
 from benchmarks.transfer import run_transfer
 
-from .conftest import TINY
+from .helpers import TINY
 
 
 def test_whole_process_transfer_times_featcache_and_the_plain_script(folder):
@@ -36,13 +35,22 @@ def test_storage_benchmark_round_trips_every_codec(folder):
     assert all(r["bytes_per_image"] > 0 for r in res["rows"])
 
 
-def test_command_writes_json(folder, tmp_path):
+def test_command_writes_json(folder, tmp_path, monkeypatch):
+    import benchmarks.transfer
+
+    # The command's whole-process comparison trains 10 epochs of resnet18 from pixels, 3 rounds by
+    # default; one epoch, one round runs the same code (its figures are checked by
+    # test_whole_process_transfer_times_featcache_and_the_plain_script).
+    whole = benchmarks.transfer.run_transfer_processes
+    monkeypatch.setattr(benchmarks.transfer, "run_transfer_processes",
+                        lambda data, backbone, weights, head, epochs, **kw: whole(data, backbone, weights, head, 1, **kw))
     r = CliRunner().invoke(main, ["transfer", "--data", str(folder), "--case", f"{TINY}@none", "--epochs", "1",
-                                  "--workers", "0", "--batch-size", "8", "--out", str(tmp_path)])
+                                  "--repeats", "1", "--workers", "0", "--batch-size", "8", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert r.output.startswith("machine: ") and "| backbone |" in r.output
     saved = list(tmp_path.glob("transfer-*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["rows"][0]["epochs"] == 1
+    assert json.loads(saved[0].read_text())["processes"]["e2e_s"] > 0  # the whole-process comparison ran
 
 
 def test_store_benchmark_reports_reuse_and_files(folder):
@@ -114,9 +122,8 @@ def test_layers_benchmark_smoke(folder, tmp_path):
 
 
 def test_peers_benchmark_smoke(folder):
-    from benchmarks.peers import extract_ways, fit_ways, has_datasets, load_ways
-
     import featcache
+    from benchmarks.peers import extract_ways, fit_ways, has_datasets, load_ways
 
     rows = extract_ways(str(folder), TINY, weights="none", batch_size=8, workers=1, repeats=1)
     ways = [r["way"] for r in rows]

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from featcache.cli import main
 
-from .conftest import TINY
+from .helpers import TINY
 
 
 @pytest.fixture

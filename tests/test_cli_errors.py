@@ -15,9 +15,7 @@ from click.testing import CliRunner
 import featcache
 from featcache.cli import main
 
-from .conftest import TINY
-
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT, TINY
 
 
 def _full(*_, **__):

@@ -19,11 +19,10 @@ import pytest
 
 import featcache
 
-from .conftest import TINY, make_folder
+from .helpers import ROOT, TINY, make_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "mlflow", "tensorboard")
-PROBE = """
+PROBE = f"""
 import json, sys
 from featcache.cli import main
 try:
@@ -32,8 +31,8 @@ except SystemExit as e:
     code = e.code
 else:
     code = 0
-print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}), file=sys.stderr)
-""" % (HEAVY,)
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}), file=sys.stderr)
+"""
 
 
 def _env() -> dict:

@@ -13,7 +13,7 @@ import featcache
 from featcache.cli import main
 from featcache.errors import AmbiguousSet
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 EXTRACT = importlib.import_module("featcache.extract")
 

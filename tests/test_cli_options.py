@@ -13,14 +13,14 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 import featcache
-import torch
 from featcache.cli import main
 from featcache.cli.kit import Device, Fractions, OutputPath, StoreURL
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 # Parameters whose values are free text: (command, parameter) → cases of (arguments, words the error must contain).
 # Paths in the arguments: DATA is a good image folder, STORE a store with one set, FILE a regular file,
@@ -177,7 +177,7 @@ def _typed_bad_values(param: click.Parameter) -> list[tuple[str, list[str]]] | N
 
 
 def _has_no_values(param: click.Parameter) -> bool:
-    return isinstance(param, click.Option) and (param.is_flag or param.count) or param.name in ("help", "version")
+    return (isinstance(param, click.Option) and (param.is_flag or param.count)) or param.name in ("help", "version")
 
 
 def _cases() -> list:

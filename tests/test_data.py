@@ -8,7 +8,7 @@ from featcache.config import parse_split
 from featcache.data import load_rgb, scan
 from featcache.errors import DataError
 
-from .conftest import make_folder
+from .helpers import make_folder
 
 
 def test_scan_split_layout(folder: Path):
@@ -27,7 +27,7 @@ def test_valid_is_an_alias_of_val(tmp_path: Path):
 
 def test_flat_folder_needs_split_and_is_stratified_and_seeded(tmp_path: Path):
     root = make_folder(tmp_path / "flat", splits=(("", 10),))
-    with pytest.raises(DataError, match="--split 0.8,0.2"):
+    with pytest.raises(DataError, match=r"--split 0\.8,0\.2"):
         scan(root)
     a = scan(root, "0.8,0.2", seed=1)
     b = scan(root, "0.8,0.2", seed=1)
@@ -58,7 +58,7 @@ def test_errors_for_empty_missing_and_mismatched_folders(tmp_path: Path):
     with pytest.raises(DataError, match="class folders differ between train and val: only in train: \\['purple'\\]"):
         scan(root)
     (root / "val" / "purple").mkdir()
-    with pytest.raises(DataError, match="no readable images in .*train: purple"):
+    with pytest.raises(DataError, match=r"no readable images in .*train: purple"):
         scan(root)
 
 
@@ -94,7 +94,7 @@ def test_load_rgb_converts_every_mode(tmp_path: Path):
     assert load_rgb(tmp_path / "p.gif").mode == "RGB"
 
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="cannot identify image file"):
         load_rgb(tmp_path / "bad.jpg")
 
 

@@ -30,10 +30,9 @@ from PIL import Image
 
 import featcache
 
-from .conftest import TINY, make_folder
+from .helpers import ROOT, TINY, make_folder
 
 EXTRACT = importlib.import_module("featcache.extract")  # the module, not the function featcache.extract
-ROOT = Path(__file__).resolve().parents[1]
 TOL = {"float16": 1e-3, "float32": 1e-4}  # relative: float16 keeps 11 bits (2**-11 = 4.9e-4 per value)
 
 
@@ -94,20 +93,33 @@ def _extract(data: Path, store: Path, backbone: str, layers, **kw):
 
 def _run_both_ways(tmp_path, data, backbone, layers, fresh_for, weights="none", pool=None):
     """One pass over ``layers`` through model processes (float16), then each layer alone through the
-    DataLoader (float32, workers 0 and 2 in turn); every set's rows against ``fresh_for(layer)``."""
+    DataLoader (float32, workers 0 and 2 in turn); every set's rows against ``fresh_for(layer)``,
+    computed once per layer and split (both ways are checked against the same fresh rows)."""
+    computed = {}
+
+    def fresh_once(layer):
+        fresh = fresh_for(layer)
+
+        def once(images):
+            key = (layer, tuple(im.tobytes() for im in images))
+            if key not in computed:
+                computed[key] = fresh(images)
+            return computed[key]
+        return once
+
     joint = _extract(data, tmp_path / "joint.zarr", backbone, ",".join(layers), weights=weights, pool=pool,
                      batch_size=16, dtype="float16")
     assert [r.layer for r in joint] == list(layers)
     assert all(r.timings.get("processes") == 2.0 for r in joint)  # the model processes ran the pass
     for r in joint:
-        _check_set(str(tmp_path / "joint.zarr"), r.set_key, data, fresh_for(r.layer), "float16",
+        _check_set(str(tmp_path / "joint.zarr"), r.set_key, data, fresh_once(r.layer), "float16",
                    f"{backbone} {r.layer} (one pass, model processes)")
     for i, layer in enumerate(layers):
         store = tmp_path / f"alone{i}.zarr"
         (alone,) = _extract(data, store, backbone, layer, weights=weights, pool=pool, batch_size=16,
                             dtype="float32", workers=2 * (i % 2))
         assert "processes" not in alone.timings  # the DataLoader path
-        _check_set(str(store), alone.set_key, data, fresh_for(layer), "float32", f"{backbone} {layer} (alone)")
+        _check_set(str(store), alone.set_key, data, fresh_once(layer), "float32", f"{backbone} {layer} (alone)")
 
 
 def _cut(model: torch.nn.Module, layer: str, tracer_kwargs: dict | None = None):
@@ -178,7 +190,7 @@ def test_timm(tmp_path, data, model_processes):
     def fresh_for(layer):
         def run(images):
             x = torch.stack([tf(im) for im in images])
-            embed = lambda: model.forward_head(model.forward_features(x), pre_logits=True)  # noqa: E731
+            embed = lambda: model.forward_head(model.forward_features(x), pre_logits=True)
             return embed() if layer == "pre_logits" else _pool(_hooked(model, layer, embed), "avg")
         return run
 

@@ -13,7 +13,7 @@ from featcache.cli import main
 from featcache.evaluate import evaluate
 from featcache.keys import space_key
 
-from .conftest import COLOURS, TINY, make_folder
+from .helpers import COLOURS, TINY, make_folder
 
 
 @pytest.fixture

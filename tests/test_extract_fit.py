@@ -8,13 +8,12 @@ import zarr
 
 import featcache
 from featcache.backbones import create_backbone
+from featcache.config import FitConfig
 from featcache.data import load_rgb
 from featcache.errors import AmbiguousSet, DataError, SetNotFound, StoreError
-from featcache.config import FitConfig
 from featcache.tails import load_head
 
-from .conftest import TINY, make_folder
-from .conftest import extract_tiny
+from .helpers import TINY, extract_tiny, make_folder
 
 
 def test_extract_stores_features_labels_paths_and_provenance(folder, store_url):

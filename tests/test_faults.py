@@ -4,7 +4,6 @@ import random
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ import featcache
 from featcache.cli import main
 from featcache.audit import verify
 
-from .conftest import TINY, make_folder
-from .test_store import SLOW, _all_rows, _cli
+from .helpers import SLOW, TINY, all_rows, cli_process, make_folder
 
 
 @pytest.fixture
@@ -55,15 +53,15 @@ def test_sigkill_at_random_moments(tmp_path):
             "--batch-size", "4", "--checkpoint-every", "0.2"]
     clean = tmp_path / "clean.zarr"
     t = time.monotonic()
-    assert _cli(*base, "--store", clean).wait(timeout=300) == 0
+    assert cli_process(*base, "--store", clean).wait(timeout=300) == 0
     whole = time.monotonic() - t  # start-up included: the kills are spread over a run of this machine's pace
-    want = _all_rows(clean)
+    want = all_rows(clean)
     rng = random.Random(0)
     for trial in range(4):
         store = tmp_path / f"t{trial}.zarr"
         kills = 0
         while True:
-            p = _cli(*base, "--store", store)
+            p = cli_process(*base, "--store", store)
             try:
                 p.wait(timeout=rng.uniform(0.4, 1.6) * whole)  # some kills land before any commit, some finish
                 break
@@ -72,9 +70,9 @@ def test_sigkill_at_random_moments(tmp_path):
                 p.wait()
                 kills += 1
                 if store.exists() and featcache.open_store(str(store), mode="r").set_keys():
-                    visible = _all_rows(store)  # a visible set is a whole one: every row readable and right
+                    visible = all_rows(store)  # a visible set is a whole one: every row readable and right
                     assert visible.keys() == want.keys() and all(np.array_equal(visible[h], want[h]) for h in want)
             assert kills < 30
         assert p.returncode == 0, p.communicate()
-        got = _all_rows(store)
+        got = all_rows(store)
         assert got.keys() == want.keys() and all(np.array_equal(got[h], want[h]) for h in want), trial

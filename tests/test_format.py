@@ -14,7 +14,7 @@ import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 V1 = Path(__file__).parent / "data" / "v1store.zarr"
 
@@ -89,9 +89,9 @@ def _current_sets(root):
     best = {}
     for _, g in root["sets"].groups():
         a = g.attrs
-        if a.get("committed") is True:
-            if a["key"] not in best or a["created_at"] > best[a["key"]].attrs["created_at"]:
-                best[a["key"]] = g
+        if a.get("committed") is True and (a["key"] not in best
+                                           or a["created_at"] > best[a["key"]].attrs["created_at"]):
+            best[a["key"]] = g
     return best
 
 
@@ -99,7 +99,7 @@ def _rows_by_key(segments):
     """FORMAT.md: committed segments in name order; the first segment holding a key wins."""
     rows = {}
     for name in sorted(segments):
-        attrs, keys, feats = segments[name]
+        attrs, keys, _feats = segments[name]
         if attrs.get("committed") is not True:
             continue
         for i, k in enumerate(keys):

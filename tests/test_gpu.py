@@ -5,7 +5,7 @@ import pytest
 
 import featcache
 
-from .conftest import TINY
+from .helpers import TINY
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 

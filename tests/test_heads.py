@@ -26,7 +26,7 @@ from featcache.heads import (C_GRID, HEADS, LinearHead, LogRegHead, MLPHead, Res
 from featcache.heads._linear import CEdgeWarning
 from featcache.tails import RestNetwork
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 # check_estimator on the heads that take flat arrays, each at its defaults (what a user who types
 # LinearHead() gets); no check is skipped by us. scikit-learn skips 2 per head by itself

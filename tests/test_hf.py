@@ -9,7 +9,7 @@ import featcache
 from featcache.backbones import create_backbone, list_layers, rebuild_backbone
 from featcache.errors import UnknownBackbone, UnknownLayer
 
-from .conftest import make_folder
+from .helpers import make_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,13 +89,13 @@ def test_pickled_weights_are_refused(tmp_path, tiny_models):
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy(Path(tiny_models["vit"]) / name, folder / name)
     torch.save(transformers.AutoModel.from_pretrained(tiny_models["vit"]).state_dict(), folder / "pytorch_model.bin")
-    with pytest.raises(UnknownBackbone, match="no pickled .bin weights"):
+    with pytest.raises(UnknownBackbone, match=r"no pickled \.bin weights"):
         create_backbone(f"hf:{folder}")
 
 
 def test_a_stored_local_folder_is_loaded_only_when_the_user_names_it(tiny_models):
     name = f"hf:{tiny_models['vit']}"
-    with pytest.raises(UnknownBackbone, match="local model folder .*Pass --backbone hf:"):
+    with pytest.raises(UnknownBackbone, match=r"local model folder .*Pass --backbone hf:"):
         rebuild_backbone({"weights": "DEFAULT"}, name)
     assert rebuild_backbone({"weights": "DEFAULT"}, name, given=name).layer == "pooler_output"
 

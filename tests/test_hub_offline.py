@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import make_folder
-
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT, make_folder
 
 
 def _env(tmp_path: Path) -> dict:

@@ -19,14 +19,13 @@ def test_vgg16_features_then_mlp(hymenoptera, tmp_path):
     assert "train/ants/imageNotFound.gif" in fs.paths("train")
     assert set(y.tolist()) == {0, 1} and fs.classes == ["ants", "bees"]
     rows = []
-    fit = featcache.fit(head="mlp", epochs=30, store=store, runs=str(tmp_path / "runs"), on_epoch=rows.append)
-    assert 1 <= len(rows) <= 30 and (fit.run_dir / "metrics.json").exists()
+    # 3 epochs of an mlp on the flattened 25,088 values: what is checked is that it trains on the maps
+    fit = featcache.fit(head="mlp", epochs=3, store=store, runs=str(tmp_path / "runs"), on_epoch=rows.append)
+    assert 1 <= len(rows) <= 3 and (fit.run_dir / "metrics.json").exists()
 
 
-def test_pretrained_efficientnet_lite0_logreg_reaches_92_percent(hymenoptera, tmp_path):
-    pytest.importorskip("efficientnet_lite_pytorch")
-    store = str(tmp_path / "s.zarr")
-    r = featcache.extract(backbone="efficientnet_lite0", data=str(hymenoptera), store=store)
+def test_pretrained_efficientnet_lite0_logreg_reaches_92_percent(lite0_hymenoptera, tmp_path):
+    store, r = lite0_hymenoptera
     assert r.images == 398 and r.skipped == []
     fit = featcache.fit(head="logreg", store=store, runs=str(tmp_path / "runs"))
     assert fit.metrics["val"]["top1"] >= 0.92, fit.metrics["val"]
@@ -41,10 +40,8 @@ BEFORE = [("mlp", {}, 0.9477124183006536), ("linear", {}, 0.9477124183006536), (
           ("mlp", {"hidden": 64, "lr": 3e-3}, 0.954248366013072)]
 
 
-def test_heads_give_the_same_val_top1_as_before_on_efficientnet_lite0(hymenoptera, tmp_path):
-    pytest.importorskip("efficientnet_lite_pytorch")
-    store = str(tmp_path / "s.zarr")
-    featcache.extract(backbone="efficientnet_lite0", data=str(hymenoptera), store=store)
+def test_heads_give_the_same_val_top1_as_before_on_efficientnet_lite0(lite0_hymenoptera, tmp_path):
+    store, _ = lite0_hymenoptera
     for head, options, top1 in BEFORE:
         res = featcache.fit(head=head, store=store, runs=str(tmp_path / "runs"), plots=False, **options)
         assert res.metrics["val"]["top1"] == top1, (head, options, res.metrics["val"]["top1"])

@@ -13,7 +13,7 @@ from featcache.backbones import create_backbone, create_joint, list_layers, pars
 from featcache.cli import main
 from featcache.errors import UnknownLayer
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 EXTRACT = importlib.import_module("featcache.extract")  # the module, not the function featcache.extract
 COMPUTE = importlib.import_module("featcache.compute")

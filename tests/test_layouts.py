@@ -22,7 +22,7 @@ from featcache.cli import main
 from featcache.data import DECODE_RECIPE, ImageTooLarge, decode_bytes, load_rgb, scan
 from featcache.config import ExtractConfig
 
-from .conftest import TINY
+from .helpers import TINY, extract_tiny
 
 COLOURS = {"cat": (220, 40, 40), "dog": (40, 40, 220), "ant": (40, 200, 40), "bee": (200, 200, 40)}
 REPO = Path(__file__).resolve().parents[1]
@@ -39,10 +39,6 @@ def _image(path: Path, colour=(128, 128, 128), seed: int = 0, size=(24, 30)) -> 
 def _images(folder: Path, name: str, n: int, pattern: str = "{name}.{i}.jpg", colour=None) -> None:
     for i in range(n):
         _image(folder / pattern.format(name=name, i=i), colour or COLOURS.get(name.rstrip("s"), (128, 128, 128)))
-
-
-def _extract(data, store, **kw):
-    return featcache.extract(backbone=TINY, data=str(data), store=str(store), weights="none", workers=0, **kw)
 
 
 def _set(store):
@@ -86,13 +82,13 @@ def dvc(tmp_path) -> Path:
 
 def test_kaggle_cat_and_dog_split_folders_wrapping_themselves(catdog, tmp_path):
     store = tmp_path / "s.zarr"
-    r = _extract(catdog, store, split="0.8,0.2")
+    r = extract_tiny(catdog, store, split="0.8,0.2")
     fs = _set(store)
     assert fs.classes == ["cats", "dogs"] and r.splits == {"train": 10, "val": 2, "test": 4}
     assert fs.paths("test")[0] == "test_set/test_set/cats/0.jpg"
     assert fs.labels("test").tolist() == [0, 0, 1, 1] and fs.unlabelled == []
     assert set(_fits(store, tmp_path)) == {"train", "val", "test"}
-    assert _extract(catdog, tmp_path / "t.zarr").splits == {"train": 12, "test": 4}  # no --split: no val
+    assert extract_tiny(catdog, tmp_path / "t.zarr").splits == {"train": 12, "test": 4}  # no --split: no val
 
 
 def test_the_layout_line_comes_before_the_work(catdog, tmp_path, monkeypatch):
@@ -135,7 +131,7 @@ def test_caltech_wrapper_folder_and_an_excluded_class(tmp_path):
     for cls in ("ant", "bee", "cat", "BACKGROUND_Google"):
         _images(root / "101_ObjectCategories" / cls, cls, 5, "image_{i:04d}.jpg")
     store = tmp_path / "s.zarr"
-    _extract(root, store, split="0.8,0.2", exclude_class=("BACKGROUND_Google",))
+    extract_tiny(root, store, split="0.8,0.2", exclude_class=("BACKGROUND_Google",))
     fs = _set(store)
     assert fs.classes == ["ant", "bee", "cat"] and fs.attrs["splits"] == {"train": 12, "val": 3}
     assert all(p.startswith(("101_ObjectCategories/ant/image_", "101_ObjectCategories/bee/image_",
@@ -158,7 +154,7 @@ def test_a_csv_of_labels_found_beside_the_images(tmp_path):
     with open(root / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([["path", "label"], *rows])
     store = tmp_path / "s.zarr"
-    _extract(root, store, split="0.6,0.4")
+    extract_tiny(root, store, split="0.6,0.4")
     fs = _set(store)
     assert fs.classes == ["cat", "dog"] and fs.attrs["splits"] == {"train": 6, "val": 4}
     assert fs.attrs["ignored"] == [{"path": "images/stray.jpg", "reason": "not listed in labels.csv"}]
@@ -191,7 +187,7 @@ def test_labelled_train_and_val_with_a_test_folder_of_loose_images(tmp_path):
     (root / "README.txt").write_text("downloaded from somewhere")
     _image(root / "train" / "loose.jpg")
     store = tmp_path / "s.zarr"
-    _extract(root, store)
+    extract_tiny(root, store)
     fs = _set(store)
     assert fs.unlabelled == ["test"] and fs.attrs["splits"] == {"train": 8, "val": 4, "test": 3}
     assert {d["path"] for d in fs.attrs["ignored"]} == {"README.txt", "train/loose.jpg"}
@@ -336,7 +332,7 @@ def test_the_pixel_budget_is_checked_before_decoding(tmp_path):
 
 def test_the_decode_recipe_is_part_of_the_space(tmp_path):
     root = _two_classes(tmp_path / "d")
-    _extract(root, tmp_path / "s.zarr")
+    extract_tiny(root, tmp_path / "s.zarr")
     assert _set(tmp_path / "s.zarr").attrs["space_provenance"]["decode"] == DECODE_RECIPE
 
 
@@ -351,6 +347,6 @@ def test_layout_options_round_trip_through_the_config():
 
 def test_status_reads_the_folder_with_the_same_layout_options(dvc, tmp_path):
     store = tmp_path / "s.zarr"
-    _extract(dvc, store, labels_from_name=r"^([^._]+)[._]", split="0.8,0.2")
+    extract_tiny(dvc, store, labels_from_name=r"^([^._]+)[._]", split="0.8,0.2")
     st = featcache.status(featcache.open_store(str(store), mode="r"), data=str(dvc))
     assert st.up_to_date, st.summary()

@@ -15,7 +15,7 @@ import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 B = ("--backbone", TINY)  # a factory network is imported only when the user names it
 

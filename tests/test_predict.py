@@ -6,12 +6,12 @@ import torch
 from click.testing import CliRunner
 
 import featcache
-from featcache.errors import StoreError
 from featcache.cli import main
 from featcache.data import load_rgb
+from featcache.errors import StoreError
 from featcache.predict import export, predict
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_predict_matches_the_head_on_stored_features(trained, folder, store_url,
     results = predict(run, [folder / p for p in fs.paths("val")], top_k=3, backbone=TINY)
     for r, want in zip(results, stored):
         assert r.error is None and len(r.top) == 3
-        got = {c: p for c, p in r.top}
+        got = dict(r.top)
         for j, c in enumerate(fs.classes):
             assert abs(got[c] - want[j]) < 1e-3
     assert [r.top[0][0] for r in results] == [fs.classes[i] for i in fs.labels("val")]

@@ -29,10 +29,10 @@ pytest.importorskip("ray.data", reason="the Ray engine needs Ray Data: pip insta
 from featcache import ray_engine  # noqa: E402
 from featcache.store import open_store  # noqa: E402
 from featcache.store.maintenance import gc  # noqa: E402
-from tests.conftest import extract_tiny, make_folder  # noqa: E402
+
+from .helpers import ROOT, extract_tiny, make_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 PROBE = "tests.ray_helpers:probe_cnn"
 LOOPBACK = {"127.0.0.1", "::1"}
 
@@ -97,7 +97,7 @@ def cluster(tmp_path_factory):
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     try:
         import boto3
-        import s3fs  # noqa: F401
+        import s3fs
         from moto.server import ThreadedMotoServer
 
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

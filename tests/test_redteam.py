@@ -18,14 +18,12 @@ from PIL import Image
 import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
-from featcache.keys import digest_key
 from featcache.audit import status, verify
 from featcache.store.maintenance import gc
 from featcache.store.groups import digest_values
 from featcache.store.segments import chunk_crc
 
-from .conftest import make_folder
-from .test_trust import ROOT, _extract, _one_error_line
+from .helpers import ROOT, extract_tiny, make_folder, one_error_line
 
 
 def _subset(big: Path, dest: Path, n: int = 1) -> Path:
@@ -39,7 +37,7 @@ def _subset(big: Path, dest: Path, n: int = 1) -> Path:
 
 def _segment(store, space):
     st = featcache.open_store(str(store))
-    return [(n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed") is True][0]
+    return next((n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed") is True)
 
 
 def _shard(store, space, name):
@@ -56,8 +54,8 @@ def test_rows_altered_after_commit_are_refused_when_a_set_reads_few_of_them(tmp_
     # segment compared every chunk with its CRC, but a read of a few rows (oindex) compared none.
     big = make_folder(tmp_path / "big")
     store = tmp_path / "s.zarr"
-    _extract(big, store)
-    b = _extract(_subset(big, tmp_path / "small"), store)
+    extract_tiny(big, store)
+    b = extract_tiny(_subset(big, tmp_path / "small"), store)
     assert b.reused == 3
     want = featcache.open_store(str(store)).get_set(b.set_key).features("train")
     _, group = _segment(store, b.space)
@@ -73,8 +71,8 @@ def test_gc_never_launders_altered_rows_into_a_fresh_segment(tmp_path):
     # matching integrity record: altered rows became "sound", and verify said OK.
     big = make_folder(tmp_path / "big")
     store = tmp_path / "s.zarr"
-    a = _extract(big, store)
-    b = _extract(_subset(big, tmp_path / "small"), store)
+    a = extract_tiny(big, store)
+    b = extract_tiny(_subset(big, tmp_path / "small"), store)
     name, group = _segment(store, b.space)
     feats = group["features"]
     feats[:] = feats[:][::-1].copy()
@@ -91,15 +89,15 @@ def test_gc_never_launders_altered_rows_into_a_fresh_segment(tmp_path):
 def test_gc_and_compact_on_a_chunk_that_fails_its_checksum_are_a_note_and_one_error_line(tmp_path):
     big = make_folder(tmp_path / "big")
     store = tmp_path / "s.zarr"
-    a = _extract(big, store)
-    b = _extract(_subset(big, tmp_path / "small"), store)
+    a = extract_tiny(big, store)
+    b = extract_tiny(_subset(big, tmp_path / "small"), store)
     name, _ = _segment(store, a.space)  # the segment of a's rows, named before another one exists
-    _extract(make_folder(tmp_path / "other", seed=5), store)  # a second segment: compact has work to do
+    extract_tiny(make_folder(tmp_path / "other", seed=5), store)  # a second segment: compact has work to do
     shard = _shard(store, a.space, name)
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF  # one flipped bit of disk
     shard.write_bytes(bytes(data))
-    line = _one_error_line(CliRunner().invoke(main, ["compact", "--store", str(store)]))
+    line = one_error_line(CliRunner().invoke(main, ["compact", "--store", str(store)]))
     assert f"segment {name}" in line and "nothing was compacted" in line
     featcache.open_store(str(store)).remove_set(a.set_key)
     r = CliRunner().invoke(main, ["gc", "--store", str(store), "--grace", "0"])
@@ -110,7 +108,7 @@ def test_gc_and_compact_on_a_chunk_that_fails_its_checksum_are_a_note_and_one_er
 def test_gc_leaves_a_symbolic_link_planted_in_the_store_with_a_note(tmp_path):
     folder = make_folder(tmp_path / "d")
     store = tmp_path / "s.zarr"
-    r = _extract(folder, store)
+    r = extract_tiny(folder, store)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
@@ -131,8 +129,8 @@ def test_a_segment_cannot_supersede_rows_it_does_not_hold(tmp_path):
     # Team B's segment (or a faulty tool) lists team A's healthy segment in "supersedes": A's rows
     # vanished from every read, and gc then deleted A's committed segment for good.
     store = tmp_path / "s.zarr"
-    a = _extract(make_folder(tmp_path / "a"), store)
-    b = _extract(make_folder(tmp_path / "b", seed=1), store)
+    a = extract_tiny(make_folder(tmp_path / "a"), store)
+    b = extract_tiny(make_folder(tmp_path / "b", seed=1), store)
     assert a.space == b.space
     st = featcache.open_store(str(store))
     segments = st._index(a.space)[0]
@@ -152,8 +150,8 @@ def test_a_segment_cannot_supersede_rows_it_does_not_hold(tmp_path):
 
 def test_compaction_still_frees_the_segments_it_replaces(tmp_path):
     store = tmp_path / "s.zarr"
-    a = _extract(make_folder(tmp_path / "a"), store)
-    _extract(make_folder(tmp_path / "b", seed=1), store)
+    a = extract_tiny(make_folder(tmp_path / "a"), store)
+    extract_tiny(make_folder(tmp_path / "b", seed=1), store)
     assert CliRunner().invoke(main, ["compact", "--store", str(store)]).exit_code == 0
     st = featcache.open_store(str(store))
     assert len(st.superseded_segments(a.space)) == 2
@@ -168,10 +166,10 @@ def test_compaction_still_frees_the_segments_it_replaces(tmp_path):
 def test_reordered_class_names_are_refused_not_used(folder, store_url):
     # The set's integrity record covers its arrays, not its attributes: classes reordered in
     # zarr.json trained and predicted under swapped names with exit 0.
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     group = featcache.open_store(store_url).get_set(r.set_key).group
     group.attrs["classes"] = list(reversed(group.attrs["classes"]))
-    line = _one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots",
+    line = one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots",
                                                      "--runs", str(Path(store_url).parent / "runs")]))
     assert f"set {r.set_key}" in line and "view digest" in line
 
@@ -180,7 +178,7 @@ def test_a_second_group_with_the_same_key_and_other_content_is_refused(folder, s
     # Several groups may carry one key (two writers at once) and the latest created_at is read. A
     # hostile copy with red and blue labels swapped, its integrity and view digests recomputed and
     # a later created_at, was read in place of the real set.
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     st = featcache.open_store(store_url)
     real = st.get_set(r.set_key)
     want = real.labels("train")
@@ -212,14 +210,14 @@ def test_a_second_group_with_the_same_key_and_other_content_is_refused(folder, s
 
 
 def test_status_never_opens_a_labels_file_the_store_names_outside_the_data_folder(folder, store_url, tmp_path):
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     secret = tmp_path / "elsewhere" / "notes.csv"
     secret.parent.mkdir()
     secret.write_text("TOP SECRET first line\n")
     group = featcache.open_store(store_url).get_set(r.set_key).group
     group.attrs["config"] = {**group.attrs["config"], "labels": str(secret)}
     out = CliRunner().invoke(main, ["status", "--store", store_url, "--data", str(folder)])
-    line = _one_error_line(out, 2)
+    line = one_error_line(out, 2)
     assert "TOP SECRET" not in out.output and "opens no file a store names" in line
 
 
@@ -234,7 +232,7 @@ def test_status_of_a_copy_reads_the_copys_labels_file(tmp_path):
         rows.append(f"images/{i}.png,{label}\n")
     (folder / "labels.csv").write_text("path,label\n" + "".join(rows))
     store = str(tmp_path / "s.zarr")
-    r = _extract(folder, store, labels=str(folder / "labels.csv"), split="0.5,0.5")
+    r = extract_tiny(folder, store, labels=str(folder / "labels.csv"), split="0.5,0.5")
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     shutil.rmtree(folder)  # the stored labels path no longer exists: the copy's CSV is the one to read
@@ -244,14 +242,14 @@ def test_status_of_a_copy_reads_the_copys_labels_file(tmp_path):
 def test_a_stored_catastrophic_name_pattern_does_not_hang_status(folder, store_url):
     """A pattern stored in a set's config is matched with a time limit per name, like the user's own:
     a catastrophic one is one Error, not a hang."""
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     (folder / "train" / "red" / ("IMG" + "0" * 40 + ".png")).write_bytes((folder / "train" / "red" / "red_0.png").read_bytes())
     group = featcache.open_store(store_url).get_set(r.set_key).group
     group.attrs["config"] = {**group.attrs["config"], "labels_from_name": r"^((?:\w|\d)+)+$"}
     p = subprocess.Popen([sys.executable, "-m", "featcache.cli", "status", "--store", store_url, "--data", str(folder)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        out, err = p.communicate(timeout=120)  # a hang, not a slow machine: the pattern is given 5 s per name
+        _out, err = p.communicate(timeout=120)  # a hang, not a slow machine: the pattern is given 5 s per name
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
@@ -269,7 +267,7 @@ def test_a_stored_catastrophic_name_pattern_does_not_hang_status(folder, store_u
                    "samples a few). Only a keyed record (an HMAC or signature under a key the writer holds), or a "
                    "full recompute, would tell")
 def test_two_rows_swapped_with_their_checksums_recomputed_are_detected(folder, store_url):
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     _, group = _segment(store_url, r.space)
     feats = group["features"]
     block = feats[:]

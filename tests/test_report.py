@@ -25,7 +25,7 @@ from featcache.heads import C_GRID
 from featcache.tails import load_head
 from featcache.sweep import sweep
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
 CHROMIUM = Path("/usr/bin/chromium")
@@ -125,7 +125,7 @@ def test_classification_report_is_scikit_learns(mlp_run):
         # per class, a precision of a class never predicted is undefined: shown as "-", never as 0
         each = classification_report(y, pred, labels=[0, 1, 2], target_names=classes, output_dict=True,
                                      zero_division=np.nan)
-        shown = lambda v: "-" if np.isnan(v) else f"{v:.4f}"  # noqa: E731
+        shown = lambda v: "-" if np.isnan(v) else f"{v:.4f}"
         start = page.index(f'id="classification-{split}"')
         table = page[start:page.index("</table>", start)]
         rows = re.findall(r"<tr[^>]*>(.*?)</tr>", table)[1:]
@@ -224,7 +224,7 @@ def test_sklearn_heads_choose_C_by_cross_validation_of_train_and_record_it(confu
                                  "biased": [], "score": "test"}
     assert res.notes == [] and "test top-1" in res.summary() and "(held out)" in res.summary()
     assert set(C_GRID) <= set(search["grid"])  # a C at the edge of the grid extends it
-    assert load_head(res.run_dir).C_ == info["C"]
+    assert info["C"] == load_head(res.run_dir).C_
     page = featcache.report.write_report(res.run_dir).read_text() if featcache.report.have_matplotlib() else ""
     if page:  # every C tried, with its score, the chosen one marked
         assert "C search (5-fold cross-validated accuracy)" in page and f"<td>{info['C']:g} (chosen)</td>" in page

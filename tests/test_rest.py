@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import featcache
-from featcache.backbones import create_backbone
 from featcache.errors import FeatcacheError
 from featcache.heads import LogRegHead, RestHead
 from featcache.tails import RestNetwork, load_head
 from featcache.predict import predict
+
+from .helpers import make_folder
 
 
 def _reference(name):
@@ -91,7 +92,8 @@ def test_rest_needs_unpooled_features(folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_vgg16_features_cache_trains_the_classifier_block(folder, tmp_path):
+def test_vgg16_features_cache_trains_the_classifier_block(tmp_path):
+    folder = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)))  # 9 images: vgg16 is 15 GFLOPs each
     store = str(tmp_path / "s.zarr")
     featcache.extract(backbone="vgg16", layer="features", weights="none", data=str(folder), store=store, workers=0)
     res = featcache.fit(head="rest", store=store, epochs=1, runs=str(tmp_path / "runs"), plots=False)
@@ -100,15 +102,14 @@ def test_vgg16_features_cache_trains_the_classifier_block(folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_efficientnet_lite0_rest_reaches_pooled_logreg_on_hymenoptera(hymenoptera, tmp_path):
+def test_efficientnet_lite0_rest_reaches_pooled_logreg_on_hymenoptera(hymenoptera, lite0_hymenoptera, tmp_path):
     """The pretrained head block trained from a blocks.15 cache (320x7x7), its new layer started
     as a linear probe, reaches pooled logreg's accuracy (C = 1) on the same val images."""
-    pytest.importorskip("efficientnet_lite_pytorch")
+    pooled_store, pooled = lite0_hymenoptera  # the pooled set, shared with test_hymenoptera (read only)
     store = str(tmp_path / "s.zarr")
     runs = str(tmp_path / "runs")
-    pooled = featcache.extract(backbone="efficientnet_lite0", data=str(hymenoptera), store=store)
     maps = featcache.extract(backbone="efficientnet_lite0", layer="blocks.15", pool="none", data=str(hymenoptera), store=store)
-    logreg = featcache.fit(head="logreg", C=1.0, set=pooled.set_key, store=store, runs=runs, plots=False)
+    logreg = featcache.fit(head="logreg", C=1.0, set=pooled.set_key, store=pooled_store, runs=runs, plots=False)
     rest = featcache.fit(head="rest", set=maps.set_key, store=store, epochs=15, runs=runs, plots=False)
     assert rest.metrics["val"]["top1"] >= logreg.metrics["val"]["top1"] >= 0.92, (rest.metrics["val"], logreg.metrics["val"])
 

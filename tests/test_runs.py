@@ -18,7 +18,7 @@ from featcache.errors import RunError
 from featcache.tails import load_head
 from featcache.runs import RUN_FILES, RunRecord
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from featcache import procs
 from featcache.errors import FeatcacheError
 from featcache.store.chunks import ChunkReader
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 _FAULTS = r"""
 import numpy as np, sys
@@ -149,7 +149,7 @@ def test_a_flipped_byte_in_a_shard_is_refused_by_the_direct_reader(folder, store
     raw = bytearray(shard.read_bytes())
     raw[40] ^= 0xFF  # inside the first chunk's compressed bytes
     shard.write_bytes(bytes(raw))
-    with pytest.raises(StoreError, match="cannot read segment .* chunk 0"):
+    with pytest.raises(StoreError, match=r"cannot read segment .* chunk 0"):
         RowReader(st, fs.space, fs.hashes("train"), fs.shape).load()
 
 

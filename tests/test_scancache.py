@@ -25,11 +25,11 @@ from PIL import Image
 import featcache
 from featcache.cli import main
 from featcache.data import manifest as MANIFEST
-from featcache.data import scancache as SCANCACHE
 from featcache.data import scan
+from featcache.data import scancache as SCANCACHE
 from featcache.data.scancache import ScanCache
 
-from .conftest import TINY, extract_tiny
+from .helpers import TINY, extract_tiny
 
 RACY_TEST_NS = 50_000_000  # 50 ms: far above a clock tick, so tests need not wait 2 s for entries to be trusted
 
@@ -236,7 +236,6 @@ def test_a_cache_that_holds_a_wrong_hash_is_caught_when_the_file_is_decoded(tmp_
     cache) never puts an image's features under another image's hash."""
     root = _folder(tmp_path / "d")
     _trusted(root, reads)
-    victim = root / "train" / "a" / "0.bmp"
     file = next(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob("*.npz"))
     with np.load(file, allow_pickle=False) as z:
         a = {k: z[k] for k in z.files}

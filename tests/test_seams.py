@@ -22,7 +22,7 @@ from featcache.evaluate import evaluate
 from featcache.predict import export, predict
 
 from . import tiny_backbone
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 def _files(folder: Path, split: str = "val") -> list[Path]:
@@ -182,7 +182,7 @@ def test_the_processor_backend_is_recorded_and_keys_the_space(vit_run, tmp_path,
     other = featcache.extract(backbone=f"hf:{model}", data=str(data), store=store, workers=0)
     assert other.space != first.attrs["space"] and other.reused == 0
     assert featcache.open_store(store).get_set(other.set_key).attrs["preprocessing"]["backend"] == "pil"
-    with pytest.raises(BackboneMismatch, match='preprocessing.backend is "pil" here but "torchvision" in the run'):
+    with pytest.raises(BackboneMismatch, match=r'preprocessing\.backend is "pil" here but "torchvision" in the run'):
         predict(run, _files(data), backbone=f"hf:{model}", workers=0)
 
 
@@ -203,7 +203,7 @@ def test_predict_and_evaluate_refuse_an_edited_config_or_another_transformers(vi
     for call in (lambda: predict(run, _files(data), backbone=name, workers=0),
                  lambda: evaluate(run, data / "val", backbone=name, workers=0),
                  lambda: export(run, tmp_path / "vit.pt2", backbone=name)):
-        with pytest.raises(BackboneMismatch, match='network.config.hidden_act is "relu" here but "gelu" in the run'):
+        with pytest.raises(BackboneMismatch, match=r'network\.config\.hidden_act is "relu" here but "gelu" in the run'):
             call()
 
 

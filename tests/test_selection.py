@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from featcache.metrics import compute_metrics
 from featcache.runs import RunRecord
 from featcache.sweep import sweep
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 BIASED = "val numbers are selection-biased: the kept epoch was chosen on val loss"
 
@@ -50,7 +51,7 @@ def test_a_kept_epoch_chosen_on_val_is_said_and_recorded_as_biased(val_only, tmp
     want = {"chosen": [{"what": "epoch", "on": "val loss"}], "biased": ["val"], "score": None}
     assert doc["selection"] == want and any(n.startswith(BIASED) for n in doc["notes"])
     run = doc["run"]
-    assert json.loads(open(f"{run}/config.json").read())["selection"] == want
+    assert json.loads(Path(run, "config.json").read_text())["selection"] == want
     assert RunRecord.read(run).selection == want
     res = featcache.fit(head="linear", store=val_only, epochs=3, plots=False, runs=str(tmp_path / "runs"))
     assert "val top-1" in res.summary() and "(selection-biased: chose the kept epoch)" in res.summary()
@@ -88,8 +89,12 @@ def test_a_sweep_picks_on_val_and_reports_the_best_runs_test(with_test, val_only
 
 
 def test_metrics_are_scikit_learns_own():
-    from sklearn.metrics import (balanced_accuracy_score, classification_report, f1_score,
-                                 precision_recall_fscore_support)
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        classification_report,
+        f1_score,
+        precision_recall_fscore_support,
+    )
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 50)  # class 3 has no image; some are predicted as it
@@ -103,7 +108,7 @@ def test_metrics_are_scikit_learns_own():
         assert m["balanced_accuracy"] == balanced_accuracy_score(y, pred)
         assert m["macro"]["f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
         report = classification_report(y, pred, output_dict=True, zero_division=0)
-        p, r, f, s = precision_recall_fscore_support(y, pred, labels=[0, 1, 2, 3], zero_division=0)
+        p, _r, f, s = precision_recall_fscore_support(y, pred, labels=[0, 1, 2, 3], zero_division=0)
     assert m["weighted"] == pytest.approx({"precision": report["weighted avg"]["precision"],
                                            "recall": report["weighted avg"]["recall"],
                                            "f1": report["weighted avg"]["f1-score"]})

@@ -16,7 +16,7 @@ import featcache.store.segments
 from benchmarks.throughput import synthetic_set
 from featcache.errors import FeatcacheError
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_float16_on_request_is_refused_where_values_do_not_fit():
     from featcache.stream import as_dtype
 
     assert as_dtype(np.array([1.5, -2.0], np.float32), "float16", "x").dtype == np.float16
-    with pytest.raises(FeatcacheError, match="values up to 1e\\+06 do not fit float16 .*use dtype='float32'"):
+    with pytest.raises(FeatcacheError, match=r"values up to 1e\+06 do not fit float16 .*use dtype='float32'"):
         as_dtype(np.array([1.0, 1e6], np.float32), "float16", "set s split train")
 
 

@@ -17,54 +17,29 @@ from featcache.cli import main
 from featcache.audit import status, verify
 from featcache.store.maintenance import gc
 
-from .conftest import TINY, make_folder
-
-SLOW = "tests.tiny_backbone:slow_tiny_cnn"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _extract(folder, store, **kw):
-    kw.setdefault("backbone", TINY)
-    return featcache.extract(data=str(folder), store=str(store), weights="none", workers=0, **kw)
-
-
-def _default_sigint() -> None:
-    # A shell starts background jobs with SIGINT ignored, and children inherit that; Python then
-    # installs no KeyboardInterrupt handler. The extract under test gets the terminal's default.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _cli(*args, **popen):
-    cmd = [sys.executable, "-m", "featcache.cli", *map(str, args)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint, **popen)
-
-
-def _all_rows(store):
-    fs = featcache.open_store(str(store)).get_set()
-    return {h: row for s in fs.splits for h, row in zip(fs.hashes(s).tolist(), fs.features(s))}
+from .helpers import ROOT, SLOW, TINY, all_rows, cli_process, extract_tiny, make_folder
 
 
 def test_incremental_add_change_and_remove(folder, store_url):
-    _extract(folder, store_url)
+    extract_tiny(folder, store_url)
     make_folder(folder / "extra", splits=(("train", 0),))  # nothing yet
     extra = folder / "train" / "red" / "new.png"
     extra.write_bytes((folder / "train" / "red" / "red_0.png").read_bytes()[:-1] + b"\0")  # new bytes
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     assert (r.extracted, r.reused) == (1, 36) or (r.extracted + len(r.skipped), r.reused) == (1, 36)
     # same name, other bytes: re-extracted; a removed file leaves the view
     from PIL import Image
 
     Image.new("RGB", (20, 20), (1, 2, 3)).save(folder / "train" / "blue" / "blue_0.png")
     (folder / "val" / "green" / "green_3.png").unlink()
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     assert r.extracted == 1
     fs = featcache.open_store(store_url).get_set(r.set_key)
     assert "val/green/green_3.png" not in fs.paths("val") and len(fs.paths("val")) == 11
 
 
 def test_status_and_check_data(folder, store_url, tmp_path, monkeypatch):
-    _extract(folder, store_url)
+    extract_tiny(folder, store_url)
     st = featcache.open_store(store_url)
     assert status(st, data=str(folder)).up_to_date
     (folder / "train" / "red" / "red_1.png").unlink()
@@ -92,7 +67,7 @@ def test_status_shows_moves_between_splits_and_files_extract_will_skip(tmp_path,
     from PIL import Image
 
     folder = make_folder(tmp_path / "flat", splits=((None, 10),))
-    _extract(folder, store_url, split=(0.7, 0.3))
+    extract_tiny(folder, store_url, split=(0.7, 0.3))
     st = featcache.open_store(store_url)
     (folder / "green" / "empty.png").write_bytes(b"")
     rng = np.random.default_rng(1)
@@ -120,13 +95,13 @@ def test_status_shows_moves_between_splits_and_files_extract_will_skip(tmp_path,
 def test_verify_counts_the_rows_of_the_set_not_every_row_of_the_chunks_it_reads(folder, tmp_path, store_url):
     import shutil
 
-    _extract(folder, store_url)  # 36 images in one segment
+    extract_tiny(folder, store_url)  # 36 images in one segment
     part = tmp_path / "part"
     shutil.copytree(folder / "train", part / "train")
     shutil.copytree(folder / "val", part / "val")
     for f in sorted((part / "train" / "red").glob("*.png"))[:5]:
         f.unlink()
-    small = _extract(part, store_url)
+    small = extract_tiny(part, store_url)
     assert small.extracted == 0 and small.images == 31
     v = verify(featcache.open_store(store_url), small.set_key)
     assert v.ok and v.rows == 31 and v.stored_rows == 36
@@ -136,11 +111,11 @@ def test_verify_counts_the_rows_of_the_set_not_every_row_of_the_chunks_it_reads(
 def test_an_open_store_sees_segments_other_writers_commit_change_and_remove(folder, store_url):
     """The row index is cached between loads; a commit, a changed segment or a removal by another
     writer (another Store here, another process in use) is seen on the next lookup."""
-    first = _extract(folder, store_url)
+    first = extract_tiny(folder, store_url)
     st = featcache.open_store(store_url)
     old = st.known_hashes(first.space)
     make_folder(folder, splits=(("train", 3),), seed=7)  # 9 images rewritten: 9 new rows
-    second = _extract(folder, store_url)
+    second = extract_tiny(folder, store_url)
     assert second.space == first.space
     new = st.known_hashes(first.space)
     assert old < new and len(new) == len(old) + 9  # committed meanwhile: seen without re-opening
@@ -162,18 +137,18 @@ def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
     store = tmp_path / "s.zarr"
     featcache.open_store(str(store))  # exists before the race, as a shared store would
     procs = [
-        _cli("extract", "--backbone", TINY, "--weights", "none", "--data", d, "--store", store, "--workers", "0",
+        cli_process("extract", "--backbone", TINY, "--weights", "none", "--data", d, "--store", store, "--workers", "0",
              "--checkpoint-every", "0.01", "--batch-size", "4", *extra)
         for d, extra in ((a, ()), (a, ()), (b, ()), (b, ("--dtype", "float32")))
     ]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     st = featcache.open_store(str(store))
     assert len(st.set_keys()) == 3  # a, b in float16 and b in float32
     for key in st.set_keys():
         fs = st.get_set(key)
-        x, y = fs.to_numpy("train")
+        x, _y = fs.to_numpy("train")
         assert x.shape[0] == 24 and np.isfinite(x).all()
     # a reader sees each image once per space, whichever writer finished first
     for space in st.spaces():
@@ -201,20 +176,20 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     args = ["extract", "--backbone", SLOW, "--weights", "none", "--data", folder, "--workers", "0",
             "--batch-size", "4", "--checkpoint-every", "0.1"]
     killed = tmp_path / "killed.zarr"
-    p = _cli(*args, "--store", killed)
+    p = cli_process(*args, "--store", killed)
     _wait_for_commit(killed, p)
     p.send_signal(signal.SIGKILL)
     p.wait()
     done_before = featcache.open_store(str(killed)).space_stats(featcache.open_store(str(killed)).spaces()[0])["rows"]
     assert 0 < done_before < 120
-    p = _cli(*args, "--store", killed)
+    p = cli_process(*args, "--store", killed)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert f"reused {done_before}" in out
     clean = tmp_path / "clean.zarr"
-    p = _cli(*args, "--store", clean)
+    p = cli_process(*args, "--store", clean)
     assert p.wait(timeout=300) == 0
-    got, want = _all_rows(killed), _all_rows(clean)
+    got, want = all_rows(killed), all_rows(clean)
     assert got.keys() == want.keys()
     for h in want:
         assert np.array_equal(got[h], want[h]), h  # bit for bit on CPU
@@ -225,21 +200,21 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     store = tmp_path / "s.zarr"
     args = ["extract", "--backbone", SLOW, "--weights", "none", "--data", folder, "--workers", "0",
             "--batch-size", "4", "--checkpoint-every", "0.1", "--store", store]
-    p = _cli(*args)
+    p = cli_process(*args)
     _wait_for_commit(store, p)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert "Interrupted:" in err and "Re-run the same command to resume" in err and "Traceback" not in err
-    p = _cli(*args)
+    p = cli_process(*args)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0 and "reused 0" not in out, out + err
 
 
 def test_ls_info_rm_gc(folder, store_url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    a = _extract(folder, store_url).set_key
-    b = _extract(folder, store_url, layer="features").set_key
+    a = extract_tiny(folder, store_url).set_key
+    b = extract_tiny(folder, store_url, layer="features").set_key
     st = featcache.open_store(store_url)
     leftover = st.new_segment(st.spaces()[0], 3, (32,), "float16")
     leftover.append(np.ones((3, 32), np.float16), ["e" * 64] * 3)
@@ -259,11 +234,11 @@ def test_ls_info_rm_gc(folder, store_url, tmp_path, monkeypatch):
 
 
 def test_gc_keeps_young_leftovers_and_rewrites_partly_used_segments(folder, store_url, tmp_path):
-    _extract(folder, store_url)
+    extract_tiny(folder, store_url)
     (folder / "val" / "red" / "red_0.png").unlink()
-    keep = _extract(folder, store_url).set_key
+    keep = extract_tiny(folder, store_url).set_key
     st = featcache.open_store(store_url)
-    first = [k for k in st.set_keys() if k != keep][0]
+    first = next(k for k in st.set_keys() if k != keep)
     st.remove_set(first)
     assert gc(st, grace_s=3600).rows_removed == 0  # all too young
     r = gc(st, grace_s=0)
@@ -272,8 +247,8 @@ def test_gc_keeps_young_leftovers_and_rewrites_partly_used_segments(folder, stor
 
 
 def test_verify_detects_corruption_and_other_sets_still_work(folder, store_url, tmp_path):
-    a = _extract(folder, store_url, layer="features").set_key
-    b = _extract(folder, store_url).set_key
+    a = extract_tiny(folder, store_url, layer="features").set_key
+    b = extract_tiny(folder, store_url).set_key
     st = featcache.open_store(store_url)
     report = verify(st, a, sample=4, data=str(folder), backbone=TINY)
     assert report.ok and report.compared == 4 and report.rows == 36, report.errors
@@ -296,7 +271,7 @@ def test_shared_directory_stays_group_writable(folder, tmp_path):
     os.chmod(store, 0o2775)
     old = os.umask(0o022)
     try:
-        _extract(folder, store)
+        extract_tiny(folder, store)
     finally:
         os.umask(old)
     files = [p for sub in ("spaces", "sets") for p in (store / sub).rglob("*")]  # all written after the chmod
@@ -325,8 +300,8 @@ def s3(monkeypatch):
 
 
 def test_s3_store_on_loopback(folder, s3, tmp_path):
-    r = _extract(folder, s3)
-    again = _extract(folder, s3)
+    r = extract_tiny(folder, s3)
+    again = extract_tiny(folder, s3)
     assert again.extracted == 0 and again.reused == 36
     fs = featcache.open_store(s3).get_set(r.set_key)
     assert fs.to_numpy("train")[0].shape == (24, 32)
@@ -338,7 +313,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     folder = make_folder(tmp_path / "d", splits=(("train", 10), ("val", 4)))
     args = ["extract", "--backbone", TINY, "--weights", "none", "--data", folder, "--workers", "0", "--batch-size", "4"]
     one = tmp_path / "one.zarr"
-    assert _cli(*args, "--store", one).wait(timeout=300) == 0
+    assert cli_process(*args, "--store", one).wait(timeout=300) == 0
     two = tmp_path / "two.zarr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "featcache.cli", *map(str, args), "--store", str(two)]
@@ -350,12 +325,12 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     segments = st.segment_groups(st.spaces()[0])
     assert len({g.attrs["created_by"] for _, g in segments}) >= 1 and len(segments) >= 2  # each rank wrote its own
     assert featcache.open_store(str(one)).set_keys() == st.set_keys()
-    got, want = _all_rows(two), _all_rows(one)
+    got, want = all_rows(two), all_rows(one)
     assert got.keys() == want.keys() and all(np.array_equal(got[h], want[h]) for h in want)
 
 
 def test_gc_removes_partial_writes_a_killed_process_left(folder, store_url):
-    _extract(folder, store_url)
+    extract_tiny(folder, store_url)
     stale = Path(store_url) / "zarr.0123.partial"
     stale.write_bytes(b"x" * 100)
     os.utime(stale, (time.time() - 7200, time.time() - 7200))

@@ -11,8 +11,7 @@ import featcache
 from featcache.cli import main
 from featcache.audit import verify
 
-from .conftest import TINY, make_folder
-from .test_trust import _one_error_line
+from .helpers import TINY, make_folder, one_error_line
 
 TINY_VALUES = "tests.tiny_backbone:tiny_tiny_cnn"
 
@@ -28,7 +27,7 @@ def _no_rows(store_url):
 def test_float16_underflow_is_refused_and_nothing_is_committed(folder, store_url):
     r = CliRunner().invoke(main, ["extract", "--backbone", TINY_VALUES, "--weights", "none", "--layer", "features",
                                   "--data", str(folder), "--store", store_url, "--workers", "0"])
-    line = _one_error_line(r, 2)
+    line = one_error_line(r, 2)
     assert "features underflow float16 at layer features" in line and "--dtype float32" in line
     assert _no_rows(store_url)
     ok = featcache.extract(data=str(folder), store=store_url, backbone=TINY_VALUES, layer="features", weights="none",
@@ -50,7 +49,7 @@ def test_float16_underflow_of_mobilenet_v3_small_without_weights_is_refused(tmp_
     store_url = str(tmp_path / "s.zarr")
     r = CliRunner().invoke(main, ["extract", "--backbone", "mobilenet_v3_small", "--weights", "none", "--data",
                                   str(data), "--store", store_url, "--workers", "0"])
-    line = _one_error_line(r, 2)
+    line = one_error_line(r, 2)
     assert "underflow float16" in line and "--dtype float32" in line
     assert _no_rows(store_url)
 
@@ -109,7 +108,7 @@ def test_a_set_record_over_the_cap_is_refused_at_write_and_nothing_is_committed(
     _lower_cap(monkeypatch, 2 << 10)  # smaller than any set record
     r = CliRunner().invoke(main, ["extract", "--backbone", TINY, "--weights", "none", "--layer", "features", "--data",
                                   str(data), "--store", store_url, "--workers", "0"])
-    line = _one_error_line(r)
+    line = one_error_line(r)
     assert "over the 2.0 KB every reader accepts, so nothing was committed" in line
     monkeypatch.undo()
     st = featcache.open_store(store_url)
@@ -364,7 +363,7 @@ def test_a_damaged_format_1_store_is_refused_in_one_line_and_left_unchanged(tmp_
     name = make_damage(url)
     before = _tree(url)
     r = CliRunner().invoke(main, ["migrate", "--store", str(url)])
-    line = _one_error_line(r)
+    line = one_error_line(r)
     assert why in line and name in line and "--drop-damaged" in line and "Nothing of the format-1 store was changed" in line
     assert _tree(url) == before
 
@@ -386,7 +385,6 @@ def test_drop_damaged_migrates_the_rest_and_never_writes_a_row_it_could_not_read
     if damage in ("lost features chunk", "lost sha256 chunk", "non-hex row key", "more rows than keys"):
         assert not report.ok and any("missing" in e for e in report.errors), report.errors  # told, not zeros
     assert "migration_left_out" in st.root.attrs["featcache"]
-
 
 
 _SLOW_MIGRATE = r"""
@@ -440,7 +438,7 @@ def test_a_second_migrate_while_one_runs_is_refused_and_the_store_ends_whole(tmp
     url = _v1_copy(tmp_path)
     want = _v1_rows(url)
     first = _start_slow_migrate(url, tmp_path / "ready", 3)
-    with pytest.raises(StoreError, match="another featcache migrate .* is converting"):
+    with pytest.raises(StoreError, match=r"another featcache migrate .* is converting"):
         migrate(str(url))  # a real second migrate, while the first holds the store
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0 and "migrated" in out, err
@@ -468,7 +466,7 @@ def test_a_killed_migrate_is_finished_by_the_next_one(tmp_path):
 def test_runs_fitted_on_a_migrated_set_predict_and_evaluate(tmp_path):
     from featcache.store.migrate import migrate
 
-    from .conftest import COLOURS
+    from .helpers import COLOURS
 
     url = _v1_copy(tmp_path)
     migrate(str(url))

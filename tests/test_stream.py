@@ -16,7 +16,7 @@ from featcache.pooling import prepare_features
 from featcache.stream import RowReader, Streamed
 from featcache.units import parse_size
 
-from .conftest import TINY
+from .helpers import TINY
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def synthetic(tmp_path, small_chunks):
 
 
 def test_load_equals_the_gathered_rows_for_any_order_and_subset(synthetic):
-    store, fs = synthetic
+    _store, fs = synthetic
     st = fs.store
     hashes = fs.hashes("train")
     rng = np.random.default_rng(1)
@@ -57,7 +57,7 @@ def test_load_pools_and_keeps_maps_like_prepare_features(folder, store_url):
 
 
 def test_streamed_epochs_visit_every_row_once_in_new_chunk_orders(synthetic):
-    store, fs = synthetic
+    _store, fs = synthetic
     x_all = RowReader(fs.store, fs.space, fs.hashes("train"), fs.shape).load()
     y_all = fs.labels("train")
     row_bytes = 64 * 4
@@ -99,7 +99,7 @@ def test_fit_streams_a_set_over_max_memory(synthetic, tmp_path):
 
 
 def test_heads_that_need_the_whole_set_refuse_a_small_budget(synthetic, tmp_path):
-    store, fs = synthetic
+    store, _fs = synthetic
     r = CliRunner().invoke(main, ["fit", "--store", store, "--head", "logreg", "--max-memory", "60KB",
                                   "--runs", str(tmp_path / "runs")])
     assert r.exit_code == 2

@@ -16,7 +16,7 @@ from featcache.runlist import list_runs
 from featcache.runs import RunRecord
 from featcache.sweep import combinations, sweep
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 
 @pytest.fixture(scope="module")

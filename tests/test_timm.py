@@ -9,10 +9,10 @@ import featcache
 from featcache.backbones import create_backbone, list_layers
 from featcache.errors import UnknownBackbone, UnknownLayer, WeightsError
 
-from .conftest import make_folder
+from .helpers import make_folder
 
-timm = pytest.importorskip("timm")
-import timm.data  # noqa: E402
+pytest.importorskip("timm")
+import timm.data
 
 
 def _reference(name: str, paths: list) -> np.ndarray:
@@ -60,7 +60,7 @@ def test_layers_and_errors():
         create_backbone("timm:resnet18", layer="nope", weights="none")
     with pytest.raises(UnknownBackbone, match="Unknown timm model 'resnet19'; closest: timm:resnet18"):
         create_backbone("timm:resnet19", weights="none")
-    with pytest.raises(WeightsError, match="takes DEFAULT, none, or a local .safetensors"):
+    with pytest.raises(WeightsError, match=r"takes DEFAULT, none, or a local \.safetensors"):
         create_backbone("timm:resnet18", weights="IMAGENET1K_V1")
 
 

@@ -14,13 +14,13 @@ from click.testing import CliRunner
 import featcache
 from featcache.cli import main
 from featcache.config import FitConfig
-from featcache.runs import RunRecord
-from featcache.sweep import sweep
 from featcache.heads import head_params
 from featcache.tails import load_head
+from featcache.runs import RunRecord
+from featcache.sweep import sweep
 from featcache.tracking import MLflowTracker, final_metrics, param_value
 
-from .conftest import TINY, make_folder
+from .helpers import TINY, make_folder
 
 PLOTS = ["confusion.png", "curves.png", "misclassified.png", "per_class.png"]
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from click.testing import CliRunner
 from PIL import Image
 
@@ -22,25 +21,10 @@ from featcache.keys import digest_key
 from featcache.audit import status, verify
 from featcache.store.maintenance import gc
 
-from .conftest import TINY, make_folder
+from .helpers import ROOT, SLOW, TINY, extract_tiny, make_folder, one_error_line
 
-SLOW = "tests.tiny_backbone:slow_tiny_cnn"
 HUGE = "tests.tiny_backbone:huge_tiny_cnn"
-ROOT = Path(__file__).resolve().parents[1]
 EXTRACT = importlib.import_module("featcache.extract")
-
-
-def _extract(folder, store, **kw):
-    kw.setdefault("backbone", TINY)
-    return featcache.extract(data=str(folder), store=str(store), weights="none", workers=0, **kw)
-
-
-def _one_error_line(r, exit_code=1):
-    assert r.exit_code == exit_code, r.output
-    assert "Traceback" not in r.output
-    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, r.output
-    return errors[0]
 
 
 # 1 ---------------------------------------------------------------- gc against a running extract
@@ -49,7 +33,7 @@ def _one_error_line(r, exit_code=1):
 def test_gc_never_collects_rows_a_running_extract_reuses(tmp_path):
     folder = make_folder(tmp_path / "d", splits=(("train", 6), ("val", 2)))
     store = tmp_path / "s.zarr"
-    first = _extract(folder, store, backbone=SLOW, batch_size=4)
+    first = extract_tiny(folder, store, backbone=SLOW, batch_size=4)
     featcache.open_store(str(store)).remove_set(first.set_key)  # its rows are now referenced by no set
     rng = np.random.default_rng(7)
     for i in range(20):  # new images: the next extract runs for seconds
@@ -81,7 +65,7 @@ def test_extract_recomputes_reused_rows_that_vanished_before_the_set_commit(tmp_
     # reuse; the extract re-checks its rows before and after committing the set.
     folder = make_folder(tmp_path / "d", splits=(("train", 3), ("val", 1)))
     store = tmp_path / "s.zarr"
-    first = _extract(folder, store)
+    first = extract_tiny(folder, store)
     st = featcache.open_store(str(store))
     st.remove_set(first.set_key)
     real = EXTRACT.compute
@@ -100,7 +84,7 @@ def test_extract_recomputes_reused_rows_that_vanished_before_the_set_commit(tmp_
         return out
 
     monkeypatch.setattr(EXTRACT, "compute", compute_then_lose_rows)
-    r = _extract(folder, store)
+    r = extract_tiny(folder, store)
     monkeypatch.undo()
     assert r.reused == 12
     fs = featcache.open_store(str(store)).get_set(r.set_key)
@@ -122,12 +106,12 @@ def test_a_file_rewritten_after_scanning_is_skipped_not_stored_under_the_old_has
         return real(*args, **kw)
 
     monkeypatch.setattr(EXTRACT, "create_backbone", rewrite_then_build)
-    r = _extract(folder, store)
+    r = extract_tiny(folder, store)
     monkeypatch.undo()
     assert [(s.path, s.reason.split(" (")[0]) for s in r.skipped] == [("train/red/red_0.png", "changed while reading")]
     st = featcache.open_store(str(store))
     assert old_hash not in st.known_hashes(r.space)  # nobody holding the old bytes gets the new image's row
-    again = _extract(folder, store)
+    again = extract_tiny(folder, store)
     assert again.extracted == 1 and not again.skipped
 
 
@@ -140,21 +124,21 @@ def _shards(store, space):
 
 
 def test_a_deleted_shard_is_corruption_named_by_segment_and_is_recomputed(folder, store_url):
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     _shards(store_url, r.space)[0].unlink()
     st = featcache.open_store(store_url)
     report = verify(st, sample=0)
     assert not report.ok and "36 rows of set" in report.errors[0] and "shard files are missing" in report.errors[0]
     out = CliRunner().invoke(main, ["verify", "--store", store_url, "--sample", "0"])
     assert out.exit_code == 1 and "FAILED" in out.output and "0 rows of the set checksummed" in out.output
-    line = _one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots"]))
+    line = one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots"]))
     assert f"set {r.set_key}" in line and "missing" in line and "shard files are missing" in line
-    again = _extract(folder, store_url)  # the rows count as missing, so a re-run restores them
+    again = extract_tiny(folder, store_url)  # the rows count as missing, so a re-run restores them
     assert again.extracted == 36 and verify(featcache.open_store(store_url), sample=0).ok
 
 
 def test_a_deleted_labels_chunk_is_corruption_not_class_zero(folder, store_url):
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     fs = featcache.open_store(store_url).get_set(r.set_key)
     chunk = next((Path(store_url) / fs.group.path / "train" / "labels" / "c").rglob("*"))
     chunk.unlink()
@@ -162,7 +146,7 @@ def test_a_deleted_labels_chunk_is_corruption_not_class_zero(folder, store_url):
         featcache.open_store(store_url).get_set(r.set_key).labels("train")
     report = verify(featcache.open_store(store_url), sample=0)
     assert not report.ok and "labels" in report.errors[0]
-    line = _one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots"]))
+    line = one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots"]))
     assert line.count(f"set {r.set_key}") == 1 and "'labels' differs from its integrity record" in line
 
 
@@ -171,7 +155,7 @@ def _poison(store_url, space, value):
     from featcache.store.segments import chunk_crc
 
     st = featcache.open_store(store_url)
-    name, group = [(n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed")][0]
+    name, group = next((n, g) for n, g in st.segment_groups(space) if g.attrs.get("committed"))
     feats = group["features"]
     block = feats[: feats.chunks[0]]
     block[0] = value
@@ -184,17 +168,17 @@ def _poison(store_url, space, value):
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_non_finite_rows_fail_verify_and_fit(folder, store_url, value):
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     name = _poison(store_url, r.space, value)
     report = verify(featcache.open_store(store_url), sample=0)
     assert not report.ok and f"segment {name}" in report.errors[0] and "1 rows hold non-finite" in report.errors[0]
     for head in ("logreg", "mlp"):
-        line = _one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", head, "--no-plots"]))
+        line = one_error_line(CliRunner().invoke(main, ["fit", "--store", store_url, "--head", head, "--no-plots"]))
         assert f"set {r.set_key}" in line and "1 rows" in line and "non-finite" in line
 
 
 def test_a_recomputed_nan_row_fails_verify(folder, store_url):
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     _poison(store_url, r.space, np.nan)
     report = verify(featcache.open_store(store_url), sample=40, data=str(folder), backbone=TINY)
     assert not report.ok
@@ -215,7 +199,7 @@ def hostile(tmp_path, monkeypatch):
     )
     folder = make_folder(tmp_path / "d")
     store = str(work / "s.zarr")
-    r = _extract(folder, store, layer="features")
+    r = extract_tiny(folder, store, layer="features")
     run = featcache.fit(head="mlp", store=store, epochs=1, out=str(tmp_path / "run"), plots=False).run_dir
     group = featcache.open_store(store).get_set(r.set_key).group
     attrs = dict(group.attrs)
@@ -243,7 +227,7 @@ def test_no_command_imports_a_module_named_by_a_store_or_run(hostile, tmp_path):
     ]
     for args in cases:
         r = runner.invoke(main, args)
-        line = _one_error_line(r, 2)  # a usage error pointing at the command's --backbone
+        line = one_error_line(r, 2)  # a usage error pointing at the command's --backbone
         assert "never imports code" in line and "--backbone teamtools:make" in line, line
     assert not marker.exists() and "teamtools" not in sys.modules
 
@@ -254,13 +238,13 @@ def test_the_user_names_the_module_and_its_weights_are_checked(hostile, tmp_path
     assert r.exit_code == 0 and "8 recomputed" in r.output and marker.exists()  # the user asked for it
     other = CliRunner().invoke(main, ["predict", str(run), str(folder / "val"), "--backbone", "resnet18",
                                       "--weights", "none"])
-    _one_error_line(other)  # another network is refused, never used in its place
+    one_error_line(other)  # another network is refused, never used in its place
 
 
 def test_current_folder_is_not_put_on_sys_path(folder, tmp_path, monkeypatch):
     (tmp_path / "mymodel.py").write_text("raise SystemExit('imported')\n")
     monkeypatch.chdir(tmp_path)
-    line = _one_error_line(CliRunner().invoke(main, ["extract", "--backbone", "mymodel:make", "--data", str(folder)]), 2)
+    line = one_error_line(CliRunner().invoke(main, ["extract", "--backbone", "mymodel:make", "--data", str(folder)]), 2)
     assert "PYTHONPATH" in line
 
 
@@ -268,14 +252,14 @@ def test_current_folder_is_not_put_on_sys_path(folder, tmp_path, monkeypatch):
 
 
 def test_a_hostile_data_root_is_never_walked(folder, store_url, tmp_path):
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     group = featcache.open_store(store_url).get_set(r.set_key).group
     group.attrs["data_root"] = "/"  # the key is a digest of the record: a hostile writer recomputes it too
     a = group.attrs
     group.attrs["key"] = digest_key({"space": a["space"], "view": a["manifest_sha256"], "data_root": "/",
                                      "split_fractions": None, "split_seed": None}, 12)
     runner = CliRunner()
-    line = _one_error_line(runner.invoke(main, ["status", "--store", store_url]), 2)
+    line = one_error_line(runner.invoke(main, ["status", "--store", store_url]), 2)
     assert "pass that folder" in line and "--data" in line
     out = runner.invoke(main, ["verify", "--store", store_url])
     assert out.exit_code == 0 and "0 recomputed" in out.output and "pass --data" in out.output
@@ -288,7 +272,7 @@ def test_a_hostile_data_root_is_never_walked(folder, store_url, tmp_path):
 
 def test_one_damaged_group_never_takes_down_the_others(tmp_path):
     store = str(tmp_path / "s.zarr")
-    sets = [_extract(make_folder(tmp_path / f"d{i}", seed=i), store).set_key for i in range(4)]
+    sets = [extract_tiny(make_folder(tmp_path / f"d{i}", seed=i), store).set_key for i in range(4)]
     st = featcache.open_store(store)
     groups = {k: st.get_set(k).group for k in sets}
     meta = Path(store) / groups[sets[0]].path / "zarr.json"
@@ -312,7 +296,7 @@ def test_one_damaged_group_never_takes_down_the_others(tmp_path):
                                 "--runs", str(tmp_path / "runs")]).exit_code == 0
     for key in sets[:3]:  # the damaged ones: one clear error each, no traceback
         r = runner.invoke(main, ["info", key, "--store", store])
-        _one_error_line(r, r.exit_code if r.exit_code in (1, 2) else 1)
+        one_error_line(r, r.exit_code if r.exit_code in (1, 2) else 1)
     r = runner.invoke(main, ["gc", "--store", store, "--grace", "0"])
     assert r.exit_code == 0 and "cannot be read, so no committed rows were removed" in r.output
 
@@ -321,7 +305,7 @@ def test_one_damaged_group_never_takes_down_the_others(tmp_path):
 
 
 def test_attributes_that_lie_about_the_arrays_are_refused(folder, store_url):
-    r = _extract(folder, store_url)
+    r = extract_tiny(folder, store_url)
     group = featcache.open_store(store_url).get_set(r.set_key).group
     original = dict(group.attrs)
     for change, words in [
@@ -334,11 +318,11 @@ def test_attributes_that_lie_about_the_arrays_are_refused(folder, store_url):
         ({"skipped": [1, 2]}, "skipped"),
         ({"views": 3}, "view_space"),
     ]:
-        group.attrs.update({**original, **change})
+        group.update_attributes({**original, **change})  # one write (attrs.update writes once per key)
         runner = CliRunner()
-        line = _one_error_line(runner.invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots"]))
+        line = one_error_line(runner.invoke(main, ["fit", "--store", store_url, "--head", "logreg", "--no-plots"]))
         assert f"set {r.set_key}" in line and words in line, line
-    group.attrs.update(original)
+    group.update_attributes(original)
 
 
 # 9 ---------------------------------------------------------------- float16 overflow
@@ -347,11 +331,11 @@ def test_attributes_that_lie_about_the_arrays_are_refused(folder, store_url):
 def test_float16_overflow_is_refused_at_extract_and_nothing_is_committed(folder, store_url):
     r = CliRunner().invoke(main, ["extract", "--backbone", HUGE, "--weights", "none", "--layer", "features",
                                   "--data", str(folder), "--store", store_url, "--workers", "0"])
-    line = _one_error_line(r, 2)
+    line = one_error_line(r, 2)
     assert "features overflow float16 at layer features" in line and "--dtype float32" in line
     st = featcache.open_store(store_url)
     assert st.set_keys() == [] and all(st.space_stats(s)["rows"] == 0 for s in st.spaces())
-    ok = _extract(folder, store_url, backbone=HUGE, layer="features", dtype="float32")
+    ok = extract_tiny(folder, store_url, backbone=HUGE, layer="features", dtype="float32")
     assert verify(featcache.open_store(store_url), ok.set_key, sample=0).ok
 
 
@@ -359,10 +343,10 @@ def test_float16_overflow_is_refused_at_extract_and_nothing_is_committed(folder,
 
 
 def test_identical_copies_share_rows_but_each_folder_has_its_own_set(folder, store_url, tmp_path):
-    a = _extract(folder, store_url)
+    a = extract_tiny(folder, store_url)
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    b = _extract(copy, store_url)
+    b = extract_tiny(copy, store_url)
     assert b.extracted == 0 and b.reused == 36 and a.set_key != b.set_key
     st = featcache.open_store(store_url)
     assert st.get_set(b.set_key).record.data_root == str(copy.resolve())
@@ -374,8 +358,8 @@ def test_identical_copies_share_rows_but_each_folder_has_its_own_set(folder, sto
 
 
 def test_precision_is_part_of_the_space_and_verify_recomputes_under_it(folder, store_url):
-    f32 = _extract(folder, store_url, layer="features", precision="float32")
-    bf16 = _extract(folder, store_url, layer="features", precision="bfloat16")
+    f32 = extract_tiny(folder, store_url, layer="features", precision="float32")
+    bf16 = extract_tiny(folder, store_url, layer="features", precision="bfloat16")
     assert f32.space != bf16.space and bf16.extracted == 36  # not served from the float32 rows
     st = featcache.open_store(store_url)
     a, b = st.get_set(f32.set_key), st.get_set(bf16.set_key)

@@ -9,7 +9,7 @@ from torch import nn
 import featcache
 from featcache.heads import LinearHead
 
-from .conftest import extract_tiny, make_folder
+from .helpers import extract_tiny, make_folder
 
 
 def test_views_are_stored_seeded_reused_and_only_for_training(tmp_path):
