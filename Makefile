@@ -25,7 +25,6 @@ demo: install
 # ruff and mypy read their settings from pyproject.toml ([tool.ruff], [tool.mypy]: mypy checks featcache/).
 lint: install
 	$(BIN)/ruff check featcache tests
-	$(BIN)/ruff format --check featcache tests
 	$(BIN)/mypy
 
 test: lint

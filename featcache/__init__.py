@@ -11,7 +11,7 @@ import importlib.util
 import sys
 import types
 
-from .errors import *  # noqa: F401,F403  (the error family is tiny and always needed)
+from .errors import *  # noqa: F403  (the error family is tiny and always needed)
 from .errors import __all__ as _errors_all
 
 __version__ = "0.1.0"

@@ -67,8 +67,8 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
             option="--data",
         )
     cfg = r.config
-    text = lambda v: v if isinstance(v, str) else None  # noqa: E731
-    names = lambda v: tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else None  # noqa: E731
+    text = lambda v: v if isinstance(v, str) else None
+    names = lambda v: tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else None
     manifest = scan(data, r.split_fractions, r.split_seed or 0, labels=_labels_inside(fs, text(cfg.get("labels")), data),
                     labels_from_name=text(cfg.get("labels_from_name")), classes=names(cfg.get("classes")),
                     exclude_class=names(cfg.get("exclude_class")) or ())

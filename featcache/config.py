@@ -10,11 +10,22 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
-from .choices import (DEFAULT_NAME_PATTERN, DTYPES, ENGINES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,
-                      TRACKERS, default_store_url)
+from .choices import (
+    DEFAULT_NAME_PATTERN,
+    DTYPES,
+    ENGINES,
+    FIT_POOLS,
+    HEADS,
+    INITS,
+    OPTIMIZERS,
+    POOLS,
+    PRECISIONS,
+    TRACKERS,
+    default_store_url,
+)
 from .errors import DataError, FeatcacheError, UnknownLayer
 from .units import parse_size
 
@@ -119,7 +130,7 @@ class ExtractConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExtractConfig":
+    def from_dict(cls, d: dict) -> ExtractConfig:
         return cls(**d)
 
 
@@ -189,7 +200,7 @@ class FitConfig:
         return {**asdict(self), "freeze": list(self.freeze)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FitConfig":
+    def from_dict(cls, d: dict) -> FitConfig:
         return cls(**{**d, "freeze": tuple(d.get("freeze", ()))})
 
 

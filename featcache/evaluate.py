@@ -18,10 +18,10 @@ from .choices import SPLITS
 from .config import parse_name_pattern
 from .data import Skip, scan
 from .errors import DataError
-from .metrics import compute_metrics
 from .heads import head_from_record
-from .tails import RestNetwork
 from .lookup import RowCounts, load_run, run_rows
+from .metrics import compute_metrics
+from .tails import RestNetwork
 
 __all__ = ["Evaluation", "evaluate"]
 

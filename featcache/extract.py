@@ -19,18 +19,18 @@ import numpy as np
 import torch
 
 from . import __version__
-from .names import check_backbone_name
 from .backbones import Joint, create_backbone, create_joint, module_name, resolve_precision
 from .choices import SPLITS
+from .compute import Engine, compute, local_engine, read_only_error, remote_failures, restore_missing, storage_error
 from .config import ExtractConfig
 from .data import DECODE_RECIPE, Item, Manifest, Skip, scan
-from .units import human_bytes, now_iso
-from .keys import row_key, set_key, space_key
 from .errors import DataError, FeatcacheError
-from .compute import Engine, compute, local_engine, read_only_error, remote_failures, restore_missing, storage_error
+from .keys import row_key, set_key, space_key
+from .names import check_backbone_name
 from .pipeline import resolve_device
 from .procs import barrier, distributed, merge_failures
 from .store import SetRecord, Store, created_by, open_store
+from .units import human_bytes, now_iso
 
 __all__ = ["ExtractResult", "LayersResult", "extract"]
 

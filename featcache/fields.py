@@ -74,7 +74,7 @@ class Fields:
     def flag(self, name: str, optional: bool = False, default: bool | None = None) -> bool | None:
         return self.get(name, lambda v: isinstance(v, bool), "true or false", optional, default)
 
-    def obj(self, name: str, optional: bool = False) -> "Fields | None":
+    def obj(self, name: str, optional: bool = False) -> Fields | None:
         value = self.get(name, lambda v: isinstance(v, dict), "a JSON object", optional)
         return None if value is None else Fields(value, self.where, self.file, f"{self.prefix}{name}.", self.error,
                                                   self.fix)

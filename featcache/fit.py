@@ -16,22 +16,23 @@ import logging
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .errors import FeatcacheError, RunError, os_error_text
 from .config import FitConfig
-from .metrics import compute_metrics
+from .errors import FeatcacheError, RunError, os_error_text
 from .heads import C_GRID, head_class
+from .metrics import compute_metrics
 from .persist import HeadRecord
 from .prepare import Prepared, check_head_options, given_options, prepare
 from .runs import RunRecord
-from .store import resolved_url
 from .runtime import keep_memory
+from .store import resolved_url
 from .tails import RestNetwork
 
 __all__ = ["FitResult", "fit", "train", "selection_of"]

@@ -14,20 +14,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from .backbones import Backbone, check_user_backbone, rebuild_backbone
+from .compute import Writers, first_line, run_local, storage_errors
 from .data import DECODE_RECIPE
 from .errors import BackboneMismatch, RunError, StoreError, WeightsError
-from .compute import Writers, first_line, run_local, storage_errors
-from .runs import RunRecord, run_store
 from .keys import space_key
-from .store import Store, open_store
 from .pooling import prepare_features
+from .runs import RunRecord, run_store
+from .store import Store, open_store
 from .stream import RowReader
 
 __all__ = ["RowCounts", "load_run", "run_rows", "space_differences"]

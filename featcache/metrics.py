@@ -15,12 +15,17 @@ def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibr
 
     ``per_class`` holds lists in class order (None where a class has no image or no prediction); the
     averages run over the classes present in ``y`` or predicted, as scikit-learn's do."""
-    from sklearn.metrics import (balanced_accuracy_score, classification_report, confusion_matrix, log_loss,
-                                 precision_recall_fscore_support)
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        classification_report,
+        confusion_matrix,
+        log_loss,
+        precision_recall_fscore_support,
+    )
 
     c = len(classes)
     pred = proba.argmax(1)
-    out: dict = {"n": int(len(y)), "top1": float((pred == y).mean()) if len(y) else float("nan")}
+    out: dict = {"n": len(y), "top1": float((pred == y).mean()) if len(y) else float("nan")}
     if c >= 5:
         top5 = np.argsort(-proba, axis=1)[:, :5]
         out["top5"] = float((top5 == y[:, None]).any(1).mean())
@@ -35,7 +40,7 @@ def compute_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str], calibr
             row = report[f"{avg} avg"]
             out[avg] = {"precision": float(row["precision"]), "recall": float(row["recall"]),
                         "f1": float(row["f1-score"])}
-        shown = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731
+        shown = lambda a: [None if np.isnan(v) else float(v) for v in a]
         out["per_class"] = {"precision": shown(p), "recall": shown(r), "f1": shown(f),
                             "support": [int(v) for v in support]}
     else:

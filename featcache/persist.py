@@ -213,7 +213,7 @@ class HeadRecord:
     arrays: dict[str, np.ndarray] = field(compare=False, repr=False)
 
     @classmethod
-    def of(cls, head) -> "HeadRecord":
+    def of(cls, head) -> HeadRecord:
         """The record of a fitted head (anything with ``name``, ``saved_params``, ``fitted_info``, ``state_arrays``)."""
         return cls(head.name, head.saved_params(), head.fitted_info(), head.state_arrays())
 
@@ -221,7 +221,7 @@ class HeadRecord:
         return {"kind": self.kind, "params": self.params, "fitted": self.fitted}
 
     @classmethod
-    def from_dict(cls, doc: Any, arrays: dict[str, np.ndarray], where: str) -> "HeadRecord":
+    def from_dict(cls, doc: Any, arrays: dict[str, np.ndarray], where: str) -> HeadRecord:
         f = Fields(doc, where, "head.json")
         kind = f.text("kind")
         params, fitted = f.obj("params"), f.obj("fitted")
@@ -229,7 +229,7 @@ class HeadRecord:
         return cls(kind, params.doc, fitted.doc, arrays)
 
     @classmethod
-    def read(cls, folder: Path, where: str | None = None) -> "HeadRecord":
+    def read(cls, folder: Path, where: str | None = None) -> HeadRecord:
         folder = Path(folder)
         where = where or str(folder)
         doc = read_json(folder / "head.json", where)

@@ -33,8 +33,8 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -58,9 +58,10 @@ def usable_cores() -> int:
 
 def _available_memory() -> int | None:
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None

@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def import_ray():
     """``ray`` and ``ray.data``, or one clear error naming the extra to install."""
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise FeatcacheError("--engine ray needs Ray Data: pip install 'featcache[ray]'", option="--engine") from None
     return ray

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from . import plots as _plots
 from .errors import RunError, StoreError
 from .heads import KINDS

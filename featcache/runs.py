@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RunError, StoreError
 from .choices import MAX_CLASSES, SPLITS
 from .config import ExtractConfig, FitConfig
-from .heads import check_head
+from .errors import RunError, StoreError
 from .fields import Fields, is_int, is_number
+from .heads import check_head
 from .persist import HeadRecord, json_text, read_json, read_table, write_json, write_table
 from .pooling import prepared_shape
 
@@ -152,7 +152,7 @@ def _parse_history(doc: Any, epochs: int, where: str) -> tuple[dict, ...]:
         if set(row) != set(doc[0]):
             raise RunError(f"{where}: history.json row {i} has other fields than row 0; the run directory is damaged, "
                            "re-run featcache fit")
-        r.get("epoch", lambda v: is_int(v) and v == i + 1, f"{i + 1}")
+        r.get("epoch", lambda v: is_int(v) and v == i + 1, f"{i + 1}")  # noqa: B023  (called at once)
         r.number("train_loss", 0, nonfinite=True)
         r.number("train_acc", 0, 1)
         r.number("val_loss", 0, optional=True, nonfinite=True)
@@ -165,7 +165,7 @@ def _parse_history(doc: Any, epochs: int, where: str) -> tuple[dict, ...]:
 class RunRecord:
     """Everything a run directory records: how the head was fitted, on which features, and how well it does."""
 
-    config: "FitConfig"
+    config: FitConfig
     set: str
     store: str
     classes: tuple[str, ...]
@@ -208,7 +208,7 @@ class RunRecord:
         }
 
     @classmethod
-    def from_dict(cls, info: Any, metrics: Any, history: Any, head: HeadRecord, where: str) -> "RunRecord":
+    def from_dict(cls, info: Any, metrics: Any, history: Any, head: HeadRecord, where: str) -> RunRecord:
         """Parse and check the run's documents; each failure is a RunError naming ``where``, the file and the field."""
         f = Fields(info, where, "config.json")
         known = {x.name for x in dataclasses.fields(cls)} - {"metrics", "history", "head"}
@@ -276,11 +276,11 @@ class RunRecord:
         if (tuple(n_in) if rest else (n_in,)) != (self.input_shape if rest else (int(np.prod(self.input_shape)),)):
             raise RunError(f"{where}: the head takes {n_in} inputs but config.json records input_shape "
                            f"{list(self.input_shape)}; the run directory is damaged, re-run featcache fit")
-        if "C" in self.head.fitted and self.C != self.head.fitted["C"]:
+        if "C" in self.head.fitted and self.head.fitted["C"] != self.C:
             raise f.bad("C", f"the C of head.json ({self.head.fitted['C']!r})", self.C)
 
     @classmethod
-    def read(cls, run_dir: str | Path) -> "RunRecord":
+    def read(cls, run_dir: str | Path) -> RunRecord:
         """Read and check a run directory; a damaged one is a RunError (``option="RUN"`` when it is no run at all)."""
         run, where = Path(run_dir), str(run_dir)
         try:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,7 +36,8 @@ def memory_budget(setting: str | int = "auto") -> int:
         return parse_size(setting)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:  # a container's limit, when it has one
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
         if limit.isdigit():
             total = min(total, int(limit))
     except OSError:
@@ -92,7 +94,7 @@ class _Block:
 class RowReader:
     """The rows of ``keys`` in ``space`` as float32, planned by stored chunk."""
 
-    def __init__(self, store: "Store", space: str, keys, shape: tuple[int, ...], pool: str = "none",
+    def __init__(self, store: Store, space: str, keys, shape: tuple[int, ...], pool: str = "none",
                  keep_shape: bool = False, threads: int | None = None):
         self.space = space
         self.stored_shape = tuple(shape)
@@ -226,7 +228,7 @@ class Streamed:
     ``ordered`` yields ``(rows, positions)`` windows of the un-augmented rows for evaluation.
     """
 
-    def __init__(self, store: "Store", space: str, hashes: list[str], labels: np.ndarray, shape: tuple[int, ...],
+    def __init__(self, store: Store, space: str, hashes: list[str], labels: np.ndarray, shape: tuple[int, ...],
                  pool: str, keep_shape: bool, window_bytes: int, views: int = 0, view_space: str | None = None):
         self.store, self.space, self.hashes, self.labels = store, space, list(hashes), np.asarray(labels)
         self.stored_shape, self.pool, self.keep_shape = tuple(shape), pool, keep_shape

@@ -22,12 +22,12 @@ import io
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
-from .errors import FeatcacheError
 from .config import FitConfig
+from .errors import FeatcacheError
 from .fit import BIASED_VAL_NOTE, FitResult, discard_run_dir, new_folder, open_tracking_for, train
 from .heads import head_class, head_params
 from .prepare import HEAD_OPTIONS, Prepared, check_memory_for, check_set_for, load_fit_data, open_fit_set

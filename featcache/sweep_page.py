@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import plots as _plots
 from .errors import RunError
-from .html import Html, SORT_JS, esc, fmt, img, page, table
+from .html import SORT_JS, Html, esc, fmt, img, page, table
 from .persist import read_json, write_atomic
 from .plots import have_matplotlib
 from .report import EVAL_SPLITS
@@ -26,7 +26,7 @@ def is_sweep_folder(path: str | Path) -> bool:
 
 def _checked(doc, folder: Path) -> dict:
     """``sweep.json``'s document, checked enough to be shown: rows of plain values, the best run among them."""
-    plain = lambda v: v is None or isinstance(v, (str, int, float, bool))  # noqa: E731
+    plain = lambda v: v is None or isinstance(v, (str, int, float, bool))
     rows = doc.get("rows") if isinstance(doc, dict) else None
     if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and isinstance(r.get("run"), str)
                                                     and all(plain(v) for v in r.values()) for r in rows)):
@@ -45,7 +45,7 @@ def write_sweep_report(folder: str | Path, doc: dict | None = None) -> Path:
     folder = Path(folder)
     doc = _checked(read_json(folder / "sweep.json", str(folder)) if doc is None else doc, folder)
     rows, best = doc["rows"], doc["best"]
-    columns = [c for c in dict.fromkeys(k for r in rows for k in r)]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
     varied = [k for k, v in doc["grid"].items() if isinstance(v, list) and len(set(map(str, v))) > 1]
 
     def cell(r, c):

@@ -28,8 +28,9 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .choices import SPLITS, TRACKERS
 from .errors import FeatcacheError
@@ -143,9 +144,8 @@ def _quick_requests():
 def _reachable(uri: str) -> None:
     """A server URI whose host does not take a connection within seconds is refused at once."""
     import socket
-    from urllib.parse import urlsplit
-
     import urllib.request
+    from urllib.parse import urlsplit
 
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -313,7 +313,7 @@ class Tracking:
             return None
         try:
             return fn(*args)
-        except Exception as e:  # noqa: BLE001 - a tracker's failure must not stop or change a fit
+        except Exception as e:
             self.broken = True
             self.notes.append(f"{self.tracker.name} tracking stopped while {what} ({type(e).__name__}: {e}); "
                               "the run directories are complete and their results unchanged")
@@ -369,7 +369,7 @@ def open_tracking(kind: str | None, uri: str | None, home: str | Path) -> Tracki
         return Tracking(_ADAPTERS[kind](uri, Path(home)))
     except FeatcacheError:
         raise
-    except Exception as e:  # noqa: BLE001 - the library's own errors: a bad URI, a server that does not answer
+    except Exception as e:
         text = " ".join(str(e).split())
         raise FeatcacheError(f"--tracker {kind} cannot record at {uri or 'its default place'}: {text[:300]}; "
                              "fix --tracking-uri (or MLFLOW_TRACKING_URI) or leave out --tracker") from None

@@ -127,7 +127,7 @@ def test_an_error_naming_a_python_parameter_is_a_usage_error_for_its_flag(tmp_pa
         raise FeatcacheError(f"no store for {run}", param=refused)
 
     monkeypatch.setattr(featcache.report, "write_report", refuse)
-    for refused, named in (("store", "'--store'"), ("run", "'RUN'"), ("backbone", "'--backbone'")):
+    for _refused, named in (("store", "'--store'"), ("run", "'RUN'"), ("backbone", "'--backbone'")):
         r = _invoke("report", str(tmp_path / "run"))
         assert r.exit_code == 2 and f"Error: Invalid value for {named}: no store for " in r.output, r.output
     refused = "layer"  # report has no --layer

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 import featcache
-from featcache.cli import main
 from featcache.audit import verify
+from featcache.cli import main
 
 from .helpers import SLOW, TINY, all_rows, cli_process, make_folder
 

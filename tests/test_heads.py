@@ -20,10 +20,22 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import featcache
 from featcache.cli import main
 from featcache.config import FitConfig
-from featcache.prepare import HEAD_OPTIONS
-from featcache.heads import (C_GRID, HEADS, LinearHead, LogRegHead, MLPHead, RestHead, SVMHead, head_class, head_params,
-                             make_head, read_head, save_head)
+from featcache.heads import (
+    C_GRID,
+    HEADS,
+    LinearHead,
+    LogRegHead,
+    MLPHead,
+    RestHead,
+    SVMHead,
+    head_class,
+    head_params,
+    make_head,
+    read_head,
+    save_head,
+)
 from featcache.heads._linear import CEdgeWarning
+from featcache.prepare import HEAD_OPTIONS
 from featcache.tails import RestNetwork
 
 from .helpers import TINY, make_folder
@@ -198,7 +210,7 @@ def test_one_head_table():
             kind.takes_maps, kind.streams, kind.calibrated, kind.key_params)
         assert cls().get_params(deep=False) == kind.params
     with pytest.raises(TypeError, match="head table"):
-        class Drifted(LogRegHead):  # noqa: F841  (a class whose defaults left its row)
+        class Drifted(LogRegHead):
             name = "logreg"
 
             def __init__(self, C=1.0, max_iter=10, seed=0):

@@ -19,8 +19,8 @@ from PIL import Image
 
 import featcache
 from featcache.cli import main
-from featcache.data import DECODE_RECIPE, ImageTooLarge, decode_bytes, load_rgb, scan
 from featcache.config import ExtractConfig
+from featcache.data import DECODE_RECIPE, ImageTooLarge, decode_bytes, load_rgb, scan
 
 from .helpers import TINY, extract_tiny
 

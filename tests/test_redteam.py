@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featcache
+from featcache.audit import status, verify
 from featcache.cli import main
 from featcache.errors import StoreError
-from featcache.audit import status, verify
-from featcache.store.maintenance import gc
 from featcache.store.groups import digest_values
+from featcache.store.maintenance import gc
 from featcache.store.segments import chunk_crc
 
 from .helpers import ROOT, extract_tiny, make_folder, one_error_line

@@ -22,8 +22,8 @@ import featcache.plots
 import featcache.report
 from featcache.cli import main
 from featcache.heads import C_GRID
-from featcache.tails import load_head
 from featcache.sweep import sweep
+from featcache.tails import load_head
 
 from .helpers import TINY, make_folder
 

@@ -9,8 +9,8 @@ import torch
 import featcache
 from featcache.errors import FeatcacheError
 from featcache.heads import LogRegHead, RestHead
-from featcache.tails import RestNetwork, load_head
 from featcache.predict import predict
+from featcache.tails import RestNetwork, load_head
 
 from .helpers import make_folder
 

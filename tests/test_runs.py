@@ -15,8 +15,8 @@ import featcache
 import featcache.persist
 from featcache.cli import main
 from featcache.errors import RunError
-from featcache.tails import load_head
 from featcache.runs import RUN_FILES, RunRecord
+from featcache.tails import load_head
 
 from .helpers import TINY, make_folder
 

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 import featcache
-from featcache.cli import main
 from featcache.audit import status, verify
+from featcache.cli import main
 from featcache.store.maintenance import gc
 
 from .helpers import ROOT, SLOW, TINY, all_rows, cli_process, extract_tiny, make_folder

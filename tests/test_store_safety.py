@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 import featcache
-from featcache.cli import main
 from featcache.audit import verify
+from featcache.cli import main
 
 from .helpers import TINY, make_folder, one_error_line
 

@@ -15,9 +15,9 @@ import featcache
 from featcache.cli import main
 from featcache.config import FitConfig
 from featcache.heads import head_params
-from featcache.tails import load_head
 from featcache.runs import RunRecord
 from featcache.sweep import sweep
+from featcache.tails import load_head
 from featcache.tracking import MLflowTracker, final_metrics, param_value
 
 from .helpers import TINY, make_folder

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featcache
+from featcache.audit import status, verify
 from featcache.cli import main
 from featcache.errors import StoreError
 from featcache.keys import digest_key
-from featcache.audit import status, verify
 from featcache.store.maintenance import gc
 
 from .helpers import ROOT, SLOW, TINY, extract_tiny, make_folder, one_error_line

@@ -6,11 +6,23 @@ One file per source behind one registry (``registry.py``): torchvision models
 ``hf:NAME_OR_DIR`` (``hf.py``). ``base.py`` holds what they share.
 """
 
-from .factory import module_name
 from ..config import parse_layers
 from .base import POOLS, PRECISIONS, Backbone, Joint, autocast, resolve_precision
-from .registry import (_build, check_rest, check_user_backbone, create_backbone, create_joint, create_rest, default_layer,
-                       layer_shapes, list_backbones, list_layers, rebuild_backbone, trusted_only)
+from .factory import module_name
+from .registry import (
+                       _build,  # noqa: F401  (tests patch the builder through the package)
+                       check_rest,
+                       check_user_backbone,
+                       create_backbone,
+                       create_joint,
+                       create_rest,
+                       default_layer,
+                       layer_shapes,
+                       list_backbones,
+                       list_layers,
+                       rebuild_backbone,
+                       trusted_only,
+)
 
 __all__ = [
     "POOLS",

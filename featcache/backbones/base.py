@@ -7,10 +7,10 @@ name into a ``Backbone``; ``registry.py`` picks the source from the name.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,7 +35,8 @@ __all__ = [
     "describe_transform",
 ]
 
-from ..choices import POOLS, PRECISIONS  # noqa: E402  (one source for the command line and the library)
+from ..choices import POOLS, PRECISIONS
+
 INIT_SEED = 0  # random-init ("none") weights are seeded so the same name means the same network
 WEIGHTS_VALUES = "(--weights takes DEFAULT, a torchvision weights name, none, or a state-dict file)"
 

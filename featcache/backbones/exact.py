@@ -54,7 +54,7 @@ def snapshot(module: fx.GraphModule) -> fx.GraphModule:
             with graph.inserting_after(node):
                 copies[node] = graph.call_function(torch.clone, (node,))
                 copies[node].meta[_COPY] = True
-        out.args = fx.node.map_arg(out.args, lambda n: copies.get(n, n))
+        out.args = fx.node.map_arg(out.args, lambda n: copies.get(n, n))  # noqa: B023  (called here, at once)
     module.recompile()
     return module
 

@@ -7,8 +7,8 @@ from a store or a run. The current folder is not put on ``sys.path``: ``PYTHONPA
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 

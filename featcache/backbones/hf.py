@@ -18,8 +18,8 @@ from PIL import Image
 from torch import nn
 
 from ..errors import UnknownBackbone, UnknownLayer, WeightsError
-from .hub import offline_hint, offline_unless_reachable
 from .base import INIT_SEED, Backbone, Joint, load_weights_file, pool_map, seeded, state_digest
+from .hub import offline_hint, offline_unless_reachable
 
 __all__ = ["PREFIX", "HFCut", "HFJoint", "ProcessorTransform", "create", "create_joint", "layer_names", "layer_shapes", "check", "rebuildable"]
 

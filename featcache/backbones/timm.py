@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import difflib
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UnknownBackbone, UnknownLayer, WeightsError
-from .hub import offline_hint, offline_unless_reachable
 from . import exact
 from . import torchvision as tv
 from .base import INIT_SEED, Assembled, Backbone, Joint, Separate, load_weights_file, pool_map, seeded, state_digest
+from .hub import offline_hint, offline_unless_reachable
 
 __all__ = ["PREFIX", "EMBEDDING", "TimmEmbedding", "EmbeddingJoint", "create", "create_joint", "rest_after", "layer_names",
            "layer_shapes", "check", "tracer_kwargs"]
@@ -294,7 +295,7 @@ def layer_shapes(name: str) -> tuple[list[tuple[str, tuple[int, ...] | None]], s
     # outputs features_only returns), then every other node; nodes that are no image's output (parameters,
     # constants) are left out of the listing
     stages = [info.get("module") for info in getattr(model, "feature_info", None) or [] if isinstance(info, dict)]
-    image = lambda n: bool(shapes.get(n))  # noqa: E731  (a parameter's node has no per-image shape)
+    image = lambda n: bool(shapes.get(n))
     stages = [n for n in dict.fromkeys(stages) if image(n)]
     rest = [n for n in layers if n not in stages and image(n)]
     return [(EMBEDDING, embedding)] + [(n, shapes[n]) for n in stages + rest], EMBEDDING

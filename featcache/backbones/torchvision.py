@@ -7,8 +7,9 @@ or module prefix of one; preprocessing comes from the weights' own ``transforms(
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -17,8 +18,18 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from ..errors import UnknownLayer, WeightsError
 from . import exact
-from .base import (INIT_SEED, Assembled, Backbone, Joint, Separate, describe_transform, load_weights_file, pool_map,
-                   seeded, state_digest)
+from .base import (
+    INIT_SEED,
+    Assembled,
+    Backbone,
+    Joint,
+    Separate,
+    describe_transform,
+    load_weights_file,
+    pool_map,
+    seeded,
+    state_digest,
+)
 
 __all__ = ["load", "traced_backbone", "traced_joint", "traced_parts", "traced_pass", "traced_layers",
            "traced_shapes", "rest_after", "FxCut", "FxJoint", "crop_of"]

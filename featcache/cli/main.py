@@ -9,18 +9,43 @@ The library is imported inside each command, so ``--help`` and the store command
 
 from __future__ import annotations
 
-from .kit import (MAX_SKIPS_SHOWN, AutoOr, Device, Floats, Fractions, Group, Ints, OutputPath,  # first: Ctrl-C handler
-                  echo_json, json_option, many, parse_size_text, set_option, store_arg, store_option, workers_option)
+import os
+import sys
 
-import os  # noqa: E402
-import sys  # noqa: E402
+import click
 
-import click  # noqa: E402
-
-from .. import __version__  # noqa: E402
-from ..choices import (DEFAULT_NAME_PATTERN, DTYPES, ENGINES, FIT_POOLS, HEADS, INITS, OPTIMIZERS, POOLS, PRECISIONS,  # noqa: E402
-                       TRACKERS)
-from ..errors import FeatcacheError  # noqa: E402
+from .. import __version__
+from ..choices import (
+    DEFAULT_NAME_PATTERN,
+    DTYPES,
+    ENGINES,
+    FIT_POOLS,
+    HEADS,
+    INITS,
+    OPTIMIZERS,
+    POOLS,
+    PRECISIONS,
+    TRACKERS,
+)
+from ..errors import FeatcacheError
+from .kit import (  # first: Ctrl-C handler
+    MAX_SKIPS_SHOWN,
+    AutoOr,
+    Device,
+    Floats,
+    Fractions,
+    Group,
+    Ints,
+    OutputPath,
+    echo_json,
+    json_option,
+    many,
+    parse_size_text,
+    set_option,
+    store_arg,
+    store_option,
+    workers_option,
+)
 
 __all__ = ["main", "run"]
 
@@ -211,10 +236,10 @@ def fit_cmd(quiet: bool, check_data: str | None, as_json: bool, all_plots: bool,
     """
     from click.core import ParameterSource
 
+    from ..audit import status
     from ..config import FitConfig
     from ..fit import fit
     from ..store import open_store
-    from ..audit import status
 
     if options["tracking_uri"] is not None and options["tracker"] is None:
         raise FeatcacheError(f"--tracking-uri needs --tracker ({' or '.join(TRACKERS)})", param="tracking_uri")

@@ -11,8 +11,19 @@ import sys
 import click
 
 from ..choices import DEFAULT_NAME_PATTERN, RUN_SORTS
-from .kit import (MAX_SKIPS_SHOWN, Device, Ints, OutputPath, cli_param, csv_cell, echo_json, json_option, recompute_option,
-                  run_store_option, workers_option)
+from .kit import (
+    MAX_SKIPS_SHOWN,
+    Device,
+    Ints,
+    OutputPath,
+    cli_param,
+    csv_cell,
+    echo_json,
+    json_option,
+    recompute_option,
+    run_store_option,
+    workers_option,
+)
 
 __all__ = ["runs_cmd", "evaluate_cmd", "predict_cmd", "export_cmd", "report_cmd"]
 

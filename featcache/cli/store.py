@@ -7,7 +7,7 @@ Each parses options, calls one library function and prints its result as text or
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 
@@ -93,7 +93,7 @@ def ls_cmd(store: str, wide: bool, as_json: bool) -> None:
     if not sets:
         click.echo(f"no feature sets in {store}")
         return
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows = [_row(fs, "damaged" if sizes[fs.key] is None else human_bytes(sizes[fs.key]), now) for fs in sets]
     for line in set_table(rows, wide):
         click.echo(line)
@@ -137,8 +137,8 @@ def rm_cmd(key: str | None, set_: str | None, store: str) -> None:
 def gc_cmd(store: str, grace: float, dry_run: bool, as_json: bool) -> None:
     """Remove uncommitted leftovers and rows no set refers to."""
     from ..store import open_store
-    from ..units import human_bytes
     from ..store.maintenance import gc
+    from ..units import human_bytes
 
     st = open_store(store, mode="r+")
     r = gc(st, grace_s=grace, dry_run=dry_run)
@@ -171,8 +171,8 @@ def gc_cmd(store: str, grace: float, dry_run: bool, as_json: bool) -> None:
 def verify_cmd(key: str | None, set_: str | None, store: str, sample: int, data: str | None, backbone: str | None,
                weights: str | None, as_json: bool) -> None:
     """Check every chunk of a set against its integrity record; recompute a sample from the images in --data."""
-    from ..store import open_store
     from ..audit import verify
+    from ..store import open_store
 
     st = open_store(store, mode="r")
     report = verify(st, pick_set(key, set_), sample=sample, data=data, backbone=backbone, weights=weights)
@@ -199,8 +199,8 @@ def verify_cmd(key: str | None, set_: str | None, store: str, sample: int, data:
 @json_option
 def status_cmd(set_: str | None, data: str | None, store: str, as_json: bool) -> None:
     """Tell whether an image folder and its stored set agree."""
-    from ..store import open_store
     from ..audit import status
+    from ..store import open_store
 
     st = status(open_store(store, mode="r"), set_, data)
     if as_json:

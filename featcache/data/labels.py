@@ -8,8 +8,8 @@ import os
 import re
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..choices import DEFAULT_NAME_PATTERN  # one source with the command line
 from ..errors import DataError

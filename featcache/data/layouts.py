@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from ..errors import DataError
 from ..choices import DEFAULT_NAME_PATTERN, SPLITS
 from ..config import parse_classes, parse_name_pattern
+from ..errors import DataError
 from .labels import CSV_NAMES, is_store_dir, labels_by_pattern, read_labels_csv, split_of
 from .walk import Finder, Skip, rel_path
 
@@ -132,7 +132,7 @@ def _composed(group: dict[str | None, list[Path]], where: Path) -> dict[str | No
     for label, paths in group.items():
         name = unicodedata.normalize("NFC", label) if label is not None else None
         if name is not None and name in seen:
-            raise DataError(f"{where}: the classes {seen[name]!r} ({ascii(seen[name])}) and {label!r} ({ascii(label)}) "
+            raise DataError(f"{where}: the classes {seen[name]!r} ({seen[name]!a}) and {label!r} ({label!a}) "
                             "are the same name written with other Unicode characters (one composed, one decomposed); "
                             "they would be two classes that look identical. Merge them into one folder (or one label), "
                             "or rename one")

@@ -16,20 +16,20 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, NotRegularFile, open_regular
 from ..choices import SPLITS
 from ..config import parse_split
+from ..errors import DataError
+from .images import IMAGE_EXTENSIONS, NotRegularFile, open_regular
 from .layouts import Layout, find_layout
-from .walk import Skip
 from .scancache import ScanCache, signature
+from .walk import Skip
 
 __all__ = [
     "hash_all", "Item", "Manifest", "scan", "safe_join", "hash_file"]
@@ -154,7 +154,7 @@ def _stratified_split(labels: np.ndarray, hashes: list[str], fractions: tuple[fl
                 f"({','.join(map(str, fractions))}) with every class in every split. Add images or use fewer splits."
             )
         ranked = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{hashes[i]}".encode()).hexdigest())
-        cuts = [0] + [int(round(b * len(ranked))) for b in bounds[:-1]] + [len(ranked)]
+        cuts = [0] + [round(b * len(ranked)) for b in bounds[:-1]] + [len(ranked)]
         for k in range(1, len(cuts)):  # every split gets at least one image of every class
             cuts[k] = min(max(cuts[k], cuts[k - 1] + 1), len(ranked) - (len(cuts) - 1 - k))
         for name, a, b in zip(names, cuts[:-1], cuts[1:]):

@@ -40,8 +40,8 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class ScanCache:
         self.started_ns = time.time_ns()  # before any file is looked at: the reference of what this scan writes
 
     @classmethod
-    def open(cls, root: str | os.PathLike, *, rehash: bool = False) -> "ScanCache":
+    def open(cls, root: str | os.PathLike, *, rehash: bool = False) -> ScanCache:
         root = Path(root).resolve()
         device = os.stat(root).st_dev
         folder = cache_dir()
@@ -199,7 +199,7 @@ def _read(file: Path, root: Path, device: int) -> tuple[dict[str, np.ndarray] | 
             a = {k: z[k] for k in _FIELDS}
     except FileNotFoundError:
         return None, 0
-    except Exception as e:  # noqa: BLE001 - any damage (truncated zip, bad header, missing array) means: hash
+    except Exception as e:
         _log.warning("note: ignoring the damaged scan cache %s (%s); hashing every file", file, e)
         return None, 0
     problem = _check(a, root, device)

@@ -89,7 +89,7 @@ class LinearModelHead(Head):
         self.C_search_ = {"by": how, "grid": grid, "scores": scores}
         return chosen
 
-    def fit(self, X, y, X_val=None, y_val=None, *, classes=None, on_epoch=None, train_views=None) -> "LinearModelHead":
+    def fit(self, X, y, X_val=None, y_val=None, *, classes=None, on_epoch=None, train_views=None) -> LinearModelHead:
         """Fit on (X, y); C = "auto" is chosen by cross-validation of (X, y). (X_val, y_val) are not
         used: they stay held out for the caller's measurement.
 

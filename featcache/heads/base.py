@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterable
 from numbers import Integral, Real
-from typing import Callable, ClassVar, Iterable
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,9 +21,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 from torch import nn
 
+from ..choices import MAX_CLASSES, OPTIMIZERS
 from ..errors import TrainingDiverged
 from ..stream import Streamed
-from ..choices import MAX_CLASSES, OPTIMIZERS
 from ._contract import Head
 
 __all__ = ["train_one_epoch", "evaluate", "logits_of", "Callback", "EarlyStopping", "WarmUp", "FrozenBatchNorm",
@@ -208,7 +209,7 @@ class TorchHead(Head):
         return torch.device(self.device)
 
     def fit(self, X, y, X_val=None, y_val=None, *, classes=None, on_epoch: Callable[[dict], None] | None = None,
-            train_views=None) -> "TorchHead":
+            train_views=None) -> TorchHead:
         """Train on (X, y); with (X_val, y_val), early stopping on validation loss keeps the best epoch.
 
         ``classes``: every label to have an output for; ``on_epoch`` gets each epoch's row;
@@ -294,7 +295,7 @@ class TorchHead(Head):
                 row.update(evaluate(module, xv, yv, loss_fn, dev, self._eval_step))
             row["seconds"] = time.perf_counter() - t
             history.append(row)
-            if any([cb.on_epoch_end(row, module) for cb in callbacks]):
+            if any([cb.on_epoch_end(row, module) for cb in callbacks]):  # noqa: C419  (every callback runs)
                 break
         self.best_epoch_ = stopping.restore(module)
         self.module_ = module.eval()
@@ -332,7 +333,7 @@ class TorchHead(Head):
                 "best_epoch": self.best_epoch_}
 
     @classmethod
-    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray], network=None) -> "TorchHead":
+    def from_state(cls, params: dict, info: dict, arrays: dict[str, np.ndarray], network=None) -> TorchHead:
         """The fitted head of a checked record (on the CPU); ``network``: see :class:`~featcache.heads.rest.RestHead`."""
         kwargs = {**cls._init_params(params), "device": "cpu"}
         if "network" in cls.kind.unsaved:

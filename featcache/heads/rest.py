@@ -14,9 +14,9 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
+from ..choices import INITS
 from ..errors import UnknownLayer
 from ..stream import Streamed
-from ..choices import INITS
 from .base import Callback, FrozenBatchNorm, TorchHead, WarmUp, logits_of
 
 __all__ = ["RestHead"]
@@ -152,7 +152,7 @@ class RestHead(TorchHead):
         return info
 
     @classmethod
-    def from_state(cls, params: dict, info: dict, arrays: dict, network=None) -> "RestHead":
+    def from_state(cls, params: dict, info: dict, arrays: dict, network=None) -> RestHead:
         head = super().from_state(params, info, arrays, network)
         head.probe_ = info.get("probe")
         return head

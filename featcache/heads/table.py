@@ -12,8 +12,9 @@ click`` on the 2-core machine of benchmarks/README.md, and scikit-learn several 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class HeadKind:
     module: str  # featcache.heads.<module> defines the class
     cls: str
     params: dict[str, Any]  # __init__ parameters and their defaults (the class is checked against them)
-    check: Callable[["HeadKind", HeadRecord, str], tuple[Shape, int]] = field(repr=False)
+    check: Callable[[HeadKind, HeadRecord, str], tuple[Shape, int]] = field(repr=False)
     key_params: tuple[str, ...] = ()  # shown by ``featcache runs`` and sweep tables
     takes_maps: bool = False  # feature maps (the rest of the network), not flat vectors
     streams: bool = False  # trains on a split larger than memory
@@ -166,7 +167,7 @@ def _rest_arrays(record: HeadRecord, p: Fields, info: Fields, c: int, where: str
 
 def _linear_model_state(kind: HeadKind, record: HeadRecord, where: str) -> tuple[int, int]:
     """StandardScaler + a scikit-learn linear model (``heads._linear``)."""
-    p, info = _check_params(kind, record, where)
+    _, info = _check_params(kind, record, where)
     d = info.integer("n_features_in", 1, 2**31)
     c = info.integer("n_classes", 2, MAX_CLASSES)
     info.get("C", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < np.inf,

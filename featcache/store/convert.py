@@ -27,7 +27,7 @@ __all__ = ["DTYPES", "rows", "to_numpy", "to_torch", "dataset", "iterable_datase
 DTYPES = ("float32", "float16")
 
 
-def _check(fs: "FeatureSet", split: str | None, dtype: str, pool: str) -> None:
+def _check(fs: FeatureSet, split: str | None, dtype: str, pool: str) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if pool not in FIT_POOLS:
@@ -36,7 +36,7 @@ def _check(fs: "FeatureSet", split: str | None, dtype: str, pool: str) -> None:
         fs.labels(split)  # the set's own SetNotFound, naming the splits it has
 
 
-def rows(fs: "FeatureSet", split: str, dtype: str = "float32", pool: str = "none") -> np.ndarray:
+def rows(fs: FeatureSet, split: str, dtype: str = "float32", pool: str = "none") -> np.ndarray:
     """The split's rows in set order: (N, *shape) as stored, or (N, C) pooled."""
     _check(fs, split, dtype, pool)
     if dtype == "float16" and pool == "none" and fs.record.dtype == "float16":
@@ -45,12 +45,12 @@ def rows(fs: "FeatureSet", split: str, dtype: str = "float32", pool: str = "none
     return as_dtype(x, dtype, f"set {fs.key} split {split}")
 
 
-def to_numpy(fs: "FeatureSet", split: str, dtype: str = "float32", pool: str = "none") -> tuple[np.ndarray, np.ndarray]:
+def to_numpy(fs: FeatureSet, split: str, dtype: str = "float32", pool: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """(rows, labels): rows as :func:`rows` gives them, labels int64 class indices (-1: unlabelled)."""
     return rows(fs, split, dtype, pool), fs.labels(split).astype(np.int64)
 
 
-def to_torch(fs: "FeatureSet", split: str, dtype: str = "float32", pool: str = "none"):
+def to_torch(fs: FeatureSet, split: str, dtype: str = "float32", pool: str = "none"):
     """(rows, labels) as torch tensors: float32 rows ``nn.Linear`` takes, int64 labels ``CrossEntropyLoss`` takes."""
     import torch
 
@@ -58,7 +58,7 @@ def to_torch(fs: "FeatureSet", split: str, dtype: str = "float32", pool: str = "
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def dataset(fs: "FeatureSet", split: str, dtype: str = "float32", pool: str = "none"):
+def dataset(fs: FeatureSet, split: str, dtype: str = "float32", pool: str = "none"):
     """A map-style ``torch.utils.data.Dataset`` of (row, label) held in memory (``len``, indexing,
     any ``DataLoader`` sampler)."""
     from .torchdata import InMemoryRows
@@ -66,7 +66,7 @@ def dataset(fs: "FeatureSet", split: str, dtype: str = "float32", pool: str = "n
     return InMemoryRows(*to_torch(fs, split, dtype, pool))
 
 
-def iterable_dataset(fs: "FeatureSet", split: str, dtype: str = "float32", pool: str = "none", shuffle: bool = True,
+def iterable_dataset(fs: FeatureSet, split: str, dtype: str = "float32", pool: str = "none", shuffle: bool = True,
                      seed: int = 0, max_memory: str | int = "auto"):
     """A ``torch.utils.data.IterableDataset`` of (row, label) for a split larger than memory: stored
     chunks are read a window at a time (at most two windows of ``max_memory / 2`` alive), in a new
@@ -87,14 +87,14 @@ def _need(package: str, what: str, extra: str):
         raise FeatcacheError(f"{what} needs {package}: pip install {extra}") from None
 
 
-def _records(fs: "FeatureSet", split: str, dtype: str, pool: str) -> dict[str, Any]:
+def _records(fs: FeatureSet, split: str, dtype: str, pool: str) -> dict[str, Any]:
     x, y = to_numpy(fs, split, dtype, pool)
     names = np.array(fs.classes + [None], dtype=object)  # -1 (unlabelled) → None
     return {"path": fs.paths(split), "split": [split] * len(y), "label": names[y].tolist(), "label_id": y,
             "sha256": fs.hashes(split).tolist(), "features": x.reshape(len(x), -1)}
 
 
-def to_pandas(fs: "FeatureSet", split: str | None = None, dtype: str = "float32", pool: str = "none"):
+def to_pandas(fs: FeatureSet, split: str | None = None, dtype: str = "float32", pool: str = "none"):
     """One row per image (every split, or ``split``): path, split, label (class name), label_id,
     sha256, and ``features`` (the flattened row as a NumPy array). Needs pandas."""
     pd = _need("pandas", "to_pandas", "pandas")
@@ -107,7 +107,7 @@ def to_pandas(fs: "FeatureSet", split: str | None = None, dtype: str = "float32"
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
-def to_hf(fs: "FeatureSet", split: str | None = None, dtype: str = "float32", pool: str = "none"):
+def to_hf(fs: FeatureSet, split: str | None = None, dtype: str = "float32", pool: str = "none"):
     """A Hugging Face ``datasets.Dataset`` of ``split`` (a ``DatasetDict`` of every split without one):
     ``features`` (flattened, a fixed-length sequence), ``label`` (a ``ClassLabel`` of the set's
     classes; -1 where unlabelled), path, sha256. Needs datasets (``pip install datasets``)."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import zarr

@@ -16,8 +16,8 @@ import os
 import socket
 import threading
 import uuid
-from datetime import datetime, timezone
-from typing import Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
 
 import zarr
 
@@ -46,7 +46,7 @@ class _NoLease:
     def release(self) -> None:
         pass
 
-    def __enter__(self) -> "_NoLease":
+    def __enter__(self) -> _NoLease:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,7 +83,7 @@ class Lease:
         except Exception:  # gone already, or a store we cannot write: it expires by itself
             pass
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -119,7 +119,7 @@ class Leases:
             parent = self.root["leases"]
         except KeyError:
             return set(), []
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         live: set[str] = set()
         stale: list[str] = []
         for name, group in child_groups(parent, None, "lease"):

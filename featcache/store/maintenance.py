@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,7 @@ def gc(store: Store, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport
     old one is removed, so readers never miss a row. If any set cannot be read, no row is
     removed: what it refers to cannot be known.
     """
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def old(recorded) -> bool:
         stamp = parse_time(recorded)

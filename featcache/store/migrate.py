@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from ..errors import StoreError
 from ..choices import SPLITS
+from ..errors import StoreError
 from ..units import now_iso
 from .groups import MARKER_ATTRS, child_groups, is_committed, is_read_only, require_group
 from .leases import created_by
@@ -208,7 +208,7 @@ class _Lock:
         except (ValueError, TypeError, KeyError, RecursionError):
             return {}
 
-    def __enter__(self) -> "_Lock":
+    def __enter__(self) -> _Lock:
         for _ in range(2):
             raw = self._put()
             holder = self._holder(raw)

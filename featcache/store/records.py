@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..choices import DTYPES, MAX_CLASSES, POOLS, RECORDED_PRECISIONS, SPLITS
 from ..errors import StoreError
@@ -39,7 +40,7 @@ class _Attrs(Fields):
     def bad(self, name: str, want: str, got: Any = None) -> StoreError:
         return self.error(f"{self.where} has a malformed attribute {self.prefix + name!r} (expected {want}); {self.fix}")
 
-    def obj(self, name: str, optional: bool = False) -> "_Attrs | None":
+    def obj(self, name: str, optional: bool = False) -> _Attrs | None:
         value = self.get(name, lambda v: isinstance(v, dict), "an object", optional)
         return None if value is None else _Attrs(value, self.key, f"{self.prefix}{name}.")
 
@@ -158,7 +159,7 @@ class SetRecord:
         return {**extra, **d}
 
     @classmethod
-    def from_attrs(cls, key: str, a: Mapping) -> "SetRecord":
+    def from_attrs(cls, key: str, a: Mapping) -> SetRecord:
         """Parse and check every field; a failure is one StoreError naming the set and the field."""
         if not isinstance(a, Mapping):
             raise _Attrs({}, key).bad("attributes", "an object")
@@ -169,7 +170,7 @@ class SetRecord:
             raise f.bad(e.name, e.want) from None
 
     @classmethod
-    def _parse(cls, key: str, f: _Attrs) -> "SetRecord":
+    def _parse(cls, key: str, f: _Attrs) -> SetRecord:
         a = f.doc
         _str(a.get("key"), "key", re.compile(r"[0-9a-f]{12}"))
         space = _str(a.get("space"), "space", _HEX16)
@@ -244,7 +245,7 @@ class SetRecord:
             skipped=_files(a.get("skipped", []), "skipped"),
             ignored=_files(a.get("ignored", []), "ignored"),
             config=_dict(a.get("config", {}), "config", 1 << 16),
-            versions={k: v for k, v in _dict(a.get("versions", {}), "versions", 1 << 14).items()},
+            versions=dict(_dict(a.get("versions", {}), "versions", 1 << 14)),
             created_at=_str(a.get("created_at"), "created_at", limit=64),
             created_by=_str(a.get("created_by", "unknown"), "created_by", limit=512),
             integrity=integrity,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import zarr
@@ -153,7 +154,7 @@ class Rows:
     def new_segment(
         self, space: str, capacity: int, shape: tuple[int, ...], dtype: str, compressor: Any = None
     ) -> SegmentWriter:
-        key = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        key = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         group = require_group(self.root["spaces"][space], "segments").create_group(
             key, attributes=uncommitted(created_at=now_iso(), created_by=created_by()))
         return SegmentWriter(group, capacity, shape, dtype, compressor or default_compressor())

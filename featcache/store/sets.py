@@ -15,9 +15,9 @@ import numpy as np
 import zarr
 
 from ..errors import SetNotFound, StoreError
-from .records import SetRecord
 from ..keys import row_key, set_key
 from .groups import read_checked
+from .records import SetRecord
 from .segments import arrays_to_keys, decode_strings
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ FILE_LISTS = ("skipped", "ignored")  # (path, reason) lists, in arrays of the se
 class FeatureSet:
     """A committed dataset view: classes, per-split labels/paths, rows gathered from its space."""
 
-    def __init__(self, store: "Store", key: str, group: zarr.Group):
+    def __init__(self, store: Store, key: str, group: zarr.Group):
         self.store = store
         self.key = key
         self.group = group

@@ -21,13 +21,23 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..units import human_bytes, now_iso
 from ..errors import AmbiguousSet, DataError, SetNotFound, StoreError
-from .records import SetRecord, parse_files
+from ..units import human_bytes, now_iso
 from . import groups as _groups
-from .groups import (child_groups, commit_stamp, digest_values, group_bytes, is_committed, mark_committed, meta_size,
-                     require_group, uncommitted, write_array)
+from .groups import (
+    child_groups,
+    commit_stamp,
+    digest_values,
+    group_bytes,
+    is_committed,
+    mark_committed,
+    meta_size,
+    require_group,
+    uncommitted,
+    write_array,
+)
 from .leases import Leases, created_by
+from .records import SetRecord, parse_files
 from .rows import Rows
 from .segments import encode_strings, hashes_to_array
 from .sets import FILE_LISTS, FeatureSet
@@ -186,7 +196,7 @@ class Store(Rows, Leases):
             me = created_by().split("@")[0]
             rule, wanted = f"made by {me}", lambda a: str(a.get("created_by", "")).split("@")[0] == me
             if not any(wanted(g.attrs) for _, _, g in groups) and len({k for k, _, _ in groups}) == 1:
-                wanted = lambda a: True  # noqa: E731  (one set: nothing to choose between)
+                wanted = lambda a: True
         candidates = [(str(g.attrs.get("created_at", "")), k, g) for k, _, g in groups if wanted(g.attrs)]
         if candidates:
             _, k, group = max(candidates, key=lambda c: (c[0], c[1]))

@@ -3,7 +3,8 @@ from the store a window of stored chunks at a time. Imported only when asked for
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ class StreamingRows(IterableDataset):
     call ``set_epoch`` between epochs, as with ``DistributedSampler``); ``DataLoader`` workers take
     disjoint shares of the chunks, so every row comes once per epoch."""
 
-    def __init__(self, fs: "FeatureSet", split: str, dtype: str, pool: str, shuffle: bool, seed: int, window: int):
+    def __init__(self, fs: FeatureSet, split: str, dtype: str, pool: str, shuffle: bool, seed: int, window: int):
         self.fs, self.split, self.dtype, self.pool = fs, split, dtype, pool
         self.shuffle, self.seed, self.window, self.epoch = shuffle, seed, int(window), 0
         self.hashes, self.labels = fs.hashes(split), fs.labels(split).astype(np.int64)
