@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import reprlib
-from typing import Any
+from typing import Any, Literal, overload
 
 from .errors import FeatcacheError, RunError
 
@@ -54,8 +54,20 @@ class Fields:
             raise self.bad(name, want, value)
         return value
 
+    @overload
+    def integer(self, name: str, lo: int = ..., hi: int = ..., optional: Literal[False] = ...) -> int: ...
+    @overload
+    def integer(self, name: str, lo: int = ..., hi: int = ..., optional: bool = ...) -> int | None: ...
+
     def integer(self, name: str, lo: int = 0, hi: int = 2**62, optional: bool = False) -> int | None:
         return self.get(name, lambda v: is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi}]", optional)
+
+    @overload
+    def number(self, name: str, lo: float = ..., hi: float = ..., optional: Literal[False] = ...,
+               nonfinite: bool = ...) -> float: ...
+    @overload
+    def number(self, name: str, lo: float = ..., hi: float = ..., optional: bool = ..., nonfinite: bool = ...
+               ) -> float | None: ...
 
     def number(self, name: str, lo: float = -math.inf, hi: float = math.inf, optional: bool = False,
                nonfinite: bool = False) -> float | None:
@@ -66,6 +78,11 @@ class Fields:
         want = f"a finite number in [{lo}, {hi}]" + (" (or NaN/inf)" if nonfinite else "")
         return self.get(name, ok, want, optional)
 
+    @overload
+    def text(self, name: str, optional: Literal[False] = ..., choices: tuple[str, ...] | None = ...) -> str: ...
+    @overload
+    def text(self, name: str, optional: bool = ..., choices: tuple[str, ...] | None = ...) -> str | None: ...
+
     def text(self, name: str, optional: bool = False, choices: tuple[str, ...] | None = None) -> str | None:
         if choices:
             return self.get(name, lambda v: v in choices, "one of " + ", ".join(choices), optional)
@@ -73,6 +90,11 @@ class Fields:
 
     def flag(self, name: str, optional: bool = False, default: bool | None = None) -> bool | None:
         return self.get(name, lambda v: isinstance(v, bool), "true or false", optional, default)
+
+    @overload
+    def obj(self, name: str, optional: Literal[False] = ...) -> Fields: ...
+    @overload
+    def obj(self, name: str, optional: bool = ...) -> Fields | None: ...
 
     def obj(self, name: str, optional: bool = False) -> Fields | None:
         value = self.get(name, lambda v: isinstance(v, dict), "a JSON object", optional)
