@@ -64,7 +64,7 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
         raise DataError(
             f"set {fs.key} was made from {r.data_root!r}; pass that folder (or its copy) with --data to compare. "
             "featcache does not walk a folder named by a store by itself.",
-            option="--data",
+            param="data",
         )
     cfg = r.config
     text = lambda v: v if isinstance(v, str) else None
@@ -108,7 +108,7 @@ def _labels_inside(fs: FeatureSet, labels: str | None, data: str) -> Path | None
     if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
         raise DataError(f"set {fs.key} was made with the labels file {labels!r}, outside its data folder "
                         f"{fs.record.data_root!r}; featcache opens no file a store names, so the folder cannot be "
-                        "compared. Re-extract with the CSV inside the data folder.", option="--data")
+                        "compared. Re-extract with the CSV inside the data folder.", param="data")
     return safe_join(data, rel)
 
 
@@ -220,7 +220,7 @@ def _recompute(fs: FeatureSet, root: Path, sample: int, seed: int, backbone: str
     from .data import decode_bytes, open_regular
 
     if not root.is_dir():
-        raise DataError(f"data folder {str(root)!r} does not exist", option="--data")
+        raise DataError(f"data folder {str(root)!r} does not exist", param="data")
     r = fs.record
     bb = rebuild_backbone(r.config, r.backbone, given=backbone, weights=weights)
     if bb.weights_sha256 != r.weights_sha256:

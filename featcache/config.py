@@ -102,11 +102,10 @@ class ExtractConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
-        given = [name for name, value in (("--ray-address", self.ray_address), ("--ray-gpus-per-actor",
-                 self.ray_gpus_per_actor), ("--ray-decode-cpus", self.ray_decode_cpus),
-                 ("--ray-max-actors", self.ray_max_actors)) if value]
+        given = [name for name in ("ray_address", "ray_gpus_per_actor", "ray_decode_cpus", "ray_max_actors")
+                 if getattr(self, name)]
         if self.engine != "ray" and given:
-            raise FeatcacheError(f"{given[0]} needs --engine ray", option=given[0])
+            raise FeatcacheError(f"--{given[0].replace('_', '-')} needs --engine ray", param=given[0])
         if self.ray_gpus_per_actor < 0:
             raise ValueError(f"ray_gpus_per_actor must be >= 0; got {self.ray_gpus_per_actor}")
         if self.ray_decode_cpus is not None and not self.ray_decode_cpus > 0:
@@ -119,7 +118,7 @@ class ExtractConfig:
         object.__setattr__(self, "split", parse_split(self.split))
         object.__setattr__(self, "labels_from_name", parse_name_pattern(self.labels_from_name))
         object.__setattr__(self, "classes", parse_classes(self.classes))
-        object.__setattr__(self, "exclude_class", parse_classes(self.exclude_class or None, "--exclude-class") or ())
+        object.__setattr__(self, "exclude_class", parse_classes(self.exclude_class or None, "exclude_class") or ())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -227,13 +226,15 @@ def parse_name_pattern(text: str | None) -> str | None:
     return text
 
 
-def parse_classes(value: str | Sequence[str] | None, option: str = "--classes") -> tuple[str, ...] | None:
-    """``"cats,dogs"`` → ``("cats", "dogs")``; None stays None; an empty list is refused."""
+def parse_classes(value: str | Sequence[str] | None, param: str = "classes") -> tuple[str, ...] | None:
+    """``"cats,dogs"`` → ``("cats", "dogs")``; None stays None; an empty list is refused (``param``: classes or
+    exclude_class)."""
+    option = "--" + param.replace("_", "-")
     if value is None:
         return None
     names = [unicodedata.normalize("NFC", n.strip()) for n in (value.split(",") if isinstance(value, str) else value)]
     if not names or not all(names):
-        raise DataError(f"{option} takes class names like cats,dogs; got {value!r}", option=option)
+        raise DataError(f"{option} takes class names like cats,dogs; got {value!r}", param=param)
     return tuple(dict.fromkeys(names))
 
 

@@ -26,16 +26,14 @@ class FeatcacheError(Exception):
     ``param`` names the Python parameter whose value caused the error, when one did: the name a
     library function or config takes it by (``"layer"``, ``"split"``, ``"run"``). The command line
     maps it to its own option or argument in one place (``featcache.cli.kit.cli_param``) and
-    reports a usage error for that option. ``option="--layer"``, a flag, is the older spelling and
+    reports a usage error for that option. ``param="layer"``, a flag, is the older spelling and
     still accepted: it is read as the parameter click would name after that flag.
     """
 
     param: str | None = None
 
-    def __init__(self, *args: object, param: str | None = None, option: str | None = None) -> None:
+    def __init__(self, *args: object, param: str | None = None) -> None:
         super().__init__(*args)
-        if param is None and option is not None:
-            param = option.lstrip("-").replace("-", "_").lower()  # click's rule: --labels-from-name -> labels_from_name
         if param is not None:
             self.param = param
 

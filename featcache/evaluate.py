@@ -87,7 +87,7 @@ def evaluate(run: str | Path, data: str | Path, store: bool = True, backbone: st
              for s in manifest.unlabelled]
     items = [it for it in manifest.items if it.label >= 0]
     if not items:
-        raise DataError(f"no labelled images in {data}; evaluate needs class folders or labels", option="--data")
+        raise DataError(f"no labelled images in {data}; evaluate needs class folders or labels", param="data")
     to_run = [record.classes.index(c) for c in manifest.classes]
     y = np.array([to_run[it.label] for it in items], dtype=np.int64)
     proba = np.zeros((len(items), len(record.classes)), dtype=np.float32)  # the heads' own dtype, as fit measures

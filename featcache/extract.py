@@ -223,7 +223,7 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
         check_backbone_name(cfg.backbone)  # a mistyped name is refused before the folder is scanned
     if cfg.engine == "ray":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise FeatcacheError("--engine ray runs from one driver; start it without torchrun", option="--engine")
+            raise FeatcacheError("--engine ray runs from one driver; start it without torchrun", param="engine")
         from .ray_engine import import_ray
 
         import_ray()  # a missing extra is one clear error before anything is scanned or written

@@ -131,11 +131,12 @@ def discard_run_dir(run_dir: Path, made: bool) -> None:
 
 def new_folder(out: str | None, runs: str, label: str) -> Path:
     """``out`` (new or empty), else a new ``runs/<time>-<label>`` folder."""
-    option, path = ("--out", Path(out)) if out else ("--runs", None)
+    param, path = ("out", Path(out)) if out else ("runs", None)
+    option = "--" + param
     try:
         if path is not None:
             if path.exists() and (not path.is_dir() or any(path.iterdir())):
-                raise RunError(f"run directory {path} exists and is not an empty folder; choose another --out", option=option)
+                raise RunError(f"run directory {path} exists and is not an empty folder; choose another --out", param=param)
             path.mkdir(parents=True, exist_ok=True)
             return path
         base = Path(runs) / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{label}"
@@ -150,7 +151,7 @@ def new_folder(out: str | None, runs: str, label: str) -> Path:
                 n += 1
                 path = base.with_name(f"{base.name}-{n}")
     except OSError as e:
-        raise RunError(f"cannot create run directory {path}: {e.strerror or e}; choose another {option}", option=option) from None
+        raise RunError(f"cannot create run directory {path}: {e.strerror or e}; choose another {option}", param=param) from None
 
 
 def fit(

@@ -114,7 +114,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatcacheError("CUDA is not available on this machine; valid here: auto, cpu", option="--device")
+        raise FeatcacheError("CUDA is not available on this machine; valid here: auto, cpu", param="device")
     return torch.device(name)
 
 
@@ -232,7 +232,7 @@ def checked(out: np.ndarray, dtype: str, backbone: Backbone, items: Sequence[_It
     if not np.isfinite(stored).all():
         top = float(np.abs(out).max())
         raise DataError(f"features overflow {dtype} at layer {backbone.layer} (largest |value| {top:.3g}); "
-                        "pass --dtype float32", option="--dtype")
+                        "pass --dtype float32", param="dtype")
     if stored.dtype != out.dtype and len(out):
         lost = cast_error(out, stored)
         bad = lost > MAX_CAST_ERROR
@@ -241,7 +241,7 @@ def checked(out: np.ndarray, dtype: str, backbone: Backbone, items: Sequence[_It
             raise DataError(f"features underflow {dtype} at layer {backbone.layer}: {int(bad.sum())} image(s) lose "
                             f"their values in the cast (relative L2 error up to {float(lost.max()):.3g}, largest "
                             f"|value| {top:.3g}; first {items[int(np.flatnonzero(bad)[0])].path}); nothing of this "
-                            "batch was stored. Pass --dtype float32", option="--dtype")
+                            "batch was stored. Pass --dtype float32", param="dtype")
     return stored
 
 

@@ -67,7 +67,7 @@ def _expand(paths: list[str | Path]) -> list[Path]:
         elif os.path.lexists(p):
             out.append(p)
         else:
-            raise DataError(f"{str(p)!r} does not exist; pass image files or folders of them", option="PATHS")
+            raise DataError(f"{str(p)!r} does not exist; pass image files or folders of them", param="paths")
     return out
 
 

@@ -53,7 +53,7 @@ def check_head_options(head: type, given) -> None:
         if name in HEAD_OPTIONS and name not in takes:
             own = ", ".join(_flag(p) for p in HEAD_OPTIONS if p in takes)
             raise FeatcacheError(f"{_flag(name)} is not an option of --head {head.name} (its options: {own})",
-                                 option=_flag(name))
+                                 param=name)
 
 
 def given_options(cfg: FitConfig) -> set[str]:
@@ -79,7 +79,7 @@ def check_memory_for(cfg: FitConfig, head: type, fs: FeatureSet) -> None:
         raise FeatcacheError(
             f"--head {head.name} needs the whole set in memory ({human_bytes(need)} as float32) but --max-memory is "
             f"{human_bytes(budget)}; raise --max-memory or use --head {streaming}, which stream",
-            option="--max-memory",
+            param="max_memory",
         )
 
 
@@ -134,7 +134,7 @@ def check_set_for(cfg: FitConfig, head: type, fs: FeatureSet) -> None:
         raise FeatcacheError(
             f"--head {head.name} trains the network after the cached layer, so it needs unpooled features; set "
             f"{fs.key} is pooled ({r.pool}) or --pool was given. Extract with --layer {r.layer} --pool none.",
-            option="--head",
+            param="head",
         )
     from .backbones import check_rest
 

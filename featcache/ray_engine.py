@@ -47,7 +47,7 @@ def import_ray():
         import ray
         import ray.data
     except ImportError:
-        raise FeatcacheError("--engine ray needs Ray Data: pip install 'featcache[ray]'", option="--engine") from None
+        raise FeatcacheError("--engine ray needs Ray Data: pip install 'featcache[ray]'", param="engine") from None
     return ray
 
 
@@ -68,7 +68,7 @@ def connect(address: str | None = None) -> Any:
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         where = address or "a local instance"
-        raise FeatcacheError(f"cannot connect to Ray at {where}: {first}", option="--ray-address") from None
+        raise FeatcacheError(f"cannot connect to Ray at {where}: {first}", param="ray_address") from None
     _messages_to_stderr(ray)
     return ray
 

@@ -281,16 +281,16 @@ class RunRecord:
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunRecord:
-        """Read and check a run directory; a damaged one is a RunError (``option="RUN"`` when it is no run at all)."""
+        """Read and check a run directory; a damaged one is a RunError (``param="run"`` when it is no run at all)."""
         run, where = Path(run_dir), str(run_dir)
         try:
             if not run.is_dir():
                 why = "it is a file" if run.exists() else "it does not exist"
-                raise RunError(f"{where} is not a featcache run directory ({why})", option="RUN")
+                raise RunError(f"{where} is not a featcache run directory ({why})", param="run")
             if not any((run / name).exists() for name in ("config.json", "metrics.json")):
-                raise RunError(f"{where} is not a featcache run directory (no metrics.json/config.json)", option="RUN")
+                raise RunError(f"{where} is not a featcache run directory (no metrics.json/config.json)", param="run")
         except OSError as e:
-            raise RunError(f"{where} cannot be read as a run directory: {e.strerror or e}", option="RUN") from None
+            raise RunError(f"{where} cannot be read as a run directory: {e.strerror or e}", param="run") from None
         info = read_json(run / "config.json", where)
         metrics = read_json(run / "metrics.json", where)
         history = read_json(run / "history.json", where)

@@ -47,7 +47,7 @@ def combinations(base: FitConfig, grid: dict[str, list], given: set[str] | None 
     for name in sorted(set(grid) | set(given or ())):
         if name in HEAD_OPTIONS and not any(name in t for t in taken.values()):
             flag = "--" + name.replace("_", "-")
-            raise FeatcacheError(f"{flag} is not an option of --head {','.join(heads)}", option=flag)
+            raise FeatcacheError(f"{flag} is not an option of --head {','.join(heads)}", param=name)
     out = []
     for head in heads:
         keys = [k for k in grid if k != "head" and (k not in HEAD_OPTIONS or k in taken[head])]

@@ -248,7 +248,7 @@ class TensorBoardTracker(Tracker):
             raise FeatcacheError("--tracker tensorboard needs TensorBoard: pip install 'featcache[tensorboard]'") from None
         if uri is not None and "://" in uri:
             raise FeatcacheError(f"--tracking-uri for tensorboard is a folder for its event files; got {uri!r}",
-                                 option="--tracking-uri")
+                                 param="tracking_uri")
         self._writer, self._hparams = SummaryWriter, hparams
         self.root = Path(uri) if uri else None
         self.where = (f"tracked in TensorBoard event files under {self.root} (see: tensorboard --logdir {self.root})"
@@ -364,7 +364,7 @@ def open_tracking(kind: str | None, uri: str | None, home: str | Path) -> Tracki
     if kind is None:
         return None
     if kind not in _ADAPTERS:
-        raise FeatcacheError(f"--tracker must be one of {', '.join(TRACKERS)}; got {kind!r}", option="--tracker")
+        raise FeatcacheError(f"--tracker must be one of {', '.join(TRACKERS)}; got {kind!r}", param="tracker")
     try:
         return Tracking(_ADAPTERS[kind](uri, Path(home)))
     except FeatcacheError:

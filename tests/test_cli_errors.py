@@ -121,17 +121,15 @@ def test_an_error_naming_a_python_parameter_is_a_usage_error_for_its_flag(tmp_pa
     """A library error says ``param="store"``; report keeps that option as ``store_url``: the usage
     error names ``--store``. A parameter the command does not have is a plain ``Error:`` line."""
     import featcache.report
-    from featcache.errors import FeatcacheError, RunError
+    from featcache.errors import FeatcacheError
 
     def refuse(run, **kwargs):
         raise FeatcacheError(f"no store for {run}", param=refused)
 
     monkeypatch.setattr(featcache.report, "write_report", refuse)
-    for _refused, named in (("store", "'--store'"), ("run", "'RUN'"), ("backbone", "'--backbone'")):
+    for refused, named in (("store", "'--store'"), ("run", "'RUN'"), ("backbone", "'--backbone'")):  # noqa: B007  (refuse reads it)
         r = _invoke("report", str(tmp_path / "run"))
         assert r.exit_code == 2 and f"Error: Invalid value for {named}: no store for " in r.output, r.output
     refused = "layer"  # report has no --layer
     r = _invoke("report", str(tmp_path / "run"))
     assert r.exit_code == 1 and r.output == f"Error: no store for {tmp_path / 'run'}\n"
-    assert RunError("x", option="--labels-from-name").param == "labels_from_name"  # the older spelling still maps
-    assert RunError("x", option="RUN").param == "run"

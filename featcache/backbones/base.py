@@ -154,7 +154,7 @@ def read_state_file(path: str | Path, values: str = WEIGHTS_VALUES) -> dict:
     """A plain state dict from a ``.safetensors`` file or a torch file (``weights_only=True``); never pickle."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {str(path)!r} does not exist {values}", option="--weights")
+        raise WeightsError(f"weights file {str(path)!r} does not exist {values}", param="weights")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -166,14 +166,14 @@ def read_state_file(path: str | Path, values: str = WEIGHTS_VALUES) -> dict:
         raise WeightsError(
             f"cannot load weights from {str(path)!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}. "
             "featcache loads only plain state dicts (safetensors, or torch.load with weights_only=True).",
-            option="--weights",
+            param="weights",
         ) from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
                 state = state[key]
     if not isinstance(state, dict):
-        raise WeightsError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict", option="--weights")
+        raise WeightsError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict", param="weights")
     return state
 
 
@@ -184,7 +184,7 @@ def load_weights_file(model: nn.Module, path: str | Path, values: str = WEIGHTS_
         model.load_state_dict(state)
     except RuntimeError as e:
         raise WeightsError(
-            f"weights in {str(path)!r} do not fit this architecture: {str(e).splitlines()[0]}", option="--weights"
+            f"weights in {str(path)!r} do not fit this architecture: {str(e).splitlines()[0]}", param="weights"
         ) from None
 
 

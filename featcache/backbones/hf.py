@@ -159,7 +159,7 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, Any, str]:
     _check_sizes(processor, where)
     if weights not in (None, "DEFAULT"):
         if Path(weights).suffix != ".safetensors":
-            raise WeightsError(f"unknown weights {weights!r} for {where} {_VALUES}", option="--weights")
+            raise WeightsError(f"unknown weights {weights!r} for {where} {_VALUES}", param="weights")
         load_weights_file(model, weights, _VALUES)
         weights_id = f"file:{Path(weights).name}"
     return model.eval(), processor, weights_id

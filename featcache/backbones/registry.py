@@ -101,7 +101,7 @@ def layer_shapes(name: str, match: str | None = None) -> tuple[list[tuple[str, t
         if not kept:
             top = [n for n, _ in shapes if "." not in n]
             raise UnknownLayer(f"no layer of {name} matches {match!r} (a pattern such as 'layer*'). "
-                               f"Layers: {', '.join(top)}", option="--match")
+                               f"Layers: {', '.join(top)}", param="match")
         shapes = kept
     return shapes, default
 
@@ -184,7 +184,7 @@ def check_rest(name: str) -> None:
     if _source(name)[0] is hf_source:
         raise UnknownBackbone(f"the rest head cannot continue the Hugging Face model {name}: featcache cuts it at "
                               "its outputs, not inside the network. Use the mlp, linear, logreg or svm head.",
-                              option="--head")
+                              param="head")
 
 
 def create_rest(name: str, layer: str | None, weights: str | None, n_classes: int) -> tuple[nn.Module, str]:
@@ -223,7 +223,7 @@ def check_user_backbone(backbone: str | None = None, weights: str | None = None)
         elif backbone not in backbone_names():
             raise unknown_backbone(backbone)
     if weights is not None and weights.lower() not in ("none", "default") and not Path(weights).is_file():
-        raise WeightsError(f"weights file {weights!r} does not exist {WEIGHTS_VALUES}", option="--weights")
+        raise WeightsError(f"weights file {weights!r} does not exist {WEIGHTS_VALUES}", param="weights")
 
 
 _WEIGHTS_NAME = re.compile(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*")
@@ -273,7 +273,7 @@ def rebuild_backbone(config: dict, stored_name: str, given: str | None = None, w
         raise WeightsError(
             f"these features were extracted with the weights file {stored_weights!r}; featcache reads no file named "
             "by a store or a run. Pass --weights PATH (its digest is checked against the stored one).",
-            option="--weights",
+            param="weights",
         )
     layer = config.get("layer") if isinstance(config, dict) else None
     pool = config.get("pool") if isinstance(config, dict) else None

@@ -85,7 +85,7 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, str]:
     if weights is None or weights != "DEFAULT":
         if weights is not None and not (Path(weights).suffix in (".safetensors", ".pth", ".pt", ".bin")
                                         or Path(weights).is_file()):
-            raise WeightsError(f"unknown weights {weights!r} for timm:{name} {_VALUES}", option="--weights")
+            raise WeightsError(f"unknown weights {weights!r} for timm:{name} {_VALUES}", param="weights")
         with seeded():
             model = timm.create_model(name, pretrained=False)
         if weights is None:
@@ -100,13 +100,13 @@ def _load(name: str, weights: str | None) -> tuple[nn.Module, str]:
         hub_id = getattr(hub, "hf_hub_id", None) if hub is not None else None
         if offline and hub_id:
             raise WeightsError(f"cannot load timm's pretrained weights for {name}: "
-                               f"{offline_hint(hub_id, '--weights DIR/model.safetensors')}", option="--weights") from None
+                               f"{offline_hint(hub_id, '--weights DIR/model.safetensors')}", param="weights") from None
         raise WeightsError(
             f"could not get timm's pretrained weights for {name} ({e.__class__.__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). With no network, download "
             f"{'https://huggingface.co/' + hub_id + '/blob/main/model.safetensors' if hub_id else 'the weights'} "
             "elsewhere and pass --weights /path/to/model.safetensors",
-            option="--weights",
+            param="weights",
         ) from None
     cfg = model.pretrained_cfg
     return model, f"timm:{cfg.get('architecture', name)}.{cfg.get('tag', '')}".rstrip(".")

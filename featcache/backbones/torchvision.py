@@ -100,14 +100,14 @@ def load(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
     else:
         if enum is None:
             raise WeightsError(
-                f"{name} has no pretrained weights in torchvision; use --weights none or a .pth file", option="--weights"
+                f"{name} has no pretrained weights in torchvision; use --weights none or a .pth file", param="weights"
             )
         choices = ["DEFAULT"] + [w.name for w in enum]
         if weights != "DEFAULT" and weights not in enum.__members__:
             raise WeightsError(
                 f"unknown weights {weights!r} for {name}. Choose one of: {', '.join(choices)}, none, "
                 "or a path to a .pth file",
-                option="--weights",
+                param="weights",
             )
         chosen = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
         model = torchvision.models.get_model(name, weights=None)

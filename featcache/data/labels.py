@@ -86,19 +86,19 @@ def labels_by_pattern(pattern: str, names: Sequence[str]) -> list[str | None]:
         while not here.poll(0.1):
             if not proc.is_alive():
                 raise DataError(f"matching the file names with --labels-from-name {pattern!r} failed "
-                                f"(exit status {proc.exitcode}); re-run the command", option="--labels-from-name")
+                                f"(exit status {proc.exitcode}); re-run the command", param="labels_from_name")
             if at.value != last:
                 last, since = at.value, time.monotonic()
             elif time.monotonic() - since > MATCH_SECONDS and 0 <= last < len(names):
                 raise DataError(f"--labels-from-name {pattern!r} was still matching the file name {names[last]!r} "
                                 f"after {MATCH_SECONDS:g} s: the expression backtracks catastrophically (a repeat inside "
                                 "a repeat like (a+)+, or alternatives that overlap like (a|ab)*). Write it without nested "
-                                f"repeats, like {DEFAULT_NAME_PATTERN!r}", option="--labels-from-name")
+                                f"repeats, like {DEFAULT_NAME_PATTERN!r}", param="labels_from_name")
         try:
             return here.recv()
         except EOFError:
             raise DataError(f"matching the file names with --labels-from-name {pattern!r} failed; re-run the command",
-                            option="--labels-from-name") from None
+                            param="labels_from_name") from None
     finally:
         if proc.is_alive():
             proc.kill()
@@ -117,12 +117,12 @@ def read_labels_csv(path: Path, root: Path) -> list[tuple[str | None, str | None
             if path_col is None or label_col is None:
                 raise DataError(f"{path} needs a header row with a path column (path or file_name) and a label "
                                 f"column (label); its first row is: {', '.join(reader.fieldnames or []) or '(empty)'}",
-                                option="--labels")
+                                param="labels")
             split_col = fields.get("split")
             rows = [(r.get(split_col) if split_col else None, r.get(label_col), r.get(path_col), reader.line_num)
                     for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read labels file {path}: {getattr(e, 'strerror', None) or e}", option="--labels") from None
+        raise DataError(f"cannot read labels file {path}: {getattr(e, 'strerror', None) or e}", param="labels") from None
     base, top = Path(os.path.abspath(path.parent)), Path(os.path.abspath(root))
     out = []
     for split, label, rel, line in rows:
@@ -131,9 +131,9 @@ def read_labels_csv(path: Path, root: Path) -> list[tuple[str | None, str | None
         if not rel or Path(rel).is_absolute() or not full.is_relative_to(top):
             raise DataError(f"{path} line {line}: {rel!r} is not a path relative to the CSV inside the data folder "
                             f"{root}. Put the CSV beside the images and give paths like images/0001.jpg.",
-                            option="--labels")
+                            param="labels")
         if split and not split_of(split.strip()):
-            raise DataError(f"{path} line {line}: split {split!r} is not train, val or test", option="--labels")
+            raise DataError(f"{path} line {line}: split {split!r} is not train, val or test", param="labels")
         inside = root / os.path.relpath(full, top)  # paths below root as the rest of the walk names them
         out.append((split_of(split.strip()) if split else None, (label or "").strip() or None, inside))
     return out

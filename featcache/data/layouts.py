@@ -102,7 +102,7 @@ def _from_csv(finder: Finder, csv_path: Path) -> tuple[str, list[tuple[str, str,
     for split, label, full in rows:
         if full in labels and labels[full] != label:
             raise DataError(f"{csv_path} gives {rel_path(full, finder.root)} two labels ({labels[full]}, {label}); "
-                            "keep one row per file", option="--labels")
+                            "keep one row per file", param="labels")
         if full in labels:
             continue
         labels[full] = label
@@ -113,7 +113,7 @@ def _from_csv(finder: Finder, csv_path: Path) -> tuple[str, list[tuple[str, str,
     if "" in groups and len(groups) > 1:
         raise DataError(f"{csv_path} mixes files in split folders with files outside them; "
                         "give every row a split (a split column, or paths under train/, val/, test/)",
-                        option="--labels")
+                        param="labels")
     csv_rel = rel_path(csv_path, finder.root)
     for p in finder.images_below(finder.root):
         if p not in labels:
@@ -219,9 +219,9 @@ def _no_labels(folder: Path, root: Path, group: dict, how: str, pattern: str | N
     by_name = sorted(k for k in _labels_by_name(group.get(None, []), DEFAULT_NAME_PATTERN) if k is not None)
     if how == "names":
         return DataError(f"no file name in {folder} gives a label with --labels-from-name {pattern!r} (cat.0.jpg → cat); "
-                         "pass a regular expression whose one group captures the label", option="--labels-from-name")
+                         "pass a regular expression whose one group captures the label", param="labels_from_name")
     if how == "csv":
-        return DataError(f"{csv_path} gives no label to the training images; fill its label column", option="--labels")
+        return DataError(f"{csv_path} gives no label to the training images; fill its label column", param="labels")
     if loose and 2 <= len(by_name) <= loose // 2:  # names that repeat, like cat.0.jpg, cat.1.jpg
         return DataError(f"no class folders in {folder}: its {loose} images are not sorted into class folders, but "
                          f"their names give the labels {_shown(by_name)}. Add --labels-from-name to use them.")
@@ -281,30 +281,30 @@ def _resolve(finder: Finder, root: Path, base: Path, kind: str, how: str, groups
 
 def _filter(names: list[str], classes: tuple[str, ...] | None, exclude: tuple[str, ...] | None) -> list[str]:
     keep = list(names)
-    for chosen, option in ((classes, "--classes"), (exclude, "--exclude-class")):
+    for chosen, param in ((classes, "classes"), (exclude, "exclude_class")):
         unknown = [c for c in chosen or () if c not in names]
         if unknown:
-            raise DataError(f"{option} {', '.join(unknown)}: no such class here. Classes found: {_shown(names)}",
-                            option=option)
+            raise DataError(f"--{param.replace('_', '-')} {', '.join(unknown)}: no such class here. Classes found: "
+                            f"{_shown(names)}", param=param)
     if classes is not None:
         keep = [n for n in keep if n in classes]
     return [n for n in keep if n not in (exclude or ())]
 
 
 def _check_two(keep: list[str], names: list[str], folder: Path, how: str, pattern: str | None,
-               csv_path: Path | None, option: str) -> None:
+               csv_path: Path | None, param: str) -> None:
     if len(keep) >= 2:
         return
     if len(names) >= 2:
-        raise DataError(f"{option} leaves {len(keep)} of {len(names)} classes ({', '.join(keep) or 'none'}); a "
-                        "classifier needs at least 2", option=option)
+        raise DataError(f"--{param.replace('_', '-')} leaves {len(keep)} of {len(names)} classes "
+                        f"({', '.join(keep) or 'none'}); a classifier needs at least 2", param=param)
     if how == "names":
         raise DataError(f"every file name in {folder} gives the label {names[0]!r} with --labels-from-name {pattern!r}; "
                         "a classifier needs at least 2 classes. Pass a regular expression whose one group captures "
-                        "the label", option="--labels-from-name")
+                        "the label", param="labels_from_name")
     if how == "csv":
         raise DataError(f"{csv_path} gives every training image the label {names[0]!r}; a classifier needs at least "
-                        "2 classes", option="--labels")
+                        "2 classes", param="labels")
     inner = folder / names[0]
     nested = [d for d in inner.iterdir() if d.is_dir() and not d.name.startswith(".")] if inner.is_dir() else []
     hint = f"pass the folder that holds the class folders: --data {inner}" if len(nested) >= 2 else "add a folder per class"
@@ -321,12 +321,12 @@ def find_layout(
     """Find the splits, classes and labelled files in ``root`` (nothing is read but names)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {str(root)!r} does not exist. Pass --data DIR (default: data/).", option="--data")
+        raise DataError(f"data folder {str(root)!r} does not exist. Pass --data DIR (default: data/).", param="data")
     pattern = parse_name_pattern(labels_from_name)
     csv_path = Path(labels) if labels is not None else None
     if csv_path is not None and not csv_path.is_file():
         raise DataError(f"labels file {str(csv_path)!r} does not exist or is not a file. Pass --labels PATH.csv "
-                        "(a header row, then path,label rows).", option="--labels")
+                        "(a header row, then path,label rows).", param="labels")
     finder = Finder(root)
     base, csv_path, dirs = _descend(finder, root, csv_path)
     if csv_path is not None:
@@ -349,10 +349,10 @@ def find_layout(
     groups = [(split, folder, _composed(group, root / folder if folder else root)) for split, folder, group in groups]
     names, entries, unlabelled = _resolve(finder, root, base, kind, how, groups, pattern, csv_path)
     chosen = parse_classes(classes)
-    keep = _filter(names, chosen, parse_classes(exclude_class or None, "--exclude-class"))
+    keep = _filter(names, chosen, parse_classes(exclude_class or None, "exclude_class"))
     train_folder = next((root / f if f else root for s, f, _ in groups if s in ("", "train")), base)
     _check_two(keep, names, train_folder, how, pattern, csv_path,
-               "--classes" if chosen is not None and sum(n in chosen for n in names) < 2 else "--exclude-class")
+               "classes" if chosen is not None and sum(n in chosen for n in names) < 2 else "exclude_class")
     new_index = {old: keep.index(names[old]) for old in range(len(names)) if names[old] in keep}
     kept = tuple((s, new_index[i] if i >= 0 else -1, p) for s, i, p in entries if i < 0 or i in new_index)
     return Layout(

@@ -188,10 +188,10 @@ def _check_fractions(found: Layout, fractions: tuple[float, ...] | None) -> None
         return
     if "val" in splits:
         raise DataError(f"{where} already has train and val splits; --split carves val out of train only when there "
-                        "is no val. Drop --split.", option="--split")
+                        "is no val. Drop --split.", param="split")
     if len(fractions) == 3 and "test" in splits:
         raise DataError(f"{where} already has a test split; give two fractions (train,val) to carve only val out of "
-                        "train, e.g. --split 0.8,0.2.", option="--split")
+                        "train, e.g. --split 0.8,0.2.", param="split")
 
 
 def scan(

@@ -88,7 +88,7 @@ class RestHead(TorchHead):
             if not any(n == f or n.startswith(f + ".") for n in names):
                 layers = sorted({n.rsplit(".", 1)[0] for n in names})
                 raise UnknownLayer(
-                    f"--freeze {f!r} matches no layer after the cut. Layers: {', '.join(layers)}", option="--freeze"
+                    f"--freeze {f!r} matches no layer after the cut. Layers: {', '.join(layers)}", param="freeze"
                 )
         new, old = [], []
         for name, p in module.named_parameters():

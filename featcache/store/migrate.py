@@ -222,7 +222,7 @@ class _Lock:
             f"another featcache migrate (by {str(holder.get('by', '?'))[:80]}, pid {holder.get('pid', '?')}, started "
             f"{str(holder.get('started_at', '?'))[:40]}) is converting {self.url}; wait for it to finish and run "
             f"featcache migrate again. If no migrate is running (it was killed on another machine), remove "
-            f"{self.url}/{LOCK} and re-run", option="--store")
+            f"{self.url}/{LOCK} and re-run", param="store")
 
     def _remove(self) -> None:
         try:
@@ -245,7 +245,7 @@ def migrate(url: str, drop_damaged: bool = False) -> MigrationReport:
     try:
         root = zarr.open_group(str(url), mode="r+")
     except Exception as e:
-        raise StoreError(f"no featcache store at {url} ({e.__class__.__name__})", option="--store") from None
+        raise StoreError(f"no featcache store at {url} ({e.__class__.__name__})", param="store") from None
     version = _version_of(root)
     report = MigrationReport(str(url))
     if version == FORMAT_VERSION:

@@ -170,7 +170,7 @@ class Store(Rows, Leases):
                 if k.startswith(key):
                     FeatureSet(self, k, group)  # raises the StoreError naming the set and the field
             self._no_sets(keys)
-            raise SetNotFound(f"no set {key!r} in {self.url}. Sets: {', '.join(keys)}. See: featcache ls", option="--set")
+            raise SetNotFound(f"no set {key!r} in {self.url}. Sets: {', '.join(keys)}. See: featcache ls", param="set")
         if len(matches) > 1:
             raise AmbiguousSet(f"{key!r} matches several sets: {', '.join(matches)}. Give more of the key.")
         return found[matches[0]]
@@ -189,7 +189,7 @@ class Store(Rows, Leases):
         if data is not None:
             if not Path(data).is_dir():
                 raise DataError(f"the image folder {data} does not exist (or is not a folder); name the folder the set "
-                                "was made from", option="--data")
+                                "was made from", param="data")
             root = str(Path(data).resolve())
             rule, wanted = f"made from {root}", lambda a: a.get("data_root") == root
         else:
@@ -207,7 +207,7 @@ class Store(Rows, Leases):
         others = ("set" if len(keys) == 1 else "sets") + (" by others" if data is None else "")
         raise AmbiguousSet(f"no set {rule} in {self.url}; it holds {len(keys)} {others}, newest first: {listed}. "
                            "Choose one with --set KEY (see: featcache ls)" + (", or name its folder with --data" if data is None else ""),
-                           option="--set" if data is None else "--data")
+                           param="set" if data is None else "--data")
 
     def _no_sets(self, keys: list[str]) -> None:
         if keys:
@@ -299,7 +299,7 @@ def open_store(url: str, mode: str = "a") -> Store:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         if mode != "a":
             raise StoreError(
-                f"no featcache store at {url}. Run featcache extract --store {url} first.", option="--store"
+                f"no featcache store at {url}. Run featcache extract --store {url} first.", param="store"
             ) from None
         try:  # metadata and version in one write, so a concurrent reader never sees a bare group
             root = zarr.create_group(url, zarr_format=3, attributes={"featcache": {"format_version": FORMAT_VERSION}})
@@ -307,14 +307,14 @@ def open_store(url: str, mode: str = "a") -> Store:
         except zarr.errors.ContainsGroupError:  # another writer created it first
             return open_store(url, mode)
         except (OSError, ValueError) as e:  # a path that is a file, a read-only place ...
-            raise StoreError(f"cannot create a featcache store at {url} ({e.__class__.__name__}: {e})", option="--store") from None
+            raise StoreError(f"cannot create a featcache store at {url} ({e.__class__.__name__}: {e})", param="store") from None
     except (Exception, RecursionError) as e:  # a path that is a file, a v2 store, garbage metadata ...
         raise StoreError(
-            f"{url} is not a readable featcache store ({e.__class__.__name__}: {e})", option="--store"
+            f"{url} is not a readable featcache store ({e.__class__.__name__}: {e})", param="store"
         ) from None
     version = _version_of(root)
     if version is None:
-        raise StoreError(f"{url} is a Zarr group but not a featcache store (no featcache format_version).", option="--store")
+        raise StoreError(f"{url} is a Zarr group but not a featcache store (no featcache format_version).", param="store")
     if version > FORMAT_VERSION:
         raise StoreError(
             f"{url} was written by a newer featcache (store format {version}; this one reads up to "
