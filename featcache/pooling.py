@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["prepare_features", "prepared_shape"]
+__all__ = ["prepare_features", "prepared_shape", "pool_tensor"]
 
 
 def prepare_features(x: np.ndarray, pool: str = "none") -> np.ndarray:
@@ -28,3 +28,16 @@ def prepared_shape(shape: tuple[int, ...], pool: str, keep_shape: bool) -> tuple
     if len(shape) == 3 and pool in ("avg", "max"):
         return (shape[0],)
     return (int(np.prod(shape)),)
+
+
+def pool_tensor(x, pool: str):
+    """A torch batch of spatial maps (N, C, H, W) pooled to (N, C) (``avg``/``max``), as ``prepare_features`` pools
+    stored rows for a run; anything else is returned as it is (the exported model pools with it).
+
+    ``extract --pool`` is not this: pooling before storing is part of the network's cut
+    (``backbones.base.pool_map``, torch's adaptive pooling) and of the feature space's key."""
+    if x.ndim == 4 and pool == "avg":
+        return x.mean(dim=(2, 3))
+    if x.ndim == 4 and pool == "max":
+        return x.amax(dim=(2, 3))
+    return x

@@ -29,6 +29,7 @@ from .errors import DataError, OutputError, os_error_text
 from .heads import Head, head_from_record
 from .lookup import RowCounts, load_run, run_rows, space_differences
 from .persist import write_atomic
+from .pooling import pool_tensor
 from .runs import RunRecord
 from .tails import RestNetwork
 
@@ -83,10 +84,7 @@ class _Head(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if self.round_trip:  # the head was trained on float16-stored features
             feats = feats.half().float()
-        if feats.ndim == 4 and self.pool == "avg":
-            feats = feats.mean(dim=(2, 3))
-        elif feats.ndim == 4 and self.pool == "max":
-            feats = feats.amax(dim=(2, 3))
+        feats = pool_tensor(feats, self.pool)
         x = feats if self.keep_shape else feats.flatten(1)
         return torch.softmax(self.net(x), dim=1)
 

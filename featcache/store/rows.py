@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +32,18 @@ from .segments import Segment, SegmentWriter, check_segment, superseded
 __all__ = ["Rows"]
 
 
+@dataclass
+class _SpaceIndex:
+    """The row index of one space as last read, and what tells whether it is still current."""
+
+    names: tuple[str, ...]  # the committed segments it was built from, oldest first
+    segments: list[Segment]  # the sound ones, less those a compacted segment replaces
+    index: dict[str, tuple[int, int]]  # content hash -> (segment number, row); the oldest segment wins
+    damaged: dict[str, str]  # segment name -> why it does not match its integrity record
+    replaced: dict[str, str]  # segment name -> the compacted segment that replaces it
+    signature: tuple | None  # the segments' metadata files' stat signature (local stores), else None
+
+
 class Rows:
     """Spaces, segments and the row index of one store root (a mixin of :class:`~featcache.store.Store`)."""
 
@@ -38,7 +51,7 @@ class Rows:
     root: zarr.Group
 
     def __init__(self) -> None:
-        self._index_cache: dict[str, tuple] = {}
+        self._index_cache: dict[str, _SpaceIndex] = {}
         self.warnings: list[str] = []  # damaged groups met while reading, one line each
 
     def _warn(self, line: str) -> None:
@@ -75,7 +88,7 @@ class Rows:
     def superseded_segments(self, space: str) -> dict[str, str]:
         """Committed segments that a sound compacted segment replaces: name → the replacing segment's name."""
         self._index(space)
-        return dict(self._index_cache[space][4])
+        return dict(self._index_cache[space].replaced)
 
     def damaged_segments(self, space: str) -> dict[str, str]:
         """Committed segments of ``space`` that do not match their integrity record, with the reason."""
@@ -110,13 +123,13 @@ class Rows:
         the committed segments are the same."""
         sig = self._segments_signature(space)
         cached = self._index_cache.get(space)
-        if sig is not None and cached is not None and cached[5] == sig:
-            return cached[1:4]
+        if sig is not None and cached is not None and cached.signature == sig:
+            return cached.segments, cached.index, cached.damaged
         committed = [(k, g) for k, g in self.segment_groups(space) if is_committed(g)]
         names = tuple(k for k, _ in committed)
-        if cached is not None and cached[0] == names:
-            self._index_cache[space] = cached[:5] + (sig,)
-            return cached[1:4]
+        if cached is not None and cached.names == names:
+            cached.signature = sig
+            return cached.segments, cached.index, cached.damaged
         segments: list[Segment] = []
         damaged: dict[str, str] = {}
         for name, group in committed:
@@ -132,7 +145,7 @@ class Rows:
         for s, seg in enumerate(segments):
             for r, h in enumerate(seg.sha256.tolist()):
                 index.setdefault(h, (s, r))
-        self._index_cache[space] = (names, segments, index, damaged, replaced, sig)
+        self._index_cache[space] = _SpaceIndex(names, segments, index, damaged, replaced, sig)
         return segments, index, damaged
 
     def forget_index(self) -> None:
