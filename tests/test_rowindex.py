@@ -101,7 +101,7 @@ def _fake_segments(rng, n_segments: int, viewed: bool) -> list[Segment]:
         n = int(rng.integers(0, 40))
         digests = pool[rng.integers(0, len(pool), n)]
         views = rng.integers(-2, 3, n).astype(np.int32) if viewed and s % 2 else None
-        segments.append(Segment(f"s{s}", None, digests.copy(), views, 1, []))  # type: ignore[arg-type]
+        segments.append(Segment(f"s{s}", None, digests.copy(), views, 1, []))  # no features: the index reads keys only
     return segments
 
 
