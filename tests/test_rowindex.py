@@ -148,5 +148,5 @@ def test_the_index_holds_no_python_object_per_row(store):
     finally:
         tracemalloc.stop()
     assert len(index) == n
-    # the key bytes and one int64 per row, plus a little per segment; a dict of hex strings held ~280 per row
+    # the key bytes and one int64 per row, plus a little per segment; a dict of hex strings held ~240 per row
     assert held / n < 32 + 8 + 8, f"{held / n:.0f} bytes per row"

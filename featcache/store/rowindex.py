@@ -6,7 +6,7 @@ oldest segment's row comes first, and within a segment its first row). A lookup 
 ``np.searchsorted`` over that permutation: O(N log R) for R rows, after an O(R log R) build once per
 process while the committed segments stay the same. Memory: the key bytes (32 per row, 37 in a
 space of augmented views, shared with the segments' own ``digests``) and 8 bytes of permutation per
-row, about 40 bytes per row where the ``dict`` of hex strings held about 280.
+row, about 40 bytes per row where the ``dict`` of hex strings held about 240 (tracemalloc, 50k rows).
 """
 
 from __future__ import annotations

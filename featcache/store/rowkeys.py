@@ -2,7 +2,7 @@
 
 numpy compares ``S`` items bytewise, as unsigned bytes, over their whole width, so one sorted
 ``S32`` array and ``np.searchsorted`` find N keys among R rows in O(N log R), with 32 bytes per row
-and no Python object per row (a ``dict`` of hex strings held about 280 bytes per row). A plain
+and no Python object per row (a ``dict`` of hex strings held about 240 bytes per row). A plain
 space's keys are the 32 digest bytes; where any segment holds augmented views, every key is 37
 bytes: the digest, a flag (0: plain row, 1: view) and the view number (int32, big-endian), so
 ``<hex>`` and ``<hex>:<k>`` never meet, as their strings never do.
