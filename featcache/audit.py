@@ -91,7 +91,9 @@ def status(store: Store, key: str | None = None, data: str | None = None) -> Sta
             st.moved.append(f"{path} ({was} -> {split})")
     st.removed = [shown(split, path) for path, (split, _) in stored.items() if path not in current]
     st.skipped = [f"{s.path}: {s.reason}" for s in manifest.skipped if s.path not in skipped]
-    st.to_extract = len({h for path, (_, h) in current.items() if h not in known and path not in skipped})
+    wanted = [(path, h) for path, (_, h) in current.items() if path not in skipped]
+    held = known.contains([h for _, h in wanted])  # one sorted search for the folder's images
+    st.to_extract = len({h for (_, h), k in zip(wanted, held.tolist()) if not k})
     return st
 
 
@@ -194,8 +196,8 @@ def verify(store: Store, key: str | None = None, sample: int = 8, seed: int = 0,
     except StoreError as e:
         return VerifyReport(fs.key, 0, [str(e)], 0, None, notes)
     rows, stored_rows = _read_checked(fs, store, errors, notes)
-    known = store.known_hashes(fs.space)
-    missing = [h for h in all_hashes if h not in known]
+    held = store.holds(fs.space, all_hashes)
+    missing = [h for h, k in zip(all_hashes, held.tolist()) if not k]
     if missing:
         damaged = store.damaged_segments(fs.space)
         why = f" (damaged: {'; '.join(f'segment {k}: {v}' for k, v in damaged.items())})" if damaged else ""

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Protocol
 
@@ -34,8 +35,9 @@ from .errors import DataError, FeatcacheError, StoreError
 from .keys import row_key
 from .pipeline import MAX_CAST_ERROR, cast_error, checked, finite_rows, run_backbone
 from .store import Store, is_read_only
+from .store.rowindex import RowIndex
 
-__all__ = ["Engine", "Interrupted", "Writer", "Writers", "commit_partial", "compute", "first_line", "local_engine",
+__all__ = ["Engine", "Interrupted", "Writer", "Writers", "commit_partial", "compute", "first_line", "held_among", "local_engine",
            "read_only_error", "remote_failures", "restore_missing", "run_local", "storage_error", "storage_errors"]
 
 
@@ -158,7 +160,7 @@ class Writers:
 
 
 def run_local(joint: Backbone | Joint, root: Path, items: Sequence, keys: list[str], writers: Writers,
-              have: list[set[str]], *, dtype: str, device: str = "auto", precision: str = "auto",
+              have: Sequence[AbstractSet[str]], *, dtype: str, device: str = "auto", precision: str = "auto",
               batch_size: int = 64, workers: int | None = None, compile: bool = False, progress: bool = False,
               desc: str = "extract", views: list[int] | None = None, augment: dict | None = None,
               strict: bool = False, skip_bad_rows: bool = False,
@@ -202,7 +204,7 @@ def run_local(joint: Backbone | Joint, root: Path, items: Sequence, keys: list[s
     return failed
 
 
-def _put_good_rows(out: np.ndarray, indices: list[int], keys: list[str], held: set[str], dtype: str, part: int,
+def _put_good_rows(out: np.ndarray, indices: list[int], keys: list[str], held: AbstractSet[str], dtype: str, part: int,
                    writers: Writers, failed: dict[int, str], on_rows) -> None:
     """A batch's rows in ``dtype``; a row that is not finite, or that the cast loses, is a failure of its item."""
     rows = out.astype(dtype)
@@ -222,6 +224,13 @@ def _put_good_rows(out: np.ndarray, indices: list[int], keys: list[str], held: s
         on_rows(good, rows)
 
 
+def held_among(held: AbstractSet[str], keys: list[str]) -> set[str]:
+    """Those of ``keys`` that ``held`` holds, as a plain set the size of the work: a space's row index answers
+    for all of them in one sorted search, and the engines then ask per row without touching it."""
+    found = held.contains(keys) if isinstance(held, RowIndex) else [k in held for k in keys]
+    return {k for k, f in zip(keys, found) if f}
+
+
 class Engine(Protocol):
     """What computes rows: ``todo`` (with ``views``, a view number each, for augmented views) through ``joint``
     into new committed segments of each part's space, except the rows that space holds (``have``, by row key).
@@ -230,16 +239,17 @@ class Engine(Protocol):
     :func:`featcache.ray_engine.run_model`."""
 
     def __call__(self, joint: Joint, root: Path, todo: list[Item], store: Store, spaces: list[str],
-                 have: list[set[str]], cfg: ExtractConfig, progress: bool, views: list[int] | None = None,
+                 have: Sequence[AbstractSet[str]], cfg: ExtractConfig, progress: bool, views: list[int] | None = None,
                  augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]: ...
 
 
-def local_engine(joint: Joint, root: Path, todo: list[Item], store: Store, spaces: list[str], have: list[set[str]],
-                 cfg: ExtractConfig, progress: bool, views: list[int] | None = None,
+def local_engine(joint: Joint, root: Path, todo: list[Item], store: Store, spaces: list[str],
+                 have: Sequence[AbstractSet[str]], cfg: ExtractConfig, progress: bool, views: list[int] | None = None,
                  augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]:
     """The one-process pipeline as an :class:`Engine`: each part's rows into new segments of its space (one per
     checkpoint)."""
     keys = [row_key(it.sha256, views[i] if views else None) for i, it in enumerate(todo)]
+    have = [held_among(held, keys) for held in have]
     timings = {"read": 0.0, "model": 0.0}
     totals = [sum(k not in held for k in keys) for held in have]
     with Writers(store, spaces, totals, [part.shape for part in joint.parts], cfg.dtype, cfg.checkpoint_s) as writers:
@@ -252,7 +262,7 @@ def local_engine(joint: Joint, root: Path, todo: list[Item], store: Store, space
 
 
 def compute(engine: Engine, joint: Joint, root: Path, jobs: list[tuple[Item, int | None]], store: Store,
-            spaces: list[str], have: list[set[str]], cfg: ExtractConfig, progress: bool,
+            spaces: list[str], have: Sequence[AbstractSet[str]], cfg: ExtractConfig, progress: bool,
             augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]:
     """Rows for ``jobs`` (an image, and a view number or None) into new segments of each part's space, for the
     parts whose space does not hold them yet (``have``), by ``engine``. Returns the reasons of images that
@@ -271,13 +281,16 @@ def restore_missing(engine: Engine, joint: Joint, root: Path, kept: list[Item], 
     for _ in range(3):
         store.forget_index()
         known = store.known_hashes(space)
-        jobs = list({it.sha256: (it, None) for it in kept if it.sha256 not in known}.values())
+        held = known.contains([it.sha256 for it in kept])
+        jobs = list({it.sha256: (it, None) for it, h in zip(kept, held.tolist()) if not h}.values())
         view_jobs = []
-        known_views: set[str] = set()
+        known_views: AbstractSet[str] = set()
         if view_space:
-            known_views = store.known_hashes(view_space)
-            view_jobs = [(it, k) for it in {i.sha256: i for i in kept if i.split == "train"}.values()
-                         for k in range(cfg.views) if row_key(it.sha256, k) not in known_views]
+            views = store.known_hashes(view_space)
+            pairs = [(it, k) for it in {i.sha256: i for i in kept if i.split == "train"}.values() for k in range(cfg.views)]
+            held = views.contains([row_key(it.sha256, k) for it, k in pairs])
+            known_views = views
+            view_jobs = [pair for pair, h in zip(pairs, held.tolist()) if not h]
         if not jobs and not view_jobs:
             return
         failed, _ = compute(engine, joint, root, jobs, store, [space], [known], cfg, progress)

@@ -283,9 +283,13 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
     cfg = configs[0]
     engine = _engine(cfg)
     known = [store.known_hashes(space) for space in spaces]
+    hashes = [it.sha256 for it in manifest.items]
+    absent = np.zeros(len(hashes), dtype=bool)
+    for held in known:  # one sorted search per space for all images, not a lookup per image
+        absent |= ~held.contains(hashes)
     todo: dict[str, Item] = {}
-    for it in manifest.items:
-        if it.sha256 not in todo and any(it.sha256 not in held for held in known):
+    for it, miss in zip(manifest.items, absent.tolist()):
+        if miss and it.sha256 not in todo:
             todo[it.sha256] = it
     if store.read_only and todo:
         raise read_only_error(cfg.store, store.read_only, f"{len(todo)} images are not in it yet and would have to "
@@ -304,8 +308,12 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
     if cfg.views:
         known_views = [store.known_hashes(space) for space in view_spaces]
         train = {it.sha256: it for it in manifest.items if it.split == "train" and it.sha256 not in failed}
-        jobs = [(it, k) for it in train.values() for k in range(cfg.views)
-                if any(row_key(it.sha256, k) not in held for held in known_views)]
+        pairs = [(it, k) for it in train.values() for k in range(cfg.views)]
+        keys = [row_key(it.sha256, k) for it, k in pairs]
+        need = np.zeros(len(pairs), dtype=bool)
+        for held in known_views:
+            need |= ~held.contains(keys)
+        jobs = [pair for pair, n in zip(pairs, need.tolist()) if n]
         if store.read_only and jobs:
             raise read_only_error(cfg.store, store.read_only, f"{len(jobs)} augmented views are not in it yet")
         barrier(world)

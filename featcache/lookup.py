@@ -205,15 +205,15 @@ def run_rows(record: RunRecord, net: Backbone, root: Path, items: Sequence, on_r
                 counts.notes.append(f"cannot write to the store {record.store} ({first_line(e)}); computed rows "
                                     "are not added to it")
                 write = False
-        known: set[str] = set()
+        held = np.zeros(len(items), dtype=bool)
         if store is not None:
-            try:
-                known = store.known_hashes(space)
+            try:  # one sorted search over the space's row index for all the images
+                held = store.holds(space, [it.sha256 for it in items])
             except StoreError as e:
                 counts.notes.append(f"the run's store {record.store} cannot be read ({first_line(e)}); every "
                                     "image is computed")
-        cached = [i for i, it in enumerate(items) if it.sha256 in known]
-        rest = [i for i, it in enumerate(items) if it.sha256 not in known]
+        cached = np.flatnonzero(held).tolist()
+        rest = np.flatnonzero(~held).tolist()
         rest += _read_cached(store, space, record.feature_shape, items, cached, on_rows, pool, keep_shape, counts)
         if rest:
             _compute(net, root, items, rest, on_rows, store if write else None, space, dtype, pool, keep_shape, counts,

@@ -27,6 +27,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,7 +277,7 @@ def _as_array(value) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float32)
 
 
-def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have: list[set[str]], cfg,
+def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have: Sequence[AbstractSet[str]], cfg,
               progress: bool, views: list[int] | None = None,
               augment: dict | None = None) -> tuple[dict[str, str], dict[str, float]]:
     """The Ray engine behind :func:`featcache.compute.compute`: rows of ``todo`` into new segments of each
@@ -284,6 +285,7 @@ def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have:
     seconds summed over the cluster (``decode``, ``forward``, ``write``) and the model actors seen."""
     from .backbones import resolve_precision
     from .backbones.factory import PYTHON
+    from .compute import held_among
     from .keys import row_key
     from .pipeline import resolve_device
 
@@ -298,6 +300,7 @@ def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have:
 
     bs = cfg.batch_size
     keys = [row_key(it.sha256, views[i] if views else None) for i, it in enumerate(todo)]
+    have = [held_among(held, keys) for held in have]
     plans = []
     for j in range(-(-len(todo) // bs)):
         span = range(j * bs, min(len(todo), (j + 1) * bs))

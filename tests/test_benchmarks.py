@@ -185,3 +185,12 @@ def test_scale_benchmark_smoke(tmp_path):
     row = saved["code"]["rows"][0]
     assert row["images"] == 24 and row["load_rows"] == 24 and row["files"] > 0
     assert 0 < row["rerun_scan_s"] < row["rerun_s"] and row["rerun_peak_mb"] > 0 and row["ls_s"] > 0
+
+
+def test_rowindex_benchmark_smoke(tmp_path):
+    """A space of a few hundred rows, one lookup process: the rows it read and the missing keys it counted."""
+    from benchmarks.rowindex import run_rowindex
+
+    out = run_rowindex(rows=250, lookups=20, rounds=1, tmp=str(tmp_path))
+    assert out["code"]["rows_read"] == 20 and out["code"]["missing"] == 20  # of 40 keys, half stored
+    assert out["code"]["first_lookup_s"] > 0 and out["code"]["peak_above_start"] >= 0

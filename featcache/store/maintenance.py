@@ -230,9 +230,10 @@ def compact(store: Store, key: str | None = None) -> CompactReport:
                 continue
             first = segments[0].features
             writer = store.new_segment(space, len(index), tuple(first.shape[1:]), str(first.dtype))
+            wins = index.winners()  # per row: the one its key resolves to (the oldest segment's)
             for s, seg in enumerate(segments):
                 keys = seg.sha256.tolist()
-                mine = np.array([index[k] == (s, r) for r, k in enumerate(keys)], dtype=bool)  # first wins
+                mine = wins[index.offsets[s] : index.offsets[s + 1]]
                 for start in range(0, len(keys), seg.chunk_rows):
                     try:
                         block = seg.features[start : start + seg.chunk_rows]

@@ -30,6 +30,7 @@ from ..errors import StoreError
 from ..keys import row_key
 from .chunks import ChunkReader
 from .groups import ARRAY_CONFIG, commit_stamp, digest_values, mark_committed, read_checked, write_array
+from .rowkeys import encode_keys, key_width
 
 __all__ = [
     "Segment",
@@ -184,10 +185,24 @@ class Segment:
 
     key: str
     features: zarr.Array
-    sha256: np.ndarray
+    digests: np.ndarray  # (N, 32) uint8: the row keys' SHA-256 digests
+    views: np.ndarray | None  # (N,) int32: the view numbers, in an augmented-view segment
     chunk_rows: int
     crc32: list[int]
     _chunks: ChunkReader | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def rows(self) -> int:
+        return len(self.digests)
+
+    @property
+    def sha256(self) -> np.ndarray:
+        """The row keys as strings (``<hex>`` or ``<hex>:<view>``), made on each call: the index holds bytes."""
+        return np.array(arrays_to_keys(self.digests, self.views), dtype=object)
+
+    def row_keys(self, width: int) -> np.ndarray:
+        """The row keys as :func:`encode_keys` of ``width``."""
+        return encode_keys(self.digests, self.views, width)
 
     def check_chunk(self, start: int, block: np.ndarray, space: str) -> None:
         """Compare one whole decoded chunk with its recorded CRC."""
@@ -261,9 +276,8 @@ def check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | N
             views = read_checked(group, "view", view_digest, "int32") if view_digest is not None else None
             if len(digests) != rows or (views is not None and len(views) != rows):
                 raise ValueError("row keys and rows differ in number")
-            keys = np.array(arrays_to_keys(digests, views), dtype=object)
         else:
-            keys = np.array([], dtype=object)
+            digests, views = np.zeros((0, 32), dtype=np.uint8), None
     except ValueError as e:
         return None, f"its row keys: {e}"
     except (Exception, RecursionError) as e:
@@ -278,7 +292,7 @@ def check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | N
         have = features.nchunks_initialized // per_shard
         if have != want:
             return None, f"{want - have} of {want} shard files are missing"
-    return Segment(name, features, keys, chunk_rows, crcs), None
+    return Segment(name, features, digests, views, chunk_rows, crcs), None
 
 
 def superseded(segments: list[Segment], groups: dict[str, zarr.Group]) -> dict[str, str]:
@@ -286,7 +300,8 @@ def superseded(segments: list[Segment], groups: dict[str, zarr.Group]) -> dict[s
 
     A ``supersedes`` claim is honoured only while every row key of the segment it names is still held by
     a segment that counts: a segment that lists others it does not hold (hostile, or written by a faulty
-    tool), or two that list each other, never make rows disappear, nor let gc free them."""
+    tool), or two that list each other, never make rows disappear, nor let gc free them. The keys are
+    compared as sorted byte arrays (no Python object per row)."""
     sound = {seg.key: seg for seg in segments}
     claims: dict[str, str] = {}
     for seg in segments:
@@ -294,13 +309,18 @@ def superseded(segments: list[Segment], groups: dict[str, zarr.Group]) -> dict[s
         for name in listed if isinstance(listed, list) else []:
             if isinstance(name, str) and name != seg.key:
                 claims.setdefault(name, seg.key)
-    counted: set[str] = set()
-    for seg in segments:
-        if seg.key not in claims:
-            counted.update(seg.sha256.tolist())
+    if not claims:
+        return claims
+    width = key_width(seg.views for seg in segments)
+    parts = [seg.row_keys(width) for seg in segments if seg.key not in claims]
+    counted = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=f"S{width}")
     for name in sorted(claims):  # a claimed segment whose rows no counted segment holds counts again
         old = sound.get(name)
-        if old is not None and not counted.issuperset(old.sha256.tolist()):
+        if old is None:
+            continue
+        keys = old.row_keys(width)
+        pos = np.minimum(np.searchsorted(counted, keys), max(len(counted) - 1, 0))
+        if len(keys) and not (len(counted) and (counted[pos] == keys).all()):
             del claims[name]
-            counted.update(old.sha256.tolist())
+            counted = np.union1d(counted, keys)
     return claims

@@ -1,0 +1,152 @@
+"""The row index: which row a key resolves to (the oldest sound segment's), what counts as missing, and that
+the sorted-bytes index answers exactly as a dict of key strings would, without a Python object per row."""
+
+from __future__ import annotations
+
+import hashlib
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featcache
+from featcache.errors import StoreError
+from featcache.keys import row_key
+from featcache.store.groups import default_compressor, require_group, uncommitted
+from featcache.store.maintenance import compact
+from featcache.store.rowindex import RowIndex
+from featcache.store.segments import Segment, SegmentWriter, keys_to_arrays
+
+OLDER, NEWER = "20200101T000000-bbbbbbbb", "20200101T000001-aaaaaaaa"  # segments count oldest name first
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _segment(st, space: str, name: str, keys: list[str], value: float, shape=(3,)) -> Path:
+    """A committed segment ``name`` whose row ``i`` is ``value + i`` everywhere, written as extract writes one."""
+    parent = require_group(st.root["spaces"][space], "segments")
+    group = parent.create_group(name, attributes=uncommitted(created_at="2020-01-01T00:00:00Z", created_by="test"))
+    writer = SegmentWriter(group, len(keys), shape, "float32", default_compressor())
+    writer.append(np.stack([np.full(shape, value + i, dtype=np.float32) for i in range(len(keys))]), keys)
+    writer.commit()
+    return Path(st.url) / "spaces" / space / "segments" / name
+
+
+@pytest.fixture
+def store(tmp_path):
+    st = featcache.open_store(str(tmp_path / "s.zarr"))
+    return st, st.ensure_space({"test": "row index"})
+
+
+def test_a_row_held_by_two_segments_is_read_from_the_oldest(store):
+    st, space = store
+    a, b, c = _hash("a"), _hash("b"), _hash("c")
+    _segment(st, space, NEWER, [b, a], 20.0)  # written first, but the newer name
+    _segment(st, space, OLDER, [c, a], 10.0)
+    segments, where = st.locate(space, [a, b, c])
+    assert [segments[s].key for s in where[:, 0].tolist()] == [OLDER, NEWER, OLDER]
+    assert where[:, 1].tolist() == [1, 0, 0]
+    rows = st.gather(space, [a, b, c, a], (3,), "float32")
+    assert rows[:, 0].tolist() == [11.0, 20.0, 10.0, 11.0]  # a: the older segment's row, however often asked
+    known = st.known_hashes(space)
+    assert len(known) == 3 and set(known) == {a, b, c} and a in known
+    assert st.holds(space, [a, _hash("d"), c]).tolist() == [True, False, True]
+    compact(st)  # the compacted segment keeps the same row for each key
+    st.forget_index()
+    assert st.gather(space, [a, b, c], (3,), "float32")[:, 0].tolist() == [11.0, 20.0, 10.0]
+
+
+@pytest.mark.parametrize("damage", ["shard file deleted", "row key rewritten"])
+def test_a_damaged_segments_rows_count_as_missing(store, damage):
+    st, space = store
+    a, b, other = _hash("a"), _hash("b"), _hash("another image")
+    older = _segment(st, space, OLDER, [a, b], 10.0)
+    _segment(st, space, NEWER, [a], 20.0)
+    if damage == "shard file deleted":
+        shards = [p for p in (older / "features").rglob("*") if p.is_file() and p.name != "zarr.json"]
+        assert shards
+        shards[0].unlink()
+    else:  # the older segment now claims its second row is another image's: that must never be served
+        group = st.root["spaces"][space]["segments"][OLDER]
+        group["sha256"][1] = keys_to_arrays([other])[0][0]
+    assert OLDER in st.damaged_segments(space)
+    assert st.gather(space, [a], (3,), "float32")[0, 0] == 20.0  # the sound segment's row
+    assert st.holds(space, [a, b, other]).tolist() == [True, False, False]
+    assert b not in st.known_hashes(space) and other not in st.known_hashes(space)
+    for key in (b, other):
+        with pytest.raises(StoreError, match=f"row for image {key[:12]} is missing.*Damaged segment.*{OLDER}"):
+            st.gather(space, [a, key], (3,), "float32")
+
+
+def test_view_keys_resolve_only_as_row_key_writes_them(store):
+    st, space = store
+    h = _hash("x")
+    _segment(st, space, OLDER, [row_key(h, 0), row_key(h, 1), row_key(h, -3)], 0.0)
+    assert st.holds(space, [row_key(h, 1), row_key(h, 0), row_key(h, -3)]).tolist() == [True, True, True]
+    assert st.gather(space, [row_key(h, 1)], (3,), "float32")[0, 0] == 1.0
+    loose = [h, f"{h}:01", f"{h}:+1", f"{h}: 1", f"{h}:2", f"{h.upper()}:1", f"{h}:{2**32 + 1}", f"{h[:-1]}:1"]
+    assert not st.holds(space, loose).any()
+    assert set(st.known_hashes(space)) == {row_key(h, 0), row_key(h, 1), row_key(h, -3)}
+
+
+def _fake_segments(rng, n_segments: int, viewed: bool) -> list[Segment]:
+    """Segments of random keys, many of them shared between segments and within one, with digests made mostly
+    of zero bytes (keys that differ only in trailing or leading zeros)."""
+    pool = rng.integers(0, 256, (60, 32), dtype=np.uint8) * (rng.random((60, 32)) < 0.15)
+    segments = []
+    for s in range(n_segments):
+        n = int(rng.integers(0, 40))
+        digests = pool[rng.integers(0, len(pool), n)]
+        views = rng.integers(-2, 3, n).astype(np.int32) if viewed and s % 2 else None
+        segments.append(Segment(f"s{s}", None, digests.copy(), views, 1, []))  # no features: the index reads keys only
+    return segments
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_index_answers_as_a_dict_of_key_strings_does(seed):
+    rng = np.random.default_rng(seed)
+    segments = _fake_segments(rng, 5, viewed=seed % 2 == 1)
+    reference: dict[str, tuple[int, int]] = {}  # the index as it was: the first segment, then the first row, wins
+    for s, seg in enumerate(segments):
+        for r, key in enumerate(seg.sha256.tolist()):
+            reference.setdefault(key, (s, r))
+    keys_before = [seg.sha256.tolist() for seg in segments]
+    index = RowIndex(segments)
+    assert [seg.sha256.tolist() for seg in segments] == keys_before  # the digests now live in the index, unchanged
+    stored = list(reference)
+    hexes = [bytes(d).hex() for d in rng.integers(0, 256, (10, 32), dtype=np.uint8) * (rng.random((10, 32)) < 0.15)]
+    queries = stored + hexes + [row_key(h, 1) for h in hexes[:3]] + [k.upper() for k in stored[:3]]
+    queries += [k[:-1] for k in stored[:3]] + [k + "0" for k in stored[:3]] + ["", ":", "z" * 64]
+    queries = [queries[i] for i in rng.permutation(len(queries))]
+    found = index.find(queries)
+    for q, g in zip(queries, found.tolist()):
+        if q in reference:
+            assert g >= 0 and tuple(index.locate(np.array([g]))[0].tolist()) == reference[q] == index[q]
+        else:
+            assert g == -1 and q not in index
+    assert len(index) == len(reference) and set(index) == set(reference)
+    wins = index.winners()
+    for s, seg in enumerate(segments):  # what compact copies: exactly the rows the keys resolve to
+        mine = wins[index.offsets[s] : index.offsets[s + 1]]
+        assert mine.tolist() == [reference[k] == (s, r) for r, k in enumerate(seg.sha256.tolist())]
+
+
+def test_the_index_holds_no_python_object_per_row(store):
+    st, space = store
+    n = 50_000
+    keys = [hashlib.sha256(i.to_bytes(4, "little")).hexdigest() for i in range(n)]
+    _segment(st, space, OLDER, keys, 0.0, shape=(1,))
+    st.forget_index()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        index = st._index(space)[1]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(index) == n
+    # the key bytes and one int64 per row, plus a little per segment; a dict of hex strings held ~240 per row
+    assert held / n < 32 + 8 + 8, f"{held / n:.0f} bytes per row"
