@@ -111,6 +111,7 @@ def ls_cmd(store: str, wide: bool, measure: bool, as_json: bool) -> None:
         click.echo(f"no feature sets in {store}")
         return
     now = datetime.now(UTC)
+
     def shown(size: int | None) -> str:
         return human_bytes(size) if size is not None else "damaged" if measure else "?"
 

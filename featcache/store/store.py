@@ -268,6 +268,7 @@ class Store(Rows, Leases):
             return self.set_bytes(fs)
         return None if fs.record.summary is None else fs.record.summary.total_bytes
 
+
 def _version_of(root: zarr.Group) -> int | None:
     meta = root.attrs.get("featcache")
     if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
