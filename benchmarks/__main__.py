@@ -99,12 +99,15 @@ SCALE_COLUMNS = [("images", "images"), ("rerun_s", "re-run, nothing changed s"),
                  ("rerun_peak_mb", "re-run peak MiB"), ("plan_bytes_per_image", "re-run peak above start, bytes/image"),
                  ("ls_s", "ls s"), ("ls_peak_mb", "ls peak MiB"), ("load_s", "load set for fit s"),
                  ("load_peak_mb", "load peak MiB"), ("files_per_10k", "files / 10k rows"), ("first_s", "first extract s"),
-                 ("warm_rerun_s", "first re-run s")]
+                 ("warm_rerun_s", "first re-run s"), ("ls_sets", "sets over one space"), ("ls_many_s", "ls, all sets s"),
+                 ("ls_many_peak_mb", "ls, all sets peak MiB"), ("ls_many_over_one", "ls, all sets / one set"),
+                 ("set_commit_s", "commit one more set s")]
 GROWTH_COLUMNS = [("step", "step"), ("images_x", "images x"), ("rerun_s", "re-run"), ("rerun_scan_s", "scan + hash"),
                   ("rerun_peak_mb", "re-run peak"), ("plan_bytes_per_image", "bytes/image"), ("ls_s", "ls"),
-                  ("load_s", "load"), ("files", "files")]
+                  ("ls_many_s", "ls, all sets"), ("load_s", "load"), ("files", "files")]
 RATIO_COLUMNS = [("images", "images"), ("rerun_s", "re-run, nothing changed"), ("rerun_scan_s", "scan + hash"),
-                 ("rerun_peak_mb", "re-run peak"), ("ls_s", "ls"), ("load_s", "load set for fit")]
+                 ("rerun_peak_mb", "re-run peak"), ("ls_s", "ls"), ("ls_many_s", "ls, all sets"),
+                 ("load_s", "load set for fit")]
 RATIO_KEYS = [k for k, _ in RATIO_COLUMNS[1:]]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),
                  ("files_per_10k", "files per 10,000 images")]
@@ -148,7 +151,10 @@ def _case(text: str) -> tuple[str, str | None, str]:
               help="scale: the checkout whose featcache is measured [default: this one].")
 @click.option("--against", default=None, type=click.Path(exists=True, file_okay=False),
               help="scale: another checkout measured side by side on the same images and store (e.g. main).")
-def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, sizes, million, code, against) -> None:
+@click.option("--ls-sets", default=20, show_default=True, type=click.IntRange(1, 1000),
+              help="scale: sets over one space for the second ls (the first set recorded again for other folders).")
+def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, sizes, million, code, against,
+         ls_sets) -> None:
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import compaction, files_per_10k, run_store
@@ -164,7 +170,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, si
     from .cli import run_cli
 
     if which == "scale":
-        _scale(sizes, million, code, against, repeats, workers, out)
+        _scale(sizes, million, code, against, repeats, workers, out, ls_sets)
         return
     if not Path(data).is_dir():
         raise click.UsageError(f"--data {data} does not exist")
@@ -328,7 +334,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, si
 
 
 def _scale(sizes: str, million: bool, code: str | None, against: str | None, repeats: int, workers: int | None,
-           out) -> None:
+           out, ls_sets: int = 20) -> None:
     import subprocess
 
     from .scale import REPO, growth, run_scale
@@ -345,8 +351,8 @@ def _scale(sizes: str, million: bool, code: str | None, against: str | None, rep
     click.echo(f"machine: {machine_label(info)}")
     click.echo("; ".join(f"{k}: {p} ({rev(p)})" for k, p in where.items()) +
                f"; tiny 8x8 PNGs, tests.tiny_backbone, each step a fresh process; re-run: median of {max(repeats, 1)}")
-    res = run_scale(counts, code=where["code"], rounds=max(repeats, 1), workers=workers, against=against)
-    payload = {"machine": info, "sizes": counts, "rounds": max(repeats, 1)}
+    res = run_scale(counts, code=where["code"], rounds=max(repeats, 1), workers=workers, against=against, ls_sets=ls_sets)
+    payload = {"machine": info, "sizes": counts, "rounds": max(repeats, 1), "ls_sets": ls_sets}
     for k, rows in res.items():
         click.echo(f"\n{k}: {where[k]} ({rev(where[k])})")
         click.echo(table(rows, SCALE_COLUMNS))

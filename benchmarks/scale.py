@@ -7,7 +7,8 @@ in a fresh process so that its peak memory (VmHWM) is its own:
 * a re-run with nothing changed (median of ``rounds``), the share of it spent scanning and
   hashing the folder, its peak memory, and that peak above the process's memory before the
   extract started, per image (what planning an extract holds);
-* ``featcache ls``;
+* ``featcache ls``, then again once the store holds ``ls_sets`` sets over the same space (the first
+  set recorded again for other folders, through the store call extract commits with), and their ratio;
 * loading the set for fit (``load_fit_data``, what ``featcache fit`` does before training);
 * files in the store per 10,000 rows.
 
@@ -79,14 +80,30 @@ if job["op"] == "extract":
     out.update(seconds=time.perf_counter() - t, scan_s=spent["scan"], set=r.set_key, extracted=r.extracted,
                images=r.images)
 elif job["op"] == "ls":
+    import io
     from featcache.cli import main
     t = time.perf_counter()
     stdout = sys.stdout
-    sys.stdout = open(os.devnull, "w")
+    sys.stdout = io.StringIO()
     try:
-        main(["ls", "--store", job["store"]], standalone_mode=False)
+        main(["ls", "--store", job["store"], "--json"], standalone_mode=False)
+        listed = json.loads(sys.stdout.getvalue())["sets"]
     finally:
         sys.stdout = stdout
+    out.update(seconds=time.perf_counter() - t, sets=len(listed), sized=sum(s["bytes"] is not None for s in listed))
+elif job["op"] == "sets":
+    import numpy as np
+    from featcache.keys import set_key
+    st = featcache.open_store(job["store"])
+    fs = st.get_set(job["set"])
+    r = fs.record
+    arrays = {s: {"sha256": fs.hashes(s), "labels": fs.labels(s), "paths": np.array(fs.paths(s))} for s in fs.splits}
+    t = time.perf_counter()
+    for i in range(job["count"]):
+        root = f"{r.data_root}-team{i + 1}"
+        attrs = {**r.to_attrs(), "data_root": root, "skipped": fs.skipped(), "ignored": fs.ignored()}
+        st.write_set(set_key(r.space, r.manifest_sha256, root, r.split_fractions, r.split_seed, r.views, r.view_space),
+                     attrs, arrays)
     out["seconds"] = time.perf_counter() - t
 elif job["op"] == "load":
     t = time.perf_counter()
@@ -130,10 +147,12 @@ def _count_files(path: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(path))
 
 
-def _measure(n: int, job: dict, store: Path, code: Path, env: dict, rounds: int, first_set: str) -> dict:
-    reruns = [_child(job, code, env) for _ in range(rounds)]
-    return _row(n, reruns, _child({"op": "ls", "store": str(store)}, code, env),
-                _child({"op": "load", "store": str(store), "set": first_set}, code, env))
+def _ls(store: Path, code: Path, env: dict, sets: int) -> dict:
+    """``featcache ls --json`` in a fresh process; it must list ``sets`` sets, each with its size."""
+    r = _child({"op": "ls", "store": str(store)}, code, env)
+    if (r["sets"], r["sized"]) != (sets, sets):
+        raise RuntimeError(f"ls listed {r['sets']} sets, {r['sized']} with a size; {sets} expected")
+    return r
 
 
 def _row(n: int, reruns: list[dict], ls: dict, load: dict) -> dict:
@@ -151,10 +170,11 @@ def _row(n: int, reruns: list[dict], ls: dict, load: dict) -> dict:
 
 def run_scale(sizes=(10_000, 100_000), code: str | os.PathLike | None = None, rounds: int = 3,
               workers: int | None = None, tmp: str | None = None,
-              against: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+              against: str | os.PathLike | None = None, ls_sets: int = 20) -> dict[str, list[dict]]:
     """Rows per size (see the module docstring) for ``code`` (default: this checkout) and, when given,
     ``against``: another checkout measured on the same folder and store, their re-runs alternating
-    (the first extract is made by ``against``; a warm-up re-run of each fills any cache it keeps)."""
+    (the first extract and the other ``ls_sets - 1`` sets are made by ``code``, so they carry what it
+    records, and ``against`` reads them as it reads any set; a warm-up re-run of each fills any cache it keeps)."""
     codes = {"code": Path(code or REPO).resolve()}
     if against is not None:
         codes = {"against": Path(against).resolve(), **codes}
@@ -171,18 +191,24 @@ def run_scale(sizes=(10_000, 100_000), code: str | os.PathLike | None = None, ro
             make_s = time.perf_counter() - t
             time.sleep(2.5)  # the folder exists before the first extract, as a downloaded data set does
             job = {"op": "extract", "data": str(data), "store": str(store), "backbone": TINY, "workers": workers}
-            first_code = next(iter(codes))
-            first = _child(job, codes[first_code], envs[first_code])
+            first = _child(job, codes["code"], envs["code"])
             warm = {k: _child(job, c, envs[k]) for k, c in codes.items()}
             reruns: dict[str, list[dict]] = {k: [] for k in codes}
             for _ in range(rounds):  # alternating, so both see the same load on a shared machine
                 for k, c in codes.items():
                     reruns[k].append(_child(job, c, envs[k]))
             for k, c in codes.items():
-                ls = _child({"op": "ls", "store": str(store)}, c, envs[k])
+                ls = _ls(store, c, envs[k], 1)
                 load = _child({"op": "load", "store": str(store), "set": first["set"]}, c, envs[k])
                 out[k].append({**_row(n, reruns[k], ls, load), "warm_rerun_s": warm[k]["seconds"]})
             files = _count_files(store)
+            made = _child({"op": "sets", "store": str(store), "set": first["set"], "count": ls_sets - 1}, codes["code"],
+                          envs["code"])
+            for k, c in codes.items():
+                many = _ls(store, c, envs[k], ls_sets)
+                out[k][-1].update(ls_sets=ls_sets, ls_many_s=many["seconds"], ls_many_peak_mb=many["peak_rss"] / 2**20,
+                                  ls_many_over_one=many["seconds"] / out[k][-1]["ls_s"],
+                                  set_commit_s=made["seconds"] / max(ls_sets - 1, 1))
         finally:
             shutil.rmtree(top, ignore_errors=True)
         for k in codes:
@@ -190,7 +216,7 @@ def run_scale(sizes=(10_000, 100_000), code: str | os.PathLike | None = None, ro
     return out
 
 
-GROWTH_KEYS = ("rerun_s", "rerun_scan_s", "rerun_peak_mb", "plan_bytes_per_image", "ls_s", "load_s", "files")
+GROWTH_KEYS = ("rerun_s", "rerun_scan_s", "rerun_peak_mb", "plan_bytes_per_image", "ls_s", "ls_many_s", "load_s", "files")
 
 
 def growth(rows: list[dict]) -> list[dict]:

@@ -378,7 +378,8 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
                 raise storage_error(e, cfg.store, f"the set {key} of this folder is not recorded in it yet") from None
             restore_missing(engine, one, manifest.root, kept, store, space, view_space, augment, cfg, progress)
         barrier(world)  # the set is committed before any rank returns
-        set_bytes = store.set_bytes(store.get_set(key)) if rank == 0 else 0
+        fs = store.get_set(key) if rank == 0 else None  # its size as recorded at commit; measured if it has none
+        set_bytes = 0 if fs is None else store.set_size(fs, measure=fs.record.summary is None) or 0
         extracted = sum(1 for h in todo if h not in held and h not in failed)  # by all ranks together
         stats = store.space_stats(space)
         results.append(ExtractResult(

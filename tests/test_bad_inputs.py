@@ -125,6 +125,7 @@ GOOD = {
     "split_fractions": None, "split_seed": None, "manifest_sha256": H, "views": 0, "view_space": None,
     "augment": None, "skipped": [], "ignored": [], "config": {}, "versions": {}, "unlabelled": [],
     "integrity": {s: {"sha256": H, "labels": H, "paths_utf8": H, "paths_offsets": H} for s in ("train", "val")},
+    "summary": {"total_bytes": 9, "own_bytes": 4, "rows_bytes": 5, "segments": 1},
 }
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),

@@ -178,13 +178,15 @@ def test_formats_benchmark_writes_and_reads_each_format_with_its_own_code(folder
 @pytest.mark.slow
 def test_scale_benchmark_smoke(tmp_path):
     """One tiny size through the command: every step runs in its own process and the table and JSON come out."""
-    r = CliRunner().invoke(main, ["scale", "--sizes", "24", "--repeats", "1", "--workers", "0", "--out", str(tmp_path)])
+    r = CliRunner().invoke(main, ["scale", "--sizes", "24", "--repeats", "1", "--workers", "0", "--ls-sets", "3",
+                                  "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "| images | re-run, nothing changed s |" in r.output
     saved = json.loads(next(tmp_path.glob("scale-*.json")).read_text())
     row = saved["code"]["rows"][0]
     assert row["images"] == 24 and row["load_rows"] == 24 and row["files"] > 0
     assert 0 < row["rerun_scan_s"] < row["rerun_s"] and row["rerun_peak_mb"] > 0 and row["ls_s"] > 0
+    assert row["ls_sets"] == 3 and row["ls_many_s"] > 0 and row["ls_many_over_one"] == row["ls_many_s"] / row["ls_s"]
 
 
 def test_rowindex_benchmark_smoke(tmp_path):

@@ -67,34 +67,55 @@ def _set_doc(fs, size: int | None) -> dict:
             "weights": r.weights_id, "bytes": size, "created_at": r.created_at, "created_by": r.created_by}
 
 
+_SIZES_HELP = ("Measure sizes now, from the sets' rows (reads their spaces' row indexes: slow on a large store), "
+               "instead of the size recorded when each set was committed (unknown for sets made before sizes were recorded).")
+
+
+def _unknown_note(count: int, command: str) -> str:
+    return (f"{count} set(s) committed before featcache recorded set sizes: size unknown; measure it with "
+            f"featcache {command} --sizes (reads their spaces' rows)")
+
+
 @click.command("ls")
 @store_option
 @click.option("--wide", is_flag=True, help="Every column, nothing shortened (pool, shape, weights, creation time).")
+@click.option("--sizes", "measure", is_flag=True, help=_SIZES_HELP)
 @json_option
-def ls_cmd(store: str, wide: bool, as_json: bool) -> None:
-    """List the feature sets in a store, oldest first."""
+def ls_cmd(store: str, wide: bool, measure: bool, as_json: bool) -> None:
+    """List the feature sets in a store, oldest first.
+
+    Reads the sets' records only: each size is the one measured when the set was committed (--sizes: now)."""
     from ..errors import StoreError
     from ..store import open_store
     from ..units import human_bytes
 
     st = open_store(store, mode="r")
     sets = st.sets()
-    sizes = {}
+    sizes: dict[str, int | None] = {}
     for fs in sets:
         try:
-            sizes[fs.key] = st.set_bytes(fs)
-        except StoreError:
+            sizes[fs.key] = st.set_size(fs, measure)
+        except StoreError:  # only when measuring: the set's arrays cannot be read
             sizes[fs.key] = None
+    unknown = 0 if measure else sum(size is None for size in sizes.values())
+    notes = [_unknown_note(unknown, "ls")] if unknown else []
     for warning in st.warnings:
         click.echo(f"warning: {warning}", err=True)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     if as_json:
-        echo_json({"store": store, "sets": [_set_doc(fs, sizes[fs.key]) for fs in sets], "warnings": list(st.warnings)})
+        echo_json({"store": store, "sets": [_set_doc(fs, sizes[fs.key]) for fs in sets], "warnings": list(st.warnings),
+                   "notes": notes})
         return
     if not sets:
         click.echo(f"no feature sets in {store}")
         return
     now = datetime.now(UTC)
-    rows = [_row(fs, "damaged" if sizes[fs.key] is None else human_bytes(sizes[fs.key]), now) for fs in sets]
+
+    def shown(size: int | None) -> str:
+        return human_bytes(size) if size is not None else "damaged" if measure else "?"
+
+    rows = [_row(fs, shown(sizes[fs.key]), now) for fs in sets]
     for line in set_table(rows, wide):
         click.echo(line)
 
@@ -103,14 +124,18 @@ def ls_cmd(store: str, wide: bool, as_json: bool) -> None:
 @click.argument("key", required=False)
 @set_option()
 @store_option
+@click.option("--sizes", "measure", is_flag=True, help=_SIZES_HELP)
 @json_option
-def info_cmd(key: str | None, set_: str | None, store: str, as_json: bool) -> None:
+def info_cmd(key: str | None, set_: str | None, store: str, measure: bool, as_json: bool) -> None:
     """Everything recorded about a set, as JSON (KEY is the same as --set KEY)."""
     from ..store import open_store
 
     st = open_store(store, mode="r")
     fs = st.get_set(pick_set(key, set_))
-    echo_json({**fs.attrs, "bytes_on_disk": st.set_bytes(fs)})
+    size = st.set_size(fs, measure)
+    if size is None:
+        click.echo(f"note: {_unknown_note(1, 'info')}", err=True)
+    echo_json({**fs.attrs, "bytes_on_disk": size})
 
 
 @click.command("rm")

@@ -19,7 +19,7 @@ from ..errors import StoreError
 from ..fields import Fields
 from .groups import MARKER_ATTRS
 
-__all__ = ["SetRecord", "parse_files"]
+__all__ = ["SetRecord", "SetSummary", "parse_files"]
 
 SET_ARRAYS = ("sha256", "labels", "paths_utf8", "paths_offsets")  # per split
 _MAX_DIMS = 8
@@ -108,6 +108,36 @@ def _fractions(v: Any, name: str) -> tuple[float, ...] | None:
     return tuple(float(f) for f in v)
 
 
+_MAX_BYTES = 2**62
+
+
+@dataclass(frozen=True)
+class SetSummary:
+    """What ``ls`` and ``info`` show of a set's size, measured once when the set is committed, so listing a
+    store reads set records only: neither the sets' arrays nor their spaces' rows (measuring it again costs
+    O(rows of the set's space): 16 sets of 100k rows, 16.9 s and 704 MB). Its counts and feature shape are
+    the record's ``splits`` and ``space_provenance.shape``. Sets committed before it have none.
+
+    ``total_bytes`` = ``own_bytes`` (the set's arrays) + ``rows_bytes`` (the whole segments its rows were
+    read from at commit time, ``segments`` of them)."""
+
+    total_bytes: int
+    own_bytes: int
+    rows_bytes: int
+    segments: int
+
+    @classmethod
+    def parse(cls, f: Fields) -> SetSummary:
+        own, rows = f.integer("own_bytes", 0, _MAX_BYTES), f.integer("rows_bytes", 0, _MAX_BYTES)
+        segments = f.integer("segments", 0, 2**31)
+        total = f.integer("total_bytes", 0, _MAX_BYTES)
+        if total != own + rows:
+            raise f.bad("total_bytes", f"own_bytes + rows_bytes ({own + rows})", total)
+        if (segments == 0) != (rows == 0):
+            raise f.bad("segments", "0 exactly when rows_bytes is 0", segments)
+        return cls(total, own, rows, segments)
+
+
 @dataclass(frozen=True)
 class SetRecord:
     """A committed set's attributes, validated."""
@@ -141,6 +171,7 @@ class SetRecord:
     created_at: str
     created_by: str
     integrity: dict
+    summary: SetSummary | None = None  # written by Store.write_set; None in sets committed before summaries
     extra: dict = field(default_factory=dict)
 
     @property
@@ -156,6 +187,8 @@ class SetRecord:
         d["split_fractions"] = list(self.split_fractions) if self.split_fractions else None
         d["skipped"], d["ignored"] = list(self.skipped), list(self.ignored)
         d["weights"] = {"id": d.pop("weights_id"), "sha256": d.pop("weights_sha256")}
+        if d["summary"] is None:
+            del d["summary"]
         return {**extra, **d}
 
     @classmethod
@@ -218,6 +251,7 @@ class SetRecord:
             if not (isinstance(arrays, dict) and all(isinstance(arrays.get(n), str) and _HEX64.fullmatch(arrays[n])
                                                      for n in SET_ARRAYS)):
                 raise _Bad(f"integrity.{s}", f"digests of the split's arrays {', '.join(SET_ARRAYS)}")
+        summary = f.obj("summary", optional=True)
         known = {f.name for f in cls.__dataclass_fields__.values()} | {"weights", *MARKER_ATTRS}
         return cls(
             key=key,
@@ -249,5 +283,6 @@ class SetRecord:
             created_at=_str(a.get("created_at"), "created_at", limit=64),
             created_by=_str(a.get("created_by", "unknown"), "created_by", limit=512),
             integrity=integrity,
+            summary=None if summary is None else SetSummary.parse(summary),
             extra={k: _json(v, k, 1 << 16) for k, v in a.items() if k not in known},
         )

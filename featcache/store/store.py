@@ -3,7 +3,8 @@
 Sets layout (rows are in :mod:`featcache.store.rows` and :mod:`featcache.store.segments`)::
 
     STORE/                          root attrs: {"featcache": {"format_version": 2}}
-      sets/<key>-<8 hex>/           one committed instance of a set; attrs: the SetRecord, then committed=true
+      sets/<key>-<8 hex>/           one committed instance of a set; attrs: the SetRecord (with its size, measured
+                                    once here: its SetSummary), then committed=true
         <split>/sha256 (N, 32) uint8, labels (N,) int32, paths_utf8 (M,) uint8 + paths_offsets (N + 1,) int64
         skipped/, ignored/          files left out: paths_utf8 + paths_offsets, reasons_utf8 + reasons_offsets
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ from .groups import (
     write_array,
 )
 from .leases import Leases, created_by
-from .records import SetRecord, parse_files
+from .records import SetRecord, SetSummary, parse_files
 from .rows import Rows
 from .segments import encode_strings, hashes_to_array
 from .sets import FILE_LISTS, FeatureSet
@@ -116,6 +118,10 @@ class Store(Rows, Leases):
                 write_array(sub, name, values)
                 integrity[split][name] = digest_values(values)
         attrs = {**fields, **lists, "integrity": integrity, "key": key, **commit_stamp()}
+        attrs.pop("summary", None)  # measured here, never taken from the caller
+        space = SetRecord.from_attrs(key, attrs).space
+        hashes = [str(h) for arrays in splits.values() for h in arrays["sha256"]]
+        attrs["summary"] = asdict(self._summary(group, space, hashes))
         SetRecord.from_attrs(key, attrs)  # what is written must read back
         group.attrs.update(attrs)
         size = meta_size(parent, gname) or len(json.dumps(dict(group.attrs), indent=2).encode())
@@ -236,13 +242,31 @@ class Store(Rows, Leases):
         return fs
 
     def set_bytes(self, fs: FeatureSet) -> int:
-        """Bytes on disk of the rows a set uses (whole segments it draws on) plus its own arrays."""
-        wanted = set(fs.hashes_all())
-        total = group_bytes(fs.group)
-        for seg in self._index(fs.space)[0]:
-            if wanted.intersection(seg.sha256.tolist()):
-                total += int(seg.features.nbytes_stored())
-        return total
+        """Bytes on disk of the rows a set uses (the whole segments its rows are read from) plus its own arrays,
+        measured now: it reads the set's hashes and looks each up in its space. ``ls`` and ``info`` show the
+        :class:`SetSummary` measured the same way when the set was committed instead (``--sizes``: this)."""
+        return self._summary(fs.group, fs.space, fs.hashes_all()).total_bytes
+
+    def _summary(self, group: zarr.Group, space: str, hashes: list[str]) -> SetSummary:
+        """The size of the set in ``group``: its own arrays, and the whole segments of ``space`` that its rows
+        (``hashes``) are read from; a row missing from the space (removed, damaged) counts nothing."""
+        own = group_bytes(group)
+        try:
+            segments, where = self.locate(space, hashes)
+        except StoreError:  # rows missing: the segments of those still there
+            held = self.holds(space, hashes)
+            segments, where = self.locate(space, [h for h, ok in zip(hashes, held.tolist()) if ok])
+        used = np.unique(where[:, 0]).tolist()
+        rows = sum(int(segments[s].features.nbytes_stored()) for s in used)
+        return SetSummary(own + rows, own, rows, len(used))
+
+    def set_size(self, fs: FeatureSet, measure: bool = False) -> int | None:
+        """Bytes on disk of a set as recorded when it was committed (its :class:`SetSummary`: nothing but the
+        set's attributes is read), None for a set committed before summaries; with ``measure``, measured now
+        (:meth:`set_bytes`, which reads the set's hashes and its space's row index)."""
+        if measure:
+            return self.set_bytes(fs)
+        return None if fs.record.summary is None else fs.record.summary.total_bytes
 
 
 def _version_of(root: zarr.Group) -> int | None:
