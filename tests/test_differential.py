@@ -88,7 +88,7 @@ def _check_set(store: str, key: str, data: Path, fresh, dtype: str, what: str) -
 
 def _extract(data: Path, store: Path, backbone: str, layers, **kw):
     r = featcache.extract(backbone=backbone, layer=layers, data=str(data), store=str(store), precision="float32", **kw)
-    return list(r) if isinstance(r, EXTRACT.LayersResult) else [r]
+    return list(r) if isinstance(r, featcache.extracted.LayersResult) else [r]
 
 
 def _run_both_ways(tmp_path, data, backbone, layers, fresh_for, weights="none", pool=None):

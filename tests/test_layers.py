@@ -60,7 +60,7 @@ def test_one_pass_writes_the_rows_each_layer_alone_writes(tmp_path, small, monke
     passes = _count_forward(monkeypatch)
     both = featcache.extract(layer=list(layers), store=str(tmp_path / "both.zarr"), **kw)
     assert passes == [9]  # every image through the network once, for all layers
-    assert isinstance(both, EXTRACT.LayersResult) and [r.layer for r in both] == list(layers)
+    assert isinstance(both, featcache.extracted.LayersResult) and [r.layer for r in both] == list(layers)
     assert len(set(both.set_keys)) == len(layers)
     for layer, r in zip(layers, both):
         alone = featcache.extract(layer=layer, store=str(tmp_path / f"{layer}.zarr"), **kw)

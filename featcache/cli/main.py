@@ -123,7 +123,8 @@ def extract_cmd(progress: bool | None, as_json: bool, rehash: bool, **options) -
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     check_backbone_name(cfg.backbone)  # before torch is imported, the folder scanned or a model built
-    from ..extract import ExtractResult, extract
+    from ..extract import extract
+    from ..extracted import ExtractResult
 
     if int(os.environ.get("RANK", "0")) != 0:
         extract(cfg, progress=False, rehash=rehash)
