@@ -3,6 +3,8 @@ metadata cap, read-only and full stores, damaged or concurrent migrations of for
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -114,6 +116,39 @@ def test_a_set_record_over_the_cap_is_refused_at_write_and_nothing_is_committed(
     st = featcache.open_store(store_url)
     assert st.set_keys() == [] and st.set_groups() == [] and not st.warnings
     assert [p.name for p in (tmp_path / "s.zarr" / "sets").iterdir()] == ["zarr.json"]  # no half-written set left
+
+
+def test_damaged_set_groups_are_named_and_their_neighbours_still_list(tmp_path, monkeypatch):
+    """Every set's metadata is read at once: one garbage ``zarr.json``, one over the cap and one
+    array where a group belongs each become a warning, and the sound sets still list."""
+    data = make_folder(tmp_path / "d", splits=(("train", 2), ("val", 1)))
+    store_url = str(tmp_path / "s.zarr")
+    r = featcache.extract(data=str(data), store=store_url, backbone=TINY, layer="features", weights="none", workers=0)
+    st = featcache.open_store(store_url)
+    fs = st.get_set(r.set_key)
+    arrays = {s: {"sha256": fs.hashes(s), "labels": fs.labels(s), "paths": np.array(fs.paths(s))} for s in fs.splits}
+    record = {**fs.record.to_attrs(), "data_root": fs.record.data_root + "-b"}
+    from featcache.keys import set_key
+
+    rec = fs.record
+    other = set_key(rec.space, rec.manifest_sha256, record["data_root"], rec.split_fractions, rec.split_seed,
+                    rec.views, rec.view_space)
+    st.write_set(other, record, arrays)
+    sets = tmp_path / "s.zarr" / "sets"
+    (sets / "garbage").mkdir()
+    (sets / "garbage" / "zarr.json").write_text("{not json")
+    (sets / "huge").mkdir()
+    (sets / "huge" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                                           "attributes": {"pad": "x" * 200_000}}))
+    import zarr
+
+    zarr.open_group(store_url)["sets"].create_array("an_array", shape=(2,), dtype="int8")
+    _lower_cap(monkeypatch, 100_000)  # over every real set's record, under the huge one
+    st = featcache.open_store(store_url)
+    assert sorted(f.key for f in st.sets()) == sorted([r.set_key, other])
+    warned = " ".join(st.warnings)
+    assert "set garbage: unreadable metadata" in warned and "set huge: metadata is" in warned, st.warnings
+    assert "an_array" not in warned
 
 
 def test_old_sets_with_lists_in_attributes_still_read(tmp_path):

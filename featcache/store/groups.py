@@ -124,27 +124,61 @@ def _list_dir(parent: zarr.Group) -> list[str]:
 
 def child_groups(parent: zarr.Group, warnings: list[str] | None = None, what: str = "group") -> list[tuple[str, zarr.Group]]:
     """The child groups of ``parent``, sorted by name; one that cannot be read is named in ``warnings``
-    and left out, so one damaged group never takes the others down."""
+    and left out, so one damaged group never takes the others down. Every child's metadata is asked
+    for at once (one round trip's wait for all, not one per child: 20 sets list about as fast as one)."""
     try:  # names from the store's listing: no child's metadata is parsed to list them
         names = sorted(n for n in _list_dir(parent) if n != "zarr.json")
     except Exception as e:
         raise StoreError(f"cannot list {parent.path or 'the store root'}: {e.__class__.__name__}: {e}") from None
     out = []
-    for name in names:
-        size = meta_size(parent, name)
-        if size is not None and size > MAX_META_BYTES:
-            if warnings is not None and not any(w.startswith(f"{what} {name}:") for w in warnings):
-                warnings.append(f"{what} {name}: metadata is {human_bytes(size)}, over the {human_bytes(MAX_META_BYTES)} cap; skipped")
-            continue
-        try:
-            member = parent[name]
-            if isinstance(member, zarr.Group):
-                dict(member.attrs)  # parsed now, so a damaged one fails here
-                out.append((name, member))
-        except (Exception, RecursionError) as e:
-            if warnings is not None and not any(w.startswith(f"{what} {name}:") for w in warnings):
-                warnings.append(f"{what} {name}: unreadable metadata ({e.__class__.__name__}); skipped")
+    for name, got in zip(names, _children(parent, names)):
+        problem = None
+        if isinstance(got, int):
+            problem = f"metadata is {human_bytes(got)}, over the {human_bytes(MAX_META_BYTES)} cap; skipped"
+        elif isinstance(got, BaseException):
+            problem = f"unreadable metadata ({got.__class__.__name__}); skipped"
+        elif isinstance(got, zarr.Group):
+            out.append((name, got))
+        if problem and warnings is not None and not any(w.startswith(f"{what} {name}:") for w in warnings):
+            warnings.append(f"{what} {name}: {problem}")
     return out
+
+
+_CONCURRENT = 32  # metadata requests in flight at once
+
+
+def _children(parent: zarr.Group, names: list[str]) -> list:
+    """For each child name: its group or array, its metadata size when over the cap (int), or the
+    error that stopped its reading."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    limit = asyncio.Semaphore(_CONCURRENT)
+    prefix = f"{parent.path}/" if parent.path else ""
+
+    async def one(name: str):
+        async with limit:
+            try:
+                size = await parent.store.getsize(f"{prefix}{name}/zarr.json")
+            except Exception:  # not there (yet), or a store that cannot tell
+                size = None
+            if size is not None and size > MAX_META_BYTES:
+                return int(size)
+            try:
+                member = await parent._async_group.getitem(name)
+                if isinstance(member, zarr.AsyncGroup):
+                    group = zarr.Group(member)
+                    dict(group.attrs)  # parsed now, so a damaged one fails here
+                    return group
+                return None
+            except (Exception, RecursionError) as e:
+                return e
+
+    async def every() -> list:
+        return list(await asyncio.gather(*(one(n) for n in names)))
+
+    return sync(every())
 
 
 def group_bytes(group: zarr.Group) -> int:
