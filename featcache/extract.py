@@ -29,7 +29,7 @@ from .extracted import ExtractResult, LayersResult
 from .keys import row_key, set_key, space_key
 from .names import check_backbone_name
 from .pipeline import resolve_device
-from .procs import barrier, distributed, merge_failures
+from .procs import barrier, distributed, from_first, merge_failures
 from .store import SetRecord, Store, created_by, open_store
 from .units import now_iso
 
@@ -108,8 +108,10 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
 
         import_ray()  # a missing extra is one clear error before anything is scanned or written
     start = time.perf_counter()
-    manifest = scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels, labels_from_name=cfg.labels_from_name,
-                    classes=cfg.classes, exclude_class=cfg.exclude_class, rehash=rehash)
+    rank, world = distributed()
+    manifest = from_first(lambda: scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels,
+                                       labels_from_name=cfg.labels_from_name, classes=cfg.classes,
+                                       exclude_class=cfg.exclude_class, rehash=rehash), world, rank)
     if cfg.strict and manifest.skipped:
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
@@ -130,7 +132,6 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
     # every part has the same preprocessing, so the same augmented views
     augment = augmentation(joint.parts[0].preprocessing, cfg.seed) if cfg.views else None
     view_provenances = [{**p, "augment": augment} for p in provenances] if cfg.views else []
-    rank, world = distributed()
     # The lease keeps gc off these spaces from before anything is written or any row is chosen
     # for reuse until the set that refers to them is committed and its rows checked once more.
     try:

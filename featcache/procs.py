@@ -211,7 +211,12 @@ def distributed() -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Ranks wait for rank 0's scan of the folder (hours at 10M files) and for the slowest rank's
+        # share: longer than the default timeout (10-30 min). A rank that dies is not waited for:
+        # torchrun stops the others when one fails.
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=24))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
@@ -234,3 +239,31 @@ def merge_failures(failed: dict[str, str], world: int) -> dict[str, str]:
     parts: list = [None] * world
     dist.all_gather_object(parts, failed)  # in-process messages between ranks, never stored
     return {k: v for part in parts for k, v in part.items()}
+
+
+def from_first(make, world: int, rank: int):
+    """Under torchrun, ``make()`` runs on rank 0 only and every rank gets its value (or the
+    FeatcacheError it raised, raised on every rank): one rank scans and hashes the folder, the
+    others receive the manifest instead of reading every file again."""
+    from .errors import FeatcacheError
+
+    if world <= 1:
+        return make()
+    import torch.distributed as dist
+
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", make())
+        except FeatcacheError as e:
+            box[0] = ("error", e)
+        except BaseException as e:  # the others must not wait for a manifest that never comes
+            box[0] = ("error", FeatcacheError(f"rank 0 stopped while scanning: {e.__class__.__name__}: {e}"))
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)  # in-process messages between ranks, never stored
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+

@@ -315,10 +315,27 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     one = tmp_path / "one.zarr"
     assert cli_process(*args, "--store", one).wait(timeout=300) == 0
     two = tmp_path / "two.zarr"
+    # every rank counts the images it opens (an audit hook, so nothing in featcache is changed for it)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f"""
+import atexit, os, sys
+opened = []
+def audit(event, args):
+    if event == "open" and isinstance(args[0], str) and args[0].startswith({str(folder)!r}) and args[0].endswith(".png"):
+        opened.append(args[0])
+sys.addaudithook(audit)
+atexit.register(lambda: open(os.path.join({str(hook)!r}, "rank" + os.environ.get("RANK", "x")), "w").write(
+    "\\n".join(opened)))
+""")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "featcache.cli", *map(str, args), "--store", str(two)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+           "-m", "featcache.cli", *map(str, args), "--store", str(two), "--rehash"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr
+    opened = {r: (hook / f"rank{r}").read_text().split("\n") for r in (0, 1)}
+    # rank 0 hashes all 42 images (and decodes its share); rank 1 decodes only its share: one scan, shared
+    assert len(set(opened[0])) == 42 and 0 < len(opened[1]) <= 21, {r: len(v) for r, v in opened.items()}
     assert p.stdout.count("extracted 42 (") == 1 and "reused 0;" in p.stdout  # rank 0 reports for both
     assert p.stderr.count("extracting 30 train + 12 val") == 1  # and only rank 0 shows phase lines
     st = featcache.open_store(str(two))
@@ -327,6 +344,22 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert featcache.open_store(str(one)).set_keys() == st.set_keys()
     got, want = all_rows(two), all_rows(one)
     assert got.keys() == want.keys() and all(np.array_equal(got[h], want[h]) for h in want)
+
+
+def test_torchrun_a_folder_rank_0_refuses_stops_every_rank_with_its_error(tmp_path):
+    """Only rank 0 scans: its refusal reaches the other rank, which stops with the same error
+    instead of waiting for a manifest."""
+    folder = tmp_path / "empty"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (folder / split / c).mkdir(parents=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "featcache.cli", "extract", "--backbone", TINY, "--weights", "none", "--data", str(folder),
+           "--store", str(tmp_path / "s.zarr"), "--workers", "0"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.count("Error: no images in") == 2, p.stderr  # each rank says it once, nobody hangs
+    assert "featcache/" not in p.stderr, p.stderr  # torchrun's own report only: no featcache traceback
 
 
 def test_gc_removes_partial_writes_a_killed_process_left(folder, store_url):
