@@ -150,7 +150,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 @click.option("--code", default=None, type=click.Path(exists=True, file_okay=False),
               help="scale: the checkout whose featcache is measured [default: this one].")
 @click.option("--against", default=None, type=click.Path(exists=True, file_okay=False),
-              help="scale: another checkout measured side by side on the same images and store (e.g. main).")
+              help="scale, cli: another checkout measured side by side on the same images and store (e.g. main).")
 @click.option("--ls-sets", default=20, show_default=True, type=click.IntRange(1, 1000),
               help="scale: sets over one space for the second ls (the first set recorded again for other folders).")
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, sizes, million, code, against,
@@ -318,11 +318,14 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, si
 
     if which in ("cli", "all"):
         name, _, weights = _case(cases[-1])
-        rows = run_cli(data, name, weights, rounds=max(repeats, 1), workers=workers)
+        loads: list[float] = []
+        rows = run_cli(data, name, weights, rounds=max(repeats, 1), workers=workers, against=against, loads=loads)
         click.echo(f"\ncommand line start-up: whole processes, median of {max(repeats, 1)} rounds in rotation; "
-                   f"fit on a {name} set of {Path(data).name}")
+                   f"fit on a {name} set of {Path(data).name}; load average {min(loads):.1f} to {max(loads):.1f}"
+                   + (f"; (against): {against} ({_revision(against)})" if against else ""))
         click.echo(table(rows, CLI_COLUMNS))
-        path = save("cli", {"machine": info, "data": data, "backbone": name, "rows": rows}, out)
+        path = save("cli", {"machine": info, "data": data, "backbone": name, "rows": rows, "load_average": loads,
+                            "code_revision": _revision(Path(__file__).resolve().parents[1]), "against": against, "against_revision": _revision(against) if against else None}, out)
         click.echo(f"saved {path}")
     if which in ("sweep", "all"):
         name, layer, weights = _case(cases[-1])
@@ -331,6 +334,17 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, si
         click.echo(table([row], SWEEP_COLUMNS))
         path = save("sweep", {"machine": info, "data": data, "rows": [row]}, out)
         click.echo(f"saved {path}")
+
+
+def _revision(path: str | Path) -> str:
+    """The short commit of a checkout, and whether it has changes not committed."""
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "no git"
+    dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + (" with changes" if dirty else "")
 
 
 def _scale(sizes: str, million: bool, code: str | None, against: str | None, repeats: int, workers: int | None,

@@ -4,7 +4,9 @@
 with a mistyped ``--backbone`` and an extract with nothing to compute, on a small set, each as a
 ratio to ``python -c pass`` and to ``python -c "import torch"`` (and ``--help`` to ``python -c
 "import click"``). The commands are run in rotation, one of each per round, so a busy machine
-slows them alike; each time is the median over the rounds.
+slows them alike; each time is the median over the rounds. With ``against`` (another checkout, e.g.
+main), each featcache command also runs from that checkout, in the same rotation and on the same
+store, as ``... (against)``. The load average is sampled before and after each round.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ def _featcache(*args: str) -> list[str]:
     return [sys.executable, "-c", _SCRIPT, *args]
 
 
+def _load() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def _wall(argv: list[str], env: dict, cwd: Path, code: int = 0) -> float:
     t = time.perf_counter()
     p = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -39,16 +48,22 @@ def _wall(argv: list[str], env: dict, cwd: Path, code: int = 0) -> float:
 
 
 def run_cli(data: str, backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", rounds: int = 5,
-            workers: int | None = None) -> list[dict]:
-    """One row per command: median wall seconds and the ratios; the set is extracted first, untimed."""
+            workers: int | None = None, against: str | None = None, loads: list[float] | None = None) -> list[dict]:
+    """One row per command: median wall seconds and the ratios; the set is extracted first, untimed (by each
+    checkout, so each has its caches). ``loads`` receives the load averages sampled around the rounds."""
     tmp = Path(tempfile.mkdtemp(prefix="featcache-cli-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "FEATCACHE_STORE": str(tmp / "s.zarr")}
+           "FEATCACHE_STORE": str(tmp / "s.zarr"), "FEATCACHE_SCAN_CACHE": str(tmp / "scans"),
+           "FEATCACHE_PROVENANCE_CACHE": str(tmp / "provenance")}
+    other = None if against is None else {
+        **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(against).resolve()), os.environ.get("PYTHONPATH")]))}
+    loads = [] if loads is None else loads
     try:
         extract = ["extract", "--backbone", backbone, "--weights", weights, "--data", data, "--no-progress"]
         if workers is not None:
             extract += ["--workers", str(workers)]
-        _wall(_featcache(*extract), env, tmp)
+        for e in filter(None, (env, other)):
+            _wall(_featcache(*extract), e, tmp)
         commands = {
             "python -c pass": [sys.executable, "-c", "pass"],
             'python -c "import click"': [sys.executable, "-c", "import click"],
@@ -63,10 +78,17 @@ def run_cli(data: str, backbone: str = "efficientnet_lite0", weights: str = "DEF
             "featcache extract (nothing to compute)": _featcache(*extract),
         }
         refused = {"featcache extract (a mistyped --backbone)": 2}  # a usage error is the expected answer
-        times: dict[str, list[float]] = {name: [] for name in commands}
+        runs = []
+        for name, argv in commands.items():  # each featcache command beside its twin from the other checkout
+            runs.append((name, argv, env))
+            if other is not None and name.startswith("featcache"):
+                runs.append((f"{name} (against)", argv, other))
+        times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
         for _ in range(rounds):
-            for name, argv in commands.items():
-                times[name].append(_wall(argv, env, tmp, refused.get(name, 0)))
+            loads.append(_load())
+            for name, argv, e in runs:
+                times[name].append(_wall(argv, e, tmp, refused.get(name.removesuffix(" (against)"), 0)))
+        loads.append(_load())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     median = {name: statistics.median(t) for name, t in times.items()}

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .backbones import Joint, create_backbone, create_joint, module_name, resolve_precision
+from . import __version__, backbones
+from .backbones import Joint, module_name, resolve_precision
 from .choices import SPLITS
 from .compute import Engine, compute, local_engine, read_only_error, remote_failures, restore_missing, storage_error
 from .config import ExtractConfig
@@ -30,6 +30,7 @@ from .keys import row_key, set_key, space_key
 from .names import check_backbone_name
 from .pipeline import resolve_device
 from .procs import barrier, distributed, from_first, merge_failures
+from .recall import Recall
 from .store import SetRecord, Store, created_by, open_store
 from .units import now_iso
 
@@ -46,17 +47,16 @@ def augmentation(preprocessing: dict, seed: int) -> dict:
 
 
 def _versions() -> dict[str, str]:
-    import torchvision
     import zarr
 
     return {
         "featcache": __version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
         "zarr": zarr.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
-        **_installed("pillow", "timm", "transformers"),  # recorded, not keyed: see Backbone.provenance
+        # recorded, not keyed (see Backbone.provenance): read from the installed metadata, not imported
+        **_installed("torchvision", "pillow", "timm", "transformers"),
     }
 
 
@@ -116,18 +116,25 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
     several = isinstance(cfg.layer, tuple)
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    # a set already recorded with every row stored is answered from its record, without building the model
+    recall = Recall.of(cfg, precision) if module is None and transform is None else None
+    answered = recall.answer(manifest, start) if recall is not None else None
+    if answered is not None:
+        return answered
     _log.info("loading %s%s", cfg.backbone,
               f" (layers {', '.join(cfg.layer)})" if several else f" (layer {cfg.layer})" if cfg.layer else "")
     if several:
-        joint = create_joint(module if module is not None else cfg.backbone, cfg.layer, cfg.weights, cfg.pool,
-                             transform=transform)
+        joint = backbones.create_joint(module if module is not None else cfg.backbone, cfg.layer, cfg.weights,
+                                       cfg.pool, transform=transform)
     else:
-        backbone = create_backbone(module if module is not None else cfg.backbone, cfg.layer, cfg.weights, cfg.pool,
-                                   transform=transform)
+        backbone = backbones.create_backbone(module if module is not None else cfg.backbone, cfg.layer, cfg.weights,
+                                             cfg.pool, transform=transform)
         joint = Joint((backbone,), backbone.model)
-    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
     provenances = [{**part.provenance(), "decode": DECODE_RECIPE, "precision": precision, "dtype": cfg.dtype}
                    for part in joint.parts]
+    if recall is not None:
+        recall.remember(provenances, backbones.weights_files(cfg.backbone, cfg.weights))
     store = open_store(cfg.store)
     # every part has the same preprocessing, so the same augmented views
     augment = augmentation(joint.parts[0].preprocessing, cfg.seed) if cfg.views else None

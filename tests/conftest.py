@@ -1,7 +1,7 @@
 """Fixtures and pytest hooks only (what test modules import lives in ``tests/helpers.py``): a tiny
 generated image folder, a store path, the real photo set when present (and its efficientnet_lite0
 store, extracted once per session); the ``slow`` and ``gpu``
-markers; a private scan cache per test; a guard that no test leaks RNG state.
+markers; a private scan cache and provenance cache per test; a guard that no test leaks RNG state.
 
 ``pytest -q`` (``make test``, what CI runs) runs every test, slow ones included; ``--skip-slow``
 is the quick local loop. ``gpu`` tests are skipped, and reported as such, without CUDA.
@@ -35,8 +35,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _own_scan_cache(tmp_path_factory, monkeypatch):
-    """Each test's scans remember their hashes in a folder of its own, never in the user's cache."""
+    """Each test's scans remember their hashes, and its extracts their provenances, in folders of its own, never in
+    the user's cache."""
     monkeypatch.setenv("FEATCACHE_SCAN_CACHE", str(tmp_path_factory.mktemp("scan-cache")))
+    monkeypatch.setenv("FEATCACHE_PROVENANCE_CACHE", str(tmp_path_factory.mktemp("provenance-cache")))
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +80,10 @@ def lite0_hymenoptera(tmp_path_factory):
     store = str(tmp_path_factory.mktemp("lite0-hymenoptera") / "s.zarr")
     states = torch.get_rng_state(), np.random.get_state(), random.getstate()
     try:  # made before any test's own RNG guard starts: it guards itself
-        result = featcache.extract(backbone="efficientnet_lite0", data=str(HYMENOPTERA), store=store)
+        with pytest.MonkeyPatch.context() as mp:  # and before any test's own caches: none in the user's
+            for var in ("FEATCACHE_SCAN_CACHE", "FEATCACHE_PROVENANCE_CACHE"):
+                mp.setenv(var, str(tmp_path_factory.mktemp(var.lower())))
+            result = featcache.extract(backbone="efficientnet_lite0", data=str(HYMENOPTERA), store=store)
     finally:
         torch.set_rng_state(states[0])
         np.random.set_state(states[1])

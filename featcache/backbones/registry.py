@@ -35,6 +35,7 @@ __all__ = [
     "trusted_only",
     "check_user_backbone",
     "rebuild_backbone",
+    "weights_files",
 ]
 
 OFFLINE = lite.NAME
@@ -67,6 +68,18 @@ def _build(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
     if name not in torchvision_names():
         raise unknown_backbone(name)
     return tv.load(name, weights)
+
+
+def weights_files(name: str, weights: str | None) -> list[Path] | None:
+    """The files ``create_backbone(name, weights=weights)`` reads to load its weights (none for a seeded init);
+    ``None`` where they are not known: a timm or Hugging Face name (hub caches, configs) or a user's factory,
+    whose code can change under the same name."""
+    weights = _no_weights(weights)
+    if ":" in name:
+        return None
+    if name == OFFLINE:
+        return lite.weights_files(weights)
+    return tv.weights_files(name, weights) if name in torchvision_names() else None
 
 
 def _tracer_kwargs(name: str) -> dict:

@@ -31,7 +31,7 @@ from .base import (
     state_digest,
 )
 
-__all__ = ["load", "traced_backbone", "traced_joint", "traced_parts", "traced_pass", "traced_layers",
+__all__ = ["load", "weights_files", "traced_backbone", "traced_joint", "traced_parts", "traced_pass", "traced_layers",
            "traced_shapes", "rest_after", "FxCut", "FxJoint", "crop_of"]
 
 
@@ -70,14 +70,39 @@ def _weights_enum(name: str):
         return None
 
 
+def _checkpoint(weights: Any) -> Path:
+    """Where torch hub keeps (and looks for) the file of torchvision weights."""
+    url = getattr(weights, "url", "")
+    return Path(torch.hub.get_dir()) / "checkpoints" / (url.rsplit("/", 1)[-1] if url else "<file>.pth")
+
+
 def _download_hint(weights: Any) -> str:
     url = getattr(weights, "url", "")
-    fname = url.rsplit("/", 1)[-1] if url else "<file>.pth"
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    cache = _checkpoint(weights)
     return (
-        f"With no network, download {url or 'the weights'} elsewhere and pass --weights /path/to/{fname}, "
+        f"With no network, download {url or 'the weights'} elsewhere and pass --weights /path/to/{cache.name}, "
         f"or place it at {cache}."
     )
+
+
+def _names_a_file(enum: Any, weights: str | None) -> bool:
+    """Whether ``weights`` is a state-dict file rather than DEFAULT or a weights name (a name wins over a file)."""
+    named = enum is not None and weights in enum.__members__
+    return weights not in (None, "DEFAULT") and not named and (
+        Path(weights).suffix in (".pth", ".pt", ".bin", ".safetensors") or Path(weights).is_file())
+
+
+def weights_files(name: str, weights: str | None) -> list[Path] | None:
+    """The files :func:`load` reads for these weights: none for a seeded init, the state-dict file, or the
+    checkpoint torch hub keeps for named weights (whose hash torchvision checks only when it downloads it);
+    ``None`` for weights :func:`load` refuses."""
+    if weights is None:
+        return []
+    enum = _weights_enum(name)
+    if _names_a_file(enum, weights):
+        return [Path(weights)]
+    chosen = None if enum is None else enum.DEFAULT if weights == "DEFAULT" else enum.__members__.get(weights)
+    return None if chosen is None else [_checkpoint(chosen)]
 
 
 def load(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
@@ -86,9 +111,7 @@ def load(name: str, weights: str | None) -> tuple[nn.Module, str, Callable]:
 
     enum = _weights_enum(name)
     default = enum.DEFAULT if enum is not None else None
-    named = enum is not None and weights in enum.__members__  # a weights name, even where a file has that name
-    is_file = weights not in (None, "DEFAULT") and not named and (
-        Path(weights).suffix in (".pth", ".pt", ".bin", ".safetensors") or Path(weights).is_file())
+    is_file = _names_a_file(enum, weights)  # a weights name, even where a file has that name, is the name
     if weights is None or is_file:
         with seeded():
             model = torchvision.models.get_model(name, weights=None)
