@@ -35,6 +35,7 @@ from .errors import DataError, FeatcacheError, StoreError
 from .keys import row_key
 from .pipeline import MAX_CAST_ERROR, cast_error, checked, finite_rows, run_backbone
 from .store import Store, is_read_only
+from .runtime import release_memory
 from .store.rowindex import RowIndex
 
 __all__ = ["Engine", "Interrupted", "Writer", "Writers", "commit_partial", "compute", "first_line", "held_among", "local_engine",
@@ -285,6 +286,7 @@ def restore_missing(engine: Engine, joint: Joint, root: Path, kept: Manifest, st
     views = np.tile(np.arange(cfg.views, dtype=np.int32), len(train)) if view_space else None
     for _ in range(3):
         store.forget_index()
+        release_memory()  # the index let go of is not kept beside the one read now
         known = store.known_hashes(space)
         held = known.contains_digests(kept.digests[distinct])
         jobs: list[tuple[Item, int | None]] = [(it, None) for it in kept.items_at(distinct[~held])]

@@ -25,6 +25,7 @@ import numpy as np
 from ..choices import SPLITS
 from ..config import parse_split
 from ..errors import DataError
+from ..runtime import release_memory
 from .columns import Item, Manifest, Paths, repeats, split_code, split_note
 from .images import IMAGE_EXTENSIONS, NotRegularFile, open_regular
 from .layouts import Layout, find_layout
@@ -258,7 +259,7 @@ def scan(
     order = order[np.lexsort((labels_[order], codes[order]))]
     paths = rels.take(order)
     del rels
-    return Manifest(
+    manifest = Manifest(
         root=root,
         classes=classes_,
         paths=paths,
@@ -274,6 +275,9 @@ def scan(
         unlabelled=[s for s in SPLITS if s in found.unlabelled],
         found=found,
     )
+    del codes, labels_, digests, sizes, order, keep
+    release_memory()  # the listing's strings and the scan cache are gone: their pages go back
+    return manifest
 
 
 def safe_join(root: str | os.PathLike, rel: str) -> Path:

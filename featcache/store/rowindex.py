@@ -21,7 +21,7 @@ from .segments import Segment
 
 __all__ = ["RowIndex"]
 
-_BLOCK = 65536
+_BLOCK = 8192  # keys searched at once
 
 
 class RowIndex(AbstractSet[str]):
