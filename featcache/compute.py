@@ -34,8 +34,8 @@ from .data import Item, Manifest
 from .errors import DataError, FeatcacheError, StoreError
 from .keys import row_key
 from .pipeline import MAX_CAST_ERROR, cast_error, checked, finite_rows, run_backbone
-from .store import Store, is_read_only
 from .runtime import release_memory
+from .store import Store, is_read_only
 from .store.rowindex import RowIndex
 
 __all__ = ["Engine", "Interrupted", "Writer", "Writers", "commit_partial", "compute", "first_line", "held_among", "local_engine",
@@ -281,14 +281,15 @@ def restore_missing(engine: Engine, joint: Joint, root: Path, kept: Manifest, st
     """Recompute the rows of ``kept`` that are no longer in the store (a few tries, then an error). Only the
     images whose rows are gone become :class:`Item` objects."""
     distinct = kept.first_of_each()
+    digests = kept.digests if len(distinct) == len(kept) else kept.digests[distinct]  # no copy when all differ
     train = kept.first_of_each(np.flatnonzero(kept.in_split("train"))) if view_space else distinct[:0]
     rows = np.repeat(train, cfg.views) if view_space else train
-    views = np.tile(np.arange(cfg.views, dtype=np.int32), len(train)) if view_space else None
+    views = np.tile(np.arange(cfg.views, dtype=np.int32), len(train)) if view_space else np.zeros(0, np.int32)
     for _ in range(3):
         store.forget_index()
         release_memory()  # the index let go of is not kept beside the one read now
         known = store.known_hashes(space)
-        held = known.contains_digests(kept.digests[distinct])
+        held = known.contains_digests(digests)
         jobs: list[tuple[Item, int | None]] = [(it, None) for it in kept.items_at(distinct[~held])]
         view_jobs: list[tuple[Item, int | None]] = []
         known_views: AbstractSet[str] = set()

@@ -252,7 +252,7 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
             one = Joint((part,), part.model)
             restore_missing(engine, one, manifest.root, kept, store, space, view_space, augment, cfg, progress)
             try:
-                store.write_set(key, record, arrays)  # type: ignore[arg-type]  # a mapping built on first read
+                store.write_set(key, record, arrays)  # a mapping whose arrays are made on first read
             except OSError as e:
                 raise storage_error(e, cfg.store, f"the set {key} of this folder is not recorded in it yet") from None
             restore_missing(engine, one, manifest.root, kept, store, space, view_space, augment, cfg, progress)

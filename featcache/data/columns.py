@@ -14,6 +14,7 @@ recorded by earlier versions is found again by a re-run.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ NO_SPLIT = -1
 """The split code of an image of a whole folder taken as it is (its split is ``""``)."""
 
 _CHUNK = 8192  # rows handled at once where a step needs a Python object per row
-_ESCAPE = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # what json.dumps writes for a str
+_ESCAPE = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
 
 
 def split_code(name: str) -> int:
@@ -47,15 +48,21 @@ def _split_name(code: int) -> str:
     return SPLITS[code] if code >= 0 else ""
 
 
-def repeats(digests: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Per row of ``rows``, whether another of them starts with the same 8 digest bytes: a superset of
-    the rows whose bytes have a copy among them, found with 8 bytes per row instead of 32."""
-    if len(rows) < 2:
-        return np.zeros(len(rows), dtype=bool)
-    head = np.ascontiguousarray(digests[rows, :8]).view(np.uint64).reshape(len(rows))
+def repeats(digests: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Per row of ``rows`` (default: all), whether another of them starts with the same 8 digest bytes: a
+    superset of the rows whose bytes have a copy among them, found with 8 bytes per row instead of 32."""
+    n = len(digests) if rows is None else len(rows)
+    out = np.zeros(n, dtype=bool)
+    if n < 2:
+        return out
+    part = digests[:, :8] if rows is None else digests[rows, :8]
+    head = np.ascontiguousarray(part).view(np.uint64).reshape(n)
+    ordered = np.sort(head)
+    if not np.any(ordered[1:] == ordered[:-1]):  # the common case: no copies, nothing more to hold
+        return out
+    del ordered
     order = np.argsort(head)
     same = head[order[1:]] == head[order[:-1]]
-    out = np.zeros(len(rows), dtype=bool)
     out[order[1:][same]] = True
     out[order[:-1][same]] = True
     return out
@@ -95,7 +102,7 @@ class Paths(Sequence[str]):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         a, b = int(self.offsets[i]), int(self.offsets[i + 1 if i >= 0 else len(self.offsets) + i])
@@ -113,7 +120,7 @@ class Paths(Sequence[str]):
         """Strings ``lo`` to ``hi`` as a list."""
         off = self.offsets[lo : hi + 1].tolist()
         blob = self.blob
-        return [blob[a:b].decode("utf-8", "surrogateescape") for a, b in zip(off[:-1], off[1:])]
+        return [blob[a:b].decode("utf-8", "surrogateescape") for a, b in itertools.pairwise(off)]
 
     def take(self, index: np.ndarray) -> Paths:
         """The strings at ``index`` (positions, in that order) as new :class:`Paths`."""
@@ -201,8 +208,8 @@ class Manifest:
 
     def first_of_each(self, rows: np.ndarray | None = None) -> np.ndarray:
         """The rows (among ``rows``, default all) that hold the first copy of their bytes, in row order."""
-        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
         repeated = repeats(self.digests, rows)
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
         if not repeated.any():
             return rows
         among = np.flatnonzero(repeated)  # only rows whose first 8 bytes repeat are compared whole
@@ -215,6 +222,8 @@ class Manifest:
 
     def distinct(self) -> int:
         """How many different contents the rows hold."""
+        if not repeats(self.digests).any():
+            return len(self)
         return len(self.first_of_each())
 
     def select(self, rows: np.ndarray) -> Manifest:
@@ -241,7 +250,7 @@ class Manifest:
             rows = ",".join(f"[{names[c + 1]},{_ESCAPE(p)},{label},\"{x}\"]" for c, p, label, x in zip(
                 self.split_codes[lo:hi].tolist(), self.paths.chunk(lo, hi), self.labels[lo:hi].tolist(),
                 self.hexes(np.arange(lo, hi))))
-            h.update(((b"," if lo else b"") + rows.encode()))
+            h.update((b"," if lo else b"") + rows.encode())
         h.update(b"]}")
         return h.hexdigest()
 

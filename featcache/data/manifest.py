@@ -13,6 +13,7 @@ signature has not changed since the last scan is not read again (:mod:`.scancach
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -109,7 +110,7 @@ class _Joined(Sequence[str]):
     def __len__(self) -> int:
         return len(self.which)
 
-    def __getitem__(self, k):  # type: ignore[override]
+    def __getitem__(self, k):
         if isinstance(k, slice):
             return [self.base + self.rels[i] for i in self.which[k]]
         return self.base + self.rels[self.which[k]]
@@ -143,7 +144,7 @@ def _stratified_split(labels: np.ndarray, digests: np.ndarray, fractions: tuple[
         cuts = [0] + [round(b * len(ranked)) for b in bounds[:-1]] + [len(ranked)]
         for k in range(1, len(cuts)):  # every split gets at least one image of every class
             cuts[k] = min(max(cuts[k], cuts[k - 1] + 1), len(ranked) - (len(cuts) - 1 - k))
-        for code, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        for code, (a, b) in enumerate(itertools.pairwise(cuts)):
             out[ranked[a:b]] = code
     return out
 
