@@ -116,6 +116,12 @@ class Paths(Sequence[str]):
         """String ``i`` as its UTF-8 bytes (these sort as the strings do: code point order)."""
         return self.blob[self.offsets[i] : self.offsets[i + 1]]
 
+    def raw_chunk(self, lo: int, hi: int) -> list[bytes]:
+        """Strings ``lo`` to ``hi`` as their UTF-8 bytes."""
+        off = self.offsets[lo : hi + 1].tolist()
+        blob = self.blob
+        return [blob[a:b] for a, b in itertools.pairwise(off)]
+
     def chunk(self, lo: int, hi: int) -> list[str]:
         """Strings ``lo`` to ``hi`` as a list."""
         off = self.offsets[lo : hi + 1].tolist()

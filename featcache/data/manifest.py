@@ -254,9 +254,7 @@ def scan(
 
     # sorted by split, label and path (a stable sort by path, then by label and split)
     rows = np.flatnonzero(keep)
-    by_path = sorted(rows.tolist(), key=rels.raw)
-    order = np.array(by_path, dtype=np.int64)
-    del by_path
+    order = _by_path(rels, rows)
     order = order[np.lexsort((labels_[order], codes[order]))]
     paths = rels.take(order)
     del rels
@@ -279,6 +277,12 @@ def scan(
     del codes, labels_, digests, sizes, order, keep
     release_memory()  # the listing's strings and the scan cache are gone: their pages go back
     return manifest
+
+
+def _by_path(paths: Paths, rows: np.ndarray) -> np.ndarray:
+    """``rows`` sorted by their paths (their UTF-8 bytes sort as the text does)."""
+    blob, off = paths.blob, paths.offsets.tolist()
+    return np.array(sorted(rows.tolist(), key=lambda i: blob[off[i] : off[i + 1]]), dtype=np.int64)
 
 
 def safe_join(root: str | os.PathLike, rel: str) -> Path:

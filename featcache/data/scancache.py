@@ -77,8 +77,10 @@ def signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
 
 
 def _path_keys(rels: Paths) -> np.ndarray:
-    return np.fromiter((int.from_bytes(hashlib.blake2b(rels.raw(i), digest_size=8).digest(), "little")
-                        for i in range(len(rels))), dtype=np.uint64, count=len(rels))
+    blake = hashlib.blake2b
+    return np.fromiter((int.from_bytes(blake(r, digest_size=8).digest(), "little")
+                        for lo in range(0, len(rels), _BLOCK) for r in rels.raw_chunk(lo, min(lo + _BLOCK, len(rels)))),
+                       dtype=np.uint64, count=len(rels))
 
 
 class ScanCache:
@@ -132,9 +134,10 @@ class ScanCache:
             cached = stats[where]
             safe = np.maximum(cached[:, 1], cached[:, 2]) < limit
             starts, ends = offsets[where].tolist(), offsets[where + 1].tolist()
+            mine = rels.raw_chunk(lo, hi)
             seen, sigs = [], []
             for j in np.flatnonzero(safe).tolist():
-                rel = rels.raw(lo + j)
+                rel = mine[j]
                 if blob[starts[j]:ends[j]] != rel:
                     continue  # another path with the same 8-byte key, or none
                 try:
