@@ -68,7 +68,7 @@ def release_memory() -> None:
     keeps it on purpose. For a step that has just let go of large structures built of many pieces (a
     folder's listing, a scan cache, a row index): glibc otherwise keeps the freed pieces, which the next
     structure, of other sizes, does not fit into, and the process's peak grows by the sum of both."""
-    if memory_kept() or os.environ.get("FEATCACHE_KEEP_MEMORY") == "1":
+    if memory_kept():
         return
     lib = _libc()
     if lib is not None and hasattr(lib, "malloc_trim"):
