@@ -30,10 +30,11 @@ import numpy as np
 from .backbones import Backbone, Joint
 from .choices import default_store_url
 from .config import ExtractConfig
-from .data import Item
+from .data import Item, Manifest
 from .errors import DataError, FeatcacheError, StoreError
 from .keys import row_key
 from .pipeline import MAX_CAST_ERROR, cast_error, checked, finite_rows, run_backbone
+from .runtime import release_memory
 from .store import Store, is_read_only
 from .store.rowindex import RowIndex
 
@@ -275,22 +276,29 @@ def compute(engine: Engine, joint: Joint, root: Path, jobs: list[tuple[Item, int
         return engine(joint, root, [it for it, _ in jobs], store, spaces, have, cfg, progress, views, augment)
 
 
-def restore_missing(engine: Engine, joint: Joint, root: Path, kept: list[Item], store: Store, space: str,
+def restore_missing(engine: Engine, joint: Joint, root: Path, kept: Manifest, store: Store, space: str,
                     view_space: str | None, augment: dict | None, cfg: ExtractConfig, progress: bool) -> None:
-    """Recompute the rows of ``kept`` that are no longer in the store (a few tries, then an error)."""
+    """Recompute the rows of ``kept`` that are no longer in the store (a few tries, then an error). Only the
+    images whose rows are gone become :class:`Item` objects."""
+    distinct = kept.first_of_each()
+    digests = kept.digests if len(distinct) == len(kept) else kept.digests[distinct]  # no copy when all differ
+    train = kept.first_of_each(np.flatnonzero(kept.in_split("train"))) if view_space else distinct[:0]
+    rows = np.repeat(train, cfg.views) if view_space else train
+    views = np.tile(np.arange(cfg.views, dtype=np.int32), len(train)) if view_space else np.zeros(0, np.int32)
     for _ in range(3):
         store.forget_index()
+        release_memory()  # the index let go of is not kept beside the one read now
         known = store.known_hashes(space)
-        held = known.contains([it.sha256 for it in kept])
-        jobs = list({it.sha256: (it, None) for it, h in zip(kept, held.tolist()) if not h}.values())
-        view_jobs = []
+        held = known.contains_digests(digests)
+        jobs: list[tuple[Item, int | None]] = [(it, None) for it in kept.items_at(distinct[~held])]
+        view_jobs: list[tuple[Item, int | None]] = []
         known_views: AbstractSet[str] = set()
         if view_space:
-            views = store.known_hashes(view_space)
-            pairs = [(it, k) for it in {i.sha256: i for i in kept if i.split == "train"}.values() for k in range(cfg.views)]
-            held = views.contains([row_key(it.sha256, k) for it, k in pairs])
-            known_views = views
-            view_jobs = [pair for pair, h in zip(pairs, held.tolist()) if not h]
+            index = store.known_hashes(view_space)
+            known_views = index
+            held = index.contains_digests(kept.digests[rows], views)
+            view_jobs = [(kept.item(i), k) for i, k in zip(rows[~held].tolist(), views[~held].tolist())]
+        del held
         if not jobs and not view_jobs:
             return
         failed, _ = compute(engine, joint, root, jobs, store, [space], [known], cfg, progress)

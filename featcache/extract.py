@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .config import ExtractConfig
 from .data import DECODE_RECIPE, Item, Manifest, Skip, scan
 from .errors import DataError, FeatcacheError
 from .extracted import ExtractResult, LayersResult
-from .keys import row_key, set_key, space_key
+from .keys import set_key, space_key
 from .names import check_backbone_name
 from .pipeline import resolve_device
 from .procs import barrier, distributed, from_first, merge_failures
@@ -167,41 +168,39 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
                     view_spaces: list[str | None], augment: dict | None, provenances: list[dict], precision: str,
                     rank: int, world: int, progress: bool) -> list[ExtractResult]:
     """Compute what any part's space misses in one pass, then record one set per part (``configs[k]`` is the
-    config its set records: the whole extract's, its layer that part's)."""
+    config its set records: the whole extract's, its layer that part's). The plan is made on the manifest's
+    columns: an image that is not computed gets no Python object of its own."""
     cfg = configs[0]
     engine = _engine(cfg)
     known = [store.known_hashes(space) for space in spaces]
-    hashes = [it.sha256 for it in manifest.items]
-    absent = np.zeros(len(hashes), dtype=bool)
-    for held in known:  # one sorted search per space for all images, not a lookup per image
-        absent |= ~held.contains(hashes)
-    todo: dict[str, Item] = {}
-    for it, miss in zip(manifest.items, absent.tolist()):
-        if miss and it.sha256 not in todo:
-            todo[it.sha256] = it
+    # per part, which images its space misses: one sorted search per space for all images
+    absent = [~held.contains_digests(manifest.digests) for held in known]
+    missing = np.logical_or.reduce(absent) if absent else np.zeros(len(manifest), dtype=bool)
+    first = manifest.first_of_each(np.flatnonzero(missing))  # one job per content
+    todo: dict[str, Item] = {it.sha256: it for it in manifest.items_at(first)}
     if store.read_only and todo:
         raise read_only_error(cfg.store, store.read_only, f"{len(todo)} images are not in it yet and would have to "
                                "be computed and stored")
     barrier(world)  # every rank has decided what to do before any rank writes
     if todo:
-        per_split = {s: sum(1 for it in todo.values() if it.split == s) for s in SPLITS}
+        per_split = {s: int(np.count_nonzero(manifest.split_codes[first] == k)) for k, s in enumerate(SPLITS)}
         _log.info("extracting %s%s", " + ".join(f"{n} {s}" for s, n in per_split.items() if n),
-                  f" ({len(manifest.items) - len(todo)} reused)" if len(manifest.items) > len(todo) else "")
+                  f" ({len(manifest) - len(todo)} reused)" if len(manifest) > len(todo) else "")
     else:
-        _log.info("nothing to compute (%d rows reused)", len({it.sha256 for it in manifest.items}))
+        _log.info("nothing to compute (%d rows reused)", manifest.distinct())
     failed, timings = compute(engine, joint, manifest.root, [(it, None) for it in list(todo.values())[rank::world]],
                                store, spaces, known, cfg, progress)
     failed = merge_failures(failed, world)
+    failed_rows = _rows_of(manifest, failed)
     view_jobs = 0
     if cfg.views:
         known_views = [store.known_hashes(space) for space in view_spaces]
-        train = {it.sha256: it for it in manifest.items if it.split == "train" and it.sha256 not in failed}
-        pairs = [(it, k) for it in train.values() for k in range(cfg.views)]
-        keys = [row_key(it.sha256, k) for it, k in pairs]
-        need = np.zeros(len(pairs), dtype=bool)
+        train = manifest.first_of_each(np.flatnonzero(manifest.in_split("train") & ~failed_rows))
+        rows, views = np.repeat(train, cfg.views), np.tile(np.arange(cfg.views, dtype=np.int32), len(train))
+        need = np.zeros(len(rows), dtype=bool)
         for held in known_views:
-            need |= ~held.contains(keys)
-        jobs = [pair for pair, n in zip(pairs, need.tolist()) if n]
+            need |= ~held.contains_digests(manifest.digests[rows], views)
+        jobs = [(manifest.item(i), k) for i, k in zip(rows[need].tolist(), views[need].tolist())]
         if store.read_only and jobs:
             raise read_only_error(cfg.store, store.read_only, f"{len(jobs)} augmented views are not in it yet")
         barrier(world)
@@ -210,46 +209,46 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
             _log.info("computing %d augmented views (%d per training image)", len(jobs), cfg.views)
         _, view_timings = compute(engine, joint, manifest.root, jobs[rank::world], store, view_spaces, known_views,
                                   cfg, progress, augment)
+        del known_views, jobs
         if view_timings:
             timings["views_model"] = view_timings.get("model", 0.0)
+    # per part, the images computed into its space (by all ranks together)
+    extracted = [int(np.count_nonzero(miss[first] & ~failed_rows[first])) for miss in absent]
+    del known, absent, missing  # the row indexes as they were before this run's rows: not needed any more
 
-    kept = [it for it in manifest.items if it.sha256 not in failed]
-    skipped = manifest.skipped + [Skip(it.path, failed[it.sha256]) for it in manifest.items if it.sha256 in failed]
-    splits = [s for s in SPLITS if any(it.split == s for it in kept)]
+    kept = manifest.select(~failed_rows) if failed_rows.any() else manifest
+    skipped = manifest.skipped + [Skip(manifest.paths[i], failed[manifest.hex(i)]) for i in np.flatnonzero(failed_rows)]
+    splits = [s for s in SPLITS if np.any(kept.in_split(s))]
     for s in (s for s in splits if s not in manifest.unlabelled):
-        present = {it.label for it in kept if it.split == s}
-        missing = [c for i, c in enumerate(manifest.classes) if i not in present]
-        if missing:
+        present = set(np.unique(kept.labels[kept.in_split(s)]).tolist())
+        missing_classes = [c for i, c in enumerate(manifest.classes) if i not in present]
+        if missing_classes:
             raise DataError(
-                f"no decodable images left for class(es) {', '.join(missing)} in split {s}; "
+                f"no decodable images left for class(es) {', '.join(missing_classes)} in split {s}; "
                 f"skipped: {'; '.join(f'{k.path}: {k.reason}' for k in skipped[:5])}"
             )
     if "train" not in splits:
         raise DataError("no decodable training images; nothing to fit on")
 
-    view = Manifest(manifest.root, manifest.classes, kept)
+    # the digest of the view: the manifest's classes and the kept rows only (the scan's other fields play no part)
+    view_digest = kept.digest()
     data_root = str(Path(cfg.data).resolve())
-    arrays = {
-        s: {
-            "sha256": np.array([it.sha256 for it in kept if it.split == s], dtype=str),
-            "labels": np.array([it.label for it in kept if it.split == s], dtype=np.int32),
-            "paths": np.array([it.path for it in kept if it.split == s], dtype=str),
-        }
-        for s in splits
-    }
+    arrays = _SetArrays(kept, splits)
+    counts = {s: int(np.count_nonzero(kept.in_split(s))) for s in splits}
+    reused_all = kept.distinct()
     results = []
-    for part, space, view_space, provenance, part_cfg, held in zip(joint.parts, spaces, view_spaces, provenances,
-                                                                  configs, known):
-        key = set_key(space, view.digest(), data_root, manifest.split_fractions, manifest.split_seed, cfg.views,
+    for part, space, view_space, provenance, part_cfg, done in zip(joint.parts, spaces, view_spaces, provenances,
+                                                                  configs, extracted):
+        key = set_key(space, view_digest, data_root, manifest.split_fractions, manifest.split_seed, cfg.views,
                       view_space)
         record = SetRecord(
             key=key, space=space, space_provenance=provenance, backbone=part.name, layer=part.layer,
             pool=part.pool, dtype=cfg.dtype, precision=precision, weights_id=part.weights_id,
             weights_sha256=part.weights_sha256, preprocessing=part.preprocessing,
-            classes=tuple(manifest.classes), splits={s: sum(1 for it in kept if it.split == s) for s in splits},
+            classes=tuple(manifest.classes), splits=dict(counts),
             unlabelled=tuple(s for s in manifest.unlabelled if s in splits), data_root=data_root,
             layout=manifest.layout, split_fractions=manifest.split_fractions, split_seed=manifest.split_seed,
-            manifest_sha256=view.digest(), views=cfg.views, view_space=view_space, augment=augment,
+            manifest_sha256=view_digest, views=cfg.views, view_space=view_space, augment=augment,
             skipped=tuple(s.to_dict() for s in skipped), ignored=tuple(s.to_dict() for s in manifest.ignored),
             config=part_cfg.to_dict(), versions=_versions(), created_at=now_iso(), created_by=created_by(),
             integrity={},
@@ -261,22 +260,21 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
             one = Joint((part,), part.model)
             restore_missing(engine, one, manifest.root, kept, store, space, view_space, augment, cfg, progress)
             try:
-                store.write_set(key, record, arrays)
+                store.write_set(key, record, arrays)  # a mapping whose arrays are made on first read
             except OSError as e:
                 raise storage_error(e, cfg.store, f"the set {key} of this folder is not recorded in it yet") from None
             restore_missing(engine, one, manifest.root, kept, store, space, view_space, augment, cfg, progress)
         barrier(world)  # the set is committed before any rank returns
         fs = store.get_set(key) if rank == 0 else None  # its size as recorded at commit; measured if it has none
         set_bytes = 0 if fs is None else store.set_size(fs, measure=fs.record.summary is None) or 0
-        extracted = sum(1 for h in todo if h not in held and h not in failed)  # by all ranks together
         stats = store.space_stats(space)
         results.append(ExtractResult(
             set_key=key,
             space=space,
             store=cfg.store,
             splits=record.splits,
-            extracted=extracted,
-            reused=len({it.sha256 for it in kept}) - extracted,
+            extracted=done,
+            reused=reused_all - done,
             skipped=skipped,
             seconds=0.0,
             bytes_stored=stats["bytes_stored"],
@@ -289,3 +287,36 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
             layer=part.layer,
         ))
     return results
+
+
+def _rows_of(manifest: Manifest, failed: dict[str, str]) -> np.ndarray:
+    """Which rows hold the bytes of a failed image (``failed`` is by content hash), as a bool array."""
+    if not failed:
+        return np.zeros(len(manifest), dtype=bool)
+    bad = np.frombuffer(bytes.fromhex("".join(failed)), dtype=np.uint8).reshape(len(failed), 32)
+    return np.isin(manifest.keys(), bad.view("S32").reshape(len(failed)))
+
+
+class _SetArrays(Mapping[str, dict[str, np.ndarray]]):
+    """The arrays of a set record, per split, made when the store reads them: a set already recorded is found
+    by its key before they are asked for, so a re-run with nothing changed never makes them."""
+
+    def __init__(self, kept: Manifest, splits: list[str]):
+        self.kept, self.splits = kept, splits
+
+    def __len__(self) -> int:
+        return len(self.splits)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.splits)
+
+    def __getitem__(self, split: str) -> dict[str, np.ndarray]:
+        if split not in self.splits:
+            raise KeyError(split)
+        rows = np.flatnonzero(self.kept.in_split(split))
+        hexes = np.ascontiguousarray(self.kept.digests[rows]).tobytes().hex().encode()
+        return {
+            "sha256": np.frombuffer(hexes, dtype="S64").astype(str),
+            "labels": self.kept.labels[rows].astype(np.int32),
+            "paths": np.array(self.kept.paths.take(rows).chunk(0, len(rows)), dtype=str),
+        }

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-__all__ = ["keep_memory", "memory_kept", "peak_rss_mb", "minor_faults", "die_with_parent"]
+__all__ = ["keep_memory", "memory_kept", "release_memory", "peak_rss_mb", "minor_faults", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -61,6 +61,18 @@ def keep_memory() -> bool:
             kept = mmap and trim
     _state["kept"] = kept
     return kept
+
+
+def release_memory() -> None:
+    """Give the memory freed so far back to the system (glibc's ``malloc_trim``), unless :func:`keep_memory`
+    keeps it on purpose. For a step that has just let go of large structures built of many pieces (a
+    folder's listing, a scan cache, a row index): glibc otherwise keeps the freed pieces, which the next
+    structure, of other sizes, does not fit into, and the process's peak grows by the sum of both."""
+    if memory_kept():
+        return
+    lib = _libc()
+    if lib is not None and hasattr(lib, "malloc_trim"):
+        lib.malloc_trim(0)
 
 
 def memory_kept() -> bool:

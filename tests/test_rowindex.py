@@ -150,3 +150,43 @@ def test_the_index_holds_no_python_object_per_row(store):
     assert len(index) == n
     # the key bytes and one int64 per row, plus a little per segment; a dict of hex strings held ~240 per row
     assert held / n < 32 + 8 + 8, f"{held / n:.0f} bytes per row"
+
+
+class _Keys:
+    """Just what :class:`RowIndex` reads of a segment: its digests and view numbers."""
+
+    def __init__(self, digests: np.ndarray, views: np.ndarray | None):
+        self.digests, self.views, self.rows = digests, views, len(digests)
+
+    def row_keys(self, width: int) -> np.ndarray:
+        from featcache.store.rowkeys import encode_keys
+
+        return encode_keys(self.digests, self.views, width)
+
+
+@pytest.mark.parametrize("viewed", [False, True])
+def test_a_search_by_the_first_8_bytes_answers_as_the_whole_key_search(monkeypatch, viewed):
+    """Many keys are searched by their first 8 bytes first; keys that share those with others (and equal keys in
+    two segments, where the oldest wins) must resolve to the very row the 32-byte search gives."""
+    import featcache.store.rowindex as ROWINDEX
+
+    rng = np.random.default_rng(7)
+    n, m = 6000, 5000
+    d = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    d[: n // 3, :8] = d[0, :8]  # a third of the keys share their first 8 bytes
+    d[n // 2 : n // 2 + n // 10] = d[: n // 10]  # the same keys in the newer segment
+    views = rng.integers(0, 3, n).astype(np.int32) if viewed else None
+    index = RowIndex([_Keys(d[: n // 2], None if views is None else views[: n // 2]),
+                      _Keys(d[n // 2 :], None if views is None else views[n // 2 :])])
+    stored = rng.integers(0, n, m // 2)
+    q = np.concatenate([d[stored], rng.integers(0, 256, (m - m // 2, 32), dtype=np.uint8)])
+    q[m // 2 : m // 2 + m // 5, :8] = d[0, :8]  # unknown keys that share the first 8 bytes of many stored ones
+    qv = np.concatenate([views[stored], rng.integers(0, 3, m - m // 2).astype(np.int32)]) if views is not None else None
+    monkeypatch.setattr(ROWINDEX, "_PREFIXED", 10**9)
+    whole = index.find_digests(q, qv)
+    monkeypatch.setattr(ROWINDEX, "_PREFIXED", 1)
+    assert np.array_equal(index.find_digests(q, qv), whole)
+    assert (whole[: m // 2] >= 0).all()  # the stored half is found
+    keys = [row_key(bytes(k).hex(), None if qv is None else int(v)) for k, v in
+            zip(q, qv if qv is not None else [None] * m)]
+    assert np.array_equal(index.find(keys), whole)  # and as key strings

@@ -3,7 +3,8 @@
 ``layouts`` finds splits, classes and labels (``labels`` says what names and label files
 mean, ``walk`` lists the folders); ``images`` opens and decodes one file safely;
 ``manifest`` hashes the files (``scancache`` remembers the hashes of files whose stat signature
-has not changed) and makes the stable seeded split. The names below are the
+has not changed) and makes the stable seeded split; ``columns`` holds the result as arrays (the
+manifest a re-run plans from, at a few dozen bytes per image). The names below are the
 package's public API (the rest of featcache imports them from here).
 """
 

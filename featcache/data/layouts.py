@@ -29,7 +29,7 @@ from ..choices import DEFAULT_NAME_PATTERN, SPLITS
 from ..config import parse_classes, parse_name_pattern
 from ..errors import DataError
 from .labels import CSV_NAMES, is_store_dir, labels_by_pattern, read_labels_csv, split_of
-from .walk import Finder, Skip, rel_path
+from .walk import Finder, Skip, base_name, path_order, rel_path
 
 __all__ = ["Skip", "Layout", "find_layout"]
 
@@ -45,7 +45,7 @@ class Layout:
     labels_from: str  # "folders", "names" or "csv"
     sources: tuple[tuple[str, str], ...]  # (folder relative to root, split; "" when flat)
     classes: tuple[str, ...]
-    entries: tuple[tuple[str, int, Path], ...]  # (split, label index or -1, file)
+    files: tuple[tuple[str, int, tuple[str, ...]], ...]  # (split, label index or -1, files relative to root)
     unlabelled: tuple[str, ...] = ()
     ignored: tuple[Skip, ...] = ()
     skipped: tuple[Skip, ...] = ()
@@ -88,28 +88,29 @@ class Layout:
         return "layout: " + "; ".join(parts)
 
 
-def _labels_by_name(paths: list[Path], pattern: str) -> dict[str | None, list[Path]]:
-    out: dict[str | None, list[Path]] = {}
-    for p, label in zip(paths, labels_by_pattern(pattern, [p.name for p in paths])):
+def _labels_by_name(paths: list[str], pattern: str) -> dict[str | None, list[str]]:
+    out: dict[str | None, list[str]] = {}
+    for p, label in zip(paths, labels_by_pattern(pattern, [base_name(p) for p in paths])):
         out.setdefault(label, []).append(p)
     return out
 
 
 def _from_csv(finder: Finder, csv_path: Path) -> tuple[str, list[tuple[str, str, dict]]]:
     rows = read_labels_csv(csv_path, finder.root)
-    labels: dict[Path, str | None] = {}
-    groups: dict[str, dict[str | None, list[Path]]] = {}
+    labels: dict[str, str | None] = {}
+    groups: dict[str, dict[str | None, list[str]]] = {}
     for split, label, full in rows:
-        if full in labels and labels[full] != label:
-            raise DataError(f"{csv_path} gives {rel_path(full, finder.root)} two labels ({labels[full]}, {label}); "
+        rel = full.relative_to(finder.root).as_posix()  # as the walk names files
+        if rel in labels and labels[rel] != label:
+            raise DataError(f"{csv_path} gives {rel_path(full, finder.root)} two labels ({labels[rel]}, {label}); "
                             "keep one row per file", param="labels")
-        if full in labels:
+        if rel in labels:
             continue
-        labels[full] = label
+        labels[rel] = label
         if split is None:  # the first folder of the path may name the split (train/0001.jpg)
             first = Path(os.path.relpath(os.path.abspath(full), os.path.abspath(csv_path.parent))).parts[0]
             split = split_of(first) if first != Path(full).name else None
-        groups.setdefault(split or "", {}).setdefault(label, []).append(full)
+        groups.setdefault(split or "", {}).setdefault(label, []).append(rel)
     if "" in groups and len(groups) > 1:
         raise DataError(f"{csv_path} mixes files in split folders with files outside them; "
                         "give every row a split (a split column, or paths under train/, val/, test/)",
@@ -122,12 +123,12 @@ def _from_csv(finder: Finder, csv_path: Path) -> tuple[str, list[tuple[str, str,
     return ("flat" if "" in groups else "splits"), [(s, "", g) for s, g in groups.items()]
 
 
-def _composed(group: dict[str | None, list[Path]], where: Path) -> dict[str | None, list[Path]]:
+def _composed(group: dict[str | None, list[str]], where: Path) -> dict[str | None, list[str]]:
     """The group with its class names in Unicode's composed form (NFC): ``café`` is one class whether a
     folder or a CSV writes its é as one character or as e plus an accent (macOS writes the latter), so a
     split written on one system and one on another agree. Two names in one split that differ only so look
     identical to anyone: refused, naming both."""
-    out: dict[str | None, list[Path]] = {}
+    out: dict[str | None, list[str]] = {}
     seen: dict[str, str] = {}
     for label, paths in group.items():
         name = unicodedata.normalize("NFC", label) if label is not None else None
@@ -171,7 +172,7 @@ def _split_folders(finder: Finder, base: Path, dirs: list[Path]) -> list[tuple[s
     return out
 
 
-def _by_folders(finder: Finder, folder: Path) -> dict[str | None, list[Path]]:
+def _by_folders(finder: Finder, folder: Path) -> dict[str | None, list[str]]:
     """Class folders of ``folder``; loose images with no class folders beside them are unlabelled."""
     images, others, dirs = finder.list(folder)
     finder.ignore_all(others, "outside the class folders")
@@ -187,7 +188,7 @@ def _descend(finder: Finder, root: Path, csv_path: Path | None) -> tuple[Path, P
     while True:
         images, others, dirs = finder.list(base, record=False)
         if csv_path is None:
-            csv_path = next((p for p in others if p.name.lower() in CSV_NAMES), None)
+            csv_path = next((base / base_name(p) for p in others if base_name(p).lower() in CSV_NAMES), None)
         if csv_path is not None or any(split_of(d.name) for d in dirs) or images or len(dirs) != 1:
             return base, csv_path, dirs
         inner_images, _, inner_dirs = finder.list(dirs[0], record=False)
@@ -236,7 +237,7 @@ def _no_labels(folder: Path, root: Path, group: dict, how: str, pattern: str | N
 
 
 def _resolve(finder: Finder, root: Path, base: Path, kind: str, how: str, groups: list, pattern: str | None,
-             csv_path: Path | None) -> tuple[list[str], list[tuple[str, int, Path]], list[str]]:
+             csv_path: Path | None) -> tuple[list[str], list[tuple[str, int, tuple[str, ...]]], list[str]]:
     """Class names (from the training files), labelled entries, and the splits that have no labels."""
     first = "" if kind == "flat" else "train"
     by_split = {s: (root / f if f else root, g) for s, f, g in groups}
@@ -254,13 +255,13 @@ def _resolve(finder: Finder, root: Path, base: Path, kind: str, how: str, groups
                         f"holds the split folders as --data, or rename these class folders.")
     index = {n: i for i, n in enumerate(names)}
     no_label = {"names": f"file name gives no label ({pattern})", "csv": "no label in the labels file"}.get(how, "")
-    entries: list[tuple[str, int, Path]] = []
+    entries: list[tuple[str, int, tuple[str, ...]]] = []
     unlabelled: list[str] = []
     for split, _, group in groups:
         labelled = {k: v for k, v in group.items() if k is not None}
         loose = list(group.get(None, []))
         if split != first and how == "names" and labelled and not set(labelled) & set(names):
-            loose, labelled = sorted(p for v in group.values() for p in v), {}  # test1/1.jpg: not a label
+            loose, labelled = sorted((p for v in group.values() for p in v), key=path_order), {}  # test1/1.jpg
         if split != first and labelled:
             if how == "folders" and sorted(labelled) != names:
                 only_train, only_here = sorted(set(names) - set(labelled)), sorted(set(labelled) - set(names))
@@ -272,10 +273,10 @@ def _resolve(finder: Finder, root: Path, base: Path, kind: str, how: str, groups
                                 "of val and test must be a training class; fix the labels or remove those images.")
         if labelled:
             finder.ignore_all(loose, no_label)
-            entries += [(split, index[n], p) for n, paths in labelled.items() for p in paths]
+            entries += [(split, index[n], tuple(paths)) for n, paths in labelled.items()]
         elif loose:
             unlabelled.append(split)
-            entries += [(split, -1, p) for p in loose]
+            entries.append((split, -1, tuple(loose)))
     return names, entries, unlabelled
 
 
@@ -357,7 +358,7 @@ def find_layout(
     kept = tuple((s, new_index[i] if i >= 0 else -1, p) for s, i, p in entries if i < 0 or i in new_index)
     return Layout(
         root=root, kind=kind, labels_from=how, sources=tuple((f, s) for s, f, _ in groups), classes=tuple(keep),
-        entries=kept, unlabelled=tuple(unlabelled), ignored=tuple(finder.ignored), skipped=tuple(finder.skipped),
+        files=kept, unlabelled=tuple(unlabelled), ignored=tuple(finder.ignored), skipped=tuple(finder.skipped),
         excluded=tuple(n for n in names if n not in keep), labels_file=rel_path(csv_path, root) if csv_path else None,
         name_pattern=pattern,
     )

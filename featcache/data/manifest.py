@@ -13,12 +13,12 @@ signature has not changed since the last scan is not read again (:mod:`.scancach
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,8 @@ import numpy as np
 from ..choices import SPLITS
 from ..config import parse_split
 from ..errors import DataError
+from ..runtime import release_memory
+from .columns import Item, Manifest, Paths, repeats, split_code, split_note
 from .images import IMAGE_EXTENSIONS, NotRegularFile, open_regular
 from .layouts import Layout, find_layout
 from .scancache import ScanCache, signature
@@ -35,51 +37,9 @@ __all__ = [
     "hash_all", "Item", "Manifest", "scan", "safe_join", "hash_file"]
 
 _HASH_THREADS = 8
+_HASH_BLOCK = 4096  # files handed to the threads at once (not one future per file of a large folder)
+_CHUNK = 65536
 _log = logging.getLogger("featcache.data")
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image: where it is (relative to the data root), which split and class (-1: unlabelled), its bytes' hash."""
-
-    path: str
-    split: str
-    label: int
-    sha256: str
-    size: int
-
-
-@dataclass
-class Manifest:
-    """Everything ``extract`` needs to know about a folder, and nothing it has to decode."""
-
-    root: Path
-    classes: list[str]
-    items: list[Item]
-    skipped: list[Skip] = field(default_factory=list)
-    ignored: list[Skip] = field(default_factory=list)
-    layout: str = "splits"
-    split_fractions: tuple[float, ...] | None = None
-    split_seed: int | None = None
-    unlabelled: list[str] = field(default_factory=list)
-    found: Layout | None = None
-
-    def split_names(self) -> list[str]:
-        present = {it.split for it in self.items}
-        return [s for s in SPLITS if s in present]
-
-    def items_in(self, split: str) -> list[Item]:
-        return [it for it in self.items if it.split == split]
-
-    def digest(self) -> str:
-        """A hash of what the view is: paths, splits, labels, class names and bytes."""
-        rows = [[it.split, it.path, it.label, it.sha256] for it in self.items]
-        blob = json.dumps({"classes": self.classes, "rows": rows}, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def describe(self) -> str:
-        """One line saying what was found, e.g. ``layout: split folders train (train), val (val); 3 classes: ...``."""
-        return self.found.describe(_split_note(self.found, self.split_fractions, self.split_seed)) if self.found else ""
 
 
 def hash_file(path: str | os.PathLike) -> tuple[str, int]:
@@ -93,8 +53,8 @@ def hash_file(path: str | os.PathLike) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _hash_signed(path: Path) -> tuple[str, int, tuple[int, ...] | None] | OSError:
-    """(hex digest, size, stat signature) of a file; the signature is ``None`` when the file changed
+def _hash_signed(path: str | os.PathLike) -> tuple[bytes, int, tuple[int, ...] | None] | OSError:
+    """(SHA-256 digest, size, stat signature) of a file; the signature is ``None`` when the file changed
     while it was read (then its hash is not worth remembering)."""
     h = hashlib.sha256()
     size = 0
@@ -107,44 +67,71 @@ def _hash_signed(path: Path) -> tuple[str, int, tuple[int, ...] | None] | OSErro
             after = signature(os.fstat(f.fileno()))
     except OSError as e:
         return e
-    return h.hexdigest(), size, before if before == after and before[0] == size else None
+    return h.digest(), size, before if before == after and before[0] == size else None
 
 
-def hash_all(paths: list[Path]) -> list[tuple[str, int] | OSError]:
+def _hashed(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[bytes, int, tuple[int, ...] | None] | OSError]:
+    """:func:`_hash_signed` of every path, in order, read on threads (a block of paths in flight at a time)."""
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        for lo in range(0, len(paths), _HASH_BLOCK):
+            yield from pool.map(_hash_signed, paths[lo : lo + _HASH_BLOCK])
+
+
+def hash_all(paths: Sequence[str | os.PathLike]) -> list[tuple[str, int] | OSError]:
     """(hex SHA-256, size) of every file, or the error that stopped its reading (read on threads)."""
-    with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        return [r if isinstance(r, OSError) else r[:2] for r in pool.map(_hash_signed, paths)]
+    return [r if isinstance(r, OSError) else (r[0].hex(), r[1]) for r in _hashed(paths)]
 
 
-def _hash_cached(root: Path, rels: list[str], paths: list[Path], rehash: bool) -> list[tuple[str, int] | OSError]:
-    """:func:`hash_all`, served from the scan cache for files whose signature it holds, and the
-    cache rewritten with what this scan saw."""
+def _hash_cached(root: Path, rels: Paths, rehash: bool) -> tuple[np.ndarray, np.ndarray, dict[int, OSError]]:
+    """(digests (N, 32) uint8, sizes, errors by position) of the files ``root/rel``: served from the scan cache
+    for files whose signature it holds, the others read, and the cache rewritten with what this scan saw."""
     cache = ScanCache.open(root, rehash=rehash)
-    out: list = cache.lookup(rels, paths)
-    misses = [i for i, r in enumerate(out) if r is None]
+    base = os.path.join(str(root), "")
+    hit = cache.lookup(rels, base)
+    misses = np.flatnonzero(~hit).tolist()
     _log.info("hashing %d files%s", len(misses),
-              f" ({len(paths) - len(misses)} unchanged since the last scan)" if len(misses) < len(paths) else "")
-    with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        for i, r in zip(misses, pool.map(_hash_signed, [paths[i] for i in misses])):
-            if isinstance(r, OSError):
-                out[i] = r
-            else:
-                out[i] = r[:2]
-                if r[2] is not None:
-                    cache.learn(i, r[2], r[0])
+              f" ({len(rels) - len(misses)} unchanged since the last scan)" if len(misses) < len(rels) else "")
+    errors: dict[int, OSError] = {}
+    for i, r in zip(misses, _hashed(_Joined(base, rels, misses))):
+        if isinstance(r, OSError):
+            errors[i] = r
+        else:
+            cache.learn(i, r[2], r[0], r[1])
     cache.save(rels)
-    return out
+    return cache.digests, cache.sizes, errors
 
 
-def _stratified_split(labels: np.ndarray, hashes: list[str], fractions: tuple[float, ...], seed: int) -> list[str]:
-    """Assign each image a split; every class is split in the same proportions.
+class _Joined(Sequence[str]):
+    """``base + rels[i]`` for the positions ``which``, made one at a time as they are read."""
 
-    Within a class, images are ranked by a seeded hash of their bytes and cut at the
-    fractions. The same seed gives the same split, and adding n images to a class moves only
-    existing images next to a cut (at most n per cut), where a reshuffle could move any.
+    def __init__(self, base: str, rels: Sequence[str], which: list[int]):
+        self.base, self.rels, self.which = base, rels, which
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.base + self.rels[i] for i in self.which[k]]
+        return self.base + self.rels[self.which[k]]
+
+
+def _stratified_split(labels: np.ndarray, digests: np.ndarray, fractions: tuple[float, ...], seed: int) -> np.ndarray:
+    """Assign each image a split (its code); every class is split in the same proportions.
+
+    Within a class, images are ranked by a seeded hash of their bytes' hash (the SHA-256 of
+    ``"<seed>:<hex digest>"``) and cut at the fractions. The same seed gives the same split, and
+    adding n images to a class moves only existing images next to a cut (at most n per cut),
+    where a reshuffle could move any.
     """
-    names = SPLITS[: len(fractions)]
-    out = np.empty(len(labels), dtype=object)
+    rank = np.empty((len(labels), 32), dtype=np.uint8)
+    for lo in range(0, len(labels), _CHUNK):
+        block = np.ascontiguousarray(digests[lo : lo + _CHUNK]).tobytes().hex()
+        rank[lo : lo + _CHUNK] = np.frombuffer(b"".join(
+            hashlib.sha256(f"{seed}:{block[k:k + 64]}".encode()).digest() for k in range(0, len(block), 64)),
+            dtype=np.uint8).reshape(-1, 32)
+    keys = rank.view("S32").reshape(len(labels))  # bytes order is the order of the hex digests
+    out = np.empty(len(labels), dtype=np.int8)
     bounds = np.cumsum(fractions)
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
@@ -153,28 +140,18 @@ def _stratified_split(labels: np.ndarray, hashes: list[str], fractions: tuple[fl
                 f"cannot split class with {len(members)} image(s) into {len(fractions)} splits "
                 f"({','.join(map(str, fractions))}) with every class in every split. Add images or use fewer splits."
             )
-        ranked = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{hashes[i]}".encode()).hexdigest())
+        ranked = members[np.argsort(keys[members], kind="stable")]  # ties (same bytes): in the order found
         cuts = [0] + [round(b * len(ranked)) for b in bounds[:-1]] + [len(ranked)]
         for k in range(1, len(cuts)):  # every split gets at least one image of every class
             cuts[k] = min(max(cuts[k], cuts[k - 1] + 1), len(ranked) - (len(cuts) - 1 - k))
-        for name, a, b in zip(names, cuts[:-1], cuts[1:]):
-            out[ranked[a:b]] = name
-    return list(out)
-
-
-def _split_note(found: Layout, fractions: tuple[float, ...] | None, seed: int | None) -> str:
-    if fractions is None:
-        return ""
-    text = ",".join(f"{f:g}" for f in fractions)
-    if found.kind == "flat":
-        return f"split {text} (seed {seed})"
-    carved = "val and test" if len(fractions) == 3 else "val"
-    return f"{carved} carved out of train by --split {text} (seed {seed})"
+        for code, (a, b) in enumerate(itertools.pairwise(cuts)):
+            out[ranked[a:b]] = code
+    return out
 
 
 def _check_fractions(found: Layout, fractions: tuple[float, ...] | None) -> None:
     """--split is for a flat folder, or to carve val (and test) out of a train split that has no val."""
-    splits = {s for _, s in found.sources} | {s for s, _, _ in found.entries}
+    splits = {s for _, s in found.sources} | {s for s, _, files in found.files if files}
     where = found.root
     if fractions is None:
         if found.kind == "flat":
@@ -218,40 +195,49 @@ def scan(
                         exclude_class=exclude_class)
     if not (whole and fractions is None and found.kind == "flat"):
         _check_fractions(found, fractions)
-    _log.info("%s", found.describe(_split_note(found, fractions, seed)))
+    _log.info("%s", found.describe(split_note(found, fractions, seed)))
     root = found.root
     classes_ = list(found.classes)
     skipped = list(found.skipped)
-    entries = list(found.entries)
-    if not entries:
+    groups = [g for g in found.files if g[2]]
+    if not groups:
         raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
 
-    rels = _relative(root, [p for _, _, p in entries])
-    hashed = _hash_cached(root, rels, [p for _, _, p in entries], rehash)
-    kept: list[tuple[str, int, str, str, int]] = []
-    first_seen: dict[str, tuple[int, str]] = {}  # bytes → (label, path) of their first labelled copy
-    for (name, label, _), rel, h in zip(entries, rels, hashed):
-        if isinstance(h, NotRegularFile):
-            skipped.append(Skip(rel, str(h)))
-        elif isinstance(h, OSError):
-            skipped.append(Skip(rel, f"cannot read: {h.strerror or h}"))
-        elif h[1] == 0:
-            skipped.append(Skip(rel, "empty file (0 bytes)"))
-        elif label >= 0 and h[0] in first_seen and first_seen[h[0]][0] != label:
-            other_label, other = first_seen[h[0]]
-            skipped.append(Skip(rel, f"same bytes as {other} (class {classes_[other_label]}): conflicting labels"))
-        else:
-            if label >= 0:
-                first_seen.setdefault(h[0], (label, rel))
-            kept.append((name, label, rel, h[0], h[1]))
+    rels = Paths.of([p for _, _, files in groups for p in files])  # in the order found, as one blob
+    sizes_of = [len(files) for _, _, files in groups]
+    codes = np.repeat(np.array([split_code(g[0]) for g in groups], dtype=np.int8), sizes_of)
+    labels_ = np.repeat(np.array([g[1] for g in groups], dtype=np.int32), sizes_of)
+    found = replace(found, files=())  # the layout's string per file is let go: the columns hold what it said
+    del groups, sizes_of
+    digests, sizes, errors = _hash_cached(root, rels, rehash)
 
-    counts: dict[tuple[str, int], int] = {}
-    for name, label, *_ in kept:
-        counts[(name, label)] = counts.get((name, label), 0) + 1
+    keep = np.ones(len(rels), dtype=bool)
+    reasons: dict[int, str] = {}
+    for i, e in errors.items():
+        reasons[i] = str(e) if isinstance(e, NotRegularFile) else f"cannot read: {e.strerror or e}"
+    for i in np.flatnonzero(sizes == 0).tolist():
+        if i not in errors:
+            reasons[i] = "empty file (0 bytes)"
+    keep[list(reasons)] = False
+    # the same bytes under two labels: the first labelled copy is kept, later copies with another label are not
+    labelled = np.flatnonzero(keep & (labels_ >= 0))
+    labelled = labelled[repeats(digests, labelled)]  # only copies can conflict
+    if len(labelled):
+        keys = digests[labelled].view("S32").reshape(len(labelled))
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        owner = labelled[first[inverse.reshape(-1)]]
+        for i, j in zip(labelled[labels_[owner] != labels_[labelled]].tolist(),
+                        owner[labels_[owner] != labels_[labelled]].tolist()):
+            reasons[i] = f"same bytes as {rels[j]} (class {classes_[labels_[j]]}): conflicting labels"
+            keep[i] = False
+    skipped += [Skip(rels[i], reasons[i]) for i in sorted(reasons)]
+
     for folder, name in found.sources:
-        if name in found.unlabelled or not any(s == name for s, _, _ in entries):
+        code = split_code(name)
+        if name in found.unlabelled or not np.any(codes == code):
             continue
-        empty = [c for i, c in enumerate(classes_) if counts.get((name, i), 0) == 0]
+        counts = np.bincount(labels_[keep & (codes == code) & (labels_ >= 0)], minlength=len(classes_))
+        empty = [c for i, c in enumerate(classes_) if counts[i] == 0]
         if empty:
             where = root / folder if folder else root
             if found.labels_from == "folders":
@@ -262,18 +248,24 @@ def scan(
                             "out with --exclude-class.")
 
     if fractions is not None:
-        first = "" if found.kind == "flat" else "train"
-        pool = [k for k in kept if k[0] == first]
-        assigned = _stratified_split(np.array([k[1] for k in pool]), [k[3] for k in pool], fractions, seed)
-        carved = iter(assigned)
-        kept = [(next(carved), *k[1:]) if k[0] == first else k for k in kept]
+        first_code = split_code("" if found.kind == "flat" else "train")
+        pool = np.flatnonzero(keep & (codes == first_code))
+        codes[pool] = _stratified_split(labels_[pool], digests[pool], fractions, seed)
 
-    items = [Item(rel, name, label, h, n) for name, label, rel, h, n in kept]
-    items.sort(key=lambda it: (SPLITS.index(it.split) if it.split in SPLITS else -1, it.label, it.path))
-    return Manifest(
+    # sorted by split, label and path (a stable sort by path, then by label and split)
+    rows = np.flatnonzero(keep)
+    order = _by_path(rels, rows)
+    order = order[np.lexsort((labels_[order], codes[order]))]
+    paths = rels.take(order)
+    del rels
+    manifest = Manifest(
         root=root,
         classes=classes_,
-        items=items,
+        paths=paths,
+        split_codes=codes[order],
+        labels=labels_[order],
+        digests=digests[order],
+        sizes=sizes[order],
         skipped=skipped,
         ignored=list(found.ignored),
         layout=found.kind,
@@ -282,16 +274,15 @@ def scan(
         unlabelled=[s for s in SPLITS if s in found.unlabelled],
         found=found,
     )
+    del codes, labels_, digests, sizes, order, keep
+    release_memory()  # the listing's strings and the scan cache are gone: their pages go back
+    return manifest
 
 
-def _relative(root: Path, paths: list[Path]) -> list[str]:
-    """Each path relative to ``root`` with ``/`` separators (``Path.relative_to`` by string prefix: 20x faster)."""
-    prefix = str(root).rstrip(os.sep) + os.sep
-    out = []
-    for p in paths:
-        s = str(p)
-        out.append(s[len(prefix):].replace(os.sep, "/") if s.startswith(prefix) else p.relative_to(root).as_posix())
-    return out
+def _by_path(paths: Paths, rows: np.ndarray) -> np.ndarray:
+    """``rows`` sorted by their paths (their UTF-8 bytes sort as the text does)."""
+    blob, off = paths.blob, paths.offsets.tolist()
+    return np.array(sorted(rows.tolist(), key=lambda i: blob[off[i] : off[i + 1]]), dtype=np.int64)
 
 
 def safe_join(root: str | os.PathLike, rel: str) -> Path:

@@ -40,10 +40,11 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .columns import Paths
 
 __all__ = ["RACY_NS", "ScanCache", "cache_dir", "signature"]
 
@@ -56,6 +57,7 @@ FORMAT = "featcache-scan-cache"
 VERSION = 1
 _log = logging.getLogger("featcache.data")
 _FIELDS = ("keys", "offsets", "paths", "stats", "digests", "header")
+_BLOCK = 1024  # files a lookup step holds Python objects for at once
 
 
 def cache_dir() -> Path | None:
@@ -74,9 +76,11 @@ def signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
-def _path_keys(rels: Sequence[str]) -> np.ndarray:
-    return np.fromiter((int.from_bytes(hashlib.blake2b(r.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
-                                       "little") for r in rels), dtype=np.uint64, count=len(rels))
+def _path_keys(rels: Paths) -> np.ndarray:
+    blake = hashlib.blake2b
+    return np.fromiter((int.from_bytes(blake(r, digest_size=8).digest(), "little")
+                        for lo in range(0, len(rels), _BLOCK) for r in rels.raw_chunk(lo, min(lo + _BLOCK, len(rels)))),
+                       dtype=np.uint64, count=len(rels))
 
 
 class ScanCache:
@@ -105,74 +109,93 @@ class ScanCache:
         arrays, ref_ns = (None, 0) if rehash else _read(file, root, device)
         return cls(root, file, arrays, ref_ns, device)
 
-    def lookup(self, rels: Sequence[str], paths: Sequence[Path]) -> list[tuple[str, int] | None]:
-        """For each file, (hex SHA-256, size) when the cache holds a trusted entry whose signature
-        matches the file's ``stat`` now; else ``None`` (hash it, then :meth:`learn` the result)."""
+    def lookup(self, rels: Paths, base: str) -> np.ndarray:
+        """Which files (``base + rels[i]``) the cache holds a trusted entry for whose signature matches the
+        file's ``stat`` now, as a bool array; their hashes and sizes are then in :attr:`digests` and
+        :attr:`sizes`. Hash the others, then :meth:`learn` the results."""
         n = len(rels)
-        out: list[tuple[str, int] | None] = [None] * n
         self._keys = _path_keys(rels)
-        self._sigs = np.zeros((n, 5), dtype=np.int64)
-        self._digests = np.zeros((n, 32), dtype=np.uint8)
+        self.digests = np.zeros((n, 32), dtype=np.uint8)
+        self.sizes = np.full(n, -1, dtype=np.int64)
         self._known = np.zeros(n, dtype=bool)
+        self._served = np.full(n, -1, dtype=np.int64)  # the entry of the cache file a file was served from
+        self._learned: np.ndarray | None = None  # the stat signatures of files hashed by this scan
+        self._stats: np.ndarray | None = None
         self._changed = True
-        a = self._a
+        a, self._a = self._a, None  # what the last scan wrote is not needed past this lookup (unless rewritten)
         if a is None or not len(a["keys"]) or not n:
-            return out
-        where = np.minimum(np.searchsorted(a["keys"], self._keys), len(a["keys"]) - 1)
-        stats = a["stats"][where]
-        safe = np.maximum(stats[:, 1], stats[:, 2]) < self._ref_ns - RACY_NS
-        blob = a["paths"].tobytes()
-        starts, ends = a["offsets"][where].tolist(), a["offsets"][where + 1].tolist()
-        current, sigs = self._sigs, []
-        for i in np.flatnonzero(safe).tolist():
-            if blob[starts[i]:ends[i]] != rels[i].encode("utf-8", "surrogateescape"):
-                continue  # another path with the same 8-byte key, or none
-            try:
-                st = os.stat(paths[i])
-            except OSError:
-                continue  # hashing it reports why
-            if stat.S_ISREG(st.st_mode):
-                sigs.append((i, *signature(st)))
-        candidate = np.zeros(n, dtype=bool)
-        if sigs:
-            found = np.array(sigs, dtype=np.int64)
-            current[found[:, 0]] = found[:, 1:]
-            candidate[found[:, 0]] = True
-        hit = np.flatnonzero(candidate & np.all(current == stats, axis=1))
-        self._known[hit] = True
-        self._digests[hit] = a["digests"][where[hit]]
-        hexes = self._digests[hit].tobytes().hex()
-        sizes = current[hit, 0].tolist()
-        for k, i in enumerate(hit.tolist()):
-            out[i] = hexes[64 * k:64 * k + 64], sizes[k]
-        self._changed = len(hit) != n or len(a["keys"]) != n
-        return out
+            return self._known.copy()
+        keys, offsets, stats, digests = a["keys"], a["offsets"], a["stats"], a["digests"]
+        blob = memoryview(a["paths"])
+        limit = self._ref_ns - RACY_NS
+        for lo in range(0, n, _BLOCK):  # a block at a time: no Python object per file held past its block
+            hi = min(lo + _BLOCK, n)
+            where = np.minimum(np.searchsorted(keys, self._keys[lo:hi]), len(keys) - 1)
+            cached = stats[where]
+            safe = np.maximum(cached[:, 1], cached[:, 2]) < limit
+            starts, ends = offsets[where].tolist(), offsets[where + 1].tolist()
+            mine = rels.raw_chunk(lo, hi)
+            seen, sigs = [], []
+            for j in np.flatnonzero(safe).tolist():
+                rel = mine[j]
+                if blob[starts[j]:ends[j]] != rel:
+                    continue  # another path with the same 8-byte key, or none
+                try:
+                    st = os.stat(base + rel.decode("utf-8", "surrogateescape"))
+                except OSError:
+                    continue  # hashing it reports why
+                if stat.S_ISREG(st.st_mode):
+                    seen.append(j)
+                    sigs.append(signature(st))
+            if not seen:
+                continue
+            at = np.array(seen, dtype=np.int64)
+            hit = at[np.all(np.array(sigs, dtype=np.int64).reshape(len(at), 5) == cached[at], axis=1)]
+            self._known[lo + hit] = True
+            self._served[lo + hit] = where[hit]
+            self.digests[lo + hit] = digests[where[hit]]
+            self.sizes[lo + hit] = cached[hit, 0]
+        self._changed = not self._known.all() or len(keys) != n
+        if self._changed:
+            self._stats = stats  # the signatures of the files served, for the file this scan writes
+        return self._known.copy()
 
-    def learn(self, i: int, sig: tuple[int, ...], hexdigest: str) -> None:
-        """Remember the hash of file ``i`` (of the last :meth:`lookup`), read with stat signature ``sig``."""
-        self._sigs[i] = sig
-        self._digests[i] = np.frombuffer(bytes.fromhex(hexdigest), dtype=np.uint8)
-        self._known[i] = True
+    def learn(self, i: int, sig: tuple[int, ...] | None, digest: bytes, size: int) -> None:
+        """The hash and size of file ``i`` (of the last :meth:`lookup`), read with stat signature ``sig``;
+        remembered for the next scan unless ``sig`` is None (the file changed while it was read)."""
+        self.digests[i] = np.frombuffer(digest, dtype=np.uint8)
+        self.sizes[i] = size
         self._changed = True
+        if sig is None:
+            return
+        if self._learned is None:
+            self._learned = np.zeros((len(self._known), 5), dtype=np.int64)
+        self._learned[i] = sig
+        self._known[i] = True
+        self._served[i] = -1
 
-    def save(self, rels: Sequence[str]) -> None:
+    def save(self, rels: Paths) -> None:
         """Write what this scan knows (the files of the last :meth:`lookup`), atomically; nothing when every
         file was served from the cache as it is."""
         if self.file is None or not self._changed:
             return
         keep = np.flatnonzero(self._known)
         order = keep[np.argsort(self._keys[keep], kind="stable")]
-        raw = [rels[i].encode("utf-8", "surrogateescape") for i in order.tolist()]
-        offsets = np.zeros(len(raw) + 1, dtype=np.int64)
-        np.cumsum([len(r) for r in raw], out=offsets[1:])
+        paths = rels.take(order)
+        sigs = np.zeros((len(order), 5), dtype=np.int64)
+        served = self._served[order]
+        if self._stats is not None:
+            sigs[served >= 0] = self._stats[served[served >= 0]]
+        if self._learned is not None:
+            sigs[served < 0] = self._learned[order[served < 0]]
         header = {"format": FORMAT, "version": VERSION, "root": str(self.root), "device": self.device,
                   "started_ns": self.started_ns, "entries": len(order)}
         arrays = {
             "keys": self._keys[order],
-            "offsets": offsets,
-            "paths": np.frombuffer(b"".join(raw), dtype=np.uint8),
-            "stats": self._sigs[order],
-            "digests": self._digests[order],
+            "offsets": paths.offsets,
+            "paths": np.frombuffer(paths.blob, dtype=np.uint8),
+            "stats": sigs,
+            "digests": self.digests[order],
             "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
         }
         try:

@@ -199,7 +199,9 @@ def is_read_only(e: BaseException) -> bool:
 def digest_values(values: np.ndarray) -> str:
     """SHA-256 hex of an array's bytes in C order, little-endian: what any reader can recompute."""
     arr = np.asarray(values)
-    return hashlib.sha256(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()).hexdigest()
+    contiguous = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    # through the buffer protocol: the bytes ``tobytes()`` gives, without copying them (object arrays have none)
+    return hashlib.sha256(contiguous if arr.dtype != object else contiguous.tobytes()).hexdigest()
 
 
 def write_array(group: zarr.Group, name: str, values: np.ndarray, chunk_bytes: int = 4 << 20) -> zarr.Array:
