@@ -261,7 +261,6 @@ class Recall:
     def _from_store(self, manifest: Manifest, provs: list[dict]) -> list[ExtractResult] | None:
         cfg = self.cfg
         store = open_store(cfg.store, mode="r")
-        hashes = [it.sha256 for it in manifest.items]
         digest, data_root = manifest.digest(), str(Path(cfg.data).resolve())
         results = []
         for prov in provs:
@@ -271,12 +270,12 @@ class Recall:
                 fs = store.get_set(key)
             except SetNotFound:
                 return None
-            if fs.record.space != space or not bool(store.known_hashes(space).contains(hashes).all()):
+            if fs.record.space != space or not bool(store.known_hashes(space).contains_digests(manifest.digests).all()):
                 return None  # a row gone (a damaged segment, a lease-blind gc): the full extract restores it
             stats = store.space_stats(space)
             results.append(ExtractResult(
                 set_key=key, space=space, store=cfg.store, splits=dict(fs.record.splits), extracted=0,
-                reused=len(set(hashes)), skipped=list(manifest.skipped), seconds=0.0,
+                reused=manifest.distinct(), skipped=list(manifest.skipped), seconds=0.0,
                 bytes_stored=stats["bytes_stored"], bytes_raw=stats["bytes_raw"], timings={},
                 shape=tuple(prov["shape"]), views=0, views_extracted=0,
                 set_bytes=store.set_size(fs, measure=fs.record.summary is None) or 0, layer=prov["layer"],
