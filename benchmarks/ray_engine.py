@@ -68,7 +68,7 @@ class _Sampler(threading.Thread):
                     rss += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * _PAGE
                     if self.kill_after is not None and self.killed is None:
                         cmd = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
-                        if "MapWorker" in cmd and "_Forward" in cmd:
+                        if "MapWorker" in cmd and "Forward" in cmd:
                             first = self.seen_actor.setdefault(p, time.monotonic())
                             if time.monotonic() - first >= self.kill_after:
                                 os.kill(p, signal.SIGKILL)
@@ -107,8 +107,9 @@ def run_ray(data: str, backbone: str, layer: str | None, weights: str, batch_siz
     images = len(scan(data).items)
     base = ["extract", "--backbone", backbone, "--weights", weights, "--data", data, "--batch-size", str(batch_size),
             "--no-progress", "--json"] + (["--layer", layer] if layer else [])
-    runs = (("default (one process + model processes)", [], None), ("--engine ray (local instance)", ["--engine", "ray"], None),
-            ("--engine ray, a model actor SIGKILLed", ["--engine", "ray"], kill_after_s))
+    ray = ["--engine", "ray", "--ray-address", "local"]  # a private instance of its own, even where a cluster runs
+    runs = (("default (one process + model processes)", [], None), ("--engine ray (local instance)", ray, None),
+            ("--engine ray, a model actor SIGKILLed", ray, kill_after_s))
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="featcache-ray-"))
     try:

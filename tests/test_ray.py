@@ -26,14 +26,15 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray engine needs Ray Data: pip install 'featcache[ray]'")
 pytest.importorskip("ray.data", reason="the Ray engine needs Ray Data: pip install 'featcache[ray]'")
 
-from featcache import ray_engine  # noqa: E402
+from featcache import ray_engine, ray_hash  # noqa: E402
 from featcache.store import open_store  # noqa: E402
 from featcache.store.maintenance import gc  # noqa: E402
 
-from .helpers import ROOT, extract_tiny, make_folder  # noqa: E402
+from .helpers import ROOT, TINY, extract_tiny, make_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROBE = "tests.ray_helpers:probe_cnn"
+SLOW_PROBE = "tests.ray_helpers:slow_probe_cnn"
 LOOPBACK = {"127.0.0.1", "::1"}
 
 
@@ -277,43 +278,75 @@ def test_a_straggler_gets_few_batches(cluster, faults, tmp_path):
     _same(str(tmp_path / "a.zarr"), local, str(tmp_path / "b.zarr"), remote)
 
 
-def _cli(data: Path, url: str, address: str, segment_images: int) -> list[str]:
-    code = (f"import featcache.ray_engine as r; r.SEGMENT_IMAGES = {segment_images}; "
-            "from featcache.cli import run; run()")
-    return [sys.executable, "-c", code, "extract", "--backbone", "tests.tiny_backbone:slow_tiny_cnn", "--weights",
-            "none", "--data", str(data), "--store", url, "--batch-size", "16", "--engine", "ray", "--ray-address",
-            address, "--no-progress", "--json"]
+def _cli(data: Path, url: str, address: str, checkpoint_s: float) -> list[str]:
+    """The extract command on the test cluster, with the engine's default segment size (SEGMENT_IMAGES)."""
+    return [sys.executable, "-m", "featcache.cli", "extract", "--backbone", SLOW_PROBE, "--weights", "none", "--data",
+            str(data), "--store", url, "--batch-size", "8", "--engine", "ray", "--ray-address", address,
+            "--checkpoint-every", str(checkpoint_s), "--no-progress", "--json"]
 
 
-def test_a_killed_driver_is_resumed_by_the_same_command(cluster, tmp_path):
-    data = make_folder(tmp_path / "data", splits=(("train", 24), ("val", 8)), size=(8, 8))  # 96 images: 6 batches
+def _rows_in(url: str) -> int:
+    store = open_store(url)
+    store.forget_index()
+    return sum(len(store.known_hashes(s)) for s in _committed(url))
+
+
+def _calls(faults: Path) -> int:
+    log = faults / "calls.log"
+    return len(log.read_text().split()) if log.exists() else 0
+
+
+def _wait(p: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None and not ready():
+        time.sleep(0.1)
+    assert p.poll() is None, f"the run ended before {what}: {p.communicate()[1].decode()[-2000:]}"
+
+
+def test_a_stopped_driver_keeps_what_it_finished_and_the_same_command_resumes(cluster, faults, tmp_path):
+    """As the one-process engine: SIGTERM (a scheduler's time limit) commits the batches that came out of the
+    model and ends with the Interrupted line; --checkpoint-every bounds what a SIGKILLed driver loses, however
+    far the segment is from its size limit; the same command then computes only the rest."""
+    data = make_folder(tmp_path / "data", splits=(("train", 40), ("val", 8)), size=(8, 8))  # 144 images: 18 batches
+    assert ray_engine.SEGMENT_IMAGES > 144
     url = str(tmp_path / "b.zarr")
-    cmd = _cli(data, url, cluster.cluster.address, 16)
     env = {**os.environ, "PYTHONPATH": os.environ["PYTHONPATH"]}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # 1. no checkpoint falls due: SIGTERM after four batches went through the model
+    p = subprocess.Popen(_cli(data, url, cluster.cluster.address, 3600), env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and p.poll() is None:
-            if Path(url).exists() and sum(len(v) for v in _committed(url).values()) >= 2:
-                break
-            time.sleep(0.2)
-        assert p.poll() is None, p.communicate()[1].decode()[-2000:]
+        _wait(p, lambda: _calls(faults) >= 4, "four batches")
+        time.sleep(0.5)  # their rows reach the driver
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err.decode()[-2000:]
+    assert "Interrupted: finished batches are committed" in err.decode()
+    stopped = _rows_in(url)
+    assert stopped >= 3 * 8, (stopped, _calls(faults))  # at least the batches finished before the wait
+    # 2. checkpoints every 0.2 s: killed (SIGKILL) once a checkpoint committed more rows
+    p = subprocess.Popen(_cli(data, url, cluster.cluster.address, 0.2), env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait(p, lambda: _rows_in(url) > stopped, "a checkpoint")
         os.killpg(p.pid, signal.SIGKILL)  # the driver, mid-run
     finally:
         p.wait()
-    done = sum(len(v) for v in _committed(url).values())
-    assert done >= 2
-    rows_done = len(open_store(url).known_hashes(next(iter(_committed(url)))))
-    assert 0 < rows_done < 96
-    store = open_store(url)
+    rows_done = _rows_in(url)
+    assert stopped < rows_done < 144
     before = _committed(url)
-    gc(store, grace_s=0.0)  # the dead driver's lease has not expired: gc deletes nothing committed
+    gc(open_store(url), grace_s=0.0)  # the dead driver's lease has not expired: gc deletes nothing committed
     assert _committed(url) == before
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # 3. the same command computes the rest
+    r = subprocess.run(_cli(data, url, cluster.cluster.address, 0.2), env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert out["extracted"] == 96 - rows_done and out["reused"] == rows_done
-    local = extract_tiny(data, tmp_path / "a.zarr", backbone="tests.tiny_backbone:slow_tiny_cnn", batch_size=16)
+    assert out["extracted"] == 144 - rows_done and out["reused"] == rows_done
+    local = extract_tiny(data, tmp_path / "a.zarr", backbone=SLOW_PROBE, batch_size=8)
     assert out["set"] == local.set_key
     _same(str(tmp_path / "a.zarr"), local, url, SimpleNamespace(set_key=out["set"]))
     _verify(url)
@@ -355,6 +388,64 @@ def test_a_node_removed_and_one_added_mid_run(cluster, faults, tmp_path, monkeyp
         _verify(url)
     finally:
         c.remove_node(added)
+
+
+def test_a_private_instance_listens_on_loopback_only(cluster, tmp_path):
+    """--ray-address local (the default where no cluster is named or was started here): every socket any process
+    of the instance the command starts listens on, sampled through the run, is on loopback. Ray's own
+    single-machine switch is left out of the command's environment (the cluster fixture sets it)."""
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)), size=(8, 8))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    cmd = [sys.executable, "-m", "featcache.cli", "extract", "--backbone", TINY, "--weights", "none", "--data",
+           str(data), "--store", str(tmp_path / "s.zarr"), "--batch-size", "4", "--engine", "ray", "--ray-address",
+           "local", "--no-progress", "--json"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    found: set[tuple[int, str, int]] = set()
+    try:
+        while p.poll() is None:
+            found |= _listening(_descendants(p.pid) | {p.pid})
+            time.sleep(0.1)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert len({pid for pid, _, _ in found}) >= 3, found  # the GCS, the raylet, the agents, the workers
+    assert {ip for _, ip, _ in found} <= LOOPBACK, sorted(found)
+
+
+def test_hashing_is_spread_over_ray_tasks_in_blocks_and_the_scan_cache_needs_none(cluster, tmp_path):
+    """The driver lists the folder and plans; the files go to Ray tasks a block of paths each, never one task
+    per file; the manifest is the one a local scan makes (a FIFO and an empty file skipped the same way);
+    the signatures the tasks saw let the scan cache serve every file on the next scan, without a task; a
+    rewritten file is hashed again."""
+    from featcache.data import scan
+    from featcache.data.scancache import RACY_NS
+
+    data = make_folder(tmp_path / "data", splits=(("train", 6), ("val", 3)))  # 27 images
+    os.mkfifo(data / "train" / "red" / "pipe.png")
+    (data / "val" / "red" / "empty.png").write_bytes(b"")
+    hasher = ray_hash.RayHasher(block=4)
+    remote = scan(data, hasher=hasher)
+    assert hasher.tasks == -(-29 // 4)  # 29 files, 4 paths a task
+    assert hasher.processes and os.getpid() not in hasher.processes
+    local = scan(data, rehash=True)
+    assert remote.items == local.items and len(local.items) == 27
+    assert sorted((k.path, k.reason) for k in remote.skipped) == sorted((k.path, k.reason) for k in local.skipped)
+    assert {k.path for k in remote.skipped} == {"train/red/pipe.png", "val/red/empty.png"}
+    time.sleep(RACY_NS / 1e9)  # the files are now older than the racy-entry window: what a scan learns is trusted
+    scan(data, hasher=hasher)
+    again = scan(data, hasher=hasher)
+    assert again.items == local.items
+    assert hasher.tasks == 0  # served by the cache; the FIFO it cannot hold is fewer than a block: hashed here
+    changed = data / "train" / "red" / "red_0.png"
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    hasher = ray_hash.RayHasher(block=1)
+    after = scan(data, hasher=hasher)
+    assert hasher.tasks == 2  # the rewritten file and the FIFO
+    rel = f"train/red/{changed.name}"
+    assert {it.path: it.sha256 for it in after.items}[rel] != {it.path: it.sha256 for it in local.items}[rel]
+    assert after.items == scan(data, rehash=True).items
 
 
 def test_without_ray_one_clear_error(folder, tmp_path, monkeypatch):

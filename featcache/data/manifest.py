@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from .scancache import ScanCache, signature
 from .walk import Skip
 
 __all__ = [
-    "hash_all", "Item", "Manifest", "scan", "safe_join", "hash_file"]
+    "hash_all", "Hasher", "Item", "Manifest", "scan", "safe_join", "hash_file"]
 
 _HASH_THREADS = 8
 _log = logging.getLogger("featcache.data")
@@ -116,22 +116,33 @@ def hash_all(paths: list[Path]) -> list[tuple[str, int] | OSError]:
         return [r if isinstance(r, OSError) else r[:2] for r in pool.map(_hash_signed, paths)]
 
 
-def _hash_cached(root: Path, rels: list[str], paths: list[Path], rehash: bool) -> list[tuple[str, int] | OSError]:
+Hasher = Callable[[list[Path]], Iterable[tuple[str, int, tuple[int, ...] | None] | OSError]]
+"""What hashes the files the scan cache does not serve: for each path, in order, what :func:`_hash_signed`
+gives for it (the signature as this machine's ``stat`` sees it). The default reads them on threads here;
+``extract --engine ray`` passes one that spreads them over the cluster (:func:`featcache.ray_hash.hasher`)."""
+
+
+def _hash_threads(paths: list[Path]) -> list[tuple[str, int, tuple[int, ...] | None] | OSError]:
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        return list(pool.map(_hash_signed, paths))
+
+
+def _hash_cached(root: Path, rels: list[str], paths: list[Path], rehash: bool,
+                 hasher: Hasher | None = None) -> list[tuple[str, int] | OSError]:
     """:func:`hash_all`, served from the scan cache for files whose signature it holds, and the
-    cache rewritten with what this scan saw."""
+    cache rewritten with what this scan saw; ``hasher`` hashes the others (default: threads here)."""
     cache = ScanCache.open(root, rehash=rehash)
     out: list = cache.lookup(rels, paths)
     misses = [i for i, r in enumerate(out) if r is None]
     _log.info("hashing %d files%s", len(misses),
               f" ({len(paths) - len(misses)} unchanged since the last scan)" if len(misses) < len(paths) else "")
-    with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        for i, r in zip(misses, pool.map(_hash_signed, [paths[i] for i in misses])):
-            if isinstance(r, OSError):
-                out[i] = r
-            else:
-                out[i] = r[:2]
-                if r[2] is not None:
-                    cache.learn(i, r[2], r[0])
+    for i, r in zip(misses, (hasher or _hash_threads)([paths[i] for i in misses]) if misses else ()):
+        if isinstance(r, OSError):
+            out[i] = r
+        else:
+            out[i] = r[:2]
+            if r[2] is not None:
+                cache.learn(i, r[2], r[0])
     cache.save(rels)
     return out
 
@@ -205,6 +216,7 @@ def scan(
     exclude_class: Sequence[str] = (),
     whole: bool = False,
     rehash: bool = False,
+    hasher: Hasher | None = None,
 ) -> Manifest:
     """Find the layout of ``root`` and return its manifest (hashes included; nothing is decoded here).
 
@@ -212,6 +224,7 @@ def scan(
     ``whole``: a flat folder without ``split`` is taken as it is, one labelled set whose items'
     split is ``""`` (to evaluate on), instead of being refused. Files whose stat signature is the
     one the last scan recorded are not read again (:mod:`.scancache`); ``rehash`` reads every file.
+    ``hasher`` hashes the files the cache does not serve (:data:`Hasher`; default: threads here).
     """
     fractions = parse_split(split)
     found = find_layout(root, labels=labels, labels_from_name=labels_from_name, classes=classes,
@@ -227,7 +240,7 @@ def scan(
         raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
 
     rels = _relative(root, [p for _, _, p in entries])
-    hashed = _hash_cached(root, rels, [p for _, _, p in entries], rehash)
+    hashed = _hash_cached(root, rels, [p for _, _, p in entries], rehash, hasher)
     kept: list[tuple[str, int, str, str, int]] = []
     first_seen: dict[str, tuple[int, str]] = {}  # bytes → (label, path) of their first labelled copy
     for (name, label, _), rel, h in zip(entries, rels, hashed):
