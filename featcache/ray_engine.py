@@ -45,7 +45,8 @@ from .errors import FeatcacheError
 __all__ = ["SEGMENT_IMAGES", "connect", "import_ray", "run_model"]
 
 SEGMENT_IMAGES = 4096  # the most images in one committed segment (rounded to whole batches)
-_ROUNDS = 3  # runs of the batches still missing after Ray lost model outputs it could not rebuild
+WRITE_RETRIES = 3  # a write task whose worker or node is lost runs again this many times (then its batches do)
+_ROUNDS = 3  # runs of the batches still missing after Ray lost writes or model outputs it could not rebuild
 _log = logging.getLogger("featcache.extract")
 
 
@@ -134,7 +135,7 @@ class _Segments:
 
         self.ray, self.args = ray, args
         self.checkpoint_s, self.per_write, self.most = checkpoint_s, per_write, most_writes
-        self.task = ray.remote(write_segment).options(num_cpus=0.5)  # a lost worker's write runs again
+        self.task = ray.remote(write_segment).options(num_cpus=0.5, max_retries=WRITE_RETRIES)
         self.refs: list = []
         self.pieces: list = []
         self.batches = 0
@@ -248,7 +249,8 @@ def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have:
         if not plans:
             break
         if attempt:
-            _log.warning("note: model outputs were lost with a node; %d batches run again", len(plans))
+            _log.warning("note: Ray lost writes or model outputs (workers or nodes gone); %d batches run again",
+                         len(plans))
         ds = ray.data.from_items(plans, override_num_blocks=max(1, min(len(plans), 4 * max(1, cpus))))
         ds = ds.map(decode, fn_kwargs={"root": str(root), "transform": joint.transform, "augment": augment},
                     num_cpus=decode_cpus)
@@ -265,7 +267,7 @@ def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have:
         store.forget_index()
         have = [store.known_hashes(space) for space in spaces]
     else:
-        raise FeatcacheError(f"the Ray run lost model outputs {_ROUNDS} times over (nodes going away?). Every "
+        raise FeatcacheError(f"Ray lost writes or model outputs {_ROUNDS} times over (workers or nodes going away?). Every "
                              "committed segment is kept; re-run the same command to compute the rest")
     failed: dict[str, str] = {}
     errors: list[str] = []

@@ -264,6 +264,24 @@ def test_a_write_task_killed_before_its_marker_loses_nothing(cluster, faults, tm
     _same(str(tmp_path / "a.zarr"), local, url, remote)
 
 
+def test_a_write_ray_gives_up_on_is_run_again_as_planned(cluster, faults, tmp_path, monkeypatch, caplog):
+    """A write task SIGKILLed before its marker with no retry left (Ray gives up on it, as on a node gone for
+    good): its batches run again, each as planned, and the set is the one-process engine's."""
+    import logging
+
+    monkeypatch.setattr(ray_engine, "SEGMENT_IMAGES", 32)  # a segment per two batches of 16: writes of 2, 2, 1
+    monkeypatch.setattr(ray_engine, "WRITE_RETRIES", 0)
+    data = make_folder(tmp_path / "data", splits=(("train", 16), ("val", 6)))  # 66 images: 5 batches
+    (faults / "kill-commit").touch()
+    with caplog.at_level(logging.WARNING, logger="featcache.extract"):
+        remote = extract_tiny(data, tmp_path / "b.zarr", backbone=PROBE, engine="ray", batch_size=16)
+    assert list(faults.glob("kill-commit.taken-*")), "no write task was killed"
+    assert "batches run again" in caplog.text, caplog.text
+    local = extract_tiny(data, tmp_path / "a.zarr", backbone=PROBE, batch_size=16)
+    _same(str(tmp_path / "a.zarr"), local, str(tmp_path / "b.zarr"), remote)
+    _verify(str(tmp_path / "b.zarr"))
+
+
 def test_a_straggler_gets_few_batches(cluster, faults, tmp_path):
     data = make_folder(tmp_path / "data", splits=(("train", 40), ("val", 8)), size=(8, 8))  # 144 images: 9 batches
     (faults / "slow-forward").touch()
