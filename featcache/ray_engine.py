@@ -99,14 +99,16 @@ def _init_private(ray) -> None:
     listens on 127.0.0.1 only. Given the loopback address alone, Ray still opens its servers on every interface
     and its agents on this machine's address; in its single-machine mode (Ray's own for macOS and Windows) it
     binds them all to loopback."""
-    constants = ray._private.ray_constants
-    cluster = constants.ENABLE_RAY_CLUSTER
-    constants.ENABLE_RAY_CLUSTER = False
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    cluster = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if cluster is not None:
+        constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
     finally:
-        constants.ENABLE_RAY_CLUSTER = cluster
+        if cluster is not None:
+            constants.ENABLE_RAY_CLUSTER = cluster
 
 
 def _messages_to_stderr(ray) -> None:

@@ -209,7 +209,7 @@ def test_ray_benchmark_smoke(folder, tmp_path, monkeypatch):
     # the actor is killed as soon as it is seen (after 15 s by default: longer than this whole run)
     monkeypatch.setattr(benchmarks.ray_engine, "run_ray", lambda *a, **kw: whole(*a, **kw, kill_after_s=0.0))
     r = CliRunner().invoke(main, ["ray", "--data", str(folder), "--case", f"{TINY}@none", "--batch-size", "8",
-                                  "--out", str(tmp_path)])
+                                  "--repeats", "1", "--hash-files", "30", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "| wall / default |" in r.output
     saved = list(tmp_path.glob("ray-*.json"))
@@ -218,3 +218,5 @@ def test_ray_benchmark_smoke(folder, tmp_path, monkeypatch):
     assert [row["actor_killed"] for row in rows] == [False, False, True]
     assert all(row["same_set"] and row["extracted"] == row["images"] == 36 for row in rows)
     assert all(row["cpu_s"] > 0 and row["peak_rss_mb"] > 0 for row in rows)
+    hashing = json.loads(saved[0].read_text())["hashing"]
+    assert [h["files"] for h in hashing] == [30, 30] and hashing[1]["way"] == "Ray tasks (5 of up to 7 paths)"
