@@ -8,12 +8,15 @@ a write task between its rows and its commit marker, SIGKILL of the driver, remo
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -94,7 +97,11 @@ def cluster(tmp_path_factory):
     faults = tmp_path_factory.mktemp("ray-faults")
     saved = dict(os.environ)
     server = s3 = None
+    # Ray's files of this cluster, its sockets and the record of its address (which a command given no address
+    # joins) in a folder of its own: not another Ray's on this machine, nor theirs ours (short: socket paths)
+    ray_tmp = tempfile.mkdtemp(prefix="fcray-", dir="/tmp")
     env = {"RAY_USAGE_STATS_ENABLED": "0", "FEATCACHE_RAY_TEST_DIR": str(faults), "HF_HUB_OFFLINE": "1",
+           "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     try:
         import boto3
@@ -135,6 +142,7 @@ def cluster(tmp_path_factory):
             s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems by their arguments, not the endpoint
         os.environ.clear()
         os.environ.update(saved)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -430,6 +438,31 @@ def test_a_private_instance_listens_on_loopback_only(cluster, tmp_path):
     assert p.returncode == 0, err.decode()[-2000:]
     assert len({pid for pid, _, _ in found}) >= 3, found  # the GCS, the raylet, the agents, the workers
     assert {ip for _, ip, _ in found} <= LOOPBACK, sorted(found)
+
+
+def test_without_an_address_the_cluster_started_on_this_machine_is_joined(cluster, tmp_path):
+    """No --ray-address and no RAY_ADDRESS: the command joins the cluster started here (the fixture's, whose
+    address Ray records as `ray start` does) instead of starting an instance of its own."""
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)), size=(8, 8))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "featcache.cli", "extract", "--backbone", TINY, "--weights", "none", "--data",
+           str(data), "--store", str(tmp_path / "s.zarr"), "--batch-size", "4", "--engine", "ray", "--no-progress",
+           "--json"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    started: set[str] = set()
+    try:
+        while p.poll() is None:
+            for pid in _descendants(p.pid):
+                with contextlib.suppress(OSError):
+                    started.add(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+            time.sleep(0.1)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert json.loads(out)["extracted"] == 9
+    assert not [c for c in started if c.endswith(("gcs_server", "raylet"))], started
 
 
 def test_hashing_is_spread_over_ray_tasks_in_blocks_and_the_scan_cache_needs_none(cluster, tmp_path):
