@@ -88,6 +88,8 @@ RAY_COLUMNS = [
     ("images_per_s", "images/s"), ("wall_vs_default", "wall / default"), ("cpu_s", "CPU s (process tree)"),
     ("peak_rss_mb", "peak RSS MB (tree)"), ("actor_killed", "actor killed"), ("same_set", "same set key"),
 ]
+RAY_HASH_COLUMNS = [("way", "hashed by"), ("files", "files"), ("rounds", "rounds"), ("median_s", "scan s (median)"),
+                    ("files_per_s", "files/s"), ("vs_threads", "/ threads"), ("spread", "min-max s")]
 CLI_COLUMNS = [("command", "command"), ("median_s", "median s"), ("min_s", "min s"), ("max_s", "max s"),
                ("over_pass", "/ python -c pass"), ("over_torch", "/ import torch"), ("over_click", "/ import click")]
 SWEEP_COLUMNS = [("backbone", "backbone"), ("combinations", "combinations"), ("epochs", "epochs"),
@@ -153,8 +155,10 @@ def _case(text: str) -> tuple[str, str | None, str]:
               help="scale, cli: another checkout measured side by side on the same images and store (e.g. main).")
 @click.option("--ls-sets", default=20, show_default=True, type=click.IntRange(1, 1000),
               help="scale: sets over one space for the second ls (the first set recorded again for other folders).")
+@click.option("--hash-files", default=20_000, show_default=True, type=click.IntRange(1, 10_000_000),
+              help="ray: files of the hashing comparison.")
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, sizes, million, code, against,
-         ls_sets) -> None:
+         ls_sets, hash_files) -> None:
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import compaction, files_per_10k, run_store
@@ -258,7 +262,13 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, si
         click.echo("\nthe same extract, default engine against --engine ray (a local Ray instance on this machine's "
                    "CPUs), whole commands, start-up included; CPU and memory over the process tree")
         click.echo(table(rows, RAY_COLUMNS))
-        path = save("ray", {"machine": info, "data": data, "rows": rows}, out)
+        from .ray_engine import run_hashing
+
+        hashing = run_hashing(files=hash_files, rounds=max(repeats, 1))
+        click.echo(f"\nscan with every file hashed ({hash_files} tiny PNGs): the driver's threads against Ray tasks "
+                   "hashing blocks of paths, on the same local instance, alternating")
+        click.echo(table(hashing, RAY_HASH_COLUMNS))
+        path = save("ray", {"machine": info, "data": data, "rows": rows, "hashing": hashing}, out)
         click.echo(f"saved {path}")
     if which in ("scaleout", "all"):
         rows = []

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["run_ray"]
+__all__ = ["run_hashing", "run_ray"]
 
 ROOT = Path(__file__).resolve().parents[1]
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -68,7 +68,7 @@ class _Sampler(threading.Thread):
                     rss += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * _PAGE
                     if self.kill_after is not None and self.killed is None:
                         cmd = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
-                        if "MapWorker" in cmd and "_Forward" in cmd:
+                        if "MapWorker" in cmd and "Forward" in cmd:
                             first = self.seen_actor.setdefault(p, time.monotonic())
                             if time.monotonic() - first >= self.kill_after:
                                 os.kill(p, signal.SIGKILL)
@@ -107,8 +107,9 @@ def run_ray(data: str, backbone: str, layer: str | None, weights: str, batch_siz
     images = len(scan(data).items)
     base = ["extract", "--backbone", backbone, "--weights", weights, "--data", data, "--batch-size", str(batch_size),
             "--no-progress", "--json"] + (["--layer", layer] if layer else [])
-    runs = (("default (one process + model processes)", [], None), ("--engine ray (local instance)", ["--engine", "ray"], None),
-            ("--engine ray, a model actor SIGKILLed", ["--engine", "ray"], kill_after_s))
+    ray = ["--engine", "ray", "--ray-address", "local"]  # a private instance of its own, even where a cluster runs
+    runs = (("default (one process + model processes)", [], None), ("--engine ray (local instance)", ray, None),
+            ("--engine ray, a model actor SIGKILLed", ray, kill_after_s))
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="featcache-ray-"))
     try:
@@ -124,3 +125,44 @@ def run_ray(data: str, backbone: str, layer: str | None, weights: str, batch_siz
         r["same_set"] = r["set"] == rows[0]["set"]
         r["wall_vs_default"] = r["wall_s"] / rows[0]["wall_s"]
     return rows
+
+
+def run_hashing(files: int = 20_000, rounds: int = 3, block: int | None = None) -> list[dict]:
+    """A scan of ``files`` tiny PNGs with every file hashed (no scan cache): the driver's threads against
+    :class:`featcache.ray_hash.RayHasher` (blocks of ``block`` paths; default: the engine's, at least four tasks)
+    on a private local instance, alternating,
+    ``rounds`` times each. Ray is started once before the first round: its start-up is in :func:`run_ray`'s rows."""
+    import statistics
+
+    from featcache import ray_engine, ray_hash
+    from featcache.data import scan
+
+    from .scale import make_images
+
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-hash-"))
+    try:
+        make_images(tmp / "data", files)
+        ray = ray_engine.connect("local")
+        block = block or min(ray_hash.HASH_BLOCK, max(1, files // 4))  # at least four tasks
+        hasher = ray_hash.RayHasher("local", block)
+        times: dict[str, list[float]] = {"threads": [], "ray": []}
+        tasks = 0
+        for _ in range(rounds):
+            for way in ("threads", "ray"):
+                t = time.perf_counter()
+                m = scan(tmp / "data", rehash=True, hasher=hasher if way == "ray" else None)
+                times[way].append(time.perf_counter() - t)
+                tasks = hasher.tasks if way == "ray" else tasks
+        ray.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for way, spent in times.items():
+        s = statistics.median(spent)
+        rows.append({"way": "driver threads" if way == "threads" else f"Ray tasks ({tasks} of up to "
+                     f"{block} paths)", "files": len(m.items), "rounds": rounds,
+                     "median_s": s, "files_per_s": len(m.items) / s, "spread": f"{min(spent):.2f}-{max(spent):.2f}"})
+    for r in rows:
+        r["vs_threads"] = r["median_s"] / rows[0]["median_s"]
+    return rows
+

@@ -78,7 +78,7 @@ class ExtractConfig:
     exclude_class: tuple[str, ...] = ()
     # how the rows are computed, not what they are: recorded with the set, never part of a space's provenance
     engine: str = "local"  # local: the one-process pipeline; ray: Ray Data (featcache.ray_engine)
-    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local instance on 127.0.0.1
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a `ray start` cluster here, else "local" (127.0.0.1)
     ray_gpus_per_actor: float = 0.0
     ray_decode_cpus: float | None = None  # CPUs per decode task (None: 1)
     ray_max_actors: int | None = None  # that many actors; None: a pool growing from one to one per CPU (or GPUs)

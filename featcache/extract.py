@@ -106,13 +106,17 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise FeatcacheError("--engine ray runs from one driver; start it without torchrun", param="engine")
         from .ray_engine import import_ray
+        from .ray_hash import hasher as ray_hasher
 
         import_ray()  # a missing extra is one clear error before anything is scanned or written
+        hasher = ray_hasher(cfg.ray_address)  # the files the scan cache does not serve, hashed on the cluster
+    else:
+        hasher = None
     start = time.perf_counter()
     rank, world = distributed()
     manifest = from_first(lambda: scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels,
                                        labels_from_name=cfg.labels_from_name, classes=cfg.classes,
-                                       exclude_class=cfg.exclude_class, rehash=rehash), world, rank)
+                                       exclude_class=cfg.exclude_class, rehash=rehash, hasher=hasher), world, rank)
     if cfg.strict and manifest.skipped:
         first = manifest.skipped[0]
         raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")

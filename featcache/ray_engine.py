@@ -1,45 +1,53 @@
 """``extract --engine ray``: the same rows, computed on a Ray cluster that survives lost workers.
 
-The driver scans, plans and leases as a one-process extract does (featcache's manifest, its row
-keys, its lease); this module only computes the rows it is handed, through the same seam as the
-one-process pipeline (:func:`featcache.compute.compute`):
+The driver lists the folder, plans and leases as a one-process extract does (featcache's manifest,
+its row keys, its lease); the cluster does the reading. What runs on the workers is in
+:mod:`featcache.ray_stages`:
 
+* hashing: the files the scan cache does not serve go to tasks in blocks of a few thousand paths
+  (:mod:`featcache.ray_hash`, passed to :func:`featcache.data.scan`), never one task per file;
 * one dataset row per planned batch (batch ``j`` holds the images a one-process run puts in batch
-  ``j``), never one Ray task per file;
-* CPU tasks read each file, check its bytes against the SHA-256 it was planned under and decode
-  them with featcache's own reader (:class:`featcache.pipeline.Images`);
+  ``j``); CPU tasks read each file, check its bytes against the SHA-256 it was planned under and
+  decode them with featcache's own reader;
 * an autoscaling pool of actors runs the frozen network, built inside each actor from the same
   backbone spec (and its weights checked against the driver's digest), on GPUs when asked;
-* a :class:`ray.data.Datasink` whose write tasks each commit one segment per feature space
-  through featcache's store (integrity record, commit marker last).
+* write tasks, each committing one segment per feature space through featcache's store
+  (integrity record, commit marker last). The driver cuts the segments as the one-process
+  engine's writer does: a segment is committed ``checkpoint_s`` seconds after its first batch
+  came out of the model, or at :data:`SEGMENT_IMAGES` images, whichever is first, and after
+  Ctrl-C or SIGTERM the finished batches are committed before the command ends.
 
 Rows never depend on the layout: batches keep their one-process composition, and a batch under
 16 images runs on at least two threads, where PyTorch takes the kernels a multi-threaded
 one-process run takes (see :mod:`featcache.procs`). The store is the checkpoint: a retried batch
 or write only adds rows that readers already resolve (the oldest segment holding a key wins), a
 write task killed before its marker leaves an uncommitted segment that readers ignore and gc
-removes, and a killed driver is resumed by running the same command again.
+removes, and a killed driver is resumed by running the same command again (it loses at most the
+batches of its last ``checkpoint_s`` seconds, as a killed one-process extract does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .errors import FeatcacheError
 
-__all__ = ["run_model", "import_ray", "connect", "SEGMENT_IMAGES"]
+__all__ = ["SEGMENT_IMAGES", "connect", "import_ray", "run_model"]
 
-SEGMENT_IMAGES = 4096  # images per write task, so per committed segment (rounded to whole batches)
-MIN_BATCH = 16  # procs.MIN_BATCH: below this, one thread takes other convolution kernels than several
+SEGMENT_IMAGES = 4096  # the most images in one committed segment (rounded to whole batches)
+WRITE_RETRIES = 3  # a write task whose worker or node is lost runs again this many times (then its batches do)
+_ROUNDS = 3  # runs of the batches still missing after Ray lost writes or model outputs it could not rebuild
+_log = logging.getLogger("featcache.extract")
 
 
 def import_ray():
@@ -53,25 +61,54 @@ def import_ray():
 
 
 def connect(address: str | None = None) -> Any:
-    """Join the cluster at ``address`` (else ``$RAY_ADDRESS``), or start a local instance bound to 127.0.0.1.
-    A Ray already initialised in this process (by the caller) is used as it is."""
+    """Join the cluster at ``address`` (else ``$RAY_ADDRESS``, else one started on this machine by ``ray start``),
+    or, with none of them or ``address="local"``, start a private instance whose every process listens on
+    127.0.0.1 only. A Ray already initialised in this process (by the caller) is used as it is."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or os.environ.get("RAY_ADDRESS") or _started_here(ray) or "local"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        if address:
+        if address != "local":
             ray.init(address=address, log_to_driver=False, configure_logging=False)
-        else:  # a private instance: nobody else needs to reach it
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                     configure_logging=False)
+        else:
+            _init_private(ray)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        where = address or "a local instance"
+        where = "a local instance" if address == "local" else address
         raise FeatcacheError(f"cannot connect to Ray at {where}: {first}", param="ray_address") from None
+    if main and callable(term):  # ray.init makes SIGTERM exit at once; the command's own handler (its clean-up) stays
+        signal.signal(signal.SIGTERM, term)
     _messages_to_stderr(ray)
     return ray
+
+
+def _started_here(ray) -> str | None:
+    """The address of the cluster the last ``ray start`` on this machine started (Ray's own record), if any."""
+    try:
+        return ray._private.services.find_bootstrap_address(None) or None
+    except Exception:  # a Ray without that record: start a private instance
+        return None
+
+
+def _init_private(ray) -> None:
+    """A private instance: nobody else needs to reach it, so every process of it (GCS, raylet, agents, workers)
+    listens on 127.0.0.1 only. Given the loopback address alone, Ray still opens its servers on every interface
+    and its agents on this machine's address; in its single-machine mode (Ray's own for macOS and Windows) it
+    binds them all to loopback."""
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    cluster = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if cluster is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False)
+    finally:
+        if cluster is not None:
+            constants.ENABLE_RAY_CLUSTER = cluster
 
 
 def _messages_to_stderr(ray) -> None:
@@ -90,191 +127,60 @@ def _messages_to_stderr(ray) -> None:
     worker.print_to_stdstream = to_stderr
 
 
-@dataclass(frozen=True)
-class _Job:
-    path: str
-    sha256: str
+class _Segments:
+    """The driver's side of writing: model outputs (Ray object references, no rows pass through the driver) are
+    gathered and handed to a write task as one segment when the first of them is ``checkpoint_s`` seconds old or
+    they hold ``per_write`` batches, as the one-process writer commits every ``checkpoint_s`` seconds."""
 
+    def __init__(self, ray, args: tuple, checkpoint_s: float, per_write: int, most_writes: int):
+        from .ray_stages import write_segment
 
-def _decode(row: dict, root: str, transform, augment: dict | None) -> dict:
-    """Ray Data ``map`` task: read, hash-check and decode one planned batch with featcache's reader."""
-    from .pipeline import Images
+        self.ray, self.args = ray, args
+        self.checkpoint_s, self.per_write, self.most = checkpoint_s, per_write, most_writes
+        self.task = ray.remote(write_segment).options(num_cpus=0.5, max_retries=WRITE_RETRIES)
+        self.refs: list = []
+        self.pieces: list = []
+        self.batches = 0
+        self.since = 0.0
+        self.writes: list = []
+        self.returns: list[dict] = []
+        self.lost = False
 
-    t = time.perf_counter()
-    plan = json.loads(row["plan"])
-    items = [_Job(p, h) for p, h in zip(plan["paths"], plan["sha256"])]
-    views = plan["views"] if augment is not None else None
-    images = Images(Path(root), items, transform, views, augment)
-    ok, tensors, bad = [], [], []
-    for i in range(len(items)):
-        _, tensor, err = images[i]
-        if err is None:
-            ok.append(i)
-            tensors.append(tensor.numpy())
-        else:
-            bad.append([i, err])
-    x = np.stack(tensors).astype(np.float32, copy=False) if tensors else np.zeros((0,), np.float32)
-    return {"batch": row["batch"], "plan": row["plan"], "x": x, "ok": np.asarray(ok, np.int64),
-            "bad": json.dumps(bad), "decode_s": time.perf_counter() - t}
+    def add(self, bundle) -> None:
+        """One output bundle of the model stage; a segment goes to a write task when it is due."""
+        for entry, piece in zip(bundle.blocks, getattr(bundle, "slices", None) or [None] * len(bundle.blocks)):
+            ref = entry.ref if hasattr(entry, "ref") else entry[0]
+            self.refs.append(ref)
+            self.pieces.append(None if piece is None else (piece.start_offset, piece.end_offset))
+        if not self.batches:
+            self.since = time.monotonic()
+        self.batches += bundle.num_rows()
+        if self.batches >= self.per_write or time.monotonic() - self.since >= self.checkpoint_s:
+            self.cut()
+        while len(self.writes) > self.most:  # back-pressure: the model stage waits while writes are behind
+            self._collect(1)
 
+    def cut(self) -> None:
+        if self.refs:
+            self.writes.append(self.task.remote(*self.args, self.pieces, *self.refs))
+        self.refs, self.pieces, self.batches = [], [], 0
 
-class _Forward:
-    """The actor: the frozen network, built once per actor, run on one decoded batch per call."""
-
-    def __init__(self, spec: dict, shipped=None):
-        import torch
-
-        from .backbones import Joint, create_backbone, create_joint
-        from .pipeline import resolve_device
-        from .runtime import keep_memory
-
-        if shipped is not None:  # a module passed in Python: the driver's own object
-            import ray
-
-            joint = ray.get(shipped)
-        elif spec["several"]:
-            joint = create_joint(spec["backbone"], spec["layer"], spec["weights"], spec["pool"])
-        else:
-            one = create_backbone(spec["backbone"], spec["layer"], spec["weights"], spec["pool"])
-            joint = Joint((one,), one.model)
-        digests = [p.weights_sha256 for p in joint.parts]
-        if digests != spec["digests"]:  # rows must belong to the space the driver keys them under
-            raise FeatcacheError(f"the backbone built on this worker has other weights ({digests}) than the "
-                                 f"driver's ({spec['digests']}); give every node the same weights file")
-        built = [json.dumps(p.provenance(), sort_keys=True, default=str) for p in joint.parts]
-        if shipped is None and built != spec["provenances"]:
-            raise FeatcacheError(f"the backbone built on this worker is not the driver's (provenance {built} against "
-                                 f"{spec['provenances']}); give every node the same featcache, torch and weights")
-        gpus = spec["gpus"]
-        device = "cuda" if gpus else spec["device"]
-        self.dev = resolve_device(device)
-        self.precision = spec["precision"]
-        self.model = joint.model.to(self.dev).eval()
-        if self.dev.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.threads = torch.get_num_threads()
-        keep_memory()
-
-    def __call__(self, batch: dict) -> dict:
-        import torch
-
-        from .backbones import autocast
-        from .pipeline import flat
-
-        t = time.perf_counter()
-        x = batch["x"][0]
-        feats = np.zeros((0,), np.float32)
-        if x.ndim > 1 and len(x):
-            short = self.dev.type == "cpu" and len(x) < MIN_BATCH and self.threads < 2
-            if short:  # the kernels a multi-threaded one-process run takes for a short batch
-                torch.set_num_threads(2)
+    def _collect(self, n: int) -> None:
+        done, self.writes = self.ray.wait(self.writes, num_returns=n)
+        for ref in done:
             try:
-                with torch.inference_mode(), autocast(self.precision, self.dev):
-                    inputs = torch.from_numpy(np.array(x, dtype=np.float32, order="C")).to(self.dev)
-                    if self.dev.type == "cuda":
-                        inputs = inputs.contiguous(memory_format=torch.channels_last)
-                    feats = np.ascontiguousarray(flat(self.model(inputs)), dtype=np.float32)
-            finally:
-                if short:
-                    torch.set_num_threads(self.threads)
-        return {"batch": batch["batch"], "plan": batch["plan"], "ok": batch["ok"], "bad": batch["bad"],
-                "feats": _one(feats), "decode_s": batch["decode_s"],
-                "forward_s": np.array([time.perf_counter() - t]), "pid": np.array([os.getpid()])}
+                self.returns.append(self.ray.get(ref))
+            except Exception as e:
+                if not _lost(e):
+                    raise
+                self.lost = True  # its batches run again in the next round
 
+    def finish(self) -> None:
+        """Commit what is gathered and wait for every write."""
+        self.cut()
+        if self.writes:
+            self._collect(len(self.writes))
 
-def _one(arr: np.ndarray) -> np.ndarray:
-    """A column of one row holding ``arr`` (an object array, so its shape may differ from other rows')."""
-    out = np.empty(1, dtype=object)
-    out[0] = arr
-    return out
-
-
-def _sink_class(base):
-    class _SegmentSink(base):
-        """Each write task commits its rows as one new segment per space (commit marker last)."""
-
-        def __init__(self, url: str, spaces: list[str], shapes: list[tuple[int, ...]], dtype: str, layers: list,
-                     checkpoint_s: float, per_write: int):
-            self.url, self.spaces, self.shapes, self.dtype = url, spaces, shapes, dtype
-            self.layers, self.checkpoint_s, self.per_write = layers, checkpoint_s, per_write
-            self.returns: list[dict] = []
-
-        @property
-        def min_rows_per_write(self) -> int:  # rows are batches: this many batches per segment
-            return self.per_write
-
-        def write(self, blocks, ctx) -> dict:
-            import pyarrow as pa
-
-            from .compute import Writers
-            from .pipeline import checked
-            from .store import open_store
-
-            t = time.perf_counter()
-            rows = []
-            for block in blocks:
-                table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-                rows.extend(table.to_pylist())
-            failed: dict[str, str] = {}
-            errors: list[str] = []
-            out: list[list[tuple[np.ndarray, list[str]]]] = [[] for _ in self.spaces]
-            decode_s = forward_s = 0.0
-            pids = set()
-            for row in rows:
-                plan = json.loads(row["plan"])
-                keys, need = plan["keys"], plan["need"]
-                for i, reason in json.loads(row["bad"]):
-                    failed[plan["sha256"][i]] = f"{plan['paths'][i]}\t{reason}"
-                decode_s += float(row["decode_s"])
-                forward_s += float(row["forward_s"])
-                pids.add(int(row["pid"]))
-                ok = list(row["ok"])
-                if not ok:
-                    continue
-                feats = _as_array(row["feats"]).reshape(len(ok), -1)
-                at = 0
-                for p, shape in enumerate(self.shapes):
-                    size = int(np.prod(shape))
-                    part = np.ascontiguousarray(feats[:, at:at + size]).reshape(len(ok), *shape)
-                    at += size
-                    take = [j for j, i in enumerate(ok) if need[i][p]]
-                    if not take:
-                        continue
-                    part = part if len(take) == len(ok) else part[take]
-                    try:
-                        stored = checked(part, self.dtype, _Layer(self.layers[p]),
-                                         [_Job(plan["paths"][ok[j]], plan["sha256"][ok[j]]) for j in take])
-                    except FeatcacheError as e:
-                        errors.append(str(e))
-                        continue
-                    out[p].append((stored, [keys[ok[j]] for j in take]))
-            store = open_store(self.url)
-            committed = 0
-            for space, shape, parts in zip(self.spaces, self.shapes, out):
-                total = sum(len(k) for _, k in parts)
-                if not total:
-                    continue
-                with Writers(store, [space], [total], [shape], self.dtype, self.checkpoint_s) as writers:
-                    for feats, keys in parts:
-                        writers.put(0, feats, keys)
-                committed += writers.committed_rows
-            return {"rows": committed, "batches": len(rows), "failed": failed, "errors": errors,
-                    "decode": decode_s, "forward": forward_s, "write": time.perf_counter() - t,
-                    "pids": sorted(pids)}
-
-        def on_write_complete(self, write_result) -> None:
-            self.returns = [r for r in write_result.write_returns if r]
-
-    return _SegmentSink
-
-
-@dataclass
-class _Layer:
-    layer: str | None
-
-
-def _as_array(value) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float32)
 
 
 def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have: Sequence[AbstractSet[str]], cfg,
@@ -290,7 +196,9 @@ def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have:
     from .pipeline import resolve_device
 
     ray = connect(cfg.ray_address)
-    from ray.data import ActorPoolStrategy, DataContext, Datasink
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from .ray_stages import Forward, decode
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
@@ -300,14 +208,7 @@ def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have:
 
     bs = cfg.batch_size
     keys = [row_key(it.sha256, views[i] if views else None) for i, it in enumerate(todo)]
-    have = [held_among(held, keys) for held in have]
-    plans = []
-    for j in range(-(-len(todo) // bs)):
-        span = range(j * bs, min(len(todo), (j + 1) * bs))
-        plan = {"paths": [todo[i].path for i in span], "sha256": [todo[i].sha256 for i in span],
-                "views": [views[i] for i in span] if views else None, "keys": [keys[i] for i in span],
-                "need": [[keys[i] not in held for held in have] for i in span]}
-        plans.append({"batch": j, "plan": json.dumps(plan)})
+    batches = [range(j * bs, min(len(todo), (j + 1) * bs)) for j in range(-(-len(todo) // bs))]
 
     several = len(joint.parts) > 1
     layer = tuple(p.layer for p in joint.parts) if several else None if cfg.layer is None else joint.parts[0].layer
@@ -333,29 +234,48 @@ def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have:
     else:
         # Decode tasks and actors share the CPUs: an actor asks for half of one, so decoding always finds room.
         actor_args["num_cpus"] = 0.5
-
-    ds = ray.data.from_items(plans, override_num_blocks=max(1, min(len(plans), 4 * max(1, cpus))))
-    ds = ds.map(_decode, fn_kwargs={"root": str(root), "transform": joint.transform, "augment": augment},
-                num_cpus=decode_cpus)
-    ds = ds.map_batches(_Forward, batch_size=1, batch_format="numpy",
-                        fn_constructor_kwargs={"spec": spec, "shipped": shipped},
-                        compute=ActorPoolStrategy(min_size=most if cfg.ray_max_actors else 1, max_size=most,
-                                                  max_tasks_in_flight_per_actor=2),
-                        **actor_args)
-    sink = _sink_class(Datasink)(store.url, list(spaces), [tuple(p.shape) for p in joint.parts], cfg.dtype,
-                                 [p.layer for p in joint.parts], cfg.checkpoint_s, max(1, SEGMENT_IMAGES // bs))
-    try:
-        ds.write_datasink(sink)
-    except (KeyboardInterrupt, FeatcacheError):
-        raise
-    except Exception as e:  # a Ray failure (workers lost beyond retries, a cluster gone): what committed stays
-        raise FeatcacheError(f"the Ray run stopped: {_first_line(e)}. Every committed segment is kept; "
-                             "re-run the same command to compute the rest") from None
+    args = (store.url, list(spaces), [tuple(p.shape) for p in joint.parts], cfg.dtype, [p.layer for p in joint.parts])
+    returns: list[dict] = []
+    for attempt in range(_ROUNDS):
+        # each round runs the planned batches some row of which a space still misses, each batch as planned (its
+        # composition is the one-process run's); a round after the first follows a loss Ray could not repair
+        held = [held_among(h, keys) for h in have]
+        plans = []
+        for j, span in enumerate(batches):
+            need = [[keys[i] not in h for h in held] for i in span]
+            if any(any(n) for n in need):
+                plan = {"paths": [todo[i].path for i in span], "sha256": [todo[i].sha256 for i in span],
+                        "views": [views[i] for i in span] if views else None, "keys": [keys[i] for i in span],
+                        "need": need}
+                plans.append({"batch": j, "plan": json.dumps(plan)})
+        if not plans:
+            break
+        if attempt:
+            _log.warning("note: Ray lost writes or model outputs (workers or nodes gone); %d batches run again",
+                         len(plans))
+        ds = ray.data.from_items(plans, override_num_blocks=max(1, min(len(plans), 4 * max(1, cpus))))
+        ds = ds.map(decode, fn_kwargs={"root": str(root), "transform": joint.transform, "augment": augment},
+                    num_cpus=decode_cpus)
+        ds = ds.map_batches(Forward, batch_size=1, batch_format="numpy",
+                            fn_constructor_kwargs={"spec": spec, "shipped": shipped},
+                            compute=ActorPoolStrategy(min_size=most if cfg.ray_max_actors else 1, max_size=most,
+                                                      max_tasks_in_flight_per_actor=2),
+                            **actor_args)
+        segments = _Segments(ray, args, cfg.checkpoint_s, max(1, SEGMENT_IMAGES // bs), max(2, cpus))
+        lost = _stream(ds, segments)
+        returns += segments.returns
+        if not lost and not segments.lost:
+            break
+        store.forget_index()
+        have = [store.known_hashes(space) for space in spaces]
+    else:
+        raise FeatcacheError(f"Ray lost writes or model outputs {_ROUNDS} times over (workers or nodes going away?). Every "
+                             "committed segment is kept; re-run the same command to compute the rest")
     failed: dict[str, str] = {}
     errors: list[str] = []
     timings = {"decode": 0.0, "forward": 0.0, "write": 0.0}
     pids: set[int] = set()
-    for r in sink.returns:
+    for r in returns:
         for h, reason in r["failed"].items():
             failed[h] = reason.split("\t", 1)[1]
         errors.extend(r["errors"])
@@ -370,10 +290,51 @@ def run_model(joint, root: Path, todo: Sequence, store, spaces: list[str], have:
     if cfg.strict and failed:
         from .errors import DataError
 
-        first_bad = next(r for r in sink.returns if r["failed"])
+        first_bad = next(r for r in returns if r["failed"])
         path, reason = next(iter(first_bad["failed"].values())).split("\t", 1)
         raise DataError(f"{path}: {reason} (--strict). Remove the file or drop --strict.")
     return failed, timings
+
+
+def _stream(ds, segments: _Segments) -> bool:
+    """Run the dataset, its model outputs into segments; True when it stopped because outputs were lost (a node
+    gone beyond what Ray repairs), after committing those that came out."""
+    bundles = ds.iter_internal_ref_bundles()
+    try:
+        try:
+            for bundle in bundles:
+                segments.add(bundle)
+        except BaseException:
+            # Ctrl-C, SIGTERM or a failure: the batches that came out of the model are committed, as the
+            # one-process engine commits its finished rows, before the error goes on (it matters more)
+            getattr(bundles, "close", lambda: None)()  # the model stage stops: its CPUs go to the last writes
+            with contextlib.suppress(Exception):
+                segments.finish()
+            raise
+        segments.finish()
+    except (KeyboardInterrupt, FeatcacheError):
+        raise
+    except Exception as e:
+        if _lost(e):
+            return True
+        # a Ray failure (workers lost beyond retries, a cluster gone): what committed stays
+        raise FeatcacheError(f"the Ray run stopped: {_first_line(e)}. Every committed segment is kept; "
+                             "re-run the same command to compute the rest") from None
+    return False
+
+
+def _lost(e: BaseException | None) -> bool:
+    """Whether ``e`` (or what caused it) is Ray losing objects or the node or worker holding them."""
+    import ray.exceptions as rex
+
+    kinds = (rex.ObjectLostError, rex.NodeDiedError, rex.WorkerCrashedError)
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, kinds):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+        seen += 1
+    return False
 
 
 def _first_line(e: BaseException) -> str:

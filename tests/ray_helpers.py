@@ -8,7 +8,8 @@ exactly one process takes it) and does it:
 * ``slow-forward``: one model actor sleeps ``SLOW_S`` per batch (a straggler);
 * ``kill-commit``: a write task SIGKILLs itself after its rows are on storage, before the commit marker.
 
-Each batch through the model appends the actor's process id to ``calls.log``.
+Each batch through the model appends the actor's process id to ``calls.log`` (``slow_probe_cnn``: the same,
+``SLOW_S / 5`` seconds per batch).
 The model is the tiny test CNN with the probe as a call in its traced graph (so the rows are those
 of ``probe_cnn`` on any engine, faults or not).
 """
@@ -82,6 +83,25 @@ class ProbeCNN(TinyCNN):
 
 def probe_cnn() -> torch.nn.Module:
     return ProbeCNN()
+
+
+class SlowProbeCNN(ProbeCNN):
+    """The probe CNN taking ``SLOW_S / 5`` per batch, so a test can stop an extract midway and count batches."""
+
+    def forward(self, x):
+        return super().forward(_pause(x))
+
+
+def _pause(x):
+    time.sleep(SLOW_S / 5)
+    return x
+
+
+torch.fx.wrap("_pause")
+
+
+def slow_probe_cnn() -> torch.nn.Module:
+    return SlowProbeCNN()
 
 
 def setup_worker() -> None:

@@ -196,3 +196,27 @@ def test_rowindex_benchmark_smoke(tmp_path):
     out = run_rowindex(rows=250, lookups=20, rounds=1, tmp=str(tmp_path))
     assert out["code"]["rows_read"] == 20 and out["code"]["missing"] == 20  # of 40 keys, half stored
     assert out["code"]["first_lookup_s"] > 0 and out["code"]["peak_above_start"] >= 0
+
+
+@pytest.mark.slow
+def test_ray_benchmark_smoke(folder, tmp_path, monkeypatch):
+    """``python -m benchmarks ray`` end to end on a tiny folder: the default engine, --engine ray (a local Ray
+    instance of its own) and a run whose model actor the benchmark SIGKILLs, all giving the same set."""
+    pytest.importorskip("ray.data", reason="the Ray engine needs Ray Data: pip install 'featcache[ray]'")
+    import benchmarks.ray_engine
+
+    whole = benchmarks.ray_engine.run_ray
+    # the actor is killed as soon as it is seen (after 15 s by default: longer than this whole run)
+    monkeypatch.setattr(benchmarks.ray_engine, "run_ray", lambda *a, **kw: whole(*a, **kw, kill_after_s=0.0))
+    r = CliRunner().invoke(main, ["ray", "--data", str(folder), "--case", f"{TINY}@none", "--batch-size", "8",
+                                  "--repeats", "1", "--hash-files", "30", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "| wall / default |" in r.output
+    saved = list(tmp_path.glob("ray-*.json"))
+    assert len(saved) == 1
+    rows = json.loads(saved[0].read_text())["rows"]
+    assert [row["actor_killed"] for row in rows] == [False, False, True]
+    assert all(row["same_set"] and row["extracted"] == row["images"] == 36 for row in rows)
+    assert all(row["cpu_s"] > 0 and row["peak_rss_mb"] > 0 for row in rows)
+    hashing = json.loads(saved[0].read_text())["hashing"]
+    assert [h["files"] for h in hashing] == [30, 30] and hashing[1]["way"] == "Ray tasks (5 of up to 7 paths)"

@@ -8,12 +8,16 @@ a write task between its rows and its commit marker, SIGKILL of the driver, remo
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -26,14 +30,15 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray engine needs Ray Data: pip install 'featcache[ray]'")
 pytest.importorskip("ray.data", reason="the Ray engine needs Ray Data: pip install 'featcache[ray]'")
 
-from featcache import ray_engine  # noqa: E402
+from featcache import ray_engine, ray_hash  # noqa: E402
 from featcache.store import open_store  # noqa: E402
 from featcache.store.maintenance import gc  # noqa: E402
 
-from .helpers import ROOT, extract_tiny, make_folder  # noqa: E402
+from .helpers import ROOT, TINY, extract_tiny, make_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROBE = "tests.ray_helpers:probe_cnn"
+SLOW_PROBE = "tests.ray_helpers:slow_probe_cnn"
 LOOPBACK = {"127.0.0.1", "::1"}
 
 
@@ -93,7 +98,11 @@ def cluster(tmp_path_factory):
     faults = tmp_path_factory.mktemp("ray-faults")
     saved = dict(os.environ)
     server = s3 = None
+    # Ray's files of this cluster, its sockets and the record of its address (which a command given no address
+    # joins) in a folder of its own: not another Ray's on this machine, nor theirs ours (short: socket paths)
+    ray_tmp = tempfile.mkdtemp(prefix="fcray-", dir="/tmp")
     env = {"RAY_USAGE_STATS_ENABLED": "0", "FEATCACHE_RAY_TEST_DIR": str(faults), "HF_HUB_OFFLINE": "1",
+           "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     try:
         import boto3
@@ -134,6 +143,7 @@ def cluster(tmp_path_factory):
             s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems by their arguments, not the endpoint
         os.environ.clear()
         os.environ.update(saved)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -207,15 +217,19 @@ def test_ray_gives_the_local_set_and_rows(cluster, tmp_path, dtype):
     assert {ip for _, ip, _ in found} <= LOOPBACK, sorted(found)
 
 
-def test_several_layers_and_a_module_passed_in_python(cluster, tmp_path):
+def test_several_layers_and_a_module_passed_in_python(cluster, tmp_path, monkeypatch, caplog):
     """Several layers in one pass (each set as the one-process engine makes it), and a module object
-    (shipped to the actors as it is, since no name rebuilds it)."""
+    (shipped to the actors as it is, since no name rebuilds it). The extract's files are hashed by Ray
+    tasks, a block of paths each."""
     from tests.tiny_backbone import TinyCNN
 
     data = make_folder(tmp_path / "data", splits=(("train", 7), ("val", 3)))  # 30 images: a batch of 16 and 14
     kw = {"batch_size": 16, "layer": "features,avgpool", "pool": "none"}
     local = extract_tiny(data, tmp_path / "a.zarr", **kw)
-    remote = extract_tiny(data, tmp_path / "b.zarr", engine="ray", **kw)
+    monkeypatch.setattr(ray_hash, "HASH_BLOCK", 8)
+    with caplog.at_level(logging.INFO, logger="featcache.extract"):
+        remote = extract_tiny(data, tmp_path / "b.zarr", engine="ray", rehash=True, **kw)
+    assert "hashing 30 files on Ray (4 tasks of up to 8)" in caplog.text, caplog.text
     assert [r.layer for r in remote] == ["features", "avgpool"]
     for a, b in zip(local, remote):
         _same(str(tmp_path / "a.zarr"), a, str(tmp_path / "b.zarr"), b)
@@ -263,6 +277,23 @@ def test_a_write_task_killed_before_its_marker_loses_nothing(cluster, faults, tm
     _same(str(tmp_path / "a.zarr"), local, url, remote)
 
 
+def test_a_write_ray_gives_up_on_is_run_again_as_planned(cluster, faults, tmp_path, monkeypatch, caplog):
+    """A write task SIGKILLed before its marker with no retry left (Ray gives up on it, as on a node gone for
+    good): its batches run again, each as planned, and the set is the one-process engine's."""
+
+    monkeypatch.setattr(ray_engine, "SEGMENT_IMAGES", 32)  # a segment per two batches of 16: writes of 2, 2, 1
+    monkeypatch.setattr(ray_engine, "WRITE_RETRIES", 0)
+    data = make_folder(tmp_path / "data", splits=(("train", 16), ("val", 6)))  # 66 images: 5 batches
+    (faults / "kill-commit").touch()
+    with caplog.at_level(logging.WARNING, logger="featcache.extract"):
+        remote = extract_tiny(data, tmp_path / "b.zarr", backbone=PROBE, engine="ray", batch_size=16)
+    assert list(faults.glob("kill-commit.taken-*")), "no write task was killed"
+    assert "batches run again" in caplog.text, caplog.text
+    local = extract_tiny(data, tmp_path / "a.zarr", backbone=PROBE, batch_size=16)
+    _same(str(tmp_path / "a.zarr"), local, str(tmp_path / "b.zarr"), remote)
+    _verify(str(tmp_path / "b.zarr"))
+
+
 def test_a_straggler_gets_few_batches(cluster, faults, tmp_path):
     data = make_folder(tmp_path / "data", splits=(("train", 40), ("val", 8)), size=(8, 8))  # 144 images: 9 batches
     (faults / "slow-forward").touch()
@@ -277,43 +308,75 @@ def test_a_straggler_gets_few_batches(cluster, faults, tmp_path):
     _same(str(tmp_path / "a.zarr"), local, str(tmp_path / "b.zarr"), remote)
 
 
-def _cli(data: Path, url: str, address: str, segment_images: int) -> list[str]:
-    code = (f"import featcache.ray_engine as r; r.SEGMENT_IMAGES = {segment_images}; "
-            "from featcache.cli import run; run()")
-    return [sys.executable, "-c", code, "extract", "--backbone", "tests.tiny_backbone:slow_tiny_cnn", "--weights",
-            "none", "--data", str(data), "--store", url, "--batch-size", "16", "--engine", "ray", "--ray-address",
-            address, "--no-progress", "--json"]
+def _cli(data: Path, url: str, address: str, checkpoint_s: float) -> list[str]:
+    """The extract command on the test cluster, with the engine's default segment size (SEGMENT_IMAGES)."""
+    return [sys.executable, "-m", "featcache.cli", "extract", "--backbone", SLOW_PROBE, "--weights", "none", "--data",
+            str(data), "--store", url, "--batch-size", "8", "--engine", "ray", "--ray-address", address,
+            "--checkpoint-every", str(checkpoint_s), "--no-progress", "--json"]
 
 
-def test_a_killed_driver_is_resumed_by_the_same_command(cluster, tmp_path):
-    data = make_folder(tmp_path / "data", splits=(("train", 24), ("val", 8)), size=(8, 8))  # 96 images: 6 batches
+def _rows_in(url: str) -> int:
+    store = open_store(url)
+    store.forget_index()
+    return sum(len(store.known_hashes(s)) for s in _committed(url))
+
+
+def _calls(faults: Path) -> int:
+    log = faults / "calls.log"
+    return len(log.read_text().split()) if log.exists() else 0
+
+
+def _wait(p: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None and not ready():
+        time.sleep(0.1)
+    assert p.poll() is None, f"the run ended before {what}: {p.communicate()[1].decode()[-2000:]}"
+
+
+def test_a_stopped_driver_keeps_what_it_finished_and_the_same_command_resumes(cluster, faults, tmp_path):
+    """As the one-process engine: SIGTERM (a scheduler's time limit) commits the batches that came out of the
+    model and ends with the Interrupted line; --checkpoint-every bounds what a SIGKILLed driver loses, however
+    far the segment is from its size limit; the same command then computes only the rest."""
+    data = make_folder(tmp_path / "data", splits=(("train", 40), ("val", 8)), size=(8, 8))  # 144 images: 18 batches
+    assert ray_engine.SEGMENT_IMAGES > 144
     url = str(tmp_path / "b.zarr")
-    cmd = _cli(data, url, cluster.cluster.address, 16)
     env = {**os.environ, "PYTHONPATH": os.environ["PYTHONPATH"]}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # 1. no checkpoint falls due: SIGTERM after four batches went through the model
+    p = subprocess.Popen(_cli(data, url, cluster.cluster.address, 3600), env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and p.poll() is None:
-            if Path(url).exists() and sum(len(v) for v in _committed(url).values()) >= 2:
-                break
-            time.sleep(0.2)
-        assert p.poll() is None, p.communicate()[1].decode()[-2000:]
+        _wait(p, lambda: _calls(faults) >= 4, "four batches")
+        time.sleep(0.5)  # their rows reach the driver
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err.decode()[-2000:]
+    assert "Interrupted: finished batches are committed" in err.decode()
+    stopped = _rows_in(url)
+    assert stopped >= 3 * 8, (stopped, _calls(faults))  # at least the batches finished before the wait
+    # 2. checkpoints every 0.2 s: killed (SIGKILL) once a checkpoint committed more rows
+    p = subprocess.Popen(_cli(data, url, cluster.cluster.address, 0.2), env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait(p, lambda: _rows_in(url) > stopped, "a checkpoint")
         os.killpg(p.pid, signal.SIGKILL)  # the driver, mid-run
     finally:
         p.wait()
-    done = sum(len(v) for v in _committed(url).values())
-    assert done >= 2
-    rows_done = len(open_store(url).known_hashes(next(iter(_committed(url)))))
-    assert 0 < rows_done < 96
-    store = open_store(url)
+    rows_done = _rows_in(url)
+    assert stopped < rows_done < 144
     before = _committed(url)
-    gc(store, grace_s=0.0)  # the dead driver's lease has not expired: gc deletes nothing committed
+    gc(open_store(url), grace_s=0.0)  # the dead driver's lease has not expired: gc deletes nothing committed
     assert _committed(url) == before
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # 3. the same command computes the rest
+    r = subprocess.run(_cli(data, url, cluster.cluster.address, 0.2), env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert out["extracted"] == 96 - rows_done and out["reused"] == rows_done
-    local = extract_tiny(data, tmp_path / "a.zarr", backbone="tests.tiny_backbone:slow_tiny_cnn", batch_size=16)
+    assert out["extracted"] == 144 - rows_done and out["reused"] == rows_done
+    local = extract_tiny(data, tmp_path / "a.zarr", backbone=SLOW_PROBE, batch_size=8)
     assert out["set"] == local.set_key
     _same(str(tmp_path / "a.zarr"), local, url, SimpleNamespace(set_key=out["set"]))
     _verify(url)
@@ -355,6 +418,89 @@ def test_a_node_removed_and_one_added_mid_run(cluster, faults, tmp_path, monkeyp
         _verify(url)
     finally:
         c.remove_node(added)
+
+
+def test_a_private_instance_listens_on_loopback_only(cluster, tmp_path):
+    """--ray-address local (the default where no cluster is named or was started here): every socket any process
+    of the instance the command starts listens on, sampled through the run, is on loopback. Ray's own
+    single-machine switch is left out of the command's environment (the cluster fixture sets it)."""
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)), size=(8, 8))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    cmd = [sys.executable, "-m", "featcache.cli", "extract", "--backbone", TINY, "--weights", "none", "--data",
+           str(data), "--store", str(tmp_path / "s.zarr"), "--batch-size", "4", "--engine", "ray", "--ray-address",
+           "local", "--no-progress", "--json"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    found: set[tuple[int, str, int]] = set()
+    try:
+        while p.poll() is None:
+            found |= _listening(_descendants(p.pid) | {p.pid})
+            time.sleep(0.1)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert len({pid for pid, _, _ in found}) >= 3, found  # the GCS, the raylet, the agents, the workers
+    assert {ip for _, ip, _ in found} <= LOOPBACK, sorted(found)
+
+
+def test_without_an_address_the_cluster_started_on_this_machine_is_joined(cluster, tmp_path):
+    """No --ray-address and no RAY_ADDRESS: the command joins the cluster started here (the fixture's, whose
+    address Ray records as `ray start` does) instead of starting an instance of its own."""
+    data = make_folder(tmp_path / "data", splits=(("train", 2), ("val", 1)), size=(8, 8))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "featcache.cli", "extract", "--backbone", TINY, "--weights", "none", "--data",
+           str(data), "--store", str(tmp_path / "s.zarr"), "--batch-size", "4", "--engine", "ray", "--no-progress",
+           "--json"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    started: set[str] = set()
+    try:
+        while p.poll() is None:
+            for pid in _descendants(p.pid):
+                with contextlib.suppress(OSError):
+                    started.add(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+            time.sleep(0.1)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert json.loads(out)["extracted"] == 9
+    assert not [c for c in started if c.endswith(("gcs_server", "raylet"))], started
+
+
+def test_hashing_is_spread_over_ray_tasks_in_blocks_and_the_scan_cache_needs_none(cluster, tmp_path):
+    """The driver lists the folder and plans; the files go to Ray tasks a block of paths each, never one task
+    per file; the manifest is the one a local scan makes (a FIFO and an empty file skipped the same way);
+    the signatures the tasks saw let the scan cache serve every file on the next scan, without a task; a
+    rewritten file is hashed again."""
+    from featcache.data import scan
+    from featcache.data.scancache import RACY_NS
+
+    data = make_folder(tmp_path / "data", splits=(("train", 6), ("val", 3)))  # 27 images
+    os.mkfifo(data / "train" / "red" / "pipe.png")
+    (data / "val" / "red" / "empty.png").write_bytes(b"")
+    hasher = ray_hash.RayHasher(block=4)
+    remote = scan(data, hasher=hasher)
+    assert hasher.tasks == -(-29 // 4)  # 29 files, 4 paths a task
+    assert hasher.processes and os.getpid() not in hasher.processes
+    local = scan(data, rehash=True)
+    assert remote.items == local.items and len(local.items) == 27
+    assert sorted((k.path, k.reason) for k in remote.skipped) == sorted((k.path, k.reason) for k in local.skipped)
+    assert {k.path for k in remote.skipped} == {"train/red/pipe.png", "val/red/empty.png"}
+    time.sleep(RACY_NS / 1e9)  # the files are now older than the racy-entry window: what a scan learns is trusted
+    scan(data, hasher=hasher)
+    again = scan(data, hasher=hasher)
+    assert again.items == local.items
+    assert hasher.tasks == 0  # served by the cache; the FIFO it cannot hold is fewer than a block: hashed here
+    changed = data / "train" / "red" / "red_0.png"
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    hasher = ray_hash.RayHasher(block=1)
+    after = scan(data, hasher=hasher)
+    assert hasher.tasks == 2  # the rewritten file and the FIFO
+    rel = f"train/red/{changed.name}"
+    assert {it.path: it.sha256 for it in after.items}[rel] != {it.path: it.sha256 for it in local.items}[rel]
+    assert after.items == scan(data, rehash=True).items
 
 
 def test_without_ray_one_clear_error(folder, tmp_path, monkeypatch):

@@ -100,8 +100,8 @@ def main() -> None:
               help="local: this process (and its model processes); ray: Ray Data on a cluster, surviving lost "
                    "workers and nodes (pip install 'featcache[ray]'). The rows are the same.")
 @click.option("--ray-address", default=None, metavar="ADDRESS",
-              help="Ray cluster to join (ray://HOST:10001, HOST:6379, auto) [default: $RAY_ADDRESS, else a local "
-                   "instance on 127.0.0.1].")
+              help="Ray cluster to join (HOST:6379, ray://HOST:10001, auto), or local: a private instance on "
+                   "127.0.0.1 [default: $RAY_ADDRESS, else the cluster `ray start` began on this machine, else local].")
 @click.option("--ray-gpus-per-actor", default=0.0, type=Floats(min=0, max=64), show_default=True,
               help="GPUs each model actor asks for (0: the actors run on CPUs).")
 @click.option("--ray-decode-cpus", default=None, type=Floats(min=0, min_open=True, max=256),

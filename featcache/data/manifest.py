@@ -16,7 +16,7 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +34,7 @@ from .scancache import ScanCache, signature
 from .walk import Skip
 
 __all__ = [
-    "hash_all", "Item", "Manifest", "scan", "safe_join", "hash_file"]
+    "hash_all", "Hasher", "Item", "Manifest", "scan", "safe_join", "hash_file"]
 
 _HASH_THREADS = 8
 _HASH_BLOCK = 4096  # files handed to the threads at once (not one future per file of a large folder)
@@ -82,9 +82,21 @@ def hash_all(paths: Sequence[str | os.PathLike]) -> list[tuple[str, int] | OSErr
     return [r if isinstance(r, OSError) else (r[0].hex(), r[1]) for r in _hashed(paths)]
 
 
-def _hash_cached(root: Path, rels: Paths, rehash: bool) -> tuple[np.ndarray, np.ndarray, dict[int, OSError]]:
+Hasher = Callable[[Sequence[str]], Iterable[tuple[bytes, int, tuple[int, ...] | None] | OSError]]
+"""What hashes the files the scan cache does not serve: for each path, in order, what :func:`_hash_signed`
+gives for it (the signature as this machine's ``stat`` sees it). The default reads them on threads here;
+``extract --engine ray`` passes one that spreads them over the cluster (:func:`featcache.ray_hash.hasher`)."""
+
+
+def _hash_threads(paths: Sequence[str | os.PathLike]) -> list[tuple[bytes, int, tuple[int, ...] | None] | OSError]:
+    return list(_hashed(paths))
+
+
+def _hash_cached(root: Path, rels: Paths, rehash: bool,
+                 hasher: Hasher | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, OSError]]:
     """(digests (N, 32) uint8, sizes, errors by position) of the files ``root/rel``: served from the scan cache
-    for files whose signature it holds, the others read, and the cache rewritten with what this scan saw."""
+    for files whose signature it holds, the others read (by ``hasher``; default: threads here), and the cache
+    rewritten with what this scan saw."""
     cache = ScanCache.open(root, rehash=rehash)
     base = os.path.join(str(root), "")
     hit = cache.lookup(rels, base)
@@ -92,7 +104,7 @@ def _hash_cached(root: Path, rels: Paths, rehash: bool) -> tuple[np.ndarray, np.
     _log.info("hashing %d files%s", len(misses),
               f" ({len(rels) - len(misses)} unchanged since the last scan)" if len(misses) < len(rels) else "")
     errors: dict[int, OSError] = {}
-    for i, r in zip(misses, _hashed(_Joined(base, rels, misses))):
+    for i, r in zip(misses, (hasher or _hashed)(_Joined(base, rels, misses)) if misses else ()):
         if isinstance(r, OSError):
             errors[i] = r
         else:
@@ -182,6 +194,7 @@ def scan(
     exclude_class: Sequence[str] = (),
     whole: bool = False,
     rehash: bool = False,
+    hasher: Hasher | None = None,
 ) -> Manifest:
     """Find the layout of ``root`` and return its manifest (hashes included; nothing is decoded here).
 
@@ -189,6 +202,7 @@ def scan(
     ``whole``: a flat folder without ``split`` is taken as it is, one labelled set whose items'
     split is ``""`` (to evaluate on), instead of being refused. Files whose stat signature is the
     one the last scan recorded are not read again (:mod:`.scancache`); ``rehash`` reads every file.
+    ``hasher`` hashes the files the cache does not serve (:data:`Hasher`; default: threads here).
     """
     fractions = parse_split(split)
     found = find_layout(root, labels=labels, labels_from_name=labels_from_name, classes=classes,
@@ -209,7 +223,7 @@ def scan(
     labels_ = np.repeat(np.array([g[1] for g in groups], dtype=np.int32), sizes_of)
     found = replace(found, files=())  # the layout's string per file is let go: the columns hold what it said
     del groups, sizes_of
-    digests, sizes, errors = _hash_cached(root, rels, rehash)
+    digests, sizes, errors = _hash_cached(root, rels, rehash, hasher)
 
     keep = np.ones(len(rels), dtype=bool)
     reasons: dict[int, str] = {}
