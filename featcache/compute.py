@@ -279,7 +279,7 @@ def restore_missing(engine: Engine, joint: Joint, root: Path, kept: list[Item], 
                     view_space: str | None, augment: dict | None, cfg: ExtractConfig, progress: bool) -> None:
     """Recompute the rows of ``kept`` that are no longer in the store (a few tries, then an error)."""
     for _ in range(3):
-        store.forget_index()
+        store.refresh_index()  # segments removed meanwhile rebuild it; added ones (ours) extend it
         known = store.known_hashes(space)
         held = known.contains([it.sha256 for it in kept])
         jobs = list({it.sha256: (it, None) for it, h in zip(kept, held.tolist()) if not h}.values())

@@ -150,3 +150,30 @@ def test_the_index_holds_no_python_object_per_row(store):
     assert len(index) == n
     # the key bytes and one int64 per row, plus a little per segment; a dict of hex strings held ~240 per row
     assert held / n < 32 + 8 + 8, f"{held / n:.0f} bytes per row"
+
+
+def test_segments_added_after_the_index_extend_it_as_a_rebuild_would_answer(store):
+    """An extract's own commits extend the cached index (the newest segments, they lose every tie); a segment
+    committed later under an older name, or a compaction, rebuilds it. Either way each key resolves as in a
+    store opened afresh."""
+    st, space = store
+    keys = [_hash(str(i)) for i in range(40)]
+    _segment(st, space, OLDER, keys[:20], 0.0)
+    assert st.holds(space, keys[:1]).all()
+    built, held = st._index(space)[1], st._index(space)[0][0]
+    _segment(st, space, NEWER, keys[10:30], 100.0)  # overlaps the older one: its rows must not win
+    later = "20200101T000002-cccccccc"
+    _segment(st, space, later, keys[25:40] + keys[:2], 200.0)
+    st.refresh_index()
+    grown = st._index(space)[1]
+    assert grown is not built and st._index(space)[0][0] is held  # extended: the older segment not read again
+    fresh = featcache.open_store(st.url)
+    probe = keys + [_hash("absent")]
+    want = fresh.gather(space, keys, (3,), "float32")
+    assert np.array_equal(st.gather(space, keys, (3,), "float32"), want)
+    assert (grown.find(probe) == fresh._index(space)[1].find(probe)).all()
+    assert np.array_equal(grown.winners(), fresh._index(space)[1].winners()) and len(grown) == 40
+    assert want[:, 0].tolist()[:20] == [float(i) for i in range(20)]  # the oldest segment's rows
+    _segment(st, space, "20191231T235959-dddddddd", keys[5:8], 300.0)  # committed late, under the oldest name
+    st.refresh_index()
+    assert st.gather(space, keys[5:8], (3,), "float32")[:, 0].tolist() == [300.0, 301.0, 302.0]

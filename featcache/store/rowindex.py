@@ -40,6 +40,28 @@ class RowIndex(AbstractSet[str]):
         self._first: np.ndarray | None = None
         self._distinct: int | None = None
 
+    @classmethod
+    def extended(cls, base: RowIndex, segments: Sequence[Segment], added: int) -> RowIndex:
+        """``base`` with the last ``added`` of ``segments`` (the segments ``base`` was built from, then those)
+        appended: newer segments, so on equal keys the rows ``base`` holds still come first. Their keys are
+        sorted alone and merged in (O(R) copies, O(n log n + n log R) comparisons), not the whole space again."""
+        index = cls.__new__(cls)
+        old = segments[: len(segments) - added]
+        index.width = base.width
+        index.offsets = np.zeros(len(segments) + 1, dtype=np.int64)
+        np.cumsum([seg.rows for seg in segments], out=index.offsets[1:])
+        new_keys = np.concatenate([seg.row_keys(base.width) for seg in segments[len(old):]])
+        index.keys = np.concatenate([base.keys, new_keys])
+        raw = index.keys.view(np.uint8).reshape(len(index.keys), base.width)
+        for s, seg in enumerate(segments):  # digests become views of the new keys, as in __init__
+            seg.digests = raw[index.offsets[s] : index.offsets[s + 1], :32]
+        mine = np.argsort(new_keys, kind="stable")
+        at = np.searchsorted(base.keys, new_keys[mine], side="right", sorter=base.order)  # after equal old keys
+        index.order = np.insert(base.order, at, mine + len(base.keys))
+        index._first = None
+        index._distinct = None
+        return index
+
     # ------------------------------------------------------------------ many keys at once
 
     def find(self, keys: Sequence[str]) -> np.ndarray:
