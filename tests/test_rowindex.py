@@ -177,3 +177,17 @@ def test_segments_added_after_the_index_extend_it_as_a_rebuild_would_answer(stor
     _segment(st, space, "20191231T235959-dddddddd", keys[5:8], 300.0)  # committed late, under the oldest name
     st.refresh_index()
     assert st.gather(space, keys[5:8], (3,), "float32")[:, 0].tolist() == [300.0, 301.0, 302.0]
+
+
+@pytest.mark.parametrize("case", ["random", "duplicates", "shared first bytes"])
+def test_the_prefix_sort_orders_keys_as_a_stable_sort_of_whole_keys(case):
+    from featcache.store.rowindex import sort_keys
+
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, (5000, 32), dtype=np.uint8)
+    if case == "duplicates":  # the same key in several segments: the earliest position first
+        raw[rng.integers(0, 5000, 800)] = raw[rng.integers(0, 5000, 800)]
+    if case == "shared first bytes":  # a crafted store: keys that differ only after their first 8 bytes
+        raw[::3, :8] = raw[0, :8]
+    keys = raw.view("S32").reshape(len(raw))
+    assert np.array_equal(sort_keys(keys, raw), np.argsort(keys, kind="stable"))

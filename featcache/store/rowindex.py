@@ -19,7 +19,25 @@ import numpy as np
 from .rowkeys import decode_keys, key_width, query_keys
 from .segments import Segment
 
-__all__ = ["RowIndex"]
+__all__ = ["RowIndex", "sort_keys"]
+
+
+def sort_keys(keys: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """The stable sort permutation of ``keys`` (``S<width>``; ``raw`` the same bytes as (N, width) uint8).
+
+    Sorted by their first 8 bytes as big-endian integers (SHA-256 digests: distinct keys differ there but
+    for a chance of about R^2 / 2^65), 3x faster than comparing 32-byte strings; where two neighbours
+    share those bytes but not the whole key (possible in a crafted store), by the whole keys instead."""
+    n = len(keys)
+    if n < 2 or raw.shape[1] != 32:  # keys of views share their digest: compared whole
+        return np.argsort(keys, kind="stable")
+    prefix = np.ascontiguousarray(raw[:, :8]).view(">u8").reshape(n)
+    order = np.argsort(prefix, kind="stable")
+    ordered = prefix[order]
+    tied = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(tied) and (keys[order[tied]] != keys[order[tied + 1]]).any():
+        return np.argsort(keys, kind="stable")
+    return order
 
 
 class RowIndex(AbstractSet[str]):
@@ -36,7 +54,7 @@ class RowIndex(AbstractSet[str]):
         raw = self.keys.view(np.uint8).reshape(len(self.keys), self.width)
         for s, seg in enumerate(segments):  # each segment's digests become a view of the index's keys: held once
             seg.digests = raw[self.offsets[s] : self.offsets[s + 1], :32]
-        self.order = np.argsort(self.keys, kind="stable")  # equal keys: the oldest segment's first row first
+        self.order = sort_keys(self.keys, raw)  # equal keys: the oldest segment's first row first
         self._first: np.ndarray | None = None
         self._distinct: int | None = None
 
@@ -55,7 +73,7 @@ class RowIndex(AbstractSet[str]):
         raw = index.keys.view(np.uint8).reshape(len(index.keys), base.width)
         for s, seg in enumerate(segments):  # digests become views of the new keys, as in __init__
             seg.digests = raw[index.offsets[s] : index.offsets[s + 1], :32]
-        mine = np.argsort(new_keys, kind="stable")
+        mine = sort_keys(new_keys, new_keys.view(np.uint8).reshape(len(new_keys), base.width))
         at = np.searchsorted(base.keys, new_keys[mine], side="right", sorter=base.order)  # after equal old keys
         index.order = np.insert(base.order, at, mine + len(base.keys))
         index._first = None
