@@ -192,3 +192,15 @@ def test_a_set_recorded_before_locations_reads_through_the_index(store):
     st, got = _load(url, second)
     _same(got, reference)
     assert fs.space in st._index_cache and not st.warnings
+
+
+def test_a_whole_set_key_opens_only_that_sets_groups(store):
+    url, first, second, reference = store
+    (_set_folder(url, first) / "zarr.json").write_text("{not json")  # another set's record, damaged
+    st = featcache.open_store(url)
+    fs = st.get_set(second)
+    assert fs.key == second and not st.warnings  # the damaged record was not read
+    _same({s: fs.to_numpy(s, dtype="float16")[0] for s in fs.splits}, reference)
+    with pytest.raises(featcache.errors.StoreError):
+        st.get_set(first)
+    assert st.get_set(second[:6]).key == second and st.warnings  # a prefix lists every set, and says so

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +37,7 @@ from .groups import (
     is_committed,
     mark_committed,
     meta_size,
+    prefixed_groups,
     require_group,
     uncommitted,
     write_array,
@@ -50,6 +52,7 @@ from .sets import FILE_LISTS, FeatureSet
 __all__ = ["FORMAT_VERSION", "Store", "open_store"]
 
 FORMAT_VERSION = 2
+_KEY = re.compile(r"[0-9a-f]{12}")  # a whole set key
 
 
 class Store(Rows, Leases):
@@ -177,7 +180,15 @@ class Store(Rows, Leases):
         return sorted(found.values(), key=lambda fs: (fs.record.created_at, fs.key))
 
     def get_set(self, key: str | None = None, *, data: str | os.PathLike | None = None) -> FeatureSet:
-        """The set whose key starts with ``key``; with no key, the default set (:meth:`default_set`)."""
+        """The set whose key starts with ``key``; with no key, the default set (:meth:`default_set`). A whole key
+        opens only the groups named after it (``<key>-<8 hex>``), not every set's record."""
+        named = prefixed_groups(self.root["sets"], f"{key}-") if key and _KEY.fullmatch(key) and "sets" in self.root else None
+        for group in sorted((g for _, g in named or [] if is_committed(g) and g.attrs.get("key") == key),
+                            key=lambda g: str(g.attrs.get("created_at", "")), reverse=True):
+            try:  # the newest sound instance, as _sound_sets takes; none sound: the full listing says why
+                return FeatureSet(self, key, group)
+            except StoreError:
+                continue
         found = self._sound_sets()
         keys = sorted(found, key=lambda k: (found[k].record.created_at, k))
         if key is None:
