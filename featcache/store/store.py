@@ -183,12 +183,12 @@ class Store(Rows, Leases):
         """The set whose key starts with ``key``; with no key, the default set (:meth:`default_set`). A whole key
         opens only the groups named after it (``<key>-<8 hex>``), not every set's record."""
         named = prefixed_groups(self.root["sets"], f"{key}-") if key and _KEY.fullmatch(key) and "sets" in self.root else None
-        for group in sorted((g for _, g in named or [] if is_committed(g) and g.attrs.get("key") == key),
-                            key=lambda g: str(g.attrs.get("created_at", "")), reverse=True):
+        for name, group in sorted(((n, g) for n, g in named or [] if is_committed(g) and g.attrs.get("key") == key),
+                                  key=lambda ng: str(ng[1].attrs.get("created_at", "")), reverse=True):
             try:  # the newest sound instance, as _sound_sets takes; none sound: the full listing says why
                 return FeatureSet(self, key, group)
-            except StoreError:
-                continue
+            except StoreError as e:
+                self._warn(f"set {name}: {e}; skipped")
         found = self._sound_sets()
         keys = sorted(found, key=lambda k: (found[k].record.created_at, k))
         if key is None:
