@@ -157,8 +157,12 @@ def _case(text: str) -> tuple[str, str | None, str]:
               help="scale: sets over one space for the second ls (the first set recorded again for other folders).")
 @click.option("--hash-files", default=20_000, show_default=True, type=click.IntRange(1, 10_000_000),
               help="ray: files of the hashing comparison.")
+@click.option("--new-set", default=1000, show_default=True, type=click.IntRange(0, None),
+              help="scale: images of the new set extracted and loaded into the full space and into an empty store (0: skip).")
+@click.option("--big-space", default=None, type=click.IntRange(100, None),
+              help="scale: only the new-set case, in a space of this many rows written through the store API.")
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, sizes, million, code, against,
-         ls_sets, hash_files) -> None:
+         ls_sets, hash_files, new_set, big_space) -> None:
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import compaction, files_per_10k, run_store
@@ -174,7 +178,7 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, si
     from .cli import run_cli
 
     if which == "scale":
-        _scale(sizes, million, code, against, repeats, workers, out, ls_sets)
+        _scale(sizes, million, code, against, repeats, workers, out, ls_sets, new_set, big_space)
         return
     if not Path(data).is_dir():
         raise click.UsageError(f"--data {data} does not exist")
@@ -358,10 +362,11 @@ def _revision(path: str | Path) -> str:
 
 
 def _scale(sizes: str, million: bool, code: str | None, against: str | None, repeats: int, workers: int | None,
-           out, ls_sets: int = 20) -> None:
+           out, ls_sets: int = 20, new_set: int = 1000, big_space: int | None = None) -> None:
+    import os
     import subprocess
 
-    from .scale import REPO, growth, run_scale
+    from .scale import NEW_SET_KEYS, REPO, growth, run_big_space, run_scale
 
     def rev(path: Path) -> str:
         return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -375,8 +380,24 @@ def _scale(sizes: str, million: bool, code: str | None, against: str | None, rep
     click.echo(f"machine: {machine_label(info)}")
     click.echo("; ".join(f"{k}: {p} ({rev(p)})" for k, p in where.items()) +
                f"; tiny 8x8 PNGs, tests.tiny_backbone, each step a fresh process; re-run: median of {max(repeats, 1)}")
-    res = run_scale(counts, code=where["code"], rounds=max(repeats, 1), workers=workers, against=against, ls_sets=ls_sets)
-    payload = {"machine": info, "sizes": counts, "rounds": max(repeats, 1), "ls_sets": ls_sets}
+    new_cols = [("new_set_space_rows", "rows in the full space")] + [(k, k.removeprefix("new_")) for k in NEW_SET_KEYS]
+    if big_space:
+        load = os.getloadavg()
+        case = run_big_space(big_space, where["code"], max(repeats, 1), workers, against=against, n=new_set or 1000)
+        for k, row in case.items():
+            click.echo(f"\n{k}: {where[k]} ({rev(where[k])}): a new set of {row['new_set_images']} images")
+            click.echo(table([row], new_cols))
+        path = save("scale-newset", {"machine": info, "big_space": big_space, "rounds": max(repeats, 1),
+                                     "load_before": load, "load_after": os.getloadavg(),
+                                     **{k: {"path": str(where[k]), "rev": rev(where[k]), **row} for k, row in case.items()}},
+                    out)
+        click.echo(f"saved {path}")
+        return
+    load = os.getloadavg()
+    res = run_scale(counts, code=where["code"], rounds=max(repeats, 1), workers=workers, against=against, ls_sets=ls_sets,
+                    new_set=new_set)
+    payload = {"machine": info, "sizes": counts, "rounds": max(repeats, 1), "ls_sets": ls_sets, "new_set": new_set,
+               "load_before": load, "load_after": os.getloadavg()}
     for k, rows in res.items():
         click.echo(f"\n{k}: {where[k]} ({rev(where[k])})")
         click.echo(table(rows, SCALE_COLUMNS))
@@ -384,6 +405,9 @@ def _scale(sizes: str, million: bool, code: str | None, against: str | None, rep
         if steps:
             click.echo("growth from step to step (each number over the one at the size before)")
             click.echo(table(steps, GROWTH_COLUMNS))
+        if new_set:
+            click.echo(f"a new set of {new_set} images: into the full space / into an empty store")
+            click.echo(table(rows, new_cols))
         payload[k] = {"path": str(where[k]), "rev": rev(where[k]), "rows": rows, "growth": steps}
     if against:
         ratios = [{"images": a["images"], **{key: b[key] / a[key] if a[key] else None for key in RATIO_KEYS}}

@@ -10,7 +10,13 @@ in a fresh process so that its peak memory (VmHWM) is its own:
 * ``featcache ls``, then again once the store holds ``ls_sets`` sets over the same space (the first
   set recorded again for other folders, through the store call extract commits with), and their ratio;
 * loading the set for fit (``load_fit_data``, what ``featcache fit`` does before training);
-* files in the store per 10,000 rows.
+* files in the store per 10,000 rows;
+* a new set in a full space (:func:`new_set_case`): a folder of 1,000 new images extracted into that
+  store, whose space holds the size's rows, and the same into an empty store, then each set loaded for
+  fit, every step in a fresh process; the ratios full / empty (the issue's target: within 1.5x).
+
+``run_big_space`` does the last case alone over a space of many rows written through the store API
+(random keys and rows, so it needs no million real images): ``python -m benchmarks scale --big-space 1000000``.
 
 Then the growth of each number from one size to the next. ``code`` chooses the featcache the
 measuring processes import (``PYTHONPATH``); ``against`` measures a second checkout on the same
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run_scale", "make_images", "growth"]
+__all__ = ["run_scale", "make_images", "growth", "new_set_case", "run_big_space"]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tests.tiny_backbone:tiny_cnn"
@@ -105,6 +111,9 @@ elif job["op"] == "sets":
         st.write_set(set_key(r.space, r.manifest_sha256, root, r.split_fractions, r.split_seed, r.views, r.view_space),
                      attrs, arrays)
     out["seconds"] = time.perf_counter() - t
+elif job["op"] == "space":
+    fs = featcache.open_store(job["store"]).get_set(job["set"])
+    out.update(space=fs.space, shape=list(fs.shape), dtype=fs.record.dtype)
 elif job["op"] == "load":
     t = time.perf_counter()
     fs = featcache.open_store(job["store"]).get_set(job["set"])
@@ -170,7 +179,8 @@ def _row(n: int, reruns: list[dict], ls: dict, load: dict) -> dict:
 
 def run_scale(sizes=(10_000, 100_000), code: str | os.PathLike | None = None, rounds: int = 3,
               workers: int | None = None, tmp: str | None = None,
-              against: str | os.PathLike | None = None, ls_sets: int = 20) -> dict[str, list[dict]]:
+              against: str | os.PathLike | None = None, ls_sets: int = 20,
+              new_set: int = 1000) -> dict[str, list[dict]]:
     """Rows per size (see the module docstring) for ``code`` (default: this checkout) and, when given,
     ``against``: another checkout measured on the same folder and store, their re-runs alternating
     (the first extract and the other ``ls_sets - 1`` sets are made by ``code``, so they carry what it
@@ -209,11 +219,117 @@ def run_scale(sizes=(10_000, 100_000), code: str | os.PathLike | None = None, ro
                 out[k][-1].update(ls_sets=ls_sets, ls_many_s=many["seconds"], ls_many_peak_mb=many["peak_rss"] / 2**20,
                                   ls_many_over_one=many["seconds"] / out[k][-1]["ls_s"],
                                   set_commit_s=made["seconds"] / max(ls_sets - 1, 1))
+            if new_set:
+                case = new_set_case(store, n, codes, envs, top, rounds, new_set, workers)
+                for k in codes:
+                    out[k][-1].update(case[k])
         finally:
             shutil.rmtree(top, ignore_errors=True)
         for k in codes:
             out[k][-1].update(make_s=make_s, first_s=first["seconds"], files=files, files_per_10k=files * 10_000 / n)
     return out
+
+
+NEW_SET_KEYS = ("new_extract_empty_s", "new_extract_full_s", "new_extract_ratio", "new_extract_peak_empty_mb",
+                "new_extract_peak_full_mb", "new_load_empty_s", "new_load_full_s", "new_load_ratio",
+                "new_load_peak_empty_mb", "new_load_peak_full_mb")
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def new_set_case(full: Path, space_rows: int, codes: dict[str, Path], envs: dict[str, dict], top: Path, rounds: int = 3,
+                 n: int = 1000, workers: int | None = None) -> dict[str, dict]:
+    """Per checkout: a folder of ``n`` new images extracted into ``full`` (whose space holds ``space_rows``
+    rows) and into a new empty store, then each new set loaded for fit; every step a fresh process, the
+    two stores alternating (which goes first alternates too), ``rounds`` times, each round and checkout
+    with a folder of its own so that every extract computes all ``n`` rows. Medians, and full / empty."""
+    folders = {}
+    for r in range(rounds):
+        for k in codes:
+            folders[k, r] = top / f"new-{k}-{r}"
+            make_images(folders[k, r], n, seed=1000 + 17 * r + len(folders))
+    time.sleep(2.5)  # as for the first extract: the folder exists before it is extracted
+    runs: dict[str, dict[str, list]] = {k: {} for k in codes}
+    for r in range(rounds):
+        for k, c in codes.items():
+            empty = top / f"empty-{k}-{r}.zarr"
+            order = [("empty", empty), ("full", full)]
+            for which, store in order if r % 2 == 0 else order[::-1]:
+                job = {"op": "extract", "data": str(folders[k, r]), "store": str(store), "backbone": TINY,
+                       "workers": workers}
+                ex = _child(job, c, envs[k])
+                if ex["extracted"] != n:
+                    raise RuntimeError(f"the new folder extracted {ex['extracted']} rows into the {which} store, not {n}")
+                ld = _child({"op": "load", "store": str(store), "set": ex["set"]}, c, envs[k])
+                if ld["rows"] != n:
+                    raise RuntimeError(f"the new set loaded {ld['rows']} rows, not {n}")
+                got = runs[k]
+                got.setdefault(f"new_extract_{which}_s", []).append(ex["seconds"])
+                got.setdefault(f"new_extract_peak_{which}_mb", []).append(ex["peak_rss"] / 2**20)
+                got.setdefault(f"new_load_{which}_s", []).append(ld["seconds"])
+                got.setdefault(f"new_load_peak_{which}_mb", []).append(ld["peak_rss"] / 2**20)
+            shutil.rmtree(empty, ignore_errors=True)
+    out = {}
+    for k, got in runs.items():
+        row = {key: _median(v) for key, v in got.items()}
+        row.update({f"{key}_runs": v for key, v in got.items()})
+        for step in ("extract", "load"):
+            pairs = [f / e for f, e in zip(got[f"new_{step}_full_s"], got[f"new_{step}_empty_s"])]
+            row[f"new_{step}_ratio"] = row[f"new_{step}_full_s"] / row[f"new_{step}_empty_s"]
+            row[f"new_{step}_ratio_runs"] = pairs
+        out[k] = {"new_set_images": n, "new_set_space_rows": space_rows, **row}
+    return out
+
+
+def fill_space(url: str, space: str, rows: int, shape: tuple[int, ...], dtype: str, seed: int = 0,
+               per_segment: int = 100_000) -> float:
+    """``rows`` rows of random keys and finite random values in ``space``, segments of ``per_segment`` rows,
+    through the store calls extract writes with. Returns the seconds taken."""
+    import featcache
+    from featcache.store.segments import arrays_to_keys
+
+    t = time.perf_counter()
+    st = featcache.open_store(url)
+    rng = np.random.default_rng(seed)
+    for start in range(0, rows, per_segment):
+        m = min(per_segment, rows - start)
+        keys = arrays_to_keys(rng.integers(0, 256, (m, 32), dtype=np.uint8))
+        writer = st.new_segment(space, m, shape, dtype)
+        for a in range(0, m, 20_000):
+            b = min(m, a + 20_000)
+            writer.append(rng.standard_normal((b - a, *shape)).astype(dtype), keys[a:b])
+        writer.commit()
+    return time.perf_counter() - t
+
+
+def run_big_space(rows: int = 1_000_000, code: str | os.PathLike | None = None, rounds: int = 3,
+                  workers: int | None = None, tmp: str | None = None, against: str | os.PathLike | None = None,
+                  n: int = 1000) -> dict[str, dict]:
+    """:func:`new_set_case` over a space of ``rows`` rows: a folder of 16 images extracted first makes the
+    space (the tiny backbone's), then :func:`fill_space` writes the rest of the rows into it."""
+    codes = {"code": Path(code or REPO).resolve()}
+    if against is not None:
+        codes = {"against": Path(against).resolve(), **codes}
+    top = Path(tempfile.mkdtemp(prefix="featcache-bigspace-", dir=tmp))
+    try:
+        envs = {k: {**os.environ, "FEATCACHE_SCAN_CACHE": str(top / f"scan-cache-{k}"), "HF_HUB_OFFLINE": "1"}
+                for k in codes}
+        seed_folder, store = top / "seed", top / "s.zarr"
+        make_images(seed_folder, 16, seed=99)
+        first = _child({"op": "extract", "data": str(seed_folder), "store": str(store), "backbone": TINY,
+                        "workers": workers}, codes["code"], envs["code"])
+        info = _child({"op": "space", "store": str(store), "set": first["set"]}, codes["code"], envs["code"])
+        print(f"  writing {rows} rows into space {info['space']}", file=sys.stderr, flush=True)
+        fill_s = fill_space(str(store), info["space"], rows - 16, tuple(info["shape"]), info["dtype"])
+        load = os.getloadavg()
+        case = new_set_case(store, rows, codes, envs, top, rounds, n, workers)
+        for k in codes:
+            case[k].update(fill_s=fill_s, files=_count_files(store), load_before=load, load_after=os.getloadavg())
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    return case
 
 
 GROWTH_KEYS = ("rerun_s", "rerun_scan_s", "rerun_peak_mb", "plan_bytes_per_image", "ls_s", "ls_many_s", "load_s", "files")

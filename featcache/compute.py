@@ -34,7 +34,6 @@ from .data import Item, Manifest
 from .errors import DataError, FeatcacheError, StoreError
 from .keys import row_key
 from .pipeline import MAX_CAST_ERROR, cast_error, checked, finite_rows, run_backbone
-from .runtime import release_memory
 from .store import Store, is_read_only
 from .store.rowindex import RowIndex
 
@@ -286,8 +285,7 @@ def restore_missing(engine: Engine, joint: Joint, root: Path, kept: Manifest, st
     rows = np.repeat(train, cfg.views) if view_space else train
     views = np.tile(np.arange(cfg.views, dtype=np.int32), len(train)) if view_space else np.zeros(0, np.int32)
     for _ in range(3):
-        store.forget_index()
-        release_memory()  # the index let go of is not kept beside the one read now
+        store.refresh_index()  # segments removed meanwhile rebuild it; added ones (ours) extend it
         known = store.known_hashes(space)
         held = known.contains_digests(digests)
         jobs: list[tuple[Item, int | None]] = [(it, None) for it in kept.items_at(distinct[~held])]

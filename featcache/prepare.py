@@ -92,7 +92,8 @@ def _load_data(cfg: FitConfig, head: type, fs: FeatureSet) -> tuple[dict, np.nda
     need, budget = _memory_need(cfg, fs, keep_shape), memory_budget(cfg.max_memory)
     labels = {s: fs.labels(s) for s in fs.labelled_splits}
     if need <= budget:
-        data = {s: (RowReader(fs.store, fs.space, fs.hashes(s), fs.shape, cfg.pool, keep_shape).load(), labels[s])
+        data = {s: (RowReader(fs.store, fs.space, fs.hashes(s), fs.shape, cfg.pool, keep_shape,
+                              hint=fs.locations(s)).load(), labels[s])
                 for s in fs.labelled_splits}
         train_views = None
         if views:
@@ -103,7 +104,7 @@ def _load_data(cfg: FitConfig, head: type, fs: FeatureSet) -> tuple[dict, np.nda
     window = budget // 2  # the window being trained on and the one read ahead
     data = {
         s: (Streamed(fs.store, fs.space, fs.hashes(s).tolist(), labels[s], fs.shape, cfg.pool, keep_shape, window,
-                     views=views if s == "train" else 0, view_space=view_space), labels[s])
+                     views=views if s == "train" else 0, view_space=view_space, hint=fs.locations(s)), labels[s])
         for s in fs.labelled_splits
     }
     note = (f"streaming: the set needs {human_bytes(need)} as float32, over --max-memory {human_bytes(budget)}; "

@@ -26,6 +26,7 @@ from .units import parse_size
 
 if TYPE_CHECKING:
     from .store import Store
+    from .store.locator import RowHint
 
 __all__ = ["RowReader", "Streamed", "memory_budget", "as_dtype"]
 
@@ -95,14 +96,14 @@ class RowReader:
     """The rows of ``keys`` in ``space`` as float32, planned by stored chunk."""
 
     def __init__(self, store: Store, space: str, keys, shape: tuple[int, ...], pool: str = "none",
-                 keep_shape: bool = False, threads: int | None = None):
+                 keep_shape: bool = False, threads: int | None = None, hint: RowHint | None = None):
         self.space = space
         self.stored_shape = tuple(shape)
         self.pool = pool
         self.keep_shape = keep_shape
         self.row_shape = prepared_shape(shape, pool, keep_shape)
         self.threads = threads or min(8, os.cpu_count() or 1)
-        self.segments, located = store.locate(space, keys)
+        self.segments, located = store.locate(space, keys, hint)  # hint: where the set recorded them
         self.n = len(located)
         self.blocks = self._plan(located)
         self._local = threading.local()
@@ -229,8 +230,10 @@ class Streamed:
     """
 
     def __init__(self, store: Store, space: str, hashes: list[str], labels: np.ndarray, shape: tuple[int, ...],
-                 pool: str, keep_shape: bool, window_bytes: int, views: int = 0, view_space: str | None = None):
+                 pool: str, keep_shape: bool, window_bytes: int, views: int = 0, view_space: str | None = None,
+                 hint: RowHint | None = None):
         self.store, self.space, self.hashes, self.labels = store, space, list(hashes), np.asarray(labels)
+        self.hint = hint
         self.stored_shape, self.pool, self.keep_shape = tuple(shape), pool, keep_shape
         self.window_bytes = int(window_bytes)
         self.views, self.view_space = views, view_space
@@ -253,7 +256,8 @@ class Streamed:
             picks = rng.integers(self.views, size=len(self.hashes))
             return RowReader(self.store, self.view_space, [row_key(h, k) for h, k in zip(self.hashes, picks.tolist())],
                              self.stored_shape, self.pool, self.keep_shape)
-        return RowReader(self.store, self.space, self.hashes, self.stored_shape, self.pool, self.keep_shape)
+        return RowReader(self.store, self.space, self.hashes, self.stored_shape, self.pool, self.keep_shape,
+                         hint=self.hint)
 
     def epoch(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for x, dest in self._reader(rng).windows(self.window_bytes, rng):

@@ -190,3 +190,44 @@ def test_a_search_by_the_first_8_bytes_answers_as_the_whole_key_search(monkeypat
     keys = [row_key(bytes(k).hex(), None if qv is None else int(v)) for k, v in
             zip(q, qv if qv is not None else [None] * m)]
     assert np.array_equal(index.find(keys), whole)  # and as key strings
+
+
+def test_segments_added_after_the_index_extend_it_as_a_rebuild_would_answer(store):
+    """An extract's own commits extend the cached index (the newest segments, they lose every tie); a segment
+    committed later under an older name, or a compaction, rebuilds it. Either way each key resolves as in a
+    store opened afresh."""
+    st, space = store
+    keys = [_hash(str(i)) for i in range(40)]
+    _segment(st, space, OLDER, keys[:20], 0.0)
+    assert st.holds(space, keys[:1]).all()
+    built, held = st._index(space)[1], st._index(space)[0][0]
+    _segment(st, space, NEWER, keys[10:30], 100.0)  # overlaps the older one: its rows must not win
+    later = "20200101T000002-cccccccc"
+    _segment(st, space, later, keys[25:40] + keys[:2], 200.0)
+    st.refresh_index()
+    grown = st._index(space)[1]
+    assert grown is not built and st._index(space)[0][0] is held  # extended: the older segment not read again
+    fresh = featcache.open_store(st.url)
+    probe = keys + [_hash("absent")]
+    want = fresh.gather(space, keys, (3,), "float32")
+    assert np.array_equal(st.gather(space, keys, (3,), "float32"), want)
+    assert (grown.find(probe) == fresh._index(space)[1].find(probe)).all()
+    assert np.array_equal(grown.winners(), fresh._index(space)[1].winners()) and len(grown) == 40
+    assert want[:, 0].tolist()[:20] == [float(i) for i in range(20)]  # the oldest segment's rows
+    _segment(st, space, "20191231T235959-dddddddd", keys[5:8], 300.0)  # committed late, under the oldest name
+    st.refresh_index()
+    assert st.gather(space, keys[5:8], (3,), "float32")[:, 0].tolist() == [300.0, 301.0, 302.0]
+
+
+@pytest.mark.parametrize("case", ["random", "duplicates", "shared first bytes"])
+def test_the_prefix_sort_orders_keys_as_a_stable_sort_of_whole_keys(case):
+    from featcache.store.rowindex import sort_keys
+
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, (5000, 32), dtype=np.uint8)
+    if case == "duplicates":  # the same key in several segments: the earliest position first
+        raw[rng.integers(0, 5000, 800)] = raw[rng.integers(0, 5000, 800)]
+    if case == "shared first bytes":  # a crafted store: keys that differ only after their first 8 bytes
+        raw[::3, :8] = raw[0, :8]
+    keys = raw.view("S32").reshape(len(raw))
+    assert np.array_equal(sort_keys(keys, raw), np.argsort(keys, kind="stable"))

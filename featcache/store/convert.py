@@ -41,7 +41,8 @@ def rows(fs: FeatureSet, split: str, dtype: str = "float32", pool: str = "none")
     _check(fs, split, dtype, pool)
     if dtype == "float16" and pool == "none" and fs.record.dtype == "float16":
         return fs.features(split)  # exactly what is stored
-    x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, pool, keep_shape=pool == "none").load()
+    x = RowReader(fs.store, fs.space, fs.hashes(split), fs.shape, pool, keep_shape=pool == "none",
+                  hint=fs.locations(split)).load()
     return as_dtype(x, dtype, f"set {fs.key} split {split}")
 
 

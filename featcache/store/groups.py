@@ -181,6 +181,23 @@ def _children(parent: zarr.Group, names: list[str]) -> list:
     return sync(every())
 
 
+def prefixed_groups(parent: zarr.Group, prefix: str) -> list[tuple[str, zarr.Group]] | None:
+    """The child groups of ``parent`` whose names start with ``prefix``, sorted by name, their metadata parsed;
+    None when any of them cannot be read or is over the size cap (a caller then lists all, with warnings)."""
+    out = []
+    try:
+        for name in sorted(n for n in _list_dir(parent) if n.startswith(prefix)):
+            size = meta_size(parent, name)
+            member = parent[name] if size is None or size <= MAX_META_BYTES else None
+            if not isinstance(member, zarr.Group):
+                return None
+            dict(member.attrs)
+            out.append((name, member))
+    except (Exception, RecursionError):
+        return None
+    return out
+
+
 def group_bytes(group: zarr.Group) -> int:
     """Bytes stored under a group (all its arrays, recursively)."""
     total = 0

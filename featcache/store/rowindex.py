@@ -19,7 +19,25 @@ import numpy as np
 from .rowkeys import decode_keys, encode_keys, key_width, query_keys
 from .segments import Segment
 
-__all__ = ["RowIndex"]
+__all__ = ["RowIndex", "sort_keys"]
+
+
+def sort_keys(keys: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """The stable sort permutation of ``keys`` (``S<width>``; ``raw`` the same bytes as (N, width) uint8).
+
+    Sorted by their first 8 bytes as big-endian integers (SHA-256 digests: distinct keys differ there but
+    for a chance of about R^2 / 2^65), 3x faster than comparing 32-byte strings; where two neighbours
+    share those bytes but not the whole key (possible in a crafted store), by the whole keys instead."""
+    n = len(keys)
+    if n < 2 or raw.shape[1] != 32:  # keys of views share their digest: compared whole
+        return np.argsort(keys, kind="stable")
+    prefix = np.ascontiguousarray(raw[:, :8]).view(">u8").reshape(n)
+    order = np.argsort(prefix, kind="stable")
+    ordered = prefix[order]
+    tied = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(tied) and (keys[order[tied]] != keys[order[tied + 1]]).any():
+        return np.argsort(keys, kind="stable")
+    return order
 
 _BLOCK = 8192  # keys searched at once
 _PREFIXED = 4096  # from this many keys on, a search first compares their first 8 bytes
@@ -46,9 +64,31 @@ class RowIndex(AbstractSet[str]):
         for s, seg in enumerate(segments):
             self.keys[self.offsets[s] : self.offsets[s + 1]] = seg.row_keys(self.width)
             seg.digests = raw[self.offsets[s] : self.offsets[s + 1], :32]
-        self.order = np.argsort(self.keys, kind="stable")  # equal keys: the oldest segment's first row first
+        self.order = sort_keys(self.keys, raw)  # equal keys: the oldest segment's first row first
         self._first: np.ndarray | None = None
         self._distinct: int | None = None
+
+    @classmethod
+    def extended(cls, base: RowIndex, segments: Sequence[Segment], added: int) -> RowIndex:
+        """``base`` with the last ``added`` of ``segments`` (the segments ``base`` was built from, then those)
+        appended: newer segments, so on equal keys the rows ``base`` holds still come first. Their keys are
+        sorted alone and merged in (O(R) copies, O(n log n + n log R) comparisons), not the whole space again."""
+        index = cls.__new__(cls)
+        old = segments[: len(segments) - added]
+        index.width = base.width
+        index.offsets = np.zeros(len(segments) + 1, dtype=np.int64)
+        np.cumsum([seg.rows for seg in segments], out=index.offsets[1:])
+        new_keys = np.concatenate([seg.row_keys(base.width) for seg in segments[len(old):]])
+        index.keys = np.concatenate([base.keys, new_keys])
+        raw = index.keys.view(np.uint8).reshape(len(index.keys), base.width)
+        for s, seg in enumerate(segments):  # digests become views of the new keys, as in __init__
+            seg.digests = raw[index.offsets[s] : index.offsets[s + 1], :32]
+        mine = sort_keys(new_keys, new_keys.view(np.uint8).reshape(len(new_keys), base.width))
+        at = np.searchsorted(base.keys, new_keys[mine], side="right", sorter=base.order)  # after equal old keys
+        index.order = np.insert(base.order, at, mine + len(base.keys))
+        index._first = None
+        index._distinct = None
+        return index
 
     # ------------------------------------------------------------------ many keys at once
 

@@ -9,7 +9,9 @@ A row is found by its key (``<sha256>`` or ``<sha256>:<view>``) in the sound com
 of its space, the oldest segment first, through the space's :class:`~.rowindex.RowIndex` (sorted key
 bytes, ``np.searchsorted``: N keys in O(N log R), about 40 bytes per row). The index is cached while
 the committed segments stay the same (on a local folder: while no segment's metadata file changed,
-0.05 ms to check).
+0.05 ms to check), and extended, not rebuilt, when segments were only added after the newest it holds
+(an extract's own commits). A set's rows are found where the set recorded them when that still holds
+(:mod:`.locator`): a load opens only the segments holding them, not the whole index.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from ..keys import space_key
 from ..units import now_iso
 from .groups import child_groups, default_compressor, is_committed, require_group, uncommitted
 from .leases import created_by
+from .locator import RowHint, locate_hinted, open_segment, plain_digests
 from .rowindex import RowIndex
+from .rowkeys import key_width
 from .segments import Segment, SegmentWriter, check_segment, superseded
 
 __all__ = ["Rows"]
@@ -45,6 +49,7 @@ class _SpaceIndex:
     damaged: dict[str, str]  # segment name -> why it does not match its integrity record
     replaced: dict[str, str]  # segment name -> the compacted segment that replaces it
     signature: tuple | None  # the segments' metadata files' stat signature (local stores), else None
+    claims: bool = False  # whether any committed segment lists others in ``supersedes``
 
 
 class Rows:
@@ -55,6 +60,8 @@ class Rows:
 
     def __init__(self) -> None:
         self._index_cache: dict[str, _SpaceIndex] = {}
+        self._claims_cache: dict[str, tuple[tuple, set[str]]] = {}  # space -> (signature, names claimed)
+        self._segment_cache: dict[tuple[str, str], tuple[tuple, Segment]] = {}  # (space, name) -> (stat, segment)
         self.warnings: list[str] = []  # damaged groups met while reading, one line each
 
     def _warn(self, line: str) -> None:
@@ -133,24 +140,103 @@ class Rows:
         if cached is not None and cached.names == names:
             cached.signature = sig
             return cached.segments, cached.index, cached.damaged
+        claims = any(g.attrs.get("supersedes") for _, g in committed)
+        if cached is not None and not claims and not cached.claims and names[: len(cached.names)] == cached.names:
+            grown = self._grow(space, cached, committed[len(cached.names):], names, sig)
+            if grown is not None:
+                return grown.segments, grown.index, grown.damaged
+        segments, damaged = self._checked(space, committed)
+        replaced = superseded(segments, dict(committed))
+        segments = [seg for seg in segments if seg.key not in replaced]
+        index = RowIndex(segments)
+        self._index_cache[space] = _SpaceIndex(names, segments, index, damaged, replaced, sig, claims)
+        return segments, index, damaged
+
+    def _checked(self, space: str, committed: list[tuple[str, zarr.Group]]) -> tuple[list[Segment], dict[str, str]]:
+        """The sound ones of ``committed``, and why each other one is damaged (a warning each)."""
         segments: list[Segment] = []
         damaged: dict[str, str] = {}
         for name, group in committed:
             seg, why = check_segment(name, group)
             if seg is None:
-                damaged[name] = why
+                damaged[name] = str(why)
                 self._warn(f"space {space} segment {name} is damaged ({why}); its rows count as missing")
             else:
                 segments.append(seg)
-        replaced = superseded(segments, dict(committed))
-        segments = [seg for seg in segments if seg.key not in replaced]
-        index = RowIndex(segments)
-        self._index_cache[space] = _SpaceIndex(names, segments, index, damaged, replaced, sig)
-        return segments, index, damaged
+        return segments, damaged
+
+    def _grow(self, space: str, cached: _SpaceIndex, added: list[tuple[str, zarr.Group]], names: tuple[str, ...],
+              sig: tuple | None) -> _SpaceIndex | None:
+        """The cached index extended by segments committed after it was built whose names sort after every
+        segment it holds (so they are the newest and lose every tie), none of them listing others in
+        ``supersedes``: the segments held are not read again. None when the key width changes."""
+        new, damaged = self._checked(space, added)
+        segments = cached.segments + new
+        if new and key_width(seg.views for seg in segments) != cached.index.width:
+            return None
+        index = RowIndex.extended(cached.index, segments, len(new)) if new else cached.index
+        entry = _SpaceIndex(names, segments, index, {**cached.damaged, **damaged}, cached.replaced, sig, False)
+        self._index_cache[space] = entry
+        return entry
 
     def forget_index(self) -> None:
         """Drop the cached row index, so the next lookup sees what other processes did meanwhile."""
         self._index_cache.clear()
+        self._claims_cache.clear()
+        self._segment_cache.clear()
+
+    def refresh_index(self) -> None:
+        """Make the next lookup list the committed segments again (on any store, local or not): added ones
+        extend the cached index, any other change rebuilds it. Segments already checked are not read again."""
+        for entry in self._index_cache.values():
+            entry.signature = None
+
+    # ------------------------------------------------------------------ segments named by a set's locations
+
+    def claimed_segments(self, space: str) -> set[str] | None:
+        """Names listed in the ``supersedes`` attribute of any committed segment of ``space`` (whether the
+        claim holds or not), from the segments' metadata alone; None when they cannot all be read."""
+        sig = self._segments_signature(space)
+        cached = self._claims_cache.get(space)
+        if sig is not None and cached is not None and cached[0] == sig:
+            return cached[1]
+        claimed: set[str] = set()
+        before = len(self.warnings)
+        for _, group in self.segment_groups(space):
+            if is_committed(group):
+                listed = group.attrs.get("supersedes") or []
+                claimed.update(str(n) for n in (listed if isinstance(listed, list) else [listed]))
+        if len(self.warnings) != before:  # a segment whose metadata cannot be read: it may claim anything
+            return None
+        if sig is not None:
+            self._claims_cache[space] = (sig, claimed)
+        return claimed
+
+    def committed_segment(self, space: str, name: str) -> Segment | None:
+        """The committed segment ``name`` of ``space`` checked against its integrity record, or None (absent,
+        uncommitted, damaged). Cached on a local folder while its metadata file is the same."""
+        from zarr.storage import LocalStore
+
+        stat = None
+        store = self.root.store
+        if isinstance(store, LocalStore):
+            try:
+                st = os.stat(os.path.join(str(store.root), self.root.path, "spaces", space, "segments", name,
+                                          "zarr.json"))
+                stat = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                return None
+            hit = self._segment_cache.get((space, name))
+            if hit is not None and hit[0] == stat:
+                return hit[1]
+        try:
+            parent = self.root["spaces"][space]["segments"]
+        except (Exception, RecursionError):
+            return None
+        seg = open_segment(parent, name)
+        if seg is not None and stat is not None:
+            self._segment_cache[(space, name)] = (stat, seg)
+        return seg
 
     def space_stats(self, space: str) -> dict[str, int]:
         """Rows, bytes on disk and uncompressed bytes over the space's sound committed segments."""
@@ -183,10 +269,17 @@ class Rows:
 
     # ------------------------------------------------------------------ rows
 
-    def locate(self, space: str, keys: Iterable[str]) -> tuple[list[Segment], np.ndarray]:
-        """The sound committed segments of ``space`` and, per key, its (segment number, row) as an (N, 2) array."""
-        segments, index, damaged = self._index(space)
+    def locate(self, space: str, keys: Iterable[str], hint: RowHint | None = None) -> tuple[list[Segment], np.ndarray]:
+        """Segments of ``space`` and, per key, its (segment number, row) as an (N, 2) array: where ``hint``
+        (a set's recorded locations of these keys) says when all of them still hold there (see
+        :mod:`.locator`), else through the row index (the sound committed segments, the oldest first)."""
         keys = keys if isinstance(keys, (list, np.ndarray)) else list(keys)
+        if hint is not None:
+            digests = plain_digests(keys)
+            found = None if digests is None else locate_hinted(self, space, digests, hint)
+            if found is not None:
+                return found
+        segments, index, damaged = self._index(space)
         rows = index.find(keys)
         missing = np.flatnonzero(rows < 0)
         if len(missing):
@@ -197,9 +290,10 @@ class Rows:
             )
         return segments, index.locate(rows)
 
-    def gather(self, space: str, hashes: Iterable[str], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    def gather(self, space: str, hashes: Iterable[str], shape: tuple[int, ...], dtype: str,
+               hint: RowHint | None = None) -> np.ndarray:
         """The rows of ``hashes`` in their stored dtype; refuses non-finite values and foreign shapes."""
-        segments, located = self.locate(space, hashes)
+        segments, located = self.locate(space, hashes, hint)
         out = np.empty((len(located),) + tuple(shape), dtype=dtype)
         where: dict[int, list[tuple[int, int]]] = {}
         for i, (s, r) in enumerate(located.tolist()):

@@ -17,6 +17,7 @@ import zarr
 from ..errors import SetNotFound, StoreError
 from ..keys import row_key, set_key
 from .groups import read_checked
+from .locator import RowHint, read_locations
 from .records import SetRecord
 from .segments import arrays_to_keys, decode_strings
 
@@ -39,6 +40,7 @@ class FeatureSet:
         self._attrs: dict | None = None
         self._arrays: dict[str, tuple[np.ndarray, list[str], np.ndarray]] | None = None
         self._files: dict[str, list[dict]] = {}
+        self._hints: dict[str, RowHint | None] = {}
         self._check_key()
 
     @property
@@ -202,9 +204,28 @@ class FeatureSet:
     def hashes_all(self) -> list[str]:
         return [h for s in self.splits for h in self.hashes(s).tolist()]
 
+    def locations(self, split: str) -> RowHint | None:
+        """Where the split's rows were when the set was committed (see :mod:`.locator`): a hint for
+        ``Store.locate``, which checks it. None for a set recorded before locations were, and for locations
+        that do not match their integrity record (a warning in ``store.warnings``): then the rows are found
+        through the space's row index."""
+        self._split(split)
+        if split not in self._hints:
+            attr = self.record.extra.get("locator")
+            hint = None
+            if attr is not None:
+                try:
+                    hint = read_locations(self.group, attr, split, self.record.splits[split])
+                except (Exception, RecursionError) as e:
+                    why = str(e) if isinstance(e, ValueError) else f"cannot read them ({e.__class__.__name__})"
+                    self.store._warn(f"set {self.key} split {split}: its row locations are damaged ({why}); its rows "
+                                     "are found through the row index of its space")
+            self._hints[split] = hint
+        return self._hints[split]
+
     def features(self, split: str) -> np.ndarray:
         """The split's rows in view order, in their stored dtype."""
-        return self.store.gather(self.space, self.hashes(split), self.shape, self.record.dtype)
+        return self.store.gather(self.space, self.hashes(split), self.shape, self.record.dtype, self.locations(split))
 
     @property
     def views(self) -> int:

@@ -6,6 +6,8 @@ Sets layout (rows are in :mod:`featcache.store.rows` and :mod:`featcache.store.s
       sets/<key>-<8 hex>/           one committed instance of a set; attrs: the SetRecord (with its size, measured
                                     once here: its SetSummary), then committed=true
         <split>/sha256 (N, 32) uint8, labels (N,) int32, paths_utf8 (M,) uint8 + paths_offsets (N + 1,) int64
+        <split>/segment (N,) int32, row (N,) int64   where each row was at commit (see locator.py)
+        locator/names_utf8 + names_offsets          the segments those numbers name
         skipped/, ignored/          files left out: paths_utf8 + paths_offsets, reasons_utf8 + reasons_offsets
 
 Each writer records a set in a group of its own, so concurrent writers never collide; the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -34,11 +37,13 @@ from .groups import (
     is_committed,
     mark_committed,
     meta_size,
+    prefixed_groups,
     require_group,
     uncommitted,
     write_array,
 )
 from .leases import Leases, created_by
+from .locator import write_locations
 from .records import SetRecord, SetSummary, parse_files
 from .rows import Rows
 from .segments import encode_strings, hashes_to_array
@@ -47,6 +52,7 @@ from .sets import FILE_LISTS, FeatureSet
 __all__ = ["FORMAT_VERSION", "Store", "open_store"]
 
 FORMAT_VERSION = 2
+_KEY = re.compile(r"[0-9a-f]{12}")  # a whole set key
 
 
 class Store(Rows, Leases):
@@ -119,9 +125,18 @@ class Store(Rows, Leases):
                 integrity[split][name] = digest_values(values)
         attrs = {**fields, **lists, "integrity": integrity, "key": key, **commit_stamp()}
         attrs.pop("summary", None)  # measured here, never taken from the caller
+        attrs.pop("locator", None)  # found here too
         space = SetRecord.from_attrs(key, attrs).space
         hashes = [str(h) for arrays in splits.values() for h in arrays["sha256"]]
-        attrs["summary"] = asdict(self._summary(group, space, hashes))
+        found = self._where(space, hashes)
+        if found is not None:  # where each row is now, so a load reads only those segments (see locator.py)
+            segments, where = found
+            used, number = np.unique(where[:, 0], return_inverse=True)
+            cuts = np.cumsum([0] + [len(arrays["sha256"]) for arrays in splits.values()])
+            attrs["locator"] = write_locations(
+                group, [segments[s].key for s in used.tolist()],
+                {split: (number[a:b], where[a:b, 1]) for split, a, b in zip(splits, cuts[:-1], cuts[1:])})
+        attrs["summary"] = asdict(self._summary(group, space, hashes, found))
         SetRecord.from_attrs(key, attrs)  # what is written must read back
         group.attrs.update(attrs)
         size = meta_size(parent, gname) or len(json.dumps(dict(group.attrs), indent=2).encode())
@@ -165,7 +180,15 @@ class Store(Rows, Leases):
         return sorted(found.values(), key=lambda fs: (fs.record.created_at, fs.key))
 
     def get_set(self, key: str | None = None, *, data: str | os.PathLike | None = None) -> FeatureSet:
-        """The set whose key starts with ``key``; with no key, the default set (:meth:`default_set`)."""
+        """The set whose key starts with ``key``; with no key, the default set (:meth:`default_set`). A whole key
+        opens only the groups named after it (``<key>-<8 hex>``), not every set's record."""
+        named = prefixed_groups(self.root["sets"], f"{key}-") if key and _KEY.fullmatch(key) and "sets" in self.root else None
+        for name, group in sorted(((n, g) for n, g in named or [] if is_committed(g) and g.attrs.get("key") == key),
+                                  key=lambda ng: str(ng[1].attrs.get("created_at", "")), reverse=True):
+            try:  # the newest sound instance, as _sound_sets takes; none sound: the full listing says why
+                return FeatureSet(self, key, group)
+            except StoreError as e:
+                self._warn(f"set {name}: {e}; skipped")
         found = self._sound_sets()
         keys = sorted(found, key=lambda k: (found[k].record.created_at, k))
         if key is None:
@@ -247,14 +270,23 @@ class Store(Rows, Leases):
         :class:`SetSummary` measured the same way when the set was committed instead (``--sizes``: this)."""
         return self._summary(fs.group, fs.space, fs.hashes_all()).total_bytes
 
-    def _summary(self, group: zarr.Group, space: str, hashes: list[str]) -> SetSummary:
-        """The size of the set in ``group``: its own arrays, and the whole segments of ``space`` that its rows
-        (``hashes``) are read from; a row missing from the space (removed, damaged) counts nothing."""
-        own = group_bytes(group)
+    def _where(self, space: str, hashes: list[str]) -> tuple[list, np.ndarray] | None:
+        """Where the row of each of ``hashes`` is (``locate``), or None when any is missing."""
         try:
-            segments, where = self.locate(space, hashes)
-        except StoreError:  # rows missing: the segments of those still there
-            held = self.holds(space, hashes)
+            return self.locate(space, hashes)
+        except StoreError:
+            return None
+
+    def _summary(self, group: zarr.Group, space: str, hashes: list[str], found=None) -> SetSummary:
+        """The size of the set in ``group``: its own arrays, and the whole segments of ``space`` that its rows
+        (``hashes``, found at ``found`` when given) are read from; a row missing from the space (removed,
+        damaged) counts nothing."""
+        own = group_bytes(group)
+        found = found or self._where(space, hashes)
+        if found is not None:
+            segments, where = found
+        else:
+            held = self.holds(space, hashes)  # rows missing: the segments of those still there
             segments, where = self.locate(space, [h for h, ok in zip(hashes, held.tolist()) if ok])
         used = np.unique(where[:, 0]).tolist()
         rows = sum(int(segments[s].features.nbytes_stored()) for s in used)

@@ -33,6 +33,7 @@ class StreamingRows(IterableDataset):
         self.fs, self.split, self.dtype, self.pool = fs, split, dtype, pool
         self.shuffle, self.seed, self.window, self.epoch = shuffle, seed, int(window), 0
         self.hashes, self.labels = fs.hashes(split), fs.labels(split).astype(np.int64)
+        self.hint = fs.locations(split)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -40,17 +41,20 @@ class StreamingRows(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _reader(self, hashes: np.ndarray) -> RowReader:
+    def _reader(self, keep: np.ndarray) -> RowReader:
         fs = self.fs
-        return RowReader(fs.store, fs.space, hashes, fs.shape, self.pool, keep_shape=self.pool == "none")
+        hint = None if self.hint is None else self.hint.take(keep)
+        return RowReader(fs.store, fs.space, self.hashes[keep], fs.shape, self.pool, keep_shape=self.pool == "none",
+                         hint=hint)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        reader, keep = self._reader(self.hashes), np.arange(len(self.hashes))
+        keep = np.arange(len(self.hashes))
+        reader = self._reader(keep)
         info = get_worker_info()
         if info is not None and info.num_workers > 1:  # this worker's share of the stored chunks
             mine = reader.blocks[info.id::info.num_workers]
             keep = np.sort(np.concatenate([b.dest for b in mine])) if mine else np.zeros(0, dtype=np.int64)
-            reader = self._reader(self.hashes[keep])
+            reader = self._reader(keep)
         rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
         where = f"set {self.fs.key} split {self.split}"
         for x, dest in reader.windows(self.window, rng):
