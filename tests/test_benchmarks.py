@@ -179,7 +179,7 @@ def test_formats_benchmark_writes_and_reads_each_format_with_its_own_code(folder
 def test_scale_benchmark_smoke(tmp_path):
     """One tiny size through the command: every step runs in its own process and the table and JSON come out."""
     r = CliRunner().invoke(main, ["scale", "--sizes", "24", "--repeats", "1", "--workers", "0", "--ls-sets", "3",
-                                  "--out", str(tmp_path)])
+                                  "--new-set", "16", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "| images | re-run, nothing changed s |" in r.output
     saved = json.loads(next(tmp_path.glob("scale-*.json")).read_text())
@@ -187,6 +187,8 @@ def test_scale_benchmark_smoke(tmp_path):
     assert row["images"] == 24 and row["load_rows"] == 24 and row["files"] > 0
     assert 0 < row["rerun_scan_s"] < row["rerun_s"] and row["rerun_peak_mb"] > 0 and row["ls_s"] > 0
     assert row["ls_sets"] == 3 and row["ls_many_s"] > 0 and row["ls_many_over_one"] == row["ls_many_s"] / row["ls_s"]
+    assert row["new_set_images"] == 16 and row["new_set_space_rows"] == 24  # a new set into that store and an empty one
+    assert row["new_load_ratio"] == row["new_load_full_s"] / row["new_load_empty_s"] and row["new_extract_peak_full_mb"] > 0
 
 
 def test_rowindex_benchmark_smoke(tmp_path):
