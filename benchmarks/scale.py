@@ -57,7 +57,10 @@ job = json.loads(sys.argv[1])
 import featcache
 import importlib
 E = importlib.import_module("featcache.extract")
-from featcache.config import FitConfig
+try:
+    from featcache.config import FitConfig
+except ImportError:  # a checkout from before config.py held it (--against an older commit)
+    from featcache.fit import FitConfig
 try:
     from featcache.prepare import load_fit_data
     from featcache.heads import head_class
