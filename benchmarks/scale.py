@@ -6,7 +6,9 @@ in a fresh process so that its peak memory (VmHWM) is its own:
 
 * a re-run with nothing changed (median of ``rounds``), the share of it spent scanning and
   hashing the folder, its peak memory, and that peak above the process's memory before the
-  extract started, per image (what planning an extract holds);
+  extract started (featcache and the network's libraries imported: torchvision is imported lazily
+  by newer code, so it is imported before the start on both sides), per image (what planning an
+  extract holds);
 * ``featcache ls``, then again once the store holds ``ls_sets`` sets over the same space (the first
   set recorded again for other folders, through the store call extract commits with), and their ratio;
 * loading the set for fit (``load_fit_data``, what ``featcache fit`` does before training);
@@ -71,6 +73,7 @@ except ImportError:  # a checkout from before prepare.py (--against an older com
     def load(cfg, fs):
         return load_fit_data(cfg, fs)
 
+import torchvision  # noqa: F401  (the network's library: imported lazily by newer code, counted by none)
 out = {}
 base = mem("VmRSS")
 if job["op"] == "extract":
