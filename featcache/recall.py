@@ -53,7 +53,7 @@ import torch
 from .choices import POOLS
 from .config import ExtractConfig
 from .data import DECODE_RECIPE, Manifest
-from .data.scancache import RACY_NS, signature
+from .data.scancache import RACY_NS, signature, user_cache
 from .errors import FeatcacheError, SetNotFound
 from .extracted import ExtractResult, LayersResult
 from .fields import Fields, is_int
@@ -73,13 +73,7 @@ _log = logging.getLogger("featcache.extract")
 
 def cache_dir() -> Path | None:
     """The folder of provenance entries, or ``None`` when ``FEATCACHE_PROVENANCE_CACHE=off``."""
-    env = os.environ.get("FEATCACHE_PROVENANCE_CACHE")
-    if env is not None and env.strip().lower() in ("off", "0", "none", "false"):
-        return None
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "featcache" / "provenance"
+    return user_cache("FEATCACHE_PROVENANCE_CACHE", "provenance")
 
 
 @lru_cache(maxsize=1)

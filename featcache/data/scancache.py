@@ -46,7 +46,7 @@ import numpy as np
 
 from .columns import Paths
 
-__all__ = ["RACY_NS", "ScanCache", "cache_dir", "signature"]
+__all__ = ["RACY_NS", "ScanCache", "cache_dir", "signature", "user_cache"]
 
 RACY_NS = 2_000_000_000
 """An entry is trusted only if its file's mtime and ctime are this much older than the start of
@@ -60,15 +60,21 @@ _FIELDS = ("keys", "offsets", "paths", "stats", "digests", "header")
 _BLOCK = 1024  # files a lookup step holds Python objects for at once
 
 
-def cache_dir() -> Path | None:
-    """The folder of scan caches, or ``None`` when ``FEATCACHE_SCAN_CACHE=off``."""
-    env = os.environ.get("FEATCACHE_SCAN_CACHE")
+def user_cache(variable: str, leaf: str) -> Path | None:
+    """A folder of the user's cache: ``$variable`` if set (``off`` turns it off: ``None``), else
+    ``$XDG_CACHE_HOME/featcache/leaf`` (``~/.cache/featcache/leaf``)."""
+    env = os.environ.get(variable)
     if env is not None and env.strip().lower() in ("off", "0", "none", "false"):
         return None
     if env:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "featcache" / "scans"
+    return Path(base) / "featcache" / leaf
+
+
+def cache_dir() -> Path | None:
+    """The folder of scan caches, or ``None`` when ``FEATCACHE_SCAN_CACHE=off``."""
+    return user_cache("FEATCACHE_SCAN_CACHE", "scans")
 
 
 def signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
