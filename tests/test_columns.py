@@ -11,11 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import featcache
 import featcache.data.columns as COLUMNS
 import featcache.data.scancache as SCANCACHE
 from featcache.data import Item, Manifest, scan
+from featcache.data import manifest as MANIFEST
+from featcache.data.columns import Paths
 from featcache.keys import set_key
 from tests.helpers import extract_tiny, make_folder
 
@@ -170,3 +174,26 @@ def test_planning_an_unchanged_folder_holds_a_few_hundred_bytes_per_image(tmp_pa
 def test_an_item_is_what_it_was():
     it = Item("train/a/0.png", "train", 0, "ab" * 32, 5)
     assert (it.path, it.split, it.label, it.sha256, it.size) == ("train/a/0.png", "train", 0, "ab" * 32, 5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from("ab/é.0_\u4e2d"), min_size=1, max_size=12), max_size=40),
+       st.integers(0, 2**32 - 1))
+def test_the_manifest_order_is_split_label_then_path_bytes(names, seed):
+    """The scan's order (split code, label, then the path's UTF-8 bytes), found without a Python object per
+    path: the check that the walk's order already is it, and the fixed-width byte sort when it is not."""
+    rng = np.random.default_rng(seed)
+    paths = Paths.of(names)
+    codes = rng.integers(-1, 2, len(names)).astype(np.int8)
+    labels = rng.integers(-1, 3, len(names)).astype(np.int32)
+    rows = np.flatnonzero(rng.random(len(names)) < 0.8)
+    expected = sorted(rows.tolist(), key=lambda i: (int(codes[i]), int(labels[i]), names[i].encode("utf-8")))
+    by_path = MANIFEST._by_path(paths, rows)
+    assert [names[i].encode() for i in by_path] == sorted(names[i].encode() for i in rows)
+    got = by_path[np.lexsort((labels[by_path], codes[by_path]))]
+    assert [(codes[i], labels[i], names[i]) for i in got] == [(codes[i], labels[i], names[i]) for i in expected]
+    assert MANIFEST._in_order(paths, rows, codes, labels) == (
+        [(codes[i], labels[i], names[i].encode()) for i in rows] == [(codes[i], labels[i], names[i].encode())
+                                                                     for i in expected])
+    ordered = np.array(expected, dtype=np.int64)
+    assert MANIFEST._in_order(paths, ordered, codes, labels)

@@ -27,7 +27,8 @@ from featcache.cli import main
 from featcache.data import manifest as MANIFEST
 from featcache.data import scan
 from featcache.data import scancache as SCANCACHE
-from featcache.data.scancache import ScanCache
+from featcache.data.columns import Paths
+from featcache.data.scancache import SUFFIX, ScanCache, read_file, write_file
 
 from .helpers import TINY, extract_tiny
 
@@ -87,8 +88,8 @@ def test_a_rerun_reads_no_unchanged_file_and_gives_the_same_manifest(tmp_path, r
     reads.clear()
     again = scan(root)
     assert reads == [] and again.items == first.items and again.digest() == first.digest()
-    assert not any(p.suffix == ".npz" or p.name.startswith(".") for p in root.rglob("*"))  # nothing beside the data
-    assert len(list(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob("*.npz"))) == 1
+    assert not any(p.suffix == SUFFIX or p.name.startswith(".") for p in root.rglob("*"))  # nothing beside the data
+    assert len(list(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob(f"*{SUFFIX}"))) == 1
 
 
 def test_same_size_rewrite_with_mtime_put_back_is_rehashed(tmp_path, reads):
@@ -201,34 +202,93 @@ def test_extract_rehash_option_reads_every_file(tmp_path, reads):
     assert extract_tiny(root, store, rehash=True).cache_hit and len(reads) == 12
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "other folder", "unsorted"])
+def _rewrite(file: Path, change) -> None:
+    """Read a cache file, let ``change(footer, arrays)`` alter it, write it back whole (with fresh CRCs)."""
+    footer, arrays = read_file(file)
+    change(footer, arrays)
+    write_file(file, {k: v for k, v in footer.items() if k != "arrays"}, arrays)
+
+
+def _flip(file: Path, name: str) -> None:
+    """One byte of the array ``name`` changed in place: its CRC no longer holds."""
+    footer, arrays = read_file(file)
+    at = footer["arrays"][name]["offset"] + arrays[name].nbytes // 2
+    data = bytearray(file.read_bytes())
+    data[at] ^= 0x5A
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "other folder", "digests flipped",
+                                    "stats flipped", "keys flipped", "footer flipped", "listing changed"])
 def test_a_damaged_cache_is_ignored_with_a_note_and_rewritten(tmp_path, reads, caplog, damage):
     root = _folder(tmp_path / "d")
     _trusted(root, reads)
-    file = next(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob("*.npz"))
+    file = next(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob(f"*{SUFFIX}"))
     good = file.read_bytes()
     if damage == "garbage":
-        file.write_bytes(b"\x93NUMPY not really" * 10)
+        file.write_bytes(b"FCSCAN2\n not really" * 10)
     elif damage == "truncated":
         file.write_bytes(good[: len(good) // 2])
     elif damage == "empty":
         file.write_bytes(b"")
+    elif damage == "other folder":
+        _rewrite(file, lambda footer, _: footer.update(root="/elsewhere"))
+    elif damage == "footer flipped":
+        file.write_bytes(good.replace(b'"entries": 12', b'"entries": 13'))
+    elif damage == "listing changed":  # a cache whose order is not the listing's, yet claims it is
+        def reverse(footer, arrays):
+            for k in arrays:
+                arrays[k] = arrays[k][::-1].copy()
+        _rewrite(file, reverse)
     else:
-        with np.load(file, allow_pickle=False) as z:
-            a = {k: z[k] for k in z.files}
-        if damage == "other folder":
-            a["header"] = np.frombuffer(a["header"].tobytes().replace(str(root).encode(), b"/elsewhere"), np.uint8)
-        else:
-            a["keys"] = a["keys"][::-1].copy()
-        with open(file, "wb") as f:
-            np.savez(f, **a)
+        _flip(file, damage.split()[0])
+    if damage == "keys flipped":  # the keys are read only when the listing changed
+        (root / "train" / "a" / "0.bmp").rename(root / "train" / "a" / "9.bmp")
+        time.sleep(3 * RACY_TEST_NS / 1e9)  # a rename sets the file's ctime: let it be safely old
     with caplog.at_level(logging.WARNING, logger="featcache.data"):
         m = scan(root)
-    assert len(reads) == 12 and _hashes(m) == _truth(root, m)
-    assert any("scan cache" in rec.getMessage() and "hashing every file" in rec.getMessage() for rec in caplog.records)
+    assert _hashes(m) == _truth(root, m)
+    assert len(reads) == 12
+    if damage != "listing changed":  # entries out of the listing's order: no signature matches its file (inodes)
+        assert any("scan cache" in rec.getMessage() and "hashing every file" in rec.getMessage()
+                   for rec in caplog.records)
     reads.clear()
     scan(root)
     assert reads == []
+
+
+def test_a_listing_that_changed_is_served_by_path_and_written_in_the_new_order(tmp_path, reads):
+    root = _folder(tmp_path / "d")
+    _trusted(root, reads)
+    new = _img(root / "train" / "a" / "10.bmp", (1, 1, 1))
+    (root / "val" / "b" / "2.bmp").unlink()
+    m = scan(root)
+    assert reads == [new.as_posix()] and _hashes(m) == _truth(root, m)
+    file = next(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob(f"*{SUFFIX}"))
+    footer, arrays = read_file(file)
+    assert footer["entries"] == 12 and (arrays["stats"][:, 0] >= 0).sum() == 12
+    reads.clear()
+    time.sleep(3 * RACY_TEST_NS / 1e9)
+    scan(root)
+    assert reads == [new.as_posix()]  # it was racy when hashed; now safely old
+    reads.clear()
+    scan(root)
+    assert reads == []
+
+
+def test_a_cache_of_the_earlier_version_is_ignored_once_with_a_note_and_removed(tmp_path, reads, caplog):
+    root = _folder(tmp_path / "d")
+    _trusted(root, reads)
+    file = next(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob(f"*{SUFFIX}"))
+    old = file.with_suffix(".npz")
+    with open(old, "wb") as f:  # what version 1 wrote: an .npz of plain arrays
+        np.savez(f, keys=np.zeros(1, np.uint64), header=np.frombuffer(b'{"version": 1}', np.uint8))
+    file.unlink()
+    with caplog.at_level(logging.WARNING, logger="featcache.data"):
+        m = scan(root)
+    assert len(reads) == 12 and _hashes(m) == _truth(root, m)
+    assert any("earlier version" in rec.getMessage() for rec in caplog.records)
+    assert file.exists() and not old.exists()
 
 
 def test_a_cache_that_holds_a_wrong_hash_is_caught_when_the_file_is_decoded(tmp_path, reads):
@@ -236,15 +296,14 @@ def test_a_cache_that_holds_a_wrong_hash_is_caught_when_the_file_is_decoded(tmp_
     cache) never puts an image's features under another image's hash."""
     root = _folder(tmp_path / "d")
     _trusted(root, reads)
-    file = next(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob("*.npz"))
-    with np.load(file, allow_pickle=False) as z:
-        a = {k: z[k] for k in z.files}
-    j = next(j for j in range(len(a["keys"]))
-             if a["paths"][a["offsets"][j]:a["offsets"][j + 1]].tobytes() == b"train/a/0.bmp")
+    file = next(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob(f"*{SUFFIX}"))
     stale = hashlib.sha256(b"not these bytes").hexdigest()
-    a["digests"][j] = np.frombuffer(bytes.fromhex(stale), np.uint8)
-    with open(file, "wb") as f:
-        np.savez(f, **a)
+    key = SCANCACHE._path_keys(Paths.of(["train/a/0.bmp"]))[0]
+
+    def forge(footer, arrays):
+        j = int(np.flatnonzero(np.all(arrays["keys"] == key, axis=1))[0])
+        arrays["digests"][j] = np.frombuffer(bytes.fromhex(stale), np.uint8)
+    _rewrite(file, forge)
     assert _hashes(scan(root))["train/a/0.bmp"] == stale  # the forged entry is served ...
     r = extract_tiny(root, tmp_path / "s.zarr")
     assert [(s.path, s.reason.split(" (")[0]) for s in r.skipped] == [("train/a/0.bmp", "changed while reading")]
@@ -260,9 +319,9 @@ def test_concurrent_scans_leave_one_whole_cache(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], env=env) for _ in range(4)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     files = list(Path(os.environ["FEATCACHE_SCAN_CACHE"]).iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npz"  # no temporary file left behind
-    cache = ScanCache.open(root)
-    assert cache._a is not None and len(cache._a["keys"]) == 52
+    assert len(files) == 1 and files[0].suffix == SUFFIX  # no temporary file left behind
+    with ScanCache.open(root) as cache:
+        assert cache.entries == 52
 
 
 def test_the_cache_can_be_turned_off_or_unwritable_and_scans_still_hash(tmp_path, reads, monkeypatch, caplog):

@@ -97,19 +97,19 @@ def _hash_cached(root: Path, rels: Paths, rehash: bool,
     """(digests (N, 32) uint8, sizes, errors by position) of the files ``root/rel``: served from the scan cache
     for files whose signature it holds, the others read (by ``hasher``; default: threads here), and the cache
     rewritten with what this scan saw."""
-    cache = ScanCache.open(root, rehash=rehash)
     base = os.path.join(str(root), "")
-    hit = cache.lookup(rels, base)
-    misses = np.flatnonzero(~hit).tolist()
-    _log.info("hashing %d files%s", len(misses),
-              f" ({len(rels) - len(misses)} unchanged since the last scan)" if len(misses) < len(rels) else "")
     errors: dict[int, OSError] = {}
-    for i, r in zip(misses, (hasher or _hashed)(_Joined(base, rels, misses)) if misses else ()):
-        if isinstance(r, OSError):
-            errors[i] = r
-        else:
-            cache.learn(i, r[2], r[0], r[1])
-    cache.save(rels)
+    with ScanCache.open(root, rehash=rehash) as cache:
+        hit = cache.lookup(rels, base)
+        misses = np.flatnonzero(~hit).tolist()
+        _log.info("hashing %d files%s", len(misses),
+                  f" ({len(rels) - len(misses)} unchanged since the last scan)" if len(misses) < len(rels) else "")
+        for i, r in zip(misses, (hasher or _hashed)(_Joined(base, rels, misses)) if misses else ()):
+            if isinstance(r, OSError):
+                errors[i] = r
+            else:
+                cache.learn(i, r[2], r[0], r[1])
+        cache.save(rels)
     return cache.digests, cache.sizes, errors
 
 
@@ -268,8 +268,11 @@ def scan(
 
     # sorted by split, label and path (a stable sort by path, then by label and split)
     rows = np.flatnonzero(keep)
-    order = _by_path(rels, rows)
-    order = order[np.lexsort((labels_[order], codes[order]))]
+    if _in_order(rels, rows, codes, labels_):  # the walk's order already is (the common case): nothing to sort
+        order = rows
+    else:
+        order = _by_path(rels, rows)
+        order = order[np.lexsort((labels_[order], codes[order]))]
     paths = rels.take(order)
     del rels
     manifest = Manifest(
@@ -293,10 +296,45 @@ def scan(
     return manifest
 
 
+def _in_order(paths: Paths, rows: np.ndarray, codes: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether ``rows`` are already sorted by split code, label and path (Python objects for a block at a time)."""
+    if len(rows) < 2:
+        return True
+    dc = np.diff(codes[rows].astype(np.int64))
+    dl = np.diff(labels[rows].astype(np.int64))
+    if np.any(dc < 0) or np.any((dc == 0) & (dl < 0)):
+        return False
+    tied = np.flatnonzero((dc == 0) & (dl == 0))  # neighbours whose order rests on their paths
+    off, blob = paths.offsets, paths.blob
+    for lo in range(0, len(tied), _SORT_BLOCK):
+        first = rows[tied[lo : lo + _SORT_BLOCK]]
+        second = rows[tied[lo : lo + _SORT_BLOCK] + 1]
+        a, b, c, d = off[first].tolist(), off[first + 1].tolist(), off[second].tolist(), off[second + 1].tolist()
+        if any(blob[w:x] > blob[y:z] for w, x, y, z in zip(a, b, c, d)):
+            return False
+    return True
+
+
+_SORT_BLOCK = 8192
+_WIDEST = 512  # paths up to this many bytes are sorted as fixed-width byte strings
+
+
 def _by_path(paths: Paths, rows: np.ndarray) -> np.ndarray:
-    """``rows`` sorted by their paths (their UTF-8 bytes sort as the text does)."""
-    blob, off = paths.blob, paths.offsets.tolist()
-    return np.array(sorted(rows.tolist(), key=lambda i: blob[off[i] : off[i + 1]]), dtype=np.int64)
+    """``rows`` sorted by their paths (their UTF-8 bytes sort as the text does): as one fixed-width byte
+    array (a path's bytes padded with NULs, which no path holds), not a Python object per path."""
+    starts = paths.offsets[rows]
+    lengths = paths.offsets[rows + 1] - starts
+    width = int(lengths.max()) if len(rows) else 0
+    if width > _WIDEST:  # a few very long paths would make every row as wide: sorted one object per path
+        blob, off = paths.blob, paths.offsets.tolist()
+        return np.array(sorted(rows.tolist(), key=lambda i: blob[off[i] : off[i + 1]]), dtype=np.int64)
+    keys = np.zeros(len(rows), dtype=f"S{max(width, 1)}")
+    raw = keys.view(np.uint8).reshape(len(rows), max(width, 1))
+    blob_ = np.frombuffer(paths.blob, dtype=np.uint8)
+    for j in range(width):  # byte j of every path that long
+        has = np.flatnonzero(lengths > j)
+        raw[has, j] = blob_[starts[has] + j]
+    return rows[np.argsort(keys, kind="stable")]
 
 
 def safe_join(root: str | os.PathLike, rel: str) -> Path:

@@ -22,41 +22,42 @@ hashes you would trust without reading. Not in the store: a store is shared acro
 machines (``s3://``), while inodes, devices and paths are facts of one machine's mounts. A
 user's own cache folder holds only what that user's runs measured on that machine.
 
-Format: one ``.npz`` (``allow_pickle=False``) of plain arrays: sorted 8-byte path keys,
-the paths as one UTF-8 blob with offsets, the signatures as int64, the hashes as 32-byte
-binary, and a JSON header (format, folder, device, start time of the scan). It is written
-to a temporary file and renamed over the old one, so concurrent runs leave one whole
-file (the last writer's, whose entries are validated like any other). A file that does
-not read back as exactly that is ignored with a note: never a wrong hash, at worst a
+Format (version 2): one file per folder, in the order of the folder's walk: per file a 16-byte
+key of its relative path (BLAKE2b), its signature as five int64 and its SHA-256 as 32 bytes, raw
+little-endian arrays each with its CRC-32, then a JSON footer (format, folder, device, start
+time of the scan, the SHA-256 of the whole list of paths, where each array is). A re-run whose
+folder lists the same paths (the footer's digest says so) reads the hashes straight into the
+manifest's array and the signatures a block at a time: no copy of the cache is held, about 40
+bytes per file fewer than version 1's ``.npz`` of paths and sorted keys, whose files are ignored
+(one re-hash) and removed. A listing that changed is matched by path key. The file is written
+to a temporary file and renamed over the old one, so concurrent runs leave one whole file (the
+last writer's, whose entries are validated like any other). A file that does not read back as
+exactly that (magic, footer, sizes, CRCs) is ignored with a note: never a wrong hash, at worst a
 re-hash.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .columns import Paths
+from .scanfile import FORMAT, IO_BLOCK, SUFFIX, VERSION, Damaged, ScanFile, read_file, write_file
 
-__all__ = ["RACY_NS", "ScanCache", "cache_dir", "signature", "user_cache"]
+__all__ = ["RACY_NS", "ScanCache", "cache_dir", "signature", "user_cache", "read_file", "write_file", "SUFFIX"]
 
 RACY_NS = 2_000_000_000
 """An entry is trusted only if its file's mtime and ctime are this much older than the start of
 the scan that hashed it: covers coarse timestamps (FAT's 2 s, a kernel's clock tick) and a
 small clock skew between this machine and a file server."""
 
-FORMAT = "featcache-scan-cache"
-VERSION = 1
 _log = logging.getLogger("featcache.data")
-_FIELDS = ("keys", "offsets", "paths", "stats", "digests", "header")
 _BLOCK = 1024  # files a lookup step holds Python objects for at once
 
 
@@ -83,24 +84,56 @@ def signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
 
 
 def _path_keys(rels: Paths) -> np.ndarray:
+    """(N, 2) uint64: a 16-byte BLAKE2b key of each relative path's UTF-8 bytes."""
     blake = hashlib.blake2b
-    return np.fromiter((int.from_bytes(blake(r, digest_size=8).digest(), "little")
-                        for lo in range(0, len(rels), _BLOCK) for r in rels.raw_chunk(lo, min(lo + _BLOCK, len(rels)))),
-                       dtype=np.uint64, count=len(rels))
+    out = np.empty((len(rels), 2), dtype="<u8")
+    flat = out.reshape(-1).view(np.uint8)
+    for lo in range(0, len(rels), _BLOCK):
+        hi = min(lo + _BLOCK, len(rels))
+        flat[lo * 16 : hi * 16] = np.frombuffer(b"".join(blake(r, digest_size=16).digest()
+                                                          for r in rels.raw_chunk(lo, hi)), dtype=np.uint8)
+    return out
+
+
+def _listing_digest(rels: Paths) -> str:
+    """SHA-256 of the whole list of paths (their offsets and bytes): equal lists, equal digests."""
+    h = hashlib.sha256(np.ascontiguousarray(rels.offsets, dtype="<i8"))
+    h.update(rels.blob)
+    return h.hexdigest()
+
+
+def _open_checked(file: Path, root: Path, device: int) -> ScanFile | None:
+    """The cache file of ``root`` opened and its footer checked, or None (with a note when one is there but
+    cannot be used)."""
+    try:
+        fh = ScanFile.open(file)
+    except FileNotFoundError:
+        if file.with_suffix(".npz").exists():
+            _log.warning("note: the scan cache %s is of an earlier version; hashing every file once",
+                         file.with_suffix(".npz"))
+        return None
+    except (OSError, Damaged) as e:
+        _log.warning("note: ignoring the damaged scan cache %s (%s); hashing every file", file, e)
+        return None
+    if fh.footer.get("root") != str(root) or fh.footer.get("device") != device:
+        fh.close()
+        _log.warning("note: ignoring the scan cache %s (written for another folder); hashing every file", file)
+        return None
+    return fh
 
 
 class ScanCache:
     """The cached hashes of one folder's files; :meth:`lookup` serves them, :meth:`save` writes the new ones.
 
-    ``ScanCache.open(root)`` reads what the last scan of ``root`` wrote (nothing with
-    ``rehash=True``, or when the cache is off, unreadable or for another folder).
+    ``ScanCache.open(root)`` opens what the last scan of ``root`` wrote (nothing with ``rehash=True``,
+    or when the cache is off, unreadable or for another folder); :meth:`close` (or ``with``) lets it go.
     """
 
-    def __init__(self, root: Path, file: Path | None, arrays: dict[str, np.ndarray] | None, ref_ns: int,
-                 device: int):
+    def __init__(self, root: Path, file: Path | None, old: ScanFile | None, device: int):
         self.root, self.file, self.device = root, file, device
-        self._ref_ns = ref_ns
-        self._a = arrays
+        self._old = old
+        self._ref_ns: int = old.footer["started_ns"] if old is not None else 0
+        self.entries = old.entries if old is not None else 0
         self.started_ns = time.time_ns()  # before any file is looked at: the reference of what this scan writes
 
     @classmethod
@@ -109,62 +142,103 @@ class ScanCache:
         device = os.stat(root).st_dev
         folder = cache_dir()
         if folder is None:
-            return cls(root, None, None, 0, device)
+            return cls(root, None, None, device)
         name = hashlib.sha256(f"{root}\0{device}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        file = folder / f"{name}.npz"
-        arrays, ref_ns = (None, 0) if rehash else _read(file, root, device)
-        return cls(root, file, arrays, ref_ns, device)
+        file = folder / f"{name}{SUFFIX}"
+        return cls(root, file, None if rehash else _open_checked(file, root, device), device)
+
+    def close(self) -> None:
+        if self._old is not None:
+            self._old.close()
+            self._old = None
+
+    def __enter__(self) -> ScanCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def lookup(self, rels: Paths, base: str) -> np.ndarray:
         """Which files (``base + rels[i]``) the cache holds a trusted entry for whose signature matches the
         file's ``stat`` now, as a bool array; their hashes and sizes are then in :attr:`digests` and
         :attr:`sizes`. Hash the others, then :meth:`learn` the results."""
-        n = len(rels)
-        self._keys = _path_keys(rels)
+        n = self._n = len(rels)
         self.digests = np.zeros((n, 32), dtype=np.uint8)
         self.sizes = np.full(n, -1, dtype=np.int64)
         self._known = np.zeros(n, dtype=bool)
-        self._served = np.full(n, -1, dtype=np.int64)  # the entry of the cache file a file was served from
+        self._aligned = False  # the old file's entries are this listing's files, in its order
+        self._served: np.ndarray | None = None  # otherwise: the old entry each file was served from (-1: none)
+        self._old_stats: np.ndarray | None = None
+        self._keys: np.ndarray | None = None
         self._learned: np.ndarray | None = None  # the stat signatures of files hashed by this scan
-        self._stats: np.ndarray | None = None
         self._changed = True
-        a, self._a = self._a, None  # what the last scan wrote is not needed past this lookup (unless rewritten)
-        if a is None or not len(a["keys"]) or not n:
+        old = self._old
+        if old is None or not old.entries or not n:
             return self._known.copy()
-        keys, offsets, stats, digests = a["keys"], a["offsets"], a["stats"], a["digests"]
-        blob = memoryview(a["paths"])
+        try:
+            if old.entries == n and old.footer["listing"] == _listing_digest(rels):
+                self._aligned = True
+                old.read("digests", out=self.digests)  # straight into the manifest's array: no copy held
+                for lo, cached in old.blocks("stats"):
+                    self._match(rels, base, lo, cached, np.arange(lo, lo + len(cached)))
+                self.digests[~self._known] = 0
+            else:
+                self._match_keys(rels, base, old)
+        except (OSError, Damaged) as e:
+            _log.warning("note: ignoring the damaged scan cache %s (%s); hashing every file", self.file, e)
+            self.digests[:] = 0
+            self.sizes[:] = -1
+            self._known[:] = False
+            self._aligned, self._served, self._old_stats = False, None, None
+            self.close()
+            return self._known.copy()
+        self._changed = not (self._aligned and self._known.all())
+        return self._known.copy()
+
+    def _match_keys(self, rels: Paths, base: str, old: ScanFile) -> None:
+        """The listing changed: each file's entry found by its path key, wherever it is in the old file."""
+        self._keys = _path_keys(rels)
+        okeys = old.read("keys")
+        order = np.argsort(okeys[:, 0], kind="stable")
+        first = okeys[order, 0]
+        stats, digests = old.read("stats"), old.read("digests")
+        self._served = np.full(self._n, -1, dtype=np.int64)
+        for lo in range(0, self._n, _BLOCK):
+            q = self._keys[lo : lo + _BLOCK]
+            where = order[np.minimum(np.searchsorted(first, q[:, 0]), len(first) - 1)]
+            same = np.all(okeys[where] == q, axis=1)
+            stats_here = np.where(same[:, None], stats[where], -1)
+            hit = self._match(rels, base, lo, stats_here, where)
+            self.digests[lo + hit] = digests[where[hit]]
+        self._old_stats = stats
+
+    def _match(self, rels: Paths, base: str, lo: int, cached: np.ndarray, where: np.ndarray) -> np.ndarray:
+        """Files ``lo`` on whose entries are ``cached`` (signatures; -1: none): those whose entry is safely old
+        and whose ``stat`` now gives the same signature are served. Their offsets from ``lo``."""
         limit = self._ref_ns - RACY_NS
-        for lo in range(0, n, _BLOCK):  # a block at a time: no Python object per file held past its block
-            hi = min(lo + _BLOCK, n)
-            where = np.minimum(np.searchsorted(keys, self._keys[lo:hi]), len(keys) - 1)
-            cached = stats[where]
-            safe = np.maximum(cached[:, 1], cached[:, 2]) < limit
-            starts, ends = offsets[where].tolist(), offsets[where + 1].tolist()
-            mine = rels.raw_chunk(lo, hi)
+        hits = []
+        for a in range(0, len(cached), _BLOCK):  # a block at a time: no Python object per file held past its block
+            c = cached[a : a + _BLOCK]
+            safe = (c[:, 0] >= 0) & (np.maximum(c[:, 1], c[:, 2]) < limit)
+            mine = rels.raw_chunk(lo + a, lo + a + len(c))
             seen, sigs = [], []
             for j in np.flatnonzero(safe).tolist():
-                rel = mine[j]
-                if blob[starts[j]:ends[j]] != rel:
-                    continue  # another path with the same 8-byte key, or none
                 try:
-                    st = os.stat(base + rel.decode("utf-8", "surrogateescape"))
+                    st = os.stat(base + mine[j].decode("utf-8", "surrogateescape"))
                 except OSError:
                     continue  # hashing it reports why
                 if stat.S_ISREG(st.st_mode):
                     seen.append(j)
                     sigs.append(signature(st))
-            if not seen:
-                continue
-            at = np.array(seen, dtype=np.int64)
-            hit = at[np.all(np.array(sigs, dtype=np.int64).reshape(len(at), 5) == cached[at], axis=1)]
-            self._known[lo + hit] = True
+            if seen:
+                at = np.array(seen, dtype=np.int64)
+                hits.append(a + at[np.all(np.array(sigs, dtype=np.int64).reshape(len(at), 5) == c[at], axis=1)])
+        hit = np.concatenate(hits) if hits else np.zeros(0, dtype=np.int64)
+        self._known[lo + hit] = True
+        self.sizes[lo + hit] = cached[hit, 0]
+        if self._served is not None:
             self._served[lo + hit] = where[hit]
-            self.digests[lo + hit] = digests[where[hit]]
-            self.sizes[lo + hit] = cached[hit, 0]
-        self._changed = not self._known.all() or len(keys) != n
-        if self._changed:
-            self._stats = stats  # the signatures of the files served, for the file this scan writes
-        return self._known.copy()
+        return hit
 
     def learn(self, i: int, sig: tuple[int, ...] | None, digest: bytes, size: int) -> None:
         """The hash and size of file ``i`` (of the last :meth:`lookup`), read with stat signature ``sig``;
@@ -175,89 +249,53 @@ class ScanCache:
         if sig is None:
             return
         if self._learned is None:
-            self._learned = np.zeros((len(self._known), 5), dtype=np.int64)
+            self._learned = np.full((self._n, 5), -1, dtype=np.int64)
         self._learned[i] = sig
         self._known[i] = True
-        self._served[i] = -1
 
     def save(self, rels: Paths) -> None:
-        """Write what this scan knows (the files of the last :meth:`lookup`), atomically; nothing when every
-        file was served from the cache as it is."""
-        if self.file is None or not self._changed:
-            return
-        keep = np.flatnonzero(self._known)
-        order = keep[np.argsort(self._keys[keep], kind="stable")]
-        paths = rels.take(order)
-        sigs = np.zeros((len(order), 5), dtype=np.int64)
-        served = self._served[order]
-        if self._stats is not None:
-            sigs[served >= 0] = self._stats[served[served >= 0]]
-        if self._learned is not None:
-            sigs[served < 0] = self._learned[order[served < 0]]
-        header = {"format": FORMAT, "version": VERSION, "root": str(self.root), "device": self.device,
-                  "started_ns": self.started_ns, "entries": len(order)}
-        arrays = {
-            "keys": self._keys[order],
-            "offsets": paths.offsets,
-            "paths": np.frombuffer(paths.blob, dtype=np.uint8),
-            "stats": sigs,
-            "digests": self.digests[order],
-            "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-        }
+        """Write what this scan knows (the files of the last :meth:`lookup`, in their order), atomically; nothing
+        when every file was served from the cache as it is."""
         try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=f".{self.file.stem}-", suffix=".tmp")
+            if self.file is None or not self._changed:
+                return
+            footer = {"format": FORMAT, "version": VERSION, "root": str(self.root), "device": self.device,
+                      "started_ns": self.started_ns, "entries": self._n, "listing": _listing_digest(rels)}
+            old = self._old if self._aligned else None
+            keys = self._keys if self._keys is not None else \
+                (b for _, b in old.blocks("keys")) if old is not None else _path_keys(rels)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **arrays)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.file)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+                write_file(self.file, footer, {"keys": keys, "stats": self._stats_blocks(old), "digests": self.digests})
+            except Damaged as e:  # the old file changed under this scan: nothing written, the next scan hashes
+                _log.warning("note: could not write the scan cache %s (%s); the next run hashes every file again",
+                             self.file, e)
+                return
+            self.file.with_suffix(".npz").unlink(missing_ok=True)  # an earlier version's file
         except OSError as e:
             _log.warning("note: could not write the scan cache %s (%s); the next run hashes every file again",
                          self.file, e.strerror or e)
+        finally:
+            self.close()
 
-
-def _read(file: Path, root: Path, device: int) -> tuple[dict[str, np.ndarray] | None, int]:
-    """The arrays of a cache file and the start time of the scan that wrote it, or (None, 0) with a note."""
-    try:
-        with np.load(file, allow_pickle=False) as z:
-            a = {k: z[k] for k in _FIELDS}
-    except FileNotFoundError:
-        return None, 0
-    except Exception as e:
-        _log.warning("note: ignoring the damaged scan cache %s (%s); hashing every file", file, e)
-        return None, 0
-    problem = _check(a, root, device)
-    if problem:
-        _log.warning("note: ignoring the scan cache %s (%s); hashing every file", file, problem)
-        return None, 0
-    return a, int(json.loads(a["header"].tobytes())["started_ns"])
-
-
-def _check(a: dict[str, np.ndarray], root: Path, device: int) -> str | None:
-    try:
-        header = json.loads(a["header"].tobytes())
-    except ValueError:
-        return "its header is not JSON"
-    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
-        return "not a scan cache of this version"
-    if header.get("root") != str(root) or header.get("device") != device:
-        return "written for another folder"
-    n = header.get("entries")
-    started = header.get("started_ns")
-    if not isinstance(n, int) or not isinstance(started, int) or isinstance(started, bool):
-        return "its header lacks entries or started_ns"
-    keys, offsets, blob, stats, digests = (a[k] for k in ("keys", "offsets", "paths", "stats", "digests"))
-    shapes = (keys.dtype == np.uint64 and keys.shape == (n,) and offsets.dtype == np.int64
-              and offsets.shape == (n + 1,) and blob.dtype == np.uint8 and blob.ndim == 1
-              and stats.dtype == np.int64 and stats.shape == (n, 5)
-              and digests.dtype == np.uint8 and digests.shape == (n, 32))
-    if not shapes:
-        return "its arrays do not have the shapes of its header"
-    if offsets[0] != 0 or offsets[-1] != len(blob) or np.any(offsets[1:] < offsets[:-1]) or np.any(keys[1:] < keys[:-1]):
-        return "its paths or keys are out of order"
-    return None
+    def _stats_blocks(self, old: ScanFile | None):
+        """The signature of each file as this scan trusts it, a block at a time: the old entry's for a file
+        served from it, what :meth:`learn` was given for one hashed, -1 (never served) for the others."""
+        olds = old.blocks("stats") if old is not None else None
+        for lo in range(0, self._n, IO_BLOCK):
+            hi = min(lo + IO_BLOCK, self._n)
+            out = np.full((hi - lo, 5), -1, dtype=np.int64)
+            known = self._known[lo:hi]
+            if olds is not None:
+                start, block = next(olds)
+                assert start == lo
+                out[known] = block[known]
+            elif self._served is not None and self._old_stats is not None:
+                served = self._served[lo:hi]
+                out[served >= 0] = self._old_stats[served[served >= 0]]
+            if self._learned is not None:
+                mine = self._learned[lo:hi, 0] >= 0
+                out[mine] = self._learned[lo:hi][mine]
+            yield out
+        if olds is not None:
+            for _ in olds:  # the old signatures copied must pass their CRC
+                pass
