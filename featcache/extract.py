@@ -22,15 +22,24 @@ import torch
 from . import __version__, backbones
 from .backbones import Joint, module_name, resolve_precision
 from .choices import SPLITS
-from .compute import Engine, compute, local_engine, read_only_error, remote_failures, restore_missing, storage_error
+from .compute import (
+    Engine,
+    compute,
+    held_among,
+    local_engine,
+    read_only_error,
+    remote_failures,
+    restore_missing,
+    storage_error,
+)
 from .config import ExtractConfig
 from .data import DECODE_RECIPE, Item, Manifest, Skip, scan
 from .errors import DataError, FeatcacheError
 from .extracted import ExtractResult, LayersResult
-from .keys import set_key, space_key
+from .keys import row_key, set_key, space_key
 from .names import check_backbone_name
 from .pipeline import resolve_device
-from .procs import barrier, distributed, from_first, merge_failures
+from .procs import distributed, merge_failures, on_first, to_each
 from .recall import Recall
 from .store import SetRecord, Store, created_by, open_store
 from .units import now_iso
@@ -83,6 +92,15 @@ def _engine(cfg: ExtractConfig) -> Engine:
     return local_engine
 
 
+def _scanned(cfg: ExtractConfig, rehash: bool, hasher) -> Manifest:
+    manifest = scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels, labels_from_name=cfg.labels_from_name,
+                    classes=cfg.classes, exclude_class=cfg.exclude_class, rehash=rehash, hasher=hasher)
+    if cfg.strict and manifest.skipped:
+        first = manifest.skipped[0]
+        raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
+    return manifest
+
+
 @remote_failures
 def extract(config: ExtractConfig | None = None, *, progress: bool = False, transform=None, rehash: bool = False,
             **kwargs) -> ExtractResult | LayersResult:
@@ -114,16 +132,12 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
         hasher = None
     start = time.perf_counter()
     rank, world = distributed()
-    manifest = from_first(lambda: scan(cfg.data, cfg.split, cfg.seed, labels=cfg.labels,
-                                       labels_from_name=cfg.labels_from_name, classes=cfg.classes,
-                                       exclude_class=cfg.exclude_class, rehash=rehash, hasher=hasher), world, rank)
-    if cfg.strict and manifest.skipped:
-        first = manifest.skipped[0]
-        raise DataError(f"{first.path}: {first.reason} (--strict; {len(manifest.skipped)} such files)")
+    # under torchrun rank 0 alone scans and holds the manifest; the other ranks receive their share of the plan
+    manifest = on_first(lambda: _scanned(cfg, rehash, hasher), world, rank)
     several = isinstance(cfg.layer, tuple)
     precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
     # a set already recorded with every row stored is answered from its record, without building the model
-    recall = Recall.of(cfg, precision) if module is None and transform is None else None
+    recall = Recall.of(cfg, precision) if module is None and transform is None and world == 1 else None
     answered = recall.answer(manifest, start) if recall is not None else None
     if answered is not None:
         return answered
@@ -168,16 +182,51 @@ def extract(config: ExtractConfig | None = None, *, progress: bool = False, tran
     return LayersResult(results) if several else results[0]
 
 
-def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joint, store: Store, spaces: list[str],
-                    view_spaces: list[str | None], augment: dict | None, provenances: list[dict], precision: str,
-                    rank: int, world: int, progress: bool) -> list[ExtractResult]:
+def _extract_leased(configs: list[ExtractConfig], manifest: Manifest | None, joint: Joint, store: Store,
+                    spaces: list[str], view_spaces: list[str | None], augment: dict | None, provenances: list[dict],
+                    precision: str, rank: int, world: int, progress: bool) -> list[ExtractResult]:
     """Compute what any part's space misses in one pass, then record one set per part (``configs[k]`` is the
     config its set records: the whole extract's, its layer that part's). The plan is made on the manifest's
-    columns: an image that is not computed gets no Python object of its own."""
+    columns: an image that is not computed gets no Python object of its own. Under torchrun rank 0 holds the
+    manifest and the spaces' row indexes, plans, and sends each rank only its share of the work (its images,
+    and which of them each space holds already); it records the sets, and every rank returns its results."""
     cfg = configs[0]
     engine = _engine(cfg)
+    plan: dict = {}
+
+    def rows_plan() -> list:
+        assert manifest is not None
+        plan.update(_plan_rows(manifest, store, spaces, cfg))
+        return _shares(manifest.root, list(plan["todo"].values()), [None] * len(plan["todo"]), plan["known"], world)
+
+    root, jobs, have = to_each(rows_plan, world, rank)  # every rank's share is decided before any rank writes
+    failed, timings = compute(engine, joint, root, jobs, store, spaces, have, cfg, progress)
+    failed = merge_failures(failed, world)
+    if cfg.views:
+        def views_plan() -> list:
+            assert manifest is not None
+            root, jobs, held = _plan_views(manifest, store, view_spaces, cfg, failed)
+            plan["view_jobs"] = len(jobs)
+            return _shares(root, [it for it, _ in jobs], [k for _, k in jobs], held, world)
+
+        root, jobs, have = to_each(views_plan, world, rank)
+        _, view_timings = compute(engine, joint, root, jobs, store, view_spaces, have, cfg, progress, augment)
+        if view_timings:
+            timings["views_model"] = view_timings.get("model", 0.0)
+
+    def record() -> list:
+        assert manifest is not None
+        results = _record(configs, manifest, plan, failed, timings, joint, store, spaces, view_spaces, augment,
+                          provenances, precision, engine, progress)
+        return [results] * world
+
+    return to_each(record, world, rank)
+
+
+def _plan_rows(manifest: Manifest, store: Store, spaces: list[str], cfg: ExtractConfig) -> dict:
+    """Per part, which images its space misses (one sorted search per space for all images), and one job per
+    content among them."""
     known = [store.known_hashes(space) for space in spaces]
-    # per part, which images its space misses: one sorted search per space for all images
     absent = [~held.contains_digests(manifest.digests) for held in known]
     missing = np.logical_or.reduce(absent) if absent else np.zeros(len(manifest), dtype=bool)
     first = manifest.first_of_each(np.flatnonzero(missing))  # one job per content
@@ -185,41 +234,57 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
     if store.read_only and todo:
         raise read_only_error(cfg.store, store.read_only, f"{len(todo)} images are not in it yet and would have to "
                                "be computed and stored")
-    barrier(world)  # every rank has decided what to do before any rank writes
     if todo:
         per_split = {s: int(np.count_nonzero(manifest.split_codes[first] == k)) for k, s in enumerate(SPLITS)}
         _log.info("extracting %s%s", " + ".join(f"{n} {s}" for s, n in per_split.items() if n),
                   f" ({len(manifest) - len(todo)} reused)" if len(manifest) > len(todo) else "")
     else:
         _log.info("nothing to compute (%d rows reused)", manifest.distinct())
-    failed, timings = compute(engine, joint, manifest.root, [(it, None) for it in list(todo.values())[rank::world]],
-                               store, spaces, known, cfg, progress)
-    failed = merge_failures(failed, world)
-    failed_rows = _rows_of(manifest, failed)
-    view_jobs = 0
-    if cfg.views:
-        known_views = [store.known_hashes(space) for space in view_spaces]
-        train = manifest.first_of_each(np.flatnonzero(manifest.in_split("train") & ~failed_rows))
-        rows, views = np.repeat(train, cfg.views), np.tile(np.arange(cfg.views, dtype=np.int32), len(train))
-        need = np.zeros(len(rows), dtype=bool)
-        for held in known_views:
-            need |= ~held.contains_digests(manifest.digests[rows], views)
-        jobs = [(manifest.item(i), k) for i, k in zip(rows[need].tolist(), views[need].tolist())]
-        if store.read_only and jobs:
-            raise read_only_error(cfg.store, store.read_only, f"{len(jobs)} augmented views are not in it yet")
-        barrier(world)
-        view_jobs = len(jobs)
-        if jobs:
-            _log.info("computing %d augmented views (%d per training image)", len(jobs), cfg.views)
-        _, view_timings = compute(engine, joint, manifest.root, jobs[rank::world], store, view_spaces, known_views,
-                                  cfg, progress, augment)
-        del known_views, jobs
-        if view_timings:
-            timings["views_model"] = view_timings.get("model", 0.0)
-    # per part, the images computed into its space (by all ranks together)
-    extracted = [int(np.count_nonzero(miss[first] & ~failed_rows[first])) for miss in absent]
-    del known, absent, missing  # the row indexes as they were before this run's rows: not needed any more
+    return {"known": known, "absent": absent, "first": first, "todo": todo}
 
+
+def _plan_views(manifest: Manifest, store: Store, view_spaces: list[str | None], cfg: ExtractConfig,
+                failed: dict[str, str]) -> tuple[Path, list[tuple[Item, int]], list]:
+    """The augmented views of the training images (those that did not fail) that the view spaces miss."""
+    known_views = [store.known_hashes(space) for space in view_spaces if space is not None]
+    train = manifest.first_of_each(np.flatnonzero(manifest.in_split("train") & ~_rows_of(manifest, failed)))
+    rows, views = np.repeat(train, cfg.views), np.tile(np.arange(cfg.views, dtype=np.int32), len(train))
+    need = np.zeros(len(rows), dtype=bool)
+    for held in known_views:
+        need |= ~held.contains_digests(manifest.digests[rows], views)
+    jobs = [(manifest.item(i), k) for i, k in zip(rows[need].tolist(), views[need].tolist())]
+    if store.read_only and jobs:
+        raise read_only_error(cfg.store, store.read_only, f"{len(jobs)} augmented views are not in it yet")
+    if jobs:
+        _log.info("computing %d augmented views (%d per training image)", len(jobs), cfg.views)
+    return manifest.root, jobs, known_views
+
+
+def _shares(root: Path, items: list[Item], views: list[int | None], held: list, world: int) -> list:
+    """Per rank: the data root, its jobs (every ``world``-th), and per space which of its jobs' rows the space
+    holds already: the space's index itself for one process, a set the size of the share for a rank."""
+    if world <= 1:
+        return [(root, list(zip(items, views)), held)]
+    out = []
+    for r in range(world):
+        mine = list(zip(items[r::world], views[r::world]))
+        keys = [row_key(it.sha256, k) for it, k in mine]
+        out.append((root, mine, [held_among(index, keys) for index in held]))
+    return out
+
+
+def _record(configs: list[ExtractConfig], manifest: Manifest, plan: dict, failed: dict[str, str],
+            timings: dict[str, float], joint: Joint, store: Store, spaces: list[str], view_spaces: list[str | None],
+            augment: dict | None, provenances: list[dict], precision: str, engine: Engine,
+            progress: bool) -> list[ExtractResult]:
+    """Record one set per part (rank 0 under torchrun), its rows checked once more; the results."""
+    cfg = configs[0]
+    failed_rows = _rows_of(manifest, failed)
+    first = plan["first"]
+    # per part, the images computed into its space (by all ranks together)
+    extracted = [int(np.count_nonzero(miss[first] & ~failed_rows[first])) for miss in plan["absent"]]
+    view_jobs = plan.get("view_jobs", 0)
+    plan.clear()  # the row indexes as they were before this run's rows: not needed any more
     kept = manifest.select(~failed_rows) if failed_rows.any() else manifest
     skipped = manifest.skipped + [Skip(manifest.paths[i], failed[manifest.hex(i)]) for i in np.flatnonzero(failed_rows)]
     splits = [s for s in SPLITS if np.any(kept.in_split(s))]
@@ -257,20 +322,17 @@ def _extract_leased(configs: list[ExtractConfig], manifest: Manifest, joint: Joi
             config=part_cfg.to_dict(), versions=_versions(), created_at=now_iso(), created_by=created_by(),
             integrity={},
         )
-        barrier(world)
-        if rank == 0:
-            # Rows chosen for reuse may have been removed meanwhile (a gc that started before the
-            # lease): recompute any that are gone, before and after the set is committed.
-            one = Joint((part,), part.model)
-            restore_missing(engine, one, manifest.root, kept, store, space, view_space, augment, cfg, progress)
-            try:
-                store.write_set(key, record, arrays)  # a mapping whose arrays are made on first read
-            except OSError as e:
-                raise storage_error(e, cfg.store, f"the set {key} of this folder is not recorded in it yet") from None
-            restore_missing(engine, one, manifest.root, kept, store, space, view_space, augment, cfg, progress)
-        barrier(world)  # the set is committed before any rank returns
-        fs = store.get_set(key) if rank == 0 else None  # its size as recorded at commit; measured if it has none
-        set_bytes = 0 if fs is None else store.set_size(fs, measure=fs.record.summary is None) or 0
+        # Rows chosen for reuse may have been removed meanwhile (a gc that started before the
+        # lease): recompute any that are gone, before and after the set is committed.
+        one = Joint((part,), part.model)
+        restore_missing(engine, one, manifest.root, kept, store, space, view_space, augment, cfg, progress)
+        try:
+            store.write_set(key, record, arrays)  # a mapping whose arrays are made on first read
+        except OSError as e:
+            raise storage_error(e, cfg.store, f"the set {key} of this folder is not recorded in it yet") from None
+        restore_missing(engine, one, manifest.root, kept, store, space, view_space, augment, cfg, progress)
+        fs = store.get_set(key)  # its size as recorded at commit; measured if it has none
+        set_bytes = store.set_size(fs, measure=fs.record.summary is None) or 0
         stats = store.space_stats(space)
         results.append(ExtractResult(
             set_key=key,

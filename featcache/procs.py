@@ -43,7 +43,8 @@ from .errors import FeatcacheError
 from .progress import Progress
 from .runtime import die_with_parent, keep_memory
 
-__all__ = ["model_processes", "forked_batches", "usable_cores", "distributed", "barrier", "merge_failures"]
+__all__ = ["model_processes", "forked_batches", "usable_cores", "distributed", "barrier", "merge_failures", "to_each",
+           "on_first"]
 
 _PROC_MEMORY = 3 << 30  # what one process may need for a batch of 64 (activations of a large CNN)
 MIN_BATCH = 16  # below this, one thread takes other convolution kernels than several (see above)
@@ -241,29 +242,38 @@ def merge_failures(failed: dict[str, str], world: int) -> dict[str, str]:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def from_first(make, world: int, rank: int):
-    """Under torchrun, ``make()`` runs on rank 0 only and every rank gets its value (or the
-    FeatcacheError it raised, raised on every rank): one rank scans and hashes the folder, the
-    others receive the manifest instead of reading every file again."""
+def to_each(make, world: int, rank: int):
+    """Under torchrun, ``make()`` runs on rank 0 only and returns one value per rank; each rank gets its own
+    (or the FeatcacheError ``make`` raised, raised on every rank, so no rank waits for what never comes):
+    rank 0 plans, and every other rank receives its share of the plan, not the plan. Without torchrun,
+    ``make()[0]``."""
     from .errors import FeatcacheError
 
     if world <= 1:
-        return make()
+        return make()[0]
     import torch.distributed as dist
 
-    box: list = [None]
-    if rank == 0:
+    mine: list = [None]
+    if rank != 0:
+        dist.scatter_object_list(mine, None, src=0)  # in-process messages between ranks, never stored
+    else:
         try:
-            box[0] = ("ok", make())
+            values = make()
+            payload = [("ok", v) for v in values]
         except FeatcacheError as e:
-            box[0] = ("error", e)
-        except BaseException as e:  # the others must not wait for a manifest that never comes
-            box[0] = ("error", FeatcacheError(f"rank 0 stopped while scanning: {e.__class__.__name__}: {e}"))
-            dist.broadcast_object_list(box, src=0)
+            payload = [("error", e)] * world
+        except BaseException as e:  # the others must not wait for a share that never comes
+            stopped = FeatcacheError(f"rank 0 stopped while planning: {e.__class__.__name__}: {e}")
+            dist.scatter_object_list(mine, [("error", stopped)] * world, src=0)
             raise
-    dist.broadcast_object_list(box, src=0)  # in-process messages between ranks, never stored
-    kind, value = box[0]
+        dist.scatter_object_list(mine, payload, src=0)
+    kind, value = mine[0]
     if kind == "error":
         raise value
     return value
 
+
+def on_first(make, world: int, rank: int):
+    """Under torchrun, ``make()`` runs on rank 0 only, which keeps its value; the other ranks get None (or
+    the FeatcacheError it raised): one rank scans and hashes the folder, and holds what it found."""
+    return to_each(lambda: [make()] + [None] * (world - 1), world, rank)

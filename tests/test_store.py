@@ -346,6 +346,45 @@ atexit.register(lambda: open(os.path.join({str(hook)!r}, "rank" + os.environ.get
     assert got.keys() == want.keys() and all(np.array_equal(got[h], want[h]) for h in want)
 
 
+def test_torchrun_a_rank_receives_its_share_only_not_the_manifest_or_the_index(tmp_path):
+    """Rank 0 scans, reads the space's row keys and plans; rank 1 gets only its images and which of them the
+    space holds: it opens no image outside its share and no key of a segment it did not write."""
+    store = tmp_path / "s.zarr"
+    before = make_folder(tmp_path / "before", splits=(("train", 6), ("val", 2)), seed=1)
+    assert cli_process("extract", "--backbone", TINY, "--weights", "none", "--data", before, "--workers", "0",
+                       "--store", store).wait(timeout=300) == 0  # the space holds rows: an index to build
+    st = featcache.open_store(str(store))
+    old = {g for g, _ in st.segment_groups(st.spaces()[0])}
+    folder = make_folder(tmp_path / "d", splits=(("train", 8), ("val", 4)), seed=2)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f"""
+import atexit, os, sys
+opened = []
+def audit(event, args):
+    if event == "open" and isinstance(args[0], str) and ("w" not in str(args[1])) and (
+            args[0].startswith({str(folder)!r}) or "/segments/" in args[0]):
+        opened.append(args[0])
+sys.addaudithook(audit)
+atexit.register(lambda: open(os.path.join({str(hook)!r}, "rank" + os.environ.get("RANK", "x")), "w").write(
+    "\\n".join(opened)))
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "featcache.cli", "extract", "--backbone", TINY, "--weights", "none", "--data", str(folder),
+           "--workers", "0", "--batch-size", "4", "--store", str(store), "--rehash"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    opened = {r: set(filter(None, (hook / f"rank{r}").read_text().split("\n"))) for r in (0, 1)}
+    assert all(any(f"/segments/{g}/sha256/c/" in path for path in opened[0]) for g in old)  # rank 0 read their keys
+    images = {r: {path for path in opened[r] if path.startswith(str(folder))} for r in (0, 1)}
+    assert len(images[0]) == 36 and 0 < len(images[1]) <= 18, {r: len(v) for r, v in images.items()}
+    assert not any(f"/segments/{g}/" in path for g in old for path in opened[1]), sorted(opened[1])
+    assert p.stdout.count("extracted 36 (") == 1
+    fs = featcache.open_store(str(store)).get_set()
+    assert sum(fs.record.splits.values()) == 36 and len(all_rows(store)) == 36
+
+
 def test_torchrun_a_folder_rank_0_refuses_stops_every_rank_with_its_error(tmp_path):
     """Only rank 0 scans: its refusal reaches the other rank, which stops with the same error
     instead of waiting for a manifest."""
