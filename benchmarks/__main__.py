@@ -99,6 +99,7 @@ SWEEP_COLUMNS = [("backbone", "backbone"), ("combinations", "combinations"), ("e
                  ("best", "best run"), ("best_val_top1", "best val top-1")]
 SCALE_COLUMNS = [("images", "images"), ("rerun_s", "re-run, nothing changed s"), ("scan_share", "of which scan + hash"),
                  ("rerun_peak_mb", "re-run peak MiB"), ("plan_bytes_per_image", "re-run peak above start, bytes/image"),
+                 ("plan_bytes_per_image_warm", "above a start that has built a model, bytes/image"),
                  ("ls_s", "ls s"), ("ls_peak_mb", "ls peak MiB"), ("load_s", "load set for fit s"),
                  ("load_peak_mb", "load peak MiB"), ("files_per_10k", "files / 10k rows"), ("first_s", "first extract s"),
                  ("warm_rerun_s", "first re-run s"), ("ls_sets", "sets over one space"), ("ls_many_s", "ls, all sets s"),
@@ -106,9 +107,11 @@ SCALE_COLUMNS = [("images", "images"), ("rerun_s", "re-run, nothing changed s"),
                  ("set_commit_s", "commit one more set s")]
 GROWTH_COLUMNS = [("step", "step"), ("images_x", "images x"), ("rerun_s", "re-run"), ("rerun_scan_s", "scan + hash"),
                   ("rerun_peak_mb", "re-run peak"), ("plan_bytes_per_image", "bytes/image"), ("ls_s", "ls"),
-                  ("ls_many_s", "ls, all sets"), ("load_s", "load"), ("files", "files")]
+                  ("ls_many_s", "ls, all sets"), ("load_s", "load"), ("files", "files"),
+                  ("plan_bytes_per_added_image", "planning peak per added image, bytes")]
 RATIO_COLUMNS = [("images", "images"), ("rerun_s", "re-run, nothing changed"), ("rerun_scan_s", "scan + hash"),
-                 ("rerun_peak_mb", "re-run peak"), ("ls_s", "ls"), ("ls_many_s", "ls, all sets"),
+                 ("rerun_peak_mb", "re-run peak"), ("plan_bytes_per_image", "peak above start"),
+                 ("plan_bytes_per_image_warm", "peak above a warm start"), ("ls_s", "ls"), ("ls_many_s", "ls, all sets"),
                  ("load_s", "load set for fit")]
 RATIO_KEYS = [k for k, _ in RATIO_COLUMNS[1:]]
 FILES_COLUMNS = [("shape", "features"), ("rows", "rows"), ("shard_rows", "rows per shard"), ("files", "files"),

@@ -76,6 +76,16 @@ except ImportError:  # a checkout from before prepare.py (--against an older com
 import torchvision  # noqa: F401  (the network's library: imported lazily by newer code, counted by none)
 out = {}
 base = mem("VmRSS")
+warm = base
+if job["op"] == "extract":
+    # torch's first model build (its allocator, thread pools, FX's first trace: about 10 MB, the same at any
+    # size) is done once before the clock, so the peak can also be read above a process that has built one
+    from featcache import backbones
+    try:
+        backbones.create_backbone(job["backbone"], None, "none", None)
+    except TypeError:  # an older signature
+        backbones.create_backbone(job["backbone"], None, "none")
+    warm = mem("VmRSS")
 if job["op"] == "extract":
     spent = {"scan": 0.0}
     real = E.scan
@@ -125,7 +135,7 @@ elif job["op"] == "load":
     fs = featcache.open_store(job["store"]).get_set(job["set"])
     data, _, _ = load(FitConfig(head="logreg", set=job["set"], store=job["store"]), fs)
     out.update(seconds=time.perf_counter() - t, rows=sum(len(y) for _, y in data.values()))
-out.update(base_rss=base, peak_rss=mem("VmHWM"))
+out.update(base_rss=base, warm_rss=warm, peak_rss=mem("VmHWM"))
 print("RESULT " + json.dumps(out))
 """
 
@@ -178,6 +188,8 @@ def _row(n: int, reruns: list[dict], ls: dict, load: dict) -> dict:
         "images": n, "rerun_s": mid["seconds"], "rerun_runs_s": [r["seconds"] for r in reruns],
         "rerun_scan_s": mid["scan_s"], "scan_share": mid["scan_s"] / mid["seconds"],
         "rerun_peak_mb": mid["peak_rss"] / 2**20, "plan_bytes_per_image": (mid["peak_rss"] - mid["base_rss"]) / n,
+        "plan_bytes_per_image_warm": (mid["peak_rss"] - mid.get("warm_rss", mid["base_rss"])) / n,
+        "plan_peak_above_warm_mb": (mid["peak_rss"] - mid.get("warm_rss", mid["base_rss"])) / 2**20,
         "ls_s": ls["seconds"], "ls_peak_mb": ls["peak_rss"] / 2**20,
         "load_s": load["seconds"], "load_peak_mb": load["peak_rss"] / 2**20, "load_rows": load["rows"],
     }
@@ -342,9 +354,12 @@ GROWTH_KEYS = ("rerun_s", "rerun_scan_s", "rerun_peak_mb", "plan_bytes_per_image
 
 
 def growth(rows: list[dict]) -> list[dict]:
-    """Each measured number at one size over the same number at the size before."""
+    """Each measured number at one size over the same number at the size before; and the planning peak's growth
+    per added image (above the warm start: what each more image costs the planning process)."""
     out = []
     for a, b in zip(rows, rows[1:]):
+        added = b.get("plan_peak_above_warm_mb", 0) - a.get("plan_peak_above_warm_mb", 0)
         out.append({"step": f"{a['images']} -> {b['images']}", "images_x": b["images"] / a["images"],
-                    **{k: b[k] / a[k] if a[k] else None for k in GROWTH_KEYS}})
+                    **{k: b[k] / a[k] if a.get(k) else None for k in GROWTH_KEYS},
+                    "plan_bytes_per_added_image": added * 2**20 / (b["images"] - a["images"])})
     return out

@@ -185,6 +185,7 @@ def test_scale_benchmark_smoke(tmp_path):
     saved = json.loads(next(tmp_path.glob("scale-*.json")).read_text())
     row = saved["code"]["rows"][0]
     assert row["images"] == 24 and row["load_rows"] == 24 and row["files"] > 0
+    assert row["plan_bytes_per_image_warm"] <= row["plan_bytes_per_image"]  # above a start that built a model too
     assert 0 < row["rerun_scan_s"] < row["rerun_s"] and row["rerun_peak_mb"] > 0 and row["ls_s"] > 0
     assert row["ls_sets"] == 3 and row["ls_many_s"] > 0 and row["ls_many_over_one"] == row["ls_many_s"] / row["ls_s"]
     assert row["new_set_images"] == 16 and row["new_set_space_rows"] == 24  # a new set into that store and an empty one
