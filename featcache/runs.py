@@ -29,7 +29,7 @@ from typing import Any
 from .choices import MAX_CLASSES, SPLITS
 from .config import ExtractConfig, FitConfig
 from .errors import RunError, StoreError
-from .fields import Fields, is_int, is_number
+from .fields import Fields, is_finite, is_int, is_number
 from .heads import check_head
 from .persist import HeadRecord, json_text, read_json, read_table, write_json, write_table
 from .pooling import prepared_shape
@@ -40,20 +40,13 @@ RUN_FILES = ("config.json", "metrics.json", "history.json", "head.json", "head.n
 _HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
 _TYPES = {  # dataclass annotations (as strings) -> JSON value check
     "int": is_int,
-    "float": lambda v: is_number(v) and _finite(v),
+    "float": is_finite,
     "str": lambda v: isinstance(v, str),
     "bool": lambda v: isinstance(v, bool),
     "None": lambda v: v is None,
     "tuple[str, ...]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "tuple[float, ...]": lambda v: isinstance(v, list) and all(is_number(x) for x in v),
 }
-
-
-def _finite(v: Any) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer too large for a float
-        return False
 
 
 def _parse_config(cls: type, f: Fields, name: str, convert=None) -> Any:
@@ -252,7 +245,7 @@ class RunRecord:
             head=head,
             views_used=f.integer("views_used", 0, optional=True) or 0,
             best_epoch=f.integer("best_epoch", -1, optional=True),
-            C=f.get("C", lambda v: is_number(v) and v > 0 and _finite(v), "a finite number > 0", optional=True),
+            C=f.get("C", lambda v: is_finite(v) and v > 0, "a finite number > 0", optional=True),
             C_search=_parse_c_search(f),
             stopped_early=f.flag("stopped_early", optional=True, default=False),
             selection=_parse_selection(f),

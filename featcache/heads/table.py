@@ -13,14 +13,13 @@ benchmarks/README.md, scikit-learn several times more, NumPy about 2x.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..choices import HEADS, MAX_CLASSES
 from ..errors import RunError
-from ..fields import Fields
+from ..fields import Fields, is_finite
 from ..persist import Arrays, HeadRecord
 
 __all__ = ["C_GRID", "HeadKind", "KINDS", "kind_of", "check_arrays"]
@@ -83,13 +82,6 @@ def kind_of(name: str) -> HeadKind:
 
 # -- the saved form --------------------------------------------------------------------------------
 
-def _finite(v: Any) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def check_arrays(arrays: Arrays, want: dict[str, tuple], where: str, exact: bool = True) -> None:
     """``arrays`` has each name in ``want`` with that shape (None: any size); with ``exact``, nothing else."""
     missing = [n for n in want if n not in arrays]
@@ -123,7 +115,7 @@ def _check_params(kind: HeadKind, record: HeadRecord, where: str) -> tuple[Field
         elif isinstance(default, bool) or default is None or isinstance(default, (list, tuple)):
             ok = True  # checked by the kind where it matters
         elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
+            ok = is_finite(value)
         else:
             ok = type(value) is type(default)
         if not ok:
@@ -177,7 +169,7 @@ def _linear_model_state(kind: HeadKind, record: HeadRecord, where: str) -> tuple
     _, info = _check_params(kind, record, where)
     d = info.integer("n_features_in", 1, 2**31)
     c = info.integer("n_classes", 2, MAX_CLASSES)
-    info.get("C", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and _finite(v),
+    info.get("C", lambda v: is_finite(v) and v > 0,
              "a finite number > 0")
     info.flag("converged", optional=True)
     info.obj("C_search", optional=True)
