@@ -156,6 +156,8 @@ def _case(text: str) -> tuple[str, str | None, str]:
               help="scale: the checkout whose featcache is measured [default: this one].")
 @click.option("--against", default=None, type=click.Path(exists=True, file_okay=False),
               help="scale, cli: another checkout measured side by side on the same images and store (e.g. main).")
+@click.option("--compiled/--source", default=True, show_default=True,
+              help="cli: featcache started as installed (a copy with its bytecode compiled), or from the sources.")
 @click.option("--ls-sets", default=20, show_default=True, type=click.IntRange(1, 1000),
               help="scale: sets over one space for the second ls (the first set recorded again for other folders).")
 @click.option("--hash-files", default=20_000, show_default=True, type=click.IntRange(1, 10_000_000),
@@ -165,7 +167,7 @@ def _case(text: str) -> tuple[str, str | None, str]:
 @click.option("--big-space", default=None, type=click.IntRange(100, None),
               help="scale: only the new-set case, in a space of this many rows written through the store API.")
 def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, sizes, million, code, against,
-         ls_sets, hash_files, new_set, big_space) -> None:
+         ls_sets, hash_files, new_set, big_space, compiled) -> None:
     """Run the benchmark suite and print its tables."""
     from .storage import run_storage
     from .store import compaction, files_per_10k, run_store
@@ -336,12 +338,15 @@ def main(which, data, cases, head, epochs, workers, batch_size, repeats, out, si
     if which in ("cli", "all"):
         name, _, weights = _case(cases[-1])
         loads: list[float] = []
-        rows = run_cli(data, name, weights, rounds=max(repeats, 1), workers=workers, against=against, loads=loads)
+        rows = run_cli(data, name, weights, rounds=max(repeats, 1), workers=workers, against=against, loads=loads,
+                       compiled=compiled)
         click.echo(f"\ncommand line start-up: whole processes, median of {max(repeats, 1)} rounds in rotation; "
+                   f"featcache {'as installed (bytecode compiled)' if compiled else 'from its sources'}; "
                    f"fit on a {name} set of {Path(data).name}; load average {min(loads):.1f} to {max(loads):.1f}"
                    + (f"; (against): {against} ({_revision(against)})" if against else ""))
         click.echo(table(rows, CLI_COLUMNS))
         path = save("cli", {"machine": info, "data": data, "backbone": name, "rows": rows, "load_average": loads,
+                            "compiled": compiled,
                             "code_revision": _revision(Path(__file__).resolve().parents[1]), "against": against, "against_revision": _revision(against) if against else None}, out)
         click.echo(f"saved {path}")
     if which in ("sweep", "all"):

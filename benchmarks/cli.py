@@ -3,10 +3,16 @@
 ``featcache --help``, ``--version``, ``ls``, ``fit --head logreg``, ``runs``, ``backbones``, an extract
 with a mistyped ``--backbone`` and an extract with nothing to compute, on a small set, each as a
 ratio to ``python -c pass`` and to ``python -c "import torch"`` (and ``--help`` to ``python -c
-"import click"``). The commands are run in rotation, one of each per round, so a busy machine
-slows them alike; each time is the median over the rounds. With ``against`` (another checkout, e.g.
-main), each featcache command also runs from that checkout, in the same rotation and on the same
-store, as ``... (against)``. The load average is sampled before and after each round.
+"import click"``, and ``python -c "import numpy"``, the floor of anything that reads arrays with it).
+The commands are run in rotation, one of each per round, so a busy machine slows them alike; each
+time is the median over the rounds. With ``against`` (another checkout, e.g. main), each featcache
+command also runs from that checkout, in the same rotation and on the same store, as ``...
+(against)``. The load average is sampled before and after each round.
+
+With ``compiled`` (the default), each checkout's package is copied and its bytecode compiled first
+(``python -m compileall``, as ``pip install`` does), so featcache starts as installed, like click
+and torch beside it; without it, from the checkout's sources (where ``PYTHONDONTWRITEBYTECODE`` is
+set, every start then compiles featcache's modules again).
 """
 
 from __future__ import annotations
@@ -47,16 +53,29 @@ def _wall(argv: list[str], env: dict, cwd: Path, code: int = 0) -> float:
     return seconds
 
 
+def _compiled(checkout: Path, into: Path) -> str:
+    """A copy of ``checkout``'s package in ``into`` with its bytecode compiled, as installed; the folder to put first
+    on the path."""
+    shutil.copytree(checkout / "featcache", into / "featcache", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(into / "featcache")], check=True)
+    return str(into)
+
+
 def run_cli(data: str, backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", rounds: int = 5,
-            workers: int | None = None, against: str | None = None, loads: list[float] | None = None) -> list[dict]:
+            workers: int | None = None, against: str | None = None, loads: list[float] | None = None,
+            compiled: bool = True) -> list[dict]:
     """One row per command: median wall seconds and the ratios; the set is extracted first, untimed (by each
     checkout, so each has its caches). ``loads`` receives the load averages sampled around the rounds."""
     tmp = Path(tempfile.mkdtemp(prefix="featcache-cli-"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+
+    def path(checkout: Path, side: str) -> str:
+        first = [_compiled(checkout, tmp / side)] if compiled else []
+        return os.pathsep.join(filter(None, [*first, str(checkout), os.environ.get("PYTHONPATH")]))
+
+    env = {**os.environ, "PYTHONPATH": path(ROOT, "this"),
            "FEATCACHE_STORE": str(tmp / "s.zarr"), "FEATCACHE_SCAN_CACHE": str(tmp / "scans"),
            "FEATCACHE_PROVENANCE_CACHE": str(tmp / "provenance")}
-    other = None if against is None else {
-        **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(against).resolve()), os.environ.get("PYTHONPATH")]))}
+    other = None if against is None else {**env, "PYTHONPATH": path(Path(against).resolve(), "against")}
     loads = [] if loads is None else loads
     try:
         extract = ["extract", "--backbone", backbone, "--weights", weights, "--data", data, "--no-progress"]
@@ -67,6 +86,7 @@ def run_cli(data: str, backbone: str = "efficientnet_lite0", weights: str = "DEF
         commands = {
             "python -c pass": [sys.executable, "-c", "pass"],
             'python -c "import click"': [sys.executable, "-c", "import click"],
+            'python -c "import numpy"': [sys.executable, "-c", "import numpy"],
             'python -c "import torch"': [sys.executable, "-c", "import torch"],
             "featcache --help": _featcache("--help"),
             "featcache --version": _featcache("--version"),

@@ -13,7 +13,7 @@ from typing import Any, Literal, overload
 
 from .errors import FeatcacheError, RunError
 
-__all__ = ["Fields", "is_int", "is_number", "RUN_FIX"]
+__all__ = ["Fields", "is_int", "is_number", "is_finite", "RUN_FIX"]
 
 RUN_FIX = "The run directory is damaged; re-run featcache fit"
 
@@ -73,7 +73,7 @@ class Fields:
                nonfinite: bool = False) -> float | None:
         """A finite number in [lo, hi]; also NaN or ±inf when ``nonfinite`` (a loss that diverged)."""
         def ok(v):
-            return is_number(v) and ((math.isfinite(v) and lo <= v <= hi) or (nonfinite and not math.isfinite(v)))
+            return (is_finite(v) and lo <= v <= hi) or (nonfinite and isinstance(v, float) and not math.isfinite(v))
 
         want = f"a finite number in [{lo}, {hi}]" + (" (or NaN/inf)" if nonfinite else "")
         return self.get(name, ok, want, optional)
@@ -114,3 +114,11 @@ def is_int(v: Any) -> bool:
 
 def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_finite(v: Any) -> bool:
+    """A number that is finite as a float: not NaN or ±inf, nor an integer too large for a float."""
+    try:
+        return is_number(v) and math.isfinite(v)
+    except OverflowError:
+        return False

@@ -1,10 +1,13 @@
 """Read and write the JSON and array files of a run directory without trusting them.
 
 A run directory may come from a colleague, a crashed job or a hostile source: reading caps
-the size, parses without recursion limits getting in the way, loads arrays without pickle
+the size, parses without recursion limits getting in the way, reads arrays without pickle
 and refuses anything that is not a plain numeric array. Every failure is a
 :class:`~featcache.errors.RunError` that names the file. Writing goes through a temporary
 file renamed into place, so a reader never sees half a file.
+
+Arrays are read and checked without NumPy (``featcache.npy``), so listing runs never imports it;
+:class:`Arrays` gives each as a NumPy array when it is first asked for (loading a head).
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ import json
 import os
 import stat
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .errors import RunError
 from .fields import Fields
+from .npy import NpyError, RawArray, parse_npy
 
-__all__ = ["MAX_JSON_BYTES", "MAX_ARRAY_BYTES", "MAX_JSON_DEPTH", "HeadRecord", "read_json", "write_json",
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["MAX_JSON_BYTES", "MAX_ARRAY_BYTES", "MAX_JSON_DEPTH", "Arrays", "HeadRecord", "read_json", "write_json",
            "json_text", "write_table", "read_table",
            "read_arrays", "write_arrays", "write_atomic", "check_numeric"]
 
@@ -115,42 +121,41 @@ def write_json(path: Path, doc: Any, text: str | None = None) -> None:
     _replace(Path(path), lambda tmp: tmp.write_text(text))
 
 
-def write_table(path: Path, table: np.ndarray) -> None:
-    """Write one numeric array as ``.npy`` (no pickle), published by a rename."""
+def write_table(path: Path, rows: list[list[int]]) -> None:
+    """Write a table of counts as an int64 ``.npy`` (no pickle), published by a rename."""
+    import numpy as np
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(table), allow_pickle=False)
+            np.save(f, np.asarray(rows, dtype=np.int64), allow_pickle=False)
 
     _replace(Path(path), write)
 
 
-def read_table(path: Path, where: str) -> np.ndarray:
-    """The square table of non-negative integers in an ``.npy`` file, its header checked against the
-    file's size before anything is read, loaded without pickle."""
+def read_table(path: Path, where: str) -> list[list[int]]:
+    """The rows of the square table of non-negative integers in an ``.npy`` file, its header checked before
+    its data is read, nothing unpickled."""
     path = Path(path)
-    _regular_file(path, where)
+    size = _regular_file(path, where)
     try:
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            got, _, dtype = header(f)
-            short = int(np.prod(got, dtype=np.int64)) * dtype.itemsize > _regular_file(path, where) - f.tell()
-            if len(got) != 2 or got[0] != got[1] or dtype.kind not in "iu" or short:
-                raise RunError(f"{where}: {path.name} holds a {dtype} array of shape {list(got)}"
-                               f"{' (the file is shorter)' if short else ''}, not a square integer table; the run "
-                               "directory is damaged, re-run featcache fit")
-        table = np.load(path, allow_pickle=False)
-    except RunError:
-        raise
-    except (ValueError, OSError, EOFError) as e:
+            table = parse_npy(f.read(size + 1))
+    except NpyError as e:
         raise RunError(f"{where}: unreadable run files: {path.name} is not a valid .npy file ({e})") from None
-    if (table < 0).any():
+    except OSError as e:
+        raise RunError(f"{where}: cannot read {path.name}: {e.strerror or e}") from None
+    if table.ndim != 2 or table.shape[0] != table.shape[1] or table.kind not in ("i", "u"):
+        raise RunError(f"{where}: {path.name} holds a {table.dtype} array of shape {list(table.shape)}, not a square "
+                       "integer table; the run directory is damaged, re-run featcache fit")
+    if min(table.values(), default=0) < 0:
         raise RunError(f"{where}: {path.name} holds negative counts; the run directory is damaged, re-run featcache fit")
-    return table
+    return table.rows()
 
 
-def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write ``arrays`` as an uncompressed ``.npz``, published by a rename."""
+    import numpy as np
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -158,45 +163,79 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     _replace(Path(path), write)
 
 
-def read_arrays(path: Path, where: str) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` file: numeric (bool, int, float), finite, loaded without pickle."""
+class Arrays(Mapping):
+    """A head's named arrays: each kept as stored (a :class:`~featcache.npy.RawArray`, checked without
+    NumPy: :meth:`raw`) until it is first asked for as a NumPy array (``arrays[name]``). Built from
+    read arrays, NumPy arrays (a fitted head's) or another ``Arrays``."""
+
+    def __init__(self, arrays: Mapping[str, Any]):
+        self._items: dict[str, Any] = dict(arrays._items if isinstance(arrays, Arrays) else arrays)
+
+    def raw(self, name: str) -> RawArray:
+        a = self._items[name]
+        return a if isinstance(a, RawArray) else RawArray.of(a)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        a = self._items[name]
+        if isinstance(a, RawArray):
+            a = self._items[name] = a.numpy()
+        return a
+
+    def __contains__(self, name: object) -> bool:  # not Mapping's, which would make a NumPy array to answer
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def read_arrays(path: Path, where: str) -> Arrays:
+    """The arrays of an ``.npz`` file, read without pickle or NumPy: each member a valid ``.npy`` whose data is
+    what its header declares, none an object array. Whether they hold finite numbers is :func:`check_numeric`'s
+    to say (``HeadRecord`` asks it of every head, read or fitted)."""
     path = Path(path)
     _regular_file(path, where)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, RawArray] = {}
+    member = ""
     try:
         with zipfile.ZipFile(path) as zf:
-            declared = sum(i.file_size for i in zf.infolist())
-        if declared > MAX_ARRAY_BYTES:
-            raise RunError(f"{where}: {path.name} declares {declared} bytes of arrays, over {MAX_ARRAY_BYTES >> 30} GiB; "
-                           "the run directory is damaged")
-        with np.load(path, allow_pickle=False) as z:
-            for name in z.files:
-                arrays[name] = z[name]
+            infos = zf.infolist()
+            declared = sum(i.file_size for i in infos)
+            if declared > MAX_ARRAY_BYTES:
+                raise RunError(f"{where}: {path.name} declares {declared} bytes of arrays, over "
+                               f"{MAX_ARRAY_BYTES >> 30} GiB; the run directory is damaged")
+            for info in infos:
+                member = info.filename
+                if not member.endswith(".npy"):
+                    raise NpyError("it is not an array (.npy)")
+                arrays[member.removesuffix(".npy")] = parse_npy(zf.read(info))  # the size and CRC checked
     except RunError:
         raise
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise RunError(f"{where}: {path.name} holds an object array (refused: loading it would unpickle code); "
-                           "the run directory is damaged or hostile") from None
-        raise RunError(f"{where}: unreadable run files: {path.name} is not a valid .npz file ({e})") from None
-    except Exception as e:  # zipfile, zlib and numpy raise many types for a damaged file
+    except NpyError as e:
+        raise RunError(f"{where}: unreadable run files: {path.name} is not a valid .npz file "
+                       f"(member {member!r}: {e})") from None
+    except Exception as e:  # zipfile and zlib raise many types for a damaged file
         raise RunError(f"{where}: unreadable run files: {path.name} is not a valid .npz file "
                        f"({e.__class__.__name__}: {e})") from None
-    check_numeric(arrays, where, path.name)
-    return arrays
-
-
-def check_numeric(arrays: dict[str, np.ndarray], where: str, file: str) -> None:
-    """Every array holds plain numbers (bool, int, float), all finite."""
     for name, a in arrays.items():
-        if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
-            raise RunError(f"{where}: {file} array {name!r} has dtype {getattr(a, 'dtype', type(a).__name__)}, "
-                           "expected numbers; the run directory is damaged")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
+        if a.dtype == "object":
+            raise RunError(f"{where}: {path.name} holds an object array {name!r} (refused: loading it would "
+                           "unpickle code); the run directory is damaged or hostile")
+    return Arrays(arrays)
+
+
+def check_numeric(arrays: Arrays, where: str, file: str) -> None:
+    """Every array holds plain numbers (bool, int, float), all finite."""
+    for name in arrays:
+        a = arrays.raw(name)
+        if not a.kind:
+            raise RunError(f"{where}: {file} array {name!r} has dtype {a.dtype}, expected numbers (bool, integers, "
+                           "floats); the run directory is damaged")
+        if not a.all_finite():
             raise RunError(f"{where}: {file} array {name!r} holds non-finite values (nan or inf); "
                            "the run directory is damaged, re-run featcache fit")
-
-
 
 
 @dataclass(frozen=True)
@@ -204,13 +243,17 @@ class HeadRecord:
     """``head.json`` (kind, parameters, fitted facts) and ``head.npz`` (the learned arrays) of a run.
 
     ``read`` checks the files' structure; whether the arrays fit the kind of head is for the
-    head class to say (``featcache.heads.check_head``).
+    head table to say (``featcache.heads.check_head``). ``arrays`` may be given as any mapping of
+    arrays; it is kept as :class:`Arrays`.
     """
 
     kind: str
     params: dict
     fitted: dict
-    arrays: dict[str, np.ndarray] = field(compare=False, repr=False)
+    arrays: Arrays = field(compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arrays", Arrays(self.arrays))
 
     @classmethod
     def of(cls, head) -> HeadRecord:
@@ -221,10 +264,11 @@ class HeadRecord:
         return {"kind": self.kind, "params": self.params, "fitted": self.fitted}
 
     @classmethod
-    def from_dict(cls, doc: Any, arrays: dict[str, np.ndarray], where: str) -> HeadRecord:
+    def from_dict(cls, doc: Any, arrays: Mapping[str, Any], where: str) -> HeadRecord:
         f = Fields(doc, where, "head.json")
         kind = f.text("kind")
         params, fitted = f.obj("params"), f.obj("fitted")
+        arrays = Arrays(arrays)
         check_numeric(arrays, where, "head.npz")
         return cls(kind, params.doc, fitted.doc, arrays)
 

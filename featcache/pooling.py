@@ -7,13 +7,19 @@ they are read.
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["prepare_features", "prepared_shape", "pool_tensor"]
 
 
 def prepare_features(x: np.ndarray, pool: str = "none") -> np.ndarray:
     """Stored rows → float32 2-D matrix: spatial maps pooled (``avg``/``max``) or flattened."""
+    import numpy as np
+
     if x.ndim == 4 and pool == "avg":
         x = x.mean(axis=(2, 3), dtype=np.float32)
     elif x.ndim == 4 and pool == "max":
@@ -22,12 +28,12 @@ def prepare_features(x: np.ndarray, pool: str = "none") -> np.ndarray:
 
 
 def prepared_shape(shape: tuple[int, ...], pool: str, keep_shape: bool) -> tuple[int, ...]:
-    """Shape of one row after ``prepare_features`` (or as stored, for heads that take maps)."""
+    """Shape of one row after ``prepare_features`` (or as stored, for heads that take maps); without NumPy."""
     if keep_shape:
         return tuple(shape)
     if len(shape) == 3 and pool in ("avg", "max"):
         return (shape[0],)
-    return (int(np.prod(shape)),)
+    return (int(math.prod(shape)),)
 
 
 def pool_tensor(x, pool: str):

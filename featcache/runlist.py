@@ -1,8 +1,9 @@
 """``featcache runs``: one row per run directory under a folder (a sweep's runs included), each read
 and checked through :meth:`RunRecord.read`, the damaged ones named and skipped.
 
-Listing imports neither torch nor scikit-learn: a saved head is checked against its row of the
-head table (``heads.table``), which needs numpy only.
+Listing imports neither torch, scikit-learn nor NumPy, and checks as much as loading a run does:
+a saved head is checked against its row of the head table (``heads.table``), its arrays and the
+confusion tables as stored (``featcache.npy``: every header, size and number).
 """
 
 from __future__ import annotations

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .choices import MAX_CLASSES, SPLITS
 from .config import ExtractConfig, FitConfig
 from .errors import RunError, StoreError
-from .fields import Fields, is_int, is_number
+from .fields import Fields, is_finite, is_int, is_number
 from .heads import check_head
 from .persist import HeadRecord, json_text, read_json, read_table, write_json, write_table
 from .pooling import prepared_shape
@@ -41,7 +40,7 @@ RUN_FILES = ("config.json", "metrics.json", "history.json", "head.json", "head.n
 _HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
 _TYPES = {  # dataclass annotations (as strings) -> JSON value check
     "int": is_int,
-    "float": lambda v: is_number(v) and np.isfinite(v),
+    "float": is_finite,
     "str": lambda v: isinstance(v, str),
     "bool": lambda v: isinstance(v, bool),
     "None": lambda v: v is None,
@@ -246,7 +245,7 @@ class RunRecord:
             head=head,
             views_used=f.integer("views_used", 0, optional=True) or 0,
             best_epoch=f.integer("best_epoch", -1, optional=True),
-            C=f.get("C", lambda v: is_number(v) and 0 < v < np.inf, "a finite number > 0", optional=True),
+            C=f.get("C", lambda v: is_finite(v) and v > 0, "a finite number > 0", optional=True),
             C_search=_parse_c_search(f),
             stopped_early=f.flag("stopped_early", optional=True, default=False),
             selection=_parse_selection(f),
@@ -273,7 +272,7 @@ class RunRecord:
         if self.input_shape != want:
             raise f.bad("input_shape", f"{list(want)} (feature_shape {list(self.feature_shape)} with pool "
                                        f"{self.config.pool})", list(self.input_shape))
-        if (tuple(n_in) if rest else (n_in,)) != (self.input_shape if rest else (int(np.prod(self.input_shape)),)):
+        if (tuple(n_in) if rest else (n_in,)) != (self.input_shape if rest else (math.prod(self.input_shape),)):
             raise RunError(f"{where}: the head takes {n_in} inputs but config.json records input_shape "
                            f"{list(self.input_shape)}; the run directory is damaged, re-run featcache fit")
         if "C" in self.head.fitted and self.head.fitted["C"] != self.C:
@@ -318,7 +317,7 @@ class RunRecord:
             raise RunError(f"cannot create run directory {run}: {e.strerror or e}") from None
         self.head.write(run)
         for split, m in self.metrics.items():
-            write_table(run / _TABLE.format(split=split), np.asarray(m["confusion_matrix"], dtype=np.int64))
+            write_table(run / _TABLE.format(split=split), m["confusion_matrix"])
         for name in ("metrics.json", "history.json", "config.json"):
             write_json(run / name, docs[name], texts[name])
 
@@ -334,7 +333,7 @@ def _read_tables(run: Path, where: str, metrics: Any) -> None:
         return  # the record's own checks say what is wrong
     for split, m in metrics.items():
         if split in SPLITS and isinstance(m, dict) and "confusion_matrix" not in m:
-            m["confusion_matrix"] = read_table(run / _TABLE.format(split=split), where).tolist()
+            m["confusion_matrix"] = read_table(run / _TABLE.format(split=split), where)
 
 
 def read_run(run_dir: str | Path) -> RunRecord:

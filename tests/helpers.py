@@ -72,3 +72,35 @@ def all_rows(store) -> dict:
 
     fs = featcache.open_store(str(store)).get_set()
     return {h: row for s in fs.splits for h, row in zip(fs.hashes(s).tolist(), fs.features(s))}
+
+
+_IMPORTS_PROBE = """
+import json, sys
+from featcache.cli import main
+try:
+    main(sys.argv[2:])
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+sys.stdout.flush()
+print(json.dumps({"code": code, "imported": [m for m in json.loads(sys.argv[1]) if m in sys.modules]}), file=sys.stderr)
+"""
+
+
+def cli_imports(args, modules, cwd=ROOT) -> tuple[int, list[str], str, str]:
+    """``featcache ARGS`` in a fresh process, the way a user runs it: (exit status, which of ``modules`` were
+    imported when the command returned, standard output, standard error without the probe's own line)."""
+    import json
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("FEATCACHE_STORE", None)
+    p = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE, json.dumps(list(modules)), *map(str, args)], cwd=cwd,
+                       env=env, capture_output=True, text=True)
+    *err, last = p.stderr.splitlines() or [""]
+    try:
+        probe = json.loads(last)
+    except ValueError:
+        raise AssertionError(f"featcache {' '.join(map(str, args))} did not return: {p.stderr[-3000:]}") from None
+    return probe["code"], probe["imported"], p.stdout, "\n".join(err)

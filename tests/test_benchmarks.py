@@ -144,7 +144,9 @@ def test_cli_benchmark_times_whole_processes(folder):
     from benchmarks.cli import run_cli
 
     rows = run_cli(str(folder), TINY, "none", rounds=1, workers=0)
-    assert [r["command"] for r in rows][3:] == ["featcache --help", "featcache --version", "featcache ls",
+    assert [r["command"] for r in rows][:4] == ["python -c pass", 'python -c "import click"',
+                                                'python -c "import numpy"', 'python -c "import torch"']
+    assert [r["command"] for r in rows][4:] == ["featcache --help", "featcache --version", "featcache ls",
                                                 "featcache fit --head logreg", "featcache runs", "featcache backbones",
                                                 "featcache extract (a mistyped --backbone)",
                                                 "featcache extract (nothing to compute)"]

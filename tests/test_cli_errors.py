@@ -45,7 +45,9 @@ def test_standard_output_on_a_full_disk_is_one_error_line(store):
 
 
 def test_fit_on_a_full_disk_leaves_no_run_directory(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(featcache.persist.np, "savez", _full)  # head.npz: the first big file of a run
+    import numpy as np
+
+    monkeypatch.setattr(np, "savez", _full)  # head.npz: the first big file of a run
     r = _invoke("fit", "--store", store, "--head", "logreg", "--runs", str(tmp_path / "runs"), "--no-plots")
     last = r.output.splitlines()[-1]
     assert r.exit_code == 1 and last.startswith(f"Error: writing the run directory {tmp_path / 'runs'}"), r.output

@@ -19,7 +19,7 @@ import pytest
 
 import featcache
 
-from .helpers import ROOT, TINY, make_folder
+from .helpers import ROOT, TINY, cli_imports, make_folder
 
 HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "mlflow", "tensorboard")
 PROBE = f"""
@@ -161,9 +161,9 @@ def test_a_closed_pipe_ends_the_command_quietly(world):
     assert "Error" not in p.stderr and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
 
 
-def test_runs_checks_every_run_without_torch_or_scikit_learn(world, tmp_path):
+def test_runs_checks_every_run_without_torch_scikit_learn_or_numpy(world, tmp_path):
     """``featcache runs`` reads and checks each run's head (mlp, logreg, rest) from the head table:
-    damaged heads are still named and skipped, and neither torch nor scikit-learn is imported."""
+    damaged heads are still named and skipped, and neither torch, scikit-learn nor NumPy is imported."""
     import shutil
 
     import numpy as np
@@ -182,7 +182,8 @@ def test_runs_checks_every_run_without_torch_or_scikit_learn(world, tmp_path):
             arrays = {k: z[k] for k in z.files}
         arrays[name] = change(arrays[name])
         np.savez(bad / "head.npz", **arrays)
-    code, heavy, output = _heavy(["runs", "--runs", str(root)], tmp_path)
+    code, heavy, out, err = cli_imports(["runs", "--runs", str(root)], ("numpy",) + HEAVY, cwd=tmp_path)
+    output = out + err
     assert code == 0, output
     assert heavy == [], heavy
     assert "3 runs in" in output and "3 damaged skipped" in output, output

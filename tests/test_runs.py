@@ -18,7 +18,7 @@ from featcache.errors import RunError
 from featcache.runs import RUN_FILES, RunRecord
 from featcache.tails import load_head
 
-from .helpers import TINY, make_folder
+from .helpers import TINY, cli_imports, make_folder
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,12 @@ CASES = [
      ["confusion_matrix.val.npy holds a object array"]),
     ("NaN top-1", "mlp", _write("metrics.json", b'{"val": {"n": 12, "top1": NaN}}'), 1,
      ["metrics.json field 'val.top1' must be a finite number"]),
+    ("401-digit top-1", "logreg", _json("metrics.json", _set("val.top1", 10**400)), 1,
+     ["metrics.json field 'val.top1' must be a finite number"]),
+    ("401-digit C", "logreg", _json("head.json", _set("fitted.C", 10**400)), 1,
+     ["head.json field 'fitted.C' must be a finite number > 0"]),
+    ("401-digit learning rate", "mlp", _json("config.json", _set("config.lr", 10**400)), 1,
+     ["config.json field 'config.lr' must be of type float"]),
     ("unknown split", "mlp", _json("metrics.json", _set("holdout", {})), 1, ["metrics.json field 'holdout'"]),
     ("epoch rows out of order", "mlp", _json("history.json", lambda h: h.reverse()), 1,
      ["history.json field '[0].epoch' must be 1"]),
@@ -368,3 +374,43 @@ def test_a_damaged_rest_head_is_one_error_line(rest_run, tmp_path, case, damage,
     assert sorted(p.name for p in run.iterdir()) == before
     with pytest.raises(RunError, match=words.replace("(", r"\(")):
         load_head(run, TINY)
+
+
+LISTED_CASES = [c for c in CASES if c[3] == 1]  # a file or nothing passed as RUN is no run folder to list
+NUMERIC_STACK = ("numpy", "torch", "sklearn", "scipy", "zarr", "tensorstore")
+
+
+def _expected_row(run: Path) -> dict:
+    """A good run's row of ``featcache runs --json``, read from its JSON files here."""
+    info, metrics = (json.loads((run / f).read_text()) for f in ("config.json", "metrics.json"))
+    params = json.loads((run / "head.json").read_text())["params"]
+    shown = (f"lr={params['lr']:g} hidden={params['hidden']} dropout={params['dropout']:g}"
+             if info["config"]["head"] == "mlp" else f"C={info['C']:g}")
+    return {"time": info["created_at"], "run": run.name, "head": info["config"]["head"], "set": info["set"],
+            "params": shown, "best_epoch": info.get("best_epoch"), "val_top1": metrics["val"]["top1"],
+            "test_top1": metrics["test"]["top1"] if "test" in metrics else None}
+
+
+def test_runs_lists_and_names_every_damage_without_numpy(runs, tmp_path):
+    """``featcache runs`` over two good runs and one damaged copy per case above, in a process as a user runs
+    it: each damaged run is skipped with the words every other command gives, each good row is what its files
+    say, and neither NumPy nor anything built on it (torch, scikit-learn, zarr) is imported."""
+    root = tmp_path / "runs"
+    good = [Path(shutil.copytree(runs[head], root / f"good-{head}")) for head in ("mlp", "logreg")]
+    for i, (_, head, damage, _, _) in enumerate(LISTED_CASES):
+        damage(Path(shutil.copytree(runs[head], root / f"bad-{i:02d}")))
+    code, imported, out, err = cli_imports(["runs", "--runs", root], NUMERIC_STACK, cwd=tmp_path)
+    assert code == 0, err
+    assert imported == [], imported
+    skipped = dict(line.removeprefix("skipped ").split(": ", 1) for line in err.splitlines()
+                   if line.startswith("skipped "))
+    for i, (case, _, _, _, words) in enumerate(LISTED_CASES):
+        reason = skipped.get(f"bad-{i:02d}", "")
+        assert str(root / f"bad-{i:02d}") in reason and all(w in reason for w in words), (case, reason)
+    assert err.splitlines()[-1] == f"2 runs in {root}, {len(LISTED_CASES)} damaged skipped", err
+    lines = out.splitlines()
+    assert lines[0].split() == ["time", "run", "head", "set", "params", "best", "epoch", "val", "top-1", "test", "top-1"]
+    assert sorted(line.split()[1] for line in lines[1:]) == ["good-logreg", "good-mlp"], out
+    code, imported, out, err = cli_imports(["runs", "--runs", root, "--json"], NUMERIC_STACK, cwd=tmp_path)
+    assert (code, imported) == (0, []), err
+    assert sorted(json.loads(out), key=lambda r: r["run"]) == [_expected_row(run) for run in sorted(good)]

@@ -1,13 +1,14 @@
 """The head table: one row per ``--head`` name (its class, what it can do, its parameters) and the
-check of a saved head, without importing torch or scikit-learn.
+check of a saved head, without importing torch, scikit-learn or NumPy.
 
 ``choices.HEADS`` (the names the command line offers) and this table are checked against each
 other when this module is imported, so the two cannot disagree; each head class takes its
 capabilities (``takes_maps``, ``streams``, ``calibrated``, ``key_params``) from its row and is
 checked against the row's parameters when the class is defined. A run's ``head.json`` and
 ``head.npz`` are checked here against the kind they name, so listing runs (``featcache runs``)
-checks every head in a process that never loads a network: ``import torch`` is ~16x ``import
-click`` on the 2-core machine of benchmarks/README.md, and scikit-learn several times more.
+checks every head in a process that never loads a network, nor NumPy (the arrays are checked as
+stored, ``persist.Arrays.raw``): ``import torch`` is ~16x ``import click`` on the 2-core machine of
+benchmarks/README.md, scikit-learn several times more, NumPy about 2x.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..choices import HEADS, MAX_CLASSES
 from ..errors import RunError
-from ..fields import Fields
-from ..persist import HeadRecord
+from ..fields import Fields, is_finite
+from ..persist import Arrays, HeadRecord
 
 __all__ = ["C_GRID", "HeadKind", "KINDS", "kind_of", "check_arrays"]
 
@@ -83,7 +82,7 @@ def kind_of(name: str) -> HeadKind:
 
 # -- the saved form --------------------------------------------------------------------------------
 
-def check_arrays(arrays: dict[str, np.ndarray], want: dict[str, tuple], where: str, exact: bool = True) -> None:
+def check_arrays(arrays: Arrays, want: dict[str, tuple], where: str, exact: bool = True) -> None:
     """``arrays`` has each name in ``want`` with that shape (None: any size); with ``exact``, nothing else."""
     missing = [n for n in want if n not in arrays]
     extra = sorted(set(arrays) - set(want)) if exact else []
@@ -91,13 +90,13 @@ def check_arrays(arrays: dict[str, np.ndarray], want: dict[str, tuple], where: s
         what = f"lacks array {missing[0]!r}" if missing else f"has an unexpected array {extra[0]!r}"
         raise RunError(f"{where}: head.npz {what}; the run directory is damaged, re-run featcache fit")
     for name, shape in want.items():
-        a = arrays[name]
+        a = arrays.raw(name)
         fits = a.ndim == len(shape) and all(s is None or s == n for s, n in zip(shape, a.shape))
         if not fits:
             shown = "x".join("N" if s is None else str(s) for s in shape)
             raise RunError(f"{where}: head.npz array {name!r} has shape {'x'.join(map(str, a.shape)) or 'scalar'}, "
                            f"expected {shown}; the run directory is damaged, re-run featcache fit")
-        if name != "classes" and a.dtype.kind != "f":
+        if name != "classes" and a.kind != "f":
             raise RunError(f"{where}: head.npz array {name!r} has dtype {a.dtype}, expected floats; "
                            "the run directory is damaged")
 
@@ -116,7 +115,7 @@ def _check_params(kind: HeadKind, record: HeadRecord, where: str) -> tuple[Field
         elif isinstance(default, bool) or default is None or isinstance(default, (list, tuple)):
             ok = True  # checked by the kind where it matters
         elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+            ok = is_finite(value)
         else:
             ok = type(value) is type(default)
         if not ok:
@@ -170,16 +169,16 @@ def _linear_model_state(kind: HeadKind, record: HeadRecord, where: str) -> tuple
     _, info = _check_params(kind, record, where)
     d = info.integer("n_features_in", 1, 2**31)
     c = info.integer("n_classes", 2, MAX_CLASSES)
-    info.get("C", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < np.inf,
+    info.get("C", lambda v: is_finite(v) and v > 0,
              "a finite number > 0")
     info.flag("converged", optional=True)
     info.obj("C_search", optional=True)
     k = 1 if c == 2 else c  # scikit-learn's binary form: one score for class 1
     check_arrays(record.arrays, {"scaler_mean": (d,), "scaler_scale": (d,), "coef": (k, d), "intercept": (k,),
                                  "classes": (c,)}, where)
-    if not (record.arrays["scaler_scale"] > 0).all():
+    if not min(record.arrays.raw("scaler_scale").values(), default=1) > 0:
         raise RunError(f"{where}: head.npz array 'scaler_scale' must be positive; the run directory is damaged")
-    if not np.array_equal(record.arrays["classes"], np.arange(c)):
+    if list(record.arrays.raw("classes").values()) != list(range(c)):
         raise RunError(f"{where}: head.npz array 'classes' must be 0..{c - 1}, one per class of the run; "
                        "the run directory is damaged")
     return d, c
