@@ -197,3 +197,20 @@ def test_the_manifest_order_is_split_label_then_path_bytes(names, seed):
                                                                      for i in expected])
     ordered = np.array(expected, dtype=np.int64)
     assert MANIFEST._in_order(paths, ordered, codes, labels)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=6), min_size=1, max_size=4),
+       st.dictionaries(st.sampled_from(["train", "val", "test"]),
+                       st.lists(st.tuples(st.text(max_size=10), st.integers(-1, 5), st.text(max_size=3)), max_size=20)))
+def test_a_sets_view_digest_streamed_is_the_json_it_always_hashed(classes, splits):
+    """The set's view check streams the text a block at a time (no list per row): the same SHA-256 as
+    ``json.dumps`` of the whole, for any names (quotes, backslashes, non-ASCII)."""
+    from featcache.store.sets import _view_digest
+
+    arrays = {s: (np.array([y for _, y, _ in rows], dtype=np.int32), [p for p, _, _ in rows],
+                  np.array([x for _, _, x in rows], dtype=object)) for s, rows in splits.items()}
+    rows = [[s, p, int(y), x] for s, (labels, paths, hashes) in arrays.items()
+            for y, p, x in zip(labels.tolist(), paths, hashes.tolist())]
+    want = hashlib.sha256(json.dumps({"classes": classes, "rows": rows}, separators=(",", ":")).encode()).hexdigest()
+    assert _view_digest(classes, arrays) == want

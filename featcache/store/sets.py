@@ -102,10 +102,7 @@ class FeatureSet:
         reordered or renamed, or labels, paths or hashes that are another view's, are refused."""
         if self._arrays is None:
             arrays = {s: (self._labels(s), self._paths(s), self._hashes(s)) for s in self.splits}
-            rows = [[s, p, int(y), h] for s, (labels, paths, hashes) in arrays.items()
-                    for y, p, h in zip(labels.tolist(), paths, hashes.tolist())]
-            blob = json.dumps({"classes": list(self.classes), "rows": rows}, separators=(",", ":"))
-            if hashlib.sha256(blob.encode()).hexdigest() != self.record.manifest_sha256:
+            if _view_digest(self.classes, arrays) != self.record.manifest_sha256:
                 raise StoreError(f"set {self.key}: its classes, labels, paths and hashes differ from the view digest "
                                  "it records (manifest_sha256); the store is damaged or the set was altered. "
                                  "Re-run featcache extract to record the set again.")
@@ -284,3 +281,26 @@ class FeatureSet:
         from .convert import to_hf
 
         return to_hf(self, split, dtype, pool)
+
+
+_ESCAPE = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
+_ROWS = 8192  # rows made into text at once
+
+
+def _view_digest(classes: list[str], arrays: dict[str, tuple[np.ndarray, list[str], np.ndarray]]) -> str:
+    """SHA-256 of ``json.dumps({"classes": ..., "rows": [[split, path, label, sha256], ...]}, separators=(",", ":"))``,
+    the text streamed a block of rows at a time: no list per row (a process that has imported torch holds
+    millions of objects, which each collection of a list per row would walk again)."""
+    h = hashlib.sha256()
+    h.update(b'{"classes":' + json.dumps(classes, separators=(",", ":")).encode() + b',"rows":[')
+    first = True
+    for split, (labels, paths, hashes) in arrays.items():
+        name = _ESCAPE(split)
+        for lo in range(0, len(labels), _ROWS):
+            text = ",".join(f"[{name},{_ESCAPE(p)},{y},{_ESCAPE(x)}]" for p, y, x in zip(
+                paths[lo : lo + _ROWS], labels[lo : lo + _ROWS].tolist(), hashes[lo : lo + _ROWS].tolist()))
+            if text:
+                h.update((b"" if first else b",") + text.encode())
+                first = False
+    h.update(b"]}")
+    return h.hexdigest()
