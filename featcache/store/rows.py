@@ -210,7 +210,7 @@ class Rows:
             cached.signature = sig
             return cached.keys
         stats = {e[0]: e for e in sig or ()}
-        claimed = set()
+        claimed: set[str] = set()
         for _, group in committed:
             listed = group.attrs.get("supersedes") or []
             claimed.update(n for n in (listed if isinstance(listed, list) else [listed]) if isinstance(n, str))
@@ -348,9 +348,9 @@ class Rows:
                 return found
         if len(keys):  # through each segment's sorted keys; any key not found there, through the row index
             lookup = self._lookup(space)
-            found = lookup.find(keys)
-            if (found >= 0).all():
-                return lookup.segments, lookup.locate(found)
+            at = lookup.find(keys)
+            if (at >= 0).all():
+                return lookup.segments, lookup.locate(at)
         segments, index, damaged = self._index(space)
         rows = index.find(keys)
         missing = np.flatnonzero(rows < 0)

@@ -28,7 +28,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .chunks import ChunkReader
-from .groups import ARRAY_CONFIG, write_array
+from .groups import write_array
 from .rowkeys import sort_keys
 
 __all__ = ["CHUNK", "heads_of", "write_sorted", "SortedSearch", "ExactSearch", "sorted_search"]
@@ -60,7 +60,7 @@ def write_sorted(group: zarr.Group, keys: np.ndarray) -> dict:
     chunks = max(1, math.ceil(n / CHUNK))
     shard = CHUNK * min(chunks, _SHARD_CHUNKS)
     arr = group.create_array(_TABLE, shape=(n, 2), dtype=np.uint64, chunks=(CHUNK, 2), shards=(shard, 2),
-                             fill_value=0, config=ARRAY_CONFIG,
+                             fill_value=0, config={"write_empty_chunks": True},  # every chunk written (groups.py)
                              compressors=[BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"), Crc32cCodec()])
     if n:
         arr[...] = table
@@ -92,6 +92,7 @@ class SortedSearch:
         self.fences = fences
         self.rows = rows
         self._blocks: dict[int, np.ndarray] = {}  # chunks read so far (the same keys are asked again in one run)
+        self._whole: tuple[np.ndarray, np.ndarray] | None = None  # (heads, rows) once every chunk is read
         self.reads = 0  # chunks read from storage (for tests and benchmarks)
 
     def _block(self, i: int) -> np.ndarray:
@@ -102,11 +103,24 @@ class SortedSearch:
             self._blocks[i] = block
         return block
 
+    def _table(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(heads, rows) of the chunks ``wanted`` (ascending), in their order; all of them, kept, when more than
+        half are wanted (a search of many keys: one sorted array, 16 bytes per row, searched at once)."""
+        if self._whole is None and 2 * len(wanted) > len(self.fences):
+            table = np.concatenate([self._block(i) for i in range(len(self.fences))])
+            self._whole = np.ascontiguousarray(table[:, 0]), np.ascontiguousarray(table[:, 1])
+            self._blocks.clear()
+        if self._whole is not None:
+            return self._whole
+        blocks = [self._block(i) for i in wanted.tolist()]
+        table = np.concatenate(blocks) if blocks else np.zeros((0, 2), np.uint64)
+        return np.ascontiguousarray(table[:, 0]), table[:, 1]
+
     def candidates(self, heads: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Per position whose head equals one of ``heads``: (index into ``heads``, the row it names, which may
         be out of range in a damaged structure). None when there would be more than ``limit`` pairs (many
-        keys sharing their first 8 bytes: the views of one image) or the chunks cannot be read: the caller
-        searches this segment in memory instead. Raises nothing on a damaged structure but read errors."""
+        keys sharing their first 8 bytes: the views of one image): the caller searches this segment in memory
+        instead. Read errors (a chunk that fails its checksum, a missing shard) are raised."""
         if not len(heads) or not len(self.fences):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         first = np.maximum(np.searchsorted(self.fences, heads, side="left") - 1, 0)
@@ -115,20 +129,20 @@ class SortedSearch:
         if int(span.sum()) > 2 * len(heads) + len(self.fences):  # fences not sorted, or heads shared widely
             wanted = np.arange(len(self.fences))
         else:
-            starts = np.repeat(first - np.cumsum(span) + span, span)
-            wanted = np.unique(np.arange(int(span.sum())) + starts)
-        blocks = [self._block(i) for i in wanted.tolist()]
-        table = np.concatenate(blocks) if blocks else np.zeros((0, 2), np.uint64)
-        lo = np.searchsorted(table[:, 0], heads, side="left")
-        hi = np.maximum(np.searchsorted(table[:, 0], heads, side="right"), lo)
+            mark = np.zeros(len(self.fences), dtype=bool)
+            mark[np.arange(int(span.sum())) + np.repeat(first - np.cumsum(span) + span, span)] = True
+            wanted = np.flatnonzero(mark)
+        keys, rows = self._table(wanted)
+        lo = np.searchsorted(keys, heads, side="left")
+        hi = np.maximum(np.searchsorted(keys, heads, side="right"), lo)
         count = hi - lo
         total = int(count.sum())
         if total > limit:
             return None
         which = np.repeat(np.arange(len(heads)), count)
         pos = np.arange(total) + np.repeat(lo - np.cumsum(count) + count, count)
-        hit = table[pos, 0] == heads[which]  # an unsorted (damaged) table may put anything there
-        return which[hit], table[pos[hit], 1].astype(np.int64)
+        hit = keys[pos] == heads[which]  # an unsorted (damaged) table may put anything there
+        return which[hit], rows[pos[hit]].astype(np.int64)
 
 
 def sorted_search(group: zarr.Group | None, rows: int) -> SortedSearch | None:

@@ -104,10 +104,12 @@ class SpaceKeys(AbstractSet[str]):
                 same = keys[rows] == query[which]  # the one check that makes a candidate an answer
                 which, rows = which[same], rows[same]
                 order = np.lexsort((rows, which))  # per query, its first row first
-                first = np.unique(which[order], return_index=True)[1]
-                out[which[order][first]] = rows[order][first]
+                which, rows = which[order], rows[order]
+                first = np.ones(len(which), dtype=bool)
+                first[1:] = which[1:] != which[:-1]
+                out[which[first]] = rows[first]
                 return out
-        if search is None:  # its keys are damaged
+        if not isinstance(search, ExactSearch):  # its keys are damaged
             return out
         return search.find(query)
 
