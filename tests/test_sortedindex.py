@@ -161,13 +161,14 @@ def test_rewritten_fences_and_a_damaged_chunk_cost_a_miss_or_a_fallback_never_a_
     folder = _write(st, space, OLD, keys, 5.0)
     values = {k: 5.0 + i for i, k in enumerate(keys)}
     probe = keys[::29]
-    fences = zarr.open_array(str(folder / "sorted_fences"), mode="r+")
-    sound = fences[...]
-    fences[...] = sound[::-1].copy()
-    _never_wrong(st, space, probe, values)
-    fences[...] = np.zeros(fences.shape, dtype=np.uint64)
-    _never_wrong(st, space, probe, values)
-    fences[...] = sound
+    meta = json.loads((folder / "zarr.json").read_text())
+    sound = meta["attributes"]["sorted"]["fences"]
+    for fences in (np.frombuffer(bytes.fromhex(sound), ">u8")[::-1], np.zeros(4, ">u8")):
+        meta["attributes"]["sorted"]["fences"] = fences.tobytes().hex()
+        (folder / "zarr.json").write_text(json.dumps(meta))
+        _never_wrong(st, space, probe, values)
+    meta["attributes"]["sorted"]["fences"] = sound
+    (folder / "zarr.json").write_text(json.dumps(meta))
     shard = next((folder / "sorted").rglob("c/*/*"))
     raw = bytearray(shard.read_bytes())
     raw[100] ^= 0xFF  # inside the first chunk: its CRC32C fails, the segment is searched in memory
@@ -177,20 +178,19 @@ def test_rewritten_fences_and_a_damaged_chunk_cost_a_miss_or_a_fallback_never_a_
 
 
 def test_segments_without_sorted_keys_are_searched_in_memory(store):
-    """A store written before sorted keys (no arrays, no attribute), a structure of the wrong shape, and one
-    whose attribute names another chunk size: each of those segments is searched in memory, all keys found."""
+    """A store written before sorted keys (no array, no attribute), a structure of the wrong shape, and one
+    whose attribute is malformed: each of those segments is searched in memory, all keys found."""
     st, space = store
     keys = [_hash(i) for i in range(2 * CHUNK + 5)]
     folders = [_write(st, space, name, keys[i::3], 10.0 * i) for i, name in enumerate((OLD, MID, NEW))]
     shutil.rmtree(folders[0] / "sorted")
-    shutil.rmtree(folders[0] / "sorted_fences")
     meta = json.loads((folders[0] / "zarr.json").read_text())
     del meta["attributes"]["sorted"]
     (folders[0] / "zarr.json").write_text(json.dumps(meta))
     shutil.rmtree(folders[1] / "sorted")
     zarr.open_group(str(folders[1]), mode="r+").create_array("sorted", shape=(3, 2), dtype="uint64")
     meta = json.loads((folders[2] / "zarr.json").read_text())
-    meta["attributes"]["sorted"]["chunk_rows"] = 7
+    meta["attributes"]["sorted"].update(chunk_rows=7, fences="not hex")
     (folders[2] / "zarr.json").write_text(json.dumps(meta))
     lookup = _lazy(st, space)
     assert all(sorted_search(seg.group, seg.rows) is None for seg in lookup.segments)

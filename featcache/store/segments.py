@@ -7,7 +7,7 @@ Layout (all arrays + JSON, nothing executable)::
                                     fill value NaN, every chunk written (none left implicit)
         sha256    (N, 32) uint8     row keys: the SHA-256 of the image bytes each row came from
         view      (N,) int32        augmented-view spaces only: the view number of each row
-        sorted, sorted_fences       the keys in sorted order with their rows (see :mod:`.sortedkeys`)
+        sorted    (N, 2) uint64     the keys in sorted order with their rows (see :mod:`.sortedkeys`)
                                     commit: attrs rows, integrity, sorted, committed_at, then committed=true last
 
 The integrity record, written before the marker, says what the segment must contain:

@@ -6,8 +6,11 @@ Written by :meth:`~.segments.SegmentWriter.commit` before the commit marker (FOR
                                    integer (its *head*), and the row holding that key; sorted by whole key,
                                    then row; inner chunks of 1024 positions (16 KiB), sharded, Blosc-LZ4
                                    (byte shuffle: 4 us to decode a chunk, where zstd takes 40) + CRC32C
-    sorted_fences  (C,)   uint64   the head at the start of each chunk (C = ceil(N / 1024))
-    attrs "sorted": {"chunk_rows": 1024}
+    attrs "sorted": {"chunk_rows": 1024, "fences": the head at the start of each chunk (C = ceil(N / 1024)),
+                     big-endian, in hex: 16 digits each}
+
+The fences come with the segment's metadata, read anyway when its segments are listed: opening a
+segment's sorted keys is one metadata read (the table's), not three.
 
 A search holds the fences (8 bytes per 1024 rows) and reads, per query, the one or two chunks whose
 heads can hold its head (:class:`~.chunks.ChunkReader`: one positioned read each, CRC32C checked), so N
@@ -28,14 +31,13 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .chunks import ChunkReader
-from .groups import write_array
 from .rowkeys import sort_keys
 
 __all__ = ["CHUNK", "heads_of", "write_sorted", "SortedSearch", "ExactSearch", "sorted_search"]
 
 CHUNK = 1024  # positions per inner chunk: 16 KiB, one read each
 _SHARD_CHUNKS = 1024  # inner chunks per shard file (16 MiB)
-_TABLE, _FENCES, _ATTR = "sorted", "sorted_fences", "sorted"
+_TABLE, _ATTR = "sorted", "sorted"
 
 
 def heads_of(keys: np.ndarray) -> np.ndarray:
@@ -64,8 +66,7 @@ def write_sorted(group: zarr.Group, keys: np.ndarray) -> dict:
                              compressors=[BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"), Crc32cCodec()])
     if n:
         arr[...] = table
-    write_array(group, _FENCES, np.ascontiguousarray(table[::CHUNK, 0]))
-    return {"chunk_rows": CHUNK}
+    return {"chunk_rows": CHUNK, "fences": table[::CHUNK, 0].astype(">u8").tobytes().hex()}
 
 
 class ExactSearch:
@@ -152,14 +153,15 @@ def sorted_search(group: zarr.Group | None, rows: int) -> SortedSearch | None:
         return None
     try:
         attr = group.attrs.get(_ATTR)
-        if not isinstance(attr, dict) or attr.get("chunk_rows") != CHUNK:
+        if not isinstance(attr, dict) or attr.get("chunk_rows") != CHUNK or not isinstance(attr.get("fences"), str):
             return None
-        table, fences = group[_TABLE], group[_FENCES]
-        if not (isinstance(table, zarr.Array) and isinstance(fences, zarr.Array)):
+        fences = np.frombuffer(bytes.fromhex(attr["fences"]), dtype=">u8").astype(np.uint64)
+        if len(fences) != math.ceil(rows / CHUNK):
             return None
-        if (table.shape != (rows, 2) or table.dtype != np.uint64 or tuple(table.chunks) != (CHUNK, 2)
-                or fences.shape != (math.ceil(rows / CHUNK),) or fences.dtype != np.uint64):
+        table = group[_TABLE]
+        if (not isinstance(table, zarr.Array) or table.shape != (rows, 2) or table.dtype != np.uint64
+                or tuple(table.chunks) != (CHUNK, 2)):
             return None
-        return SortedSearch(table, np.asarray(fences[...], dtype=np.uint64), rows)
-    except (Exception, RecursionError):
+        return SortedSearch(table, fences, rows)
+    except (Exception, RecursionError):  # a malformed attribute (not hex), an array that cannot be opened ...
         return None
