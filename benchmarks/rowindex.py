@@ -11,7 +11,8 @@ memory is its own):
   (``known_hashes`` and a membership test per key, or one ``contains`` call where the code has it);
 * the peak memory above the process's memory after opening the store (VmHWM minus VmRSS).
 
-``python -m benchmarks.rowindex --rows 1000000 --against /path/to/main``
+``python -m benchmarks.rowindex --rows 1000000 --against /path/to/main`` (``--segment-rows`` for smaller
+segments, ``--out`` to save the result as JSON)
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def make_space(url: str, rows: int, seed: int = 0) -> tuple[str, list[str]]:
-    """A store at ``url`` with one space of ``rows`` fake rows; returns (space, every row key)."""
+def make_space(url: str, rows: int, seed: int = 0, segment_rows: int = SEGMENT_ROWS) -> tuple[str, list[str]]:
+    """A store at ``url`` with one space of ``rows`` fake rows in segments of ``segment_rows``; returns (space,
+    every row key)."""
     import featcache
     from featcache.store.segments import arrays_to_keys
 
@@ -76,8 +78,8 @@ def make_space(url: str, rows: int, seed: int = 0) -> tuple[str, list[str]]:
     space = st.ensure_space({"benchmark": "rowindex", "rows": rows})
     rng = np.random.default_rng(seed)
     keys: list[str] = []
-    for start in range(0, rows, SEGMENT_ROWS):
-        n = min(SEGMENT_ROWS, rows - start)
+    for start in range(0, rows, segment_rows):
+        n = min(segment_rows, rows - start)
         part = arrays_to_keys(rng.integers(0, 256, (n, 32), dtype=np.uint8))
         writer = st.new_segment(space, n, (1,), "float16")
         writer.append(np.ones((n, 1), dtype=np.float16), part)
@@ -96,14 +98,14 @@ def _child(job: Path, code: Path) -> dict:
 
 
 def run_rowindex(rows: int = 1_000_000, lookups: int = 1000, rounds: int = 3, code: str | None = None,
-                 against: str | None = None, tmp: str | None = None) -> dict:
+                 against: str | None = None, tmp: str | None = None, segment_rows: int = SEGMENT_ROWS) -> dict:
     codes = {"code": Path(code or REPO).resolve()}
     if against is not None:
         codes = {"against": Path(against).resolve(), **codes}
     top = Path(tempfile.mkdtemp(prefix="featcache-rowindex-", dir=tmp))
     try:
         t = time.perf_counter()
-        space, keys = make_space(str(top / "s.zarr"), rows)
+        space, keys = make_space(str(top / "s.zarr"), rows, segment_rows=segment_rows)
         write_s = time.perf_counter() - t
         rng = np.random.default_rng(1)
         present = [keys[i] for i in rng.choice(len(keys), lookups, replace=False).tolist()]
@@ -120,7 +122,7 @@ def run_rowindex(rows: int = 1_000_000, lookups: int = 1000, rounds: int = 3, co
                 runs[k].append(_child(job, c))
     finally:
         shutil.rmtree(top, ignore_errors=True)
-    out: dict = {"rows": rows, "lookups": lookups, "rounds": rounds, "write_s": write_s,
+    out: dict = {"rows": rows, "segment_rows": segment_rows, "lookups": lookups, "rounds": rounds, "write_s": write_s,
                  "load_before": load_before, "load_after": os.getloadavg()}
     for k, rs in runs.items():
         if any(r["missing"] != lookups for r in rs):
@@ -136,15 +138,24 @@ def run_rowindex(rows: int = 1_000_000, lookups: int = 1000, rounds: int = 3, co
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--against", default=None, help="another checkout, measured alternating with this one")
 @click.option("--tmp", default=None, help="folder for the temporary store")
-def main(rows: int, lookups: int, rounds: int, against: str | None, tmp: str | None) -> None:
-    out = run_rowindex(rows, lookups, rounds, against=against, tmp=tmp)
-    print(json.dumps(out, indent=1))
-    sides = [k for k in ("against", "code") if k in out]
+@click.option("--segment-rows", default=SEGMENT_ROWS, show_default=True, help="rows per segment of the space")
+@click.option("--out", default=None, help="also write the result to this JSON file")
+def main(rows: int, lookups: int, rounds: int, against: str | None, tmp: str | None, segment_rows: int,
+         out: str | None) -> None:
+    result = run_rowindex(rows, lookups, rounds, against=against, tmp=tmp, segment_rows=segment_rows)
+    for k in ("against", "code"):
+        if k in result:
+            result[k]["path"] = str(Path(against if k == "against" else REPO).resolve())
+    print(json.dumps(result, indent=1))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+    out_ = result
+    sides = [k for k in ("against", "code") if k in out_]
     fields = ("first_lookup_s", "second_lookup_s", "gather_s", "missing_s", "peak_above_start", "bytes_per_row")
     print("| side | " + " | ".join(fields) + " |")
     print("| --- " * (len(fields) + 1) + "|")
     for k in sides:
-        print(f"| {k} | " + " | ".join(f"{out[k][f]:.4g}" for f in fields) + " |")
+        print(f"| {k} | " + " | ".join(f"{out_[k][f]:.4g}" for f in fields) + " |")
 
 
 if __name__ == "__main__":

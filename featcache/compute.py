@@ -36,6 +36,7 @@ from .keys import row_key
 from .pipeline import MAX_CAST_ERROR, cast_error, checked, finite_rows, run_backbone
 from .store import Store, is_read_only
 from .store.rowindex import RowIndex
+from .store.spacekeys import SpaceKeys
 
 __all__ = ["Engine", "Interrupted", "Writer", "Writers", "commit_partial", "compute", "first_line", "held_among", "local_engine",
            "read_only_error", "remote_failures", "restore_missing", "run_local", "storage_error", "storage_errors"]
@@ -227,7 +228,7 @@ def _put_good_rows(out: np.ndarray, indices: list[int], keys: list[str], held: A
 def held_among(held: AbstractSet[str], keys: list[str]) -> set[str]:
     """Those of ``keys`` that ``held`` holds, as a plain set the size of the work: a space's row index answers
     for all of them in one sorted search, and the engines then ask per row without touching it."""
-    found = held.contains(keys) if isinstance(held, RowIndex) else [k in held for k in keys]
+    found = held.contains(keys) if isinstance(held, (RowIndex, SpaceKeys)) else [k in held for k in keys]
     return {k for k, f in zip(keys, found) if f}
 
 

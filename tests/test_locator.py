@@ -191,7 +191,7 @@ def test_a_set_recorded_before_locations_reads_through_the_index(store):
     assert fs.locations("train") is None and not st.warnings
     st, got = _load(url, second)
     _same(got, reference)
-    assert fs.space in st._index_cache and not st.warnings
+    assert fs.space in st._keys_cache and not st.warnings  # found through the space's sorted keys
 
 
 def test_a_whole_set_key_opens_only_that_sets_groups(store):

@@ -48,6 +48,7 @@ class ChunkReader:
         self.dtype = np.dtype(array.dtype)
         self.chunk_bytes = self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
         self._indexes: dict[int, np.ndarray] = {}
+        self._paths: dict[int, Path] = {}
         self._lock = threading.Lock()
         self._plan = self._fast_plan()
 
@@ -96,10 +97,13 @@ class ChunkReader:
         return self._plan is not None
 
     def _shard_path(self, shard: int) -> Path:
-        p = self._plan
-        ndim = 1 + len(self.row_shape)
-        key = p["encoding"].encode_chunk_key((shard,) + (0,) * (ndim - 1))
-        return p["root"] / (f"{p['prefix']}/{key}" if p["prefix"] else key)
+        path = self._paths.get(shard)
+        if path is None:
+            p = self._plan
+            ndim = 1 + len(self.row_shape)
+            key = p["encoding"].encode_chunk_key((shard,) + (0,) * (ndim - 1))
+            path = self._paths[shard] = p["root"] / (f"{p['prefix']}/{key}" if p["prefix"] else key)
+        return path
 
     def _index(self, shard: int, fd: int, size: int) -> np.ndarray:
         with self._lock:

@@ -11,7 +11,10 @@ bytes, ``np.searchsorted``: N keys in O(N log R), about 40 bytes per row). The i
 the committed segments stay the same (on a local folder: while no segment's metadata file changed,
 0.05 ms to check), and extended, not rebuilt, when segments were only added after the newest it holds
 (an extract's own commits). A set's rows are found where the set recorded them when that still holds
-(:mod:`.locator`): a load opens only the segments holding them, not the whole index.
+(:mod:`.locator`): a load opens only the segments holding them, not the whole index. Lookups of some
+keys (``known_hashes``, ``holds``, ``locate``) search each segment's persisted sorted keys instead
+(:mod:`.spacekeys`): they read the chunks those keys fall in, not every key of the space; the whole
+index is built where every key is needed (gc, compact, verify, iteration).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .locator import RowHint, locate_hinted, open_segment, plain_digests
 from .rowindex import RowIndex
 from .rowkeys import key_width
 from .segments import Segment, SegmentWriter, check_segment, superseded
+from .spacekeys import SpaceKeys
 
 __all__ = ["Rows"]
 
@@ -52,6 +56,16 @@ class _SpaceIndex:
     claims: bool = False  # whether any committed segment lists others in ``supersedes``
 
 
+@dataclass
+class _SpaceKeysEntry:
+    """The lookup of one space as last listed (see :meth:`Rows._lookup`)."""
+
+    names: tuple[str, ...]  # the committed segments it was made from, oldest first
+    keys: SpaceKeys
+    signature: tuple | None  # as in _SpaceIndex
+    stats: dict[str, tuple]  # segment name -> its metadata file's stat entry in ``signature`` (local stores)
+
+
 class Rows:
     """Spaces, segments and the row index of one store root (a mixin of :class:`~featcache.store.Store`)."""
 
@@ -60,6 +74,7 @@ class Rows:
 
     def __init__(self) -> None:
         self._index_cache: dict[str, _SpaceIndex] = {}
+        self._keys_cache: dict[str, _SpaceKeysEntry] = {}
         self._claims_cache: dict[str, tuple[tuple, set[str]]] = {}  # space -> (signature, names claimed)
         self._segment_cache: dict[tuple[str, str], tuple[tuple, Segment]] = {}  # (space, name) -> (stat, segment)
         self.warnings: list[str] = []  # damaged groups met while reading, one line each
@@ -179,9 +194,57 @@ class Rows:
         self._index_cache[space] = entry
         return entry
 
+    def _lookup(self, space: str) -> SpaceKeys:
+        """What row lookups in ``space`` search (:mod:`.spacekeys`): its sound committed segments, opened without
+        reading their keys, each searched through its own sorted keys. Cached and refreshed as the row index
+        is; segments already opened are not opened again. While a compacted segment and a segment it lists in
+        ``supersedes`` are both committed, which of them count is the row index's decision (it reads the keys
+        of both): the lookup then searches the segments the index counts."""
+        sig = self._segments_signature(space)
+        cached = self._keys_cache.get(space)
+        if sig is not None and cached is not None and cached.signature == sig:
+            return cached.keys
+        committed = [(k, g) for k, g in self.segment_groups(space) if is_committed(g)]
+        names = tuple(k for k, _ in committed)
+        if cached is not None and cached.names == names:
+            cached.signature = sig
+            return cached.keys
+        stats = {e[0]: e for e in sig or ()}
+        claimed: set[str] = set()
+        for _, group in committed:
+            listed = group.attrs.get("supersedes") or []
+            claimed.update(n for n in (listed if isinstance(listed, list) else [listed]) if isinstance(n, str))
+        if claimed & set(names):
+            keys = SpaceKeys(self._index(space)[0], self._warn, space)
+        elif cached is not None and names[: len(cached.names)] == cached.names and all(
+                stats.get(n) == cached.stats.get(n) for n in cached.names):
+            keys = cached.keys.extended(self._opened(space, committed[len(cached.names):], {}))
+        else:
+            kept = {seg.key: seg for seg in cached.keys.segments
+                    if stats.get(seg.key) == cached.stats.get(seg.key)} if cached is not None else {}
+            keys = SpaceKeys(self._opened(space, committed, kept), self._warn, space)
+        self._keys_cache[space] = _SpaceKeysEntry(names, keys, sig, stats)
+        return keys
+
+    def _opened(self, space: str, committed: list[tuple[str, zarr.Group]], kept: dict[str, Segment]) -> list[Segment]:
+        """The sound ones of ``committed``, their keys not read yet (a warning for each damaged one); those in
+        ``kept`` (opened before, their metadata unchanged) are not opened again."""
+        segments = []
+        for name, group in committed:
+            if name in kept:
+                segments.append(kept[name])
+                continue
+            seg, why = check_segment(name, group, keys=False)
+            if seg is None:
+                self._warn(f"space {space} segment {name} is damaged ({why}); its rows count as missing")
+            else:
+                segments.append(seg)
+        return segments
+
     def forget_index(self) -> None:
         """Drop the cached row index, so the next lookup sees what other processes did meanwhile."""
         self._index_cache.clear()
+        self._keys_cache.clear()
         self._claims_cache.clear()
         self._segment_cache.clear()
 
@@ -190,6 +253,8 @@ class Rows:
         extend the cached index, any other change rebuilds it. Segments already checked are not read again."""
         for entry in self._index_cache.values():
             entry.signature = None
+        for keys in self._keys_cache.values():
+            keys.signature = None
 
     # ------------------------------------------------------------------ segments named by a set's locations
 
@@ -241,20 +306,20 @@ class Rows:
     def space_stats(self, space: str) -> dict[str, int]:
         """Rows, bytes on disk and uncompressed bytes over the space's sound committed segments."""
         rows = stored = raw = 0
-        for seg in self._index(space)[0]:
+        for seg in self._lookup(space).segments:
             rows += seg.features.shape[0]
             stored += int(seg.features.nbytes_stored())
             raw += int(seg.features.nbytes)
         return {"rows": rows, "bytes_stored": stored, "bytes_raw": raw}
 
-    def known_hashes(self, space: str) -> RowIndex:
+    def known_hashes(self, space: str) -> SpaceKeys:
         """The row keys ``space`` holds, as a read-only set (a snapshot: it does not change when others commit);
-        ``.contains(keys)`` answers for many keys at once."""
-        return self._index(space)[1]
+        ``.contains(keys)`` answers for many keys at once, reading only what those keys touch."""
+        return self._lookup(space)
 
     def holds(self, space: str, keys: Sequence[str]) -> np.ndarray:
         """Which of ``keys`` ``space`` holds (in sound committed segments), as a bool array: O(N log R)."""
-        return self._index(space)[1].contains(keys)
+        return self._lookup(space).contains(keys)
 
     def new_segment(
         self, space: str, capacity: int, shape: tuple[int, ...], dtype: str, compressor: Any = None
@@ -272,13 +337,20 @@ class Rows:
     def locate(self, space: str, keys: Iterable[str], hint: RowHint | None = None) -> tuple[list[Segment], np.ndarray]:
         """Segments of ``space`` and, per key, its (segment number, row) as an (N, 2) array: where ``hint``
         (a set's recorded locations of these keys) says when all of them still hold there (see
-        :mod:`.locator`), else through the row index (the sound committed segments, the oldest first)."""
+        :mod:`.locator`), else through each segment's sorted keys (:meth:`_lookup`), else through the row index
+        (the sound committed segments, the oldest first; it says which are missing). With no keys: the sound
+        committed segments, their keys checked."""
         keys = keys if isinstance(keys, (list, np.ndarray)) else list(keys)
         if hint is not None:
             digests = plain_digests(keys)
             found = None if digests is None else locate_hinted(self, space, digests, hint)
             if found is not None:
                 return found
+        if len(keys):  # through each segment's sorted keys; any key not found there, through the row index
+            lookup = self._lookup(space)
+            at = lookup.find(keys)
+            if (at >= 0).all():
+                return lookup.segments, lookup.locate(at)
         segments, index, damaged = self._index(space)
         rows = index.find(keys)
         missing = np.flatnonzero(rows < 0)

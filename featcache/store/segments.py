@@ -7,7 +7,8 @@ Layout (all arrays + JSON, nothing executable)::
                                     fill value NaN, every chunk written (none left implicit)
         sha256    (N, 32) uint8     row keys: the SHA-256 of the image bytes each row came from
         view      (N,) int32        augmented-view spaces only: the view number of each row
-                                    commit: attrs rows, integrity, committed_at, then committed=true last
+        sorted    (N, 2) uint64     the keys in sorted order with their rows (see :mod:`.sortedkeys`)
+                                    commit: attrs rows, integrity, sorted, committed_at, then committed=true last
 
 The integrity record, written before the marker, says what the segment must contain:
 ``{"features": {"shape", "chunk_rows", "crc32": [one per chunk of decoded rows]},
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from ..keys import row_key
 from .chunks import ChunkReader
 from .groups import ARRAY_CONFIG, commit_stamp, digest_values, mark_committed, read_checked, write_array
 from .rowkeys import encode_keys, key_width
+from .sortedkeys import write_sorted
 
 __all__ = [
     "Segment",
@@ -171,7 +172,10 @@ class SegmentWriter:
             if values is not None:
                 write_array(self.group, name, values)
                 integrity[name] = {"sha256": digest_values(values)}
-        self.group.attrs.update({**attrs, "rows": self.rows, "integrity": integrity, **commit_stamp()})
+        # the keys in sorted order, so that a lookup reads only the chunks it needs (see sortedkeys.py)
+        searched = write_sorted(self.group, encode_keys(digests, views, key_width([views])))
+        self.group.attrs.update({**attrs, "rows": self.rows, "integrity": integrity, "sorted": searched,
+                                 **commit_stamp()})
         mark_committed(self.group)  # the marker, written last
         return self.rows
 
@@ -179,21 +183,66 @@ class SegmentWriter:
         return int(self.features.nbytes_stored())
 
 
-@dataclass
 class Segment:
-    """A committed segment whose contents matched its integrity record when the index was built."""
+    """A committed segment that matched its integrity record when it was opened. Its keys (``digests``, ``views``)
+    are read on first use when it was opened without them (:func:`check_segment` with ``keys=False``), and
+    compared with the integrity record then: ValueError when they differ."""
 
-    key: str
-    features: zarr.Array
-    digests: np.ndarray  # (N, 32) uint8: the row keys' SHA-256 digests
-    views: np.ndarray | None  # (N,) int32: the view numbers, in an augmented-view segment
-    chunk_rows: int
-    crc32: list[int]
-    _chunks: ChunkReader | None = field(default=None, repr=False, compare=False)
+    def __init__(self, key: str, features: Any, digests: np.ndarray | None, views: np.ndarray | None, chunk_rows: int,
+                 crc32: list[int], *, rows: int | None = None, viewed: bool | None = None,
+                 group: zarr.Group | None = None, keys_from: tuple | None = None):
+        self.key = key
+        self.features = features
+        self.chunk_rows = chunk_rows
+        self.crc32 = crc32
+        self.group = group  # where its arrays are (None for a segment made in memory)
+        self._digests = digests  # (N, 32) uint8: the row keys' SHA-256 digests
+        self._views = views  # (N,) int32: the view numbers, in an augmented-view segment
+        self._rows = len(digests) if digests is not None else int(rows or 0)
+        self.viewed = views is not None if digests is not None else bool(viewed)
+        self._keys_from = keys_from  # (sha256 digest, view digest): what the keys must match when read
+        self._chunks: ChunkReader | None = None
+
+    def __repr__(self) -> str:
+        return f"Segment({self.key!r}, rows={self.rows})"
 
     @property
     def rows(self) -> int:
-        return len(self.digests)
+        return self._rows
+
+    @property
+    def keys_read(self) -> bool:
+        """Whether its keys are in memory (read, or given)."""
+        return self._digests is not None
+
+    def _read_keys(self) -> None:
+        digest, view_digest = self._keys_from or (None, None)
+        if self.group is None:
+            raise ValueError("its row keys are not at hand")
+        digests = read_checked(self.group, "sha256", digest, "uint8", (32,))
+        views = read_checked(self.group, "view", view_digest, "int32") if self.viewed else None
+        if len(digests) != self._rows or (views is not None and len(views) != self._rows):
+            raise ValueError("row keys and rows differ in number")
+        self._digests, self._views = digests, views
+
+    @property
+    def digests(self) -> np.ndarray:
+        """(N, 32) uint8: the row keys' SHA-256 digests (read and checked on first use)."""
+        if self._digests is None:
+            self._read_keys()
+        assert self._digests is not None
+        return self._digests
+
+    @digests.setter
+    def digests(self, value: np.ndarray) -> None:
+        self._digests = value
+
+    @property
+    def views(self) -> np.ndarray | None:
+        """(N,) int32: the view numbers, in an augmented-view segment; None in a plain one."""
+        if self.viewed and self._views is None:
+            self._read_keys()
+        return self._views
 
     @property
     def sha256(self) -> np.ndarray:
@@ -249,8 +298,9 @@ class Segment:
         return out
 
 
-def check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | None]:
-    """A committed segment checked against its integrity record: (segment, None) or (None, why it is damaged)."""
+def check_segment(name: str, group: zarr.Group, keys: bool = True) -> tuple[Segment | None, str | None]:
+    """A committed segment checked against its integrity record: (segment, None) or (None, why it is damaged).
+    With ``keys=False`` its row keys are not read yet: they are read, and checked, on first use."""
     a = group.attrs
     integrity = a.get("integrity")
     rows = a.get("rows")
@@ -271,7 +321,9 @@ def check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | N
         return None, "no valid integrity record"
     try:
         features = group["features"]
-        if rows:
+        if rows and not keys:
+            digests = views = None
+        elif rows:
             digests = read_checked(group, "sha256", digest, "uint8", (32,))
             views = read_checked(group, "view", view_digest, "int32") if view_digest is not None else None
             if len(digests) != rows or (views is not None and len(views) != rows):
@@ -292,7 +344,8 @@ def check_segment(name: str, group: zarr.Group) -> tuple[Segment | None, str | N
         have = features.nchunks_initialized // per_shard
         if have != want:
             return None, f"{want - have} of {want} shard files are missing"
-    return Segment(name, features, digests, views, chunk_rows, crcs), None
+    return Segment(name, features, digests, views, chunk_rows, crcs, rows=rows, viewed=view_digest is not None,
+                   group=group, keys_from=(digest, view_digest)), None
 
 
 def superseded(segments: list[Segment], groups: dict[str, zarr.Group]) -> dict[str, str]:
