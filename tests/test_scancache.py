@@ -9,6 +9,7 @@ without the racy-entry rule, fails one of them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -276,14 +277,49 @@ def test_a_listing_that_changed_is_served_by_path_and_written_in_the_new_order(t
     assert reads == []
 
 
-def test_a_cache_of_the_earlier_version_is_ignored_once_with_a_note_and_removed(tmp_path, reads, caplog):
+def _as_version_1(root: Path, file: Path) -> Path:
+    """The cache file of version 1 that the earlier code would have written for the same entries: an .npz of
+    8-byte BLAKE2b path keys (sorted), the paths as offsets and one blob, signatures, hashes and a header."""
+    footer, arrays = read_file(file)
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.bmp"))
+    mine = SCANCACHE._path_keys(Paths.of(paths))
+    at = [int(np.flatnonzero(np.all(arrays["keys"] == k, axis=1))[0]) for k in mine]
+    short = [int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little") for p in paths]
+    order = np.argsort(np.array(short, dtype=np.uint64), kind="stable")
+    blob = "".join(paths[i] for i in order).encode()
+    offsets = np.concatenate([[0], np.cumsum([len(paths[i].encode()) for i in order])]).astype(np.int64)
+    header = {"format": "featcache-scan-cache", "version": 1, "root": footer["root"], "device": footer["device"],
+              "started_ns": footer["started_ns"], "entries": len(paths)}
+    old = file.with_suffix(".npz")
+    with open(old, "wb") as f:
+        np.savez(f, keys=np.array(short, dtype=np.uint64)[order], offsets=offsets,
+                 paths=np.frombuffer(blob, np.uint8), stats=arrays["stats"][[at[i] for i in order]],
+                 digests=arrays["digests"][[at[i] for i in order]],
+                 header=np.frombuffer(json.dumps(header).encode(), np.uint8))
+    file.unlink()
+    return old
+
+
+def test_a_cache_of_the_earlier_version_serves_once_and_is_replaced(tmp_path, reads):
+    """An upgrade re-reads no unchanged file: the version-1 file's entries are matched by path (a changed
+    file is still read), then version 2 is written and the old file removed."""
     root = _folder(tmp_path / "d")
     _trusted(root, reads)
     file = next(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob(f"*{SUFFIX}"))
-    old = file.with_suffix(".npz")
-    with open(old, "wb") as f:  # what version 1 wrote: an .npz of plain arrays
-        np.savez(f, keys=np.zeros(1, np.uint64), header=np.frombuffer(b'{"version": 1}', np.uint8))
-    file.unlink()
+    old = _as_version_1(root, file)
+    touched = root / "val" / "a" / "1.bmp"
+    touched.touch()
+    m = scan(root)
+    assert reads == [touched.as_posix()] and _hashes(m) == _truth(root, m)
+    assert file.exists() and not old.exists()
+
+
+def test_a_damaged_cache_of_the_earlier_version_is_ignored_with_a_note(tmp_path, reads, caplog):
+    root = _folder(tmp_path / "d")
+    _trusted(root, reads)
+    file = next(Path(os.environ["FEATCACHE_SCAN_CACHE"]).glob(f"*{SUFFIX}"))
+    old = _as_version_1(root, file)
+    old.write_bytes(old.read_bytes()[:200])
     with caplog.at_level(logging.WARNING, logger="featcache.data"):
         m = scan(root)
     assert len(reads) == 12 and _hashes(m) == _truth(root, m)

@@ -28,8 +28,8 @@ little-endian arrays each with its CRC-32, then a JSON footer (format, folder, d
 time of the scan, the SHA-256 of the whole list of paths, where each array is). A re-run whose
 folder lists the same paths (the footer's digest says so) reads the hashes straight into the
 manifest's array and the signatures a block at a time: no copy of the cache is held, about 40
-bytes per file fewer than version 1's ``.npz`` of paths and sorted keys, whose files are ignored
-(one re-hash) and removed. A listing that changed is matched by path key. The file is written
+bytes per file fewer than version 1's ``.npz`` of paths and sorted keys, whose files are read once
+(matched by path) and replaced. A listing that changed is matched by path key. The file is written
 to a temporary file and renamed over the old one, so concurrent runs leave one whole file (the
 last writer's, whose entries are validated like any other). A file that does not read back as
 exactly that (magic, footer, sizes, CRCs) is ignored with a note: never a wrong hash, at worst a
@@ -39,6 +39,7 @@ re-hash.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -102,16 +103,14 @@ def _listing_digest(rels: Paths) -> str:
     return h.hexdigest()
 
 
-def _open_checked(file: Path, root: Path, device: int) -> ScanFile | None:
+def _open_checked(file: Path, root: Path, device: int) -> ScanFile | _Version1 | None:
     """The cache file of ``root`` opened and its footer checked, or None (with a note when one is there but
     cannot be used)."""
     try:
         fh = ScanFile.open(file)
     except FileNotFoundError:
-        if file.with_suffix(".npz").exists():
-            _log.warning("note: the scan cache %s is of an earlier version; hashing every file once",
-                         file.with_suffix(".npz"))
-        return None
+        earlier = file.with_suffix(".npz")
+        return _Version1.load(earlier, root, device) if earlier.exists() else None
     except (OSError, Damaged) as e:
         _log.warning("note: ignoring the damaged scan cache %s (%s); hashing every file", file, e)
         return None
@@ -129,7 +128,7 @@ class ScanCache:
     or when the cache is off, unreadable or for another folder); :meth:`close` (or ``with``) lets it go.
     """
 
-    def __init__(self, root: Path, file: Path | None, old: ScanFile | None, device: int):
+    def __init__(self, root: Path, file: Path | None, old: ScanFile | _Version1 | None, device: int):
         self.root, self.file, self.device = root, file, device
         self._old = old
         self._ref_ns: int = old.footer["started_ns"] if old is not None else 0
@@ -176,7 +175,7 @@ class ScanCache:
         if old is None or not old.entries or not n:
             return self._known.copy()
         try:
-            if old.entries == n and old.footer["listing"] == _listing_digest(rels):
+            if isinstance(old, ScanFile) and old.entries == n and old.footer["listing"] == _listing_digest(rels):
                 self._aligned = True
                 old.read("digests", out=self.digests)  # straight into the manifest's array: no copy held
                 for lo, cached in old.blocks("stats"):
@@ -195,7 +194,7 @@ class ScanCache:
         self._changed = not (self._aligned and self._known.all())
         return self._known.copy()
 
-    def _match_keys(self, rels: Paths, base: str, old: ScanFile) -> None:
+    def _match_keys(self, rels: Paths, base: str, old: ScanFile | _Version1) -> None:
         """The listing changed: each file's entry found by its path key, wherever it is in the old file."""
         self._keys = _path_keys(rels)
         okeys = old.read("keys")
@@ -261,7 +260,7 @@ class ScanCache:
                 return
             footer = {"format": FORMAT, "version": VERSION, "root": str(self.root), "device": self.device,
                       "started_ns": self.started_ns, "entries": self._n, "listing": _listing_digest(rels)}
-            old = self._old if self._aligned else None
+            old = self._old if self._aligned and isinstance(self._old, ScanFile) else None
             keys = self._keys if self._keys is not None else \
                 (b for _, b in old.blocks("keys")) if old is not None else _path_keys(rels)
             try:
@@ -299,3 +298,46 @@ class ScanCache:
         if olds is not None:
             for _ in olds:  # the old signatures copied must pass their CRC
                 pass
+
+
+class _Version1:
+    """A cache file of version 1 (an ``.npz`` of sorted 8-byte path keys, the paths, signatures and hashes),
+    read once so that an upgrade re-reads no unchanged file: its entries are matched to the listing by path,
+    like a version-2 file whose listing changed, and the scan writes version 2 and removes it."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], started_ns: int):
+        self._arrays, self.entries = arrays, len(arrays["digests"])
+        self.footer: dict = {"started_ns": started_ns, "listing": ""}  # never the listing's: matched by path
+
+    @classmethod
+    def load(cls, file: Path, root: Path, device: int) -> _Version1 | None:
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                a = {k: z[k] for k in ("offsets", "paths", "stats", "digests", "header")}
+            header = json.loads(a["header"].tobytes())
+            n = header["entries"]
+            started = header["started_ns"]
+            offsets, blob, stats, digests = a["offsets"], a["paths"], a["stats"], a["digests"]
+            if header.get("format") != FORMAT or header.get("version") != 1 or header.get("root") != str(root) \
+                    or header.get("device") != device:
+                raise ValueError("not a scan cache of this folder")
+            if not (isinstance(n, int) and isinstance(started, int) and offsets.dtype == np.int64
+                    and offsets.shape == (n + 1,) and blob.dtype == np.uint8 and blob.ndim == 1
+                    and stats.dtype == np.int64 and stats.shape == (n, 5) and digests.dtype == np.uint8
+                    and digests.shape == (n, 32) and offsets[0] == 0 and offsets[-1] == len(blob)
+                    and not np.any(offsets[1:] < offsets[:-1])):
+                raise ValueError("its arrays do not have the shapes of its header")
+        except Exception as e:  # damaged or of another kind: hashed again, as before
+            _log.warning("note: ignoring the scan cache %s of an earlier version (%s); hashing every file", file, e)
+            return None
+        keys = _path_keys(Paths(blob.tobytes(), offsets))
+        return cls({"keys": keys, "stats": stats, "digests": digests}, started)
+
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        if out is not None:
+            out[...] = self._arrays[name]
+            return out
+        return self._arrays[name]
+
+    def close(self) -> None:
+        pass
