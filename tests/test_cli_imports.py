@@ -7,7 +7,6 @@ heavy modules it imported (``sys.modules``) when the command returns.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,19 +21,6 @@ import featcache
 from .helpers import ROOT, TINY, cli_imports, make_folder
 
 HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "mlflow", "tensorboard")
-PROBE = f"""
-import json, sys
-from featcache.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
-else:
-    code = 0
-print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}), file=sys.stderr)
-"""
-
-
 def _env() -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("FEATCACHE_STORE", None)
@@ -42,9 +28,8 @@ def _env() -> dict:
 
 
 def _heavy(args: list[str], cwd: Path) -> tuple[int, list[str], str]:
-    p = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, env=_env(), capture_output=True, text=True)
-    last = json.loads(p.stderr.strip().splitlines()[-1])
-    return last["code"], last["heavy"], p.stdout + p.stderr
+    code, heavy, out, err = cli_imports(args, HEAVY, cwd=cwd)
+    return code, heavy, out + err
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 from .rowkeys import decode_keys, encode_keys, key_width, query_keys, sort_keys
 from .segments import Segment
 
-__all__ = ["RowIndex", "sort_keys"]
+__all__ = ["KeySet", "RowIndex", "sort_keys"]
 
 
 _BLOCK = 8192  # keys searched at once
@@ -32,7 +32,33 @@ def _heads(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw).view(">u8").reshape(len(keys)).astype(np.uint64)
 
 
-class RowIndex(AbstractSet[str]):
+class KeySet(AbstractSet[str]):
+    """The read-only set protocol of a space's row keys, for a class that finds many keys at once (``find``:
+    positions or -1) and tells where a position is (``locate``: segment number and row)."""
+
+    def find(self, keys: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def locate(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and bool(self.find([key])[0] >= 0)
+
+    def __getitem__(self, key: str) -> tuple[int, int]:
+        """(segment number, row) of ``key``; KeyError when the space holds no such row."""
+        row = self.find([key])
+        if row[0] < 0:
+            raise KeyError(key)
+        s, r = self.locate(row)[0].tolist()
+        return s, r
+
+    @classmethod
+    def _from_iterable(cls, it):  # set operations (``a - b``, ``a & b``) give plain sets
+        return set(it)
+
+
+class RowIndex(KeySet):
     """The distinct row keys of a space's segments, as a read-only set of key strings (``in``, ``len``,
     iteration; ``contains`` and ``find`` for many keys at once), and where each one's row is."""
 
@@ -143,17 +169,6 @@ class RowIndex(AbstractSet[str]):
 
     # ------------------------------------------------------------------ a read-only set of key strings
 
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and bool(self.find([key])[0] >= 0)
-
-    def __getitem__(self, key: str) -> tuple[int, int]:
-        """(segment number, row) of ``key``; KeyError when the space holds no such row."""
-        row = self.find([key])
-        if row[0] < 0:
-            raise KeyError(key)
-        s, r = self.locate(row)[0].tolist()
-        return s, r
-
     def __len__(self) -> int:
         if self._distinct is None:
             self._distinct = int(self.winners().sum())
@@ -164,7 +179,3 @@ class RowIndex(AbstractSet[str]):
         where = np.flatnonzero(self.winners())
         for start in range(0, len(where), 65536):
             yield from decode_keys(self.keys[where[start : start + 65536]])
-
-    @classmethod
-    def _from_iterable(cls, it):  # set operations (``a - b``, ``a & b``) give plain sets
-        return set(it)

@@ -16,11 +16,10 @@ The set of every key (``len``, iteration) is the space-wide index over the same 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from collections.abc import Set as AbstractSet
 
 import numpy as np
 
-from .rowindex import RowIndex
+from .rowindex import KeySet, RowIndex
 from .rowkeys import encode_keys, key_width, query_keys
 from .segments import Segment
 from .sortedkeys import ExactSearch, SortedSearch, heads_of, sorted_search
@@ -30,7 +29,7 @@ __all__ = ["SpaceKeys"]
 _BLOCK = 1 << 16  # keys searched at once: the search's temporaries stay small
 
 
-class SpaceKeys(AbstractSet[str]):
+class SpaceKeys(KeySet):
     """The row keys of a space's segments (oldest first) as a read-only set of key strings, searched segment by
     segment (``find``, ``contains`` and their ``_digests`` forms for many keys at once), and where each row is."""
 
@@ -171,23 +170,8 @@ class SpaceKeys(AbstractSet[str]):
             self._full = RowIndex(sound)
         return self._full
 
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and bool(self.find([key])[0] >= 0)
-
-    def __getitem__(self, key: str) -> tuple[int, int]:
-        """(segment number, row) of ``key``; KeyError when the space holds no such row."""
-        row = self.find([key])
-        if row[0] < 0:
-            raise KeyError(key)
-        s, r = self.locate(row)[0].tolist()
-        return s, r
-
     def __len__(self) -> int:
         return len(self.full())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.full())
-
-    @classmethod
-    def _from_iterable(cls, it):  # set operations (``a - b``, ``a & b``) give plain sets
-        return set(it)
