@@ -15,7 +15,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "featcache"
 GROUND = {"featcache", "featcache.errors", "featcache.choices", "featcache.config", "featcache.fields", "featcache.units",
           "featcache.keys", "featcache.pooling", "featcache.metrics", "featcache.runtime", "featcache.progress",
-          "featcache.names", "featcache.npy", "featcache.persist", "featcache.stream"}
+          "featcache.names", "featcache.npy", "featcache.persist", "featcache.stream",
+          "featcache.files"}
 WINGS = ("featcache.store", "featcache.data", "featcache.backbones", "featcache.heads")
 MAX_LINES = 400
 

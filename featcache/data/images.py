@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ..files import NotRegularFile, open_regular
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -52,24 +53,6 @@ DECODE_RECIPE = {
 # A truncated JPEG is a bad file, not a grey-bottomed image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-_KINDS = {
-    stat.S_IFIFO: "FIFO",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFDIR: "directory",
-}
-
-
-class NotRegularFile(OSError):
-    """A FIFO, device, socket or directory (or a link to one) where an image file was expected."""
-
-    def __init__(self, mode: int):
-        super().__init__(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special file')})")
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
 
 class ImageTooLarge(ValueError):
     """An image whose decoded or resized size would exceed the pixel budget."""
@@ -78,27 +61,6 @@ class ImageTooLarge(ValueError):
 def is_image_name(name: str) -> bool:
     """Whether a file name has one of :data:`IMAGE_EXTENSIONS` (any case)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def open_regular(path: str | os.PathLike) -> BinaryIO:
-    """Open ``path`` for reading only if it is a regular file (after following links).
-
-    ``stat`` is checked before opening, so a FIFO never blocks and ``/dev/zero`` is never
-    read; the open itself is non-blocking and re-checked with ``fstat`` in case the path
-    was swapped in between.
-    """
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise NotRegularFile(st.st_mode)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(mode)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def check_size(width: int, height: int) -> None:

@@ -1,13 +1,16 @@
-"""Whole chunks of a segment's ``features`` array, read straight from its shard files.
+"""Whole chunks of a store's arrays, read straight from their files into the caller's buffer.
 
 The generic way (``array[a:b]`` through Zarr) decodes into a new array per call, on Zarr's one
 event loop, then featcache copies and upcasts it again: 0.12 GB/s for pooled sets on two
-cores. :class:`ChunkReader` reads the layout FORMAT.md specifies (a ``sharding_indexed``
-array, index at the end, inner chunks ``bytes`` little-endian → ``blosc`` → optional
-``crc32c``) with no event loop: one positioned read per chunk, the CRC32C of the compressed
-bytes checked (as Zarr does), then Blosc decompresses into a buffer the caller passes, on
-whatever thread calls it (Blosc releases the GIL). Any other codec chain (an older or foreign
-store) falls back to Zarr's own decoding, so every store that Zarr reads is read.
+cores, and two or three transient copies of what is read. :class:`ChunkReader` reads the
+layouts FORMAT.md specifies with no event loop: a ``sharding_indexed`` array (a segment's
+``features`` and ``sorted``: index at the end, inner chunks ``bytes`` little-endian → ``blosc``
+→ optional ``crc32c``), one positioned read per chunk; or a plain chunked array with the same
+codecs (the small arrays: a segment's ``sha256`` keys), one file per chunk. The CRC32C of the
+compressed bytes is checked (as Zarr does), then Blosc decompresses into a buffer the caller
+passes, on whatever thread calls it (Blosc releases the GIL): what is held is the compressed
+chunk and the caller's buffer, nothing more. Any other codec chain (an older or foreign store)
+falls back to Zarr's own decoding, so every store that Zarr reads is read.
 
 Nothing here decides what is correct: the caller still compares each decoded chunk with the
 segment's integrity record.
@@ -32,7 +35,7 @@ def _crc32c():
     try:
         import google_crc32c
 
-        return lambda b: google_crc32c.value(bytes(b) if not isinstance(b, bytes) else b)
+        return google_crc32c.value  # of bytes: callers read the checksum apart, so nothing is copied
     except ImportError:  # the generic path checks it instead
         return None
 
@@ -59,11 +62,24 @@ class ChunkReader:
         from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
         from zarr.storage import LocalStore
 
+        def blosc_chain(codecs: list) -> bool:
+            return (len(codecs) in (2, 3) and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
+                    and (len(codecs) == 2 or isinstance(codecs[2], Crc32cCodec)))
+
         try:
-            codecs = self.array.metadata.codecs
+            codecs = list(self.array.metadata.codecs)
             store = self.array.store_path.store
-            if (len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not isinstance(store, LocalStore)
-                    or self.dtype.byteorder not in ("=", "<", "|") or sys.byteorder != "little"):
+            if (not isinstance(store, LocalStore) or self.dtype.byteorder not in ("=", "<", "|")
+                    or sys.byteorder != "little" or len(self.array.shape) < 1):
+                return None
+            crc = _crc32c()
+            common = {"root": Path(store.root), "prefix": self.array.store_path.path, "crc": crc,
+                      "encoding": self.array.metadata.chunk_key_encoding}
+            if blosc_chain(codecs):  # plain chunks, one file each; whole rows only (the trailing axes unchunked)
+                if tuple(self.array.chunks[1:]) != self.row_shape or (len(codecs) == 3 and crc is None):
+                    return None
+                return {**common, "sharded": False, "per_shard": 1, "chunk_crc": len(codecs) == 3, "index_crc": False}
+            if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
                 return None
             shard = codecs[0]
             inner = list(shard.codecs)
@@ -72,23 +88,18 @@ class ChunkReader:
                 return None
             if shard.index_location.value != "end":
                 return None
-            if not (len(inner) in (2, 3) and isinstance(inner[0], BytesCodec) and isinstance(inner[1], BloscCodec)
-                    and (len(inner) == 2 or isinstance(inner[2], Crc32cCodec))):
+            if not blosc_chain(inner):
                 return None
             if not (len(index) in (1, 2) and isinstance(index[0], BytesCodec)
                     and (len(index) == 1 or isinstance(index[1], Crc32cCodec))):
                 return None
-            crc = _crc32c()
             if (len(inner) == 3 or len(index) == 2) and crc is None:
                 return None
             shard_rows = int(self.array.shards[0])
             if shard_rows % self.chunk_rows:
                 return None
-            sep = self.array.metadata.chunk_key_encoding.separator if hasattr(self.array.metadata.chunk_key_encoding, "separator") else "/"
-            prefix = self.array.store_path.path
-            return {"root": Path(store.root), "prefix": prefix, "per_shard": shard_rows // self.chunk_rows,
-                    "chunk_crc": len(inner) == 3, "index_crc": len(index) == 2, "crc": crc,
-                    "sep": sep, "encoding": self.array.metadata.chunk_key_encoding}
+            return {**common, "sharded": True, "per_shard": shard_rows // self.chunk_rows,
+                    "chunk_crc": len(inner) == 3, "index_crc": len(index) == 2}
         except Exception:  # anything unexpected in the metadata: the generic path decides
             return None
 
@@ -127,6 +138,18 @@ class ChunkReader:
 
     # ------------------------------------------------------------------ reading
 
+    def read_all(self) -> np.ndarray:
+        """The whole array, each chunk decoded in place into one buffer: its rows rounded up to whole chunks
+        (the last chunk is stored whole), returned as a view of the first ``rows``. Raises on any damage; a
+        missing chunk file is :class:`FileNotFoundError`."""
+        if self._plan is None:
+            return np.asarray(self.array[...])
+        chunks = -(-self.rows // self.chunk_rows)
+        buf = np.empty((chunks * self.chunk_rows,) + self.row_shape, dtype=self.dtype)
+        for i in range(chunks):
+            self.read(i, buf[i * self.chunk_rows : (i + 1) * self.chunk_rows])
+        return buf[: self.rows]
+
     def valid_rows(self, chunk: int) -> int:
         return min(self.chunk_rows, self.rows - chunk * self.chunk_rows)
 
@@ -149,19 +172,25 @@ class ChunkReader:
         path = self._shard_path(shard)
         fd = os.open(path, os.O_RDONLY)
         try:
-            index = self._index(shard, fd, os.fstat(fd).st_size)
-            offset, length = (int(v) for v in index[local])
-            if offset == _EMPTY:
-                raise ValueError(f"chunk {chunk} is missing from its shard")
-            data = os.pread(fd, length, offset)
+            if p["sharded"]:
+                index = self._index(shard, fd, os.fstat(fd).st_size)
+                offset, length = (int(v) for v in index[local])
+                if offset == _EMPTY:
+                    raise ValueError(f"chunk {chunk} is missing from its shard")
+            else:  # the chunk is the whole file
+                offset, length = 0, os.fstat(fd).st_size
+            # the checksum is read apart from what it covers: the data is one bytes object, never copied
+            body = length - 4 if p["chunk_crc"] else length
+            if body < 0:
+                raise ValueError(f"chunk {chunk}: {length} bytes cannot hold its checksum")
+            data = os.pread(fd, body, offset)
+            stored = os.pread(fd, 4, offset + body) if p["chunk_crc"] else b""
         finally:
             os.close(fd)
-        if len(data) != length:
-            raise ValueError(f"chunk {chunk}: short read ({len(data)} of {length} bytes)")
-        if p["chunk_crc"]:
-            if length < 4 or p["crc"](memoryview(data)[:-4]) != int.from_bytes(data[-4:], "little"):
-                raise ValueError(f"chunk {chunk} fails its CRC32C checksum")
-            data = memoryview(data)[:-4]
+        if len(data) != body or len(stored) != (4 if p["chunk_crc"] else 0):
+            raise ValueError(f"chunk {chunk}: short read ({len(data) + len(stored)} of {length} bytes)")
+        if p["chunk_crc"] and p["crc"](data) != int.from_bytes(stored, "little"):
+            raise ValueError(f"chunk {chunk} fails its CRC32C checksum")
         head = bytes(data[:16])  # Blosc header: version, versionlz, flags, typesize, nbytes, blocksize, cbytes
         nbytes = int.from_bytes(head[4:8], "little") if len(head) == 16 else -1
         cbytes = int.from_bytes(head[12:16], "little") if len(head) == 16 else -1

@@ -104,13 +104,28 @@ class SortedSearch:
             self._blocks[i] = block
         return block
 
+    def _read_whole(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every chunk, decoded one at a time into a 16 KiB buffer and its two columns copied out: the heads
+        (8 bytes per row) and the rows (4 bytes: a segment holds fewer than 2**32), nothing else held."""
+        heads = np.empty(self.rows, dtype=np.uint64)
+        rows = np.empty(self.rows, dtype=np.uint32 if self.rows < 2**32 else np.uint64)
+        buf = np.empty((CHUNK, 2), dtype=np.uint64)
+        for i in range(len(self.fences)):
+            block = self._blocks.get(i)
+            if block is None:
+                block = self.reader.read(i, buf)
+                self.reads += 1
+            lo = i * CHUNK
+            heads[lo : lo + len(block)] = block[:, 0]
+            rows[lo : lo + len(block)] = block[:, 1]
+        self._blocks.clear()
+        return heads, rows
+
     def _table(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(heads, rows) of the chunks ``wanted`` (ascending), in their order; all of them, kept, when more than
-        half are wanted (a search of many keys: one sorted array, 16 bytes per row, searched at once)."""
+        half are wanted (a search of many keys: one sorted array, 12 bytes per row, searched at once)."""
         if self._whole is None and 2 * len(wanted) > len(self.fences):
-            table = np.concatenate([self._block(i) for i in range(len(self.fences))])
-            self._whole = np.ascontiguousarray(table[:, 0]), np.ascontiguousarray(table[:, 1])
-            self._blocks.clear()
+            self._whole = self._read_whole()
         if self._whole is not None:
             return self._whole
         blocks = [self._block(i) for i in wanted.tolist()]

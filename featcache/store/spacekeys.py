@@ -26,7 +26,7 @@ from .sortedkeys import ExactSearch, SortedSearch, heads_of, sorted_search
 
 __all__ = ["SpaceKeys"]
 
-_BLOCK = 1 << 16  # keys searched at once: the search's temporaries stay small
+_BLOCK = 1 << 14  # keys searched at once: the search's temporaries (a dozen arrays of this length) stay small
 
 
 class SpaceKeys(KeySet):
@@ -124,7 +124,8 @@ class SpaceKeys(KeySet):
                 if not len(todo):
                     break
                 if seg.rows:
-                    row = self._in_segment(s, q[todo], heads[todo])
+                    every = len(todo) == len(q)  # the first segment searched: no copy of the query
+                    row = self._in_segment(s, q if every else q[todo], heads if every else heads[todo])
                     hit = row >= 0
                     part[todo[hit]] = self.offsets[s] + row[hit]
         return out
