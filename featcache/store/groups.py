@@ -277,8 +277,6 @@ def read_checked(group: zarr.Group, name: str, digest: str | None, dtype: str, t
         raise ValueError(f"{name!r} is not a {dtype} array of rows of shape {trailing}")
     try:  # decoded in place into one array (no Zarr buffers): a row index reads a segment's keys this way
         values = ChunkReader(arr).read_all()
-    except FileNotFoundError:  # a lost chunk: what Zarr reads as fill values
-        raise ValueError(f"{name!r} differs from its integrity record (a chunk of it is missing)") from None
     except ValueError as e:
         raise ValueError(f"{name!r}: {e}") from None
     if digest is None or digest_values(values) != digest:
