@@ -14,9 +14,8 @@ recorded by earlier versions is found again by a re-run.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..choices import SPLITS
+from .paths import Paths
 from .walk import Skip
 
 if TYPE_CHECKING:
@@ -77,71 +77,6 @@ class Item:
     label: int
     sha256: str
     size: int
-
-
-class Paths(Sequence[str]):
-    """Strings as one UTF-8 blob and ``int64`` offsets: string ``i`` is ``blob[offsets[i]:offsets[i + 1]]``."""
-
-    def __init__(self, blob: bytes, offsets: np.ndarray):
-        self.blob, self.offsets = blob, offsets
-
-    @classmethod
-    def of(cls, strings: Sequence[str]) -> Paths:
-        joined = "".join(strings)
-        if joined.isascii():  # the common case: a character is a byte, no encoding per string
-            lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
-            blob = joined.encode("ascii")
-        else:
-            parts = [s.encode("utf-8", "surrogateescape") for s in strings]
-            lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
-            blob = b"".join(parts)
-        offsets = np.zeros(len(strings) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return cls(blob, offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1 if i >= 0 else len(self.offsets) + i])
-        return self.blob[a:b].decode("utf-8", "surrogateescape")
-
-    def __iter__(self) -> Iterator[str]:
-        for lo in range(0, len(self), _CHUNK):
-            yield from self.chunk(lo, min(lo + _CHUNK, len(self)))
-
-    def raw(self, i: int) -> bytes:
-        """String ``i`` as its UTF-8 bytes (these sort as the strings do: code point order)."""
-        return self.blob[self.offsets[i] : self.offsets[i + 1]]
-
-    def raw_chunk(self, lo: int, hi: int) -> list[bytes]:
-        """Strings ``lo`` to ``hi`` as their UTF-8 bytes."""
-        off = self.offsets[lo : hi + 1].tolist()
-        blob = self.blob
-        return [blob[a:b] for a, b in itertools.pairwise(off)]
-
-    def chunk(self, lo: int, hi: int) -> list[str]:
-        """Strings ``lo`` to ``hi`` as a list."""
-        off = self.offsets[lo : hi + 1].tolist()
-        blob = self.blob
-        return [blob[a:b].decode("utf-8", "surrogateescape") for a, b in itertools.pairwise(off)]
-
-    def take(self, index: np.ndarray) -> Paths:
-        """The strings at ``index`` (positions, in that order) as new :class:`Paths`."""
-        index = np.asarray(index, dtype=np.int64)
-        if len(index) == len(self) and np.array_equal(index, np.arange(len(self))):
-            return self
-        starts, ends = self.offsets[index], self.offsets[index + 1]
-        offsets = np.zeros(len(index) + 1, dtype=np.int64)
-        np.cumsum(ends - starts, out=offsets[1:])
-        view = memoryview(self.blob)
-        parts = []
-        for lo in range(0, len(index), _CHUNK):
-            a, b = starts[lo : lo + _CHUNK].tolist(), ends[lo : lo + _CHUNK].tolist()
-            parts.append(b"".join([view[x:y] for x, y in zip(a, b)]))
-        return Paths(b"".join(parts), offsets)
 
 
 @dataclass(eq=False)

@@ -29,6 +29,7 @@ from ..choices import DEFAULT_NAME_PATTERN, SPLITS
 from ..config import parse_classes, parse_name_pattern
 from ..errors import DataError
 from .labels import CSV_NAMES, is_store_dir, labels_by_pattern, read_labels_csv, split_of
+from .paths import Paths
 from .walk import Finder, Skip, base_name, path_order, rel_path
 
 __all__ = ["Skip", "Layout", "find_layout"]
@@ -45,7 +46,7 @@ class Layout:
     labels_from: str  # "folders", "names" or "csv"
     sources: tuple[tuple[str, str], ...]  # (folder relative to root, split; "" when flat)
     classes: tuple[str, ...]
-    files: tuple[tuple[str, int, tuple[str, ...]], ...]  # (split, label index or -1, files relative to root)
+    files: tuple[tuple[str, int, Sequence[str]], ...]  # (split, label index or -1, files relative to root)
     unlabelled: tuple[str, ...] = ()
     ignored: tuple[Skip, ...] = ()
     skipped: tuple[Skip, ...] = ()
@@ -88,7 +89,7 @@ class Layout:
         return "layout: " + "; ".join(parts)
 
 
-def _labels_by_name(paths: list[str], pattern: str) -> dict[str | None, list[str]]:
+def _labels_by_name(paths: Sequence[str], pattern: str) -> dict[str | None, list[str]]:
     out: dict[str | None, list[str]] = {}
     for p, label in zip(paths, labels_by_pattern(pattern, [base_name(p) for p in paths])):
         out.setdefault(label, []).append(p)
@@ -123,12 +124,12 @@ def _from_csv(finder: Finder, csv_path: Path) -> tuple[str, list[tuple[str, str,
     return ("flat" if "" in groups else "splits"), [(s, "", g) for s, g in groups.items()]
 
 
-def _composed(group: dict[str | None, list[str]], where: Path) -> dict[str | None, list[str]]:
+def _composed(group: dict[str | None, Sequence[str]], where: Path) -> dict[str | None, Sequence[str]]:
     """The group with its class names in Unicode's composed form (NFC): ``café`` is one class whether a
     folder or a CSV writes its é as one character or as e plus an accent (macOS writes the latter), so a
     split written on one system and one on another agree. Two names in one split that differ only so look
     identical to anyone: refused, naming both."""
-    out: dict[str | None, list[str]] = {}
+    out: dict[str | None, Sequence[str]] = {}
     seen: dict[str, str] = {}
     for label, paths in group.items():
         name = unicodedata.normalize("NFC", label) if label is not None else None
@@ -139,7 +140,7 @@ def _composed(group: dict[str | None, list[str]], where: Path) -> dict[str | Non
                             "or rename one")
         if name is not None:
             seen[name] = label
-        out.setdefault(name, []).extend(paths)
+        out[name] = paths  # as given (a folder's :class:`~.paths.Paths`): no string per file made here
     return out
 
 
@@ -172,7 +173,7 @@ def _split_folders(finder: Finder, base: Path, dirs: list[Path]) -> list[tuple[s
     return out
 
 
-def _by_folders(finder: Finder, folder: Path) -> dict[str | None, list[str]]:
+def _by_folders(finder: Finder, folder: Path) -> dict[str | None, Sequence[str]]:
     """Class folders of ``folder``; loose images with no class folders beside them are unlabelled."""
     images, others, dirs = finder.list(folder)
     finder.ignore_all(others, "outside the class folders")
@@ -237,7 +238,7 @@ def _no_labels(folder: Path, root: Path, group: dict, how: str, pattern: str | N
 
 
 def _resolve(finder: Finder, root: Path, base: Path, kind: str, how: str, groups: list, pattern: str | None,
-             csv_path: Path | None) -> tuple[list[str], list[tuple[str, int, tuple[str, ...]]], list[str]]:
+             csv_path: Path | None) -> tuple[list[str], list[tuple[str, int, Sequence[str]]], list[str]]:
     """Class names (from the training files), labelled entries, and the splits that have no labels."""
     first = "" if kind == "flat" else "train"
     by_split = {s: (root / f if f else root, g) for s, f, g in groups}
@@ -255,7 +256,7 @@ def _resolve(finder: Finder, root: Path, base: Path, kind: str, how: str, groups
                         f"holds the split folders as --data, or rename these class folders.")
     index = {n: i for i, n in enumerate(names)}
     no_label = {"names": f"file name gives no label ({pattern})", "csv": "no label in the labels file"}.get(how, "")
-    entries: list[tuple[str, int, tuple[str, ...]]] = []
+    entries: list[tuple[str, int, Sequence[str]]] = []
     unlabelled: list[str] = []
     for split, _, group in groups:
         labelled = {k: v for k, v in group.items() if k is not None}
@@ -273,7 +274,8 @@ def _resolve(finder: Finder, root: Path, base: Path, kind: str, how: str, groups
                                 "of val and test must be a training class; fix the labels or remove those images.")
         if labelled:
             finder.ignore_all(loose, no_label)
-            entries += [(split, index[n], tuple(paths)) for n, paths in labelled.items()]
+            entries += [(split, index[n], paths if isinstance(paths, Paths) else tuple(paths))
+                        for n, paths in labelled.items()]
         elif loose:
             unlabelled.append(split)
             entries.append((split, -1, tuple(loose)))

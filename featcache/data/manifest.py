@@ -217,7 +217,7 @@ def scan(
     if not groups:
         raise DataError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
 
-    rels = Paths.of([p for _, _, files in groups for p in files])  # in the order found, as one blob
+    rels = Paths.concat([files for _, _, files in groups])  # in the order found, as one blob
     sizes_of = [len(files) for _, _, files in groups]
     codes = np.repeat(np.array([split_code(g[0]) for g in groups], dtype=np.int8), sizes_of)
     labels_ = np.repeat(np.array([g[1] for g in groups], dtype=np.int32), sizes_of)

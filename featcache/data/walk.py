@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import DataError
 from .images import IMAGE_EXTENSIONS
 from .labels import is_store_dir
+from .paths import Paths
 
 __all__ = ["Finder", "Skip", "rel_path", "base_name", "path_order"]
 
@@ -104,17 +105,26 @@ class Finder:
             self.skipped += [skip for _, skip in sorted(bad, key=lambda b: b[0])]
         return images, others, [d for d in dirs if not is_store_dir(d)]
 
-    def images_below(self, folder: Path) -> list[str]:
-        """Every image below ``folder``, sorted; other files are ignored, linked folders not followed."""
+    def images_below(self, folder: Path) -> Paths:
+        """Every image below ``folder`` (a folder's own images, then each subfolder's, in name order); other
+        files are ignored, linked folders not followed. Each folder's listing is encoded into the blob as soon
+        as it is sorted: the strings of one folder at a time are held, not one per file below."""
+        parts: list[Paths] = []
+        self._images_into(folder, parts)
+        return Paths.concat(parts) if parts else Paths.of([])
+
+    def _images_into(self, folder: Path, parts: list[Paths]) -> None:
         images, others, dirs = self.list(folder)
         for p in others:
             self.ignore(p, "not an image file (extension)")
+        if images:
+            parts.append(Paths.of(images))
+        del images, others
         for d in dirs:
             if d.is_symlink():
                 self.ignore(d, "link to a folder (not followed)")
             else:
-                images.extend(self.images_below(d))
-        return images
+                self._images_into(d, parts)
 
     def ignore_all(self, paths: Sequence[Path | str], reason: str) -> None:
         for p in paths:
