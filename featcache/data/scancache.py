@@ -62,6 +62,26 @@ _log = logging.getLogger("featcache.data")
 _BLOCK = 1024  # files a lookup step holds Python objects for at once
 
 
+def _stat_matches(rels: Paths, base: str, lo: int, cached: np.ndarray, limit: int) -> np.ndarray:
+    """Of files ``lo`` on (``len(cached)`` of them, their entries' signatures ``cached``; -1: none), those whose
+    entry is older than ``limit`` and whose ``stat`` now is a regular file of the same signature: their offsets."""
+    safe = (cached[:, 0] >= 0) & (np.maximum(cached[:, 1], cached[:, 2]) < limit)
+    mine = rels.raw_chunk(lo, lo + len(cached))
+    seen, sigs = [], []
+    for j in np.flatnonzero(safe).tolist():
+        try:
+            st = os.stat(base + mine[j].decode("utf-8", "surrogateescape"))
+        except OSError:
+            continue  # hashing it reports why
+        if stat.S_ISREG(st.st_mode):
+            seen.append(j)
+            sigs.append(signature(st))
+    if not seen:
+        return np.zeros(0, dtype=np.int64)
+    at = np.array(seen, dtype=np.int64)
+    return at[np.all(np.array(sigs, dtype=np.int64).reshape(len(at), 5) == cached[at], axis=1)]
+
+
 def user_cache(variable: str, leaf: str) -> Path | None:
     """A folder of the user's cache: ``$variable`` if set (``off`` turns it off: ``None``), else
     ``$XDG_CACHE_HOME/featcache/leaf`` (``~/.cache/featcache/leaf``)."""
@@ -215,23 +235,10 @@ class ScanCache:
         """Files ``lo`` on whose entries are ``cached`` (signatures; -1: none): those whose entry is safely old
         and whose ``stat`` now gives the same signature are served. Their offsets from ``lo``."""
         limit = self._ref_ns - RACY_NS
-        hits = []
-        for a in range(0, len(cached), _BLOCK):  # a block at a time: no Python object per file held past its block
-            c = cached[a : a + _BLOCK]
-            safe = (c[:, 0] >= 0) & (np.maximum(c[:, 1], c[:, 2]) < limit)
-            mine = rels.raw_chunk(lo + a, lo + a + len(c))
-            seen, sigs = [], []
-            for j in np.flatnonzero(safe).tolist():
-                try:
-                    st = os.stat(base + mine[j].decode("utf-8", "surrogateescape"))
-                except OSError:
-                    continue  # hashing it reports why
-                if stat.S_ISREG(st.st_mode):
-                    seen.append(j)
-                    sigs.append(signature(st))
-            if seen:
-                at = np.array(seen, dtype=np.int64)
-                hits.append(a + at[np.all(np.array(sigs, dtype=np.int64).reshape(len(at), 5) == c[at], axis=1)])
+        starts = range(0, len(cached), _BLOCK)  # a block at a time: no Python object per file held past its block
+        # one thread: os.stat releases the GIL, but the Python around each call does not, and threads sharing
+        # it made this step slower (1M files on 2 cores: 3.4 s alone, 4.8 s on 2 threads, 5.7 s on 4)
+        hits = [a + _stat_matches(rels, base, lo + a, cached[a : a + _BLOCK], limit) for a in starts]
         hit = np.concatenate(hits) if hits else np.zeros(0, dtype=np.int64)
         self._known[lo + hit] = True
         self.sizes[lo + hit] = cached[hit, 0]

@@ -117,10 +117,14 @@ class SpaceKeys(KeySet):
     def _find(self, query: np.ndarray, ok: np.ndarray) -> np.ndarray:
         out = np.full(len(query), -1, dtype=np.int64)
         for lo in range(0, len(query), _BLOCK):
-            q, part = query[lo : lo + _BLOCK], out[lo : lo + _BLOCK]
-            heads = heads_of(q)
+            heads = heads_of(query[lo : lo + _BLOCK])
+            # a block searched in the order of its heads: each binary search starts near the one before
+            # (several times faster than random order over a large table), the answers put back in place
+            order = np.argsort(heads, kind="stable")
+            q, heads, good = query[lo : lo + _BLOCK][order], heads[order], ok[lo : lo + _BLOCK][order]
+            part = np.full(len(q), -1, dtype=np.int64)
             for s, seg in enumerate(self.segments):  # the oldest first: it wins
-                todo = np.flatnonzero(ok[lo : lo + _BLOCK] & (part < 0))
+                todo = np.flatnonzero(good & (part < 0))
                 if not len(todo):
                     break
                 if seg.rows:
@@ -128,6 +132,7 @@ class SpaceKeys(KeySet):
                     row = self._in_segment(s, q if every else q[todo], heads if every else heads[todo])
                     hit = row >= 0
                     part[todo[hit]] = self.offsets[s] + row[hit]
+            out[lo + order] = part
         return out
 
     def find(self, keys: Sequence[str]) -> np.ndarray:
