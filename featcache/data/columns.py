@@ -36,6 +36,7 @@ NO_SPLIT = -1
 """The split code of an image of a whole folder taken as it is (its split is ``""``)."""
 
 _CHUNK = 8192  # rows handled at once where a step needs a Python object per row
+_TEXT_ROWS = 2048  # rows of the digest's JSON text made at once (about 120 bytes each, and their objects)
 _ESCAPE = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
 
 
@@ -186,8 +187,8 @@ class Manifest:
         h = hashlib.sha256()
         h.update(b'{"classes":' + json.dumps(self.classes, separators=(",", ":")).encode() + b',"rows":[')
         names = [json.dumps(_split_name(k)) for k in range(-1, len(SPLITS))]
-        for lo in range(0, len(self), _CHUNK):
-            hi = min(lo + _CHUNK, len(self))
+        for lo in range(0, len(self), _TEXT_ROWS):
+            hi = min(lo + _TEXT_ROWS, len(self))
             rows = ",".join(f"[{names[c + 1]},{_ESCAPE(p)},{label},\"{x}\"]" for c, p, label, x in zip(
                 self.split_codes[lo:hi].tolist(), self.paths.chunk(lo, hi), self.labels[lo:hi].tolist(),
                 self.hexes(np.arange(lo, hi))))

@@ -275,14 +275,18 @@ def scan(
         order = order[np.lexsort((labels_[order], codes[order]))]
     paths = rels.take(order)
     del rels
+    if not _identity(order, len(digests)):
+        # columns in the manifest's order; the common case (every file kept, the walk's order) keeps them as
+        # they are, with no copy of the hashes held beside them
+        codes, labels_, digests, sizes = codes[order], labels_[order], digests[order], sizes[order]
     manifest = Manifest(
         root=root,
         classes=classes_,
         paths=paths,
-        split_codes=codes[order],
-        labels=labels_[order],
-        digests=digests[order],
-        sizes=sizes[order],
+        split_codes=codes,
+        labels=labels_,
+        digests=digests,
+        sizes=sizes,
         skipped=skipped,
         ignored=list(found.ignored),
         layout=found.kind,
@@ -294,6 +298,11 @@ def scan(
     del codes, labels_, digests, sizes, order, keep
     release_memory()  # the listing's strings and the scan cache are gone: their pages go back
     return manifest
+
+
+def _identity(order: np.ndarray, n: int) -> bool:
+    """Whether ``order`` is 0, 1, ..., n - 1."""
+    return len(order) == n and (n == 0 or (order[0] == 0 and bool(np.all(order[1:] - order[:-1] == 1))))
 
 
 def _in_order(paths: Paths, rows: np.ndarray, codes: np.ndarray, labels: np.ndarray) -> bool:

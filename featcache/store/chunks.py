@@ -26,9 +26,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-__all__ = ["ChunkReader"]
+__all__ = ["ChunkReader", "MissingChunk"]
 
 _EMPTY = 2**64 - 1
+
+
+class MissingChunk(ValueError):
+    """A shard's index says it holds no such chunk."""
 
 
 def _crc32c():
@@ -141,8 +145,8 @@ class ChunkReader:
     def read_all(self) -> np.ndarray:
         """The whole array, each chunk decoded in place into one buffer: its rows rounded up to whole chunks
         (the last chunk is stored whole), returned as a view of the first ``rows``. Raises on any damage. A
-        plain array's chunk that has no file reads as the fill value, as Zarr reads it (a writer may leave out
-        a chunk equal to it): the caller's integrity check tells a lost chunk from one left out."""
+        chunk that is not stored (no file, or not in its shard's index) reads as the fill value, as Zarr reads it
+        (a writer may leave out a chunk equal to it): the caller's integrity check tells a lost chunk."""
         if self._plan is None:
             return np.asarray(self.array[...])
         chunks = -(-self.rows // self.chunk_rows)
@@ -151,9 +155,7 @@ class ChunkReader:
             part = buf[i * self.chunk_rows : (i + 1) * self.chunk_rows]
             try:
                 self.read(i, part)
-            except FileNotFoundError:
-                if self._plan["sharded"]:
-                    raise
+            except (FileNotFoundError, MissingChunk):
                 part[...] = self.array.fill_value
         return buf[: self.rows]
 
@@ -183,7 +185,7 @@ class ChunkReader:
                 index = self._index(shard, fd, os.fstat(fd).st_size)
                 offset, length = (int(v) for v in index[local])
                 if offset == _EMPTY:
-                    raise ValueError(f"chunk {chunk} is missing from its shard")
+                    raise MissingChunk(f"chunk {chunk} is missing from its shard")
             else:  # the chunk is the whole file
                 offset, length = 0, os.fstat(fd).st_size
             # the checksum is read apart from what it covers: the data is one bytes object, never copied

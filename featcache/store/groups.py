@@ -258,12 +258,25 @@ def digest_values(values: np.ndarray) -> str:
     return hashlib.sha256(contiguous if arr.dtype != object else contiguous.tobytes()).hexdigest()
 
 
-def write_array(group: zarr.Group, name: str, values: np.ndarray, chunk_bytes: int = 4 << 20) -> zarr.Array:
-    """A small core-typed array (keys, labels, offsets, a blob), every chunk written."""
+def write_array(group: zarr.Group, name: str, values: np.ndarray, chunk_bytes: int = 4 << 20,
+                inner_bytes: int | None = None) -> zarr.Array:
+    """A small core-typed array (keys, labels, offsets, a blob), every chunk written. With ``inner_bytes``, one
+    shard file of inner chunks of about that size (a segment's keys): a reader decodes one inner chunk at a
+    time into its array, holding that chunk's compressed bytes only, not the whole file's."""
     values = np.ascontiguousarray(values)
     row = max(1, int(np.prod(values.shape[1:])) * values.dtype.itemsize)
+    trailing = values.shape[1:]
+    if inner_bytes is not None:
+        inner = max(1, inner_bytes // row)
+        shard = inner * max(1, -(-len(values) // inner))  # one shard holds every row
+        arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(inner,) + trailing,
+                                 shards=(shard,) + trailing, fill_value=0, compressors=default_compressor(),
+                                 config=ARRAY_CONFIG)
+        if len(values):
+            arr[...] = values
+        return arr
     rows = max(1, min(len(values), chunk_bytes // row))
-    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(rows,) + values.shape[1:],
+    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(rows,) + trailing,
                              fill_value=0, compressors=default_compressor(), config=ARRAY_CONFIG)
     if len(values):
         arr[...] = values

@@ -48,6 +48,7 @@ __all__ = [
 
 _CHUNK_BYTES = 2 << 20  # ~2 MiB uncompressed per chunk: large enough for zstd, small for random reads
 _CHUNKS_PER_SHARD = 32  # one file per ~64 MiB of rows
+KEY_CHUNK_BYTES = 128 << 10  # the keys (sha256, view): one shard file of 128 KiB inner chunks, decoded one at a time
 
 
 def keys_to_arrays(keys: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -170,7 +171,7 @@ class SegmentWriter:
         integrity = {"features": {"shape": [self.rows, *self.shape], "chunk_rows": self.chunk_rows, "crc32": self._crcs}}
         for name, values in (("sha256", digests), ("view", views)):
             if values is not None:
-                write_array(self.group, name, values)
+                write_array(self.group, name, values, inner_bytes=KEY_CHUNK_BYTES)
                 integrity[name] = {"sha256": digest_values(values)}
         # the keys in sorted order, so that a lookup reads only the chunks it needs (see sortedkeys.py)
         searched = write_sorted(self.group, encode_keys(digests, views, key_width([views])))

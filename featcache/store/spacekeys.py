@@ -26,7 +26,7 @@ from .sortedkeys import ExactSearch, SortedSearch, heads_of, sorted_search
 
 __all__ = ["SpaceKeys"]
 
-_BLOCK = 1 << 14  # keys searched at once: the search's temporaries (a dozen arrays of this length) stay small
+_BLOCK = 1 << 13  # keys searched at once: the search's temporaries (a dozen arrays of this length) stay small
 
 
 class SpaceKeys(KeySet):
