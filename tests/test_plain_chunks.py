@@ -80,6 +80,31 @@ def test_a_small_array_read_holds_the_compressed_chunk_and_the_array_only(tmp_pa
     assert peak < 2.2 * values.nbytes, peak
 
 
+def test_a_segments_keys_are_one_shard_read_an_inner_chunk_at_a_time(tmp_path, folder):
+    """A segment's keys are one shard file of 128 KiB inner chunks: reading them holds the array and one inner
+    chunk's compressed bytes, about 1x, where one plain chunk of the whole held about 2x."""
+    from featcache.store.segments import KEY_CHUNK_BYTES
+
+    values = np.random.default_rng(5).integers(0, 256, (100_000, 32), dtype=np.uint8)
+    g = _group(tmp_path)
+    arr = write_array(g, "sha256", values, inner_bytes=KEY_CHUNK_BYTES)
+    assert arr.shards == (102_400, 32) and arr.chunks == (4096, 32)
+    assert sorted(p.name for p in (tmp_path / "g.zarr" / "sha256" / "c").rglob("*") if p.is_file()) == ["0"]
+    tracemalloc.start()
+    try:
+        got = read_checked(g, "sha256", digest_values(values), "uint8", (32,))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, values)
+    assert peak < 1.2 * values.nbytes, peak
+    # extract writes its segments so
+    r = featcache.extract(data=str(folder), store=str(tmp_path / "s.zarr"), backbone=TINY, weights="none", workers=0)
+    seg = featcache.open_store(str(tmp_path / "s.zarr")).locate(r.space, [])[0][0]
+    keys = seg.group["sha256"]
+    assert keys.shards is not None and keys.chunks == (4096, 32) and ChunkReader(keys).fast
+
+
 def test_the_whole_sorted_table_is_held_as_twelve_bytes_per_row(tmp_path):
     rows = 50_000
     keys = np.random.default_rng(3).integers(0, 256, (rows, 32), dtype=np.uint8).view("S32").reshape(rows)
