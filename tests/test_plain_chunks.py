@@ -40,6 +40,20 @@ def test_small_arrays_are_read_in_place_as_zarr_reads_them(tmp_path, shape, dtyp
     assert got.dtype == values.dtype and np.array_equal(got, values) and np.array_equal(got, arr[...])
 
 
+def test_a_big_endian_array_is_read_through_zarr_not_the_direct_reader(tmp_path):
+    """Another writer may store an int64 array's bytes big-endian (the ``bytes`` codec's ``endian``): the direct
+    reader, which decodes little-endian buffers, leaves such an array to Zarr."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+
+    values = np.arange(-500, 500, dtype=np.int64)
+    g = _group(tmp_path)
+    arr = g.create_array("big", shape=values.shape, dtype=values.dtype, chunks=(300,), fill_value=0,
+                         serializer=BytesCodec(endian="big"), compressors=[BloscCodec(cname="zstd"), Crc32cCodec()])
+    arr[...] = values
+    assert not ChunkReader(arr).fast
+    assert np.array_equal(read_checked(g, "big", digest_values(values), "int64"), values)
+
+
 def test_a_lost_or_altered_chunk_of_a_small_array_is_refused(tmp_path):
     values = np.random.default_rng(1).integers(0, 256, (300, 32), dtype=np.uint8)
     g = _group(tmp_path)

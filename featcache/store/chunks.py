@@ -66,8 +66,12 @@ class ChunkReader:
         from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
         from zarr.storage import LocalStore
 
+        def little(codec) -> bool:  # bytes stored little-endian (or single bytes): what the buffers are read as
+            endian = getattr(codec, "endian", None)
+            return isinstance(codec, BytesCodec) and (endian is None or getattr(endian, "value", endian) == "little")
+
         def blosc_chain(codecs: list) -> bool:
-            return (len(codecs) in (2, 3) and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
+            return (len(codecs) in (2, 3) and little(codecs[0]) and isinstance(codecs[1], BloscCodec)
                     and (len(codecs) == 2 or isinstance(codecs[2], Crc32cCodec)))
 
         try:
@@ -94,7 +98,7 @@ class ChunkReader:
                 return None
             if not blosc_chain(inner):
                 return None
-            if not (len(index) in (1, 2) and isinstance(index[0], BytesCodec)
+            if not (len(index) in (1, 2) and little(index[0])
                     and (len(index) == 1 or isinstance(index[1], Crc32cCodec))):
                 return None
             if (len(inner) == 3 or len(index) == 2) and crc is None:
