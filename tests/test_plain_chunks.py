@@ -193,3 +193,42 @@ def test_ls_with_a_fifo_for_a_sets_metadata_names_it_and_lists_the_others(tmp_pa
     assert run.returncode == 0, run.stderr
     assert a.set_key in run.stdout
     assert victim.name in run.stdout + run.stderr and "NotRegularFile" in run.stdout + run.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_chunk_replaced_by_a_fifo_or_a_huge_file_is_refused_unread(tmp_path):
+    """A hostile store: a FIFO where a chunk file was is refused at once (not waited on), and a sparse file of
+    a gigabyte is refused by its size, before anything is read (a chunk cannot be larger than it decodes to)."""
+    values = np.random.default_rng(6).integers(0, 256, (1000, 32), dtype=np.uint8)
+    g = _group(tmp_path)
+    write_array(g, "keys", values)
+    chunk = tmp_path / "g.zarr" / "keys" / "c" / "0" / "0"
+    digest = digest_values(values)
+    chunk.unlink()
+    with open(chunk, "wb") as f:
+        f.truncate(1 << 30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="more than a chunk"):
+            read_checked(g, "keys", digest, "uint8", (32,))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    chunk.unlink()
+    os.mkfifo(chunk)
+    done: list = []
+
+    def read() -> None:
+        try:
+            read_checked(g, "keys", digest, "uint8", (32,))
+        except ValueError as e:
+            done.append(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(30)
+    if not done:
+        with open(chunk, "wb"):  # unblock the reader before failing
+            pass
+    assert done and "not a regular file" in str(done[0])

@@ -19,6 +19,7 @@ segment's integrity record.
 from __future__ import annotations
 
 import os
+import stat as statmod
 import sys
 import threading
 from pathlib import Path
@@ -29,6 +30,8 @@ import zarr
 __all__ = ["ChunkReader", "MissingChunk"]
 
 _EMPTY = 2**64 - 1
+_BLOSC_OVERHEAD = 16  # Blosc's header: a compressed chunk is at most its decoded size and this
+_MAX_PER_SHARD = 1 << 22  # inner chunks a shard's index may list (64 MiB of index) before the direct path declines
 
 
 class MissingChunk(ValueError):
@@ -105,6 +108,8 @@ class ChunkReader:
                 return None
             shard_rows = int(self.array.shards[0])
             if shard_rows % self.chunk_rows:
+                return None
+            if shard_rows // self.chunk_rows > _MAX_PER_SHARD:
                 return None
             return {**common, "sharded": True, "per_shard": shard_rows // self.chunk_rows,
                     "chunk_crc": len(inner) == 3, "index_crc": len(index) == 2}
@@ -183,19 +188,26 @@ class ChunkReader:
         p = self._plan
         shard, local = divmod(chunk, p["per_shard"])
         path = self._shard_path(shard)
-        fd = os.open(path, os.O_RDONLY)
+        # without blocking: a FIFO or a device put in a chunk's place is refused, never waited on or read
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
         try:
+            st = os.fstat(fd)
+            if not statmod.S_ISREG(st.st_mode):
+                raise ValueError(f"chunk {chunk}: {path.name} is not a regular file")
             if p["sharded"]:
-                index = self._index(shard, fd, os.fstat(fd).st_size)
+                index = self._index(shard, fd, st.st_size)
                 offset, length = (int(v) for v in index[local])
                 if offset == _EMPTY:
                     raise MissingChunk(f"chunk {chunk} is missing from its shard")
             else:  # the chunk is the whole file
-                offset, length = 0, os.fstat(fd).st_size
+                offset, length = 0, st.st_size
             # the checksum is read apart from what it covers: the data is one bytes object, never copied
             body = length - 4 if p["chunk_crc"] else length
             if body < 0:
                 raise ValueError(f"chunk {chunk}: {length} bytes cannot hold its checksum")
+            if body > self.chunk_bytes + _BLOSC_OVERHEAD:  # nothing larger decodes to one chunk: not read
+                raise ValueError(f"chunk {chunk}: {body} bytes stored, more than a chunk of {self.chunk_bytes} "
+                                 "can take")
             data = os.pread(fd, body, offset)
             stored = os.pread(fd, 4, offset + body) if p["chunk_crc"] else b""
         finally:
