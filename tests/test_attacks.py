@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -198,16 +199,16 @@ def test_an_unreachable_mlflow_server_fails_in_seconds(tiny_store, tmp_path, ser
 
 # -- an S3 endpoint that goes away mid-extract -------------------------------------------------------
 
-def _committed_segments(client) -> int:
+def _committed_segments(client, bucket: str) -> int:
     import json
 
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="feats")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
             for o in page.get("Contents", [])]
     n = 0
     for k in keys:
         parts = k.split("/")
         if len(parts) == 6 and parts[3] == "segments" and parts[5] == "zarr.json":
-            attrs = json.loads(client.get_object(Bucket="feats", Key=k)["Body"].read()).get("attributes", {})
+            attrs = json.loads(client.get_object(Bucket=bucket, Key=k)["Body"].read()).get("attributes", {})
             n += attrs.get("committed") is True
     return n
 
@@ -225,15 +226,18 @@ def test_an_s3_endpoint_gone_mid_extract_is_one_error_and_the_rerun_resumes(tmp_
            "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_MAX_ATTEMPTS": "2"}  # botocore's retries: seconds, not half a minute
     client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="test",
                           aws_secret_access_key="test", region_name="us-east-1")
-    client.create_bucket(Bucket="feats")
+    # a bucket of its own: moto keeps its buckets in this process, so another test's "feats" (its committed
+    # segments included) would still be there
+    bucket = f"attack-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
     data = make_folder(tmp_path / "data", splits=(("train", 20), ("val", 6)))
     args = [sys.executable, "-m", "featcache.cli", "extract", "--backbone", SLOW, "--weights", "none", "--data",
-            str(data), "--store", "s3://feats/store.zarr", "--workers", "0", "--batch-size", "4",
+            str(data), "--store", f"s3://{bucket}/store.zarr", "--workers", "0", "--batch-size", "4",
             "--checkpoint-every", "0.1"]
     p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
-        while p.poll() is None and time.monotonic() < deadline and _committed_segments(client) < 1:
+        while p.poll() is None and time.monotonic() < deadline and _committed_segments(client, bucket) < 1:
             time.sleep(0.3)
         assert p.poll() is None, p.communicate()  # the endpoint goes while the extract still runs
         server.stop()

@@ -232,3 +232,23 @@ def test_a_chunk_replaced_by_a_fifo_or_a_huge_file_is_refused_unread(tmp_path):
         with open(chunk, "wb"):  # unblock the reader before failing
             pass
     assert done and "not a regular file" in str(done[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("where", ["split", "segment keys"])
+def test_a_fifo_inside_the_store_is_damage_not_a_wait(tmp_path, folder, where):
+    """Every read of a local store opens regular files only (store/localfiles.py): a FIFO where a split's or a
+    segment array's metadata should be makes fit a clear error, where Zarr's own store waited forever."""
+    store = tmp_path / "s.zarr"
+    r = featcache.extract(data=str(folder), store=str(store), backbone=TINY, weights="none", workers=0)
+    if where == "split":
+        meta = next(p for p in (store / "sets").iterdir() if p.is_dir()) / "train" / "zarr.json"
+    else:
+        meta = next((store / "spaces").glob("*/segments/*/sha256")) / "zarr.json"
+    meta.unlink()
+    os.mkfifo(meta)
+    run = subprocess.run([sys.executable, "-m", "featcache.cli", "fit", "--head", "logreg", "--set", r.set_key,
+                          "--store", str(store), "--out", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0
+    assert "NotRegularFile" in run.stderr + run.stdout

@@ -40,7 +40,7 @@ from ..errors import StoreError
 from ..units import now_iso
 from .groups import MARKER_ATTRS, child_groups, is_committed, is_read_only, require_group
 from .leases import created_by
-from .store import FORMAT_VERSION, Store, _version_of
+from .store import FORMAT_VERSION, Store, _version_of, zarr_target
 
 __all__ = ["MigrationReport", "migrate", "V1_DECODE", "LOCK"]
 
@@ -243,7 +243,7 @@ class _Lock:
 def migrate(url: str, drop_damaged: bool = False) -> MigrationReport:
     """Convert the format-1 store at ``url`` in place (see the module docstring)."""
     try:
-        root = zarr.open_group(str(url), mode="r+")
+        root = zarr.open_group(zarr_target(str(url)), mode="r+")
     except Exception as e:
         raise StoreError(f"no featcache store at {url} ({e.__class__.__name__})", param="store") from None
     version = _version_of(root)

@@ -43,6 +43,7 @@ from .groups import (
     write_array,
 )
 from .leases import Leases, created_by
+from .localfiles import RegularFileStore
 from .locator import write_locations
 from .records import SetRecord, SetSummary, parse_files
 from .rows import Rows
@@ -351,14 +352,15 @@ def open_store(url: str, mode: str = "a") -> Store:
     if mode != "r":
         _keep_group_writable(url)
     try:
-        root = zarr.open_group(url, mode="r")
+        root = zarr.open_group(zarr_target(url, read_only=True), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         if mode != "a":
             raise StoreError(
                 f"no featcache store at {url}. Run featcache extract --store {url} first.", param="store"
             ) from None
         try:  # metadata and version in one write, so a concurrent reader never sees a bare group
-            root = zarr.create_group(url, zarr_format=3, attributes={"featcache": {"format_version": FORMAT_VERSION}})
+            root = zarr.create_group(zarr_target(url), zarr_format=3,
+                                     attributes={"featcache": {"format_version": FORMAT_VERSION}})
             return Store(url, root)
         except zarr.errors.ContainsGroupError:  # another writer created it first
             return open_store(url, mode)
@@ -382,5 +384,12 @@ def open_store(url: str, mode: str = "a") -> Store:
             f"be told from data. Convert it (no feature is recomputed): featcache migrate --store {url}"
         )
     if mode != "r":
-        root = zarr.open_group(url, mode="a")
+        root = zarr.open_group(zarr_target(url), mode="a")
     return Store(url, root)
+
+
+def zarr_target(url: str, read_only: bool = False):
+    """What Zarr opens for ``url``: a local folder as a :class:`~.localfiles.RegularFileStore` (a FIFO or device
+    in place of a file is an error, not a wait), any other URL as it is."""
+    path = local_path(url)
+    return url if path is None else RegularFileStore(path, read_only=read_only)
