@@ -243,7 +243,7 @@ class _Lock:
 def migrate(url: str, drop_damaged: bool = False) -> MigrationReport:
     """Convert the format-1 store at ``url`` in place (see the module docstring)."""
     try:
-        root = zarr.open_group(zarr_target(str(url)), mode="r+")
+        root = zarr.open_group(zarr_target(str(url), create=False), mode="r+")
     except Exception as e:
         raise StoreError(f"no featcache store at {url} ({e.__class__.__name__})", param="store") from None
     version = _version_of(root)

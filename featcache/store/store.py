@@ -388,8 +388,12 @@ def open_store(url: str, mode: str = "a") -> Store:
     return Store(url, root)
 
 
-def zarr_target(url: str, read_only: bool = False):
+def zarr_target(url: str, read_only: bool = False, create: bool = True):
     """What Zarr opens for ``url``: a local folder as a :class:`~.localfiles.RegularFileStore` (a FIFO or device
-    in place of a file is an error, not a wait), any other URL as it is."""
+    in place of a file is an error, not a wait), any other URL as it is. Opening a writable local store makes
+    its folder; with ``create=False`` a folder that is not there is opened read-only, so that opening it fails
+    and makes nothing (as Zarr's own ``mode="r+"`` does)."""
     path = local_path(url)
-    return url if path is None else RegularFileStore(path, read_only=read_only)
+    if path is None:
+        return url
+    return RegularFileStore(path, read_only=read_only or (not create and not os.path.isdir(path)))
