@@ -60,12 +60,7 @@ def read_capped(path: str | os.PathLike, cap: int) -> bytes:
     those): the buffer is what the file's size says (plus one byte, to see growth), never ``cap`` bytes up front."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        want = min(size, cap) + 1
-        data = f.read(want)
-        while len(data) == want and want <= cap:  # it grew since: read on, up to the cap
-            more = f.read(min(want, cap + 1 - len(data)))
-            if not more:
-                break
-            data += more
-            want = len(data)
+        data = f.read(min(size, cap) + 1)
+        if size < len(data) <= cap:  # it grew since: read on, up to the cap
+            data += f.read(cap + 1 - len(data))
         return data

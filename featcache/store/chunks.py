@@ -19,13 +19,14 @@ segment's integrity record.
 from __future__ import annotations
 
 import os
-import stat as statmod
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import zarr
+
+from ..files import NotRegularFile, open_regular
 
 __all__ = ["ChunkReader", "MissingChunk"]
 
@@ -188,12 +189,13 @@ class ChunkReader:
         p = self._plan
         shard, local = divmod(chunk, p["per_shard"])
         path = self._shard_path(shard)
-        # without blocking: a FIFO or a device put in a chunk's place is refused, never waited on or read
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-        try:
+        try:  # a FIFO or a device put in a chunk's place is refused, never waited on or read
+            f = open_regular(path)
+        except NotRegularFile as e:
+            raise ValueError(f"chunk {chunk}: {path.name} is {e}") from None
+        with f:
+            fd = f.fileno()
             st = os.fstat(fd)
-            if not statmod.S_ISREG(st.st_mode):
-                raise ValueError(f"chunk {chunk}: {path.name} is not a regular file")
             if p["sharded"]:
                 index = self._index(shard, fd, st.st_size)
                 offset, length = (int(v) for v in index[local])
@@ -210,8 +212,6 @@ class ChunkReader:
                                  "can take")
             data = os.pread(fd, body, offset)
             stored = os.pread(fd, 4, offset + body) if p["chunk_crc"] else b""
-        finally:
-            os.close(fd)
         if len(data) != body or len(stored) != (4 if p["chunk_crc"] else 0):
             raise ValueError(f"chunk {chunk}: short read ({len(data) + len(stored)} of {length} bytes)")
         if p["chunk_crc"] and p["crc"](data) != int.from_bytes(stored, "little"):
